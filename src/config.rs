@@ -1,0 +1,530 @@
+//! Configuration: a TOML file with environment overrides, typed and validated at start-up.
+//!
+//! Every key, with its default, is documented in `config/default.toml`. Environment variables
+//! override the file: `CAUSAL_COMMIT__KAFKA__BROKERS=host:9092` sets `kafka.brokers` (sections
+//! separated by a double underscore). Unknown keys are rejected, and a bad value names its key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the environment overrides.
+pub const ENV_PREFIX: &str = "CAUSAL_COMMIT__";
+
+/// A configuration that could not be loaded or failed validation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration could not be read: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration key `{key}` has an invalid value {value:?}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Names this process in transactional ids, fencing and audit rows. Empty = host name.
+    pub instance_id: String,
+    pub kafka: KafkaConfig,
+    pub batch: BatchConfig,
+    pub sequencer: SequencerConfig,
+    pub limits: LimitsConfig,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    pub telemetry: TelemetryConfig,
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub intents_topic: String,
+    pub side_effects_topic: String,
+    pub manual_review_topic: String,
+    /// Must stay above the time a batch takes to commit; librdkafka's `message.timeout.ms`
+    /// is derived below it.
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
+    /// How long a blocking Kafka call (init, commit, offsets) may take before it is treated as
+    /// an indefinite outcome and the producer is re-created.
+    #[serde(with = "humantime_serde")]
+    pub operation_timeout: Duration,
+    /// Passed through to librdkafka for consumer and producer alike (SASL, TLS, tuning).
+    pub client: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// A transaction commits once it holds this many input records ...
+    pub max_records: usize,
+    /// ... or once its first record is this old, whichever comes first.
+    #[serde(with = "humantime_serde")]
+    pub max_linger: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeoutPolicy {
+    /// Waiting intents go to manual review and the contact is held until an operator acts.
+    Hold,
+    /// The missing sequences are skipped (and audited) and the waiting intents go on.
+    Skip,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SequencerConfig {
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    pub on_timeout: TimeoutPolicy,
+    pub max_pending_per_contact: usize,
+    pub max_pending_per_partition: usize,
+    /// A paused partition resumes once its backlog is below this.
+    pub resume_pending_per_partition: usize,
+    /// Resolved intent ids remembered in memory per partition (older ones are looked up in
+    /// the idempotency store).
+    pub recent_intents_per_partition: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_record_bytes: usize,
+    pub max_payload_bytes: usize,
+    pub max_id_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    #[serde(serialize_with = "expose")]
+    pub url: SecretString,
+    /// Every table lives in this schema (tests use one schema each).
+    pub schema: String,
+    pub max_connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port` or `rediss://` for TLS.
+    #[serde(serialize_with = "expose")]
+    pub url: SecretString,
+    /// Prefix of every key, so several deployments (or tests) share one Redis.
+    pub key_prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    /// A tracing `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub log_level: String,
+    /// Where `/metrics` is served; empty = no exporter.
+    pub metrics_listen: String,
+    /// OTLP/gRPC endpoint for traces; empty = tracing off.
+    pub otlp_endpoint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where the admin API listens; empty = no admin API.
+    pub listen: String,
+    /// Bearer token for the admin API; empty = admin API refuses every call.
+    #[serde(serialize_with = "expose")]
+    pub token: SecretString,
+}
+
+fn expose<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(secret.expose_secret())
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "causal-commit".into(),
+            intents_topic: "intents".into(),
+            side_effects_topic: "side-effects".into(),
+            manual_review_topic: "intents.manual-review".into(),
+            transaction_timeout: Duration::from_secs(30),
+            operation_timeout: Duration::from_secs(20),
+            client: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_records: 1000,
+            max_linger: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Default for SequencerConfig {
+    fn default() -> Self {
+        Self {
+            wait_timeout: Duration::from_secs(300),
+            on_timeout: TimeoutPolicy::Hold,
+            max_pending_per_contact: 64,
+            max_pending_per_partition: 10_000,
+            resume_pending_per_partition: 8_000,
+            recent_intents_per_partition: 100_000,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_record_bytes: 1024 * 1024,
+            max_payload_bytes: 256 * 1024,
+            max_id_bytes: 256,
+        }
+    }
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://causal_commit:causal_commit@127.0.0.1:5432/causal_commit".into(),
+            schema: "causal_commit".into(),
+            max_connections: 8,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "cc".into(),
+            command_timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Json,
+            log_level: "info".into(),
+            metrics_listen: "127.0.0.1:9464".into(),
+            otlp_endpoint: String::new(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            token: String::new().into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (when given), then `CAUSAL_COMMIT__*` environment overrides,
+    /// and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        Self::from_figment(figment.merge(Env::prefixed(ENV_PREFIX).split("__")))
+    }
+
+    /// Parses a TOML document over the defaults (no environment), for tests and tools.
+    pub fn from_toml(toml: &str) -> Result<Self> {
+        Self::from_figment(
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
+        )
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The instance id, falling back to the host name.
+    pub fn instance_id(&self) -> String {
+        if !self.instance_id.is_empty() {
+            return self.instance_id.clone();
+        }
+        hostname::get()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "causal-commit".into())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        fn invalid(key: &'static str, value: impl ToString, reason: &'static str) -> Error {
+            Error::Invalid {
+                key,
+                value: value.to_string(),
+                reason,
+            }
+        }
+        let k = &self.kafka;
+        for (key, value) in [
+            ("kafka.brokers", &k.brokers),
+            ("kafka.group_id", &k.group_id),
+            ("kafka.intents_topic", &k.intents_topic),
+            ("kafka.side_effects_topic", &k.side_effects_topic),
+            ("kafka.manual_review_topic", &k.manual_review_topic),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(key, value, "must not be empty"));
+            }
+        }
+        if k.intents_topic == k.side_effects_topic || k.intents_topic == k.manual_review_topic {
+            return Err(invalid(
+                "kafka.intents_topic",
+                &k.intents_topic,
+                "must differ from the output topics",
+            ));
+        }
+        if k.transaction_timeout < Duration::from_secs(2) {
+            return Err(invalid(
+                "kafka.transaction_timeout",
+                humantime::format_duration(k.transaction_timeout),
+                "must be at least 2s",
+            ));
+        }
+        for reserved in [
+            "bootstrap.servers",
+            "group.id",
+            "transactional.id",
+            "enable.auto.commit",
+            "isolation.level",
+        ] {
+            if k.client.contains_key(reserved) {
+                return Err(invalid(
+                    "kafka.client",
+                    reserved,
+                    "is set by causal-commit itself and cannot be overridden",
+                ));
+            }
+        }
+        if self.batch.max_records == 0 {
+            return Err(invalid("batch.max_records", 0, "must be at least 1"));
+        }
+        if self.batch.max_linger.is_zero() || self.batch.max_linger >= k.transaction_timeout {
+            return Err(invalid(
+                "batch.max_linger",
+                humantime::format_duration(self.batch.max_linger),
+                "must be above zero and below kafka.transaction_timeout",
+            ));
+        }
+        let s = &self.sequencer;
+        if s.wait_timeout.is_zero() {
+            return Err(invalid(
+                "sequencer.wait_timeout",
+                "0s",
+                "must be above zero",
+            ));
+        }
+        if s.max_pending_per_contact == 0 {
+            return Err(invalid(
+                "sequencer.max_pending_per_contact",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if s.max_pending_per_partition < s.max_pending_per_contact {
+            return Err(invalid(
+                "sequencer.max_pending_per_partition",
+                s.max_pending_per_partition,
+                "must be at least sequencer.max_pending_per_contact",
+            ));
+        }
+        if s.resume_pending_per_partition >= s.max_pending_per_partition {
+            return Err(invalid(
+                "sequencer.resume_pending_per_partition",
+                s.resume_pending_per_partition,
+                "must be below sequencer.max_pending_per_partition",
+            ));
+        }
+        let l = &self.limits;
+        if l.max_payload_bytes >= l.max_record_bytes {
+            return Err(invalid(
+                "limits.max_payload_bytes",
+                l.max_payload_bytes,
+                "must be below limits.max_record_bytes",
+            ));
+        }
+        if l.max_id_bytes == 0 {
+            return Err(invalid("limits.max_id_bytes", 0, "must be at least 1"));
+        }
+        let pg = self.postgres.url.expose_secret();
+        if !(pg.starts_with("postgres://") || pg.starts_with("postgresql://")) {
+            // Never echo the URL: it may hold a password.
+            return Err(invalid(
+                "postgres.url",
+                "<redacted>",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        if !is_identifier(&self.postgres.schema) {
+            return Err(invalid(
+                "postgres.schema",
+                &self.postgres.schema,
+                "must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)",
+            ));
+        }
+        if self.postgres.max_connections < 2 {
+            return Err(invalid(
+                "postgres.max_connections",
+                self.postgres.max_connections,
+                "must be at least 2",
+            ));
+        }
+        let redis = self.redis.url.expose_secret();
+        if !(redis.starts_with("redis://") || redis.starts_with("rediss://")) {
+            return Err(invalid(
+                "redis.url",
+                "<redacted>",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        for (key, value) in [
+            ("telemetry.metrics_listen", &self.telemetry.metrics_listen),
+            ("admin.listen", &self.admin.listen),
+        ] {
+            if !value.is_empty() && value.parse::<SocketAddr>().is_err() {
+                return Err(invalid(
+                    key,
+                    value,
+                    "must be empty or an address like 127.0.0.1:9464",
+                ));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
+            return Err(invalid(
+                "telemetry.log_level",
+                &self.telemetry.log_level,
+                "is not a valid filter directive (e.g. info, causal_commit=debug)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A lower-case SQL identifier that is safe to splice into DDL.
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.len() <= 63
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_matches_built_in_defaults() {
+        let text = include_str!("../config/default.toml");
+        let from_file = Config::from_toml(text).expect("config/default.toml is valid");
+        let built_in = Config::default();
+        assert_eq!(
+            serde_json::to_value(&from_file).unwrap(),
+            serde_json::to_value(&built_in).unwrap(),
+            "config/default.toml must document exactly the built-in defaults"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let err = Config::from_toml("[kafka]\nbrokerz = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("brokerz"), "{err}");
+    }
+
+    #[test]
+    fn durations_take_units() {
+        let c = Config::from_toml("[sequencer]\nwait_timeout = \"90s\"\n").unwrap();
+        assert_eq!(c.sequencer.wait_timeout, Duration::from_secs(90));
+        let err = Config::from_toml("[sequencer]\nwait_timeout = 90\n").unwrap_err();
+        assert!(err.to_string().contains("wait_timeout"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_names_key_and_value() {
+        let err = Config::from_toml("[batch]\nmax_records = 0\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("batch.max_records") && msg.contains("\"0\""),
+            "{msg}"
+        );
+        let err = Config::from_toml("[postgres]\nschema = \"Bad-Name\"\n").unwrap_err();
+        assert!(err.to_string().contains("postgres.schema"), "{err}");
+    }
+
+    #[test]
+    fn reserved_client_keys_are_refused() {
+        let err = Config::from_toml("[kafka.client]\n\"group.id\" = \"other\"\n").unwrap_err();
+        assert!(err.to_string().contains("group.id"), "{err}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the error type
+    fn environment_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[kafka]\nbrokers = \"file:9092\"\n")?;
+            jail.set_env("CAUSAL_COMMIT__KAFKA__BROKERS", "env:9092");
+            jail.set_env("CAUSAL_COMMIT__BATCH__MAX_LINGER", "250ms");
+            let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.kafka.brokers, "env:9092");
+            assert_eq!(c.batch.max_linger, Duration::from_millis(250));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_never_reach_debug_output() {
+        let c = Config::from_toml(
+            "[postgres]\nurl = \"postgres://u:hunter2@h/db\"\n[admin]\ntoken = \"s3cret\"\n",
+        )
+        .unwrap();
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("s3cret"),
+            "{debug}"
+        );
+    }
+}

@@ -1,0 +1,366 @@
+//! The demo workload: a generator of concurrent intents (`causal-commit produce`) and a
+//! read-back of the output topics (`causal-commit summary`).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use prost::Message as _;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::proto::{Action, Intent, ManualReview, ReviewReason, SideEffect};
+
+/// What `produce` generates.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProduceOptions {
+    /// Intents to produce (duplicates and invalid records come on top).
+    #[arg(long, default_value_t = 5000)]
+    pub count: usize,
+    /// Distinct contacts.
+    #[arg(long, default_value_t = 500)]
+    pub contacts: usize,
+    /// Distinct clinics (tenants).
+    #[arg(long, default_value_t = 20)]
+    pub clinics: usize,
+    /// Concurrent producers; one contact's intents are spread over all of them.
+    #[arg(long, default_value_t = 4)]
+    pub producers: usize,
+    /// Total intents per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
+    /// Fraction of contacts whose producer gives the causal sequence (strict mode).
+    #[arg(long, default_value_t = 0.8)]
+    pub strict_fraction: f64,
+    /// Fraction of intents sent twice (a producer retry).
+    #[arg(long, default_value_t = 0.02)]
+    pub duplicate_fraction: f64,
+    /// Undecodable records mixed in.
+    #[arg(long, default_value_t = 5)]
+    pub invalid: usize,
+    /// Random seed (same seed, same intents).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Prefix of every intent_id and contact_id (several runs stay distinct).
+    #[arg(long, default_value = "demo")]
+    pub prefix: String,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ProduceReport {
+    pub intents: usize,
+    pub duplicates_sent: usize,
+    pub invalid_sent: usize,
+    pub elapsed_ms: u128,
+}
+
+/// One record to send: key, value.
+type Raw = (Vec<u8>, Vec<u8>);
+
+/// Builds the demo intents. Each contact's intents are numbered in causal order; the caller
+/// spreads them over concurrent producers, so they arrive interleaved.
+pub fn generate(opts: &ProduceOptions) -> (Vec<Raw>, ProduceReport) {
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let contacts = opts.contacts.max(1);
+    let strict: Vec<bool> = (0..contacts)
+        .map(|_| rng.random_bool(opts.strict_fraction.clamp(0.0, 1.0)))
+        .collect();
+    let mut next_seq = vec![0u64; contacts];
+    let mut out = Vec::with_capacity(opts.count + opts.invalid);
+    let mut report = ProduceReport::default();
+    let actions = [
+        Action::Book,
+        Action::Confirm,
+        Action::SendMessage,
+        Action::Reschedule,
+        Action::Cancel,
+    ];
+    for i in 0..opts.count {
+        let c = rng.random_range(0..contacts);
+        next_seq[c] += 1;
+        let contact_id = format!("{}-contact-{c}", opts.prefix);
+        let intent = Intent {
+            intent_id: format!("{}-intent-{i}", opts.prefix),
+            contact_id: contact_id.clone(),
+            clinic_id: format!("clinic-{}", c % opts.clinics.max(1)),
+            correlation_id: format!("{}-corr-{i}", opts.prefix),
+            dispatch_priority: rng.random_range(0..10),
+            causal_sequence: if strict[c] { next_seq[c] } else { 0 },
+            expected_version: 0,
+            action: actions[(next_seq[c] as usize - 1) % actions.len()] as i32,
+            payload: format!("{{\"n\":{i}}}").into_bytes().into(),
+            created_at_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        let raw = (contact_id.into_bytes(), intent.encode_to_vec());
+        if rng.random_bool(opts.duplicate_fraction.clamp(0.0, 1.0)) {
+            out.push(raw.clone());
+            report.duplicates_sent += 1;
+        }
+        out.push(raw);
+        report.intents += 1;
+    }
+    for i in 0..opts.invalid {
+        let at = rng.random_range(0..=out.len());
+        out.insert(
+            at,
+            (
+                format!("{}-garbage-{i}", opts.prefix).into_bytes(),
+                vec![0xff, 0xfe, 0xfd, i as u8],
+            ),
+        );
+        report.invalid_sent += 1;
+    }
+    (out, report)
+}
+
+/// Produces the demo intents with `opts.producers` concurrent producers.
+pub async fn produce(config: &Config, opts: &ProduceOptions) -> anyhow::Result<ProduceReport> {
+    let started = Instant::now();
+    let (records, mut report) = generate(opts);
+    let producers = opts.producers.max(1);
+    let mut lanes: Vec<Vec<Raw>> = vec![Vec::new(); producers];
+    for (i, r) in records.into_iter().enumerate() {
+        lanes[i % producers].push(r);
+    }
+    let per_lane_rate = if opts.rate == 0 {
+        0.0
+    } else {
+        f64::from(opts.rate) / producers as f64
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for (n, lane) in lanes.into_iter().enumerate() {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &config.kafka.brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("client.id", format!("causal-commit-demo-{n}"));
+        for (k, v) in &config.kafka.client {
+            c.set(k, v);
+        }
+        let producer: FutureProducer = c.create().context("creating a demo producer")?;
+        let topic = config.kafka.intents_topic.clone();
+        tasks.spawn(async move {
+            let mut deliveries = Vec::with_capacity(lane.len());
+            let lane_started = Instant::now();
+            for (i, (key, value)) in lane.iter().enumerate() {
+                if per_lane_rate > 0.0 {
+                    let due = Duration::from_secs_f64(i as f64 / per_lane_rate);
+                    if let Some(wait) = due.checked_sub(lane_started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                let corr = Intent::decode(value.as_slice())
+                    .map(|i| i.correlation_id)
+                    .unwrap_or_default();
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: "correlation_id",
+                    value: Some(corr.as_bytes()),
+                });
+                let record = FutureRecord::to(&topic)
+                    .key(key.as_slice())
+                    .payload(value.as_slice())
+                    .headers(headers);
+                // Queue without awaiting each delivery: keep many in flight.
+                match producer.send_result(record) {
+                    Ok(f) => deliveries.push(f),
+                    Err((e, _)) => anyhow::bail!("queueing a demo intent failed: {e}"),
+                }
+                if deliveries.len() >= 10_000 {
+                    for f in deliveries.drain(..) {
+                        f.await?
+                            .map_err(|(e, _)| anyhow::anyhow!("delivery failed: {e}"))?;
+                    }
+                }
+            }
+            for f in deliveries {
+                f.await?
+                    .map_err(|(e, _)| anyhow::anyhow!("delivery failed: {e}"))?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    report.elapsed_ms = started.elapsed().as_millis();
+    Ok(report)
+}
+
+/// What the output topics hold (read_committed).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Summary {
+    pub effects: usize,
+    pub contacts: usize,
+    pub manual_review: usize,
+    pub manual_review_by_reason: HashMap<String, usize>,
+    pub out_of_order_contacts: usize,
+    pub duplicate_effects: usize,
+}
+
+/// Reads `side-effects` and `intents.manual-review` from the beginning to their current end
+/// with read_committed. Blocking: call from a blocking thread.
+pub fn summarize(config: &Config, prefix: &str) -> anyhow::Result<Summary> {
+    let mut summary = Summary::default();
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    read_topic(config, &config.kafka.side_effects_topic, |value| {
+        let e = SideEffect::decode(value).context("decoding a SideEffect")?;
+        if !e.intent_id.starts_with(prefix) {
+            return Ok(());
+        }
+        summary.effects += 1;
+        if !seen.insert(e.intent_id.clone()) {
+            summary.duplicate_effects += 1;
+        }
+        let prev = last_seq.insert(e.contact_id.clone(), e.commit_sequence);
+        if prev.is_some_and(|p| p >= e.commit_sequence) {
+            summary.out_of_order_contacts += 1;
+        }
+        Ok(())
+    })?;
+    summary.contacts = last_seq.len();
+    read_topic(config, &config.kafka.manual_review_topic, |value| {
+        let r = ManualReview::decode(value).context("decoding a ManualReview")?;
+        let key = String::from_utf8_lossy(&r.original_key);
+        if !(r.intent_id.starts_with(prefix) || key.starts_with(prefix)) {
+            return Ok(());
+        }
+        summary.manual_review += 1;
+        let reason = ReviewReason::try_from(r.reason)
+            .map(|r| r.as_str_name().to_string())
+            .unwrap_or_else(|_| r.reason.to_string());
+        *summary.manual_review_by_reason.entry(reason).or_default() += 1;
+        Ok(())
+    })?;
+    Ok(summary)
+}
+
+/// Waits until the consumer group has committed offsets at the end of every partition of the
+/// intents topic (the processor has caught up). Blocking.
+pub fn wait_caught_up(config: &Config, within: Duration) -> anyhow::Result<()> {
+    let topic = &config.kafka.intents_topic;
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "false");
+    for (k, v) in &config.kafka.client {
+        c.set(k, v);
+    }
+    // Never subscribes, so it does not join (or disturb) the group; it only reads offsets.
+    let consumer: BaseConsumer = c.create().context("creating an offsets reader")?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let deadline = Instant::now() + within;
+    loop {
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition(topic, *p);
+        }
+        let committed = consumer.committed_offsets(tpl, timeout)?;
+        let mut behind = 0i64;
+        for e in committed.elements() {
+            let (_, high) = consumer.fetch_watermarks(topic, e.partition(), timeout)?;
+            let at = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            behind += (high - at).max(0);
+        }
+        if behind == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the processor is still {behind} records behind after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Calls `f` on every committed record value of `topic`, from the beginning to the end the
+/// topic has when the call starts.
+pub fn read_topic(
+    config: &Config,
+    topic: &str,
+    mut f: impl FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        .set(
+            "group.id",
+            format!("causal-commit-reader-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &config.kafka.client {
+        c.set(k, v);
+    }
+    let consumer: BaseConsumer = c.create().context("creating a reader")?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .with_context(|| format!("reading metadata of {topic}"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut ends = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        // With read_committed the high watermark may sit past the last stable offset; records up
+        // to it are delivered once their transaction is decided.
+        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
+        if high > low {
+            ends.insert(*p, high);
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(());
+    }
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut positions: HashMap<i32, i64> = HashMap::new();
+    while ends
+        .iter()
+        .any(|(p, end)| positions.get(p).copied().unwrap_or(-1) + 1 < *end)
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "reading {topic} did not reach its end in time"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(msg)) => {
+                positions.insert(msg.partition(), msg.offset());
+                if let Some(v) = msg.payload() {
+                    f(v)?;
+                }
+            }
+            Some(Err(e)) => anyhow::bail!("reading {topic} failed: {e}"),
+            None => {
+                // Control records (transaction markers) take offsets too: ask for the position.
+                if let Ok(pos) = consumer.position() {
+                    for e in pos.elements() {
+                        if let Offset::Offset(o) = e.offset() {
+                            positions.insert(e.partition(), o - 1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

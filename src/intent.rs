@@ -1,0 +1,265 @@
+//! Decoding and validation of input records: the one place that turns raw Kafka bytes into an
+//! [`Intent`] the rest of the pipeline can trust, or into a typed [`InvalidIntent`] that becomes
+//! a manual-review record (reason `INVALID_INTENT`) with the raw bytes kept.
+
+use prost::Message;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::config::LimitsConfig;
+use crate::proto::{Action, Intent};
+
+/// Why a record is not a valid intent. The message names the field and the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidIntent {
+    #[error("record has no value (tombstone)")]
+    NoValue,
+    #[error("record is {size} bytes, above limits.max_record_bytes ({max})")]
+    RecordTooLarge { size: usize, max: usize },
+    #[error("value is not a protobuf Intent: {0}")]
+    Undecodable(String),
+    #[error("required field `{0}` is missing or empty")]
+    MissingField(&'static str),
+    #[error("field `{field}` is {len} bytes, above limits.max_id_bytes ({max})")]
+    FieldTooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("payload is {len} bytes, above limits.max_payload_bytes ({max})")]
+    PayloadTooLarge { len: usize, max: usize },
+    #[error("record key is missing; it must equal contact_id {contact_id:?}")]
+    MissingKey { contact_id: String },
+    #[error("record key {key:?} does not equal contact_id {contact_id:?}")]
+    KeyMismatch { key: String, contact_id: String },
+    #[error("action {0} is not a known Action value")]
+    UnknownAction(i32),
+    #[error("action is ACTION_UNSPECIFIED")]
+    UnspecifiedAction,
+}
+
+/// An intent that passed validation, with what the pipeline derives from it once.
+#[derive(Debug, Clone)]
+pub struct ValidIntent {
+    pub intent: Intent,
+    /// The `correlation_id` was absent and has been generated here.
+    pub correlation_generated: bool,
+    /// Hash of the intent's content (everything but `correlation_id` and `created_at_ms`):
+    /// the same `intent_id` with another fingerprint is an `IDEMPOTENCY_CONFLICT`.
+    pub fingerprint: u64,
+}
+
+/// Decodes and validates one record. Never panics, whatever the bytes.
+pub fn decode(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    limits: &LimitsConfig,
+) -> Result<ValidIntent, InvalidIntent> {
+    let value = value.ok_or(InvalidIntent::NoValue)?;
+    let size = value.len() + key.map_or(0, <[u8]>::len);
+    if size > limits.max_record_bytes {
+        return Err(InvalidIntent::RecordTooLarge {
+            size,
+            max: limits.max_record_bytes,
+        });
+    }
+    let mut intent =
+        Intent::decode(value).map_err(|e| InvalidIntent::Undecodable(e.to_string()))?;
+    validate(&intent, key, limits)?;
+    let correlation_generated = intent.correlation_id.is_empty();
+    if correlation_generated {
+        intent.correlation_id = uuid::Uuid::new_v4().to_string();
+    }
+    let fingerprint = fingerprint(&intent);
+    Ok(ValidIntent {
+        intent,
+        correlation_generated,
+        fingerprint,
+    })
+}
+
+fn validate(
+    intent: &Intent,
+    key: Option<&[u8]>,
+    limits: &LimitsConfig,
+) -> Result<(), InvalidIntent> {
+    for (field, value, required) in [
+        ("intent_id", &intent.intent_id, true),
+        ("contact_id", &intent.contact_id, true),
+        ("clinic_id", &intent.clinic_id, false),
+        ("correlation_id", &intent.correlation_id, false),
+    ] {
+        if required && value.trim().is_empty() {
+            return Err(InvalidIntent::MissingField(field));
+        }
+        if value.len() > limits.max_id_bytes {
+            return Err(InvalidIntent::FieldTooLong {
+                field,
+                len: value.len(),
+                max: limits.max_id_bytes,
+            });
+        }
+    }
+    if intent.payload.len() > limits.max_payload_bytes {
+        return Err(InvalidIntent::PayloadTooLarge {
+            len: intent.payload.len(),
+            max: limits.max_payload_bytes,
+        });
+    }
+    match Action::try_from(intent.action) {
+        Ok(Action::Unspecified) => return Err(InvalidIntent::UnspecifiedAction),
+        Ok(_) => {}
+        Err(_) => return Err(InvalidIntent::UnknownAction(intent.action)),
+    }
+    match key {
+        None => {
+            return Err(InvalidIntent::MissingKey {
+                contact_id: intent.contact_id.clone(),
+            })
+        }
+        Some(key) if key != intent.contact_id.as_bytes() => {
+            return Err(InvalidIntent::KeyMismatch {
+                key: String::from_utf8_lossy(key).into_owned(),
+                contact_id: intent.contact_id.clone(),
+            })
+        }
+        Some(_) => {}
+    }
+    Ok(())
+}
+
+/// Content hash used for idempotency conflicts. Fields are length-prefixed so that moving bytes
+/// between adjacent fields changes the hash.
+pub fn fingerprint(intent: &Intent) -> u64 {
+    let mut h = Xxh3::new();
+    for s in [&intent.intent_id, &intent.contact_id, &intent.clinic_id] {
+        h.update(&(s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    }
+    h.update(&intent.dispatch_priority.to_le_bytes());
+    h.update(&intent.causal_sequence.to_le_bytes());
+    h.update(&intent.expected_version.to_le_bytes());
+    h.update(&intent.action.to_le_bytes());
+    h.update(&(intent.payload.len() as u64).to_le_bytes());
+    h.update(&intent.payload);
+    h.digest()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn limits() -> LimitsConfig {
+        LimitsConfig::default()
+    }
+
+    fn sample() -> Intent {
+        Intent {
+            intent_id: "i-1".into(),
+            contact_id: "c-1".into(),
+            clinic_id: "clinic-9".into(),
+            correlation_id: "corr-1".into(),
+            dispatch_priority: 3,
+            causal_sequence: 1,
+            expected_version: 0,
+            action: Action::Book as i32,
+            payload: b"{}".to_vec().into(),
+            created_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn valid_intent_decodes_with_its_fields() {
+        let bytes = sample().encode_to_vec();
+        let v = decode(Some(b"c-1"), Some(&bytes), &limits()).unwrap();
+        assert_eq!(v.intent, sample());
+        assert!(!v.correlation_generated);
+    }
+
+    #[test]
+    fn missing_correlation_id_is_generated() {
+        let mut i = sample();
+        i.correlation_id.clear();
+        let v = decode(Some(b"c-1"), Some(&i.encode_to_vec()), &limits()).unwrap();
+        assert!(v.correlation_generated);
+        assert_eq!(v.intent.correlation_id.len(), 36);
+    }
+
+    #[test]
+    fn garbage_bytes_are_undecodable() {
+        let err = decode(Some(b"c-1"), Some(&[0xff, 0xff, 0xff, 0x01]), &limits()).unwrap_err();
+        assert!(matches!(err, InvalidIntent::Undecodable(_)), "{err}");
+    }
+
+    #[test]
+    fn key_must_equal_contact_id() {
+        let bytes = sample().encode_to_vec();
+        let err = decode(Some(b"c-2"), Some(&bytes), &limits()).unwrap_err();
+        assert_eq!(
+            err,
+            InvalidIntent::KeyMismatch {
+                key: "c-2".into(),
+                contact_id: "c-1".into()
+            }
+        );
+        let err = decode(None, Some(&bytes), &limits()).unwrap_err();
+        assert!(matches!(err, InvalidIntent::MissingKey { .. }));
+    }
+
+    #[test]
+    fn required_fields_are_checked() {
+        let mut i = sample();
+        i.intent_id = " ".into();
+        let err = decode(Some(b"c-1"), Some(&i.encode_to_vec()), &limits()).unwrap_err();
+        assert_eq!(err, InvalidIntent::MissingField("intent_id"));
+        let mut i = sample();
+        i.contact_id.clear();
+        let err = decode(Some(b""), Some(&i.encode_to_vec()), &limits()).unwrap_err();
+        assert_eq!(err, InvalidIntent::MissingField("contact_id"));
+    }
+
+    #[test]
+    fn unknown_and_unspecified_actions_are_invalid() {
+        let mut i = sample();
+        i.action = 99;
+        let err = decode(Some(b"c-1"), Some(&i.encode_to_vec()), &limits()).unwrap_err();
+        assert_eq!(err, InvalidIntent::UnknownAction(99));
+        i.action = 0;
+        let err = decode(Some(b"c-1"), Some(&i.encode_to_vec()), &limits()).unwrap_err();
+        assert_eq!(err, InvalidIntent::UnspecifiedAction);
+    }
+
+    #[test]
+    fn size_limits_are_enforced() {
+        let mut l = limits();
+        l.max_payload_bytes = 4;
+        let mut i = sample();
+        i.payload = vec![0u8; 5].into();
+        let err = decode(Some(b"c-1"), Some(&i.encode_to_vec()), &l).unwrap_err();
+        assert_eq!(err, InvalidIntent::PayloadTooLarge { len: 5, max: 4 });
+        l.max_record_bytes = 8;
+        let err = decode(Some(b"c-1"), Some(&i.encode_to_vec()), &l).unwrap_err();
+        assert!(matches!(err, InvalidIntent::RecordTooLarge { .. }));
+        let err = decode(Some(b"c-1"), None, &limits()).unwrap_err();
+        assert_eq!(err, InvalidIntent::NoValue);
+    }
+
+    #[test]
+    fn fingerprint_ignores_correlation_and_creation_time_only() {
+        let a = sample();
+        let mut b = sample();
+        b.correlation_id = "other".into();
+        b.created_at_ms = 99;
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        b.payload = b"{ }".to_vec().into();
+        assert_ne!(fingerprint(&a), fingerprint(&b));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(key in proptest::collection::vec(any::<u8>(), 0..16),
+                                       value in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(Some(&key), Some(&value), &limits());
+        }
+    }
+}

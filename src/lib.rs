@@ -1,0 +1,22 @@
+//! causal-commit: a Kafka stream processor that gives every contact one causal sequence and
+//! releases each intent's effect exactly once, in that order.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML configuration with environment overrides, validated at start-up.
+//! - [`proto`]: the protobuf wire contract (`Intent`, `SideEffect`, `ManualReview`).
+//! - [`intent`]: decoding and validation of input records (the one place that trusts bytes).
+//! - [`pipeline`]: the Kafka consume-transform-produce loop and its transactions.
+//! - [`store`]: PostgreSQL, the durable state and audit.
+//! - [`telemetry`]: JSON logs, Prometheus metrics (every name in one module), OTLP traces.
+//! - [`demo`]: the demo producer and the read-back summary used by `make demo`.
+//!
+//! The binary (`src/main.rs`) is the CLI: `run`, `produce`, `migrate`, `summary`.
+
+pub mod config;
+pub mod demo;
+pub mod intent;
+pub mod pipeline;
+pub mod proto;
+pub mod store;
+pub mod telemetry;

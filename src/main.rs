@@ -1,0 +1,134 @@
+//! The causal-commit CLI: the processor and its operator tools.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use causal_commit::config::Config;
+use causal_commit::{demo, pipeline, store, telemetry};
+
+#[derive(Parser)]
+#[command(name = "causal-commit", version, about)]
+struct Cli {
+    /// Configuration file (TOML); CAUSAL_COMMIT__* environment variables override it.
+    #[arg(long, short, global = true, env = "CAUSAL_COMMIT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the processor until SIGTERM or Ctrl-C.
+    Run,
+    /// Produce demo intents (many contacts, concurrent producers, priorities).
+    Produce(demo::ProduceOptions),
+    /// Apply the PostgreSQL migrations.
+    Migrate,
+    /// Read the output topics (read_committed) and print what they hold, as JSON.
+    Summary {
+        /// Count only intents whose id (or review key) starts with this prefix.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// Wait until the processor's group has committed every intent produced so far.
+    WaitCaughtUp {
+        /// Give up after this long (e.g. 90s, 5m).
+        #[arg(long, default_value = "5m")]
+        timeout: humantime::Duration,
+    },
+    /// Print the effective configuration (secrets included: keep it off shared terminals).
+    ShowConfig,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("causal-commit: starting the runtime failed: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "causal-commit failed");
+            eprintln!("causal-commit: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(cli.config.as_deref()).context("loading the configuration")?;
+    match cli.command {
+        Command::Run => {
+            let _telemetry = telemetry::init(&config.telemetry)?;
+            let listen = (!config.telemetry.metrics_listen.is_empty())
+                .then(|| config.telemetry.metrics_listen.parse())
+                .transpose()
+                .context("telemetry.metrics_listen")?;
+            telemetry::metrics::install_exporter(listen).context("starting /metrics")?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(signal_shutdown(shutdown.clone()));
+            pipeline::run(Arc::new(config), shutdown).await
+        }
+        Command::Produce(opts) => {
+            let report = demo::produce(&config, &opts).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::Migrate => {
+            let pool = store::postgres::pool(&config.postgres)?;
+            store::postgres::migrate(&pool, &config.postgres.schema).await?;
+            println!("migrations applied to schema {}", config.postgres.schema);
+            Ok(())
+        }
+        Command::WaitCaughtUp { timeout } => {
+            tokio::task::spawn_blocking(move || demo::wait_caught_up(&config, timeout.into()))
+                .await??;
+            Ok(())
+        }
+        Command::Summary { prefix } => {
+            let summary =
+                tokio::task::spawn_blocking(move || demo::summarize(&config, &prefix)).await??;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+        Command::ShowConfig => {
+            println!("{}", serde_json::to_string_pretty(&config)?);
+            Ok(())
+        }
+    }
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C; a second signal exits at once.
+async fn signal_shutdown(token: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "installing the SIGTERM handler failed");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown requested: draining the batch in hand");
+    token.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::warn!("second signal: exiting without draining");
+    std::process::exit(130);
+}

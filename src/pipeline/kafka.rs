@@ -1,0 +1,303 @@
+//! librdkafka clients: configuration, the consumer context (rebalances, statistics) and the
+//! transactional producer with its error classes.
+//!
+//! Every call here may block: they run on the engine's dedicated thread, never on a tokio worker.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, TopicPartitionList};
+
+use crate::config::Config;
+use crate::telemetry::metrics as m;
+
+/// Kafka failures, classified the way the transactional protocol needs them.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("creating the Kafka {what} client failed: {source}")]
+    Create {
+        what: &'static str,
+        source: KafkaError,
+    },
+    /// The transaction must be aborted; the producer stays usable.
+    #[error("Kafka transaction must abort: {0}")]
+    Abortable(KafkaError),
+    /// The producer is unusable (fenced, fatal, or an outcome that is unknown after a timeout):
+    /// re-create it. Never retried blindly.
+    #[error("Kafka producer must be re-created: {0}")]
+    Fatal(KafkaError),
+    #[error("Kafka call failed: {0}")]
+    Other(#[from] KafkaError),
+    /// The consumer has no group membership (between rebalances): abort and retry.
+    #[error("the consumer is not a member of its group")]
+    NotInGroup,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the engine learns from rebalance callbacks (they run inside `poll`, on the engine's
+/// thread; the engine reads and clears this after each poll).
+#[derive(Debug, Default)]
+pub struct RebalanceEvents {
+    /// Partitions were revoked since the engine last looked: any uncommitted work is void.
+    pub revoked: bool,
+    /// The partitions assigned now.
+    pub assigned: BTreeSet<i32>,
+    /// The assignment changed since the engine last looked.
+    pub changed: bool,
+}
+
+#[derive(Clone, Default)]
+pub struct EngineContext {
+    pub events: Arc<Mutex<RebalanceEvents>>,
+    pub topic: Arc<str>,
+}
+
+impl EngineContext {
+    pub fn take_events(&self) -> (bool, bool, BTreeSet<i32>) {
+        let mut ev = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        let out = (ev.revoked, ev.changed, ev.assigned.clone());
+        ev.revoked = false;
+        ev.changed = false;
+        out
+    }
+}
+
+impl ClientContext for EngineContext {
+    fn stats(&self, stats: Statistics) {
+        if let Some(topic) = stats.topics.get(&*self.topic) {
+            for (partition, p) in &topic.partitions {
+                // librdkafka reports -1 for partitions it does not consume.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(m::CONSUMER_LAG, "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for EngineContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut ev = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(partitions = ?revoked, "partitions revoked");
+                ev.revoked = true;
+                ev.changed = true;
+                for p in revoked {
+                    ev.assigned.remove(&p);
+                }
+            }
+            Rebalance::Assign(tpl) => {
+                let assigned: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(partitions = ?assigned, "partitions assigned");
+                ev.changed = true;
+                ev.assigned.extend(assigned);
+            }
+            Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
+        }
+        metrics::gauge!(m::PARTITIONS_ASSIGNED).set(ev.assigned.len() as f64);
+    }
+}
+
+pub type EngineConsumer = BaseConsumer<EngineContext>;
+
+fn base_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers);
+    for (k, v) in &config.kafka.client {
+        c.set(k, v);
+    }
+    c
+}
+
+/// The input consumer: manual offsets (they travel inside transactions), read_committed, and an
+/// eager assignor so that a revocation always revokes every partition (see `engine`).
+pub fn consumer(config: &Config, ctx: EngineContext) -> Result<EngineConsumer> {
+    let mut c = base_config(config);
+    c.set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "range")
+        .set("statistics.interval.ms", "5000")
+        .set(
+            "client.id",
+            format!("causal-commit-{}", config.instance_id()),
+        );
+    c.create_with_context(ctx).map_err(|source| Error::Create {
+        what: "consumer",
+        source,
+    })
+}
+
+/// Transactional id of this instance: stable across restarts, so a restarted instance fences
+/// (and aborts) its predecessor's open transaction at once.
+pub fn transactional_id(config: &Config) -> String {
+    format!("{}-{}", config.kafka.group_id, config.instance_id())
+}
+
+/// The one transactional producer of the engine.
+pub struct TxnProducer {
+    producer: BaseProducer,
+    timeout: Duration,
+    open: bool,
+}
+
+impl TxnProducer {
+    pub fn new(config: &Config) -> Result<Self> {
+        let txn_ms = config.kafka.transaction_timeout.as_millis();
+        let mut c = base_config(config);
+        c.set("transactional.id", transactional_id(config))
+            .set("enable.idempotence", "true")
+            .set("transaction.timeout.ms", txn_ms.to_string())
+            // Must stay below the transaction timeout (librdkafka refuses otherwise).
+            .set("message.timeout.ms", (txn_ms * 9 / 10).to_string())
+            // Back-to-back transactions otherwise wait ~100 ms on CONCURRENT_TRANSACTIONS.
+            .set("retry.backoff.ms", "10")
+            .set("linger.ms", "5")
+            .set(
+                "client.id",
+                format!("causal-commit-{}-txn", config.instance_id()),
+            );
+        let producer: BaseProducer = c.create().map_err(|source| Error::Create {
+            what: "producer",
+            source,
+        })?;
+        let timeout = config.kafka.operation_timeout;
+        producer.init_transactions(timeout).map_err(classify)?;
+        Ok(Self {
+            producer,
+            timeout,
+            open: false,
+        })
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    pub fn begin(&mut self) -> Result<()> {
+        if !self.open {
+            self.producer.begin_transaction().map_err(classify)?;
+            self.open = true;
+        }
+        Ok(())
+    }
+
+    /// Queues one record; waits for room when librdkafka's queue is full.
+    pub fn send(&mut self, record: &OutRecord) -> Result<()> {
+        let mut headers = rdkafka::message::OwnedHeaders::new_with_capacity(record.headers.len());
+        for (k, v) in &record.headers {
+            headers = headers.insert(rdkafka::message::Header {
+                key: k,
+                value: Some(v.as_slice()),
+            });
+        }
+        let mut rec = BaseRecord::to(&record.topic)
+            .key(&record.key)
+            .payload(&record.value)
+            .headers(headers);
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    rec = back;
+                    self.producer.poll(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(classify(e)),
+            }
+        }
+    }
+
+    /// Adds the consumed offsets (with the group's metadata, KIP-447) and commits.
+    pub fn commit(
+        &mut self,
+        offsets: &TopicPartitionList,
+        consumer: &EngineConsumer,
+    ) -> Result<()> {
+        let cgm = consumer.group_metadata().ok_or(Error::NotInGroup)?;
+        if offsets.count() > 0 {
+            self.producer
+                .send_offsets_to_transaction(offsets, &cgm, self.timeout)
+                .map_err(classify)?;
+        }
+        self.producer
+            .commit_transaction(self.timeout)
+            .map_err(classify)?;
+        self.open = false;
+        Ok(())
+    }
+
+    pub fn abort(&mut self) -> Result<()> {
+        if self.open {
+            self.producer
+                .abort_transaction(self.timeout)
+                .map_err(classify)?;
+            self.open = false;
+        }
+        Ok(())
+    }
+
+    pub fn poll(&self) {
+        self.producer.poll(Duration::ZERO);
+    }
+}
+
+/// One record to produce inside the current transaction.
+#[derive(Debug, Clone)]
+pub struct OutRecord {
+    pub topic: Arc<str>,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// Maps librdkafka's transactional error flags onto our classes. A timeout is an unknown
+/// outcome: treated as fatal so the producer is re-created (a late EndTxn must not be trusted).
+pub fn classify(e: KafkaError) -> Error {
+    match &e {
+        KafkaError::Transaction(t) if t.is_fatal() => Error::Fatal(e),
+        KafkaError::Transaction(t) if t.txn_requires_abort() => Error::Abortable(e),
+        KafkaError::Transaction(t)
+            if matches!(
+                t.code(),
+                RDKafkaErrorCode::OperationTimedOut
+                    | RDKafkaErrorCode::MessageTimedOut
+                    | RDKafkaErrorCode::RequestTimedOut
+                    | RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::State
+            ) =>
+        {
+            Error::Fatal(e)
+        }
+        KafkaError::Transaction(_) => Error::Abortable(e),
+        _ => Error::Other(e),
+    }
+}
+
+/// Offsets `next` (one past the last processed record) per partition, with metadata naming the
+/// batch (the recovery point checked against the durable store on assignment).
+pub fn offsets_list(topic: &str, next: &[(i32, i64, String)]) -> Result<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::with_capacity(next.len());
+    for (partition, offset, meta) in next {
+        let mut elem = tpl.add_partition(topic, *partition);
+        elem.set_offset(rdkafka::Offset::Offset(*offset))?;
+        elem.set_metadata(meta.as_str());
+    }
+    Ok(tpl)
+}

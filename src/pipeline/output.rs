@@ -1,0 +1,132 @@
+//! Builds the records causal-commit produces: effects and manual-review records.
+
+use std::sync::Arc;
+
+use prost::Message as _;
+
+use super::kafka::OutRecord;
+use crate::proto::{Intent, ManualReview, ReviewReason, SideEffect};
+
+pub const CORRELATION_HEADER: &str = "correlation_id";
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// An input record, copied out of librdkafka's buffer (it may outlive the poll: waiting intents
+/// are kept until their turn).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    /// W3C trace context of the producer, forwarded to the outputs.
+    pub traceparent: Option<Vec<u8>>,
+}
+
+/// Where an output record came from.
+#[derive(Debug, Clone)]
+pub struct Source<'a> {
+    pub topic: &'a str,
+    pub record: &'a InRecord,
+}
+
+fn headers(correlation_id: &str, traceparent: Option<&Vec<u8>>) -> Vec<(&'static str, Vec<u8>)> {
+    let mut h = Vec::with_capacity(2);
+    if !correlation_id.is_empty() {
+        h.push((CORRELATION_HEADER, correlation_id.as_bytes().to_vec()));
+    }
+    if let Some(tp) = traceparent {
+        h.push((TRACEPARENT_HEADER, tp.clone()));
+    }
+    h
+}
+
+/// The effect of a committed intent, keyed by contact so one contact's effects stay in one
+/// partition of the side-effects topic, in commit order.
+pub struct EffectFields {
+    pub commit_sequence: u64,
+    pub contact_version: u64,
+    pub committed_at_ms: i64,
+    pub fencing_token: u64,
+    pub sequence_from_producer: bool,
+}
+
+pub fn side_effect(
+    topic: &Arc<str>,
+    intent: &Intent,
+    traceparent: Option<&Vec<u8>>,
+    f: &EffectFields,
+) -> OutRecord {
+    let effect = SideEffect {
+        intent_id: intent.intent_id.clone(),
+        contact_id: intent.contact_id.clone(),
+        clinic_id: intent.clinic_id.clone(),
+        correlation_id: intent.correlation_id.clone(),
+        dispatch_priority: intent.dispatch_priority,
+        action: intent.action,
+        payload: intent.payload.clone(),
+        created_at_ms: intent.created_at_ms,
+        commit_sequence: f.commit_sequence,
+        contact_version: f.contact_version,
+        committed_at_ms: f.committed_at_ms,
+        fencing_token: f.fencing_token,
+        sequence_from_producer: f.sequence_from_producer,
+    };
+    OutRecord {
+        topic: topic.clone(),
+        key: intent.contact_id.as_bytes().to_vec(),
+        value: effect.encode_to_vec(),
+        headers: headers(&intent.correlation_id, traceparent),
+    }
+}
+
+/// What a manual-review record says beyond the original record.
+pub struct ReviewFields<'a> {
+    pub reason: ReviewReason,
+    pub detail: String,
+    pub intent: Option<&'a Intent>,
+    pub expected_sequence: u64,
+    pub received_sequence: u64,
+    pub waited_ms: u64,
+    pub reviewed_at_ms: i64,
+    pub fencing_token: u64,
+}
+
+/// A manual-review record: the original bytes, byte for byte, plus why. Keyed like the input
+/// (or by partition/offset when the input had no key) so re-submission keeps the contact's key.
+pub fn manual_review(topic: &Arc<str>, source: &Source<'_>, f: ReviewFields<'_>) -> OutRecord {
+    let rec = source.record;
+    let empty = Intent::default();
+    let intent = f.intent.unwrap_or(&empty);
+    let review = ManualReview {
+        original_value: rec.value.clone().unwrap_or_default().into(),
+        original_key: rec.key.clone().unwrap_or_default().into(),
+        reason: f.reason as i32,
+        detail: f.detail,
+        intent_id: intent.intent_id.clone(),
+        contact_id: intent.contact_id.clone(),
+        clinic_id: intent.clinic_id.clone(),
+        correlation_id: intent.correlation_id.clone(),
+        expected_sequence: f.expected_sequence,
+        received_sequence: f.received_sequence,
+        waited_ms: f.waited_ms,
+        source_topic: source.topic.to_string(),
+        source_partition: rec.partition,
+        source_offset: rec.offset,
+        reviewed_at_ms: f.reviewed_at_ms,
+        fencing_token: f.fencing_token,
+    };
+    let key = match &rec.key {
+        Some(k) if !k.is_empty() => k.clone(),
+        _ => format!("{}-{}", rec.partition, rec.offset).into_bytes(),
+    };
+    OutRecord {
+        topic: topic.clone(),
+        key,
+        value: review.encode_to_vec(),
+        headers: headers(&intent.correlation_id, rec.traceparent.as_ref()),
+    }
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

@@ -1,0 +1,227 @@
+//! Shared harness of the integration tests: each test gets its own topics, consumer group and
+//! PostgreSQL schema on the real local stack (`scripts/stack.sh up`), and an in-process engine.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use causal_commit::config::Config;
+use causal_commit::proto::{Action, Intent, ManualReview, SideEffect};
+
+pub fn brokers() -> String {
+    std::env::var("CC_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn database_url() -> String {
+    std::env::var("CC_DATABASE_URL").unwrap_or_else(|_| {
+        "postgres://causal_commit:causal_commit@127.0.0.1:5432/causal_commit".into()
+    })
+}
+
+/// A short random suffix for names.
+pub fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}_{}", &id[..12])
+}
+
+/// A test's private world: topic names, group, schema, instance id.
+pub struct TestEnv {
+    pub config: Config,
+    pub name: String,
+}
+
+impl TestEnv {
+    /// Creates fresh topics (`partitions` for intents and effects) and a config that uses them.
+    pub async fn new(name: &str, partitions: i32) -> Self {
+        let id = unique(name);
+        let mut config = Config {
+            instance_id: format!("{id}-a"),
+            ..Config::default()
+        };
+        config.kafka.brokers = brokers();
+        config.kafka.group_id = format!("cc-{id}");
+        config.kafka.intents_topic = format!("{id}.intents");
+        config.kafka.side_effects_topic = format!("{id}.side-effects");
+        config.kafka.manual_review_topic = format!("{id}.manual-review");
+        config.kafka.transaction_timeout = Duration::from_secs(10);
+        config.kafka.operation_timeout = Duration::from_secs(8);
+        config.batch.max_linger = Duration::from_millis(50);
+        config.postgres.url = database_url().into();
+        config.postgres.schema = id.to_lowercase();
+        config.telemetry.metrics_listen = String::new();
+        config.admin.listen = String::new();
+        config.validate().expect("test config is valid");
+        create_topics(
+            &config,
+            &[
+                (&config.kafka.intents_topic, partitions),
+                (&config.kafka.side_effects_topic, partitions),
+                (&config.kafka.manual_review_topic, 1),
+            ],
+        )
+        .await;
+        Self { config, name: id }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        Arc::new(self.config.clone())
+    }
+}
+
+pub async fn create_topics(config: &Config, topics: &[(&String, i32)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .create()
+        .expect("admin client");
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let results = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics");
+    for r in results {
+        r.expect("topic created");
+    }
+}
+
+/// The processor running in this test process.
+pub struct Running {
+    pub shutdown: CancellationToken,
+    pub handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("engine stops within 30 s after shutdown")
+            .expect("engine task joined")
+            .expect("engine exits cleanly");
+    }
+}
+
+pub fn start(config: Arc<Config>) -> Running {
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(causal_commit::pipeline::run(config, shutdown.clone()));
+    Running { shutdown, handle }
+}
+
+pub fn producer(config: &Config) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer")
+}
+
+/// Produces raw records (key, value) in order and waits for every delivery.
+pub async fn produce_raw(config: &Config, records: &[(Option<Vec<u8>>, Vec<u8>)]) {
+    let p = producer(config);
+    for (key, value) in records {
+        let mut r: FutureRecord<'_, Vec<u8>, Vec<u8>> =
+            FutureRecord::to(&config.kafka.intents_topic).payload(value);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        p.send(r, Duration::from_secs(10)).await.expect("delivered");
+    }
+}
+
+/// Produces intents keyed by their contact, with a correlation_id header.
+pub async fn produce_intents(config: &Config, intents: &[Intent]) {
+    let p = producer(config);
+    for i in intents {
+        let value = i.encode_to_vec();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "correlation_id",
+            value: Some(i.correlation_id.as_bytes()),
+        });
+        let r = FutureRecord::to(&config.kafka.intents_topic)
+            .key(i.contact_id.as_bytes())
+            .payload(&value)
+            .headers(headers);
+        p.send(r, Duration::from_secs(10)).await.expect("delivered");
+    }
+}
+
+pub fn intent(id: &str, contact: &str, seq: u64) -> Intent {
+    Intent {
+        intent_id: id.into(),
+        contact_id: contact.into(),
+        clinic_id: "clinic-1".into(),
+        correlation_id: format!("corr-{id}"),
+        dispatch_priority: 0,
+        causal_sequence: seq,
+        expected_version: 0,
+        action: Action::Book as i32,
+        payload: format!("payload-{id}").into_bytes().into(),
+        created_at_ms: chrono::Utc::now().timestamp_millis(),
+    }
+}
+
+/// Committed (read_committed) records of a topic, with their headers.
+pub fn read_all(config: &Config, topic: &str) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    causal_commit::demo::read_topic(config, topic, |v| {
+        out.push(v.to_vec());
+        Ok(())
+    })
+    .expect("read topic");
+    out
+}
+
+/// Waits until `topic` holds at least `n` committed records, then returns them all.
+pub async fn wait_for(config: &Config, topic: &str, n: usize, within: Duration) -> Vec<Vec<u8>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let c = config.clone();
+        let t = topic.to_string();
+        let got = tokio::task::spawn_blocking(move || read_all(&c, &t))
+            .await
+            .expect("reader");
+        if got.len() >= n || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+pub fn effects(values: &[Vec<u8>]) -> Vec<SideEffect> {
+    values
+        .iter()
+        .map(|v| SideEffect::decode(v.as_slice()).expect("a SideEffect"))
+        .collect()
+}
+
+pub fn reviews(values: &[Vec<u8>]) -> Vec<ManualReview> {
+    values
+        .iter()
+        .map(|v| ManualReview::decode(v.as_slice()).expect("a ManualReview"))
+        .collect()
+}
+
+/// Effects grouped per contact, in topic order.
+pub fn by_contact(effects: &[SideEffect]) -> HashMap<String, Vec<&SideEffect>> {
+    let mut m: HashMap<String, Vec<&SideEffect>> = HashMap::new();
+    for e in effects {
+        m.entry(e.contact_id.clone()).or_default().push(e);
+    }
+    m
+}
