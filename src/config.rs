@@ -43,6 +43,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
+    pub locks: LocksConfig,
     pub telemetry: TelemetryConfig,
     pub admin: AdminConfig,
 }
@@ -77,14 +78,7 @@ pub struct BatchConfig {
     pub max_linger: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TimeoutPolicy {
-    /// Waiting intents go to manual review and the contact is held until an operator acts.
-    Hold,
-    /// The missing sequences are skipped (and audited) and the waiting intents go on.
-    Skip,
-}
+pub use crate::sequencer::TimeoutPolicy;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -121,6 +115,24 @@ pub struct PostgresConfig {
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocksConfig {
+    /// How long a partition's lease lasts without a write. A crashed owner's partitions can be
+    /// taken over by another instance after this long (the same instance takes them back at
+    /// once); every batch renews the leases it writes under.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for LocksConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(15),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -412,6 +424,13 @@ impl Config {
                 "postgres.max_connections",
                 self.postgres.max_connections,
                 "must be at least 2",
+            ));
+        }
+        if self.locks.lease < Duration::from_secs(1) {
+            return Err(invalid(
+                "locks.lease",
+                humantime::format_duration(self.locks.lease),
+                "must be at least 1s",
             ));
         }
         let redis = self.redis.url.expose_secret();

@@ -6,6 +6,7 @@
 //! - [`config`]: the TOML configuration with environment overrides, validated at start-up.
 //! - [`proto`]: the protobuf wire contract (`Intent`, `SideEffect`, `ManualReview`).
 //! - [`intent`]: decoding and validation of input records (the one place that trusts bytes).
+//! - [`sequencer`]: the pure per-partition causal sequencer and commit gate (no I/O).
 //! - [`pipeline`]: the Kafka consume-transform-produce loop and its transactions.
 //! - [`store`]: PostgreSQL, the durable state and audit.
 //! - [`telemetry`]: JSON logs, Prometheus metrics (every name in one module), OTLP traces.
@@ -13,10 +14,13 @@
 //!
 //! The binary (`src/main.rs`) is the CLI: `run`, `produce`, `migrate`, `summary`.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod demo;
 pub mod intent;
 pub mod pipeline;
 pub mod proto;
+pub mod sequencer;
 pub mod store;
 pub mod telemetry;

@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod kafka;
+pub mod lane;
 pub mod output;
 
 use std::sync::Arc;
@@ -15,12 +16,16 @@ use crate::config::Config;
 /// the consumer leaves its group. The engine runs on a dedicated thread because librdkafka's
 /// transactional calls block.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = crate::store::postgres::pool(&config.postgres)?;
+    crate::store::postgres::migrate(&pool, &config.postgres.schema).await?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let engine_shutdown = shutdown.clone();
+    let rt = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("causal-commit-engine".into())
         .spawn(move || {
-            let result = engine::Engine::new(config, engine_shutdown).and_then(|e| e.run());
+            let result =
+                engine::Engine::new(config, pool, rt, engine_shutdown).and_then(|e| e.run());
             let _ = tx.send(result);
         })?;
     match rx.await {

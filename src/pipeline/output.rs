@@ -9,6 +9,8 @@ use crate::proto::{Intent, ManualReview, ReviewReason, SideEffect};
 
 pub const CORRELATION_HEADER: &str = "correlation_id";
 pub const TRACEPARENT_HEADER: &str = "traceparent";
+/// Set by the operator tools on a manual-review item sent back to the intents topic.
+pub const RESUBMISSION_HEADER: &str = "cc-resubmission";
 
 /// An input record, copied out of librdkafka's buffer (it may outlive the poll: waiting intents
 /// are kept until their turn).
@@ -20,6 +22,9 @@ pub struct InRecord {
     pub value: Option<Vec<u8>>,
     /// W3C trace context of the producer, forwarded to the outputs.
     pub traceparent: Option<Vec<u8>>,
+    /// An operator re-submitted this record from manual review.
+    #[serde(default)]
+    pub resubmission: bool,
 }
 
 /// Where an output record came from.

@@ -16,6 +16,8 @@ pub const INVALID_INTENTS: &str = "causal_commit_invalid_intents_total";
 pub const BACKLOG_WAITING: &str = "causal_commit_backlog_waiting";
 /// Age of the oldest waiting intent. Label: `partition`.
 pub const BACKLOG_OLDEST_AGE: &str = "causal_commit_backlog_oldest_age_seconds";
+/// Contacts put on hold. Label: `reason` = WAIT_TIMEOUT | CONTACT_BACKLOG_OVERFLOW.
+pub const CONTACT_HOLDS: &str = "causal_commit_contact_holds_total";
 /// Contacts on hold (manual review needed before they move again).
 pub const CONTACTS_ON_HOLD: &str = "causal_commit_contacts_on_hold";
 /// Intent created (producer clock) -> effect committed.
@@ -38,6 +40,10 @@ pub const PARTITIONS_ASSIGNED: &str = "causal_commit_partitions_assigned";
 pub const PARTITIONS_PAUSED: &str = "causal_commit_partitions_paused";
 /// Unix time of the last committed transaction (a stalled consumer stops moving it).
 pub const LAST_COMMIT_TIMESTAMP: &str = "causal_commit_last_commit_timestamp_seconds";
+/// Partition restores from the durable store (assignment or recovery). Label: `cause`.
+pub const RESTORES: &str = "causal_commit_restores_total";
+/// Uncommitted rows removed by restores (evidence of transactions that did not commit).
+pub const ROLLED_BACK_ROWS: &str = "causal_commit_rolled_back_rows_total";
 /// Failed calls to a backing store. Label: `store` = postgres | redis.
 pub const STORE_ERRORS: &str = "causal_commit_store_errors_total";
 
@@ -59,6 +65,7 @@ pub fn describe() {
         "Age of the oldest waiting intent"
     );
     describe_gauge!(CONTACTS_ON_HOLD, "Contacts held for manual review");
+    describe_counter!(CONTACT_HOLDS, "Contacts put on hold, by reason");
     describe_histogram!(
         COMMIT_LATENCY,
         Unit::Seconds,
@@ -88,6 +95,11 @@ pub fn describe() {
         "Unix time of the last commit"
     );
     describe_counter!(STORE_ERRORS, "Failed store calls, by store");
+    describe_counter!(RESTORES, "Partition restores from the durable store");
+    describe_counter!(
+        ROLLED_BACK_ROWS,
+        "Uncommitted durable rows removed by restores"
+    );
 }
 
 /// Installs the Prometheus recorder and serves `/metrics` on `listen` (in the current tokio
