@@ -45,3 +45,6 @@ awk -v n="$COUNT" -v s="$START" -v e="$END" 'BEGIN {
 printf 'log lines per state: '
 grep -o '"state":"[a-z_]*"' "$LOG" | sort | uniq -c | tr '\n' ' '
 echo
+
+say "verifying the contract for this run (no duplicate, gap, reorder or lost intent)"
+$BIN verify --prefix "$PREFIX" | tee "$RUN_DIR/verify-$PREFIX.json"

@@ -145,6 +145,16 @@ pub struct RedisConfig {
     pub key_prefix: String,
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// How long an intent's outcome stays in Redis. A Redis miss is taken as "never seen", so
+    /// this must exceed the longest time after which an intent may be delivered again
+    /// (producer retries, replays from the intents topic's retention).
+    #[serde(with = "humantime_serde")]
+    pub idempotency_ttl: Duration,
+    /// Consecutive failed Redis calls that open the circuit breaker (fallback to PostgreSQL).
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before one probe may close it again (failback).
+    #[serde(with = "humantime_serde")]
+    pub breaker_open_for: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,6 +255,9 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             key_prefix: "cc".into(),
             command_timeout: Duration::from_millis(250),
+            idempotency_ttl: Duration::from_secs(7 * 24 * 3600),
+            breaker_failures: 3,
+            breaker_open_for: Duration::from_secs(5),
         }
     }
 }
@@ -343,7 +356,10 @@ impl Config {
             "group.id",
             "transactional.id",
             "enable.auto.commit",
+            "enable.auto.offset.store",
             "isolation.level",
+            "partition.assignment.strategy",
+            "group.protocol",
         ] {
             if k.client.contains_key(reserved) {
                 return Err(invalid(
@@ -441,6 +457,34 @@ impl Config {
                 "must start with redis:// or rediss://",
             ));
         }
+        let r = &self.redis;
+        if r.key_prefix.is_empty() || r.key_prefix.chars().any(|c| c.is_whitespace()) {
+            return Err(invalid(
+                "redis.key_prefix",
+                &r.key_prefix,
+                "must be non-empty and without whitespace",
+            ));
+        }
+        if r.command_timeout.is_zero() {
+            return Err(invalid("redis.command_timeout", "0s", "must be above zero"));
+        }
+        if r.idempotency_ttl < Duration::from_secs(60) {
+            return Err(invalid(
+                "redis.idempotency_ttl",
+                humantime::format_duration(r.idempotency_ttl),
+                "must be at least 1m",
+            ));
+        }
+        if r.breaker_failures == 0 {
+            return Err(invalid("redis.breaker_failures", 0, "must be at least 1"));
+        }
+        if r.breaker_open_for.is_zero() {
+            return Err(invalid(
+                "redis.breaker_open_for",
+                "0s",
+                "must be above zero",
+            ));
+        }
         for (key, value) in [
             ("telemetry.metrics_listen", &self.telemetry.metrics_listen),
             ("admin.listen", &self.admin.listen),
@@ -532,6 +576,41 @@ mod tests {
             assert_eq!(c.batch.max_linger, Duration::from_millis(250));
             Ok(())
         });
+    }
+
+    #[test]
+    fn redis_keys_have_defaults_and_are_validated_by_name() {
+        let c = Config::from_toml(
+            "[redis]\nidempotency_ttl = \"2d\"\nbreaker_failures = 5\nbreaker_open_for = \"750ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.redis.idempotency_ttl, Duration::from_secs(2 * 24 * 3600));
+        assert_eq!(c.redis.breaker_failures, 5);
+        assert_eq!(c.redis.breaker_open_for, Duration::from_millis(750));
+        let d = Config::default().redis;
+        assert_eq!(d.idempotency_ttl, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(d.breaker_failures, 3);
+        assert_eq!(d.breaker_open_for, Duration::from_secs(5));
+        for (toml, key) in [
+            ("[redis]\nbreaker_failures = 0\n", "redis.breaker_failures"),
+            (
+                "[redis]\nbreaker_open_for = \"0s\"\n",
+                "redis.breaker_open_for",
+            ),
+            (
+                "[redis]\nidempotency_ttl = \"10s\"\n",
+                "redis.idempotency_ttl",
+            ),
+            (
+                "[redis]\ncommand_timeout = \"0s\"\n",
+                "redis.command_timeout",
+            ),
+            ("[redis]\nkey_prefix = \"\"\n", "redis.key_prefix"),
+            ("[redis]\nurl = \"http://x\"\n", "redis.url"),
+        ] {
+            let err = Config::from_toml(toml).unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
     }
 
     #[test]

@@ -209,7 +209,10 @@ pub fn summarize(config: &Config, prefix: &str) -> anyhow::Result<Summary> {
     let mut summary = Summary::default();
     let mut last_seq: HashMap<String, u64> = HashMap::new();
     let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
-    read_topic(config, &config.kafka.side_effects_topic, |value| {
+    read_topic(config, &config.kafka.side_effects_topic, |record| {
+        let Some(value) = record.value else {
+            return Ok(());
+        };
         let e = SideEffect::decode(value).context("decoding a SideEffect")?;
         if !e.intent_id.starts_with(prefix) {
             return Ok(());
@@ -225,7 +228,10 @@ pub fn summarize(config: &Config, prefix: &str) -> anyhow::Result<Summary> {
         Ok(())
     })?;
     summary.contacts = last_seq.len();
-    read_topic(config, &config.kafka.manual_review_topic, |value| {
+    read_topic(config, &config.kafka.manual_review_topic, |record| {
+        let Some(value) = record.value else {
+            return Ok(());
+        };
         let r = ManualReview::decode(value).context("decoding a ManualReview")?;
         let key = String::from_utf8_lossy(&r.original_key);
         if !(r.intent_id.starts_with(prefix) || key.starts_with(prefix)) {
@@ -288,12 +294,23 @@ pub fn wait_caught_up(config: &Config, within: Duration) -> anyhow::Result<()> {
     }
 }
 
-/// Calls `f` on every committed record value of `topic`, from the beginning to the end the
-/// topic has when the call starts.
+/// One record handed to the callback of [`read_topic`].
+#[derive(Debug, Clone, Copy)]
+pub struct TopicRecord<'a> {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    /// `None` for a tombstone (a record without a value).
+    pub value: Option<&'a [u8]>,
+}
+
+/// Calls `f` on every committed record of `topic` (tombstones included), from the beginning to
+/// the end the topic has when the call starts. Each partition's records come in offset order;
+/// partitions are interleaved.
 pub fn read_topic(
     config: &Config,
     topic: &str,
-    mut f: impl FnMut(&[u8]) -> anyhow::Result<()>,
+    mut f: impl FnMut(TopicRecord<'_>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.kafka.brokers)
@@ -345,9 +362,12 @@ pub fn read_topic(
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(msg)) => {
                 positions.insert(msg.partition(), msg.offset());
-                if let Some(v) = msg.payload() {
-                    f(v)?;
-                }
+                f(TopicRecord {
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    key: msg.key(),
+                    value: msg.payload(),
+                })?;
             }
             Some(Err(e)) => anyhow::bail!("reading {topic} failed: {e}"),
             None => {

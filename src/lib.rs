@@ -11,6 +11,7 @@
 //! - [`store`]: PostgreSQL, the durable state and audit.
 //! - [`telemetry`]: JSON logs, Prometheus metrics (every name in one module), OTLP traces.
 //! - [`demo`]: the demo producer and the read-back summary used by `make demo`.
+//! - [`verify`]: the contract verifier (`causal-commit verify`): order, gaps, duplicates, losses.
 //!
 //! The binary (`src/main.rs`) is the CLI: `run`, `produce`, `migrate`, `summary`.
 
@@ -24,3 +25,4 @@ pub mod proto;
 pub mod sequencer;
 pub mod store;
 pub mod telemetry;
+pub mod verify;

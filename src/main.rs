@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use causal_commit::config::Config;
-use causal_commit::{demo, pipeline, store, telemetry};
+use causal_commit::{demo, pipeline, store, telemetry, verify};
 
 #[derive(Parser)]
 #[command(name = "causal-commit", version, about)]
@@ -40,8 +40,31 @@ enum Command {
         #[arg(long, default_value = "5m")]
         timeout: humantime::Duration,
     },
+    /// Check the contract on what the topics and the audit hold (read_committed): per contact
+    /// no reorder, duplicate, gap or lost intent. Prints a JSON report; exits 1 on a violation.
+    Verify {
+        /// Check only intents whose id (or invalid records whose key) starts with this prefix.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
     /// Print the effective configuration (secrets included: keep it off shared terminals).
     ShowConfig,
+    /// Release a held contact: resume it, or skip its missing sequences up to --skip-to.
+    /// The instance that owns the contact applies it in its next batch; audited.
+    Release {
+        /// The held contact.
+        #[arg(long)]
+        contact: String,
+        /// Skip every unresolved sequence below this one, so it commits next.
+        #[arg(long)]
+        skip_to: Option<u64>,
+        /// Who asks (recorded in the audit).
+        #[arg(long, default_value = "cli")]
+        actor: String,
+        /// How long to wait for the owning instance to apply it.
+        #[arg(long, default_value = "30s")]
+        wait: humantime::Duration,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -101,6 +124,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let summary =
                 tokio::task::spawn_blocking(move || demo::summarize(&config, &prefix)).await??;
             println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+        Command::Release {
+            contact,
+            skip_to,
+            actor,
+            wait,
+        } => {
+            let pool = store::postgres::pool(&config.postgres)?;
+            let id = store::postgres::submit_release(&pool, &contact, skip_to, &actor)
+                .await?
+                .with_context(|| format!("contact {contact:?} is unknown"))?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from(wait);
+            loop {
+                if let Some(result) = store::postgres::command_result(&pool, id).await? {
+                    println!("command {id} for contact {contact}: {result}");
+                    anyhow::ensure!(result == "applied", "the release was refused: {result}");
+                    return Ok(());
+                }
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "command {id} is queued but no running instance applied it within {wait}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+        Command::Verify { prefix } => {
+            let report =
+                tokio::task::spawn_blocking(move || verify::verify(&config, &prefix)).await??;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            anyhow::ensure!(
+                report.ok,
+                "the contract is violated: {} duplicates, {} gaps, {} reorders, {} lost, \
+                 {} effects without intent, {} malformed outputs (see the report)",
+                report.duplicates_emitted,
+                report.gaps,
+                report.reorders,
+                report.lost,
+                report.effects_without_intent,
+                report.malformed_outputs
+            );
             Ok(())
         }
         Command::ShowConfig => {

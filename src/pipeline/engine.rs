@@ -474,7 +474,7 @@ impl Engine {
         let now_m = Millis(now.max(0) as u64);
         let mut out = Translated::default();
         let mut touched: BTreeMap<i32, i64> = BTreeMap::new();
-        let mut fresh: HashMap<String, Arc<ValidIntent>> = HashMap::new();
+        let mut fresh: HashMap<(i32, i64), Arc<ValidIntent>> = HashMap::new();
         let mut valid: Vec<(InRecord, Arc<ValidIntent>)> = Vec::new();
         let mut invalid_rows: Vec<TransitionRow> = Vec::new();
 
@@ -494,7 +494,7 @@ impl Engine {
             ) {
                 Ok(v) => {
                     let v = Arc::new(v);
-                    fresh.insert(v.intent.intent_id.clone(), v.clone());
+                    fresh.insert((record.partition, record.offset), v.clone());
                     valid.push((record, v));
                 }
                 Err(e) => {

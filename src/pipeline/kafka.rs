@@ -123,21 +123,32 @@ fn base_config(config: &Config) -> ClientConfig {
     c
 }
 
-/// The input consumer: manual offsets (they travel inside transactions), read_committed, and an
-/// eager assignor so that a revocation always revokes every partition (see `engine`).
+/// The input consumer: manual offsets (they travel inside transactions), read_committed, an
+/// eager assignor so that a revocation always revokes every partition (see `engine`), and
+/// static membership (`group.instance.id` = instance id) so that a restarted instance gets its
+/// partitions back at once instead of waiting for its old session to expire.
 pub fn consumer(config: &Config, ctx: EngineContext) -> Result<EngineConsumer> {
-    let mut c = base_config(config);
-    c.set("group.id", &config.kafka.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "range")
+    let mut c = ClientConfig::new();
+    // Defaults the user may tune through `kafka.client`.
+    c.set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", "5000")
+        .set("auto.offset.reset", "earliest")
+        .set("group.instance.id", config.instance_id())
         .set(
             "client.id",
             format!("causal-commit-{}", config.instance_id()),
         );
+    for (k, v) in &config.kafka.client {
+        c.set(k, v);
+    }
+    // What correctness depends on: never overridden (validation refuses these keys).
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", "range");
     c.create_with_context(ctx).map_err(|source| Error::Create {
         what: "consumer",
         source,

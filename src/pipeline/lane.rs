@@ -56,8 +56,9 @@ pub struct Translator<'a> {
     pub side_effects_topic: &'a Arc<str>,
     pub manual_review_topic: &'a Arc<str>,
     pub now_ms: i64,
-    /// Intents fed in this batch (first sight), by id.
-    pub fresh: &'a HashMap<String, Arc<ValidIntent>>,
+    /// Intents fed in this batch (first sight), by (partition, offset): ids may repeat within
+    /// a batch (a retry, or a conflicting reuse), records may not.
+    pub fresh: &'a HashMap<(i32, i64), Arc<ValidIntent>>,
 }
 
 const RECEIVED: &str = "received";
@@ -69,7 +70,8 @@ impl Lane {
         let mut decisions = Vec::new();
         self.seq.drain_decisions(&mut decisions);
         let batch_no = self.batch_no + 1;
-        let mut waited_now: HashSet<String> = HashSet::new();
+        // Offsets of intents that started waiting in this drain.
+        let mut waited_now: HashSet<i64> = HashSet::new();
         for d in decisions {
             match d {
                 Decision::Commit {
@@ -77,9 +79,9 @@ impl Lane {
                     commit_sequence,
                     contact_version,
                 } => {
-                    let from = from_state(&intent.meta.intent_id, t, &waited_now);
+                    let from = self.previous_state(&intent, t, &waited_now);
                     let Some(decoded) = self.decoded(&intent, t) else {
-                        self.undecodable_held(&intent, t, batch_no, out);
+                        self.undecodable_held(&intent, t, out);
                         continue;
                     };
                     out.outputs.push(output::side_effect(
@@ -119,8 +121,8 @@ impl Lane {
                     commit_sequence,
                     missing,
                 } => {
-                    waited_now.insert(intent_id.clone());
-                    let fresh = t.fresh.get(&intent_id);
+                    waited_now.insert(offset);
+                    let fresh = t.fresh.get(&(self.partition, offset));
                     let detail = format!("waiting for sequence {missing}");
                     log_transition(
                         fresh.map_or("", |v| v.intent.correlation_id.as_str()),
@@ -177,7 +179,7 @@ impl Lane {
                     commit_sequence,
                     reason,
                 } => {
-                    let from = from_state(&intent.meta.intent_id, t, &waited_now);
+                    let from = self.previous_state(&intent, t, &waited_now);
                     let (review, code, detail, expected) = blocked(&reason, commit_sequence);
                     let decoded = self.decoded(&intent, t);
                     self.review(
@@ -211,7 +213,7 @@ impl Lane {
                     commit_sequence,
                     reason,
                 } => {
-                    let from = from_state(&intent.meta.intent_id, t, &waited_now);
+                    let from = self.previous_state(&intent, t, &waited_now);
                     let (review, detail, expected, waited) = manual(&reason);
                     let decoded = self.decoded(&intent, t);
                     self.review(
@@ -323,12 +325,8 @@ impl Lane {
     /// The decoded intent of a decision (cached for fresh intents, decoded again for intents
     /// restored from the store), with the correlation id it was first seen with.
     fn decoded(&self, intent: &Intent<Held>, t: &Translator<'_>) -> Option<Arc<ProtoIntent>> {
-        if let Some(v) = t.fresh.get(&intent.meta.intent_id) {
-            if v.intent.intent_id == intent.meta.intent_id
-                && intent.payload.record.offset == intent.meta.offset
-            {
-                return Some(Arc::new(v.intent.clone()));
-            }
+        if let Some(v) = t.fresh.get(&(self.partition, intent.payload.record.offset)) {
+            return Some(Arc::new(v.intent.clone()));
         }
         let value = intent.payload.record.value.as_deref()?;
         let mut decoded = ProtoIntent::decode(value).ok()?;
@@ -336,13 +334,7 @@ impl Lane {
         Some(Arc::new(decoded))
     }
 
-    fn undecodable_held(
-        &self,
-        intent: &Intent<Held>,
-        t: &Translator<'_>,
-        _batch_no: u64,
-        out: &mut Translated,
-    ) {
+    fn undecodable_held(&self, intent: &Intent<Held>, t: &Translator<'_>, out: &mut Translated) {
         // A stored intent that no longer decodes (it did when first seen): keep it for review.
         self.review(
             out,
@@ -355,6 +347,22 @@ impl Lane {
             0,
             0,
         );
+    }
+
+    /// An intent first seen in this batch that did not wait comes from `received`; anything
+    /// else was waiting.
+    fn previous_state(
+        &self,
+        intent: &Intent<Held>,
+        t: &Translator<'_>,
+        waited_now: &HashSet<i64>,
+    ) -> &'static str {
+        let offset = intent.payload.record.offset;
+        if t.fresh.contains_key(&(self.partition, offset)) && !waited_now.contains(&offset) {
+            RECEIVED
+        } else {
+            WAITING
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -467,14 +475,6 @@ impl Lane {
             fence: self.fence,
             ..TransitionRow::default()
         });
-    }
-}
-
-fn from_state(intent_id: &str, t: &Translator<'_>, waited_now: &HashSet<String>) -> &'static str {
-    if t.fresh.contains_key(intent_id) && !waited_now.contains(intent_id) {
-        RECEIVED
-    } else {
-        WAITING
     }
 }
 

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -179,8 +181,10 @@ pub fn intent(id: &str, contact: &str, seq: u64) -> Intent {
 /// Committed (read_committed) records of a topic, with their headers.
 pub fn read_all(config: &Config, topic: &str) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    causal_commit::demo::read_topic(config, topic, |v| {
-        out.push(v.to_vec());
+    causal_commit::demo::read_topic(config, topic, |r| {
+        if let Some(v) = r.value {
+            out.push(v.to_vec());
+        }
         Ok(())
     })
     .expect("read topic");

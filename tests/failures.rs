@@ -1,0 +1,208 @@
+//! Exactly-once under failure, against the real Kafka and PostgreSQL: the processor is killed
+//! with SIGKILL mid-stream, a second instance joins and leaves, PostgreSQL stops for 20 s. After
+//! each, `verify` must find no duplicate, gap, reorder or lost intent.
+//!
+//! These tests stop shared services, so they run one at a time (a process-wide lock).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::process::{read_log, stack, Processor};
+use common::*;
+
+use causal_commit::config::Config;
+use causal_commit::demo::{self, ProduceOptions};
+use causal_commit::verify::{self, Report};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn workload(count: usize, contacts: usize, rate: u32, prefix: &str) -> ProduceOptions {
+    ProduceOptions {
+        count,
+        contacts,
+        clinics: 20,
+        producers: 4,
+        rate,
+        strict_fraction: 0.8,
+        duplicate_fraction: 0.03,
+        invalid: 5,
+        seed: 7,
+        prefix: prefix.to_string(),
+    }
+}
+
+/// Produces the workload in the background (it arrives over time while failures happen).
+fn produce_in_background(config: &Config, opts: ProduceOptions) -> tokio::task::JoinHandle<()> {
+    let config = config.clone();
+    tokio::spawn(async move {
+        demo::produce(&config, &opts)
+            .await
+            .expect("workload produced");
+    })
+}
+
+async fn caught_up(config: &Config, within: Duration) {
+    let c = config.clone();
+    tokio::task::spawn_blocking(move || demo::wait_caught_up(&c, within))
+        .await
+        .unwrap()
+        .expect("the processor catches up");
+}
+
+async fn verified(config: &Config) -> Report {
+    let c = config.clone();
+    let report = tokio::task::spawn_blocking(move || verify::verify(&c, ""))
+        .await
+        .unwrap()
+        .expect("verify runs");
+    println!("verify: {}", serde_json::to_string(&report).unwrap());
+    report
+}
+
+fn assert_clean(report: &Report, expected_intents: usize) {
+    assert_eq!(
+        report.duplicates_emitted, 0,
+        "duplicates: {:?}",
+        report.violations
+    );
+    assert_eq!(report.gaps, 0, "gaps: {:?}", report.violations);
+    assert_eq!(report.reorders, 0, "reorders: {:?}", report.violations);
+    assert_eq!(report.lost, 0, "lost: {:?}", report.violations);
+    assert!(report.ok);
+    assert_eq!(
+        report.intents, expected_intents,
+        "every produced intent was consumed"
+    );
+    assert_eq!(
+        report.committed, expected_intents,
+        "every intent committed exactly once"
+    );
+    assert_eq!(report.waiting, 0);
+}
+
+fn log_path(env: &TestEnv, what: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("{}-{what}.log", env.name))
+}
+
+/// Seconds from a process start to its first committed transition (its recovery time).
+fn first_transition_after(log: &std::path::Path, started: Instant, within: Duration) -> f64 {
+    let deadline = started + within;
+    while Instant::now() < deadline {
+        if read_log(log).iter().any(|l| l["message"] == "transition") {
+            return started.elapsed().as_secs_f64();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f64::NAN
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_recovery_kill_9_mid_stream_loses_and_duplicates_nothing() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new("crash", 6).await;
+    let cfg = env.config.clone();
+    // 50,000 intents over 5,000 contacts, arriving over ~40 s from 4 concurrent producers.
+    let producing = produce_in_background(&cfg, workload(50_000, 5_000, 1_250, "k"));
+    let mut proc = Processor::spawn(&cfg, log_path(&env, "run0"));
+    let mut recoveries = Vec::new();
+    for kill in 1..=6 {
+        tokio::time::sleep(Duration::from_millis(4_000 + 1_300 * (kill % 3))).await;
+        proc.kill9();
+        let log = log_path(&env, &format!("run{kill}"));
+        let started = Instant::now();
+        proc = Processor::spawn(&cfg, log.clone());
+        let secs = tokio::task::spawn_blocking(move || {
+            first_transition_after(&log, started, Duration::from_secs(60))
+        })
+        .await
+        .unwrap();
+        recoveries.push(secs);
+    }
+    println!("recovery after kill -9 (start to first transition), seconds: {recoveries:?}");
+    producing.await.unwrap();
+    caught_up(&cfg, Duration::from_secs(300)).await;
+    assert!(
+        proc.terminate(Duration::from_secs(30)),
+        "clean exit on SIGTERM"
+    );
+    let report = verified(&cfg).await;
+    assert_clean(&report, 50_000);
+    assert_eq!(report.invalid_records, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_second_instance_joins_and_leaves_mid_stream() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new("rebalance", 6).await;
+    let cfg = env.config.clone();
+    let producing = produce_in_background(&cfg, workload(20_000, 2_000, 1_000, "r"));
+    let a = Processor::spawn(&cfg, log_path(&env, "a"));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut cfg_b = cfg.clone();
+    cfg_b.instance_id = format!("{}-b", env.name);
+    let b = Processor::spawn(&cfg_b, log_path(&env, "b"));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let b_log = b.log.clone();
+    assert!(b.terminate(Duration::from_secs(30)), "b leaves cleanly");
+    let b_transitions = read_log(&b_log)
+        .iter()
+        .filter(|l| l["message"] == "transition")
+        .count();
+    assert!(b_transitions > 0, "the second instance took part");
+    producing.await.unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert!(a.terminate(Duration::from_secs(30)));
+    let report = verified(&cfg).await;
+    assert_clean(&report, 20_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_20s_pauses_then_resumes_with_no_effect_without_record() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new("pgdown", 4).await;
+    let cfg = env.config.clone();
+    let producing = produce_in_background(&cfg, workload(15_000, 1_500, 500, "p"));
+    let proc = Processor::spawn(&cfg, log_path(&env, "run"));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stack("stop", "postgres");
+    let down_at = Instant::now();
+    let effects_before = wait_for(
+        &Arc::new(cfg.clone()),
+        &cfg.kafka.side_effects_topic,
+        0,
+        Duration::ZERO,
+    )
+    .await
+    .len();
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(down_at.elapsed())).await;
+    let effects_during = wait_for(
+        &Arc::new(cfg.clone()),
+        &cfg.kafka.side_effects_topic,
+        0,
+        Duration::ZERO,
+    )
+    .await
+    .len();
+    stack("start", "postgres");
+    assert_eq!(
+        effects_before, effects_during,
+        "no effect is emitted while PostgreSQL is down"
+    );
+    producing.await.unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let report = verified(&cfg).await;
+    assert_clean(&report, 15_000);
+
+    // Every effect has exactly one durable committed record.
+    let pool = causal_commit::store::postgres::pool(&cfg.postgres).unwrap();
+    let committed_rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM cc_transition WHERE to_state = 'committed_causal'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(committed_rows as usize, report.committed);
+}
