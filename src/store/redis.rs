@@ -1,0 +1,682 @@
+//! Raw Redis operations of the lock / idempotency store: one connection, a timeout on every
+//! call, Lua scripts for everything that must be atomic, one round trip per batch.
+//!
+//! Keys (all under `redis.key_prefix`):
+//!
+//! | key | value | written by |
+//! |---|---|---|
+//! | `{prefix}:idem:<intent_id>` | `<state>\|<fingerprint hex>\|<commit_sequence>\|<contact_version>\|<reason>\|<stamp ms>`, with a TTL | [`RedisStore::put`] |
+//! | `{prefix}:epoch` | `<epoch>:<run_id>` of the last synchronisation | [`RedisStore::set_epoch`] |
+//! | `{prefix}:lock:<topic>:<partition>` | owner, with a PX lease | [`RedisStore::acquire_lock`] |
+//!
+//! The epoch key is outside `{prefix}:idem:` so that no intent id can collide with it.
+//!
+//! The connection is a [`MultiplexedConnection`] that this module (re)creates itself rather than
+//! a `ConnectionManager`: every new connection reads the server's `run_id` (`INFO server`), so
+//! a Redis that restarted — possibly from an old snapshot that lacks recent outcomes — is never
+//! mistaken for the one that was synchronised; and it checks `maxmemory_policy`, because an
+//! evicting Redis could drop idempotency keys silently. Any failed call drops the connection;
+//! the next call connects afresh.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, RedisResult, Script};
+use secrecy::ExposeSecret;
+
+use crate::config::RedisConfig;
+use crate::store::postgres::StoredOutcome;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Never contains the URL itself (it may hold a password).
+    #[error("redis.url is not a valid Redis URL: {0}")]
+    Url(redis::RedisError),
+    #[error("Redis did not answer within {timeout:?} while {what}")]
+    Timeout {
+        what: &'static str,
+        timeout: Duration,
+    },
+    #[error("Redis call failed while {what}: {source}")]
+    Redis {
+        what: &'static str,
+        source: redis::RedisError,
+    },
+    /// The server answered, but cannot be used as it is.
+    #[error("Redis is not usable: {0}")]
+    Unusable(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The terminal states an idempotency entry can hold, and their one-letter codes.
+const STATES: [(&str, &str); 3] = [
+    ("committed_causal", "c"),
+    ("blocked_conflict", "b"),
+    ("manual_review", "m"),
+];
+
+/// Whether an outcome belongs in the idempotency record (the same filter as
+/// `postgres::lookup_outcomes`: terminal states, and invalid input is not an outcome).
+pub fn is_idempotency_outcome(o: &StoredOutcome) -> bool {
+    STATES.iter().any(|(s, _)| *s == o.state) && o.reason != "INVALID_INTENT"
+}
+
+/// The value of an idempotency key, without the stamp the write script appends.
+pub fn encode_outcome(o: &StoredOutcome) -> Option<String> {
+    let code = STATES.iter().find(|(s, _)| *s == o.state)?.1;
+    Some(format!(
+        "{code}|{:x}|{}|{}|{}",
+        o.fingerprint, o.commit_sequence, o.contact_version, o.reason
+    ))
+}
+
+/// Decodes a stored value into the outcome and its write stamp (server ms).
+pub fn decode_outcome(intent_id: &str, value: &[u8]) -> Option<(StoredOutcome, u64)> {
+    let value = std::str::from_utf8(value).ok()?;
+    let (rest, stamp) = value.rsplit_once('|')?;
+    let stamp = stamp.parse().ok()?;
+    let mut parts = rest.splitn(5, '|');
+    let code = parts.next()?;
+    let state = STATES.iter().find(|(_, c)| *c == code)?.0;
+    let fingerprint = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let commit_sequence = parts.next()?.parse().ok()?;
+    let contact_version = parts.next()?.parse().ok()?;
+    let reason = parts.next()?.to_string();
+    Some((
+        StoredOutcome {
+            intent_id: intent_id.to_string(),
+            fingerprint,
+            state: state.to_string(),
+            reason,
+            commit_sequence,
+            contact_version,
+        },
+        stamp,
+    ))
+}
+
+/// The epoch key's value: the PostgreSQL epoch Redis was synchronised to, and the server
+/// incarnation (`run_id`) that holds the copy.
+pub fn epoch_token(epoch: i64, run_id: &str) -> String {
+    format!("{epoch}:{run_id}")
+}
+
+pub fn parse_epoch_token(token: &str) -> Option<(i64, &str)> {
+    let (epoch, run_id) = token.split_once(':')?;
+    Some((epoch.parse().ok()?, run_id))
+}
+
+/// Key names under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+    pub fn idem(&self, intent_id: &str) -> String {
+        format!("{}:idem:{intent_id}", self.prefix)
+    }
+    pub fn epoch(&self) -> String {
+        format!("{}:epoch", self.prefix)
+    }
+    pub fn lock(&self, topic: &str, partition: i32) -> String {
+        format!("{}:lock:{topic}:{partition}", self.prefix)
+    }
+}
+
+/// Takes the lock when free or already held by the owner (renewing the lease); otherwise
+/// reports the holder and its remaining lease.
+const LOCK_LUA: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {1, ARGV[1], tonumber(ARGV[2])}
+end
+return {0, cur, redis.call('PTTL', KEYS[1])}
+";
+
+/// Compare-and-delete: only the owner releases its lock.
+const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Writes idempotency entries. ARGV[1]: deadline (server ms) after which nothing is written —
+/// a call that timed out on the client never lands later; ARGV[2]: 0 for a live write (stamped
+/// with the server time), or the start T0 of a resynchronisation (stamped T0-1, and keys whose
+/// stamp is >= T0 are left alone: a live write since T0 is at least as new as anything the
+/// resynchronisation read); then per key: value, TTL in seconds.
+const PUT_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now > tonumber(ARGV[1]) then return -1 end
+local t0 = tonumber(ARGV[2])
+local stamp = now
+if t0 > 0 then stamp = t0 - 1 end
+local suffix = '|' .. string.format('%.0f', stamp)
+local n = 0
+for i, key in ipairs(KEYS) do
+  local write = true
+  if t0 > 0 then
+    local cur = redis.call('GET', key)
+    if cur then
+      local s = tonumber(string.match(cur, '|(%d+)$'))
+      if s and s >= t0 then write = false end
+    end
+  end
+  if write then
+    redis.call('SET', key, ARGV[2 * i + 1] .. suffix, 'EX', ARGV[2 * i + 2])
+    n = n + 1
+  end
+end
+return n
+";
+
+/// Sets the epoch key unless past the deadline: a marking that timed out on the client never
+/// lands later. (Markings are ordered by the PostgreSQL row lock they hold while writing it.)
+const EPOCH_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now > tonumber(ARGV[1]) then return -1 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+";
+
+/// The result of a lock attempt in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawLock {
+    Granted,
+    Held { owner: String, ttl: Duration },
+}
+
+/// How a [`RedisStore::put`] stamps and overwrites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// A fresh outcome: always written, stamped with the server time.
+    Live,
+    /// A copy read from PostgreSQL by a resynchronisation that started at `t0` (server ms).
+    Resync { t0: u64 },
+}
+
+/// One entry to write: intent id, encoded value (see [`encode_outcome`]), TTL in seconds.
+pub type Entry = (String, String, u64);
+
+/// What one MGET returned: the epoch key and one value per intent id.
+#[derive(Debug)]
+pub struct Fetched {
+    pub epoch_token: Option<String>,
+    /// The `run_id` of the server that answered.
+    pub run_id: String,
+    pub values: Vec<Option<Vec<u8>>>,
+}
+
+/// A verified connection to one server incarnation.
+pub struct Conn {
+    con: MultiplexedConnection,
+    /// The server's `run_id` (changes at every restart).
+    pub run_id: String,
+    /// Server clock minus local clock, in ms, measured when connecting.
+    offset_ms: i64,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("run_id", &self.run_id)
+            .finish()
+    }
+}
+
+impl Conn {
+    /// The server's current time as estimated locally, in ms.
+    fn server_now_ms(&self) -> u64 {
+        (unix_ms() as i64 + self.offset_ms).max(0) as u64
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The raw Redis side of the lock store.
+pub struct RedisStore {
+    client: Client,
+    keys: Keys,
+    timeout: Duration,
+    conn: Mutex<Option<Arc<Conn>>>,
+    calls: AtomicU64,
+    lock: Script,
+    release: Script,
+    put: Script,
+    epoch: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("keys", &self.keys)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// Parses `redis.url` (AUTH in the URL, `rediss://` for TLS); connects lazily.
+    pub fn new(config: &RedisConfig) -> Result<Self> {
+        let client = Client::open(config.url.expose_secret()).map_err(Error::Url)?;
+        Ok(Self {
+            client,
+            keys: Keys::new(&config.key_prefix),
+            timeout: config.command_timeout,
+            conn: Mutex::new(None),
+            calls: AtomicU64::new(0),
+            lock: Script::new(LOCK_LUA),
+            release: Script::new(RELEASE_LUA),
+            put: Script::new(PUT_LUA),
+            epoch: Script::new(EPOCH_LUA),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Redis calls made so far (each one round trip, bar a one-off script load).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// The current connection, or a new verified one.
+    pub async fn connection(&self) -> Result<Arc<Conn>> {
+        if let Some(c) = self.conn.lock().expect("redis connection lock").clone() {
+            return Ok(c);
+        }
+        self.connect().await
+    }
+
+    /// Drops the current connection and connects afresh (the half-open probe).
+    pub async fn reconnect(&self) -> Result<Arc<Conn>> {
+        *self.conn.lock().expect("redis connection lock") = None;
+        self.connect().await
+    }
+
+    async fn connect(&self) -> Result<Arc<Conn>> {
+        // The one timeout is ours (below), around connecting and verifying together.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(None)
+            .set_response_timeout(None);
+        let what = "connecting";
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let attempt = async {
+            let mut con = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            let before = unix_ms();
+            let (server, memory, (secs, micros)): (String, String, (u64, u64)) = redis::pipe()
+                .cmd("INFO")
+                .arg("server")
+                .cmd("INFO")
+                .arg("memory")
+                .cmd("TIME")
+                .query_async(&mut con)
+                .await?;
+            let after = unix_ms();
+            Ok::<_, redis::RedisError>((con, server, memory, secs, micros, before, after))
+        };
+        let (con, server, memory, secs, micros, before, after) =
+            match tokio::time::timeout(self.timeout, attempt).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(source)) => return Err(Error::Redis { what, source }),
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        what,
+                        timeout: self.timeout,
+                    })
+                }
+            };
+        let run_id = info_field(&server, "run_id")
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| Error::Unusable("INFO server has no run_id".into()))?
+            .to_string();
+        if let Some(policy) = info_field(&memory, "maxmemory_policy") {
+            if policy != "noeviction" {
+                return Err(Error::Unusable(format!(
+                    "maxmemory-policy is {policy}: Redis could evict idempotency keys silently \
+                     and a missing key would be taken for a new intent; set it to noeviction"
+                )));
+            }
+        }
+        let server_ms = secs * 1000 + micros / 1000;
+        let local_mid = before / 2 + after / 2;
+        let conn = Arc::new(Conn {
+            con,
+            run_id,
+            offset_ms: server_ms as i64 - local_mid as i64,
+        });
+        *self.conn.lock().expect("redis connection lock") = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets `conn` (if it is still the current one) so the next call connects afresh.
+    fn discard(&self, conn: &Arc<Conn>) {
+        let mut slot = self.conn.lock().expect("redis connection lock");
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            *slot = None;
+        }
+    }
+
+    /// Runs one call on `conn` under the timeout; any failure drops the connection.
+    async fn run<T>(
+        &self,
+        conn: &Arc<Conn>,
+        what: &'static str,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) => {
+                self.discard(conn);
+                Err(Error::Redis { what, source })
+            }
+            Err(_) => {
+                self.discard(conn);
+                Err(Error::Timeout {
+                    what,
+                    timeout: self.timeout,
+                })
+            }
+        }
+    }
+
+    /// A deadline (server ms) after which a write must not land any more.
+    fn deadline(&self, conn: &Conn) -> u64 {
+        conn.server_now_ms() + self.timeout.as_millis() as u64
+    }
+
+    pub async fn ping(&self, conn: &Arc<Conn>) -> Result<()> {
+        let mut c = conn.con.clone();
+        let pong: String = self
+            .run(conn, "pinging", redis::cmd("PING").query_async(&mut c))
+            .await?;
+        if pong != "PONG" {
+            return Err(Error::Unusable(format!("PING answered {pong:?}")));
+        }
+        Ok(())
+    }
+
+    /// The server's clock, in ms.
+    pub async fn server_time_ms(&self, conn: &Arc<Conn>) -> Result<u64> {
+        let mut c = conn.con.clone();
+        let (secs, micros): (u64, u64) = self
+            .run(
+                conn,
+                "reading the server time",
+                redis::cmd("TIME").query_async(&mut c),
+            )
+            .await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
+    /// Takes (or renews) the lock of one input partition for `owner`.
+    pub async fn acquire_lock(
+        &self,
+        topic: &str,
+        partition: i32,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<RawLock> {
+        let conn = self.connection().await?;
+        let mut c = conn.con.clone();
+        let mut inv = self.lock.prepare_invoke();
+        inv.key(self.keys.lock(topic, partition))
+            .arg(owner)
+            .arg(lease.as_millis().max(1) as u64);
+        let (granted, holder, ttl): (i64, String, i64) = self
+            .run(&conn, "taking a partition lock", inv.invoke_async(&mut c))
+            .await?;
+        Ok(if granted == 1 {
+            RawLock::Granted
+        } else {
+            RawLock::Held {
+                owner: holder,
+                ttl: Duration::from_millis(ttl.max(0) as u64),
+            }
+        })
+    }
+
+    /// Deletes the lock if `owner` holds it; true when it did.
+    pub async fn release_lock(&self, topic: &str, partition: i32, owner: &str) -> Result<bool> {
+        let conn = self.connection().await?;
+        let mut c = conn.con.clone();
+        let mut inv = self.release.prepare_invoke();
+        inv.key(self.keys.lock(topic, partition)).arg(owner);
+        let n: i64 = self
+            .run(
+                &conn,
+                "releasing a partition lock",
+                inv.invoke_async(&mut c),
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// The epoch key and every intent's entry, in one MGET (one round trip).
+    pub async fn fetch(&self, intent_ids: &[String]) -> Result<Fetched> {
+        let conn = self.connection().await?;
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(self.keys.epoch());
+        for id in intent_ids {
+            cmd.arg(self.keys.idem(id));
+        }
+        let mut c = conn.con.clone();
+        let mut values: Vec<Option<Vec<u8>>> = self
+            .run(&conn, "looking up intents", cmd.query_async(&mut c))
+            .await?;
+        if values.len() != intent_ids.len() + 1 {
+            self.discard(&conn);
+            return Err(Error::Unusable(format!(
+                "MGET of {} keys answered {} values",
+                intent_ids.len() + 1,
+                values.len()
+            )));
+        }
+        let epoch = values.remove(0);
+        Ok(Fetched {
+            epoch_token: epoch.map(|e| String::from_utf8_lossy(&e).into_owned()),
+            run_id: conn.run_id.clone(),
+            values,
+        })
+    }
+
+    /// The epoch key, as seen on `conn`.
+    pub async fn epoch_token(&self, conn: &Arc<Conn>) -> Result<Option<String>> {
+        let mut c = conn.con.clone();
+        self.run(
+            conn,
+            "reading the epoch",
+            redis::cmd("GET").arg(self.keys.epoch()).query_async(&mut c),
+        )
+        .await
+    }
+
+    /// Marks `conn`'s server as synchronised with PostgreSQL epoch `epoch`.
+    pub async fn set_epoch(&self, conn: &Arc<Conn>, epoch: i64) -> Result<()> {
+        let mut c = conn.con.clone();
+        let mut inv = self.epoch.prepare_invoke();
+        inv.key(self.keys.epoch())
+            .arg(self.deadline(conn))
+            .arg(epoch_token(epoch, &conn.run_id));
+        let r: i64 = self
+            .run(conn, "writing the epoch", inv.invoke_async(&mut c))
+            .await?;
+        if r < 0 {
+            self.discard(conn);
+            return Err(Error::Unusable(
+                "the epoch write reached Redis after its deadline".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes idempotency entries in one script call (one round trip); returns how many were
+    /// written (a resynchronisation skips keys written live since it started).
+    pub async fn put(&self, conn: &Arc<Conn>, entries: &[Entry], mode: PutMode) -> Result<u64> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = self.put.prepare_invoke();
+        inv.arg(self.deadline(conn)).arg(match mode {
+            PutMode::Live => 0,
+            PutMode::Resync { t0 } => t0.max(1),
+        });
+        for (id, value, ttl) in entries {
+            inv.key(self.keys.idem(id)).arg(value).arg((*ttl).max(1));
+        }
+        let mut c = conn.con.clone();
+        let n: i64 = self
+            .run(
+                conn,
+                "writing idempotency outcomes",
+                inv.invoke_async(&mut c),
+            )
+            .await?;
+        if n < 0 {
+            self.discard(conn);
+            return Err(Error::Unusable(
+                "the write reached Redis after its deadline".into(),
+            ));
+        }
+        Ok(n as u64)
+    }
+}
+
+/// A `field:value` line of an INFO section.
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(str::trim)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(state: &str, reason: &str) -> StoredOutcome {
+        StoredOutcome {
+            intent_id: "i-1".into(),
+            fingerprint: u64::MAX - 7,
+            state: state.into(),
+            reason: reason.into(),
+            commit_sequence: 42,
+            contact_version: 9,
+        }
+    }
+
+    #[test]
+    fn outcomes_round_trip_through_the_encoding() {
+        for (state, reason) in [
+            ("committed_causal", ""),
+            ("blocked_conflict", "VERSION_CONFLICT"),
+            ("manual_review", "WAIT_TIMEOUT"),
+            ("manual_review", "ODD|REASON"),
+        ] {
+            let o = outcome(state, reason);
+            let value = format!("{}|1700000000123", encode_outcome(&o).unwrap());
+            let (back, stamp) = decode_outcome("i-1", value.as_bytes()).unwrap();
+            assert_eq!(back, o);
+            assert_eq!(stamp, 1_700_000_000_123);
+        }
+    }
+
+    #[test]
+    fn only_terminal_valid_outcomes_are_idempotency_outcomes() {
+        assert!(is_idempotency_outcome(&outcome("committed_causal", "")));
+        assert!(is_idempotency_outcome(&outcome(
+            "manual_review",
+            "WAIT_TIMEOUT"
+        )));
+        assert!(!is_idempotency_outcome(&outcome(
+            "manual_review",
+            "INVALID_INTENT"
+        )));
+        assert!(!is_idempotency_outcome(&outcome(
+            "waiting_previous_commit",
+            ""
+        )));
+        assert!(!is_idempotency_outcome(&outcome("duplicate", "")));
+        assert_eq!(encode_outcome(&outcome("duplicate", "")), None);
+    }
+
+    #[test]
+    fn garbage_does_not_decode() {
+        for v in [
+            &b""[..],
+            b"c|zz|1|1||5",
+            b"x|1|1|1||5",
+            b"c|1|1|1|",
+            b"c|1|1||5",
+            b"\xff\xfe",
+        ] {
+            assert!(decode_outcome("i", v).is_none(), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn epoch_tokens_round_trip() {
+        let t = epoch_token(17, "abc123");
+        assert_eq!(t, "17:abc123");
+        assert_eq!(parse_epoch_token(&t), Some((17, "abc123")));
+        assert_eq!(parse_epoch_token("x:abc"), None);
+        assert_eq!(parse_epoch_token("17"), None);
+    }
+
+    #[test]
+    fn the_epoch_key_cannot_collide_with_an_intent() {
+        let k = Keys::new("cc");
+        assert_ne!(k.epoch(), k.idem("epoch"));
+        assert_eq!(k.idem("a:b"), "cc:idem:a:b");
+        assert_eq!(k.lock("intents", 3), "cc:lock:intents:3");
+    }
+
+    #[test]
+    fn info_fields_are_found() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:abc\r\n";
+        assert_eq!(info_field(info, "run_id"), Some("abc"));
+        assert_eq!(info_field(info, "redis_version"), Some("7.0.15"));
+        assert_eq!(info_field(info, "run"), None);
+    }
+
+    #[test]
+    fn urls_with_auth_and_tls_are_accepted() {
+        for url in [
+            "redis://user:secret@127.0.0.1:6379",
+            "redis://:secret@127.0.0.1:6379/2",
+            "rediss://user:secret@redis.example.com:6380",
+        ] {
+            let config = RedisConfig {
+                url: url.into(),
+                ..RedisConfig::default()
+            };
+            let store = RedisStore::new(&config).expect(url);
+            assert!(!format!("{store:?}").contains("secret"));
+        }
+    }
+}

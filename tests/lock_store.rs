@@ -1,0 +1,950 @@
+//! The lock / idempotency store against the real local Redis and PostgreSQL: the fast path (one
+//! Redis round trip per lookup), partition locks, fallback when Redis is stopped or slow,
+//! failback with resynchronisation, FLUSHALL, AUTH, the crash window after a Kafka commit, and
+//! another instance's fallback.
+//!
+//! Every test has its own PostgreSQL schema and Redis key prefix. Tests that stop, freeze or
+//! flush Redis take a process-wide lock exclusively (and restart / wait for Redis at the end,
+//! even on failure); the others take it shared, so they never run while Redis is disrupted.
+
+#[allow(dead_code)]
+#[path = "common/process.rs"]
+mod process;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use causal_commit::config::Config;
+use causal_commit::store::lock_store::{LockResult, LockStore, Mode};
+use causal_commit::store::postgres::{self as pg, BatchWrite, StoredOutcome, TransitionRow};
+use causal_commit::store::redis as raw;
+use sqlx::PgPool;
+
+static REDIS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+const TOPIC: &str = "intents";
+
+fn redis_url() -> String {
+    std::env::var("CC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn database_url() -> String {
+    std::env::var("CC_DATABASE_URL").unwrap_or_else(|_| {
+        "postgres://causal_commit:causal_commit@127.0.0.1:5432/causal_commit".into()
+    })
+}
+
+fn unique(name: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{name}_{}", &id[..12])
+}
+
+fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "causal_commit=info".into()),
+        )
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
+}
+
+/// One test's private world: its schema, its key prefix, a raw Redis client to look behind the
+/// store's back.
+struct World {
+    config: Config,
+    pool: PgPool,
+    raw: redis::Client,
+    next_offset: i64,
+}
+
+impl World {
+    async fn new(name: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+        logs();
+        let id = unique(name);
+        let mut config = Config {
+            instance_id: format!("{id}-a"),
+            ..Config::default()
+        };
+        config.postgres.url = database_url().into();
+        config.postgres.schema = id.clone();
+        config.redis.url = redis_url().into();
+        config.redis.key_prefix = format!("cctest:{id}");
+        config.redis.breaker_open_for = Duration::from_millis(500);
+        tweak(&mut config);
+        config.validate().expect("test config is valid");
+        let pool = pg::pool(&config.postgres).expect("pool");
+        pg::migrate(&pool, &config.postgres.schema)
+            .await
+            .expect("migrate");
+        Self {
+            raw: redis::Client::open(redis_url()).expect("redis client"),
+            config,
+            pool,
+            next_offset: 0,
+        }
+    }
+
+    fn store(&self) -> LockStore {
+        LockStore::new(&self.config, self.pool.clone()).expect("lock store")
+    }
+
+    fn keys(&self) -> raw::Keys {
+        raw::Keys::new(&self.config.redis.key_prefix)
+    }
+
+    async fn con(&self) -> redis::aio::MultiplexedConnection {
+        self.raw
+            .get_multiplexed_async_connection()
+            .await
+            .expect("raw redis connection")
+    }
+
+    /// What Redis holds for an intent, read directly.
+    async fn redis_entry(&self, intent_id: &str) -> Option<StoredOutcome> {
+        let v: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.keys().idem(intent_id))
+            .query_async(&mut self.con().await)
+            .await
+            .expect("GET");
+        v.map(|v| {
+            raw::decode_outcome(intent_id, &v)
+                .expect("decodable entry")
+                .0
+        })
+    }
+
+    /// Writes outcomes to cc_transition as the engine's batch write does (one row per outcome,
+    /// in order), tagged with `partition` and `batch_no`.
+    async fn write_durable(&mut self, partition: i32, batch_no: u64, outcomes: &[StoredOutcome]) {
+        for o in outcomes {
+            self.next_offset += 1;
+            sqlx::query(
+                "INSERT INTO cc_transition (topic, partition, batch_no, source_offset, intent_id,
+                     contact_id, clinic_id, correlation_id, from_state, to_state, reason,
+                     commit_sequence, contact_version, fingerprint, writer, fence)
+                 VALUES ($1, $2, $3, $4, $5, 'contact', 'clinic', 'corr', 'new', $6, $7, $8, $9,
+                         $10, 'test', 1)",
+            )
+            .bind(TOPIC)
+            .bind(partition)
+            .bind(batch_no as i64)
+            .bind(self.next_offset)
+            .bind(&o.intent_id)
+            .bind(&o.state)
+            .bind(&o.reason)
+            .bind(o.commit_sequence as i64)
+            .bind(o.contact_version as i64)
+            .bind(o.fingerprint as i64)
+            .execute(&self.pool)
+            .await
+            .expect("insert transition");
+        }
+    }
+
+    async fn mode_audits(&self) -> Vec<serde_json::Value> {
+        sqlx::query_scalar(
+            "SELECT detail FROM cc_admin_audit WHERE action = 'lock_store_mode' ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .expect("audit rows")
+    }
+
+    async fn pg_epoch(&self) -> i64 {
+        sqlx::query_scalar("SELECT epoch FROM cc_store_state WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .expect("epoch")
+    }
+}
+
+fn outcome(id: &str, state: &str, reason: &str, seq: u64) -> StoredOutcome {
+    StoredOutcome {
+        intent_id: id.to_string(),
+        fingerprint: 0xfeed_0000_0000_0000 ^ seq,
+        state: state.into(),
+        reason: reason.into(),
+        commit_sequence: seq,
+        contact_version: seq,
+    }
+}
+
+fn committed(prefix: &str, n: u64) -> Vec<StoredOutcome> {
+    (1..=n)
+        .map(|i| outcome(&format!("{prefix}-{i}"), "committed_causal", "", i))
+        .collect()
+}
+
+fn ids(outcomes: &[StoredOutcome]) -> Vec<String> {
+    outcomes.iter().map(|o| o.intent_id.clone()).collect()
+}
+
+fn sorted(mut v: Vec<StoredOutcome>) -> Vec<StoredOutcome> {
+    v.sort_by(|a, b| a.intent_id.cmp(&b.intent_id));
+    v
+}
+
+/// Runs health checks until `cond` holds (or panics after `within`).
+async fn settle(
+    store: &LockStore,
+    within: Duration,
+    what: &str,
+    cond: impl Fn(&LockStore) -> bool,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        store.health_check().await;
+        if cond(store) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not reached within {within:?} (mode {}, in sync {}, {:?})",
+            store.mode(),
+            store.redis_in_sync(),
+            store.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn in_sync(store: &LockStore) {
+    settle(store, Duration::from_secs(10), "Redis in sync", |s| {
+        s.mode() == Mode::Redis && s.redis_in_sync()
+    })
+    .await;
+}
+
+fn stack_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh")
+}
+
+/// Starts Redis again when dropped, even when the test failed half-way.
+struct RestartRedis;
+
+impl Drop for RestartRedis {
+    fn drop(&mut self) {
+        let status = Command::new("bash")
+            .arg(stack_script())
+            .args(["start", "redis"])
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!("WARNING: could not restart Redis: {status:?}");
+        }
+    }
+}
+
+/// A Redis that stops answering: a busy script keeps the server frozen (the way `DEBUG SLEEP`
+/// would; that command is disabled in this Redis's configuration). The guard waits for the
+/// freeze to end, even when the test failed.
+struct Freeze(std::process::Child);
+
+impl Drop for Freeze {
+    fn drop(&mut self) {
+        let _ = self.0.wait();
+    }
+}
+
+const FREEZE_LUA: &str = "local function now() local t = redis.call('TIME') \
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end \
+    local s = now() while now() - s < tonumber(ARGV[1]) do end return 1";
+
+/// Freezes Redis for `ms` (from about now on).
+async fn freeze_redis(ms: u64) -> Freeze {
+    let child = Command::new("redis-cli")
+        .args(["-u", &redis_url(), "EVAL", FREEZE_LUA, "0", &ms.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-cli");
+    // Wait until the server is really frozen: a PING gets no answer within 100 ms.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = Command::new("timeout")
+            .args(["0.1", "redis-cli", "-u", &redis_url(), "PING"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("timeout redis-cli PING");
+        if status.code() == Some(124) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Redis never froze");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Freeze(child)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_is_one_redis_round_trip_and_matches_postgres() {
+    let _shared = REDIS.read().await;
+    let mut w = World::new("ls_fast", |_| {}).await;
+    let store = w.store();
+    in_sync(&store).await;
+
+    // A committed batch: durable rows first, then the write-through.
+    let mut batch = committed("fast", 40);
+    batch.push(outcome(
+        "fast-blocked",
+        "blocked_conflict",
+        "VERSION_CONFLICT",
+        7,
+    ));
+    batch.push(outcome("fast-review", "manual_review", "WAIT_TIMEOUT", 8));
+    // Not idempotency outcomes: invalid input and a non-terminal state.
+    let invalid = outcome("fast-invalid", "manual_review", "INVALID_INTENT", 0);
+    let waiting = outcome("fast-waiting", "waiting_previous_commit", "", 9);
+    let mut all = batch.clone();
+    all.push(invalid.clone());
+    all.push(waiting.clone());
+    w.write_durable(0, 1, &all).await;
+    store.record(&all).await.expect("record");
+    assert_eq!(w.redis_entry("fast-invalid").await, None);
+    assert_eq!(w.redis_entry("fast-waiting").await, None);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(w.keys().idem("fast-1"))
+        .query_async(&mut w.con().await)
+        .await
+        .unwrap();
+    let week = 7 * 24 * 3600;
+    assert!(ttl > week - 60 && ttl <= week, "TTL {ttl}");
+
+    // Known and unknown ids together: one Redis call, no PostgreSQL, same answer as PostgreSQL.
+    let mut query = ids(&all);
+    query.extend((1..=40).map(|i| format!("never-seen-{i}")));
+    let before = store.stats();
+    let found = store.lookup(&query).await.expect("lookup");
+    let after = store.stats();
+    assert_eq!(after.redis_calls - before.redis_calls, 1, "one round trip");
+    assert_eq!(after.lookups_redis - before.lookups_redis, 1);
+    assert_eq!(after.lookups_postgres, before.lookups_postgres);
+    let durable = pg::lookup_outcomes(&w.pool, &query).await.unwrap();
+    assert_eq!(sorted(found), sorted(durable.clone()));
+    assert_eq!(durable.len(), batch.len());
+
+    // Redis really answers: an outcome only Redis knows is returned.
+    let only_redis = outcome("only-in-redis", "committed_causal", "", 3);
+    store
+        .record(std::slice::from_ref(&only_redis))
+        .await
+        .unwrap();
+    let found = store.lookup(&["only-in-redis".to_string()]).await.unwrap();
+    assert_eq!(found, vec![only_redis]);
+
+    // A newer outcome overwrites an older one (re-submitted and committed).
+    let again = outcome("fast-review", "committed_causal", "", 8);
+    w.write_durable(0, 2, std::slice::from_ref(&again)).await;
+    store.record(std::slice::from_ref(&again)).await.unwrap();
+    let found = store.lookup(&["fast-review".to_string()]).await.unwrap();
+    assert_eq!(found, vec![again]);
+    assert_eq!(store.mode(), Mode::Redis);
+    assert!(w.mode_audits().await.is_empty(), "no mode change happened");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_exclude_a_second_owner_until_release_or_expiry_and_fencing_rejects_stale_tokens() {
+    let _shared = REDIS.read().await;
+    let w = World::new("ls_locks", |_| {}).await;
+    let store = w.store();
+    let lease = Duration::from_secs(5);
+
+    assert_eq!(
+        store
+            .acquire_lock(TOPIC, 3, "owner-a", lease)
+            .await
+            .unwrap(),
+        LockResult::Granted { store: Mode::Redis }
+    );
+    match store
+        .acquire_lock(TOPIC, 3, "owner-b", lease)
+        .await
+        .unwrap()
+    {
+        LockResult::Held { owner, ttl } => {
+            assert_eq!(owner, "owner-a");
+            assert!(ttl > Duration::from_secs(3) && ttl <= lease, "{ttl:?}");
+        }
+        other => panic!("owner-b must be refused while owner-a holds the lock: {other:?}"),
+    }
+    // Another partition is independent; the holder renews its own lock.
+    assert_eq!(
+        store
+            .acquire_lock(TOPIC, 4, "owner-b", lease)
+            .await
+            .unwrap(),
+        LockResult::Granted { store: Mode::Redis }
+    );
+    assert_eq!(
+        store
+            .acquire_lock(TOPIC, 3, "owner-a", lease)
+            .await
+            .unwrap(),
+        LockResult::Granted { store: Mode::Redis }
+    );
+    // Only the owner releases.
+    assert!(!store.release_lock(TOPIC, 3, "owner-b").await.unwrap());
+    assert!(store.release_lock(TOPIC, 3, "owner-a").await.unwrap());
+    assert!(!store.release_lock(TOPIC, 3, "owner-a").await.unwrap());
+    assert_eq!(
+        store
+            .acquire_lock(TOPIC, 3, "owner-b", Duration::from_millis(300))
+            .await
+            .unwrap(),
+        LockResult::Granted { store: Mode::Redis }
+    );
+    assert!(matches!(
+        store
+            .acquire_lock(TOPIC, 3, "owner-a", lease)
+            .await
+            .unwrap(),
+        LockResult::Held { .. }
+    ));
+    // Expiry frees it.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(
+        store
+            .acquire_lock(TOPIC, 3, "owner-a", lease)
+            .await
+            .unwrap(),
+        LockResult::Granted { store: Mode::Redis }
+    );
+
+    // The lock is advisory; PostgreSQL's fencing is not: a token taken earlier is refused.
+    let pg_lease = Duration::from_secs(1);
+    let old = pg::acquire_partition(&w.pool, TOPIC, 3, "owner-b", pg_lease)
+        .await
+        .unwrap()
+        .expect("free partition");
+    pg::release_partition(&w.pool, TOPIC, 3, old).await.unwrap();
+    let new = pg::acquire_partition(&w.pool, TOPIC, 3, "owner-a", pg_lease)
+        .await
+        .unwrap()
+        .expect("released partition");
+    assert!(new > old, "fencing tokens increase: {old} then {new}");
+    let write = |fence: u64| BatchWrite {
+        partitions: vec![(3, fence, 1)],
+        transitions: vec![TransitionRow {
+            partition: 3,
+            batch_no: 1,
+            intent_id: "fenced".into(),
+            contact_id: "c".into(),
+            from_state: "new",
+            to_state: "committed_causal",
+            fence,
+            ..TransitionRow::default()
+        }],
+        ..BatchWrite::default()
+    };
+    let err = pg::apply_batch(&w.pool, TOPIC, "owner-b", pg_lease, &write(old))
+        .await
+        .expect_err("a stale token must be refused");
+    assert!(err.is_fenced(), "{err}");
+    pg::apply_batch(&w.pool, TOPIC, "owner-a", pg_lease, &write(new))
+        .await
+        .expect("the current token writes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_falls_back_to_postgres_and_fails_back_with_the_fallback_outcomes() {
+    let _exclusive = REDIS.write().await;
+    let mut w = World::new("ls_down", |_| {}).await;
+    let store = w.store();
+    in_sync(&store).await;
+    let epoch_before = w.pg_epoch().await;
+
+    let before = committed("before", 20);
+    let mut review = outcome("resubmitted", "manual_review", "WAIT_TIMEOUT", 21);
+    let mut first = before.clone();
+    first.push(review.clone());
+    w.write_durable(0, 1, &first).await;
+    store.record(&first).await.unwrap();
+    assert_eq!(w.redis_entry("resubmitted").await, Some(review.clone()));
+
+    let _restart = RestartRedis;
+    process::stack("stop", "redis");
+
+    // Every lookup answers from PostgreSQL; the mode changes at the breaker's threshold.
+    let threshold = w.config.redis.breaker_failures;
+    for call in 1..=threshold {
+        let found = store
+            .lookup(&ids(&first))
+            .await
+            .expect("lookup while Redis is down");
+        assert_eq!(sorted(found), sorted(first.clone()), "call {call}");
+        let expected = if call < threshold {
+            Mode::Redis
+        } else {
+            Mode::Postgres
+        };
+        assert_eq!(store.mode(), expected, "after {call} failed calls");
+    }
+    let audits = w.mode_audits().await;
+    assert_eq!(audits.len(), 1, "{audits:?}");
+    assert_eq!(audits[0]["from"], "redis");
+    assert_eq!(audits[0]["to"], "postgres");
+    assert!(
+        audits[0]["cause"].as_str().unwrap().contains("looking up"),
+        "{audits:?}"
+    );
+    assert!(
+        w.pg_epoch().await > epoch_before,
+        "the fallback bumps the epoch"
+    );
+    assert_eq!(
+        store
+            .acquire_lock(TOPIC, 0, "me", Duration::from_secs(5))
+            .await
+            .unwrap(),
+        LockResult::Granted {
+            store: Mode::Postgres
+        }
+    );
+
+    // Decided during the fallback (written by the engine's batch; record is a no-op now): new
+    // intents, and the manual-review item re-submitted and committed.
+    let during = committed("during", 15);
+    review = outcome("resubmitted", "committed_causal", "", 21);
+    let mut second = during.clone();
+    second.push(review.clone());
+    w.write_durable(0, 2, &second).await;
+    store
+        .record(&second)
+        .await
+        .expect("record in postgres mode");
+    let found = store.lookup(&ids(&second)).await.unwrap();
+    assert_eq!(sorted(found), sorted(second.clone()));
+
+    // Redis still down: the probe fails and the mode stays.
+    tokio::time::sleep(w.config.redis.breaker_open_for).await;
+    assert_eq!(store.health_check().await, Mode::Postgres);
+
+    process::stack("start", "redis");
+    settle(&store, Duration::from_secs(15), "failback", |s| {
+        s.mode() == Mode::Redis
+    })
+    .await;
+    assert!(store.redis_in_sync());
+    let audits = w.mode_audits().await;
+    assert_eq!(audits.len(), 2, "{audits:?}");
+    assert_eq!(audits[1]["from"], "postgres");
+    assert_eq!(audits[1]["to"], "redis");
+
+    // The restarted Redis (no persistence) was refilled: outcomes from before and during.
+    for o in before.iter().chain(&second) {
+        assert_eq!(w.redis_entry(&o.intent_id).await.as_ref(), Some(o));
+    }
+    let mut all_ids = ids(&before);
+    all_ids.extend(ids(&second));
+    let s0 = store.stats();
+    let found = store.lookup(&all_ids).await.unwrap();
+    let s1 = store.stats();
+    assert_eq!(s1.lookups_redis - s0.lookups_redis, 1, "answered by Redis");
+    assert_eq!(s1.lookups_postgres, s0.lookups_postgres);
+    let mut expected = before.clone();
+    expected.extend(second);
+    assert_eq!(sorted(found), sorted(expected));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_redis_opens_the_breaker_and_failback_never_trusts_stale_entries() {
+    let _exclusive = REDIS.write().await;
+    let mut w = World::new("ls_slow", |c| {
+        c.redis.command_timeout = Duration::from_millis(250);
+        c.redis.breaker_open_for = Duration::from_secs(1);
+    })
+    .await;
+    let store = w.store();
+    in_sync(&store).await;
+
+    // Before: X ends in manual review; Y commits.
+    let x_review = outcome("x", "manual_review", "WAIT_TIMEOUT", 1);
+    let y = outcome("y", "committed_causal", "", 2);
+    w.write_durable(0, 1, &[x_review.clone(), y.clone()]).await;
+    store.record(&[x_review.clone(), y.clone()]).await.unwrap();
+    let query: Vec<String> = ["x", "y", "z"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        sorted(store.lookup(&query).await.unwrap()),
+        vec![x_review.clone(), y.clone()]
+    );
+
+    // Redis stops answering for about 2.5 s: every call times out after command_timeout.
+    let paused_at = Instant::now();
+    let freeze = freeze_redis(2500).await;
+    let threshold = w.config.redis.breaker_failures;
+    for call in 1..=threshold {
+        let t = Instant::now();
+        let found = store
+            .lookup(&query)
+            .await
+            .expect("lookup while Redis is slow");
+        assert!(
+            t.elapsed() < Duration::from_millis(1200),
+            "call {call} took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            sorted(found),
+            vec![x_review.clone(), y.clone()],
+            "call {call}"
+        );
+    }
+    assert_eq!(
+        store.mode(),
+        Mode::Postgres,
+        "the breaker opened within its threshold"
+    );
+    assert!(store.stats().redis_failures >= u64::from(threshold));
+    assert!(
+        paused_at.elapsed() < Duration::from_millis(2500),
+        "still frozen: real timeouts"
+    );
+
+    // During the fallback X is re-submitted and commits, Z commits.
+    let x_committed = outcome("x", "committed_causal", "", 1);
+    let z = outcome("z", "committed_causal", "", 3);
+    w.write_durable(0, 2, &[x_committed.clone(), z.clone()])
+        .await;
+    store
+        .record(&[x_committed.clone(), z.clone()])
+        .await
+        .unwrap();
+    let want = vec![x_committed.clone(), y.clone(), z.clone()];
+    assert_eq!(sorted(store.lookup(&query).await.unwrap()), want);
+
+    // Redis answers again, with its stale entry for X and nothing for Z.
+    drop(freeze);
+    assert_eq!(
+        w.redis_entry("x").await,
+        Some(x_review.clone()),
+        "stale entry"
+    );
+    assert_eq!(w.redis_entry("z").await, None);
+    // Not trusted before the failback ...
+    assert_eq!(sorted(store.lookup(&query).await.unwrap()), want);
+    // ... and overwritten by it.
+    settle(&store, Duration::from_secs(10), "failback", |s| {
+        s.mode() == Mode::Redis
+    })
+    .await;
+    assert!(store.redis_in_sync());
+    assert_eq!(w.redis_entry("x").await, Some(x_committed.clone()));
+    assert_eq!(w.redis_entry("z").await, Some(z.clone()));
+    let s0 = store.stats();
+    assert_eq!(sorted(store.lookup(&query).await.unwrap()), want);
+    assert_eq!(store.stats().lookups_redis - s0.lookups_redis, 1);
+    let audits = w.mode_audits().await;
+    assert_eq!(audits.len(), 2, "{audits:?}");
+    assert!(
+        audits[0]["cause"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer"),
+        "{audits:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_that_times_out_trips_at_once_and_never_lands_late() {
+    let _exclusive = REDIS.write().await;
+    let mut w = World::new("ls_late", |c| {
+        c.redis.command_timeout = Duration::from_millis(250);
+        c.redis.breaker_open_for = Duration::from_secs(3);
+    })
+    .await;
+    let store = w.store();
+    in_sync(&store).await;
+
+    // A first batch goes through (and loads the write script).
+    let early = outcome("early", "committed_causal", "", 1);
+    w.write_durable(0, 1, std::slice::from_ref(&early)).await;
+    store
+        .record(std::slice::from_ref(&early))
+        .await
+        .expect("record");
+    assert_eq!(w.redis_entry("early").await, Some(early));
+
+    let late = outcome("late", "committed_causal", "", 2);
+    w.write_durable(0, 2, std::slice::from_ref(&late)).await;
+    let freeze = freeze_redis(1500).await;
+    store
+        .record(std::slice::from_ref(&late))
+        .await
+        .expect("record");
+    assert_eq!(
+        store.mode(),
+        Mode::Postgres,
+        "one failed write-through is enough"
+    );
+    assert_eq!(store.stats().redis_failures, 1);
+    // The frozen server reads the write when it wakes up, and finds its deadline passed.
+    drop(freeze);
+    assert_eq!(
+        w.redis_entry("late").await,
+        None,
+        "a timed-out write never lands later"
+    );
+    // Lookups still know it (PostgreSQL), and the failback copies it.
+    assert_eq!(
+        store
+            .lookup(&ids(std::slice::from_ref(&late)))
+            .await
+            .unwrap(),
+        vec![late.clone()]
+    );
+    settle(&store, Duration::from_secs(10), "failback", |s| {
+        s.mode() == Mode::Redis
+    })
+    .await;
+    assert_eq!(w.redis_entry("late").await, Some(late));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_makes_redis_out_of_sync_until_resynchronised() {
+    let _exclusive = REDIS.write().await;
+    let mut w = World::new("ls_flush", |_| {}).await;
+    let store = w.store();
+    in_sync(&store).await;
+    let batch = sorted(committed("flush", 30));
+    w.write_durable(1, 1, &batch).await;
+    store.record(&batch).await.unwrap();
+    let s0 = store.stats();
+    assert_eq!(sorted(store.lookup(&ids(&batch)).await.unwrap()), batch);
+    assert_eq!(store.stats().lookups_redis - s0.lookups_redis, 1);
+
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut w.con().await)
+        .await
+        .unwrap();
+    // The epoch key went with the data: misses are not trusted, PostgreSQL answers.
+    let s1 = store.stats();
+    assert_eq!(sorted(store.lookup(&ids(&batch)).await.unwrap()), batch);
+    let s2 = store.stats();
+    assert_eq!(s2.lookups_postgres - s1.lookups_postgres, 1);
+    assert_eq!(s2.lookups_redis, s1.lookups_redis);
+    assert!(!store.redis_in_sync());
+    assert_eq!(
+        store.mode(),
+        Mode::Redis,
+        "Redis is healthy: no mode change"
+    );
+
+    store.health_check().await;
+    assert!(store.redis_in_sync(), "one health check resynchronises");
+    assert!(store.stats().resynced_outcomes >= batch.len() as u64);
+    for o in &batch {
+        assert_eq!(w.redis_entry(&o.intent_id).await.as_ref(), Some(o));
+    }
+    let s3 = store.stats();
+    assert_eq!(sorted(store.lookup(&ids(&batch)).await.unwrap()), batch);
+    assert_eq!(store.stats().lookups_redis - s3.lookups_redis, 1);
+    assert!(w.mode_audits().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_from_the_url_works_and_a_wrong_password_falls_back() {
+    let _shared = REDIS.read().await;
+    let w = World::new("ls_auth", |_| {}).await;
+    let user = format!("cc_{}", &w.config.postgres.schema[8..]);
+    let password = "s3cret-pw";
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg(format!("~{}:*", w.config.redis.key_prefix))
+        .arg("+@all")
+        .query_async(&mut w.con().await)
+        .await
+        .expect("ACL SETUSER");
+    struct DelUser(String);
+    impl Drop for DelUser {
+        fn drop(&mut self) {
+            let _ = Command::new("redis-cli")
+                .args(["-u", &redis_url(), "ACL", "DELUSER", &self.0])
+                .output();
+        }
+    }
+    let _del = DelUser(user.clone());
+    let hostport = redis_url().trim_start_matches("redis://").to_string();
+
+    let mut config = w.config.clone();
+    config.redis.url = format!("redis://{user}:{password}@{hostport}").into();
+    let store = LockStore::new(&config, w.pool.clone()).unwrap();
+    in_sync(&store).await;
+    let o = outcome("authed", "committed_causal", "", 1);
+    store.record(std::slice::from_ref(&o)).await.unwrap();
+    assert_eq!(
+        store.lookup(&ids(std::slice::from_ref(&o))).await.unwrap(),
+        vec![o.clone()]
+    );
+    assert_eq!(store.stats().redis_failures, 0);
+
+    config.redis.url = format!("redis://{user}:wrong@{hostport}").into();
+    let refused = LockStore::new(&config, w.pool.clone()).unwrap();
+    for _ in 0..config.redis.breaker_failures {
+        assert!(refused
+            .lookup(&ids(std::slice::from_ref(&o)))
+            .await
+            .unwrap()
+            .is_empty());
+    }
+    assert_eq!(refused.mode(), Mode::Postgres);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_restored_rewrites_a_batch_committed_without_its_write_through() {
+    let _shared = REDIS.read().await;
+    let mut w = World::new("ls_crash", |_| {}).await;
+    let store = w.store();
+    in_sync(&store).await;
+    // Batch 1 recorded normally; batch 2 committed, then the process died before record().
+    let b1 = committed("b1", 5);
+    w.write_durable(2, 1, &b1).await;
+    store.record(&b1).await.unwrap();
+    let b2 = committed("b2", 5);
+    w.write_durable(2, 2, &b2).await;
+    assert!(
+        store.lookup(&ids(&b2)).await.unwrap().is_empty(),
+        "the crash window: Redis misses batch 2"
+    );
+
+    // The next owner restores the partition at batch 2 and tells the store.
+    let next = w.store();
+    next.partition_restored(TOPIC, 2, 2).await.unwrap();
+    in_sync(&next).await;
+    let s0 = next.stats();
+    let mut all = b1.clone();
+    all.extend(b2.clone());
+    assert_eq!(sorted(next.lookup(&ids(&all)).await.unwrap()), sorted(all));
+    assert_eq!(next.stats().lookups_redis - s0.lookups_redis, 1);
+    // Rows of an uncommitted batch are rolled back before the call, and batch 0 is a no-op.
+    next.partition_restored(TOPIC, 7, 0).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_in_fallback_keeps_redis_untrusted_until_it_is_resynchronised() {
+    let _shared = REDIS.read().await;
+    let mut w = World::new("ls_multi", |_| {}).await;
+    let healthy = w.store();
+    in_sync(&healthy).await;
+    // X went to manual review earlier; Redis knows it.
+    let x_review = outcome("x-by-a", "manual_review", "WAIT_TIMEOUT", 1);
+    w.write_durable(5, 1, std::slice::from_ref(&x_review)).await;
+    healthy
+        .record(std::slice::from_ref(&x_review))
+        .await
+        .unwrap();
+
+    // Instance A cannot reach Redis (a partition of the network, here a closed port).
+    let mut config_a = w.config.clone();
+    config_a.instance_id = format!("{}-other", w.config.instance_id);
+    config_a.redis.url = "redis://127.0.0.1:1".into();
+    let a = LockStore::new(&config_a, w.pool.clone()).unwrap();
+    for _ in 0..config_a.redis.breaker_failures {
+        a.lookup(&["warm-up".to_string()]).await.unwrap();
+    }
+    assert_eq!(a.mode(), Mode::Postgres);
+    // While it owns partition 5, A re-submits X, which commits (batch 2), and commits Y
+    // (batch 3); Redis never hears of either.
+    let x = outcome("x-by-a", "committed_causal", "", 1);
+    let y = outcome("y-by-a", "committed_causal", "", 2);
+    w.write_durable(5, 2, std::slice::from_ref(&x)).await;
+    a.record(std::slice::from_ref(&x)).await.unwrap();
+    w.write_durable(5, 3, std::slice::from_ref(&y)).await;
+    a.record(std::slice::from_ref(&y)).await.unwrap();
+    assert_eq!(
+        w.redis_entry("x-by-a").await,
+        Some(x_review.clone()),
+        "stale in Redis"
+    );
+
+    // The healthy instance takes partition 5 over (restored at batch 3, which it writes to
+    // Redis again). X's outcome in Redis is stale: the refreshed epoch makes PostgreSQL answer
+    // the whole lookup (a Redis hit is not trusted either).
+    healthy.partition_restored(TOPIC, 5, 3).await.unwrap();
+    assert_eq!(w.redis_entry("x-by-a").await, Some(x_review.clone()));
+    assert_eq!(w.redis_entry("y-by-a").await, Some(y.clone()));
+    assert_eq!(
+        sorted(healthy.lookup(&ids(&[x.clone(), y.clone()])).await.unwrap()),
+        vec![x.clone(), y.clone()]
+    );
+    // Redis is not marked in sync while A's fallback row is alive.
+    for _ in 0..3 {
+        healthy.health_check().await;
+    }
+    assert!(!healthy.redis_in_sync());
+    assert_eq!(
+        healthy
+            .lookup(&ids(std::slice::from_ref(&x)))
+            .await
+            .unwrap(),
+        vec![x.clone()]
+    );
+
+    // A dies; once its row is dead, the healthy instance resynchronises.
+    drop(a);
+    sqlx::query("UPDATE cc_store_fallback SET alive_until = now() - interval '1 second'")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    in_sync(&healthy).await;
+    assert_eq!(w.redis_entry("x-by-a").await, Some(x.clone()));
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cc_store_fallback")
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "covered fallback rows are removed");
+    let s0 = healthy.stats();
+    assert_eq!(
+        healthy
+            .lookup(&ids(std::slice::from_ref(&x)))
+            .await
+            .unwrap(),
+        vec![x]
+    );
+    assert_eq!(healthy.stats().lookups_redis - s0.lookups_redis, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_key_from_another_server_incarnation_is_not_trusted() {
+    let _shared = REDIS.read().await;
+    let mut w = World::new("ls_runid", |_| {}).await;
+    let store = w.store();
+    in_sync(&store).await;
+    let batch = sorted(committed("snap", 10));
+    w.write_durable(0, 1, &batch).await;
+    store.record(&batch).await.unwrap();
+
+    // What a restart from an old snapshot looks like: the right epoch number, written by
+    // another incarnation of the server, and an outcome missing.
+    let epoch = w.pg_epoch().await;
+    let mut con = w.con().await;
+    let _: () = redis::cmd("SET")
+        .arg(w.keys().epoch())
+        .arg(raw::epoch_token(
+            epoch,
+            "0000000000000000000000000000000000000000",
+        ))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(w.keys().idem("snap-3"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let s0 = store.stats();
+    assert_eq!(sorted(store.lookup(&ids(&batch)).await.unwrap()), batch);
+    assert_eq!(store.stats().lookups_postgres - s0.lookups_postgres, 1);
+
+    // The health check copies everything younger than the TTL, then trusts Redis again.
+    store.health_check().await;
+    assert!(store.redis_in_sync());
+    assert_eq!(w.redis_entry("snap-3").await.as_ref(), Some(&batch[3]));
+    let s1 = store.stats();
+    assert_eq!(sorted(store.lookup(&ids(&batch)).await.unwrap()), batch);
+    assert_eq!(store.stats().lookups_redis - s1.lookups_redis, 1);
+}
