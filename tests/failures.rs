@@ -206,3 +206,223 @@ async fn postgres_down_20s_pauses_then_resumes_with_no_effect_without_record() {
     .unwrap();
     assert_eq!(committed_rows as usize, report.committed);
 }
+
+/// Log lines of the lock store's mode changes, as (to, message).
+fn mode_changes(log: &std::path::Path) -> Vec<String> {
+    read_log(log)
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("lock store mode changed"))
+        })
+        .map(|l| l["to"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+async fn effects_now(cfg: &Config) -> usize {
+    wait_for(
+        &Arc::new(cfg.clone()),
+        &cfg.kafka.side_effects_topic,
+        0,
+        Duration::ZERO,
+    )
+    .await
+    .len()
+}
+
+/// Restarts Redis when dropped, so a failing test does not leave it down for the next one.
+struct RedisBack;
+impl Drop for RedisBack {
+    fn drop(&mut self) {
+        stack("start", "redis");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_evidence_3_redis_failure_falls_back_to_db() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new("seed3", 4).await;
+    let cfg = env.config.clone();
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+
+    // Phase 1: Redis stops mid-stream; processing goes on with PostgreSQL.
+    let producing = produce_in_background(&cfg, workload(8_000, 1_000, 800, "a"));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let back = RedisBack;
+    stack("stop", "redis");
+    let before = effects_now(&cfg).await;
+    producing.await.unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert!(
+        effects_now(&cfg).await > before,
+        "processing continued without Redis"
+    );
+    assert_eq!(
+        mode_changes(&log),
+        vec!["postgres"],
+        "the fallback is logged once"
+    );
+    let report = verified(&cfg).await;
+    assert_clean(&report, 8_000);
+
+    // Phase 2: Redis is back: failback, and the same intents again are still duplicates.
+    drop(back);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mode_changes(&log) != vec!["postgres", "redis"] {
+        assert!(
+            Instant::now() < deadline,
+            "no failback: {:?}",
+            mode_changes(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    demo::produce(&cfg, &workload(8_000, 1_000, 0, "a"))
+        .await
+        .unwrap();
+    demo::produce(&cfg, &workload(4_000, 500, 0, "b"))
+        .await
+        .unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let report = verified(&cfg).await;
+    assert_clean(&report, 12_000);
+
+    let pool = causal_commit::store::postgres::pool(&cfg.postgres).unwrap();
+    let audited: Vec<String> = sqlx::query_scalar(
+        "SELECT detail->>'to' FROM cc_admin_audit WHERE action = 'lock_store_mode' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        audited,
+        vec!["postgres", "redis"],
+        "each mode change has one audit row"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_flushall_mid_stream_produces_no_duplicate_effect() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new("flush", 4).await;
+    let cfg = env.config.clone();
+    let proc = Processor::spawn(&cfg, log_path(&env, "run"));
+    demo::produce(&cfg, &workload(6_000, 600, 0, "f"))
+        .await
+        .unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    let status = std::process::Command::new("redis-cli")
+        .args(["-p", "6379", "FLUSHALL"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The very same intents again (a replay): every one must be a duplicate.
+    demo::produce(&cfg, &workload(6_000, 600, 0, "f"))
+        .await
+        .unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let report = verified(&cfg).await;
+    assert_clean(&report, 6_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_slow_opens_the_breaker_and_processing_goes_on() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new("slow", 4).await;
+    let cfg = env.config.clone();
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    let producing = produce_in_background(&cfg, workload(6_000, 600, 600, "s"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = effects_now(&cfg).await;
+    let freeze_started = Instant::now();
+    {
+        let _frozen = common::process::freeze_redis(4_000).await;
+        // Commands time out after 250 ms; three failures open the breaker.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !mode_changes(&log).contains(&"postgres".to_string()) {
+            assert!(
+                Instant::now() < deadline,
+                "the breaker did not open within its window"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "breaker opened {:.2} s after Redis froze",
+            freeze_started.elapsed().as_secs_f64()
+        );
+    }
+    let during = effects_now(&cfg).await;
+    assert!(
+        during > before,
+        "throughput stayed above zero while Redis was slow"
+    );
+    producing.await.unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let report = verified(&cfg).await;
+    assert_clean(&report, 6_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zombie_paused_past_its_lease_cannot_write_after_it_resumes() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new("zombie", 4).await;
+    let cfg = env.config.clone();
+    let producing = produce_in_background(&cfg, workload(12_000, 1_200, 300, "z"));
+    let a = Processor::spawn(&cfg, log_path(&env, "a"));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut cfg_b = cfg.clone();
+    cfg_b.instance_id = format!("{}-b", env.name);
+    let b = Processor::spawn(&cfg_b, log_path(&env, "b"));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let pool = causal_commit::store::postgres::pool(&cfg.postgres).unwrap();
+    a.signal("STOP");
+    let a_fences: Vec<i64> = sqlx::query_scalar("SELECT fence FROM cc_partition WHERE owner = $1")
+        .bind(&cfg.instance_id)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(
+        !a_fences.is_empty(),
+        "a owned partitions before it was paused"
+    );
+    // Past the session timeout (10 s) and the lease (15 s): b takes a's partitions.
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    let taken: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM cc_partition WHERE owner = $1 AND fence <> ALL($2)",
+    )
+    .bind(&cfg_b.instance_id)
+    .bind(&a_fences)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(taken, 4, "b owns every partition while a is paused");
+    let resumed_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    a.signal("CONT");
+
+    producing.await.unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert!(a.terminate(Duration::from_secs(30)));
+    assert!(b.terminate(Duration::from_secs(30)));
+    let stale_writes: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM cc_transition WHERE fence = ANY($1) AND at >= $2")
+            .bind(&a_fences)
+            .bind(resumed_at)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stale_writes, 0,
+        "no write with the zombie's tokens was accepted"
+    );
+    let report = verified(&cfg).await;
+    assert_clean(&report, 12_000);
+}

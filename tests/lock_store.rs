@@ -11,6 +11,9 @@
 #[path = "common/process.rs"]
 mod process;
 
+mod common;
+
+use common::process::freeze_redis;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -235,45 +238,6 @@ impl Drop for RestartRedis {
             eprintln!("WARNING: could not restart Redis: {status:?}");
         }
     }
-}
-
-/// A Redis that stops answering: a busy script keeps the server frozen (the way `DEBUG SLEEP`
-/// would; that command is disabled in this Redis's configuration). The guard waits for the
-/// freeze to end, even when the test failed.
-struct Freeze(std::process::Child);
-
-impl Drop for Freeze {
-    fn drop(&mut self) {
-        let _ = self.0.wait();
-    }
-}
-
-const FREEZE_LUA: &str = "local function now() local t = redis.call('TIME') \
-    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end \
-    local s = now() while now() - s < tonumber(ARGV[1]) do end return 1";
-
-/// Freezes Redis for `ms` (from about now on).
-async fn freeze_redis(ms: u64) -> Freeze {
-    let child = Command::new("redis-cli")
-        .args(["-u", &redis_url(), "EVAL", FREEZE_LUA, "0", &ms.to_string()])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-cli");
-    // Wait until the server is really frozen: a PING gets no answer within 100 ms.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let status = Command::new("timeout")
-            .args(["0.1", "redis-cli", "-u", &redis_url(), "PING"])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("timeout redis-cli PING");
-        if status.code() == Some(124) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "Redis never froze");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Freeze(child)
 }
 
 // ---------------------------------------------------------------------------------------------

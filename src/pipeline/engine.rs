@@ -34,6 +34,7 @@ use crate::config::Config;
 use crate::intent::{InvalidIntent, ValidIntent};
 use crate::proto::ReviewReason;
 use crate::sequencer::{self, Millis, Outcome, PriorOutcome, Reason, Release, Sequencer};
+use crate::store::lock_store::{LockResult, LockStore};
 use crate::store::postgres::{self as pg, BatchWrite, StoredOutcome, TransitionRow};
 use crate::telemetry::metrics as m;
 
@@ -78,6 +79,8 @@ pub struct Engine {
     shutdown: CancellationToken,
     rt: tokio::runtime::Handle,
     pool: PgPool,
+    /// Locks and idempotency: Redis, with PostgreSQL as the fallback.
+    locks: Arc<LockStore>,
     writer: String,
     lanes: BTreeMap<i32, Lane>,
     assigned: BTreeSet<i32>,
@@ -96,6 +99,7 @@ impl Engine {
     pub fn new(
         config: Arc<Config>,
         pool: PgPool,
+        locks: Arc<LockStore>,
         rt: tokio::runtime::Handle,
         shutdown: CancellationToken,
     ) -> Result<Self> {
@@ -136,6 +140,7 @@ impl Engine {
             shutdown,
             rt,
             pool,
+            locks,
             writer,
             lanes: BTreeMap::new(),
             assigned: BTreeSet::new(),
@@ -184,15 +189,7 @@ impl Engine {
         }
         tracing::info!("engine stopping: releasing leases and leaving the group");
         for (p, lane) in std::mem::take(&mut self.lanes) {
-            let released = self.rt.block_on(pg::release_partition(
-                &self.pool,
-                &self.topics.intents,
-                p,
-                lane.fence,
-            ));
-            if let Err(e) = released {
-                tracing::warn!(partition = p, error = %e, "releasing a lease failed");
-            }
+            self.release(p, lane.fence);
         }
         self.consumer.unsubscribe();
         Ok(())
@@ -225,12 +222,7 @@ impl Engine {
             // Eager assignor: everything was revoked. Give the leases up so the next owners
             // start at once; in-memory state is void.
             for (p, lane) in std::mem::take(&mut self.lanes) {
-                let _ = self.rt.block_on(pg::release_partition(
-                    &self.pool,
-                    &self.topics.intents,
-                    p,
-                    lane.fence,
-                ));
+                self.release(p, lane.fence);
                 clear_partition_gauges(p);
             }
             self.to_restore.clear();
@@ -273,9 +265,47 @@ impl Engine {
         self.update_gauges();
     }
 
+    /// Gives a partition's lock and lease up (best effort: they expire anyway).
+    fn release(&self, partition: i32, fence: u64) {
+        let topic = &self.topics.intents;
+        let (lock, lease) = self.rt.block_on(async {
+            (
+                self.locks
+                    .release_lock(topic, partition, &self.writer)
+                    .await,
+                pg::release_partition(&self.pool, topic, partition, fence).await,
+            )
+        });
+        if let Err(e) = lock {
+            tracing::warn!(partition, error = %e, "releasing a lock failed");
+        }
+        if let Err(e) = lease {
+            tracing::warn!(partition, error = %e, "releasing a lease failed");
+        }
+    }
+
     fn restore(&mut self, partition: i32, seek: bool) -> Result<Lane, String> {
         let started = Instant::now();
         let topic = self.topics.intents.to_string();
+        // The lock (Redis, or the PostgreSQL lease on fallback) first, then a fencing token
+        // from the durable store, which every write of this owner is checked against.
+        match self
+            .rt
+            .block_on(self.locks.acquire_lock(
+                &topic,
+                partition,
+                &self.writer,
+                self.config.locks.lease,
+            ))
+            .map_err(|e| e.to_string())?
+        {
+            LockResult::Granted { .. } => {}
+            LockResult::Held { owner, ttl } => {
+                return Err(format!(
+                    "the partition's lock is held by {owner} for another {ttl:?}"
+                ))
+            }
+        }
         let fence = self
             .rt
             .block_on(pg::acquire_partition(
@@ -303,6 +333,11 @@ impl Engine {
             .block_on(pg::restore_partition(
                 &self.pool, &topic, partition, fence, batch_no,
             ))
+            .map_err(|e| e.to_string())?;
+        // The idempotency cache catches up with the last committed batch (a crash may have
+        // come between that batch's commit and its write-through).
+        self.rt
+            .block_on(self.locks.partition_restored(&topic, partition, batch_no))
             .map_err(|e| e.to_string())?;
         let mut seq: Sequencer<Held> =
             Sequencer::new(self.seq_config.clone()).map_err(|e| e.to_string())?;
@@ -361,10 +396,9 @@ impl Engine {
         })
     }
 
+    /// Pauses or resumes one partition. Always asks librdkafka, whatever `self.paused` says:
+    /// its pause state survives a revoke and re-assign of the same partition.
     fn set_paused(&mut self, partition: i32, pause: bool) {
-        if pause == self.paused.contains(&partition) {
-            return;
-        }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topics.intents, partition);
         let result = if pause {
@@ -511,7 +545,7 @@ impl Engine {
             .iter()
             .map(|(_, v)| v.intent.intent_id.clone())
             .collect();
-        let known = match self.rt.block_on(pg::lookup_outcomes(&self.pool, &ids)) {
+        let known = match self.rt.block_on(self.locks.lookup(&ids)) {
             Ok(rows) => rows
                 .into_iter()
                 .filter_map(|r| prior(&r).map(|p| (r.intent_id, p)))
@@ -643,6 +677,11 @@ impl Engine {
                 metrics::counter!(m::TRANSACTIONS, "result" => "commit").increment(1);
                 metrics::histogram!(m::TRANSACTION_DURATION)
                     .record(started.elapsed().as_secs_f64());
+                // Write-through of the batch's terminal outcomes (one Redis round trip).
+                let outcomes = terminal_outcomes(&write.transitions);
+                if let Err(e) = self.rt.block_on(self.locks.record(&outcomes)) {
+                    tracing::warn!(error = %e, "recording outcomes in the idempotency store failed");
+                }
                 metrics::histogram!(m::BATCH_RECORDS).record(write.transitions.len() as f64);
                 metrics::gauge!(m::LAST_COMMIT_TIMESTAMP).set(output::now_ms() as f64 / 1000.0);
                 self.update_gauges();
@@ -846,6 +885,28 @@ pub fn parse_recovery_point(meta: &str) -> u64 {
         .and_then(|rest| rest.split(';').find_map(|kv| kv.strip_prefix("b=")))
         .and_then(|b| b.parse().ok())
         .unwrap_or(0)
+}
+
+/// The batch's terminal outcomes, for the idempotency store's write-through.
+fn terminal_outcomes(rows: &[TransitionRow]) -> Vec<StoredOutcome> {
+    rows.iter()
+        .filter(|r| {
+            !r.intent_id.is_empty()
+                && r.reason != Reason::InvalidIntent.as_str()
+                && matches!(
+                    r.to_state,
+                    "committed_causal" | "blocked_conflict" | "manual_review"
+                )
+        })
+        .map(|r| StoredOutcome {
+            intent_id: r.intent_id.clone(),
+            fingerprint: r.fingerprint,
+            state: r.to_state.to_string(),
+            reason: r.reason.to_string(),
+            commit_sequence: r.commit_sequence,
+            contact_version: r.contact_version,
+        })
+        .collect()
 }
 
 /// A stored terminal outcome as the sequencer's `prior`.

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::store::lock_store::LockStore;
 
 /// Runs the processor until `shutdown` fires, then drains: the batch in hand is committed and
 /// the consumer leaves its group. The engine runs on a dedicated thread because librdkafka's
@@ -18,6 +19,22 @@ use crate::config::Config;
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = crate::store::postgres::pool(&config.postgres)?;
     crate::store::postgres::migrate(&pool, &config.postgres.schema).await?;
+    let locks = Arc::new(LockStore::new(&config, pool.clone())?);
+    // Probes a tripped breaker and re-synchronises Redis even when no batch arrives.
+    let health = tokio::spawn({
+        let locks = locks.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => { locks.health_check().await; }
+                }
+            }
+        }
+    });
     let (tx, rx) = tokio::sync::oneshot::channel();
     let engine_shutdown = shutdown.clone();
     let rt = tokio::runtime::Handle::current();
@@ -25,10 +42,13 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
         .name("causal-commit-engine".into())
         .spawn(move || {
             let result =
-                engine::Engine::new(config, pool, rt, engine_shutdown).and_then(|e| e.run());
+                engine::Engine::new(config, pool, locks, rt, engine_shutdown).and_then(|e| e.run());
             let _ = tx.send(result);
         })?;
-    match rx.await {
+    let result = rx.await;
+    shutdown.cancel();
+    let _ = health.await;
+    match result {
         Ok(result) => Ok(result?),
         Err(_) => anyhow::bail!("the engine thread ended without a result (it panicked)"),
     }

@@ -61,6 +61,8 @@ impl TestEnv {
         config.batch.max_linger = Duration::from_millis(50);
         config.postgres.url = database_url().into();
         config.postgres.schema = id.to_lowercase();
+        // Redis is shared by every test: each gets its own keys.
+        config.redis.key_prefix = format!("cctest:{id}");
         config.telemetry.metrics_listen = String::new();
         config.admin.listen = String::new();
         config.validate().expect("test config is valid");

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use causal_commit::config::Config;
 use secrecy::ExposeSecret;
@@ -43,6 +43,16 @@ pub fn env_for(config: &Config) -> Vec<(String, String)> {
             config.postgres.url.expose_secret().to_string(),
         ),
         ("POSTGRES__SCHEMA", config.postgres.schema.clone()),
+        ("REDIS__URL", config.redis.url.expose_secret().to_string()),
+        ("REDIS__KEY_PREFIX", config.redis.key_prefix.clone()),
+        (
+            "REDIS__COMMAND_TIMEOUT",
+            humantime::format_duration(config.redis.command_timeout).to_string(),
+        ),
+        (
+            "REDIS__BREAKER_OPEN_FOR",
+            humantime::format_duration(config.redis.breaker_open_for).to_string(),
+        ),
         (
             "TELEMETRY__METRICS_LISTEN",
             config.telemetry.metrics_listen.clone(),
@@ -158,4 +168,47 @@ pub fn stack(action: &str, service: &str) {
         status.success(),
         "scripts/stack.sh {action} {service} failed"
     );
+}
+
+fn redis_url() -> String {
+    std::env::var("CC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A Redis that stops answering: a busy script keeps the server frozen (the way `DEBUG SLEEP`
+/// would; that command is disabled in this Redis's configuration). The guard waits for the
+/// freeze to end, even when the test failed.
+pub struct Freeze(std::process::Child);
+
+impl Drop for Freeze {
+    fn drop(&mut self) {
+        let _ = self.0.wait();
+    }
+}
+
+const FREEZE_LUA: &str = "local function now() local t = redis.call('TIME') \
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end \
+    local s = now() while now() - s < tonumber(ARGV[1]) do end return 1";
+
+/// Freezes Redis for `ms` (from about now on).
+pub async fn freeze_redis(ms: u64) -> Freeze {
+    let child = Command::new("redis-cli")
+        .args(["-u", &redis_url(), "EVAL", FREEZE_LUA, "0", &ms.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-cli");
+    // Wait until the server is really frozen: a PING gets no answer within 100 ms.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = Command::new("timeout")
+            .args(["0.1", "redis-cli", "-u", &redis_url(), "PING"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("timeout redis-cli PING");
+        if status.code() == Some(124) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Redis never froze");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Freeze(child)
 }
