@@ -7,13 +7,9 @@
 //! flush Redis take a process-wide lock exclusively (and restart / wait for Redis at the end,
 //! even on failure); the others take it shared, so they never run while Redis is disrupted.
 
-#[allow(dead_code)]
-#[path = "common/process.rs"]
-mod process;
-
 mod common;
 
-use common::process::freeze_redis;
+use common::process::{self as process, freeze_redis};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
