@@ -61,7 +61,9 @@ async fn run() {
             prefix: "bench".into(),
         };
         // The backlog is produced first, so the figure is the processor's own rate.
-        demo::produce(&env.config, &opts).await.expect("workload produced");
+        demo::produce(&env.config, &opts)
+            .await
+            .expect("workload produced");
         let cfg = env.config();
         let started = Instant::now();
         let running = common::start(cfg.clone());
