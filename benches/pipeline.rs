@@ -6,7 +6,7 @@
 //! `cargo test` it only says it was skipped: figures come from benchmark runs, not tests.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 
 use std::time::{Duration, Instant};

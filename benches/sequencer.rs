@@ -7,61 +7,22 @@
 //! idle contact with 1M contacts held, measured by a counting global allocator.
 //! `cargo bench --bench sequencer -- --quick` keeps the criterion part short.
 
-// The counting allocator needs `unsafe impl GlobalAlloc`; it lives only in this bench binary.
-// The library itself forbids unsafe code.
-#![allow(unsafe_code)]
-
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::System;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use causal_commit::sequencer::{Config, ContactSnapshot, Decision, IntentMeta, Millis, Sequencer};
 use criterion::{BatchSize, Criterion, Throughput};
+use stats_alloc::{StatsAlloc, INSTRUMENTED_SYSTEM};
 
-/// Counts live heap bytes (requested sizes) of the whole bench process.
-struct Counting;
-
-static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every method forwards to `System` unchanged and only updates a counter.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
-            LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed);
-        }
-        p
-    }
-}
-
+/// Counts the heap bytes of the whole bench process (requested sizes).
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
+/// Live heap bytes right now.
 fn live_bytes() -> usize {
-    LIVE_BYTES.load(Ordering::Relaxed)
+    let s = GLOBAL.stats();
+    (s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated) as usize
 }
 
 const CONTACTS: usize = 100_000;
