@@ -247,9 +247,9 @@ pub fn summarize(config: &Config, prefix: &str) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
-/// Waits until the consumer group has committed offsets at the end of every partition of the
-/// intents topic (the processor has caught up). Blocking.
-pub fn wait_caught_up(config: &Config, within: Duration) -> anyhow::Result<()> {
+/// A client of the processor's group that never subscribes, so it does not join (or disturb)
+/// the group: it only reads committed offsets. Returns it with the intents topic's partitions.
+pub fn offsets_reader(config: &Config) -> anyhow::Result<(BaseConsumer, Vec<i32>)> {
     let topic = &config.kafka.intents_topic;
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.kafka.brokers)
@@ -258,15 +258,24 @@ pub fn wait_caught_up(config: &Config, within: Duration) -> anyhow::Result<()> {
     for (k, v) in &config.kafka.client {
         c.set(k, v);
     }
-    // Never subscribes, so it does not join (or disturb) the group; it only reads offsets.
     let consumer: BaseConsumer = c.create().context("creating an offsets reader")?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-    let partitions: Vec<i32> = metadata
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("reading metadata of {topic}"))?;
+    let partitions = metadata
         .topics()
         .iter()
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
+    Ok((consumer, partitions))
+}
+
+/// Waits until the consumer group has committed offsets at the end of every partition of the
+/// intents topic (the processor has caught up). Blocking.
+pub fn wait_caught_up(config: &Config, within: Duration) -> anyhow::Result<()> {
+    let topic = &config.kafka.intents_topic;
+    let (consumer, partitions) = offsets_reader(config)?;
+    let timeout = Duration::from_secs(10);
     let deadline = Instant::now() + within;
     loop {
         let mut tpl = TopicPartitionList::new();

@@ -69,8 +69,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use prost::Message as _;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
@@ -591,23 +590,11 @@ fn uncovered(merged: &[(u64, u64)], highest: u64) -> Vec<(u64, u64)> {
 /// topic. Reads offsets without joining (or disturbing) the group.
 fn committed_points(config: &Config) -> anyhow::Result<HashMap<i32, CommittedPoint>> {
     let topic = &config.kafka.intents_topic;
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", &config.kafka.group_id)
-        .set("enable.auto.commit", "false");
-    for (k, v) in &config.kafka.client {
-        c.set(k, v);
-    }
-    let consumer: BaseConsumer = c.create().context("creating an offsets reader")?;
+    let (consumer, partitions) = crate::demo::offsets_reader(config)?;
     let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("reading metadata of {topic}"))?;
     let mut tpl = TopicPartitionList::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            tpl.add_partition(topic, p.id());
-        }
+    for p in partitions {
+        tpl.add_partition(topic, p);
     }
     let committed = consumer.committed_offsets(tpl, timeout).with_context(|| {
         format!(

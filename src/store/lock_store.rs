@@ -1097,14 +1097,7 @@ impl Drop for ProbeGuard<'_> {
 
 fn row_entry(row: (String, i64, String, String, i64, i64, i64)) -> Option<r::Entry> {
     let (intent_id, fp, state, reason, seq, version, ttl) = row;
-    let outcome = StoredOutcome {
-        intent_id,
-        fingerprint: fp as u64,
-        state,
-        reason,
-        commit_sequence: seq as u64,
-        contact_version: version as u64,
-    };
+    let outcome = StoredOutcome::from((intent_id, fp, state, reason, seq, version));
     let value = r::encode_outcome(&outcome)?;
     Some((outcome.intent_id, value, ttl.max(1) as u64))
 }

@@ -245,7 +245,7 @@ pub async fn lookup_outcomes(pool: &PgPool, intent_ids: &[String]) -> Result<Vec
     if intent_ids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows: Vec<(String, i64, String, String, i64, i64)> = sqlx::query_as(
+    let rows: Vec<OutcomeRow> = sqlx::query_as(
         "SELECT DISTINCT ON (intent_id) intent_id, fingerprint, to_state, reason,
                 commit_sequence, contact_version
            FROM cc_transition
@@ -258,19 +258,24 @@ pub async fn lookup_outcomes(pool: &PgPool, intent_ids: &[String]) -> Result<Vec
     .fetch_all(pool)
     .await
     .map_err(db("looking up idempotency outcomes"))?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(intent_id, fp, state, reason, seq, version)| StoredOutcome {
-                intent_id,
-                fingerprint: fp as u64,
-                state,
-                reason,
-                commit_sequence: seq as u64,
-                contact_version: version as u64,
-            },
-        )
-        .collect())
+    Ok(rows.into_iter().map(StoredOutcome::from).collect())
+}
+
+/// `(intent_id, fingerprint, to_state, reason, commit_sequence, contact_version)` as selected
+/// from `cc_transition`.
+pub type OutcomeRow = (String, i64, String, String, i64, i64);
+
+impl From<OutcomeRow> for StoredOutcome {
+    fn from((intent_id, fp, state, reason, seq, version): OutcomeRow) -> Self {
+        StoredOutcome {
+            intent_id,
+            fingerprint: fp as u64,
+            state,
+            reason,
+            commit_sequence: seq as u64,
+            contact_version: version as u64,
+        }
+    }
 }
 
 /// One audit row: a transition of one consumed record.
