@@ -426,10 +426,20 @@ redis_start() {
   log "redis: ready (pid $(<"$REDIS_PID"))"
 }
 
+# `redis_stop explicit` (the `stop redis` command, used by outage tests) also shuts down a
+# server that stack.sh did not start; `down` never does.
 redis_stop() {
   if ! redis_ours; then
     unmark_started redis
     if redis_answers; then
+      if [[ ${1:-} == explicit ]]; then
+        warn "redis: shutting down the server on $HOST:$REDIS_PORT that stack.sh did not start"
+        redis-cli -h "$HOST" -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+        wait_for 15 bash -c "! redis-cli -h $HOST -p $REDIS_PORT ping 2>/dev/null | grep -q PONG" \
+          || die "redis: still answering 15s after SHUTDOWN"
+        log "redis: stopped"
+        return 0
+      fi
       warn "redis: the server on $HOST:$REDIS_PORT was not started by stack.sh; not stopping it"
       return 1
     fi
@@ -649,7 +659,7 @@ cmd_stop() {
   check_service "$1"
   case $1 in
     kafka) kafka_stop ;;
-    redis) redis_stop ;;
+    redis) redis_stop explicit ;;
     postgres) pg_stop explicit ;;
   esac
 }
