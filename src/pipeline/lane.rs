@@ -61,6 +61,17 @@ pub struct Translator<'a> {
     pub fresh: &'a HashMap<(i32, i64), Arc<ValidIntent>>,
 }
 
+/// What a blocked or manual-reviewed intent turns into.
+struct Rejection {
+    review: ReviewReason,
+    to: &'static str,
+    code: &'static str,
+    detail: String,
+    expected: u64,
+    commit_sequence: u64,
+    waited_ms: u64,
+}
+
 const RECEIVED: &str = "received";
 const WAITING: &str = "waiting_previous_commit";
 
@@ -181,32 +192,16 @@ impl Lane {
                 } => {
                     let from = self.previous_state(&intent, t, &waited_now);
                     let (review, code, detail, expected) = blocked(&reason, commit_sequence);
-                    let decoded = self.decoded(&intent, t);
-                    self.review(
-                        out,
-                        t,
-                        &intent,
-                        decoded.as_deref(),
+                    let outcome = Rejection {
                         review,
-                        &detail,
+                        to: "blocked_conflict",
+                        code,
+                        detail,
                         expected,
                         commit_sequence,
-                        0,
-                    );
-                    if let Some(decoded) = decoded {
-                        self.row(
-                            out,
-                            batch_no,
-                            &intent,
-                            &decoded,
-                            from,
-                            "blocked_conflict",
-                            code,
-                            commit_sequence,
-                            0,
-                            detail,
-                        );
-                    }
+                        waited_ms: 0,
+                    };
+                    self.reject(out, t, batch_no, &intent, from, outcome);
                 }
                 Decision::ManualReview {
                     intent,
@@ -214,33 +209,17 @@ impl Lane {
                     reason,
                 } => {
                     let from = self.previous_state(&intent, t, &waited_now);
-                    let (review, detail, expected, waited) = manual(&reason);
-                    let decoded = self.decoded(&intent, t);
-                    self.review(
-                        out,
-                        t,
-                        &intent,
-                        decoded.as_deref(),
+                    let (review, detail, expected, waited_ms) = manual(&reason);
+                    let outcome = Rejection {
                         review,
-                        &detail,
+                        to: "manual_review",
+                        code: reason.code().as_str(),
+                        detail,
                         expected,
                         commit_sequence,
-                        waited,
-                    );
-                    if let Some(decoded) = decoded {
-                        self.row(
-                            out,
-                            batch_no,
-                            &intent,
-                            &decoded,
-                            from,
-                            "manual_review",
-                            reason.code().as_str(),
-                            commit_sequence,
-                            0,
-                            detail,
-                        );
-                    }
+                        waited_ms,
+                    };
+                    self.reject(out, t, batch_no, &intent, from, outcome);
                 }
                 Decision::Skipped {
                     contact_id,
@@ -347,6 +326,44 @@ impl Lane {
             0,
             0,
         );
+    }
+
+    /// A blocked or manual-reviewed intent: its manual-review record and its audit row.
+    fn reject(
+        &self,
+        out: &mut Translated,
+        t: &Translator<'_>,
+        batch_no: u64,
+        intent: &Intent<Held>,
+        from: &'static str,
+        r: Rejection,
+    ) {
+        let decoded = self.decoded(intent, t);
+        self.review(
+            out,
+            t,
+            intent,
+            decoded.as_deref(),
+            r.review,
+            &r.detail,
+            r.expected,
+            r.commit_sequence,
+            r.waited_ms,
+        );
+        if let Some(decoded) = decoded {
+            self.row(
+                out,
+                batch_no,
+                intent,
+                &decoded,
+                from,
+                r.to,
+                r.code,
+                r.commit_sequence,
+                0,
+                r.detail,
+            );
+        }
     }
 
     /// An intent first seen in this batch that did not wait comes from `received`; anything
