@@ -8,12 +8,14 @@
 //! - [`intent`]: decoding and validation of input records (the one place that trusts bytes).
 //! - [`sequencer`]: the pure per-partition causal sequencer and commit gate (no I/O).
 //! - [`pipeline`]: the Kafka consume-transform-produce loop and its transactions.
-//! - [`store`]: PostgreSQL, the durable state and audit.
+//! - [`store`]: PostgreSQL (durable state, audit, fencing), Redis (locks, idempotency), the
+//!   circuit breaker and the fallback between them.
 //! - [`telemetry`]: JSON logs, Prometheus metrics (every name in one module), OTLP traces.
 //! - [`demo`]: the demo producer and the read-back summary used by `make demo`.
 //! - [`verify`]: the contract verifier (`causal-commit verify`): order, gaps, duplicates, losses.
 //!
-//! The binary (`src/main.rs`) is the CLI: `run`, `produce`, `migrate`, `summary`.
+//! The binary (`src/main.rs`) is the CLI: `run`, `produce`, `migrate`, `summary`,
+//! `wait-caught-up`, `verify`, `release`, `show-config`.
 
 #![forbid(unsafe_code)]
 
