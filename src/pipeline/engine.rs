@@ -521,7 +521,7 @@ impl Engine {
                 continue;
             };
             touched.insert(record.partition, record.offset + 1);
-            match lane::decode(
+            match crate::intent::decode(
                 record.key.as_deref(),
                 record.value.as_deref(),
                 &self.config.limits,

@@ -197,10 +197,6 @@ impl TxnProducer {
         })
     }
 
-    pub fn is_open(&self) -> bool {
-        self.open
-    }
-
     pub fn begin(&mut self) -> Result<()> {
         if !self.open {
             self.producer.begin_transaction().map_err(classify)?;

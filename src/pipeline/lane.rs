@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::kafka::OutRecord;
 use super::output::{self, EffectFields, InRecord, ReviewFields, Source};
-use crate::intent::{self, ValidIntent};
+use crate::intent::ValidIntent;
 use crate::proto::{Intent as ProtoIntent, ReviewReason};
 use crate::sequencer::{
     BlockReason, Decision, Intent, Reason, ReviewReason as SeqReview, Sequencer, SkipCause,
@@ -606,6 +606,3 @@ pub fn meta(
         resubmission,
     }
 }
-
-/// Decodes a record (see [`intent::decode`]).
-pub use intent::decode;
