@@ -9,8 +9,8 @@ use prost::Message as _;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -209,7 +209,7 @@ pub fn summarize(config: &Config, prefix: &str) -> anyhow::Result<Summary> {
     let mut summary = Summary::default();
     let mut last_seq: HashMap<String, u64> = HashMap::new();
     let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
-    read_topic(config, &config.kafka.side_effects_topic, |record| {
+    crate::pipeline::read::read_topic(config, &config.kafka.side_effects_topic, |record| {
         let Some(value) = record.value else {
             return Ok(());
         };
@@ -228,7 +228,7 @@ pub fn summarize(config: &Config, prefix: &str) -> anyhow::Result<Summary> {
         Ok(())
     })?;
     summary.contacts = last_seq.len();
-    read_topic(config, &config.kafka.manual_review_topic, |record| {
+    crate::pipeline::read::read_topic(config, &config.kafka.manual_review_topic, |record| {
         let Some(value) = record.value else {
             return Ok(());
         };
@@ -247,34 +247,11 @@ pub fn summarize(config: &Config, prefix: &str) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
-/// A client of the processor's group that never subscribes, so it does not join (or disturb)
-/// the group: it only reads committed offsets. Returns it with the intents topic's partitions.
-pub fn offsets_reader(config: &Config) -> anyhow::Result<(BaseConsumer, Vec<i32>)> {
-    let topic = &config.kafka.intents_topic;
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", &config.kafka.group_id)
-        .set("enable.auto.commit", "false");
-    for (k, v) in &config.kafka.client {
-        c.set(k, v);
-    }
-    let consumer: BaseConsumer = c.create().context("creating an offsets reader")?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .with_context(|| format!("reading metadata of {topic}"))?;
-    let partitions = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    Ok((consumer, partitions))
-}
-
 /// Waits until the consumer group has committed offsets at the end of every partition of the
 /// intents topic (the processor has caught up). Blocking.
 pub fn wait_caught_up(config: &Config, within: Duration) -> anyhow::Result<()> {
     let topic = &config.kafka.intents_topic;
-    let (consumer, partitions) = offsets_reader(config)?;
+    let (consumer, partitions) = crate::pipeline::read::offsets_reader(config)?;
     let timeout = Duration::from_secs(10);
     let deadline = Instant::now() + within;
     loop {
@@ -301,95 +278,4 @@ pub fn wait_caught_up(config: &Config, within: Duration) -> anyhow::Result<()> {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-/// One record handed to the callback of [`read_topic`].
-#[derive(Debug, Clone, Copy)]
-pub struct TopicRecord<'a> {
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<&'a [u8]>,
-    /// `None` for a tombstone (a record without a value).
-    pub value: Option<&'a [u8]>,
-}
-
-/// Calls `f` on every committed record of `topic` (tombstones included), from the beginning to
-/// the end the topic has when the call starts. Each partition's records come in offset order;
-/// partitions are interleaved.
-pub fn read_topic(
-    config: &Config,
-    topic: &str,
-    mut f: impl FnMut(TopicRecord<'_>) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set(
-            "group.id",
-            format!("causal-commit-reader-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false");
-    for (k, v) in &config.kafka.client {
-        c.set(k, v);
-    }
-    let consumer: BaseConsumer = c.create().context("creating a reader")?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("reading metadata of {topic}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut ends = HashMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        // With read_committed the high watermark may sit past the last stable offset; records up
-        // to it are delivered once their transaction is decided.
-        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
-        if high > low {
-            ends.insert(*p, high);
-            tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
-        }
-    }
-    if ends.is_empty() {
-        return Ok(());
-    }
-    consumer.assign(&tpl)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut positions: HashMap<i32, i64> = HashMap::new();
-    while ends
-        .iter()
-        .any(|(p, end)| positions.get(p).copied().unwrap_or(-1) + 1 < *end)
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "reading {topic} did not reach its end in time"
-        );
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(msg)) => {
-                positions.insert(msg.partition(), msg.offset());
-                f(TopicRecord {
-                    partition: msg.partition(),
-                    offset: msg.offset(),
-                    key: msg.key(),
-                    value: msg.payload(),
-                })?;
-            }
-            Some(Err(e)) => anyhow::bail!("reading {topic} failed: {e}"),
-            None => {
-                // Control records (transaction markers) take offsets too: ask for the position.
-                if let Ok(pos) = consumer.position() {
-                    for e in pos.elements() {
-                        if let Offset::Offset(o) = e.offset() {
-                            positions.insert(e.partition(), o - 1);
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
 }

@@ -8,6 +8,21 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::config::LimitsConfig;
 use crate::proto::{Action, Intent};
 
+/// An input record, copied out of librdkafka's buffer (it may outlive the poll: waiting intents
+/// are kept until their turn).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    /// W3C trace context of the producer, forwarded to the outputs.
+    pub traceparent: Option<Vec<u8>>,
+    /// An operator re-submitted this record from manual review.
+    #[serde(default)]
+    pub resubmission: bool,
+}
+
 /// Why a record is not a valid intent. The message names the field and the offending value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidIntent {

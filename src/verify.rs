@@ -64,21 +64,17 @@
 //! committed offset).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use prost::Message as _;
-use rdkafka::consumer::Consumer;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::demo::{read_topic, TopicRecord};
-use crate::pipeline::engine::parse_recovery_point;
-use crate::pipeline::lane::Held;
+use crate::pipeline::read::{read_topic, TopicRecord};
 use crate::proto::{ManualReview, ReviewReason, SideEffect};
 use crate::sequencer::ContactSnapshot;
+use crate::store::snapshot::Held;
 
 /// How many violation examples the report carries.
 pub const MAX_EXAMPLES: usize = 20;
@@ -586,37 +582,19 @@ fn uncovered(merged: &[(u64, u64)], highest: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// The processor group's committed offset and recovery point per partition of the intents
-/// topic. Reads offsets without joining (or disturbing) the group.
+/// The processor group's committed offset and last committed batch per partition.
 fn committed_points(config: &Config) -> anyhow::Result<HashMap<i32, CommittedPoint>> {
-    let topic = &config.kafka.intents_topic;
-    let (consumer, partitions) = crate::demo::offsets_reader(config)?;
-    let timeout = Duration::from_secs(10);
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        tpl.add_partition(topic, p);
-    }
-    let committed = consumer.committed_offsets(tpl, timeout).with_context(|| {
-        format!(
-            "reading the committed offsets of group {}",
-            config.kafka.group_id
-        )
-    })?;
-    Ok(committed
-        .elements()
-        .iter()
-        .map(|e| {
-            let point = match e.offset() {
-                Offset::Offset(o) => CommittedPoint {
-                    offset: o,
-                    batch: parse_recovery_point(e.metadata()),
+    Ok(crate::pipeline::read::committed_points(config)?
+        .into_iter()
+        .map(|(p, c)| {
+            let batch = c.recovery.ok().flatten().map_or(0, |r| r.batch);
+            (
+                p,
+                CommittedPoint {
+                    offset: c.offset,
+                    batch,
                 },
-                _ => CommittedPoint {
-                    offset: -1,
-                    batch: 0,
-                },
-            };
-            (e.partition(), point)
+            )
         })
         .collect())
 }

@@ -14,13 +14,13 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 
 use causal_commit::config::Config;
-use causal_commit::pipeline::engine::recovery_point;
-use causal_commit::pipeline::lane::Held;
-use causal_commit::pipeline::output::InRecord;
+use causal_commit::intent::InRecord;
 use causal_commit::proto::{ManualReview, ReviewReason, SideEffect};
 use causal_commit::sequencer::{
     ContactSnapshot, Intent as SeqIntent, IntentMeta, Millis, WaitingSnapshot,
 };
+use causal_commit::store::recovery::RecoveryPoint;
+use causal_commit::store::snapshot::Held;
 use causal_commit::verify::{verify, Report};
 
 async fn run_verify(config: &Config, prefix: &str) -> Report {
@@ -248,7 +248,14 @@ fn commit_recovery_point(config: &Config, next_offset: i64, batch: u64) {
         .expect("offset");
     tpl.find_partition(&config.kafka.intents_topic, 0)
         .expect("partition in list")
-        .set_metadata(recovery_point(batch, 1));
+        .set_metadata(
+            RecoveryPoint {
+                batch,
+                fence: 1,
+                clock_ms: 0,
+            }
+            .to_string(),
+        );
     consumer
         .commit(&tpl, CommitMode::Sync)
         .expect("commit offsets");

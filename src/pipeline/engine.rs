@@ -28,14 +28,16 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::kafka::{self, EngineConsumer, EngineContext, OutRecord, TxnProducer};
-use super::lane::{self, Held, Lane, Translated, Translator};
-use super::output::{self, InRecord, ReviewFields, Source};
+use super::lane::{self, Lane, Translated, Translator};
+use super::output::{self, ReviewFields, Source};
 use crate::config::Config;
-use crate::intent::{InvalidIntent, ValidIntent};
+use crate::intent::{InRecord, InvalidIntent, ValidIntent};
 use crate::proto::ReviewReason;
 use crate::sequencer::{self, Millis, Outcome, PriorOutcome, Reason, Release, Sequencer};
 use crate::store::lock_store::{LockResult, LockStore};
 use crate::store::postgres::{self as pg, BatchWrite, StoredOutcome, TransitionRow};
+use crate::store::recovery::RecoveryPoint;
+use crate::store::snapshot::{self, Held};
 use crate::telemetry::metrics as m;
 
 /// Engine failures that stop the process (everything else is retried in place).
@@ -326,7 +328,10 @@ impl Engine {
         let (offset, batch_no) = committed
             .elements()
             .first()
-            .map(|e| (e.offset(), parse_recovery_point(e.metadata())))
+            .map(|e| {
+                let point = RecoveryPoint::parse(e.metadata()).ok().flatten();
+                (e.offset(), point.map_or(0, |p| p.batch))
+            })
             .unwrap_or((Offset::Invalid, 0));
         let restored = self
             .rt
@@ -344,9 +349,9 @@ impl Engine {
         let snapshots = restored
             .states
             .into_iter()
-            .map(serde_json::from_value::<sequencer::ContactSnapshot<Held>>)
+            .map(snapshot::decode)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("a stored contact state is unreadable: {e}"))?;
+            .map_err(|e| e.to_string())?;
         let contacts = snapshots.len();
         seq.restore(snapshots).map_err(|e| e.to_string())?;
         let mut pause = Vec::new();
@@ -648,7 +653,14 @@ impl Engine {
             .filter_map(|(p, next)| {
                 let lane = self.lanes.get(p)?;
                 let next = (*next).max(lane.next_offset);
-                (next >= 0).then(|| (*p, next, recovery_point(lane.batch_no + 1, lane.fence)))
+                (next >= 0).then(|| {
+                    let point = RecoveryPoint {
+                        batch: lane.batch_no + 1,
+                        fence: lane.fence,
+                        clock_ms: 0,
+                    };
+                    (*p, next, point.to_string())
+                })
             })
             .collect();
         let started = Instant::now();
@@ -874,19 +886,6 @@ fn clear_partition_gauges(p: i32) {
     metrics::gauge!(m::BACKLOG_OLDEST_AGE, "partition" => p.to_string()).set(0.0);
 }
 
-/// The committed offset's metadata: the batch number and the fencing token of the writer.
-pub fn recovery_point(batch_no: u64, fence: u64) -> String {
-    format!("cc:b={batch_no};f={fence}")
-}
-
-/// The batch number of a committed offset's metadata (0 when there is none).
-pub fn parse_recovery_point(meta: &str) -> u64 {
-    meta.strip_prefix("cc:")
-        .and_then(|rest| rest.split(';').find_map(|kv| kv.strip_prefix("b=")))
-        .and_then(|b| b.parse().ok())
-        .unwrap_or(0)
-}
-
 /// The batch's terminal outcomes, for the idempotency store's write-through.
 fn terminal_outcomes(rows: &[TransitionRow]) -> Vec<StoredOutcome> {
     rows.iter()
@@ -954,17 +953,5 @@ pub fn invalid_kind(e: &InvalidIntent) -> &'static str {
         InvalidIntent::KeyMismatch { .. } => "key_mismatch",
         InvalidIntent::UnknownAction(_) => "unknown_action",
         InvalidIntent::UnspecifiedAction => "unspecified_action",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recovery_point_round_trips() {
-        assert_eq!(parse_recovery_point(&recovery_point(42, 7)), 42);
-        assert_eq!(parse_recovery_point(""), 0);
-        assert_eq!(parse_recovery_point("something else"), 0);
     }
 }

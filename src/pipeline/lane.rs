@@ -5,26 +5,17 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use prost::Message as _;
-use serde::{Deserialize, Serialize};
 
 use super::kafka::OutRecord;
-use super::output::{self, EffectFields, InRecord, ReviewFields, Source};
-use crate::intent::ValidIntent;
+use super::output::{self, EffectFields, ReviewFields, Source};
+use crate::intent::{InRecord, ValidIntent};
 use crate::proto::{Intent as ProtoIntent, ReviewReason};
 use crate::sequencer::{
     BlockReason, Decision, Intent, Reason, ReviewReason as SeqReview, Sequencer, SkipCause,
 };
 use crate::store::postgres::{ContactRow, TransitionRow};
+use crate::store::snapshot::{self, Held};
 use crate::telemetry::metrics as m;
-
-/// What the sequencer carries with every intent: the original record (so a waiting intent can
-/// be emitted, or sent to manual review byte for byte, after a restart) and the correlation id
-/// (which may have been generated on first sight and must stay the same).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Held {
-    pub record: InRecord,
-    pub correlation_id: String,
-}
 
 /// The state of one assigned partition.
 pub struct Lane {
@@ -286,7 +277,7 @@ impl Lane {
             let on_hold = snapshot.hold.is_some();
             let waiting = snapshot.waiting.len() as i32;
             let contact_id = snapshot.contact_id.clone();
-            match serde_json::to_value(&snapshot) {
+            match snapshot::encode(&snapshot) {
                 Ok(state) => out.contacts.push(ContactRow {
                     contact_id,
                     partition: self.partition,

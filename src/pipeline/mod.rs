@@ -5,6 +5,7 @@ pub mod engine;
 pub mod kafka;
 pub mod lane;
 pub mod output;
+pub mod read;
 
 use std::sync::Arc;
 

@@ -5,27 +5,13 @@ use std::sync::Arc;
 use prost::Message as _;
 
 use super::kafka::OutRecord;
+use crate::intent::InRecord;
 use crate::proto::{Intent, ManualReview, ReviewReason, SideEffect};
 
 pub const CORRELATION_HEADER: &str = "correlation_id";
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// Set by the operator tools on a manual-review item sent back to the intents topic.
 pub const RESUBMISSION_HEADER: &str = "cc-resubmission";
-
-/// An input record, copied out of librdkafka's buffer (it may outlive the poll: waiting intents
-/// are kept until their turn).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct InRecord {
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    /// W3C trace context of the producer, forwarded to the outputs.
-    pub traceparent: Option<Vec<u8>>,
-    /// An operator re-submitted this record from manual review.
-    #[serde(default)]
-    pub resubmission: bool,
-}
 
 /// Where an output record came from.
 #[derive(Debug, Clone)]

@@ -4,4 +4,6 @@
 pub mod breaker;
 pub mod lock_store;
 pub mod postgres;
+pub mod recovery;
 pub mod redis;
+pub mod snapshot;

@@ -183,7 +183,7 @@ pub fn intent(id: &str, contact: &str, seq: u64) -> Intent {
 /// Committed (read_committed) records of a topic, with their headers.
 pub fn read_all(config: &Config, topic: &str) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    causal_commit::demo::read_topic(config, topic, |r| {
+    causal_commit::pipeline::read::read_topic(config, topic, |r| {
         if let Some(v) = r.value {
             out.push(v.to_vec());
         }

@@ -1,0 +1,173 @@
+//! Read-only Kafka access for the tools (`verify`, `summary`, `wait-caught-up`) and tests: a
+//! topic's committed records, and a group's committed offsets with their recovery points,
+//! read without joining (or disturbing) the group.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::store::recovery::RecoveryPoint;
+
+/// A client of the processor's group that never subscribes, so it does not join (or disturb)
+/// the group: it only reads committed offsets. Returns it with the intents topic's partitions.
+pub fn offsets_reader(config: &Config) -> anyhow::Result<(BaseConsumer, Vec<i32>)> {
+    let topic = &config.kafka.intents_topic;
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "false");
+    for (k, v) in &config.kafka.client {
+        c.set(k, v);
+    }
+    let consumer: BaseConsumer = c.create().context("creating an offsets reader")?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("reading metadata of {topic}"))?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    Ok((consumer, partitions))
+}
+
+/// One record handed to the callback of [`read_topic`].
+#[derive(Debug, Clone, Copy)]
+pub struct TopicRecord<'a> {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    /// `None` for a tombstone (a record without a value).
+    pub value: Option<&'a [u8]>,
+}
+
+/// Calls `f` on every committed record of `topic` (tombstones included), from the beginning to
+/// the end the topic has when the call starts. Each partition's records come in offset order;
+/// partitions are interleaved.
+pub fn read_topic(
+    config: &Config,
+    topic: &str,
+    mut f: impl FnMut(TopicRecord<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        .set(
+            "group.id",
+            format!("causal-commit-reader-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &config.kafka.client {
+        c.set(k, v);
+    }
+    let consumer: BaseConsumer = c.create().context("creating a reader")?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .with_context(|| format!("reading metadata of {topic}"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut ends = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        // With read_committed the high watermark may sit past the last stable offset; records up
+        // to it are delivered once their transaction is decided.
+        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
+        if high > low {
+            ends.insert(*p, high);
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(());
+    }
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut positions: HashMap<i32, i64> = HashMap::new();
+    while ends
+        .iter()
+        .any(|(p, end)| positions.get(p).copied().unwrap_or(-1) + 1 < *end)
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "reading {topic} did not reach its end in time"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(msg)) => {
+                positions.insert(msg.partition(), msg.offset());
+                f(TopicRecord {
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    key: msg.key(),
+                    value: msg.payload(),
+                })?;
+            }
+            Some(Err(e)) => anyhow::bail!("reading {topic} failed: {e}"),
+            None => {
+                // Control records (transaction markers) take offsets too: ask for the position.
+                if let Ok(pos) = consumer.position() {
+                    for e in pos.elements() {
+                        if let Offset::Offset(o) = e.offset() {
+                            positions.insert(e.partition(), o - 1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A partition's committed position in the processor's group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedPoint {
+    /// The next offset to consume (-1 when the group has no committed offset).
+    pub offset: i64,
+    /// What the committed offset's metadata says (`Ok(None)`: no metadata).
+    pub recovery: Result<Option<RecoveryPoint>, crate::store::recovery::Malformed>,
+}
+
+/// The processor group's committed offset and recovery point per partition of the intents
+/// topic.
+pub fn committed_points(config: &Config) -> anyhow::Result<HashMap<i32, CommittedPoint>> {
+    let topic = &config.kafka.intents_topic;
+    let (consumer, partitions) = offsets_reader(config)?;
+    let timeout = Duration::from_secs(10);
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, timeout).with_context(|| {
+        format!(
+            "reading the committed offsets of group {}",
+            config.kafka.group_id
+        )
+    })?;
+    Ok(committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let point = match e.offset() {
+                Offset::Offset(o) => CommittedPoint {
+                    offset: o,
+                    recovery: RecoveryPoint::parse(e.metadata()),
+                },
+                _ => CommittedPoint {
+                    offset: -1,
+                    recovery: Ok(None),
+                },
+            };
+            (e.partition(), point)
+        })
+        .collect())
+}
