@@ -52,6 +52,24 @@ pub enum InvalidIntent {
     UnspecifiedAction,
 }
 
+impl InvalidIntent {
+    /// A short, low-cardinality name for the failure (a metric label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InvalidIntent::NoValue => "no_value",
+            InvalidIntent::RecordTooLarge { .. } => "record_too_large",
+            InvalidIntent::Undecodable(_) => "undecodable",
+            InvalidIntent::MissingField(_) => "missing_field",
+            InvalidIntent::FieldTooLong { .. } => "field_too_long",
+            InvalidIntent::PayloadTooLarge { .. } => "payload_too_large",
+            InvalidIntent::MissingKey { .. } => "missing_key",
+            InvalidIntent::KeyMismatch { .. } => "key_mismatch",
+            InvalidIntent::UnknownAction(_) => "unknown_action",
+            InvalidIntent::UnspecifiedAction => "unspecified_action",
+        }
+    }
+}
+
 /// An intent that passed validation, with what the pipeline derives from it once.
 #[derive(Debug, Clone)]
 pub struct ValidIntent {

@@ -15,8 +15,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use causal_commit::config::Config;
+use causal_commit::sequencer::{Outcome, PriorOutcome, Reason, State};
 use causal_commit::store::lock_store::{LockResult, LockStore, Mode};
-use causal_commit::store::postgres::{self as pg, BatchWrite, StoredOutcome, TransitionRow};
+use causal_commit::store::postgres::{
+    self as pg, BatchWrite, PartitionWrite, StoredOutcome, Transition, TransitionRow,
+};
 use causal_commit::store::redis as raw;
 use sqlx::PgPool;
 
@@ -120,11 +123,12 @@ impl World {
     async fn write_durable(&mut self, partition: i32, batch_no: u64, outcomes: &[StoredOutcome]) {
         for o in outcomes {
             self.next_offset += 1;
+            let c = o.columns();
             sqlx::query(
                 "INSERT INTO cc_transition (topic, partition, batch_no, source_offset, intent_id,
                      contact_id, clinic_id, correlation_id, from_state, to_state, reason,
                      commit_sequence, contact_version, fingerprint, writer, fence)
-                 VALUES ($1, $2, $3, $4, $5, 'contact', 'clinic', 'corr', 'new', $6, $7, $8, $9,
+                 VALUES ($1, $2, $3, $4, $5, 'contact', 'clinic', 'corr', 'received', $6, $7, $8, $9,
                          $10, 'test', 1)",
             )
             .bind(TOPIC)
@@ -132,11 +136,11 @@ impl World {
             .bind(batch_no as i64)
             .bind(self.next_offset)
             .bind(&o.intent_id)
-            .bind(&o.state)
-            .bind(&o.reason)
-            .bind(o.commit_sequence as i64)
-            .bind(o.contact_version as i64)
-            .bind(o.fingerprint as i64)
+            .bind(c.state)
+            .bind(c.reason)
+            .bind(c.commit_sequence as i64)
+            .bind(c.contact_version as i64)
+            .bind(o.prior.fingerprint as i64)
             .execute(&self.pool)
             .await
             .expect("insert transition");
@@ -161,13 +165,31 @@ impl World {
 }
 
 fn outcome(id: &str, state: &str, reason: &str, seq: u64) -> StoredOutcome {
+    let reason = || reason.parse::<Reason>().expect("a reason");
+    let outcome = match state {
+        "committed_causal" => Outcome::Committed {
+            commit_sequence: seq,
+            contact_version: seq,
+        },
+        "waiting_previous_commit" => Outcome::Waiting {
+            commit_sequence: seq,
+        },
+        "blocked_conflict" => Outcome::Blocked {
+            reason: reason(),
+            commit_sequence: seq,
+        },
+        "manual_review" => Outcome::ManualReview {
+            reason: reason(),
+            commit_sequence: seq,
+        },
+        other => panic!("no outcome {other}"),
+    };
     StoredOutcome {
         intent_id: id.to_string(),
-        fingerprint: 0xfeed_0000_0000_0000 ^ seq,
-        state: state.into(),
-        reason: reason.into(),
-        commit_sequence: seq,
-        contact_version: seq,
+        prior: PriorOutcome {
+            fingerprint: 0xfeed_0000_0000_0000 ^ seq,
+            outcome,
+        },
     }
 }
 
@@ -385,16 +407,31 @@ async fn locks_exclude_a_second_owner_until_release_or_expiry_and_fencing_reject
         .expect("released partition");
     assert!(new > old, "fencing tokens increase: {old} then {new}");
     let write = |fence: u64| BatchWrite {
-        partitions: vec![(3, fence, 1)],
+        partitions: vec![PartitionWrite {
+            partition: 3,
+            fence,
+            batch_no: 1,
+            next_offset: 1,
+            clock_ms: 0,
+        }],
         transitions: vec![TransitionRow {
             partition: 3,
             batch_no: 1,
+            source_offset: 0,
             intent_id: "fenced".into(),
             contact_id: "c".into(),
-            from_state: "new",
-            to_state: "committed_causal",
+            clinic_id: String::new(),
+            correlation_id: String::new(),
+            transition: Transition::Record {
+                waited: false,
+                to: State::CommittedCausal,
+                reason: None,
+            },
+            commit_sequence: 1,
+            contact_version: 1,
+            fingerprint: 0,
+            detail: String::new(),
             fence,
-            ..TransitionRow::default()
         }],
         ..BatchWrite::default()
     };

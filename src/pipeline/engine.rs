@@ -1,20 +1,25 @@
 //! The consume-transform-produce loop, on one dedicated thread.
 //!
 //! One batch = one Kafka transaction. Records are polled into memory (nothing is produced while
-//! polling, so a rebalance during polling only drops the in-memory records), then:
+//! polling, so a rebalance during polling only drops the in-memory records); then
+//! [`Engine::process`] runs the data path as named steps:
 //!
-//! 1. decoded and validated; invalid ones become `INVALID_INTENT` manual-review records;
-//! 2. the idempotency store is asked, in one round trip, what it knows of the batch's intent ids;
-//! 3. each partition's sequencer ([`Lane`]) decides, and its decisions become effects,
-//!    manual-review records, audit rows and contact states;
-//! 4. the durable state is written in one PostgreSQL round trip, tagged with each partition's
+//! 1. **decode** the records (`crate::intent`); invalid ones are kept for their review record;
+//! 2. **look up** what the idempotency store knows of the batch's intent ids (one round trip);
+//! 3. **sequence**: each partition's sequencer ([`Lane`]) decides; due operator commands and
+//!    wait timeouts are applied;
+//! 4. **translate** the decisions into a [`BatchPlan`] (pure, `translate`): output records,
+//!    audit rows, contact states, transition events;
+//! 5. **persist** the durable state in one PostgreSQL round trip, tagged with each partition's
 //!    next batch number and checked against its fencing token;
-//! 5. the outputs and the consumed offsets (whose metadata names the batch number: the
-//!    recovery point) commit in one Kafka transaction.
+//! 6. **commit** the outputs and the consumed offsets (whose metadata names the batch: the
+//!    recovery point) in one Kafka transaction;
+//! 7. **report**, only now that the batch is real: each transition's log line and metrics, the
+//!    idempotency cache's write-through, the lanes' new recovery points.
 //!
-//! Any failure after step 3 voids the in-memory state: every lane is dropped, its partition
-//! paused, and restored from PostgreSQL against the committed offsets (rows of batches that
-//! never committed in Kafka are rolled back), then rewound and resumed. See
+//! A failure in steps 2, 5 or 6 is handled in one place ([`Engine::fail`]): the in-memory state
+//! is voided, each partition paused, restored from PostgreSQL against the committed offsets
+//! (rows of batches that never committed in Kafka are rolled back), rewound and resumed. See
 //! `docs/exactly-once.md`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -23,21 +28,23 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::kafka::{self, EngineConsumer, EngineContext, OutRecord, TxnProducer};
-use super::lane::{self, Lane, Translated, Translator};
-use super::output::{self, ReviewFields, Source};
+use super::assignment::{Assignment, PauseCause};
+use super::kafka::{self, EngineConsumer, EngineContext, TxnProducer};
+use super::lane::Lane;
+use super::output;
+use super::report;
+use super::translate::{self, Fresh, PartitionPlan, Topics};
 use crate::config::Config;
 use crate::intent::{InRecord, InvalidIntent, ValidIntent};
-use crate::proto::ReviewReason;
-use crate::sequencer::{self, Millis, Outcome, PriorOutcome, Reason, Release, Sequencer};
-use crate::store::lock_store::{LockResult, LockStore};
-use crate::store::postgres::{self as pg, BatchWrite, StoredOutcome, TransitionRow};
+use crate::sequencer::{self, IntentMeta, Millis, PriorOutcome, Release};
+use crate::store::lock_store::{self, LockStore};
+use crate::store::postgres::{self as pg, AppliedCommand, BatchWrite, PartitionWrite};
 use crate::store::recovery::RecoveryPoint;
-use crate::store::snapshot::{self, Held};
+use crate::store::snapshot::Held;
 use crate::telemetry::metrics as m;
 
 /// Engine failures that stop the process (everything else is retried in place).
@@ -58,43 +65,76 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Topic names, shared cheaply by every output record.
-#[derive(Clone)]
-pub struct Topics {
-    pub intents: Arc<str>,
-    pub side_effects: Arc<str>,
-    pub manual_review: Arc<str>,
-}
-
 /// How often operator commands are looked for.
 const COMMAND_POLL: Duration = Duration::from_secs(1);
 /// How long to wait before retrying a partition that could not be restored.
-const RESTORE_RETRY: Duration = Duration::from_secs(1);
+pub(super) const RESTORE_RETRY: Duration = Duration::from_secs(1);
+/// How often the backlog gauges are refreshed.
+const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 
 pub struct Engine {
-    config: Arc<Config>,
-    seq_config: sequencer::Config,
-    topics: Topics,
-    ctx: EngineContext,
-    consumer: EngineConsumer,
+    pub(super) config: Arc<Config>,
+    pub(super) seq_config: sequencer::Config,
+    pub(super) topics: Topics,
+    pub(super) ctx: EngineContext,
+    pub(super) consumer: EngineConsumer,
     producer: Option<TxnProducer>,
     shutdown: CancellationToken,
-    rt: tokio::runtime::Handle,
-    pool: PgPool,
+    pub(super) rt: tokio::runtime::Handle,
+    pub(super) pool: PgPool,
     /// Locks and idempotency: Redis, with PostgreSQL as the fallback.
-    locks: Arc<LockStore>,
-    writer: String,
-    lanes: BTreeMap<i32, Lane>,
-    assigned: BTreeSet<i32>,
-    /// Assigned partitions without a lane, with whether their position must be rewound.
-    to_restore: BTreeMap<i32, bool>,
-    next_restore_at: Instant,
+    pub(super) locks: Arc<LockStore>,
+    pub(super) writer: String,
+    pub(super) lanes: BTreeMap<i32, Lane>,
+    pub(super) assignment: Assignment,
+    pub(super) next_restore_at: Instant,
     next_commands_at: Instant,
-    paused: BTreeSet<i32>,
-    /// Operator commands applied in the batch being built.
-    pending_applied: Vec<pg::AppliedCommand>,
-    /// Partitions whose state changed through a command in the batch being built.
-    command_partitions: BTreeSet<i32>,
+    next_gauges_at: Instant,
+}
+
+/// The records of one batch, decoded, per partition, in offset order.
+#[derive(Default)]
+struct Decoded {
+    partitions: BTreeMap<i32, PartitionInput>,
+}
+
+#[derive(Default)]
+struct PartitionInput {
+    valid: Vec<(InRecord, Arc<ValidIntent>)>,
+    invalid: Vec<(InRecord, InvalidIntent)>,
+    /// One past the last record of the batch.
+    next_offset: i64,
+}
+
+/// What one batch writes and produces, per partition, and the operator commands it applies.
+#[derive(Default)]
+pub(super) struct BatchPlan {
+    partitions: BTreeMap<i32, PartitionPart>,
+    commands: Vec<AppliedCommand>,
+}
+
+struct PartitionPart {
+    plan: PartitionPlan,
+    batch_no: u64,
+    fence: u64,
+    /// One past the last record consumed by the end of this batch (-1: none ever).
+    next_offset: i64,
+}
+
+impl BatchPlan {
+    fn is_empty(&self) -> bool {
+        self.partitions.is_empty() && self.commands.is_empty()
+    }
+}
+
+/// Why a batch did not commit.
+enum Failure {
+    /// The idempotency store could not answer.
+    Lookup(lock_store::Error),
+    /// The durable write failed (fenced, or the store is unavailable).
+    Persist(pg::Error),
+    /// The Kafka transaction did not commit.
+    Commit(kafka::Error),
 }
 
 impl Engine {
@@ -132,6 +172,7 @@ impl Engine {
                 source,
             })?;
         let writer = config.instance_id();
+        let now = Instant::now();
         Ok(Self {
             config,
             seq_config,
@@ -145,13 +186,10 @@ impl Engine {
             locks,
             writer,
             lanes: BTreeMap::new(),
-            assigned: BTreeSet::new(),
-            to_restore: BTreeMap::new(),
-            next_restore_at: Instant::now(),
-            next_commands_at: Instant::now(),
-            paused: BTreeSet::new(),
-            pending_applied: Vec::new(),
-            command_partitions: BTreeSet::new(),
+            assignment: Assignment::default(),
+            next_restore_at: now,
+            next_commands_at: now,
+            next_gauges_at: now,
         })
     }
 
@@ -166,25 +204,19 @@ impl Engine {
         );
         loop {
             let stopping = self.shutdown.is_cancelled();
-            if self.producer.is_none() {
-                match TxnProducer::new(&self.config) {
-                    Ok(p) => self.producer = Some(p),
-                    Err(e) => {
-                        tracing::error!(error = %e, "transactional producer unavailable; retrying");
-                        if stopping {
-                            break;
-                        }
-                        self.idle(Duration::from_secs(1));
-                        continue;
-                    }
+            if !self.ensure_producer() {
+                if stopping {
+                    break;
                 }
+                self.idle(Duration::from_secs(1));
+                continue;
             }
             self.sync_assignment();
             self.restore_pending();
-            let records = self.gather();
-            if let Some(records) = records {
+            if let Some(records) = self.gather() {
                 self.process(records);
             }
+            self.refresh_gauges();
             if stopping {
                 break;
             }
@@ -197,17 +229,33 @@ impl Engine {
         Ok(())
     }
 
+    /// Creates the transactional producer if there is none; false while it cannot be created.
+    fn ensure_producer(&mut self) -> bool {
+        if self.producer.is_some() {
+            return true;
+        }
+        match TxnProducer::new(&self.config) {
+            Ok(p) => {
+                self.producer = Some(p);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "transactional producer unavailable; retrying");
+                false
+            }
+        }
+    }
+
     /// Serves the group protocol for a while without taking records.
     fn idle(&mut self, d: Duration) {
         let deadline = Instant::now() + d;
         while Instant::now() < deadline && !self.shutdown.is_cancelled() {
             if let Some(Ok(msg)) = self.consumer.poll(Duration::from_millis(100)) {
-                // A record of a partition that has no lane yet: it is read again after restore.
-                self.to_restore
-                    .entry(msg.partition())
-                    .and_modify(|s| *s = true);
-                if let Some(lane) = self.lanes.remove(&msg.partition()) {
-                    self.void_lane(lane.partition);
+                // A record taken while idle is dropped: read again after a restore.
+                let p = msg.partition();
+                self.assignment.consumed_without_lane(p);
+                if self.lanes.contains_key(&p) {
+                    self.void_lane(p, PauseCause::Store);
                 }
             }
             self.sync_assignment();
@@ -220,55 +268,46 @@ impl Engine {
         if !revoked && !changed {
             return;
         }
-        if revoked {
-            // Eager assignor: everything was revoked. Give the leases up so the next owners
-            // start at once; in-memory state is void.
-            for (p, lane) in std::mem::take(&mut self.lanes) {
+        let lanes: BTreeSet<i32> = self.lanes.keys().copied().collect();
+        for p in self.assignment.rebalanced(revoked, assigned, &lanes) {
+            if let Some(lane) = self.lanes.remove(&p) {
+                // Give the lease up so the next owner starts at once.
                 self.release(p, lane.fence);
-                clear_partition_gauges(p);
             }
-            self.to_restore.clear();
-            self.paused.clear();
+            report::clear_partition(p);
         }
-        for p in &assigned {
-            if !self.lanes.contains_key(p) {
-                self.to_restore.entry(*p).or_insert(false);
-            }
-        }
-        self.to_restore.retain(|p, _| assigned.contains(p));
-        self.assigned = assigned;
         self.next_restore_at = Instant::now();
-        metrics::gauge!(m::PARTITIONS_ASSIGNED).set(self.assigned.len() as f64);
+        metrics::gauge!(m::PARTITIONS_ASSIGNED).set(self.assignment.assigned().len() as f64);
     }
 
     /// Restores every assigned partition that has no lane (new assignment or after a failure).
     fn restore_pending(&mut self) {
-        if self.to_restore.is_empty() || Instant::now() < self.next_restore_at {
+        if !self.assignment.has_missing() || Instant::now() < self.next_restore_at {
             return;
         }
-        let pending: Vec<(i32, bool)> = self.to_restore.iter().map(|(p, s)| (*p, *s)).collect();
-        for (p, seek) in pending {
-            match self.restore(p, seek) {
+        for (p, rewind) in self.assignment.to_restore() {
+            match self.restore(p, rewind) {
                 Ok(lane) => {
-                    self.to_restore.remove(&p);
-                    let backpressure = lane.backpressure;
+                    self.assignment.restored(p);
+                    let paused = lane.backpressure;
                     self.lanes.insert(p, lane);
-                    if !backpressure {
-                        self.set_paused(p, false);
-                    }
+                    // Always re-issued: librdkafka keeps a partition's pause state across a
+                    // revoke and re-assign, and the restore re-evaluates backpressure.
+                    self.set_paused(p, paused);
                 }
                 Err(e) => {
                     tracing::warn!(partition = p, error = %e, "partition not restored yet; paused");
+                    self.assignment.restore_failed(p, e.pause_cause());
                     self.set_paused(p, true);
                     self.next_restore_at = Instant::now() + RESTORE_RETRY;
                 }
             }
         }
-        self.update_gauges();
+        self.next_gauges_at = Instant::now();
     }
 
     /// Gives a partition's lock and lease up (best effort: they expire anyway).
-    fn release(&self, partition: i32, fence: u64) {
+    pub(super) fn release(&self, partition: i32, fence: u64) {
         let topic = &self.topics.intents;
         let (lock, lease) = self.rt.block_on(async {
             (
@@ -286,124 +325,9 @@ impl Engine {
         }
     }
 
-    fn restore(&mut self, partition: i32, seek: bool) -> Result<Lane, String> {
-        let started = Instant::now();
-        let topic = self.topics.intents.to_string();
-        // The lock (Redis, or the PostgreSQL lease on fallback) first, then a fencing token
-        // from the durable store, which every write of this owner is checked against.
-        match self
-            .rt
-            .block_on(self.locks.acquire_lock(
-                &topic,
-                partition,
-                &self.writer,
-                self.config.locks.lease,
-            ))
-            .map_err(|e| e.to_string())?
-        {
-            LockResult::Granted { .. } => {}
-            LockResult::Held { owner, ttl } => {
-                return Err(format!(
-                    "the partition's lock is held by {owner} for another {ttl:?}"
-                ))
-            }
-        }
-        let fence = self
-            .rt
-            .block_on(pg::acquire_partition(
-                &self.pool,
-                &topic,
-                partition,
-                &self.writer,
-                self.config.locks.lease,
-            ))
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| "another owner holds the partition's lease".to_string())?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&topic, partition);
-        let committed = self
-            .consumer
-            .committed_offsets(tpl, self.config.kafka.operation_timeout)
-            .map_err(|e| format!("reading the committed offset: {e}"))?;
-        let (offset, batch_no) = committed
-            .elements()
-            .first()
-            .map(|e| {
-                let point = RecoveryPoint::parse(e.metadata()).ok().flatten();
-                (e.offset(), point.map_or(0, |p| p.batch))
-            })
-            .unwrap_or((Offset::Invalid, 0));
-        let restored = self
-            .rt
-            .block_on(pg::restore_partition(
-                &self.pool, &topic, partition, fence, batch_no,
-            ))
-            .map_err(|e| e.to_string())?;
-        // The idempotency cache catches up with the last committed batch (a crash may have
-        // come between that batch's commit and its write-through).
-        self.rt
-            .block_on(self.locks.partition_restored(&topic, partition, batch_no))
-            .map_err(|e| e.to_string())?;
-        let mut seq: Sequencer<Held> =
-            Sequencer::new(self.seq_config.clone()).map_err(|e| e.to_string())?;
-        let snapshots = restored
-            .states
-            .into_iter()
-            .map(snapshot::decode)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        let contacts = snapshots.len();
-        seq.restore(snapshots).map_err(|e| e.to_string())?;
-        let mut pause = Vec::new();
-        seq.drain_decisions(&mut pause);
-        let backpressure = pause
-            .iter()
-            .any(|d| matches!(d, sequencer::Decision::PausePartition { .. }));
-        let next_offset = match offset {
-            Offset::Offset(o) => o,
-            _ => -1,
-        };
-        if seek {
-            let to = if next_offset >= 0 {
-                Offset::Offset(next_offset)
-            } else {
-                Offset::Beginning
-            };
-            self.consumer
-                .seek(&topic, partition, to, self.config.kafka.operation_timeout)
-                .map_err(|e| format!("rewinding to the committed offset: {e}"))?;
-        }
-        metrics::counter!(m::RESTORES, "cause" => if seek { "recovery" } else { "assignment" })
-            .increment(1);
-        metrics::counter!(m::ROLLED_BACK_ROWS)
-            .increment(restored.dropped_transitions + restored.reverted_contacts);
-        let backlog = seq.backlog();
-        tracing::info!(
-            partition,
-            fence,
-            batch_no,
-            committed_offset = next_offset,
-            contacts,
-            waiting = backlog.waiting,
-            held = backlog.contacts_held,
-            rolled_back_transitions = restored.dropped_transitions,
-            reverted_contacts = restored.reverted_contacts,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "partition restored"
-        );
-        Ok(Lane {
-            partition,
-            fence,
-            batch_no,
-            next_offset,
-            seq,
-            backpressure,
-        })
-    }
-
-    /// Pauses or resumes one partition. Always asks librdkafka, whatever `self.paused` says:
-    /// its pause state survives a revoke and re-assign of the same partition.
-    fn set_paused(&mut self, partition: i32, pause: bool) {
+    /// Pauses or resumes one partition. Always asks librdkafka: its pause state survives a
+    /// revoke and re-assign of the same partition.
+    pub(super) fn set_paused(&mut self, partition: i32, pause: bool) {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topics.intents, partition);
         let result = if pause {
@@ -411,25 +335,17 @@ impl Engine {
         } else {
             self.consumer.resume(&tpl)
         };
-        match result {
-            Ok(()) => {
-                if pause {
-                    self.paused.insert(partition);
-                } else {
-                    self.paused.remove(&partition);
-                }
-            }
-            Err(e) => tracing::warn!(partition, pause, error = %e, "pause/resume failed"),
+        if let Err(e) = result {
+            tracing::warn!(partition, pause, error = %e, "pause/resume failed");
         }
-        metrics::gauge!(m::PARTITIONS_PAUSED).set(self.paused.len() as f64);
     }
 
     /// Drops a lane whose in-memory state can no longer be trusted; it is restored (and its
     /// partition rewound) before its next record is processed.
-    fn void_lane(&mut self, partition: i32) {
+    fn void_lane(&mut self, partition: i32, cause: PauseCause) {
         self.lanes.remove(&partition);
-        if self.assigned.contains(&partition) {
-            self.to_restore.insert(partition, true);
+        if self.assignment.is_assigned(partition) {
+            self.assignment.voided(partition, cause);
             self.set_paused(partition, true);
         }
     }
@@ -442,7 +358,7 @@ impl Engine {
         );
         let partitions: Vec<i32> = self.lanes.keys().copied().collect();
         for p in partitions {
-            self.void_lane(p);
+            self.void_lane(p, PauseCause::Store);
         }
         self.next_restore_at = Instant::now();
     }
@@ -460,10 +376,7 @@ impl Engine {
                 Some(t) => linger.saturating_sub(t.elapsed()),
             };
             let polled = self.consumer.poll(timeout.max(Duration::from_millis(1)));
-            let (revoked, changed) = {
-                let ev = self.ctx.events.lock().unwrap_or_else(|p| p.into_inner());
-                (ev.revoked, ev.changed)
-            };
+            let (revoked, changed) = self.ctx.peek_events();
             if revoked {
                 if !records.is_empty() {
                     tracing::info!(
@@ -473,27 +386,14 @@ impl Engine {
                 }
                 return None;
             }
-            if let Some(Ok(msg)) = &polled {
-                let headers = msg.headers();
-                let header = |name: &str| {
-                    headers.and_then(|h| {
-                        h.iter()
-                            .find(|h| h.key == name)
-                            .map(|h| h.value.unwrap_or_default().to_vec())
-                    })
-                };
-                records.push(InRecord {
-                    partition: msg.partition(),
-                    offset: msg.offset(),
-                    key: msg.key().map(<[u8]>::to_vec),
-                    value: msg.payload().map(<[u8]>::to_vec),
-                    traceparent: header(output::TRACEPARENT_HEADER),
-                    resubmission: header(output::RESUBMISSION_HEADER).is_some(),
-                });
-                started.get_or_insert_with(Instant::now);
-                metrics::counter!(m::RECORDS_CONSUMED).increment(1);
-            } else if let Some(Err(e)) = polled {
-                tracing::warn!(error = %e, "consumer error");
+            match polled {
+                Some(Ok(msg)) => {
+                    records.push(in_record(&msg));
+                    started.get_or_insert_with(Instant::now);
+                    metrics::counter!(m::RECORDS_CONSUMED).increment(1);
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                None => {}
             }
             let full = records.len() >= max;
             let old = match started {
@@ -506,234 +406,118 @@ impl Engine {
         }
     }
 
-    /// Decides, writes and commits one batch.
+    /// Decides, writes, commits and reports one batch (see the module documentation).
     fn process(&mut self, records: Vec<InRecord>) {
         self.sync_assignment();
-        let now = output::now_ms();
-        let now_m = Millis(now.max(0) as u64);
-        let mut out = Translated::default();
-        let mut touched: BTreeMap<i32, i64> = BTreeMap::new();
-        let mut fresh: HashMap<(i32, i64), Arc<ValidIntent>> = HashMap::new();
-        let mut valid: Vec<(InRecord, Arc<ValidIntent>)> = Vec::new();
-        let mut invalid_rows: Vec<TransitionRow> = Vec::new();
+        let now_ms = output::now_ms();
+        let input = self.decode(records);
+        let priors = match self.look_up(&input) {
+            Ok(priors) => priors,
+            Err(e) => return self.fail(Failure::Lookup(e)),
+        };
+        let fresh = self.sequence(&input, &priors, now_ms);
+        let commands = self.apply_commands(Millis(now_ms.max(0) as u64));
+        let plan = self.translate(&input, &fresh, commands, now_ms);
+        if plan.is_empty() {
+            return;
+        }
+        if let Err(e) = self.persist(&plan) {
+            return self.fail(Failure::Persist(e));
+        }
+        if let Err(e) = self.commit(&plan) {
+            return self.fail(Failure::Commit(e));
+        }
+        self.report(plan);
+    }
 
-        // 1. Decode; records of partitions without a lane are read again after their restore.
+    /// Step 1: decode and validate, per partition. Records of partitions without a lane are
+    /// dropped here and read again after their restore.
+    fn decode(&mut self, records: Vec<InRecord>) -> Decoded {
+        let mut decoded = Decoded::default();
         for record in records {
-            let Some(lane) = self.lanes.get(&record.partition) else {
-                self.to_restore
-                    .entry(record.partition)
-                    .and_modify(|s| *s = true);
+            if !self.lanes.contains_key(&record.partition) {
+                self.assignment.consumed_without_lane(record.partition);
                 continue;
-            };
-            touched.insert(record.partition, record.offset + 1);
+            }
+            let input = decoded.partitions.entry(record.partition).or_default();
+            input.next_offset = record.offset + 1;
             match crate::intent::decode(
                 record.key.as_deref(),
                 record.value.as_deref(),
                 &self.config.limits,
             ) {
-                Ok(v) => {
-                    let v = Arc::new(v);
-                    fresh.insert((record.partition, record.offset), v.clone());
-                    valid.push((record, v));
-                }
-                Err(e) => {
-                    let row =
-                        self.invalid(&record, &e, lane.fence, lane.batch_no + 1, now, &mut out);
-                    invalid_rows.push(row);
-                }
+                Ok(v) => input.valid.push((record, Arc::new(v))),
+                Err(e) => input.invalid.push((record, e)),
             }
         }
-        out.transitions.extend(invalid_rows);
-
-        // 2. What the durable store knows of these intent ids (one round trip).
-        let ids: Vec<String> = valid
-            .iter()
-            .map(|(_, v)| v.intent.intent_id.clone())
-            .collect();
-        let known = match self.rt.block_on(self.locks.lookup(&ids)) {
-            Ok(rows) => rows
-                .into_iter()
-                .filter_map(|r| prior(&r).map(|p| (r.intent_id, p)))
-                .collect::<HashMap<_, _>>(),
-            Err(e) => {
-                metrics::counter!(m::STORE_ERRORS, "store" => "postgres").increment(1);
-                tracing::error!(error = %e, "idempotency lookup failed; nothing is emitted");
-                self.void_all("idempotency store unavailable");
-                return;
-            }
-        };
-
-        // 3. Sequence.
-        for (record, v) in valid {
-            let Some(lane) = self.lanes.get_mut(&record.partition) else {
-                continue;
-            };
-            let meta = lane::meta(&v, &record, record.resubmission);
-            let held = Held {
-                correlation_id: v.intent.correlation_id.clone(),
-                record,
-            };
-            lane.seq
-                .on_intent(meta, held, known.get(&v.intent.intent_id).copied(), now_m);
-        }
-        self.apply_commands(now_m);
-        for lane in self.lanes.values_mut() {
-            if lane.seq.next_timeout_at().is_some_and(|t| t <= now_m) {
-                lane.seq.on_tick(now_m);
-            }
-        }
-
-        // 4. Translate decisions into outputs, audit rows and contact states.
-        let mut pauses = Vec::new();
-        let translator = Translator {
-            intents_topic: &self.topics.intents,
-            side_effects_topic: &self.topics.side_effects,
-            manual_review_topic: &self.topics.manual_review,
-            now_ms: now,
-            fresh: &fresh,
-        };
-        for lane in self.lanes.values_mut() {
-            let before = (out.transitions.len(), out.contacts.len(), out.outputs.len());
-            out.pause = None;
-            lane.translate(&translator, &mut out);
-            let after = (out.transitions.len(), out.contacts.len(), out.outputs.len());
-            if before != after {
-                touched.entry(lane.partition).or_insert(lane.next_offset);
-            }
-            if let Some(p) = out.pause.take() {
-                pauses.push((lane.partition, p));
-            }
-        }
-        let commands = std::mem::take(&mut self.pending_applied);
-        for p in std::mem::take(&mut self.command_partitions) {
-            if let Some(lane) = self.lanes.get(&p) {
-                touched.entry(p).or_insert(lane.next_offset);
-            }
-        }
-        if touched.is_empty() && commands.is_empty() {
-            return;
-        }
-        let mut write = BatchWrite {
-            partitions: Vec::new(),
-            transitions: std::mem::take(&mut out.transitions),
-            contacts: std::mem::take(&mut out.contacts),
-            commands,
-        };
-        for p in touched.keys() {
-            if let Some(lane) = self.lanes.get(p) {
-                write.partitions.push((*p, lane.fence, lane.batch_no + 1));
-            }
-        }
-
-        // 5. Durable state first: no effect without its record.
-        let written = self.rt.block_on(pg::apply_batch(
-            &self.pool,
-            &self.topics.intents,
-            &self.writer,
-            self.config.locks.lease,
-            &write,
-        ));
-        if let Err(e) = written {
-            metrics::counter!(m::STORE_ERRORS, "store" => "postgres").increment(1);
-            if e.is_fenced() {
-                tracing::error!(error = %e, "fenced: another writer owns a partition of this batch");
-                self.void_all("fenced");
-                // Give the group protocol time to tell us about the new owner.
-                self.next_restore_at = Instant::now() + self.config.locks.lease / 2;
-            } else {
-                tracing::error!(error = %e, "durable write failed; nothing is emitted");
-                self.void_all("durable write failed");
-            }
-            return;
-        }
-
-        // 6. Outputs and offsets in one Kafka transaction.
-        let offsets: Vec<(i32, i64, String)> = touched
-            .iter()
-            .filter_map(|(p, next)| {
-                let lane = self.lanes.get(p)?;
-                let next = (*next).max(lane.next_offset);
-                (next >= 0).then(|| {
-                    let point = RecoveryPoint {
-                        batch: lane.batch_no + 1,
-                        fence: lane.fence,
-                        clock_ms: 0,
-                    };
-                    (*p, next, point.to_string())
-                })
-            })
-            .collect();
-        let started = Instant::now();
-        match self.try_commit(&out.outputs, &offsets) {
-            Ok(()) => {
-                for (p, next, _) in &offsets {
-                    if let Some(lane) = self.lanes.get_mut(p) {
-                        lane.batch_no += 1;
-                        lane.next_offset = *next;
-                    }
-                }
-                // Partitions touched without a known offset still advanced their batch.
-                for p in touched.keys() {
-                    if !offsets.iter().any(|(q, _, _)| q == p) {
-                        if let Some(lane) = self.lanes.get_mut(p) {
-                            lane.batch_no += 1;
-                        }
-                    }
-                }
-                for (p, pause) in pauses {
-                    if let Some(lane) = self.lanes.get_mut(&p) {
-                        lane.backpressure = pause;
-                    }
-                    self.set_paused(p, pause);
-                }
-                metrics::counter!(m::TRANSACTIONS, "result" => "commit").increment(1);
-                metrics::histogram!(m::TRANSACTION_DURATION)
-                    .record(started.elapsed().as_secs_f64());
-                // Write-through of the batch's terminal outcomes (one Redis round trip).
-                let outcomes = terminal_outcomes(&write.transitions);
-                if let Err(e) = self.rt.block_on(self.locks.record(&outcomes)) {
-                    tracing::warn!(error = %e, "recording outcomes in the idempotency store failed");
-                }
-                metrics::histogram!(m::BATCH_RECORDS).record(write.transitions.len() as f64);
-                metrics::gauge!(m::LAST_COMMIT_TIMESTAMP).set(output::now_ms() as f64 / 1000.0);
-                self.update_gauges();
-            }
-            Err(e) => {
-                metrics::counter!(m::TRANSACTIONS, "result" => "abort").increment(1);
-                tracing::warn!(error = %e, outputs = out.outputs.len(), "transaction failed; restoring");
-                match e {
-                    kafka::Error::Fatal(_) | kafka::Error::Create { .. } => self.reset_producer(),
-                    _ => {
-                        let aborted = self.producer.as_mut().map(TxnProducer::abort);
-                        if let Some(Err(e)) = aborted {
-                            tracing::warn!(error = %e, "abort failed; re-creating the producer");
-                            self.reset_producer();
-                        }
-                    }
-                }
-                self.void_all("kafka transaction did not commit");
-            }
-        }
+        decoded
     }
 
-    /// Applies operator commands (release a held contact) of the owned partitions.
-    fn apply_commands(&mut self, now: Millis) {
+    /// Step 2: what the idempotency store knows of the batch's intent ids (one round trip).
+    fn look_up(&self, input: &Decoded) -> Result<HashMap<String, PriorOutcome>, lock_store::Error> {
+        let ids: Vec<String> = input
+            .partitions
+            .values()
+            .flat_map(|p| p.valid.iter().map(|(_, v)| v.intent.intent_id.clone()))
+            .collect();
+        let known = self.rt.block_on(self.locks.lookup(&ids))?;
+        Ok(known.into_iter().map(|o| (o.intent_id, o.prior)).collect())
+    }
+
+    /// Step 3: every valid intent goes to its partition's sequencer, in offset order; then due
+    /// wait timeouts fire. Returns the intents first seen in this batch, per partition.
+    fn sequence(
+        &mut self,
+        input: &Decoded,
+        priors: &HashMap<String, PriorOutcome>,
+        now_ms: i64,
+    ) -> HashMap<i32, Fresh> {
+        let now = Millis(now_ms.max(0) as u64);
+        let mut fresh: HashMap<i32, Fresh> = HashMap::new();
+        for (p, part) in &input.partitions {
+            let Some(lane) = self.lanes.get_mut(p) else {
+                continue;
+            };
+            let seen = fresh.entry(*p).or_default();
+            for (record, v) in &part.valid {
+                seen.insert(record.offset, v.clone());
+                let held = Held {
+                    correlation_id: v.intent.correlation_id.clone(),
+                    record: record.clone(),
+                };
+                let prior = priors.get(&v.intent.intent_id).copied();
+                lane.seq.on_intent(meta(v, record), held, prior, now);
+            }
+        }
+        for lane in self.lanes.values_mut() {
+            if lane.seq.next_timeout_at().is_some_and(|t| t <= now) {
+                lane.seq.on_tick(now);
+            }
+        }
+        fresh
+    }
+
+    /// Step 3b: operator commands (release a held contact) of the owned partitions, at most
+    /// once per [`COMMAND_POLL`].
+    fn apply_commands(&mut self, now: Millis) -> Vec<AppliedCommand> {
         if Instant::now() < self.next_commands_at || self.lanes.is_empty() {
-            return;
+            return Vec::new();
         }
         self.next_commands_at = Instant::now() + COMMAND_POLL;
         let partitions: Vec<i32> = self.lanes.keys().copied().collect();
-        let commands = match self.rt.block_on(pg::pending_commands(
+        let pending = self.rt.block_on(pg::pending_commands(
             &self.pool,
             &self.topics.intents,
             &partitions,
-        )) {
+        ));
+        let commands = match pending {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "reading operator commands failed");
-                return;
+                return Vec::new();
             }
         };
+        let mut applied = Vec::with_capacity(commands.len());
         for c in commands {
             let Some(lane) = self.lanes.get_mut(&c.partition) else {
                 continue;
@@ -755,107 +539,206 @@ impl Engine {
                 result = %result,
                 "operator command"
             );
-            self.pending_applied.push(pg::AppliedCommand {
+            applied.push(AppliedCommand {
                 id: c.id,
+                partition: c.partition,
                 batch_no: lane.batch_no + 1,
                 result,
             });
-            self.command_partitions.insert(c.partition);
         }
+        applied
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn invalid(
-        &self,
-        record: &InRecord,
-        invalid: &InvalidIntent,
-        fence: u64,
-        batch_no: u64,
-        now: i64,
-        out: &mut Translated,
-    ) -> TransitionRow {
-        let kind = invalid_kind(invalid);
-        let source = Source {
-            topic: &self.topics.intents,
-            record,
-        };
-        // What can still be read of a record that failed validation, for the audit.
-        let partial = record
-            .value
-            .as_deref()
-            .and_then(|v| <crate::proto::Intent as prost::Message>::decode(v).ok());
-        lane::log_transition(
-            partial.as_ref().map_or("", |i| i.correlation_id.as_str()),
-            partial.as_ref().map_or("", |i| i.contact_id.as_str()),
-            partial.as_ref().map_or("", |i| i.clinic_id.as_str()),
-            partial.as_ref().map_or("", |i| i.intent_id.as_str()),
-            0,
-            "manual_review",
-            Reason::InvalidIntent.as_str(),
-            &invalid.to_string(),
-        );
-        metrics::counter!(m::INVALID_INTENTS, "reason" => kind).increment(1);
-        metrics::counter!(m::OUTCOMES, "state" => "manual_review", "reason" => "INVALID_INTENT")
-            .increment(1);
-        out.outputs.push(output::manual_review(
-            &self.topics.manual_review,
-            &source,
-            ReviewFields {
-                reason: ReviewReason::InvalidIntent,
-                detail: invalid.to_string(),
-                intent: partial.as_ref(),
-                expected_sequence: 0,
-                received_sequence: partial.as_ref().map_or(0, |i| i.causal_sequence),
-                waited_ms: 0,
-                reviewed_at_ms: now,
-                fencing_token: fence,
-            },
-        ));
-        TransitionRow {
-            partition: record.partition,
-            batch_no,
-            source_offset: record.offset,
-            intent_id: partial
-                .as_ref()
-                .map(|i| i.intent_id.clone())
-                .unwrap_or_default(),
-            contact_id: partial
-                .as_ref()
-                .map(|i| i.contact_id.clone())
-                .unwrap_or_default(),
-            clinic_id: partial
-                .as_ref()
-                .map(|i| i.clinic_id.clone())
-                .unwrap_or_default(),
-            correlation_id: partial
-                .as_ref()
-                .map(|i| i.correlation_id.clone())
-                .unwrap_or_default(),
-            from_state: "received",
-            to_state: "manual_review",
-            reason: Reason::InvalidIntent.as_str(),
-            detail: invalid.to_string(),
-            fence,
-            ..TransitionRow::default()
-        }
-    }
-
-    fn try_commit(
+    /// Step 4: each lane's decisions, invalid records and changed contacts become its part of
+    /// the plan (pure). A partition is in the batch when it consumed records, decided
+    /// something, or had a command applied.
+    fn translate(
         &mut self,
-        outputs: &[OutRecord],
-        offsets: &[(i32, i64, String)],
-    ) -> kafka::Result<()> {
+        input: &Decoded,
+        fresh: &HashMap<i32, Fresh>,
+        commands: Vec<AppliedCommand>,
+        now_ms: i64,
+    ) -> BatchPlan {
+        let empty = Fresh::new();
+        let mut plan = BatchPlan {
+            partitions: BTreeMap::new(),
+            commands,
+        };
+        let commanded: BTreeSet<i32> = plan.commands.iter().map(|c| c.partition).collect();
+        for (p, lane) in &mut self.lanes {
+            let ctx = translate::Context {
+                topics: &self.topics,
+                partition: *p,
+                fence: lane.fence,
+                batch_no: lane.batch_no + 1,
+                now_ms,
+            };
+            let mut part = PartitionPlan::default();
+            let part_input = input.partitions.get(p);
+            for (record, error) in part_input.iter().flat_map(|i| &i.invalid) {
+                translate::invalid(&ctx, record, error, &mut part);
+            }
+            let mut decisions = Vec::new();
+            lane.seq.drain_decisions(&mut decisions);
+            translate::decisions(&ctx, fresh.get(p).unwrap_or(&empty), decisions, &mut part);
+            if let Err(e) = translate::contacts(&ctx, lane.seq.take_dirty(), &mut part) {
+                // Unreachable for these plain types; the lane must not go on without its
+                // durable state.
+                tracing::error!(partition = p, error = %e, "contact state not serializable");
+            }
+            if part.is_empty() && part_input.is_none() && !commanded.contains(p) {
+                continue;
+            }
+            let next_offset =
+                part_input.map_or(lane.next_offset, |i| i.next_offset.max(lane.next_offset));
+            plan.partitions.insert(
+                *p,
+                PartitionPart {
+                    plan: part,
+                    batch_no: lane.batch_no + 1,
+                    fence: lane.fence,
+                    next_offset,
+                },
+            );
+        }
+        plan
+    }
+
+    /// Step 5: the durable state first, in one round trip: no effect without its record.
+    fn persist(&self, plan: &BatchPlan) -> pg::Result<()> {
+        let mut write = BatchWrite {
+            partitions: Vec::with_capacity(plan.partitions.len()),
+            transitions: Vec::new(),
+            contacts: Vec::new(),
+            commands: plan.commands.clone(),
+        };
+        for (p, part) in &plan.partitions {
+            write.partitions.push(PartitionWrite {
+                partition: *p,
+                fence: part.fence,
+                batch_no: part.batch_no,
+                next_offset: part.next_offset,
+                clock_ms: 0,
+            });
+            write
+                .transitions
+                .extend(part.plan.transitions.iter().cloned());
+            write.contacts.extend(part.plan.contacts.iter().cloned());
+        }
+        self.rt.block_on(pg::apply_batch(
+            &self.pool,
+            &self.topics.intents,
+            &self.writer,
+            self.config.locks.lease,
+            &write,
+        ))
+    }
+
+    /// Step 6: outputs and offsets (with the recovery point) in one Kafka transaction.
+    fn commit(&mut self, plan: &BatchPlan) -> kafka::Result<()> {
         let producer = self
             .producer
             .as_mut()
             .ok_or(kafka::Error::Fatal(rdkafka::error::KafkaError::Canceled))?;
+        let mut offsets = Vec::with_capacity(plan.partitions.len());
+        for (p, part) in &plan.partitions {
+            if part.next_offset < 0 {
+                tracing::error!(
+                    partition = p,
+                    "a partition without any consumed offset decided something; its recovery \
+                     point cannot be committed"
+                );
+                continue;
+            }
+            let point = RecoveryPoint {
+                batch: part.batch_no,
+                fence: part.fence,
+                clock_ms: 0,
+            };
+            offsets.push((*p, part.next_offset, point.to_string()));
+        }
+        let started = Instant::now();
         producer.begin()?;
-        for out in outputs {
-            producer.send(out)?;
+        for part in plan.partitions.values() {
+            for out in &part.plan.outputs {
+                producer.send(out)?;
+            }
         }
         producer.poll();
-        let tpl = kafka::offsets_list(&self.topics.intents, offsets)?;
-        producer.commit(&tpl, &self.consumer)
+        let tpl = kafka::offsets_list(&self.topics.intents, &offsets)?;
+        producer.commit(&tpl, &self.consumer)?;
+        metrics::histogram!(m::TRANSACTION_DURATION).record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Step 7: the batch is real. Lanes move to their new recovery points, transitions are
+    /// reported, the idempotency cache is written through.
+    fn report(&mut self, plan: BatchPlan) {
+        metrics::counter!(m::TRANSACTIONS, "result" => "commit").increment(1);
+        let mut records = 0;
+        let mut outcomes = Vec::new();
+        for (p, part) in plan.partitions {
+            if let Some(lane) = self.lanes.get_mut(&p) {
+                lane.batch_no = part.batch_no;
+                lane.next_offset = part.next_offset;
+                if let Some(pause) = part.plan.pause {
+                    lane.backpressure = pause;
+                    self.set_paused(p, pause);
+                }
+            }
+            records += part.plan.transitions.len();
+            for (row, note) in part.plan.transitions.iter().zip(&part.plan.notes) {
+                report::transition(row, note);
+            }
+            outcomes.extend(report::idempotency_outcomes(&part.plan.transitions));
+        }
+        metrics::histogram!(m::BATCH_RECORDS).record(records as f64);
+        metrics::gauge!(m::LAST_COMMIT_TIMESTAMP).set(output::now_ms() as f64 / 1000.0);
+        // Write-through of the batch's outcomes (one Redis round trip).
+        if let Err(e) = self.rt.block_on(self.locks.record(&outcomes)) {
+            tracing::warn!(error = %e, "recording outcomes in the idempotency store failed");
+        }
+        self.next_gauges_at = Instant::now();
+    }
+
+    /// The one place a batch's failure is handled: nothing of it happened, so every lane's
+    /// in-memory state is void and restored from the durable store (which rolls the batch's
+    /// rows back) before anything else is decided.
+    fn fail(&mut self, failure: Failure) {
+        match failure {
+            Failure::Lookup(e) => {
+                metrics::counter!(m::STORE_ERRORS, "store" => "postgres").increment(1);
+                tracing::error!(error = %e, "idempotency lookup failed; nothing is emitted");
+                self.void_all("idempotency store unavailable");
+            }
+            Failure::Persist(e) if e.is_fenced() => {
+                metrics::counter!(m::STORE_ERRORS, "store" => "postgres").increment(1);
+                tracing::error!(error = %e, "fenced: another writer owns a partition of this batch");
+                self.void_all("fenced");
+                // Give the group protocol time to tell us about the new owner.
+                self.next_restore_at = Instant::now() + self.config.locks.lease / 2;
+            }
+            Failure::Persist(e) => {
+                metrics::counter!(m::STORE_ERRORS, "store" => "postgres").increment(1);
+                tracing::error!(error = %e, "durable write failed; nothing is emitted");
+                self.void_all("durable write failed");
+            }
+            Failure::Commit(e) => {
+                metrics::counter!(m::TRANSACTIONS, "result" => "abort").increment(1);
+                tracing::warn!(error = %e, "transaction failed; restoring");
+                match e {
+                    kafka::Error::Fatal(_) | kafka::Error::Create { .. } => self.reset_producer(),
+                    _ => {
+                        let aborted = self.producer.as_mut().map(TxnProducer::abort);
+                        if let Some(Err(e)) = aborted {
+                            tracing::warn!(error = %e, "abort failed; re-creating the producer");
+                            self.reset_producer();
+                        }
+                    }
+                }
+                self.void_all("kafka transaction did not commit");
+            }
+        }
     }
 
     fn reset_producer(&mut self) {
@@ -864,94 +747,48 @@ impl Engine {
         self.producer = None;
     }
 
-    fn update_gauges(&self) {
-        let now = output::now_ms().max(0) as u64;
-        let mut held = 0;
-        for (p, lane) in &self.lanes {
-            let b = lane.seq.backlog();
-            held += b.contacts_held;
-            let label = p.to_string();
-            metrics::gauge!(m::BACKLOG_WAITING, "partition" => label.clone()).set(b.waiting as f64);
-            let age = b
-                .oldest_waiting_since
-                .map_or(0.0, |since| now.saturating_sub(since.0) as f64 / 1000.0);
-            metrics::gauge!(m::BACKLOG_OLDEST_AGE, "partition" => label).set(age);
+    /// Refreshes the backlog, hold and pause gauges (on every tick, so a quiet partition's
+    /// oldest wait keeps ageing).
+    fn refresh_gauges(&mut self) {
+        if Instant::now() < self.next_gauges_at {
+            return;
         }
-        metrics::gauge!(m::CONTACTS_ON_HOLD).set(held as f64);
+        self.next_gauges_at = Instant::now() + GAUGE_REFRESH;
+        report::gauges(&self.lanes, &self.assignment, output::now_ms());
     }
 }
 
-fn clear_partition_gauges(p: i32) {
-    metrics::gauge!(m::BACKLOG_WAITING, "partition" => p.to_string()).set(0.0);
-    metrics::gauge!(m::BACKLOG_OLDEST_AGE, "partition" => p.to_string()).set(0.0);
+/// Copies a polled record out of librdkafka's buffer (it may outlive the poll: waiting intents
+/// are kept until their turn).
+fn in_record<M: Message>(msg: &M) -> InRecord {
+    let headers = msg.headers();
+    let traceparent = headers.and_then(|h| {
+        h.iter()
+            .find(|h| h.key == output::TRACEPARENT_HEADER)
+            .map(|h| h.value.unwrap_or_default().to_vec())
+    });
+    let resubmission =
+        headers.is_some_and(|h| h.iter().any(|h| h.key == output::RESUBMISSION_HEADER));
+    InRecord {
+        partition: msg.partition(),
+        offset: msg.offset(),
+        key: msg.key().map(<[u8]>::to_vec),
+        value: msg.payload().map(<[u8]>::to_vec),
+        traceparent,
+        resubmission,
+    }
 }
 
-/// The batch's terminal outcomes, for the idempotency store's write-through.
-fn terminal_outcomes(rows: &[TransitionRow]) -> Vec<StoredOutcome> {
-    rows.iter()
-        .filter(|r| {
-            !r.intent_id.is_empty()
-                && r.reason != Reason::InvalidIntent.as_str()
-                && matches!(
-                    r.to_state,
-                    "committed_causal" | "blocked_conflict" | "manual_review"
-                )
-        })
-        .map(|r| StoredOutcome {
-            intent_id: r.intent_id.clone(),
-            fingerprint: r.fingerprint,
-            state: r.to_state.to_string(),
-            reason: r.reason.to_string(),
-            commit_sequence: r.commit_sequence,
-            contact_version: r.contact_version,
-        })
-        .collect()
-}
-
-/// A stored terminal outcome as the sequencer's `prior`.
-fn prior(r: &StoredOutcome) -> Option<PriorOutcome> {
-    let reason = || match r.reason.as_str() {
-        "VERSION_CONFLICT" => Reason::VersionConflict,
-        "SEQUENCE_CONFLICT" => Reason::SequenceConflict,
-        "IDEMPOTENCY_CONFLICT" => Reason::IdempotencyConflict,
-        "WAIT_TIMEOUT" => Reason::WaitTimeout,
-        "CONTACT_ON_HOLD" => Reason::ContactOnHold,
-        "CONTACT_BACKLOG_OVERFLOW" => Reason::ContactBacklogOverflow,
-        _ => Reason::InvalidIntent,
-    };
-    let outcome = match r.state.as_str() {
-        "committed_causal" => Outcome::Committed {
-            commit_sequence: r.commit_sequence,
-            contact_version: r.contact_version,
-        },
-        "blocked_conflict" => Outcome::Blocked {
-            reason: reason(),
-            commit_sequence: r.commit_sequence,
-        },
-        "manual_review" => Outcome::ManualReview {
-            reason: reason(),
-            commit_sequence: r.commit_sequence,
-        },
-        _ => return None,
-    };
-    Some(PriorOutcome {
-        fingerprint: r.fingerprint,
-        outcome,
-    })
-}
-
-/// A short, low-cardinality name for a validation failure (a metric label).
-pub fn invalid_kind(e: &InvalidIntent) -> &'static str {
-    match e {
-        InvalidIntent::NoValue => "no_value",
-        InvalidIntent::RecordTooLarge { .. } => "record_too_large",
-        InvalidIntent::Undecodable(_) => "undecodable",
-        InvalidIntent::MissingField(_) => "missing_field",
-        InvalidIntent::FieldTooLong { .. } => "field_too_long",
-        InvalidIntent::PayloadTooLarge { .. } => "payload_too_large",
-        InvalidIntent::MissingKey { .. } => "missing_key",
-        InvalidIntent::KeyMismatch { .. } => "key_mismatch",
-        InvalidIntent::UnknownAction(_) => "unknown_action",
-        InvalidIntent::UnspecifiedAction => "unspecified_action",
+/// The sequencer's view of a decoded intent.
+fn meta(v: &ValidIntent, record: &InRecord) -> IntentMeta {
+    IntentMeta {
+        intent_id: v.intent.intent_id.clone(),
+        contact_id: v.intent.contact_id.clone(),
+        causal_sequence: v.intent.causal_sequence,
+        expected_version: v.intent.expected_version,
+        priority: v.intent.dispatch_priority,
+        fingerprint: v.fingerprint,
+        offset: record.offset,
+        resubmission: record.resubmission,
     }
 }

@@ -67,6 +67,13 @@ impl EngineContext {
         ev.changed = false;
         out
     }
+
+    /// Whether a revocation or an assignment change happened since the last `take_events`,
+    /// without clearing it.
+    pub fn peek_events(&self) -> (bool, bool) {
+        let ev = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        (ev.revoked, ev.changed)
+    }
 }
 
 impl ClientContext for EngineContext {

@@ -1,11 +1,15 @@
 //! The Kafka pipeline: consume `intents`, sequence, produce effects and manual-review records,
 //! all inside Kafka transactions that carry the consumed offsets.
 
+pub mod assignment;
 pub mod engine;
 pub mod kafka;
 pub mod lane;
 pub mod output;
 pub mod read;
+pub mod report;
+pub mod restore;
+pub mod translate;
 
 use std::sync::Arc;
 

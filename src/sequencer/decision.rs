@@ -42,6 +42,28 @@ impl State {
     }
 }
 
+/// A stored or received name that is not one of the contract's states or reasons.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {value:?}")]
+pub struct UnknownName {
+    pub what: &'static str,
+    pub value: String,
+}
+
+impl std::str::FromStr for State {
+    type Err = UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        State::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| UnknownName {
+                what: "state",
+                value: s.to_owned(),
+            })
+    }
+}
+
 impl fmt::Display for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -58,10 +80,12 @@ pub enum Reason {
     IdempotencyConflict,
     ContactBacklogOverflow,
     InvalidIntent,
+    /// The durable write or the Kafka transaction failed deterministically for this record.
+    Unprocessable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::WaitTimeout,
         Reason::ContactOnHold,
         Reason::VersionConflict,
@@ -69,6 +93,7 @@ impl Reason {
         Reason::IdempotencyConflict,
         Reason::ContactBacklogOverflow,
         Reason::InvalidIntent,
+        Reason::Unprocessable,
     ];
 
     /// Stable name, as written in the contract.
@@ -81,7 +106,22 @@ impl Reason {
             Reason::IdempotencyConflict => "IDEMPOTENCY_CONFLICT",
             Reason::ContactBacklogOverflow => "CONTACT_BACKLOG_OVERFLOW",
             Reason::InvalidIntent => "INVALID_INTENT",
+            Reason::Unprocessable => "UNPROCESSABLE",
         }
+    }
+}
+
+impl std::str::FromStr for Reason {
+    type Err = UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Reason::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| UnknownName {
+                what: "reason",
+                value: s.to_owned(),
+            })
     }
 }
 

@@ -133,7 +133,8 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 
 pub use config::{Config, TimeoutPolicy};
 pub use decision::{
-    BlockReason, Decision, HoldReason, InvalidKind, Reason, Release, ReviewReason, SkipCause, State,
+    BlockReason, Decision, HoldReason, InvalidKind, Reason, Release, ReviewReason, SkipCause,
+    State, UnknownName,
 };
 pub use intent::{Intent, IntentMeta, Millis, Outcome, PriorOutcome, MAX_SEQUENCE};
 pub use snapshot::{ContactSnapshot, HoldState, PartitionSnapshot, RecentOutcome, WaitingSnapshot};

@@ -146,11 +146,25 @@ fn states_and_reasons_have_contract_names() {
             "SEQUENCE_CONFLICT",
             "IDEMPOTENCY_CONFLICT",
             "CONTACT_BACKLOG_OVERFLOW",
-            "INVALID_INTENT"
+            "INVALID_INTENT",
+            "UNPROCESSABLE"
         ]
     );
     assert_eq!(State::ManualReview.to_string(), "manual_review");
     assert!(!State::WaitingPreviousCommit.is_terminal());
+}
+
+#[test]
+fn states_and_reasons_parse_back_from_their_names_and_refuse_anything_else() {
+    for state in State::ALL {
+        assert_eq!(state.as_str().parse::<State>(), Ok(state));
+    }
+    for reason in Reason::ALL {
+        assert_eq!(reason.as_str().parse::<Reason>(), Ok(reason));
+    }
+    assert!("committed".parse::<State>().is_err());
+    assert!("invalid_intent".parse::<Reason>().is_err());
+    assert!("".parse::<Reason>().is_err());
 }
 
 #[test]

@@ -129,9 +129,7 @@ const ID_CHUNK: i64 = 5_000;
 /// Keys per Redis write while copying.
 const KEYS_PER_WRITE: usize = 1_000;
 
-const TERMINAL_FILTER: &str =
-    "to_state IN ('committed_causal', 'blocked_conflict', 'manual_review')
-            AND reason <> 'INVALID_INTENT' AND intent_id <> ''";
+use crate::store::postgres::outcomes::IDEMPOTENCY_ROWS as TERMINAL_FILTER;
 
 #[derive(Debug, Clone)]
 enum Fallback {
@@ -1097,7 +1095,15 @@ impl Drop for ProbeGuard<'_> {
 
 fn row_entry(row: (String, i64, String, String, i64, i64, i64)) -> Option<r::Entry> {
     let (intent_id, fp, state, reason, seq, version, ttl) = row;
-    let outcome = StoredOutcome::from((intent_id, fp, state, reason, seq, version));
+    let outcome = match StoredOutcome::try_from((intent_id, fp, state, reason, seq, version)) {
+        Ok(o) => o,
+        Err(e) => {
+            // Never expected (the CHECK constraints hold the vocabulary); PostgreSQL still
+            // answers lookups of this id when Redis misses it.
+            tracing::warn!(error = %e, "lock store: an audit row is not an outcome; not copied");
+            return None;
+        }
+    };
     let value = r::encode_outcome(&outcome)?;
     Some((outcome.intent_id, value, ttl.max(1) as u64))
 }

@@ -1,4 +1,5 @@
-//! The recovery point: what a committed input offset's metadata says about the durable state.
+//! The recovery point: what a committed input offset's metadata says about the durable state,
+//! and how a partition's restore reconciles it with what PostgreSQL knows ([`decide`]).
 //!
 //! Every batch commits its consumed offsets in its Kafka transaction with metadata
 //! `cc:b=<batch>;f=<fence>[;t=<clock>]`: the number of the partition's last batch whose
@@ -69,6 +70,146 @@ impl fmt::Display for RecoveryPoint {
     }
 }
 
+/// What Kafka holds for a partition in the processor's group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KafkaCommitted {
+    /// No committed offset (a new group, or offsets expired after the group sat empty).
+    Nothing,
+    /// A committed offset without a recovery point (reset with the Kafka tools, or committed
+    /// by another program), with its metadata if any.
+    Offset { offset: i64, metadata: String },
+    /// A committed offset with its recovery point.
+    Point { offset: i64, point: RecoveryPoint },
+}
+
+impl KafkaCommitted {
+    /// From a committed offset (`None` or negative: none) and its metadata.
+    pub fn from_parts(offset: Option<i64>, metadata: &str) -> Self {
+        match offset.filter(|o| *o >= 0) {
+            None => KafkaCommitted::Nothing,
+            Some(offset) => match RecoveryPoint::parse(metadata) {
+                Ok(Some(point)) => KafkaCommitted::Point { offset, point },
+                Ok(None) | Err(_) => KafkaCommitted::Offset {
+                    offset,
+                    metadata: metadata.to_owned(),
+                },
+            },
+        }
+    }
+}
+
+/// What PostgreSQL knows of a partition's batches (`cc_partition`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreView {
+    /// The last batch written (committed in Kafka, or the one uncommitted batch).
+    pub last_batch: u64,
+    pub last_next_offset: i64,
+    pub last_clock_ms: u64,
+    /// The last batch known committed in Kafka.
+    pub committed_batch: u64,
+    pub committed_next_offset: i64,
+    pub committed_clock_ms: u64,
+}
+
+/// Where a restored partition resumes: its last committed batch (rows of later batches are
+/// rolled back), the next input offset to consume (-1: the start of the partition) and its
+/// consumed-time clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    pub batch: u64,
+    pub next_offset: i64,
+    pub clock_ms: u64,
+    /// Kafka's committed offset was not where the durable state says the partition is (offsets
+    /// reset, expired, or a new group): the consumer must be moved to `next_offset`.
+    pub kafka_offset_overridden: bool,
+}
+
+/// A restore that would roll committed history back or guess: the partition stays paused until
+/// an operator resolves it (docs/exactly-once.md, "When a partition refuses to start").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "Kafka's recovery point says batch {kafka_batch} committed, but PostgreSQL's last batch \
+         is {store_last_batch}: the two stores do not belong together (a restored backup, or \
+         another deployment's group or schema)"
+    )]
+    Mismatch {
+        kafka_batch: u64,
+        store_last_batch: u64,
+    },
+    #[error(
+        "the committed offset has no recovery point (offsets reset or expired, or a new group) \
+         and PostgreSQL cannot tell whether its last batch {store_last_batch} committed in Kafka \
+         (last known committed: {store_committed_batch}); run `causal-commit recovery-point \
+         resolve` for this partition"
+    )]
+    Ambiguous {
+        store_last_batch: u64,
+        store_committed_batch: u64,
+    },
+}
+
+/// Reconciles Kafka's committed offset with PostgreSQL's view. At most one batch per partition
+/// is ever uncommitted, so a recovery point must name PostgreSQL's last batch (committed) or
+/// the one before it (the last one aborted, or never reached Kafka); anything else is refused.
+/// Without a recovery point, committed history is never rolled back: PostgreSQL's last batch
+/// and offset win when it knows they committed, and the restore is refused when it cannot know.
+pub fn decide(kafka: &KafkaCommitted, store: &StoreView) -> Result<Resume, Refusal> {
+    let l = store.last_batch;
+    match kafka {
+        KafkaCommitted::Point { offset, point } => {
+            let committed = point.batch == l;
+            if !(committed || l > 0 && point.batch == l - 1) {
+                return Err(Refusal::Mismatch {
+                    kafka_batch: point.batch,
+                    store_last_batch: l,
+                });
+            }
+            // The offset committed with batch L is the one written with it; a different one
+            // was moved by hand with the metadata kept: the store's position wins.
+            let moved =
+                committed && store.last_next_offset >= 0 && *offset != store.last_next_offset;
+            Ok(Resume {
+                batch: point.batch,
+                next_offset: if moved {
+                    store.last_next_offset
+                } else {
+                    *offset
+                },
+                clock_ms: point.clock_ms,
+                kafka_offset_overridden: moved,
+            })
+        }
+        KafkaCommitted::Nothing | KafkaCommitted::Offset { .. } => {
+            let offset = match kafka {
+                KafkaCommitted::Offset { offset, .. } => *offset,
+                _ => -1,
+            };
+            if l == 0 {
+                // Nothing was ever written for this partition: a plain start.
+                return Ok(Resume {
+                    batch: 0,
+                    next_offset: offset,
+                    clock_ms: 0,
+                    kafka_offset_overridden: false,
+                });
+            }
+            if store.committed_batch != l || store.last_next_offset < 0 {
+                return Err(Refusal::Ambiguous {
+                    store_last_batch: l,
+                    store_committed_batch: store.committed_batch,
+                });
+            }
+            Ok(Resume {
+                batch: l,
+                next_offset: store.last_next_offset,
+                clock_ms: store.last_clock_ms,
+                kafka_offset_overridden: offset != store.last_next_offset,
+            })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +233,168 @@ mod tests {
     #[test]
     fn empty_metadata_is_no_recovery_point_not_batch_zero() {
         assert_eq!(RecoveryPoint::parse(""), Ok(None));
+    }
+
+    fn point(batch: u64) -> RecoveryPoint {
+        RecoveryPoint {
+            batch,
+            fence: 3,
+            clock_ms: batch * 1000,
+        }
+    }
+
+    /// Five batches written and known committed; batch 5 ended at offset 500.
+    fn store() -> StoreView {
+        StoreView {
+            last_batch: 5,
+            last_next_offset: 500,
+            last_clock_ms: 5000,
+            committed_batch: 5,
+            committed_next_offset: 500,
+            committed_clock_ms: 5000,
+        }
+    }
+
+    #[test]
+    fn a_recovery_point_naming_the_last_batch_keeps_it() {
+        let kafka = KafkaCommitted::Point {
+            offset: 500,
+            point: point(5),
+        };
+        let r = decide(&kafka, &store()).unwrap();
+        assert_eq!((r.batch, r.next_offset, r.clock_ms), (5, 500, 5000));
+        assert!(!r.kafka_offset_overridden);
+    }
+
+    #[test]
+    fn a_recovery_point_one_behind_rolls_the_uncommitted_batch_back() {
+        let s = StoreView {
+            committed_batch: 4,
+            committed_next_offset: 400,
+            ..store()
+        };
+        let kafka = KafkaCommitted::Point {
+            offset: 400,
+            point: point(4),
+        };
+        let r = decide(&kafka, &s).unwrap();
+        assert_eq!((r.batch, r.next_offset, r.clock_ms), (4, 400, 4000));
+    }
+
+    #[test]
+    fn a_recovery_point_further_apart_is_refused() {
+        for b in [0, 3, 6, 99] {
+            let kafka = KafkaCommitted::Point {
+                offset: 1,
+                point: point(b),
+            };
+            assert_eq!(
+                decide(&kafka, &store()),
+                Err(Refusal::Mismatch {
+                    kafka_batch: b,
+                    store_last_batch: 5
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn an_offset_moved_with_its_metadata_kept_resumes_where_the_store_is() {
+        let kafka = KafkaCommitted::Point {
+            offset: 0,
+            point: point(5),
+        };
+        let r = decide(&kafka, &store()).unwrap();
+        assert_eq!((r.batch, r.next_offset), (5, 500));
+        assert!(r.kafka_offset_overridden);
+    }
+
+    #[test]
+    fn offsets_reset_to_earliest_or_latest_never_roll_committed_history_back() {
+        for offset in [0, 10_000] {
+            let kafka = KafkaCommitted::Offset {
+                offset,
+                metadata: String::new(),
+            };
+            let r = decide(&kafka, &store()).unwrap();
+            assert_eq!((r.batch, r.next_offset, r.clock_ms), (5, 500, 5000));
+            assert!(r.kafka_offset_overridden);
+        }
+    }
+
+    #[test]
+    fn expired_offsets_or_a_new_group_resume_where_the_store_is() {
+        let r = decide(&KafkaCommitted::Nothing, &store()).unwrap();
+        assert_eq!((r.batch, r.next_offset), (5, 500));
+        assert!(r.kafka_offset_overridden);
+    }
+
+    #[test]
+    fn without_a_recovery_point_an_unconfirmed_last_batch_is_refused() {
+        let s = StoreView {
+            committed_batch: 4,
+            ..store()
+        };
+        for kafka in [
+            KafkaCommitted::Nothing,
+            KafkaCommitted::Offset {
+                offset: 0,
+                metadata: "something else".into(),
+            },
+        ] {
+            assert_eq!(
+                decide(&kafka, &s),
+                Err(Refusal::Ambiguous {
+                    store_last_batch: 5,
+                    store_committed_batch: 4
+                })
+            );
+        }
+        // A store written before offsets were recorded cannot say where to resume either.
+        let old = StoreView {
+            last_next_offset: -1,
+            ..store()
+        };
+        assert!(decide(&KafkaCommitted::Nothing, &old).is_err());
+    }
+
+    #[test]
+    fn a_partition_never_written_starts_where_kafka_says() {
+        let fresh = StoreView::default();
+        let r = decide(&KafkaCommitted::Nothing, &fresh).unwrap();
+        assert_eq!((r.batch, r.next_offset), (0, -1));
+        let kafka = KafkaCommitted::Offset {
+            offset: 42,
+            metadata: String::new(),
+        };
+        let r = decide(&kafka, &fresh).unwrap();
+        assert_eq!((r.batch, r.next_offset), (0, 42));
+        assert!(!r.kafka_offset_overridden);
+        let kafka = KafkaCommitted::Point {
+            offset: 0,
+            point: point(0),
+        };
+        assert_eq!(decide(&kafka, &fresh).unwrap().batch, 0);
+    }
+
+    #[test]
+    fn foreign_metadata_counts_as_no_recovery_point() {
+        let k = KafkaCommitted::from_parts(Some(7), "set by a tool");
+        assert_eq!(
+            k,
+            KafkaCommitted::Offset {
+                offset: 7,
+                metadata: "set by a tool".into()
+            }
+        );
+        assert_eq!(
+            KafkaCommitted::from_parts(None, ""),
+            KafkaCommitted::Nothing
+        );
+        assert_eq!(
+            KafkaCommitted::from_parts(Some(-1001), ""),
+            KafkaCommitted::Nothing
+        );
     }
 
     #[test]

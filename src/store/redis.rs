@@ -28,6 +28,8 @@ use redis::{AsyncConnectionConfig, Client, RedisResult, Script};
 use secrecy::ExposeSecret;
 
 use crate::config::RedisConfig;
+use crate::sequencer::State;
+use crate::store::postgres::outcomes::{is_idempotency_record, Columns};
 use crate::store::postgres::StoredOutcome;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,51 +54,52 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The terminal states an idempotency entry can hold, and their one-letter codes.
-const STATES: [(&str, &str); 3] = [
-    ("committed_causal", "c"),
-    ("blocked_conflict", "b"),
-    ("manual_review", "m"),
-];
-
-/// Whether an outcome belongs in the idempotency record (the same filter as
-/// `postgres::lookup_outcomes`: terminal states, and invalid input is not an outcome).
+/// Whether an outcome belongs in the idempotency record (the same rule as the durable
+/// lookup, `postgres::outcomes`).
 pub fn is_idempotency_outcome(o: &StoredOutcome) -> bool {
-    STATES.iter().any(|(s, _)| *s == o.state) && o.reason != "INVALID_INTENT"
+    is_idempotency_record(&o.prior.outcome)
 }
 
-/// The value of an idempotency key, without the stamp the write script appends.
+/// The terminal states an idempotency entry can hold, and their one-letter codes.
+const STATE_CODES: [(State, &str); 3] = [
+    (State::CommittedCausal, "c"),
+    (State::BlockedConflict, "b"),
+    (State::ManualReview, "m"),
+];
+
+/// The value of an idempotency key, without the stamp the write script appends:
+/// `<state code>|<fingerprint hex>|<commit_sequence>|<contact_version>|<reason>`. `None` for an
+/// outcome that is not terminal.
 pub fn encode_outcome(o: &StoredOutcome) -> Option<String> {
-    let code = STATES.iter().find(|(s, _)| *s == o.state)?.1;
+    let c = o.columns();
+    let code = STATE_CODES.iter().find(|(s, _)| s.as_str() == c.state)?.1;
     Some(format!(
         "{code}|{:x}|{}|{}|{}",
-        o.fingerprint, o.commit_sequence, o.contact_version, o.reason
+        o.prior.fingerprint, c.commit_sequence, c.contact_version, c.reason
     ))
 }
 
-/// Decodes a stored value into the outcome and its write stamp (server ms).
+/// Decodes a stored value into the outcome and its write stamp (server ms). `None` for a
+/// value this version cannot read (treated as a miss that PostgreSQL answers).
 pub fn decode_outcome(intent_id: &str, value: &[u8]) -> Option<(StoredOutcome, u64)> {
     let value = std::str::from_utf8(value).ok()?;
     let (rest, stamp) = value.rsplit_once('|')?;
     let stamp = stamp.parse().ok()?;
     let mut parts = rest.splitn(5, '|');
     let code = parts.next()?;
-    let state = STATES.iter().find(|(_, c)| *c == code)?.0;
+    let state = STATE_CODES.iter().find(|(_, c)| *c == code)?.0.as_str();
     let fingerprint = u64::from_str_radix(parts.next()?, 16).ok()?;
     let commit_sequence = parts.next()?.parse().ok()?;
     let contact_version = parts.next()?.parse().ok()?;
-    let reason = parts.next()?.to_string();
-    Some((
-        StoredOutcome {
-            intent_id: intent_id.to_string(),
-            fingerprint,
-            state: state.to_string(),
-            reason,
-            commit_sequence,
-            contact_version,
-        },
-        stamp,
-    ))
+    let reason = parts.next()?;
+    let columns = Columns {
+        state,
+        reason,
+        commit_sequence,
+        contact_version,
+    };
+    let outcome = StoredOutcome::from_columns(intent_id.to_string(), fingerprint, columns).ok()?;
+    Some((outcome, stamp))
 }
 
 /// The epoch key's value: the PostgreSQL epoch Redis was synchronised to, and the server
@@ -579,26 +582,35 @@ fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
 mod tests {
     use super::*;
 
-    fn outcome(state: &str, reason: &str) -> StoredOutcome {
+    use crate::sequencer::{Outcome, PriorOutcome, Reason};
+
+    fn outcome(outcome: Outcome) -> StoredOutcome {
         StoredOutcome {
             intent_id: "i-1".into(),
-            fingerprint: u64::MAX - 7,
-            state: state.into(),
-            reason: reason.into(),
-            commit_sequence: 42,
-            contact_version: 9,
+            prior: PriorOutcome {
+                fingerprint: u64::MAX - 7,
+                outcome,
+            },
         }
     }
 
     #[test]
     fn outcomes_round_trip_through_the_encoding() {
-        for (state, reason) in [
-            ("committed_causal", ""),
-            ("blocked_conflict", "VERSION_CONFLICT"),
-            ("manual_review", "WAIT_TIMEOUT"),
-            ("manual_review", "ODD|REASON"),
+        for o in [
+            Outcome::Committed {
+                commit_sequence: 42,
+                contact_version: 9,
+            },
+            Outcome::Blocked {
+                reason: Reason::VersionConflict,
+                commit_sequence: 42,
+            },
+            Outcome::ManualReview {
+                reason: Reason::WaitTimeout,
+                commit_sequence: 42,
+            },
         ] {
-            let o = outcome(state, reason);
+            let o = outcome(o);
             let value = format!("{}|1700000000123", encode_outcome(&o).unwrap());
             let (back, stamp) = decode_outcome("i-1", value.as_bytes()).unwrap();
             assert_eq!(back, o);
@@ -607,76 +619,15 @@ mod tests {
     }
 
     #[test]
-    fn only_terminal_valid_outcomes_are_idempotency_outcomes() {
-        assert!(is_idempotency_outcome(&outcome("committed_causal", "")));
-        assert!(is_idempotency_outcome(&outcome(
-            "manual_review",
-            "WAIT_TIMEOUT"
-        )));
-        assert!(!is_idempotency_outcome(&outcome(
-            "manual_review",
-            "INVALID_INTENT"
-        )));
-        assert!(!is_idempotency_outcome(&outcome(
-            "waiting_previous_commit",
-            ""
-        )));
-        assert!(!is_idempotency_outcome(&outcome("duplicate", "")));
-        assert_eq!(encode_outcome(&outcome("duplicate", "")), None);
-    }
-
-    #[test]
-    fn garbage_does_not_decode() {
-        for v in [
-            &b""[..],
-            b"c|zz|1|1||5",
-            b"x|1|1|1||5",
-            b"c|1|1|1|",
-            b"c|1|1||5",
-            b"\xff\xfe",
+    fn a_value_this_version_cannot_read_is_a_miss() {
+        for value in [
+            "x|ff|1|1||1",
+            "m|ff|1|0|ODD|1",
+            "m|ff|1|0||1",
+            "c|zz|1|1||1",
+            "garbage",
         ] {
-            assert!(decode_outcome("i", v).is_none(), "{v:?}");
-        }
-    }
-
-    #[test]
-    fn epoch_tokens_round_trip() {
-        let t = epoch_token(17, "abc123");
-        assert_eq!(t, "17:abc123");
-        assert_eq!(parse_epoch_token(&t), Some((17, "abc123")));
-        assert_eq!(parse_epoch_token("x:abc"), None);
-        assert_eq!(parse_epoch_token("17"), None);
-    }
-
-    #[test]
-    fn the_epoch_key_cannot_collide_with_an_intent() {
-        let k = Keys::new("cc");
-        assert_ne!(k.epoch(), k.idem("epoch"));
-        assert_eq!(k.idem("a:b"), "cc:idem:a:b");
-        assert_eq!(k.lock("intents", 3), "cc:lock:intents:3");
-    }
-
-    #[test]
-    fn info_fields_are_found() {
-        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:abc\r\n";
-        assert_eq!(info_field(info, "run_id"), Some("abc"));
-        assert_eq!(info_field(info, "redis_version"), Some("7.0.15"));
-        assert_eq!(info_field(info, "run"), None);
-    }
-
-    #[test]
-    fn urls_with_auth_and_tls_are_accepted() {
-        for url in [
-            "redis://user:secret@127.0.0.1:6379",
-            "redis://:secret@127.0.0.1:6379/2",
-            "rediss://user:secret@redis.example.com:6380",
-        ] {
-            let config = RedisConfig {
-                url: url.into(),
-                ..RedisConfig::default()
-            };
-            let store = RedisStore::new(&config).expect(url);
-            assert!(!format!("{store:?}").contains("secret"));
+            assert!(decode_outcome("i-1", value.as_bytes()).is_none(), "{value}");
         }
     }
 }

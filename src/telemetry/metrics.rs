@@ -16,10 +16,15 @@ pub const INVALID_INTENTS: &str = "causal_commit_invalid_intents_total";
 pub const BACKLOG_WAITING: &str = "causal_commit_backlog_waiting";
 /// Age of the oldest waiting intent. Label: `partition`.
 pub const BACKLOG_OLDEST_AGE: &str = "causal_commit_backlog_oldest_age_seconds";
-/// Contacts put on hold. Label: `reason` = WAIT_TIMEOUT | CONTACT_BACKLOG_OVERFLOW.
-pub const CONTACT_HOLDS: &str = "causal_commit_contact_holds_total";
+/// Manual-review records produced. Label: `reason` (the contract's reason code).
+pub const MANUAL_REVIEW_RECORDS: &str = "causal_commit_manual_review_records_total";
+/// Contact-level transitions. Labels: `event` = held | skipped | released, `reason`
+/// (WAIT_TIMEOUT, CONTACT_BACKLOG_OVERFLOW or OPERATOR).
+pub const CONTACT_EVENTS: &str = "causal_commit_contact_events_total";
 /// Contacts on hold (manual review needed before they move again).
 pub const CONTACTS_ON_HOLD: &str = "causal_commit_contacts_on_hold";
+/// How long the longest-held contact has been on hold (0 when none).
+pub const HELD_OLDEST_AGE: &str = "causal_commit_held_oldest_age_seconds";
 /// Intent created (producer clock) -> effect committed.
 pub const COMMIT_LATENCY: &str = "causal_commit_commit_latency_seconds";
 /// Kafka transactions. Label: `result` = commit | abort.
@@ -36,7 +41,7 @@ pub const LOCK_STORE_MODE: &str = "causal_commit_lock_store_mode";
 pub const CONSUMER_LAG: &str = "causal_commit_consumer_lag";
 /// Partitions assigned to this instance.
 pub const PARTITIONS_ASSIGNED: &str = "causal_commit_partitions_assigned";
-/// Partitions paused for backpressure or an unavailable store.
+/// Partitions paused. Label: `cause` = restoring | store | recovery_point | backpressure.
 pub const PARTITIONS_PAUSED: &str = "causal_commit_partitions_paused";
 /// Unix time of the last committed transaction (a stalled consumer stops moving it).
 pub const LAST_COMMIT_TIMESTAMP: &str = "causal_commit_last_commit_timestamp_seconds";
@@ -65,7 +70,19 @@ pub fn describe() {
         "Age of the oldest waiting intent"
     );
     describe_gauge!(CONTACTS_ON_HOLD, "Contacts held for manual review");
-    describe_counter!(CONTACT_HOLDS, "Contacts put on hold, by reason");
+    describe_gauge!(
+        HELD_OLDEST_AGE,
+        Unit::Seconds,
+        "How long the longest-held contact has been on hold"
+    );
+    describe_counter!(
+        MANUAL_REVIEW_RECORDS,
+        "Manual-review records produced, by reason"
+    );
+    describe_counter!(
+        CONTACT_EVENTS,
+        "Contact-level transitions (held, skipped, released), by reason"
+    );
     describe_histogram!(
         COMMIT_LATENCY,
         Unit::Seconds,
@@ -85,10 +102,7 @@ pub fn describe() {
     );
     describe_gauge!(CONSUMER_LAG, "Records not yet consumed, per partition");
     describe_gauge!(PARTITIONS_ASSIGNED, "Partitions assigned to this instance");
-    describe_gauge!(
-        PARTITIONS_PAUSED,
-        "Partitions paused (backpressure or store down)"
-    );
+    describe_gauge!(PARTITIONS_PAUSED, "Partitions paused, by cause");
     describe_gauge!(
         LAST_COMMIT_TIMESTAMP,
         Unit::Seconds,

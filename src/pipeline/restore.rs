@@ -1,0 +1,167 @@
+//! Restoring a partition's lane from the durable store against its committed recovery point:
+//! on every assignment, and after any failure. See `docs/exactly-once.md`.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::assignment::PauseCause;
+use super::engine::Engine;
+use super::lane::Lane;
+use crate::sequencer::{self, Decision, Sequencer};
+use crate::store::lock_store::{self, LockResult};
+use crate::store::postgres as pg;
+use crate::store::recovery::KafkaCommitted;
+use crate::store::snapshot::{self, Held};
+use crate::telemetry::metrics as m;
+
+/// Why a partition could not be restored (it stays paused and is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the partition's lock is held by {owner} for another {ttl:?}")]
+    LockHeld { owner: String, ttl: Duration },
+    #[error("another owner holds the partition's lease")]
+    LeaseHeld,
+    #[error("taking the partition's lock failed: {0}")]
+    Lock(#[from] lock_store::Error),
+    #[error(transparent)]
+    Store(#[from] pg::Error),
+    #[error("reading the committed offset failed: {0}")]
+    CommittedOffset(rdkafka::error::KafkaError),
+    #[error("rewinding to the committed offset failed: {0}")]
+    Rewind(rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Unreadable),
+    #[error("the stored state does not load: {0}")]
+    Sequencer(#[from] sequencer::Error),
+}
+
+impl RestoreError {
+    /// The cause a partition that could not be restored is paused for.
+    pub fn pause_cause(&self) -> PauseCause {
+        match self {
+            RestoreError::Store(pg::Error::Refused { .. }) => PauseCause::RecoveryPoint,
+            _ => PauseCause::Store,
+        }
+    }
+}
+
+impl Engine {
+    /// Takes the partition's lock and a new fencing token, reads its recovery point, rolls the
+    /// durable state back to it, rebuilds the sequencer, and (if `rewind`) moves the consumer
+    /// back to the committed offset.
+    pub(super) fn restore(&mut self, partition: i32, rewind: bool) -> Result<Lane, RestoreError> {
+        let started = Instant::now();
+        let topic = self.topics.intents.to_string();
+        // The lock (Redis, or the PostgreSQL lease on fallback) first, then a fencing token
+        // from the durable store, which every write of this owner is checked against.
+        let lease = self.config.locks.lease;
+        let lock =
+            self.rt.block_on(
+                self.locks
+                    .acquire_lock(&topic, partition, &self.writer, lease),
+            )?;
+        if let LockResult::Held { owner, ttl } = lock {
+            return Err(RestoreError::LockHeld { owner, ttl });
+        }
+        let fence = self
+            .rt
+            .block_on(pg::acquire_partition(
+                &self.pool,
+                &topic,
+                partition,
+                &self.writer,
+                lease,
+            ))?
+            .ok_or(RestoreError::LeaseHeld)?;
+        let kafka = self.committed_point(&topic, partition)?;
+        let restored = self.rt.block_on(pg::restore_partition(
+            &self.pool, &topic, partition, fence, &kafka,
+        ))?;
+        let resume = restored.resume;
+        let (batch_no, next_offset) = (resume.batch, resume.next_offset);
+        if resume.kafka_offset_overridden {
+            tracing::warn!(
+                partition,
+                kafka = ?kafka,
+                resume_batch = batch_no,
+                resume_offset = next_offset,
+                "the committed offset is not where the durable state is (offsets reset or \
+                 expired, or a new group): resuming where the durable state is"
+            );
+        }
+        // The idempotency cache catches up with the last committed batch (a crash may have
+        // come between that batch's commit and its write-through).
+        self.rt
+            .block_on(self.locks.partition_restored(&topic, partition, batch_no))?;
+        let mut seq: Sequencer<Held> = Sequencer::new(self.seq_config.clone())?;
+        let snapshots = restored
+            .states
+            .into_iter()
+            .map(snapshot::decode)
+            .collect::<Result<Vec<_>, _>>()?;
+        let contacts = snapshots.len();
+        seq.restore(snapshots)?;
+        let mut pause = Vec::new();
+        seq.drain_decisions(&mut pause);
+        let backpressure = pause
+            .iter()
+            .any(|d| matches!(d, Decision::PausePartition { .. }));
+        if rewind || resume.kafka_offset_overridden {
+            let to = if next_offset >= 0 {
+                Offset::Offset(next_offset)
+            } else {
+                Offset::Beginning
+            };
+            self.consumer
+                .seek(&topic, partition, to, self.config.kafka.operation_timeout)
+                .map_err(RestoreError::Rewind)?;
+        }
+        let cause = if rewind { "recovery" } else { "assignment" };
+        metrics::counter!(m::RESTORES, "cause" => cause).increment(1);
+        metrics::counter!(m::ROLLED_BACK_ROWS)
+            .increment(restored.dropped_transitions + restored.reverted_contacts);
+        let backlog = seq.backlog();
+        tracing::info!(
+            partition,
+            fence,
+            batch_no,
+            committed_offset = next_offset,
+            contacts,
+            waiting = backlog.waiting,
+            held = backlog.contacts_held,
+            rolled_back_transitions = restored.dropped_transitions,
+            reverted_contacts = restored.reverted_contacts,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "partition restored"
+        );
+        Ok(Lane {
+            partition,
+            fence,
+            batch_no,
+            next_offset,
+            seq,
+            backpressure,
+        })
+    }
+
+    /// The partition's committed offset and recovery point in Kafka.
+    fn committed_point(&self, topic: &str, partition: i32) -> Result<KafkaCommitted, RestoreError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, self.config.kafka.operation_timeout)
+            .map_err(RestoreError::CommittedOffset)?;
+        let elements = committed.elements();
+        let Some(e) = elements.first() else {
+            return Ok(KafkaCommitted::Nothing);
+        };
+        let offset = match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        };
+        Ok(KafkaCommitted::from_parts(offset, e.metadata()))
+    }
+}

@@ -1,0 +1,612 @@
+//! The pure translation step: one partition's sequencer decisions and invalid records become a
+//! [`PartitionPlan`] — the records to produce, the audit rows and contact states to write, and
+//! the transition events to report once the batch has committed. No I/O and no clock: the
+//! wall time stamped on outputs is passed in.
+//!
+//! Every audit row has exactly one [`Note`] beside it, at the same index: the row is the
+//! durable form of a transition, the note what only its log line and metrics need. Reporting
+//! (after the commit) walks both together, so each transition is one row, one log line and
+//! one metric increment.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use prost::Message as _;
+
+use super::kafka::OutRecord;
+use super::output::{self, EffectFields, ReviewFields, Source};
+use crate::intent::{InRecord, InvalidIntent, ValidIntent};
+use crate::proto::{Intent as ProtoIntent, ReviewReason};
+use crate::sequencer::{
+    BlockReason, Decision, Intent, Reason, ReviewReason as SeqReview, SkipCause, State,
+};
+use crate::store::postgres::{ContactRow, Transition, TransitionRow};
+use crate::store::snapshot::{self, Held, StoredContact};
+
+/// Output topic names, shared cheaply by every output record.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub intents: Arc<str>,
+    pub side_effects: Arc<str>,
+    pub manual_review: Arc<str>,
+}
+
+/// What a partition's translation needs to know about the batch being built.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub topics: &'a Topics,
+    pub partition: i32,
+    /// The writer's fencing token for the partition.
+    pub fence: u64,
+    /// The number of the batch being built.
+    pub batch_no: u64,
+    /// Wall-clock time stamped on effects and reviews (ms since the Unix epoch).
+    pub now_ms: i64,
+}
+
+/// Intents first seen in this batch, by source offset (ids may repeat within a batch — a retry,
+/// a conflicting reuse — offsets may not).
+pub type Fresh = HashMap<i64, Arc<ValidIntent>>;
+
+/// What only a transition's log line and metrics need beside its audit row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Note {
+    /// Intent created (producer clock) → effect committed, for a commit.
+    pub latency_ms: Option<i64>,
+    /// The validation failure's short name, for an invalid record.
+    pub invalid_kind: Option<&'static str>,
+    /// The review record this transition produced, by reason.
+    pub review: Option<Reason>,
+}
+
+/// One partition's part of a batch.
+#[derive(Debug, Default)]
+pub struct PartitionPlan {
+    pub outputs: Vec<OutRecord>,
+    pub transitions: Vec<TransitionRow>,
+    /// `notes[i]` belongs to `transitions[i]`.
+    pub notes: Vec<Note>,
+    pub contacts: Vec<ContactRow>,
+    /// The sequencer asked to pause (`Some(true)`) or resume (`Some(false)`) the partition.
+    pub pause: Option<bool>,
+    /// Effects among `outputs`.
+    pub effects: usize,
+}
+
+impl PartitionPlan {
+    /// Whether the batch has nothing to write or produce for this partition.
+    pub fn is_empty(&self) -> bool {
+        self.outputs.is_empty() && self.transitions.is_empty() && self.contacts.is_empty()
+    }
+
+    fn push(&mut self, row: TransitionRow, note: Note) {
+        self.transitions.push(row);
+        self.notes.push(note);
+    }
+}
+
+/// The intent-level facts of an audit row.
+struct RowFacts<'a> {
+    offset: i64,
+    intent_id: &'a str,
+    contact_id: &'a str,
+    clinic_id: &'a str,
+    correlation_id: &'a str,
+    fingerprint: u64,
+}
+
+impl<'a> RowFacts<'a> {
+    fn of(intent: &'a ProtoIntent, offset: i64, fingerprint: u64) -> Self {
+        RowFacts {
+            offset,
+            intent_id: &intent.intent_id,
+            contact_id: &intent.contact_id,
+            clinic_id: &intent.clinic_id,
+            correlation_id: &intent.correlation_id,
+            fingerprint,
+        }
+    }
+}
+
+/// A blocked or manual-reviewed intent: what its review record and audit row say.
+struct Rejection {
+    to: State,
+    reason: Reason,
+    detail: String,
+    /// The sequence the contact was waiting for (0 if none).
+    expected: u64,
+    /// The slot involved (0 if none).
+    commit_sequence: u64,
+    waited_ms: u64,
+}
+
+/// Translates one partition's drained decisions, in order.
+pub fn decisions(
+    ctx: &Context<'_>,
+    fresh: &Fresh,
+    decisions: Vec<Decision<Held>>,
+    plan: &mut PartitionPlan,
+) {
+    // Offsets of intents that started waiting in this drain: their later decision in the same
+    // drain comes from `waiting_previous_commit`, not from `received`.
+    let mut waited_now: HashSet<i64> = HashSet::new();
+    for d in decisions {
+        match d {
+            Decision::Commit {
+                intent,
+                commit_sequence,
+                contact_version,
+            } => {
+                let waited = waited(fresh, &waited_now, &intent);
+                commit(
+                    ctx,
+                    fresh,
+                    plan,
+                    &intent,
+                    waited,
+                    commit_sequence,
+                    contact_version,
+                );
+            }
+            Decision::Wait {
+                intent_id,
+                contact_id,
+                offset,
+                commit_sequence,
+                missing,
+            } => {
+                waited_now.insert(offset);
+                let v = fresh.get(&offset);
+                let facts = RowFacts {
+                    offset,
+                    intent_id: &intent_id,
+                    contact_id: &contact_id,
+                    clinic_id: v.map_or("", |v| v.intent.clinic_id.as_str()),
+                    correlation_id: v.map_or("", |v| v.intent.correlation_id.as_str()),
+                    fingerprint: v.map_or(0, |v| v.fingerprint),
+                };
+                let transition = Transition::Record {
+                    waited: false,
+                    to: State::WaitingPreviousCommit,
+                    reason: None,
+                };
+                let detail = format!("waiting for sequence {missing}");
+                let row = row(ctx, &facts, transition, commit_sequence, 0, detail);
+                plan.push(row, Note::default());
+            }
+            Decision::Duplicate { intent, prior } => {
+                let Some(decoded) = decoded(fresh, &intent) else {
+                    unreadable(ctx, plan, &intent, true);
+                    continue;
+                };
+                let facts =
+                    RowFacts::of(&decoded.intent, intent.meta.offset, intent.meta.fingerprint);
+                let transition = Transition::Record {
+                    waited: false,
+                    to: State::Duplicate,
+                    reason: None,
+                };
+                let detail = format!("already {}", prior.state().as_str());
+                plan.push(row(ctx, &facts, transition, 0, 0, detail), Note::default());
+            }
+            Decision::Blocked {
+                intent,
+                commit_sequence,
+                reason,
+            } => {
+                let waited = waited(fresh, &waited_now, &intent);
+                let r = blocked(&reason, commit_sequence);
+                reject(ctx, fresh, plan, &intent, waited, r);
+            }
+            Decision::ManualReview {
+                intent,
+                commit_sequence,
+                reason,
+            } => {
+                let waited = waited(fresh, &waited_now, &intent);
+                let r = manual(&reason, commit_sequence);
+                reject(ctx, fresh, plan, &intent, waited, r);
+            }
+            Decision::Skipped {
+                contact_id,
+                from,
+                to,
+                cause,
+            } => {
+                let by_operator = matches!(cause, SkipCause::Operator);
+                let detail = serde_json::json!({ "from": from, "to": to }).to_string();
+                let transition = Transition::Skipped { by_operator };
+                contact_row(ctx, plan, &contact_id, transition, from, detail);
+            }
+            Decision::ContactHeld { contact_id, reason } => {
+                let detail = match reason {
+                    crate::sequencer::HoldReason::WaitTimeout { missing } => {
+                        format!("sequence {missing} did not arrive within the wait timeout")
+                    }
+                    crate::sequencer::HoldReason::BacklogOverflow { limit } => {
+                        format!("{limit} intents were already waiting")
+                    }
+                };
+                let transition = Transition::Held {
+                    reason: reason.code(),
+                };
+                contact_row(ctx, plan, &contact_id, transition, 0, detail);
+            }
+            Decision::ContactReleased {
+                contact_id,
+                release,
+                resolved_through,
+            } => {
+                let detail = format!("{release:?}");
+                let transition = Transition::Released;
+                contact_row(ctx, plan, &contact_id, transition, resolved_through, detail);
+            }
+            Decision::PausePartition { .. } => plan.pause = Some(true),
+            Decision::ResumePartition { .. } => plan.pause = Some(false),
+        }
+    }
+}
+
+/// Translates a record that failed validation: its review record (raw bytes kept) and its
+/// audit row, with whatever ids can still be read from it.
+pub fn invalid(
+    ctx: &Context<'_>,
+    record: &InRecord,
+    error: &InvalidIntent,
+    plan: &mut PartitionPlan,
+) {
+    // What can still be read of a record that failed validation, for the audit.
+    let partial = record
+        .value
+        .as_deref()
+        .and_then(|v| ProtoIntent::decode(v).ok());
+    let detail = error.to_string();
+    plan.outputs.push(output::manual_review(
+        &ctx.topics.manual_review,
+        &Source {
+            topic: &ctx.topics.intents,
+            record,
+        },
+        ReviewFields {
+            reason: ReviewReason::InvalidIntent,
+            detail: detail.clone(),
+            intent: partial.as_ref(),
+            expected_sequence: 0,
+            received_sequence: partial.as_ref().map_or(0, |i| i.causal_sequence),
+            waited_ms: 0,
+            reviewed_at_ms: ctx.now_ms,
+            fencing_token: ctx.fence,
+        },
+    ));
+    let empty = ProtoIntent::default();
+    let facts = RowFacts::of(partial.as_ref().unwrap_or(&empty), record.offset, 0);
+    let transition = Transition::Record {
+        waited: false,
+        to: State::ManualReview,
+        reason: Some(Reason::InvalidIntent),
+    };
+    let note = Note {
+        invalid_kind: Some(error.kind()),
+        review: Some(Reason::InvalidIntent),
+        ..Note::default()
+    };
+    plan.push(row(ctx, &facts, transition, 0, 0, detail), note);
+}
+
+/// The contact states the sequencer changed, for one batched upsert.
+pub fn contacts(
+    ctx: &Context<'_>,
+    snapshots: Vec<StoredContact>,
+    plan: &mut PartitionPlan,
+) -> Result<(), snapshot::Unreadable> {
+    plan.contacts.reserve(snapshots.len());
+    for s in snapshots {
+        let on_hold = s.hold.is_some();
+        let waiting = i32::try_from(s.waiting.len()).unwrap_or(i32::MAX);
+        let state = snapshot::encode(&s)?;
+        plan.contacts.push(ContactRow {
+            contact_id: s.contact_id,
+            partition: ctx.partition,
+            batch_no: ctx.batch_no,
+            state,
+            on_hold,
+            waiting,
+        });
+    }
+    Ok(())
+}
+
+/// An intent first seen in this batch that did not start waiting in this drain comes from
+/// `received`; anything else was waiting.
+fn waited(fresh: &Fresh, waited_now: &HashSet<i64>, intent: &Intent<Held>) -> bool {
+    let offset = intent.payload.record.offset;
+    !fresh.contains_key(&offset) || waited_now.contains(&offset)
+}
+
+/// The decoded intent of a decision: the cached one for intents first seen in this batch,
+/// decoded again (with the correlation id it was first seen with) for intents restored from
+/// the store.
+fn decoded(fresh: &Fresh, intent: &Intent<Held>) -> Option<Arc<ValidIntent>> {
+    if let Some(v) = fresh.get(&intent.payload.record.offset) {
+        return Some(v.clone());
+    }
+    let value = intent.payload.record.value.as_deref()?;
+    let mut decoded = ProtoIntent::decode(value).ok()?;
+    decoded.correlation_id = intent.payload.correlation_id.clone();
+    Some(Arc::new(ValidIntent {
+        intent: decoded,
+        correlation_generated: false,
+        fingerprint: intent.meta.fingerprint,
+    }))
+}
+
+fn commit(
+    ctx: &Context<'_>,
+    fresh: &Fresh,
+    plan: &mut PartitionPlan,
+    intent: &Intent<Held>,
+    waited: bool,
+    commit_sequence: u64,
+    contact_version: u64,
+) {
+    let Some(v) = decoded(fresh, intent) else {
+        unreadable(ctx, plan, intent, waited);
+        return;
+    };
+    let decoded = &v.intent;
+    plan.outputs.push(output::side_effect(
+        &ctx.topics.side_effects,
+        decoded,
+        intent.payload.record.traceparent.as_ref(),
+        &EffectFields {
+            commit_sequence,
+            contact_version,
+            committed_at_ms: ctx.now_ms,
+            fencing_token: ctx.fence,
+            sequence_from_producer: decoded.causal_sequence > 0,
+        },
+    ));
+    plan.effects += 1;
+    let facts = RowFacts::of(decoded, intent.meta.offset, intent.meta.fingerprint);
+    let transition = Transition::Record {
+        waited,
+        to: State::CommittedCausal,
+        reason: None,
+    };
+    let note = Note {
+        latency_ms: (decoded.created_at_ms > 0)
+            .then(|| (ctx.now_ms - decoded.created_at_ms).max(0)),
+        ..Note::default()
+    };
+    let row = row(
+        ctx,
+        &facts,
+        transition,
+        commit_sequence,
+        contact_version,
+        String::new(),
+    );
+    plan.push(row, note);
+}
+
+/// A blocked or manual-reviewed intent: its review record and its audit row.
+fn reject(
+    ctx: &Context<'_>,
+    fresh: &Fresh,
+    plan: &mut PartitionPlan,
+    intent: &Intent<Held>,
+    waited: bool,
+    r: Rejection,
+) {
+    let Some(v) = decoded(fresh, intent) else {
+        unreadable(ctx, plan, intent, waited);
+        return;
+    };
+    review_record(ctx, plan, intent, Some(&v.intent), &r);
+    let facts = RowFacts::of(&v.intent, intent.meta.offset, intent.meta.fingerprint);
+    let transition = Transition::Record {
+        waited,
+        to: r.to,
+        reason: Some(r.reason),
+    };
+    let note = Note {
+        review: Some(r.reason),
+        ..Note::default()
+    };
+    let row = row(ctx, &facts, transition, r.commit_sequence, 0, r.detail);
+    plan.push(row, note);
+}
+
+/// A held intent whose stored bytes no longer decode (they did when it was first seen): it
+/// goes to manual review, bytes kept, with whatever the sequencer knows of it.
+fn unreadable(ctx: &Context<'_>, plan: &mut PartitionPlan, intent: &Intent<Held>, waited: bool) {
+    let r = Rejection {
+        to: State::ManualReview,
+        reason: Reason::InvalidIntent,
+        detail: "stored intent could not be decoded again".to_string(),
+        expected: 0,
+        commit_sequence: 0,
+        waited_ms: 0,
+    };
+    review_record(ctx, plan, intent, None, &r);
+    let m = &intent.meta;
+    let facts = RowFacts {
+        offset: m.offset,
+        intent_id: &m.intent_id,
+        contact_id: &m.contact_id,
+        clinic_id: "",
+        correlation_id: &intent.payload.correlation_id,
+        fingerprint: m.fingerprint,
+    };
+    let transition = Transition::Record {
+        waited,
+        to: r.to,
+        reason: Some(r.reason),
+    };
+    let note = Note {
+        review: Some(r.reason),
+        ..Note::default()
+    };
+    plan.push(row(ctx, &facts, transition, 0, 0, r.detail), note);
+}
+
+fn review_record(
+    ctx: &Context<'_>,
+    plan: &mut PartitionPlan,
+    intent: &Intent<Held>,
+    decoded: Option<&ProtoIntent>,
+    r: &Rejection,
+) {
+    plan.outputs.push(output::manual_review(
+        &ctx.topics.manual_review,
+        &Source {
+            topic: &ctx.topics.intents,
+            record: &intent.payload.record,
+        },
+        ReviewFields {
+            reason: review_reason(r.reason),
+            detail: r.detail.clone(),
+            intent: decoded,
+            expected_sequence: r.expected,
+            received_sequence: r.commit_sequence,
+            waited_ms: r.waited_ms,
+            reviewed_at_ms: ctx.now_ms,
+            fencing_token: ctx.fence,
+        },
+    ));
+}
+
+fn contact_row(
+    ctx: &Context<'_>,
+    plan: &mut PartitionPlan,
+    contact_id: &str,
+    transition: Transition,
+    commit_sequence: u64,
+    detail: String,
+) {
+    let facts = RowFacts {
+        offset: -1,
+        intent_id: "",
+        contact_id,
+        clinic_id: "",
+        correlation_id: "",
+        fingerprint: 0,
+    };
+    let row = row(ctx, &facts, transition, commit_sequence, 0, detail);
+    plan.push(row, Note::default());
+}
+
+fn row(
+    ctx: &Context<'_>,
+    facts: &RowFacts<'_>,
+    transition: Transition,
+    commit_sequence: u64,
+    contact_version: u64,
+    detail: String,
+) -> TransitionRow {
+    TransitionRow {
+        partition: ctx.partition,
+        batch_no: ctx.batch_no,
+        source_offset: facts.offset,
+        intent_id: facts.intent_id.to_owned(),
+        contact_id: facts.contact_id.to_owned(),
+        clinic_id: facts.clinic_id.to_owned(),
+        correlation_id: facts.correlation_id.to_owned(),
+        transition,
+        commit_sequence,
+        contact_version,
+        fingerprint: facts.fingerprint,
+        detail,
+        fence: ctx.fence,
+    }
+}
+
+/// The wire reason of a contract reason.
+pub fn review_reason(reason: Reason) -> ReviewReason {
+    match reason {
+        Reason::WaitTimeout => ReviewReason::WaitTimeout,
+        Reason::ContactOnHold => ReviewReason::ContactOnHold,
+        Reason::VersionConflict => ReviewReason::VersionConflict,
+        Reason::SequenceConflict => ReviewReason::SequenceConflict,
+        Reason::IdempotencyConflict => ReviewReason::IdempotencyConflict,
+        Reason::ContactBacklogOverflow => ReviewReason::ContactBacklogOverflow,
+        Reason::InvalidIntent => ReviewReason::InvalidIntent,
+        Reason::Unprocessable => ReviewReason::Unprocessable,
+    }
+}
+
+fn blocked(reason: &BlockReason, commit_sequence: u64) -> Rejection {
+    let (detail, expected) = match reason {
+        BlockReason::VersionConflict { expected, actual } => (
+            format!("expected contact version {expected}, committed version is {actual}"),
+            commit_sequence,
+        ),
+        BlockReason::SequenceConflict {
+            claimed,
+            resolved_through,
+            owner,
+        } => (
+            match owner {
+                Some(o) => format!("sequence {claimed} is already claimed by intent {o}"),
+                None => {
+                    format!("sequence {claimed} is already resolved (through {resolved_through})")
+                }
+            },
+            resolved_through + 1,
+        ),
+        BlockReason::IdempotencyConflict {
+            existing_fingerprint,
+            received_fingerprint,
+            existing,
+        } => (
+            format!(
+                "intent_id already {} with other content (fingerprint {existing_fingerprint:016x}, received {received_fingerprint:016x})",
+                existing.state().as_str()
+            ),
+            0,
+        ),
+    };
+    Rejection {
+        to: State::BlockedConflict,
+        reason: reason.code(),
+        detail,
+        expected,
+        commit_sequence,
+        waited_ms: 0,
+    }
+}
+
+fn manual(reason: &SeqReview, commit_sequence: u64) -> Rejection {
+    let (detail, expected, waited_ms) = match reason {
+        SeqReview::WaitTimeout { missing, waited_ms } => (
+            format!(
+                "sequence {missing} did not arrive within the wait timeout (waited {waited_ms} ms)"
+            ),
+            *missing,
+            *waited_ms,
+        ),
+        SeqReview::ContactOnHold { hold, held_since } => (
+            format!(
+                "contact is on hold ({}) since {} ms",
+                hold.code().as_str(),
+                held_since.0
+            ),
+            0,
+            0,
+        ),
+        SeqReview::ContactBacklogOverflow { limit } => (
+            format!("contact has {limit} waiting intents, its bound"),
+            0,
+            0,
+        ),
+        SeqReview::InvalidIntent { kind } => (kind.as_str().to_string(), 0, 0),
+    };
+    Rejection {
+        to: State::ManualReview,
+        reason: reason.code(),
+        detail,
+        expected,
+        commit_sequence,
+        waited_ms,
+    }
+}

@@ -1,0 +1,323 @@
+//! The write of one batch, in one round trip (`cc_apply_batch`).
+
+use sqlx::PgPool;
+
+use super::{db, Result};
+use crate::sequencer::{Reason, State, UnknownName};
+
+/// What one audit row records. Stored as `(from_state, to_state, reason)`; [`Transition::columns`]
+/// and [`Transition::from_columns`] are the only translation, and migration 0003's CHECK
+/// constraints list exactly these values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transition {
+    /// A consumed record reached `to`, from `received` (first sight) or from
+    /// `waiting_previous_commit` (`waited`).
+    Record {
+        waited: bool,
+        to: State,
+        reason: Option<Reason>,
+    },
+    /// A contact's sequences were resolved without an effect: by the `skip` timeout policy, or
+    /// by an operator's `skip_to`.
+    Skipped { by_operator: bool },
+    /// The contact went on hold (`WAIT_TIMEOUT` or `CONTACT_BACKLOG_OVERFLOW`).
+    Held { reason: Reason },
+    /// An operator released the held contact.
+    Released,
+}
+
+const RECEIVED: &str = "received";
+const CONTACT: &str = "contact";
+const SKIPPED: &str = "skipped";
+const HELD: &str = "held";
+const RELEASED: &str = "released";
+const OPERATOR: &str = "OPERATOR";
+
+impl Transition {
+    /// `(from_state, to_state, reason)`.
+    pub fn columns(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Transition::Record { waited, to, reason } => (
+                if waited {
+                    State::WaitingPreviousCommit.as_str()
+                } else {
+                    RECEIVED
+                },
+                to.as_str(),
+                reason.map_or("", Reason::as_str),
+            ),
+            Transition::Skipped { by_operator } => (
+                CONTACT,
+                SKIPPED,
+                if by_operator {
+                    OPERATOR
+                } else {
+                    Reason::WaitTimeout.as_str()
+                },
+            ),
+            Transition::Held { reason } => (CONTACT, HELD, reason.as_str()),
+            Transition::Released => (CONTACT, RELEASED, OPERATOR),
+        }
+    }
+
+    /// The transition stored in these columns; anything else is an error.
+    pub fn from_columns(from: &str, to: &str, reason: &str) -> Result<Self, UnknownName> {
+        let unknown = || UnknownName {
+            what: "audit transition",
+            value: format!("{from} -> {to} ({reason})"),
+        };
+        let t = match (from, to) {
+            (CONTACT, SKIPPED) => Transition::Skipped {
+                by_operator: match reason {
+                    OPERATOR => true,
+                    r if r == Reason::WaitTimeout.as_str() => false,
+                    _ => return Err(unknown()),
+                },
+            },
+            (CONTACT, HELD) => Transition::Held {
+                reason: reason.parse()?,
+            },
+            (CONTACT, RELEASED) if reason == OPERATOR => Transition::Released,
+            (CONTACT, _) => return Err(unknown()),
+            (from, to) => {
+                let waited = match from {
+                    RECEIVED => false,
+                    f if f == State::WaitingPreviousCommit.as_str() => true,
+                    _ => return Err(unknown()),
+                };
+                let reason = match reason {
+                    "" => None,
+                    r => Some(r.parse()?),
+                };
+                Transition::Record {
+                    waited,
+                    to: to.parse()?,
+                    reason,
+                }
+            }
+        };
+        // Only what `columns` writes is valid.
+        if t.columns() != (from, to, reason) {
+            return Err(unknown());
+        }
+        Ok(t)
+    }
+
+    /// Every value of the vocabulary (for tests and the CHECK constraints).
+    pub fn all() -> Vec<Transition> {
+        let mut all = Vec::new();
+        let reasons = std::iter::once(None).chain(Reason::ALL.into_iter().map(Some));
+        for waited in [false, true] {
+            for to in State::ALL {
+                for reason in reasons.clone() {
+                    all.push(Transition::Record { waited, to, reason });
+                }
+            }
+        }
+        all.push(Transition::Skipped { by_operator: true });
+        all.push(Transition::Skipped { by_operator: false });
+        for reason in [Reason::WaitTimeout, Reason::ContactBacklogOverflow] {
+            all.push(Transition::Held { reason });
+        }
+        all.push(Transition::Released);
+        all
+    }
+}
+
+/// One audit row: a transition of one consumed record, or of a contact.
+#[derive(Debug, Clone)]
+pub struct TransitionRow {
+    pub partition: i32,
+    pub batch_no: u64,
+    pub source_offset: i64,
+    pub intent_id: String,
+    pub contact_id: String,
+    pub clinic_id: String,
+    pub correlation_id: String,
+    pub transition: Transition,
+    pub commit_sequence: u64,
+    pub contact_version: u64,
+    pub fingerprint: u64,
+    pub detail: String,
+    pub fence: u64,
+}
+
+/// One contact's state as of a batch.
+#[derive(Debug, Clone)]
+pub struct ContactRow {
+    pub contact_id: String,
+    pub partition: i32,
+    pub batch_no: u64,
+    pub state: serde_json::Value,
+    pub on_hold: bool,
+    pub waiting: i32,
+}
+
+/// An operator command applied in a batch.
+#[derive(Debug, Clone)]
+pub struct AppliedCommand {
+    pub id: i64,
+    pub partition: i32,
+    pub batch_no: u64,
+    pub result: String,
+}
+
+/// A partition's part of a batch: checked against its fencing token, and recorded as its last
+/// batch (its previous last batch becomes its committed one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PartitionWrite {
+    pub partition: i32,
+    pub fence: u64,
+    pub batch_no: u64,
+    /// One past the last record consumed by the end of the batch.
+    pub next_offset: i64,
+    /// The partition's consumed-time clock at the end of the batch.
+    pub clock_ms: u64,
+}
+
+/// Why a batch write was refused.
+pub const OUT_OF_SEQUENCE_SQLSTATE: &str = "CC003";
+
+/// Everything one batch writes, per writer.
+#[derive(Debug, Default)]
+pub struct BatchWrite {
+    /// Every partition the batch touches.
+    pub partitions: Vec<PartitionWrite>,
+    pub transitions: Vec<TransitionRow>,
+    pub contacts: Vec<ContactRow>,
+    pub commands: Vec<AppliedCommand>,
+}
+
+impl BatchWrite {
+    pub fn is_empty(&self) -> bool {
+        self.transitions.is_empty() && self.contacts.is_empty() && self.commands.is_empty()
+    }
+}
+
+/// Writes a batch in one round trip (`cc_apply_batch`); fails fenced when any partition's
+/// token moved on.
+pub async fn apply_batch(
+    pool: &PgPool,
+    topic: &str,
+    writer: &str,
+    lease: std::time::Duration,
+    w: &BatchWrite,
+) -> Result<()> {
+    let mut partitions = w.partitions.clone();
+    // A fixed lock order: two writers never deadlock on cc_partition rows.
+    partitions.sort_unstable();
+    let t = &w.transitions;
+    let c = &w.contacts;
+    let m = &w.commands;
+    sqlx::query(
+        "SELECT cc_apply_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                               $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
+                               $29, $30, $31, $32)",
+    )
+    .bind(topic)
+    .bind(writer)
+    .bind(lease.as_millis().min(i32::MAX as u128) as i32)
+    .bind(partitions.iter().map(|p| p.partition).collect::<Vec<_>>())
+    .bind(
+        partitions
+            .iter()
+            .map(|p| p.fence as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        partitions
+            .iter()
+            .map(|p| p.batch_no as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(partitions.iter().map(|p| p.next_offset).collect::<Vec<_>>())
+    .bind(
+        partitions
+            .iter()
+            .map(|p| p.clock_ms as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(t.iter().map(|r| r.partition).collect::<Vec<_>>())
+    .bind(t.iter().map(|r| r.batch_no as i64).collect::<Vec<_>>())
+    .bind(t.iter().map(|r| r.source_offset).collect::<Vec<_>>())
+    .bind(t.iter().map(|r| r.intent_id.as_str()).collect::<Vec<_>>())
+    .bind(t.iter().map(|r| r.contact_id.as_str()).collect::<Vec<_>>())
+    .bind(t.iter().map(|r| r.clinic_id.as_str()).collect::<Vec<_>>())
+    .bind(
+        t.iter()
+            .map(|r| r.correlation_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        t.iter()
+            .map(|r| r.transition.columns().0)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        t.iter()
+            .map(|r| r.transition.columns().1)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        t.iter()
+            .map(|r| r.transition.columns().2)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        t.iter()
+            .map(|r| r.commit_sequence as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        t.iter()
+            .map(|r| r.contact_version as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(t.iter().map(|r| r.fingerprint as i64).collect::<Vec<_>>())
+    .bind(t.iter().map(|r| r.detail.as_str()).collect::<Vec<_>>())
+    .bind(t.iter().map(|r| r.fence as i64).collect::<Vec<_>>())
+    .bind(c.iter().map(|r| r.contact_id.as_str()).collect::<Vec<_>>())
+    .bind(c.iter().map(|r| r.partition).collect::<Vec<_>>())
+    .bind(c.iter().map(|r| r.batch_no as i64).collect::<Vec<_>>())
+    .bind(c.iter().map(|r| &r.state).collect::<Vec<_>>())
+    .bind(c.iter().map(|r| r.on_hold).collect::<Vec<_>>())
+    .bind(c.iter().map(|r| r.waiting).collect::<Vec<_>>())
+    .bind(m.iter().map(|r| r.id).collect::<Vec<_>>())
+    .bind(m.iter().map(|r| r.batch_no as i64).collect::<Vec<_>>())
+    .bind(m.iter().map(|r| r.result.as_str()).collect::<Vec<_>>())
+    .execute(pool)
+    .await
+    .map_err(db("writing a batch"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_transition_round_trips_through_its_columns() {
+        for t in Transition::all() {
+            let (from, to, reason) = t.columns();
+            assert_eq!(Transition::from_columns(from, to, reason), Ok(t), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_columns_are_errors() {
+        for (from, to, reason) in [
+            ("received", "committed", ""),
+            ("nowhere", "committed_causal", ""),
+            ("received", "manual_review", "NOT_A_REASON"),
+            ("contact", "skipped", ""),
+            ("contact", "released", "WAIT_TIMEOUT"),
+            ("contact", "held", "OPERATOR"),
+            ("contact", "committed_causal", ""),
+        ] {
+            assert!(
+                Transition::from_columns(from, to, reason).is_err(),
+                "{from} {to} {reason}"
+            );
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! PostgreSQL: the durable state, the audit and the fencing authority. This module and its
+//! children own every SQL statement of the project (other modules call named functions).
+//!
+//! - [`partition`]: partition leases, fencing tokens, restores against the recovery point.
+//! - [`batch`]: the one-round-trip write of a batch (audit rows, contact states, commands).
+//! - [`outcomes`]: the durable idempotency record (terminal outcomes by intent id).
+//! - [`commands`]: operator commands and the admin audit.
+
+pub mod batch;
+pub mod commands;
+pub mod outcomes;
+pub mod partition;
+
+pub use batch::{
+    apply_batch, AppliedCommand, BatchWrite, ContactRow, PartitionWrite, Transition, TransitionRow,
+};
+pub use commands::{audit_admin, command_result, pending_commands, submit_release, Command};
+pub use outcomes::{lookup_outcomes, StoredOutcome};
+pub use partition::{
+    acquire_partition, mark_committed, release_partition, restore_partition, RestoredPartition,
+};
+
+use std::str::FromStr;
+
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use crate::config::{is_identifier, PostgresConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("postgres.url is not a valid PostgreSQL URL: {0}")]
+    Url(sqlx::Error),
+    #[error("postgres.schema {0:?} is not a plain identifier")]
+    Schema(String),
+    #[error("PostgreSQL call failed while {what}: {source}")]
+    Db {
+        what: &'static str,
+        source: sqlx::Error,
+    },
+    #[error("partition {partition} refuses to start: {refusal}")]
+    Refused {
+        partition: i32,
+        refusal: crate::store::recovery::Refusal,
+    },
+    #[error("PostgreSQL holds an outcome this version cannot read: {0}")]
+    BadOutcome(#[from] outcomes::BadOutcome),
+    #[error("applying migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |source| Error::Db { what, source }
+}
+
+/// A lazily connecting pool whose sessions use `config.schema` and a statement timeout.
+pub fn pool(config: &PostgresConfig) -> Result<PgPool> {
+    if !is_identifier(&config.schema) {
+        return Err(Error::Schema(config.schema.clone()));
+    }
+    let options = PgConnectOptions::from_str(config.url.expose_secret())
+        .map_err(Error::Url)?
+        .application_name("causal-commit")
+        .options([
+            ("search_path", config.schema.as_str()),
+            (
+                "statement_timeout",
+                &config.statement_timeout.as_millis().to_string(),
+            ),
+        ]);
+    Ok(PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.connect_timeout)
+        .connect_lazy_with(options))
+}
+
+/// Creates the schema when missing and applies every migration in `migrations/`.
+pub async fn migrate(pool: &PgPool, schema: &str) -> Result<()> {
+    if !is_identifier(schema) {
+        return Err(Error::Schema(schema.to_string()));
+    }
+    // The identifier was checked above, so splicing it is safe.
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+        .execute(pool)
+        .await
+        .map_err(db("creating the schema"))?;
+    sqlx::migrate!("./migrations").run(pool).await?;
+    Ok(())
+}
+
+/// Why a durable write was refused.
+pub const FENCED_SQLSTATE: &str = "CC001";
+
+impl Error {
+    /// The write was refused because another writer owns the partition now.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Error::Db { source: sqlx::Error::Database(e), .. }
+            if e.code().as_deref() == Some(FENCED_SQLSTATE))
+    }
+}

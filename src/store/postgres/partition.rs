@@ -1,0 +1,226 @@
+//! Partition leases, fencing tokens, and restores against the recovery point.
+
+use sqlx::PgPool;
+
+use super::outcomes::IDEMPOTENCY_ROWS;
+use super::{db, Error, Result};
+use crate::store::recovery::{self, KafkaCommitted, Resume, StoreView};
+
+/// Takes the lease of one input partition for `owner` and returns a new fencing token, or
+/// `None` while another owner holds a live lease. The same owner (a restarted instance) takes
+/// its own lease back at once.
+pub async fn acquire_partition(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    owner: &str,
+    lease: std::time::Duration,
+) -> Result<Option<u64>> {
+    let fence: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO cc_partition (topic, partition, fence, owner, lease_until)
+         VALUES ($1, $2, nextval('cc_fence_seq'), $3, now() + make_interval(secs => $4))
+         ON CONFLICT (topic, partition) DO UPDATE
+            SET fence = nextval('cc_fence_seq'), owner = EXCLUDED.owner,
+                lease_until = EXCLUDED.lease_until, updated_at = now()
+          WHERE cc_partition.owner = EXCLUDED.owner OR cc_partition.lease_until < now()
+         RETURNING fence",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+    .map_err(db("acquiring a partition lease"))?;
+    Ok(fence.map(|f| f as u64))
+}
+
+/// Gives a partition's lease up (on revocation or shutdown) so the next owner starts at once.
+pub async fn release_partition(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    fence: u64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE cc_partition SET lease_until = now() WHERE topic = $1 AND partition = $2 AND fence = $3",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(fence as i64)
+    .execute(pool)
+    .await
+    .map_err(db("releasing a partition lease"))?;
+    Ok(())
+}
+
+/// Brings a partition's durable state back to its last committed batch, reconciling Kafka's
+/// committed offset (`kafka`) with what PostgreSQL knows ([`recovery::decide`]): rows of later
+/// batches were written before a Kafka transaction that never committed, so they are removed
+/// (contacts get their previous version back, commands become pending again). Returns the
+/// partition's contact states and where it resumes. Fails with a fenced error when `fence` is
+/// no longer the partition's token, and with [`Error::Refused`] (nothing changed) when the two
+/// stores cannot be reconciled without guessing.
+pub async fn restore_partition(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    fence: u64,
+    kafka: &KafkaCommitted,
+) -> Result<RestoredPartition> {
+    let mut tx = pool.begin().await.map_err(db("starting a restore"))?;
+    let row: Option<(i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT fence, last_batch, last_next_offset, last_clock_ms,
+                committed_batch, committed_next_offset, committed_clock_ms
+           FROM cc_partition WHERE topic = $1 AND partition = $2 FOR UPDATE",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db("locking a partition"))?;
+    let Some((current, last, last_next, last_clock, committed, committed_next, committed_clock)) =
+        row.filter(|r| r.0 == fence as i64)
+    else {
+        return Err(Error::Db {
+            what: "restoring a partition",
+            source: sqlx::Error::Protocol(format!(
+                "fenced: partition {partition} no longer has token {fence}"
+            )),
+        });
+    };
+    debug_assert_eq!(current, fence as i64);
+    let store = StoreView {
+        last_batch: last.max(0) as u64,
+        last_next_offset: last_next,
+        last_clock_ms: last_clock.max(0) as u64,
+        committed_batch: committed.max(0) as u64,
+        committed_next_offset: committed_next,
+        committed_clock_ms: committed_clock.max(0) as u64,
+    };
+    let resume =
+        recovery::decide(kafka, &store).map_err(|refusal| Error::Refused { partition, refusal })?;
+    let b = resume.batch as i64;
+    let dropped: Vec<(String, bool)> = sqlx::query_as(&format!(
+        "DELETE FROM cc_transition WHERE topic = $1 AND partition = $2 AND batch_no > $3
+         RETURNING intent_id, ({IDEMPOTENCY_ROWS})"
+    ))
+    .bind(topic)
+    .bind(partition)
+    .bind(b)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db("dropping uncommitted transitions"))?;
+    let dropped_transitions = dropped.len() as u64;
+    let mut rolled_back_outcomes: Vec<String> = dropped
+        .into_iter()
+        .filter(|(_, outcome)| *outcome)
+        .map(|(id, _)| id)
+        .collect();
+    rolled_back_outcomes.sort_unstable();
+    rolled_back_outcomes.dedup();
+    let reverted = sqlx::query(
+        "UPDATE cc_contact
+            SET state = prev_state, batch_no = prev_batch_no,
+                on_hold = jsonb_typeof(prev_state -> 'hold') = 'object',
+                waiting = coalesce(jsonb_array_length(prev_state -> 'waiting'), 0),
+                prev_state = NULL, prev_batch_no = NULL, updated_at = now()
+          WHERE topic = $1 AND partition = $2 AND batch_no > $3
+            AND prev_batch_no IS NOT NULL AND prev_batch_no <= $3",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(b)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("reverting uncommitted contact states"))?
+    .rows_affected();
+    let dropped_contacts =
+        sqlx::query("DELETE FROM cc_contact WHERE topic = $1 AND partition = $2 AND batch_no > $3")
+            .bind(topic)
+            .bind(partition)
+            .bind(b)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("dropping uncommitted contacts"))?
+            .rows_affected();
+    sqlx::query(
+        "UPDATE cc_command SET applied_batch = NULL, result = NULL
+          WHERE topic = $1 AND partition = $2 AND applied_batch > $3",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(b)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("reverting uncommitted commands"))?;
+    sqlx::query(
+        "UPDATE cc_partition
+            SET last_batch = $3, last_next_offset = $4, last_clock_ms = $5,
+                committed_batch = $3, committed_next_offset = $4, committed_clock_ms = $5
+          WHERE topic = $1 AND partition = $2",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(b)
+    .bind(resume.next_offset)
+    .bind(resume.clock_ms as i64)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("recording the restored batch"))?;
+    let states: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT state FROM cc_contact WHERE topic = $1 AND partition = $2 ORDER BY contact_id",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db("loading contact states"))?;
+    tx.commit().await.map_err(db("committing a restore"))?;
+    Ok(RestoredPartition {
+        states,
+        resume,
+        dropped_transitions,
+        reverted_contacts: reverted + dropped_contacts,
+        rolled_back_outcomes,
+    })
+}
+
+#[derive(Debug)]
+pub struct RestoredPartition {
+    pub states: Vec<serde_json::Value>,
+    /// Where the partition resumes.
+    pub resume: Resume,
+    /// Uncommitted rows removed: evidence of a transaction that did not commit.
+    pub dropped_transitions: u64,
+    pub reverted_contacts: u64,
+    /// Intent ids whose uncommitted outcome rows were removed (the idempotency cache must not
+    /// keep them).
+    pub rolled_back_outcomes: Vec<String>,
+}
+
+/// Records, right after a Kafka commit, that `batch` is the partition's committed batch (the
+/// next batch's write records it too; this covers a partition that then goes quiet, and a
+/// clean stop). Only the partition's current writer, and only for its last batch.
+pub async fn mark_committed(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    fence: u64,
+    batch: u64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE cc_partition
+            SET committed_batch = last_batch, committed_next_offset = last_next_offset,
+                committed_clock_ms = last_clock_ms
+          WHERE topic = $1 AND partition = $2 AND fence = $3 AND last_batch = $4",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(fence as i64)
+    .bind(batch as i64)
+    .execute(pool)
+    .await
+    .map_err(db("recording a committed batch"))?;
+    Ok(())
+}
