@@ -222,6 +222,20 @@ impl Engine {
             }
         }
         tracing::info!("engine stopping: releasing leases and leaving the group");
+        // The last batches are known committed: a restart after an offset reset resumes
+        // without an operator (see store::recovery).
+        let last: Vec<(i32, u64, u64)> = self
+            .lanes
+            .values()
+            .filter(|l| l.batch_no > 0)
+            .map(|l| (l.partition, l.fence, l.batch_no))
+            .collect();
+        if let Err(e) = self
+            .rt
+            .block_on(pg::mark_committed(&self.pool, &self.topics.intents, &last))
+        {
+            tracing::warn!(error = %e, "recording the last committed batches failed");
+        }
         for (p, lane) in std::mem::take(&mut self.lanes) {
             self.release(p, lane.fence);
         }
@@ -269,12 +283,27 @@ impl Engine {
             return;
         }
         let lanes: BTreeSet<i32> = self.lanes.keys().copied().collect();
-        for p in self.assignment.rebalanced(revoked, assigned, &lanes) {
-            if let Some(lane) = self.lanes.remove(&p) {
-                // Give the lease up so the next owner starts at once.
-                self.release(p, lane.fence);
-            }
-            report::clear_partition(p);
+        let dropped: Vec<Lane> = self
+            .assignment
+            .rebalanced(revoked, assigned, &lanes)
+            .into_iter()
+            .filter_map(|p| self.lanes.remove(&p))
+            .collect();
+        let last: Vec<(i32, u64, u64)> = dropped
+            .iter()
+            .filter(|l| l.batch_no > 0)
+            .map(|l| (l.partition, l.fence, l.batch_no))
+            .collect();
+        if let Err(e) = self
+            .rt
+            .block_on(pg::mark_committed(&self.pool, &self.topics.intents, &last))
+        {
+            tracing::warn!(error = %e, "recording the last committed batches failed");
+        }
+        for lane in dropped {
+            // Give the lease up so the next owner starts at once.
+            self.release(lane.partition, lane.fence);
+            report::clear_partition(lane.partition);
         }
         self.next_restore_at = Instant::now();
         metrics::gauge!(m::PARTITIONS_ASSIGNED).set(self.assignment.assigned().len() as f64);
@@ -677,7 +706,9 @@ impl Engine {
         metrics::counter!(m::TRANSACTIONS, "result" => "commit").increment(1);
         let mut records = 0;
         let mut outcomes = Vec::new();
+        let mut committed = Vec::with_capacity(plan.partitions.len());
         for (p, part) in plan.partitions {
+            committed.push((p, part.fence, part.batch_no));
             if let Some(lane) = self.lanes.get_mut(&p) {
                 lane.batch_no = part.batch_no;
                 lane.next_offset = part.next_offset;
@@ -698,7 +729,20 @@ impl Engine {
         if let Err(e) = self.rt.block_on(self.locks.record(&outcomes)) {
             tracing::warn!(error = %e, "recording outcomes in the idempotency store failed");
         }
+        self.mark_committed(committed);
         self.next_gauges_at = Instant::now();
+    }
+
+    /// Tells PostgreSQL which batches are now committed, off the engine's thread (best effort:
+    /// the partitions' next batch writes record it too).
+    fn mark_committed(&self, batches: Vec<(i32, u64, u64)>) {
+        let pool = self.pool.clone();
+        let topic = self.topics.intents.clone();
+        self.rt.spawn(async move {
+            if let Err(e) = pg::mark_committed(&pool, &topic, &batches).await {
+                tracing::debug!(error = %e, "recording committed batches failed");
+            }
+        });
     }
 
     /// The one place a batch's failure is handled: nothing of it happened, so every lane's

@@ -199,28 +199,28 @@ pub struct RestoredPartition {
     pub rolled_back_outcomes: Vec<String>,
 }
 
-/// Records, right after a Kafka commit, that `batch` is the partition's committed batch (the
-/// next batch's write records it too; this covers a partition that then goes quiet, and a
-/// clean stop). Only the partition's current writer, and only for its last batch.
-pub async fn mark_committed(
-    pool: &PgPool,
-    topic: &str,
-    partition: i32,
-    fence: u64,
-    batch: u64,
-) -> Result<()> {
+/// Records, right after a Kafka commit, that each `(partition, fence, batch)` is its
+/// partition's committed batch (the next batch's write records it too; this covers a partition
+/// that then goes quiet, and a clean stop). Only a partition's current writer, and only for its
+/// last batch, in one round trip.
+pub async fn mark_committed(pool: &PgPool, topic: &str, batches: &[(i32, u64, u64)]) -> Result<()> {
+    if batches.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
-        "UPDATE cc_partition
-            SET committed_batch = last_batch, committed_next_offset = last_next_offset,
-                committed_clock_ms = last_clock_ms
-          WHERE topic = $1 AND partition = $2 AND fence = $3 AND last_batch = $4",
+        "UPDATE cc_partition p
+            SET committed_batch = p.last_batch, committed_next_offset = p.last_next_offset,
+                committed_clock_ms = p.last_clock_ms
+           FROM unnest($2::integer[], $3::bigint[], $4::bigint[]) AS x(part, fence, b)
+          WHERE p.topic = $1 AND p.partition = x.part AND p.fence = x.fence
+            AND p.last_batch = x.b",
     )
     .bind(topic)
-    .bind(partition)
-    .bind(fence as i64)
-    .bind(batch as i64)
+    .bind(batches.iter().map(|b| b.0).collect::<Vec<_>>())
+    .bind(batches.iter().map(|b| b.1 as i64).collect::<Vec<_>>())
+    .bind(batches.iter().map(|b| b.2 as i64).collect::<Vec<_>>())
     .execute(pool)
     .await
-    .map_err(db("recording a committed batch"))?;
+    .map_err(db("recording committed batches"))?;
     Ok(())
 }
