@@ -111,6 +111,28 @@ kubernetes_schemas() {
   done
 }
 
+# The ConfigMap's config.toml through the real configuration loader, when a binary is built
+# (make build / make release); skipped otherwise.
+configmap_with_binary() {
+  local bin="" candidate toml
+  for candidate in target/release/causal-commit target/debug/causal-commit; do
+    [[ -x $candidate ]] && bin=$candidate && break
+  done
+  if [[ -z $bin ]]; then
+    echo "no target/*/causal-commit: skipped"
+    return 0
+  fi
+  toml=$(mktemp --suffix=.toml)
+  "$VENV/bin/python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["data"]["config.toml"])' \
+    deploy/kubernetes/configmap.yaml >"$toml"
+  env -u CAUSAL_COMMIT_CONFIG CAUSAL_COMMIT__INSTANCE_ID=causal-commit-0 \
+    "$bin" show-config --config "$toml" >/dev/null || {
+    rm -f "$toml"
+    return 1
+  }
+  rm -f "$toml"
+}
+
 main() {
   cd "$REPO_DIR"
   install_python_tools
@@ -131,11 +153,13 @@ main() {
   check "manifest checker catches broken copies (selftest)" "$py" deploy/tools/check_manifests.py --selftest
   check "compose file (compose-spec schema)" "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/docker-compose.yml
   check "Dockerfile lint (hadolint)" "$VENV/bin/hadolint" deploy/Dockerfile
+  check "ConfigMap config.toml loads in causal-commit (if built)" configmap_with_binary
   check "no machine paths or registry hosts in deploy files" no_machine_paths_or_registries
 
-  if ((${#FAILED[@]})); then
-    log "failed: ${FAILED[*]}"
-  fi
+  local name
+  for name in "${FAILED[@]}"; do
+    log "failed: $name"
+  done
   log "${PASSED} passed, ${#FAILED[@]} failed"
   ((${#FAILED[@]} == 0))
 }
