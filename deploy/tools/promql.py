@@ -16,8 +16,9 @@
            with their _bucket, _sum and _count series), every label it matches, groups or joins
            on is a label of one of its metrics (or a target label), and every value it matches
            with = or != is in the metric's closed set of values, where metrics.txt gives one.
-        3. The dashboard is well formed: unique panel ids, panels inside the 24-column grid, every
-           query on the dashboard's data source variable, unique refIds per panel.
+        3. The dashboard is well formed: unique panel ids, panels inside the 24-column grid and
+           not overlapping, every query on the dashboard's data source variable, unique refIds
+           per panel.
         Metrics of metrics.txt that src/telemetry/metrics.rs does not name yet are listed;
         --strict-source makes that an error.
 
@@ -228,6 +229,14 @@ def check_dashboard(path: Path) -> list[str]:
     if "datasource" not in names:
         errors.append(f"{rel(path)}: no 'datasource' variable: queries would be bound to one data source")
     seen: set[int] = set()
+    boxes = []
+    for panel in dashboard.get("panels", []):
+        g = panel.get("gridPos", {})
+        box = (g.get("x", 0), g.get("y", 0), g.get("w", 0), g.get("h", 0))
+        for other_id, (x, y, w, h) in boxes:
+            if box[0] < x + w and x < box[0] + box[2] and box[1] < y + h and y < box[1] + box[3]:
+                errors.append(f"{rel(path)}: panel {panel.get('id')} overlaps panel {other_id}")
+        boxes.append((panel.get("id"), box))
     for panel in all_panels(dashboard):
         pid = panel.get("id")
         if pid in seen:
