@@ -6,6 +6,12 @@
         written; "query" has Grafana's variables replaced, ready for a live Prometheus
         (GET /api/v1/query?query=...): a live test runs each one against a running instance.
 
+    promql.py live --url http://PROMETHEUS:9090 [--job JOB] [--strict]
+        Runs every expression against a Prometheus that scrapes a running causal-commit: an
+        expression Prometheus rejects fails; metrics of metrics.txt that no scraped series has,
+        and dashboard queries that return nothing, are listed (--strict: they fail too). Rule
+        expressions may well return nothing: an alert that does not fire.
+
     promql.py selftest --promtool PATH
         Proves the checks below can fail: known-bad expressions must each be reported.
 
@@ -34,6 +40,9 @@ import re
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import promql_parser
@@ -295,6 +304,44 @@ def selftest(promtool: str) -> int:
     return 1 if failures else 0
 
 
+def prometheus_query(url: str, query: str) -> list:
+    """The result vector of an instant query; raises ValueError with Prometheus's error."""
+    request = f"{url.rstrip('/')}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = json.load(response)
+    except urllib.error.HTTPError as e:
+        body = json.load(e)
+    if body.get("status") != "success":
+        raise ValueError(f"{body.get('errorType')}: {body.get('error')}")
+    return body["data"]["result"]
+
+
+def live(url: str, job: str, strict: bool) -> int:
+    exprs = extract(job, ".*", "1m")
+    errors, notes = [], []
+    for e in exprs:
+        try:
+            result = prometheus_query(url, e["query"])
+        except ValueError as err:
+            errors.append(f"{e['source']}: {e['where']}: rejected: {err}")
+            continue
+        if not result and not e["source"].endswith("alerts.yml"):
+            notes.append(f"{e['source']}: {e['where']}: no data")
+    series = {r["metric"]["__name__"] for r in prometheus_query(
+        url, f'count by (__name__) ({{job="{job}", __name__=~"causal_commit_.+"}})')}
+    for name in sorted(load_metrics()):
+        if name.startswith("causal_commit_") and name not in series:
+            notes.append(f"{rel(METRICS)}: {name}: no series scraped")
+    for error in errors:
+        print(f"promql.py live: {error}", file=sys.stderr)
+    for note in notes:
+        print(f"promql.py live: {'' if strict else 'note: '}{note}", file=sys.stderr if strict else sys.stdout)
+    print(f"promql.py live: {len(exprs)} expressions run against {url}: "
+          f"{len(errors)} rejected, {len(notes)} without data")
+    return 1 if errors or (strict and notes) else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -302,6 +349,10 @@ def main() -> int:
     ex.add_argument("--job", default="causal-commit")
     ex.add_argument("--instance", default=".*")
     ex.add_argument("--rate-interval", default="1m")
+    lv = sub.add_parser("live")
+    lv.add_argument("--url", required=True)
+    lv.add_argument("--job", default="causal-commit")
+    lv.add_argument("--strict", action="store_true")
     st = sub.add_parser("selftest")
     st.add_argument("--promtool", required=True)
     ck = sub.add_parser("check")
@@ -319,6 +370,8 @@ def main() -> int:
 
     if args.command == "selftest":
         return selftest(args.promtool)
+    if args.command == "live":
+        return live(args.url, args.job, args.strict)
 
     exprs = extract("causal-commit", ".*", "1m")
     metrics = load_metrics()
