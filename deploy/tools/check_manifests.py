@@ -94,7 +94,7 @@ def env_key(name: str) -> str | None:
     """The configuration key a CAUSAL_COMMIT__ variable sets, or None if it sets none."""
     parts = name.removeprefix("CAUSAL_COMMIT__").lower().split("__")
     if parts[:2] == ["kafka", "client"] and len(parts) == 3 and parts[2]:
-        return "kafka.client." + parts[2].replace("_", ".")
+        return "kafka.client." + parts[2].removesuffix("_file").replace("_", ".")
     key = ".".join(parts)
     if key in KEYS:
         return key
