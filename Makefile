@@ -8,13 +8,14 @@ SHELL := /bin/bash
 CARGO ?= cargo
 STACK := scripts/stack.sh
 
-.PHONY: help up down status reset build release lint test test-fast demo bench
+.PHONY: help up down status reset build release lint test test-fast demo bench check-deploy
 
 help:
 	@echo "make demo    - start the stack, run the processor on demo intents, print a summary"
 	@echo "make test    - start the stack, lint, run every test (what CI runs)"
 	@echo "make up | down | status | reset  - the local Kafka, Redis and PostgreSQL"
 	@echo "make bench   - benchmarks that print figures"
+	@echo "make check-deploy - offline checks of deploy/ (alerts, dashboard, image, compose, Kubernetes)"
 
 up:
 	bash $(STACK) up
@@ -48,3 +49,7 @@ demo: up release
 
 bench: up
 	$(CARGO) bench
+
+# Offline checks of deploy/: promtool/amtool, PromQL, hadolint, compose and Kubernetes schemas.
+check-deploy:
+	bash scripts/check-deploy.sh
