@@ -924,19 +924,21 @@ pg_running_port() { sed -n 4p "$PG_DATA/postmaster.pid" 2>/dev/null; }
 # permission (only) on each ancestor that lacks it.
 pg_ensure_reachable() {
   pg_as_postgres test -x "$PG_DIR" -a -w "$PG_DIR" 2>/dev/null && return
-  local d=$PG_DIR
-  local dirs=()
-  while [[ $d != / ]]; do
-    d=$(dirname "$d")
-    pg_as_postgres test -x "$d" 2>/dev/null || dirs=("$d" "${dirs[@]}")
-  done
-  ((${#dirs[@]} > 0)) || die "postgres: the postgres user cannot use $PG_DIR"
-  command -v setfacl >/dev/null ||
-    die "postgres: the postgres user cannot reach $PG_DIR; grant it search permission on: ${dirs[*]}"
-  for d in "${dirs[@]}"; do
+  local d="" part
+  local -a parts
+  IFS=/ read -r -a parts <<<"${PG_DIR#/}"
+  # Top down, so each test sees its parents already fixed.
+  for part in "${parts[@]:0:${#parts[@]}-1}"; do
+    d+=/$part
+    pg_as_postgres test -x "$d" 2>/dev/null && continue
+    command -v setfacl >/dev/null ||
+      die "postgres: the postgres user cannot reach $PG_DIR; grant it search permission on $d (and any private parent)"
     log "postgres: granting the postgres user search permission on $d (ACL)"
-    setfacl -m u:postgres:x "$d" || die "postgres: setfacl on $d failed; grant the postgres user search permission on ${dirs[*]}"
+    setfacl -m u:postgres:x "$d" ||
+      die "postgres: setfacl on $d failed; grant the postgres user search permission on it"
   done
+  pg_as_postgres test -x "$PG_DIR" -a -w "$PG_DIR" 2>/dev/null ||
+    die "postgres: the postgres user cannot use $PG_DIR"
 }
 
 pg_init() {
