@@ -289,12 +289,16 @@ install_apt_packages() {
     printf '#!/bin/sh\n# Written by causal-commit scripts/stack.sh for one apt-get install.\nexit 101\n' >"$policy"
     chmod 755 "$policy"
     ours=yes
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT # also when interrupted
   fi
   local rc=0
   apt-get -o DPkg::Lock::Timeout=600 update -qq || rc=$?
   ((rc != 0)) || apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null || rc=$?
-  [[ $ours == no ]] || rm -f "$policy"
+  if [[ $ours == yes ]]; then
+    rm -f "$policy"
+    trap - EXIT
+  fi
   ((rc == 0)) || die "apt-get failed to install: ${missing[*]}"
   for p in "${APT_NO_DAEMON[@]}"; do
     [[ " ${missing[*]} " == *" $p "* ]] && package_daemon_off "$p"
