@@ -28,12 +28,12 @@ static REDIS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 const TOPIC: &str = "intents";
 
 fn redis_url() -> String {
-    std::env::var("CC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    std::env::var("CC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
 }
 
 fn database_url() -> String {
     std::env::var("CC_DATABASE_URL").unwrap_or_else(|_| {
-        "postgres://causal_commit:causal_commit@127.0.0.1:5432/causal_commit".into()
+        "postgres://causal_commit:causal_commit@127.0.0.1:5440/causal_commit".into()
     })
 }
 

@@ -27,7 +27,7 @@ pub fn brokers() -> String {
 
 pub fn database_url() -> String {
     std::env::var("CC_DATABASE_URL").unwrap_or_else(|_| {
-        "postgres://causal_commit:causal_commit@127.0.0.1:5432/causal_commit".into()
+        "postgres://causal_commit:causal_commit@127.0.0.1:5440/causal_commit".into()
     })
 }
 

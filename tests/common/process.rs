@@ -171,7 +171,7 @@ pub fn stack(action: &str, service: &str) {
 }
 
 fn redis_url() -> String {
-    std::env::var("CC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    std::env::var("CC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
 }
 
 /// A Redis that stops answering: a busy script keeps the server frozen (the way `DEBUG SLEEP`
