@@ -15,6 +15,7 @@ use common::*;
 use causal_commit::config::Config;
 use causal_commit::demo::{self, ProduceOptions};
 use causal_commit::verify::{self, Report};
+use secrecy::ExposeSecret as _;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -314,7 +315,7 @@ async fn redis_flushall_mid_stream_produces_no_duplicate_effect() {
         .unwrap();
     caught_up(&cfg, Duration::from_secs(180)).await;
     let status = std::process::Command::new("redis-cli")
-        .args(["-p", "6379", "FLUSHALL"])
+        .args(["-u", cfg.redis.url.expose_secret(), "FLUSHALL"])
         .status()
         .unwrap();
     assert!(status.success());

@@ -230,9 +230,9 @@ impl Engine {
             .filter(|l| l.batch_no > 0)
             .map(|l| (l.partition, l.fence, l.batch_no))
             .collect();
-        if let Err(e) = self
-            .rt
-            .block_on(pg::mark_committed(&self.pool, &self.topics.intents, &last))
+        if let Err(e) =
+            self.rt
+                .block_on(pg::mark_committed(&self.pool, &self.topics.intents, &last))
         {
             tracing::warn!(error = %e, "recording the last committed batches failed");
         }
@@ -294,9 +294,9 @@ impl Engine {
             .filter(|l| l.batch_no > 0)
             .map(|l| (l.partition, l.fence, l.batch_no))
             .collect();
-        if let Err(e) = self
-            .rt
-            .block_on(pg::mark_committed(&self.pool, &self.topics.intents, &last))
+        if let Err(e) =
+            self.rt
+                .block_on(pg::mark_committed(&self.pool, &self.topics.intents, &last))
         {
             tracing::warn!(error = %e, "recording the last committed batches failed");
         }

@@ -31,6 +31,10 @@ pub fn database_url() -> String {
     })
 }
 
+pub fn redis_url() -> String {
+    std::env::var("CC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
+}
+
 /// A short random suffix for names.
 pub fn unique(prefix: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -61,6 +65,7 @@ impl TestEnv {
         config.batch.max_linger = Duration::from_millis(50);
         config.postgres.url = database_url().into();
         config.postgres.schema = id.to_lowercase();
+        config.redis.url = redis_url().into();
         // Redis is shared by every test: each gets its own keys.
         config.redis.key_prefix = format!("cctest:{id}");
         config.telemetry.metrics_listen = String::new();

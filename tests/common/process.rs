@@ -170,10 +170,6 @@ pub fn stack(action: &str, service: &str) {
     );
 }
 
-fn redis_url() -> String {
-    std::env::var("CC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
-}
-
 /// A Redis that stops answering: a busy script keeps the server frozen (the way `DEBUG SLEEP`
 /// would; that command is disabled in this Redis's configuration). The guard waits for the
 /// freeze to end, even when the test failed.
@@ -192,7 +188,14 @@ const FREEZE_LUA: &str = "local function now() local t = redis.call('TIME') \
 /// Freezes Redis for `ms` (from about now on).
 pub async fn freeze_redis(ms: u64) -> Freeze {
     let child = Command::new("redis-cli")
-        .args(["-u", &redis_url(), "EVAL", FREEZE_LUA, "0", &ms.to_string()])
+        .args([
+            "-u",
+            &super::redis_url(),
+            "EVAL",
+            FREEZE_LUA,
+            "0",
+            &ms.to_string(),
+        ])
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("redis-cli");
@@ -200,7 +203,7 @@ pub async fn freeze_redis(ms: u64) -> Freeze {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let status = Command::new("timeout")
-            .args(["0.1", "redis-cli", "-u", &redis_url(), "PING"])
+            .args(["0.1", "redis-cli", "-u", &super::redis_url(), "PING"])
             .stdout(std::process::Stdio::null())
             .status()
             .expect("timeout redis-cli PING");
