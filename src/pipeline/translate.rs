@@ -610,3 +610,377 @@ fn manual(reason: &SeqReview, commit_sequence: u64) -> Rejection {
         waited_ms,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Action, ManualReview, SideEffect};
+    use crate::sequencer::{HoldReason, IntentMeta, Millis, Outcome, Release};
+
+    fn topics() -> Topics {
+        Topics {
+            intents: "in".into(),
+            side_effects: "fx".into(),
+            manual_review: "mr".into(),
+        }
+    }
+
+    fn ctx(topics: &Topics) -> Context<'_> {
+        Context {
+            topics,
+            partition: 3,
+            fence: 7,
+            batch_no: 12,
+            now_ms: 10_000,
+        }
+    }
+
+    fn proto(id: &str, seq: u64) -> ProtoIntent {
+        ProtoIntent {
+            intent_id: id.into(),
+            contact_id: "c".into(),
+            clinic_id: "k".into(),
+            correlation_id: format!("corr-{id}"),
+            dispatch_priority: 1,
+            causal_sequence: seq,
+            expected_version: 0,
+            action: Action::Book as i32,
+            payload: b"p".to_vec().into(),
+            created_at_ms: 9_000,
+        }
+    }
+
+    fn record(offset: i64, value: Vec<u8>) -> InRecord {
+        InRecord {
+            partition: 3,
+            offset,
+            key: Some(b"c".to_vec()),
+            value: Some(value),
+            traceparent: None,
+            resubmission: false,
+        }
+    }
+
+    /// An intent as the sequencer carries it, and its fresh decoding.
+    fn intent(id: &str, seq: u64, offset: i64) -> (Intent<Held>, Arc<ValidIntent>) {
+        let p = proto(id, seq);
+        let v = Arc::new(ValidIntent {
+            intent: p.clone(),
+            correlation_generated: false,
+            fingerprint: 0xf0 + offset as u64,
+        });
+        let meta = IntentMeta {
+            intent_id: id.into(),
+            contact_id: "c".into(),
+            causal_sequence: seq,
+            expected_version: 0,
+            priority: 1,
+            fingerprint: v.fingerprint,
+            offset,
+            resubmission: false,
+        };
+        let held = Held {
+            record: record(offset, p.encode_to_vec()),
+            correlation_id: p.correlation_id.clone(),
+        };
+        (
+            Intent {
+                meta,
+                payload: held,
+            },
+            v,
+        )
+    }
+
+    fn record_transition(t: &TransitionRow) -> (bool, State, Option<Reason>) {
+        match t.transition {
+            Transition::Record { waited, to, reason } => (waited, to, reason),
+            other => panic!("not a record transition: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_fresh_commit_is_one_effect_one_row_and_its_latency() {
+        let t = topics();
+        let (i, v) = intent("a", 1, 40);
+        let fresh = Fresh::from([(40, v)]);
+        let mut plan = PartitionPlan::default();
+        let d = Decision::Commit {
+            intent: i,
+            commit_sequence: 1,
+            contact_version: 1,
+        };
+        decisions(&ctx(&t), &fresh, vec![d], &mut plan);
+        assert_eq!(plan.outputs.len(), 1);
+        assert_eq!(plan.effects, 1);
+        let out = &plan.outputs[0];
+        assert_eq!(&*out.topic, "fx");
+        assert_eq!(out.key, b"c");
+        let fx = SideEffect::decode(out.value.as_slice()).unwrap();
+        assert_eq!(
+            (fx.intent_id.as_str(), fx.commit_sequence, fx.contact_version),
+            ("a", 1, 1)
+        );
+        assert_eq!((fx.committed_at_ms, fx.fencing_token), (10_000, 7));
+        assert!(fx.sequence_from_producer);
+        assert_eq!(plan.transitions.len(), 1);
+        let row = &plan.transitions[0];
+        assert_eq!(
+            record_transition(row),
+            (false, State::CommittedCausal, None)
+        );
+        assert_eq!((row.partition, row.batch_no, row.fence), (3, 12, 7));
+        assert_eq!((row.source_offset, row.fingerprint), (40, 0xf0 + 40));
+        assert_eq!(row.correlation_id, "corr-a");
+        assert_eq!(plan.notes[0].latency_ms, Some(1_000));
+    }
+
+    #[test]
+    fn an_intent_that_waits_and_commits_in_one_drain_leaves_received_then_waiting() {
+        let t = topics();
+        let (i, v) = intent("b", 2, 41);
+        let fresh = Fresh::from([(41, v)]);
+        let mut plan = PartitionPlan::default();
+        let ds = vec![
+            Decision::Wait {
+                intent_id: "b".into(),
+                contact_id: "c".into(),
+                offset: 41,
+                commit_sequence: 2,
+                missing: 1,
+            },
+            Decision::Commit {
+                intent: i,
+                commit_sequence: 2,
+                contact_version: 2,
+            },
+        ];
+        decisions(&ctx(&t), &fresh, ds, &mut plan);
+        let rows: Vec<_> = plan.transitions.iter().map(record_transition).collect();
+        assert_eq!(
+            rows,
+            vec![
+                (false, State::WaitingPreviousCommit, None),
+                (true, State::CommittedCausal, None)
+            ]
+        );
+        assert_eq!(plan.transitions[0].detail, "waiting for sequence 1");
+        assert_eq!(plan.transitions[0].clinic_id, "k");
+        assert_eq!(plan.outputs.len(), 1);
+    }
+
+    #[test]
+    fn a_restored_waiting_intent_commits_from_its_stored_bytes_with_its_first_correlation_id() {
+        let t = topics();
+        let (mut i, _) = intent("c1", 3, 5);
+        // The correlation id was generated on first sight and is not in the stored bytes.
+        let mut bytes = proto("c1", 3);
+        bytes.correlation_id.clear();
+        i.payload.record.value = Some(bytes.encode_to_vec());
+        i.payload.correlation_id = "generated".into();
+        let mut plan = PartitionPlan::default();
+        let d = Decision::Commit {
+            intent: i,
+            commit_sequence: 3,
+            contact_version: 3,
+        };
+        decisions(&ctx(&t), &Fresh::new(), vec![d], &mut plan);
+        assert_eq!(
+            record_transition(&plan.transitions[0]),
+            (true, State::CommittedCausal, None)
+        );
+        assert_eq!(plan.transitions[0].correlation_id, "generated");
+        let fx = SideEffect::decode(plan.outputs[0].value.as_slice()).unwrap();
+        assert_eq!(fx.correlation_id, "generated");
+    }
+
+    #[test]
+    fn a_duplicate_is_a_row_without_output() {
+        let t = topics();
+        let (i, v) = intent("d", 1, 42);
+        let fresh = Fresh::from([(42, v)]);
+        let mut plan = PartitionPlan::default();
+        let prior = Outcome::Committed {
+            commit_sequence: 1,
+            contact_version: 1,
+        };
+        decisions(
+            &ctx(&t),
+            &fresh,
+            vec![Decision::Duplicate { intent: i, prior }],
+            &mut plan,
+        );
+        assert!(plan.outputs.is_empty());
+        assert_eq!(
+            record_transition(&plan.transitions[0]),
+            (false, State::Duplicate, None)
+        );
+        assert_eq!(plan.transitions[0].detail, "already committed_causal");
+    }
+
+    #[test]
+    fn a_version_conflict_is_a_review_record_and_a_blocked_row() {
+        let t = topics();
+        let (i, v) = intent("e", 4, 43);
+        let fresh = Fresh::from([(43, v)]);
+        let mut plan = PartitionPlan::default();
+        let d = Decision::Blocked {
+            intent: i,
+            commit_sequence: 4,
+            reason: BlockReason::VersionConflict {
+                expected: 9,
+                actual: 3,
+            },
+        };
+        decisions(&ctx(&t), &fresh, vec![d], &mut plan);
+        let r = ManualReview::decode(plan.outputs[0].value.as_slice()).unwrap();
+        assert_eq!(r.reason, ReviewReason::VersionConflict as i32);
+        assert_eq!((r.expected_sequence, r.received_sequence), (4, 4));
+        assert_eq!((r.source_partition, r.source_offset), (3, 43));
+        assert_eq!(&*plan.outputs[0].topic, "mr");
+        assert_eq!(
+            record_transition(&plan.transitions[0]),
+            (
+                false,
+                State::BlockedConflict,
+                Some(Reason::VersionConflict)
+            )
+        );
+        assert_eq!(plan.transitions[0].commit_sequence, 4);
+        assert_eq!(plan.notes[0].review, Some(Reason::VersionConflict));
+    }
+
+    #[test]
+    fn a_wait_timeout_review_names_the_missing_sequence_and_the_wait() {
+        let t = topics();
+        let (i, _) = intent("f", 5, 44);
+        let mut plan = PartitionPlan::default();
+        let d = Decision::ManualReview {
+            intent: i,
+            commit_sequence: 5,
+            reason: SeqReview::WaitTimeout {
+                missing: 2,
+                waited_ms: 301_000,
+            },
+        };
+        decisions(&ctx(&t), &Fresh::new(), vec![d], &mut plan);
+        let r = ManualReview::decode(plan.outputs[0].value.as_slice()).unwrap();
+        assert_eq!(r.reason, ReviewReason::WaitTimeout as i32);
+        assert_eq!((r.expected_sequence, r.waited_ms), (2, 301_000));
+        assert_eq!(
+            record_transition(&plan.transitions[0]),
+            (true, State::ManualReview, Some(Reason::WaitTimeout))
+        );
+    }
+
+    #[test]
+    fn contact_events_are_rows_without_outputs_and_pauses_are_signals() {
+        let t = topics();
+        let mut plan = PartitionPlan::default();
+        let ds = vec![
+            Decision::ContactHeld {
+                contact_id: "c".into(),
+                reason: HoldReason::WaitTimeout { missing: 2 },
+            },
+            Decision::Skipped {
+                contact_id: "c".into(),
+                from: 2,
+                to: 4,
+                cause: SkipCause::Operator,
+            },
+            Decision::ContactReleased {
+                contact_id: "c".into(),
+                release: Release::SkipTo(5),
+                resolved_through: 4,
+            },
+            Decision::PausePartition { waiting: 10 },
+            Decision::ResumePartition { waiting: 1 },
+        ];
+        decisions(&ctx(&t), &Fresh::new(), ds, &mut plan);
+        assert!(plan.outputs.is_empty());
+        let kinds: Vec<Transition> = plan.transitions.iter().map(|r| r.transition).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                Transition::Held {
+                    reason: Reason::WaitTimeout
+                },
+                Transition::Skipped { by_operator: true },
+                Transition::Released
+            ]
+        );
+        assert_eq!(plan.transitions[1].detail, r#"{"from":2,"to":4}"#);
+        assert_eq!(plan.transitions[2].commit_sequence, 4);
+        assert!(plan.transitions.iter().all(|r| r.source_offset == -1));
+        assert_eq!(plan.pause, Some(false));
+        assert_eq!(plan.notes.len(), plan.transitions.len());
+    }
+
+    #[test]
+    fn an_invalid_record_keeps_its_bytes_and_what_can_be_read_of_it() {
+        let t = topics();
+        let mut p = proto("g", 0);
+        p.action = 0;
+        let rec = record(45, p.encode_to_vec());
+        let mut plan = PartitionPlan::default();
+        invalid(&ctx(&t), &rec, &InvalidIntent::UnspecifiedAction, &mut plan);
+        let r = ManualReview::decode(plan.outputs[0].value.as_slice()).unwrap();
+        assert_eq!(r.reason, ReviewReason::InvalidIntent as i32);
+        assert_eq!(r.original_value, rec.value.clone().unwrap());
+        assert_eq!(r.intent_id, "g");
+        let row = &plan.transitions[0];
+        assert_eq!(
+            record_transition(row),
+            (false, State::ManualReview, Some(Reason::InvalidIntent))
+        );
+        assert_eq!((row.intent_id.as_str(), row.source_offset), ("g", 45));
+        assert_eq!(plan.notes[0].invalid_kind, Some("unspecified_action"));
+        // Garbage keeps its bytes; nothing can be read of it.
+        let junk = record(46, vec![0xff, 0xfe]);
+        invalid(&ctx(&t), &junk, &InvalidIntent::Undecodable("x".into()), &mut plan);
+        assert_eq!(plan.transitions[1].intent_id, "");
+        assert_eq!(plan.notes.len(), 2);
+    }
+
+    #[test]
+    fn a_stored_intent_that_no_longer_decodes_goes_to_review_with_a_row() {
+        let t = topics();
+        let (mut i, _) = intent("h", 2, 47);
+        i.payload.record.value = Some(vec![0xff, 0xff, 0xff]);
+        let mut plan = PartitionPlan::default();
+        let d = Decision::Commit {
+            intent: i,
+            commit_sequence: 2,
+            contact_version: 2,
+        };
+        decisions(&ctx(&t), &Fresh::new(), vec![d], &mut plan);
+        assert_eq!(plan.effects, 0);
+        let r = ManualReview::decode(plan.outputs[0].value.as_slice()).unwrap();
+        assert_eq!(r.reason, ReviewReason::InvalidIntent as i32);
+        assert_eq!(
+            record_transition(&plan.transitions[0]),
+            (true, State::ManualReview, Some(Reason::InvalidIntent))
+        );
+        assert_eq!(plan.transitions[0].intent_id, "h");
+    }
+
+    #[test]
+    fn changed_contacts_become_rows_of_the_batch() {
+        let t = topics();
+        let mut s = StoredContact::new("c");
+        s.resolved_through = 2;
+        s.version = 2;
+        s.next_sequence = 3;
+        s.hold = Some(crate::sequencer::HoldState {
+            since: Millis(5),
+            reason: HoldReason::WaitTimeout { missing: 3 },
+        });
+        let mut plan = PartitionPlan::default();
+        contacts(&ctx(&t), vec![s.clone()], &mut plan).unwrap();
+        let row = &plan.contacts[0];
+        assert_eq!((row.partition, row.batch_no), (3, 12));
+        assert!(row.on_hold);
+        assert_eq!(row.waiting, 0);
+        assert_eq!(snapshot::decode(row.state.clone()).unwrap(), s);
+    }
+}
