@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -426,4 +427,108 @@ async fn zombie_paused_past_its_lease_cannot_write_after_it_resumes() {
     );
     let report = verified(&cfg).await;
     assert_clean(&report, 12_000);
+}
+
+/// A free TCP port on loopback (for a child's /metrics listener).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The value of one Prometheus sample line, e.g. `name{a="b"}`, from a `/metrics` page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|rest| rest.trim().parse().ok())
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .expect("request");
+    let mut page = String::new();
+    s.read_to_string(&mut page).expect("response");
+    page
+}
+
+/// Takes the processor's transactional id: its producer is fenced, so the transaction of the
+/// batch in flight (already written to PostgreSQL) aborts.
+fn fence_processor(config: &Config) {
+    use rdkafka::producer::{BaseProducer, Producer};
+    let producer: BaseProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set(
+            "transactional.id",
+            causal_commit::pipeline::kafka::transactional_id(config),
+        )
+        .create()
+        .expect("fencing producer");
+    producer
+        .init_transactions(Duration::from_secs(30))
+        .expect("init_transactions fences the processor");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_batches_log_and_count_each_transition_once_after_its_commit() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new("r8", 4).await;
+    let mut cfg = env.config.clone();
+    let port = free_port();
+    cfg.telemetry.metrics_listen = format!("127.0.0.1:{port}");
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    let mut opts = workload(4_000, 400, 500, "r");
+    opts.duplicate_fraction = 0.0;
+    let producing = produce_in_background(&cfg, opts);
+    // Five times while intents flow, the processor's producer is fenced: the batch in flight,
+    // already in PostgreSQL, aborts in Kafka, is rolled back and replayed.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        let c = cfg.clone();
+        tokio::task::spawn_blocking(move || fence_processor(&c))
+            .await
+            .unwrap();
+    }
+    producing.await.unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    let page = tokio::task::spawn_blocking(move || scrape(port))
+        .await
+        .unwrap();
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    let lines = read_log(&log);
+    let aborts = lines
+        .iter()
+        .filter(|l| l["message"] == "transaction failed; restoring")
+        .count();
+    assert!(aborts >= 1, "the fencing aborted at least one transaction");
+    let effects = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
+    assert_eq!(effects.len(), 4_000, "every intent committed once");
+    let mut committed: HashMap<String, usize> = HashMap::new();
+    for l in &lines {
+        if l["message"] == "transition" && l["state"] == "committed_causal" {
+            let id = l["intent_id"].as_str().unwrap_or_default().to_string();
+            *committed.entry(id).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = committed.iter().filter(|(_, n)| **n != 1).take(5).collect();
+    assert!(
+        twice.is_empty(),
+        "committed_causal logged more than once: {twice:?}"
+    );
+    assert_eq!(committed.len(), effects.len(), "one log line per effect");
+    let counted = sample(
+        &page,
+        r#"causal_commit_outcomes_total{state="committed_causal",reason=""}"#,
+    );
+    assert_eq!(
+        counted,
+        Some(effects.len() as f64),
+        "one increment per effect"
+    );
+    let report = verified(&cfg).await;
+    assert!(report.ok, "{:?}", report.violations);
 }

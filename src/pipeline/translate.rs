@@ -718,7 +718,11 @@ mod tests {
         assert_eq!(out.key, b"c");
         let fx = SideEffect::decode(out.value.as_slice()).unwrap();
         assert_eq!(
-            (fx.intent_id.as_str(), fx.commit_sequence, fx.contact_version),
+            (
+                fx.intent_id.as_str(),
+                fx.commit_sequence,
+                fx.contact_version
+            ),
             ("a", 1, 1)
         );
         assert_eq!((fx.committed_at_ms, fx.fencing_token), (10_000, 7));
@@ -840,11 +844,7 @@ mod tests {
         assert_eq!(&*plan.outputs[0].topic, "mr");
         assert_eq!(
             record_transition(&plan.transitions[0]),
-            (
-                false,
-                State::BlockedConflict,
-                Some(Reason::VersionConflict)
-            )
+            (false, State::BlockedConflict, Some(Reason::VersionConflict))
         );
         assert_eq!(plan.transitions[0].commit_sequence, 4);
         assert_eq!(plan.notes[0].review, Some(Reason::VersionConflict));
@@ -937,7 +937,12 @@ mod tests {
         assert_eq!(plan.notes[0].invalid_kind, Some("unspecified_action"));
         // Garbage keeps its bytes; nothing can be read of it.
         let junk = record(46, vec![0xff, 0xfe]);
-        invalid(&ctx(&t), &junk, &InvalidIntent::Undecodable("x".into()), &mut plan);
+        invalid(
+            &ctx(&t),
+            &junk,
+            &InvalidIntent::Undecodable("x".into()),
+            &mut plan,
+        );
         assert_eq!(plan.transitions[1].intent_id, "");
         assert_eq!(plan.notes.len(), 2);
     }
