@@ -40,6 +40,12 @@ pub enum InvalidIntent {
         len: usize,
         max: usize,
     },
+    #[error("field `{field}` holds control character U+{code:04X} at byte {at}; ids must be printable text")]
+    ControlCharacter {
+        field: &'static str,
+        code: u32,
+        at: usize,
+    },
     #[error("payload is {len} bytes, above limits.max_payload_bytes ({max})")]
     PayloadTooLarge { len: usize, max: usize },
     #[error("record key is missing; it must equal contact_id {contact_id:?}")]
@@ -61,6 +67,7 @@ impl InvalidIntent {
             InvalidIntent::Undecodable(_) => "undecodable",
             InvalidIntent::MissingField(_) => "missing_field",
             InvalidIntent::FieldTooLong { .. } => "field_too_long",
+            InvalidIntent::ControlCharacter { .. } => "control_character",
             InvalidIntent::PayloadTooLarge { .. } => "payload_too_large",
             InvalidIntent::MissingKey { .. } => "missing_key",
             InvalidIntent::KeyMismatch { .. } => "key_mismatch",
@@ -129,6 +136,15 @@ fn validate(
                 field,
                 len: value.len(),
                 max: limits.max_id_bytes,
+            });
+        }
+        // PostgreSQL refuses U+0000 in text and jsonb, and other control characters in ids
+        // only ever come from a broken producer: refuse them here, not in the durable write.
+        if let Some((at, c)) = value.char_indices().find(|(_, c)| c.is_control()) {
+            return Err(InvalidIntent::ControlCharacter {
+                field,
+                code: c as u32,
+                at,
             });
         }
     }
@@ -260,6 +276,35 @@ mod tests {
         i.action = 0;
         let err = decode(Some(b"c-1"), Some(&i.encode_to_vec()), &limits()).unwrap_err();
         assert_eq!(err, InvalidIntent::UnspecifiedAction);
+    }
+
+    #[test]
+    fn control_characters_in_ids_are_invalid_and_named() {
+        for (field, bad) in [
+            ("intent_id", "i-\u{0}1"),
+            ("contact_id", "c\u{7}"),
+            ("clinic_id", "\u{1b}[31m"),
+            ("correlation_id", "corr\u{85}"),
+        ] {
+            let mut i = sample();
+            match field {
+                "intent_id" => i.intent_id = bad.into(),
+                "contact_id" => i.contact_id = bad.into(),
+                "clinic_id" => i.clinic_id = bad.into(),
+                _ => i.correlation_id = bad.into(),
+            }
+            let key = i.contact_id.clone();
+            let err = decode(Some(key.as_bytes()), Some(&i.encode_to_vec()), &limits()).unwrap_err();
+            assert!(
+                matches!(err, InvalidIntent::ControlCharacter { field: f, .. } if f == field),
+                "{field}: {err}"
+            );
+        }
+        // Printable text of any script is fine.
+        let mut i = sample();
+        i.contact_id = "paciente-ção-日本".into();
+        let key = i.contact_id.clone();
+        assert!(decode(Some(key.as_bytes()), Some(&i.encode_to_vec()), &limits()).is_ok());
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! it says to librdkafka.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// The first and the longest wait between two restore attempts of one partition.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+pub const MAX_RETRY: Duration = Duration::from_secs(10);
 
 /// Why a partition is paused (the `cause` label of `causal_commit_partitions_paused`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -46,6 +51,21 @@ struct Missing {
     /// must seek back to the committed offset after the restore.
     rewind: bool,
     cause: PauseCause,
+    /// Failed restore attempts since the lane was lost.
+    attempts: u32,
+    /// No attempt before this.
+    retry_at: Option<Instant>,
+}
+
+impl Missing {
+    fn new(rewind: bool, cause: PauseCause) -> Self {
+        Missing {
+            rewind,
+            cause,
+            attempts: 0,
+            retry_at: None,
+        }
+    }
 }
 
 /// See the module documentation.
@@ -75,10 +95,9 @@ impl Assignment {
         }
         for p in &assigned {
             if revoked || !lanes.contains(p) {
-                self.missing.entry(*p).or_insert(Missing {
-                    rewind: false,
-                    cause: PauseCause::Restoring,
-                });
+                self.missing
+                    .entry(*p)
+                    .or_insert(Missing::new(false, PauseCause::Restoring));
             }
         }
         self.missing.retain(|p, _| assigned.contains(p));
@@ -89,12 +108,19 @@ impl Assignment {
     /// A lane's in-memory state can no longer be trusted: restore it, and rewind.
     pub fn voided(&mut self, partition: i32, cause: PauseCause) {
         if self.assigned.contains(&partition) {
-            let m = self.missing.entry(partition).or_insert(Missing {
-                rewind: true,
-                cause,
-            });
+            let m = self
+                .missing
+                .entry(partition)
+                .or_insert(Missing::new(true, cause));
             m.rewind = true;
             m.cause = cause;
+        }
+    }
+
+    /// No restore attempt of `partition` before `until` (a failure that repeats backs off).
+    pub fn delay(&mut self, partition: i32, until: Instant) {
+        if let Some(m) = self.missing.get_mut(&partition) {
+            m.retry_at = Some(m.retry_at.map_or(until, |t| t.max(until)));
         }
     }
 
@@ -106,11 +132,20 @@ impl Assignment {
         }
     }
 
-    /// A restore failed: the partition stays without a lane, paused for `cause`.
-    pub fn restore_failed(&mut self, partition: i32, cause: PauseCause) {
-        if let Some(m) = self.missing.get_mut(&partition) {
-            m.cause = cause;
-        }
+    /// A restore failed: the partition stays without a lane, paused for `cause`, and is tried
+    /// again after a wait that doubles with each failure, up to [`MAX_RETRY`]. Returns the
+    /// number of failed attempts so far.
+    pub fn restore_failed(&mut self, partition: i32, cause: PauseCause, now: Instant) -> u32 {
+        let Some(m) = self.missing.get_mut(&partition) else {
+            return 0;
+        };
+        m.cause = cause;
+        m.attempts = m.attempts.saturating_add(1);
+        let wait = FIRST_RETRY
+            .saturating_mul(1 << (m.attempts - 1).min(16))
+            .min(MAX_RETRY);
+        m.retry_at = Some(now + wait);
+        m.attempts
     }
 
     /// The partition has a lane again.
@@ -118,9 +153,14 @@ impl Assignment {
         self.missing.remove(&partition);
     }
 
-    /// Assigned partitions without a lane, each with whether to rewind, in partition order.
-    pub fn to_restore(&self) -> Vec<(i32, bool)> {
-        self.missing.iter().map(|(p, m)| (*p, m.rewind)).collect()
+    /// Assigned partitions without a lane whose restore is due at `now`, each with whether to
+    /// rewind, in partition order.
+    pub fn to_restore(&self, now: Instant) -> Vec<(i32, bool)> {
+        self.missing
+            .iter()
+            .filter(|(_, m)| m.retry_at.is_none_or(|t| t <= now))
+            .map(|(p, m)| (*p, m.rewind))
+            .collect()
     }
 
     pub fn is_assigned(&self, partition: i32) -> bool {
@@ -155,10 +195,10 @@ mod tests {
         let mut a = Assignment::default();
         let dropped = a.rebalanced(false, set(&[0, 1]), &set(&[]));
         assert!(dropped.is_empty());
-        assert_eq!(a.to_restore(), vec![(0, false), (1, false)]);
+        assert_eq!(a.to_restore(Instant::now()), vec![(0, false), (1, false)]);
         assert_eq!(a.missing_cause(0), Some(PauseCause::Restoring));
         a.restored(0);
-        assert_eq!(a.to_restore(), vec![(1, false)]);
+        assert_eq!(a.to_restore(Instant::now()), vec![(1, false)]);
         assert_eq!(a.missing_cause(0), None);
     }
 
@@ -171,7 +211,7 @@ mod tests {
         }
         let dropped = a.rebalanced(true, set(&[1, 3]), &set(&[0, 1, 2]));
         assert_eq!(dropped, vec![0, 1, 2]);
-        assert_eq!(a.to_restore(), vec![(1, false), (3, false)]);
+        assert_eq!(a.to_restore(Instant::now()), vec![(1, false), (3, false)]);
         assert!(!a.is_assigned(0));
     }
 
@@ -182,7 +222,7 @@ mod tests {
         a.restored(0);
         let dropped = a.rebalanced(false, set(&[0, 5]), &set(&[0]));
         assert!(dropped.is_empty());
-        assert_eq!(a.to_restore(), vec![(5, false)]);
+        assert_eq!(a.to_restore(Instant::now()), vec![(5, false)]);
     }
 
     #[test]
@@ -192,11 +232,49 @@ mod tests {
         a.restored(0);
         a.restored(1);
         a.voided(1, PauseCause::Store);
-        assert_eq!(a.to_restore(), vec![(1, true)]);
+        assert_eq!(a.to_restore(Instant::now()), vec![(1, true)]);
         assert_eq!(a.missing_cause(1), Some(PauseCause::Store));
-        a.restore_failed(1, PauseCause::RecoveryPoint);
+        let now = Instant::now();
+        assert_eq!(a.restore_failed(1, PauseCause::RecoveryPoint, now), 1);
         assert_eq!(a.missing_cause(1), Some(PauseCause::RecoveryPoint));
-        assert_eq!(a.to_restore(), vec![(1, true)]);
+        assert!(a.to_restore(now).is_empty(), "not before its retry time");
+        assert_eq!(a.to_restore(now + FIRST_RETRY), vec![(1, true)]);
+    }
+
+    #[test]
+    fn repeated_restore_failures_back_off_to_a_bound() {
+        let mut a = Assignment::default();
+        a.rebalanced(false, set(&[0]), &set(&[]));
+        let now = Instant::now();
+        let mut waits = Vec::new();
+        for attempt in 1..=8 {
+            assert_eq!(a.restore_failed(0, PauseCause::Store, now), attempt);
+            let due = (1..=120)
+                .map(|s| now + Duration::from_secs(s))
+                .find(|t| !a.to_restore(*t).is_empty())
+                .unwrap();
+            waits.push(due - now);
+        }
+        assert_eq!(waits[0], Duration::from_secs(1));
+        assert_eq!(waits[1], Duration::from_secs(2));
+        assert_eq!(*waits.last().unwrap(), MAX_RETRY);
+        // A new loss of the lane starts over.
+        a.restored(0);
+        a.voided(0, PauseCause::Store);
+        assert_eq!(a.to_restore(now), vec![(0, true)]);
+    }
+
+    #[test]
+    fn a_delayed_partition_waits_for_its_time() {
+        let mut a = Assignment::default();
+        a.rebalanced(false, set(&[0, 1]), &set(&[]));
+        let now = Instant::now();
+        a.delay(1, now + Duration::from_secs(30));
+        assert_eq!(a.to_restore(now), vec![(0, false)]);
+        assert_eq!(
+            a.to_restore(now + Duration::from_secs(30)),
+            vec![(0, false), (1, false)]
+        );
     }
 
     #[test]
@@ -204,7 +282,7 @@ mod tests {
         let mut a = Assignment::default();
         a.rebalanced(false, set(&[0]), &set(&[]));
         a.voided(7, PauseCause::Store);
-        assert_eq!(a.to_restore(), vec![(0, false)]);
+        assert_eq!(a.to_restore(Instant::now()), vec![(0, false)]);
     }
 
     #[test]
@@ -213,7 +291,7 @@ mod tests {
         a.rebalanced(false, set(&[2]), &set(&[]));
         a.consumed_without_lane(2);
         a.consumed_without_lane(9);
-        assert_eq!(a.to_restore(), vec![(2, true)]);
+        assert_eq!(a.to_restore(Instant::now()), vec![(2, true)]);
     }
 
     #[test]
@@ -221,7 +299,7 @@ mod tests {
         let mut a = Assignment::default();
         a.rebalanced(false, set(&[0, 1]), &set(&[]));
         a.rebalanced(true, set(&[1]), &set(&[]));
-        assert_eq!(a.to_restore(), vec![(1, false)]);
+        assert_eq!(a.to_restore(Instant::now()), vec![(1, false)]);
         assert!(a.has_missing());
         a.restored(1);
         assert!(!a.has_missing());

@@ -33,6 +33,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::assignment::{Assignment, PauseCause};
+use super::isolation::{Isolation, Verdict};
 use super::kafka::{self, EngineConsumer, EngineContext, TxnProducer};
 use super::lane::Lane;
 use super::output;
@@ -67,8 +68,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// How often operator commands are looked for.
 const COMMAND_POLL: Duration = Duration::from_secs(1);
-/// How long to wait before retrying a partition that could not be restored.
-pub(super) const RESTORE_RETRY: Duration = Duration::from_secs(1);
 /// How often the backlog gauges are refreshed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 
@@ -87,6 +86,8 @@ pub struct Engine {
     pub(super) writer: String,
     pub(super) lanes: BTreeMap<i32, Lane>,
     pub(super) assignment: Assignment,
+    /// Partitions replayed one record per batch to find a record the stores refuse.
+    isolation: Isolation,
     pub(super) next_restore_at: Instant,
     next_commands_at: Instant,
     next_gauges_at: Instant,
@@ -102,6 +103,10 @@ struct Decoded {
 struct PartitionInput {
     valid: Vec<(InRecord, Arc<ValidIntent>)>,
     invalid: Vec<(InRecord, InvalidIntent)>,
+    /// Records quarantined by [`Isolation`], with the store's error.
+    unprocessable: Vec<(InRecord, String)>,
+    /// The offsets of the batch's records, in order.
+    offsets: Vec<i64>,
     /// One past the last record of the batch.
     next_offset: i64,
 }
@@ -115,6 +120,8 @@ pub(super) struct BatchPlan {
 
 struct PartitionPart {
     plan: PartitionPlan,
+    /// The input records of this part, in order.
+    offsets: Vec<i64>,
     batch_no: u64,
     fence: u64,
     /// One past the last record consumed by the end of this batch (-1: none ever).
@@ -187,6 +194,7 @@ impl Engine {
             writer,
             lanes: BTreeMap::new(),
             assignment: Assignment::default(),
+            isolation: Isolation::default(),
             next_restore_at: now,
             next_commands_at: now,
             next_gauges_at: now,
@@ -301,6 +309,7 @@ impl Engine {
             tracing::warn!(error = %e, "recording the last committed batches failed");
         }
         for lane in dropped {
+            self.isolation.forget(lane.partition);
             // Give the lease up so the next owner starts at once.
             self.release(lane.partition, lane.fence);
             report::clear_partition(lane.partition);
@@ -311,10 +320,11 @@ impl Engine {
 
     /// Restores every assigned partition that has no lane (new assignment or after a failure).
     fn restore_pending(&mut self) {
-        if !self.assignment.has_missing() || Instant::now() < self.next_restore_at {
+        let now = Instant::now();
+        if !self.assignment.has_missing() || now < self.next_restore_at {
             return;
         }
-        for (p, rewind) in self.assignment.to_restore() {
+        for (p, rewind) in self.assignment.to_restore(now) {
             match self.restore(p, rewind) {
                 Ok(lane) => {
                     self.assignment.restored(p);
@@ -325,10 +335,19 @@ impl Engine {
                     self.set_paused(p, paused);
                 }
                 Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "partition not restored yet; paused");
-                    self.assignment.restore_failed(p, e.pause_cause());
+                    let attempt = self
+                        .assignment
+                        .restore_failed(p, e.pause_cause(), Instant::now());
+                    // A failure that repeats is logged at attempts 1, 2, 4, 8 ... not each time.
+                    if attempt.is_power_of_two() {
+                        tracing::warn!(
+                            partition = p,
+                            attempt,
+                            error = %e,
+                            "partition not restored yet; paused"
+                        );
+                    }
                     self.set_paused(p, true);
-                    self.next_restore_at = Instant::now() + RESTORE_RETRY;
                 }
             }
         }
@@ -451,25 +470,105 @@ impl Engine {
             return;
         }
         if let Err(e) = self.persist(&plan) {
+            if e.is_data_error() {
+                return self.isolate(plan, &e);
+            }
             return self.fail(Failure::Persist(e));
         }
+        self.commit_and_report(plan);
+    }
+
+    /// Steps 6 and 7.
+    fn commit_and_report(&mut self, plan: BatchPlan) {
         if let Err(e) = self.commit(&plan) {
             return self.fail(Failure::Commit(e));
         }
         self.report(plan);
     }
 
+    /// The durable write failed for its data: finds the partitions whose part PostgreSQL refuses
+    /// (adding them one at a time to trial writes, so refusals that only two parts together
+    /// cause are found too), commits the others, and isolates the refused ones (see
+    /// `isolation`). Only this failure path makes the extra round trips.
+    fn isolate(&mut self, plan: BatchPlan, error: &pg::Error) {
+        tracing::warn!(error = %error, "the durable write refused this batch's data; finding the partitions that cause it");
+        let BatchPlan {
+            partitions,
+            commands,
+        } = plan;
+        let mut good = BatchPlan::default();
+        let mut refused = Vec::new();
+        for (p, part) in partitions {
+            good.partitions.insert(p, part);
+            let trial = self.rt.block_on(pg::try_batch(
+                &self.pool,
+                &self.topics.intents,
+                &self.writer,
+                self.config.locks.lease,
+                &self.batch_write(&good),
+            ));
+            match trial {
+                Ok(()) => {}
+                Err(e) if e.is_data_error() => {
+                    if let Some(part) = good.partitions.remove(&p) {
+                        refused.push((p, part, e));
+                    }
+                }
+                Err(e) => return self.fail(Failure::Persist(e)),
+            }
+        }
+        // Commands of refused partitions are voided with their lanes and applied again later.
+        good.commands = commands
+            .into_iter()
+            .filter(|c| good.partitions.contains_key(&c.partition))
+            .collect();
+        let now = Instant::now();
+        for (p, part, e) in refused {
+            let verdict = self
+                .isolation
+                .failed(p, &part.offsets, part.next_offset, &e.to_string(), now);
+            tracing::warn!(partition = p, verdict = ?verdict, error = %e, "isolating a record the durable store refuses");
+            self.void_lane(p, PauseCause::Store);
+            if let Verdict::BackOff { retry_at, .. } = verdict {
+                self.assignment.delay(p, retry_at);
+            }
+        }
+        self.next_restore_at = Instant::now();
+        if good.is_empty() {
+            return;
+        }
+        if let Err(e) = self.persist(&good) {
+            return self.fail(Failure::Persist(e));
+        }
+        self.commit_and_report(good);
+    }
+
     /// Step 1: decode and validate, per partition. Records of partitions without a lane are
     /// dropped here and read again after their restore.
     fn decode(&mut self, records: Vec<InRecord>) -> Decoded {
         let mut decoded = Decoded::default();
+        // Isolating partitions take one record per batch: the rest is read again.
+        let mut cut: BTreeMap<i32, i64> = BTreeMap::new();
         for record in records {
-            if !self.lanes.contains_key(&record.partition) {
-                self.assignment.consumed_without_lane(record.partition);
+            let p = record.partition;
+            if !self.lanes.contains_key(&p) {
+                self.assignment.consumed_without_lane(p);
                 continue;
             }
-            let input = decoded.partitions.entry(record.partition).or_default();
+            if cut.contains_key(&p) {
+                continue;
+            }
+            let input = decoded.partitions.entry(p).or_default();
+            if self.isolation.one_at_a_time(p, record.offset) && !input.offsets.is_empty() {
+                cut.insert(p, record.offset);
+                continue;
+            }
             input.next_offset = record.offset + 1;
+            input.offsets.push(record.offset);
+            if let Some(error) = self.isolation.quarantined(p, record.offset) {
+                input.unprocessable.push((record, error.to_owned()));
+                continue;
+            }
             match crate::intent::decode(
                 record.key.as_deref(),
                 record.value.as_deref(),
@@ -477,6 +576,16 @@ impl Engine {
             ) {
                 Ok(v) => input.valid.push((record, Arc::new(v))),
                 Err(e) => input.invalid.push((record, e)),
+            }
+        }
+        for (p, offset) in cut {
+            let timeout = self.config.kafka.operation_timeout;
+            let to = rdkafka::Offset::Offset(offset);
+            if let Err(e) = self.consumer.seek(&self.topics.intents, p, to, timeout) {
+                // The records past the cut are lost to this lane: restore and rewind.
+                tracing::warn!(partition = p, error = %e, "seeking back an isolating partition failed");
+                self.void_lane(p, PauseCause::Store);
+                decoded.partitions.remove(&p);
             }
         }
         decoded
@@ -607,6 +716,9 @@ impl Engine {
             for (record, error) in part_input.iter().flat_map(|i| &i.invalid) {
                 translate::invalid(&ctx, record, error, &mut part);
             }
+            for (record, error) in part_input.iter().flat_map(|i| &i.unprocessable) {
+                translate::unprocessable(&ctx, record, error, &mut part);
+            }
             let mut decisions = Vec::new();
             lane.seq.drain_decisions(&mut decisions);
             translate::decisions(&ctx, fresh.get(p).unwrap_or(&empty), decisions, &mut part);
@@ -624,6 +736,7 @@ impl Engine {
                 *p,
                 PartitionPart {
                     plan: part,
+                    offsets: part_input.map(|i| i.offsets.clone()).unwrap_or_default(),
                     batch_no: lane.batch_no + 1,
                     fence: lane.fence,
                     next_offset,
@@ -635,6 +748,17 @@ impl Engine {
 
     /// Step 5: the durable state first, in one round trip: no effect without its record.
     fn persist(&self, plan: &BatchPlan) -> pg::Result<()> {
+        self.rt.block_on(pg::apply_batch(
+            &self.pool,
+            &self.topics.intents,
+            &self.writer,
+            self.config.locks.lease,
+            &self.batch_write(plan),
+        ))
+    }
+
+    /// The rows of a plan, for one write.
+    fn batch_write(&self, plan: &BatchPlan) -> BatchWrite {
         let mut write = BatchWrite {
             partitions: Vec::with_capacity(plan.partitions.len()),
             transitions: Vec::new(),
@@ -654,13 +778,7 @@ impl Engine {
                 .extend(part.plan.transitions.iter().cloned());
             write.contacts.extend(part.plan.contacts.iter().cloned());
         }
-        self.rt.block_on(pg::apply_batch(
-            &self.pool,
-            &self.topics.intents,
-            &self.writer,
-            self.config.locks.lease,
-            &write,
-        ))
+        write
     }
 
     /// Step 6: outputs and offsets (with the recovery point) in one Kafka transaction.
@@ -709,6 +827,9 @@ impl Engine {
         let mut committed = Vec::with_capacity(plan.partitions.len());
         for (p, part) in plan.partitions {
             committed.push((p, part.fence, part.batch_no));
+            if self.isolation.committed(p, part.next_offset) {
+                tracing::info!(partition = p, "isolation ended: the partition flows in full batches again");
+            }
             if let Some(lane) = self.lanes.get_mut(&p) {
                 lane.batch_no = part.batch_no;
                 lane.next_offset = part.next_offset;

@@ -3,6 +3,7 @@
 
 pub mod assignment;
 pub mod engine;
+pub mod isolation;
 pub mod kafka;
 pub mod lane;
 pub mod output;

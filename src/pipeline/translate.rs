@@ -260,7 +260,31 @@ pub fn invalid(
         .value
         .as_deref()
         .and_then(|v| ProtoIntent::decode(v).ok());
-    let detail = error.to_string();
+    let reason = Reason::InvalidIntent;
+    let note = Note {
+        invalid_kind: Some(error.kind()),
+        review: Some(reason),
+        ..Note::default()
+    };
+    reject_record(ctx, record, reason, &error.to_string(), note, plan);
+}
+
+/// A record that is not sequenced (invalid, or unprocessable): its review record with the raw
+/// bytes and whatever can be read of it, and an audit row whose text is made storable: what
+/// failed validation may hold anything, and the row must not fail the durable write.
+fn reject_record(
+    ctx: &Context<'_>,
+    record: &InRecord,
+    reason: Reason,
+    detail: &str,
+    note: Note,
+    plan: &mut PartitionPlan,
+) {
+    let partial = record
+        .value
+        .as_deref()
+        .and_then(|v| ProtoIntent::decode(v).ok());
+    let detail = storable(detail);
     plan.outputs.push(output::manual_review(
         &ctx.topics.manual_review,
         &Source {
@@ -268,7 +292,7 @@ pub fn invalid(
             record,
         },
         ReviewFields {
-            reason: ReviewReason::InvalidIntent,
+            reason: review_reason(reason),
             detail: detail.clone(),
             intent: partial.as_ref(),
             expected_sequence: 0,
@@ -278,19 +302,52 @@ pub fn invalid(
             fencing_token: ctx.fence,
         },
     ));
-    let empty = ProtoIntent::default();
-    let facts = RowFacts::of(partial.as_ref().unwrap_or(&empty), record.offset, 0);
+    let p = partial.unwrap_or_default();
+    let (intent_id, contact_id) = (storable(&p.intent_id), storable(&p.contact_id));
+    let (clinic_id, correlation_id) = (storable(&p.clinic_id), storable(&p.correlation_id));
+    let facts = RowFacts {
+        offset: record.offset,
+        intent_id: &intent_id,
+        contact_id: &contact_id,
+        clinic_id: &clinic_id,
+        correlation_id: &correlation_id,
+        fingerprint: 0,
+    };
     let transition = Transition::Record {
         waited: false,
         to: State::ManualReview,
-        reason: Some(Reason::InvalidIntent),
-    };
-    let note = Note {
-        invalid_kind: Some(error.kind()),
-        review: Some(Reason::InvalidIntent),
-        ..Note::default()
+        reason: Some(reason),
     };
     plan.push(row(ctx, &facts, transition, 0, 0, detail), note);
+}
+
+/// Translates a record whose durable write (or transaction) fails on its own: its review record
+/// (`UNPROCESSABLE`, raw bytes kept, the store's error in `detail`) and an audit row whose ids
+/// are made storable (control characters replaced) — the row must not fail the same way.
+pub fn unprocessable(ctx: &Context<'_>, record: &InRecord, error: &str, plan: &mut PartitionPlan) {
+    let reason = Reason::Unprocessable;
+    let note = Note {
+        review: Some(reason),
+        ..Note::default()
+    };
+    let detail = format!("the durable write or the transaction fails for this record alone: {error}");
+    reject_record(ctx, record, reason, &detail, note, plan);
+}
+
+/// Text any store can hold: control characters replaced, at most 1 KiB.
+fn storable(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+        .collect();
+    if out.len() > 1024 {
+        let mut end = 1024;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
+    out
 }
 
 /// The contact states the sequencer changed, for one batched upsert.
@@ -945,6 +1002,38 @@ mod tests {
         );
         assert_eq!(plan.transitions[1].intent_id, "");
         assert_eq!(plan.notes.len(), 2);
+    }
+
+    #[test]
+    fn an_unprocessable_record_keeps_its_raw_bytes_and_gets_a_storable_row() {
+        let t = topics();
+        let mut p = proto("bad\u{0}id", 1);
+        p.contact_id = "c\u{0}".into();
+        let rec = record(48, p.encode_to_vec());
+        let mut plan = PartitionPlan::default();
+        unprocessable(&ctx(&t), &rec, "value too long for type\u{0}", &mut plan);
+        let r = ManualReview::decode(plan.outputs[0].value.as_slice()).unwrap();
+        assert_eq!(r.reason, ReviewReason::Unprocessable as i32);
+        assert_eq!(r.original_value, rec.value.clone().unwrap());
+        assert_eq!(r.intent_id, "bad\u{0}id", "the review keeps what was read");
+        let row = &plan.transitions[0];
+        assert_eq!(
+            record_transition(row),
+            (false, State::ManualReview, Some(Reason::Unprocessable))
+        );
+        assert_eq!(row.intent_id, "bad\u{FFFD}id");
+        assert_eq!(row.contact_id, "c\u{FFFD}");
+        assert!(!row.detail.contains('\u{0}'));
+        assert!(row.detail.contains("value too long"));
+        assert_eq!(plan.notes[0].review, Some(Reason::Unprocessable));
+    }
+
+    #[test]
+    fn storable_text_is_bounded_and_free_of_control_characters() {
+        let long = "é".repeat(2_000);
+        let s = storable(&long);
+        assert!(s.len() <= 1024 && s.chars().all(|c| c == 'é'));
+        assert_eq!(storable("a\u{1}b\nc"), "a\u{FFFD}b\u{FFFD}c");
     }
 
     #[test]

@@ -203,6 +203,37 @@ pub async fn apply_batch(
     lease: std::time::Duration,
     w: &BatchWrite,
 ) -> Result<()> {
+    batch_query(topic, writer, lease, w)
+        .execute(pool)
+        .await
+        .map_err(db("writing a batch"))?;
+    Ok(())
+}
+
+/// Runs a batch's write and rolls it back: whether PostgreSQL would accept it. Used only after
+/// a write failed for its data, to find the partitions that cause it.
+pub async fn try_batch(
+    pool: &PgPool,
+    topic: &str,
+    writer: &str,
+    lease: std::time::Duration,
+    w: &BatchWrite,
+) -> Result<()> {
+    let mut tx = pool.begin().await.map_err(db("starting a trial write"))?;
+    let result = batch_query(topic, writer, lease, w)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("trying a batch write"));
+    tx.rollback().await.map_err(db("rolling a trial write back"))?;
+    result.map(|_| ())
+}
+
+fn batch_query<'q>(
+    topic: &'q str,
+    writer: &'q str,
+    lease: std::time::Duration,
+    w: &'q BatchWrite,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let mut partitions = w.partitions.clone();
     // A fixed lock order: two writers never deadlock on cc_partition rows.
     partitions.sort_unstable();
@@ -285,10 +316,6 @@ pub async fn apply_batch(
     .bind(m.iter().map(|r| r.id).collect::<Vec<_>>())
     .bind(m.iter().map(|r| r.batch_no as i64).collect::<Vec<_>>())
     .bind(m.iter().map(|r| r.result.as_str()).collect::<Vec<_>>())
-    .execute(pool)
-    .await
-    .map_err(db("writing a batch"))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ pub mod outcomes;
 pub mod partition;
 
 pub use batch::{
-    apply_batch, AppliedCommand, BatchWrite, ContactRow, PartitionWrite, Transition, TransitionRow,
+    apply_batch, try_batch, AppliedCommand, BatchWrite, ContactRow, PartitionWrite, Transition, TransitionRow,
 };
 pub use commands::{audit_admin, command_result, pending_commands, submit_release, Command};
 pub use outcomes::{lookup_outcomes, StoredOutcome};
@@ -96,7 +96,44 @@ pub const FENCED_SQLSTATE: &str = "CC001";
 impl Error {
     /// The write was refused because another writer owns the partition now.
     pub fn is_fenced(&self) -> bool {
-        matches!(self, Error::Db { source: sqlx::Error::Database(e), .. }
-            if e.code().as_deref() == Some(FENCED_SQLSTATE))
+        self.sqlstate().as_deref() == Some(FENCED_SQLSTATE)
+    }
+
+    /// The SQLSTATE PostgreSQL answered with, if it answered.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            Error::Db {
+                source: sqlx::Error::Database(e),
+                ..
+            } => e.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
+
+    /// PostgreSQL refused the data itself, not for an outage: a value it cannot hold (class
+    /// 22), a constraint (23), a row touched twice by one statement (21), a size limit (54).
+    /// The same write fails the same way every time, so it is isolated rather than retried.
+    pub fn is_data_error(&self) -> bool {
+        self.sqlstate()
+            .is_some_and(|code| is_data_sqlstate(&code))
+    }
+}
+
+/// See [`Error::is_data_error`].
+pub fn is_data_sqlstate(code: &str) -> bool {
+    ["21", "22", "23", "54"].iter().any(|class| code.starts_with(class))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn data_errors_are_the_classes_that_repeat_identically() {
+        for code in ["22021", "22P05", "23514", "23505", "21000", "54000"] {
+            assert!(super::is_data_sqlstate(code), "{code}");
+        }
+        // Outages, timeouts, fencing and our own sequence check are not data errors.
+        for code in ["08006", "57014", "53100", "40001", "CC001", "CC003", "XX000"] {
+            assert!(!super::is_data_sqlstate(code), "{code}");
+        }
     }
 }
