@@ -8,13 +8,14 @@ SHELL := /bin/bash
 CARGO ?= cargo
 STACK := scripts/stack.sh
 
-.PHONY: help up down status reset build release lint test test-fast demo bench
+.PHONY: help up down status reset build release lint test test-fast demo bench bench-extras kstreams-peer
 
 help:
 	@echo "make demo    - start the stack, run the processor on demo intents, print a summary"
 	@echo "make test    - start the stack, lint, run every test (what CI runs)"
 	@echo "make up | down | status | reset  - the local Kafka, Redis and PostgreSQL"
-	@echo "make bench   - benchmarks that print figures"
+	@echo "make bench   - passthrough, full, fallback and Kafka Streams side by side (BENCH_ARGS=--help)"
+	@echo "make bench-extras - the same, plus two instances of the group and 1,000,000 contacts"
 
 up:
 	bash $(STACK) up
@@ -46,5 +47,24 @@ test: up lint
 demo: up release
 	bash scripts/demo.sh
 
-bench: up
-	$(CARGO) bench
+# The end-to-end benchmark (benches/e2e.rs): the same preloaded input through the passthrough
+# ceiling, the full product (Redis healthy, then on the PostgreSQL fallback) and the Kafka Streams
+# peer, one at a time; prints a table, writes target/bench/report.json. Sizes and switches:
+#   make bench BENCH_ARGS="--intents 20000 --consumers full,kafka-streams"   (--help lists them)
+# The pure sequencer has its own: cargo bench --bench sequencer
+BENCH_ARGS ?=
+bench: up release kstreams-peer
+	$(CARGO) bench --bench e2e -- $(BENCH_ARGS)
+
+# The same, plus the full backlog with two instances of the group on the box, and the peak RSS
+# of one instance that has seen 1,000,000 contacts (longer).
+bench-extras: up release kstreams-peer
+	$(CARGO) bench --bench e2e -- --scale-out --rss-contacts 1000000 $(BENCH_ARGS)
+
+# The Kafka Streams peer as one runnable jar (Maven; offline once ~/.m2 holds its dependencies).
+PEER_DIR := bench/peers/kafka-streams
+PEER_JAR := $(PEER_DIR)/target/causal-commit-kstreams.jar
+kstreams-peer: $(PEER_JAR)
+
+$(PEER_JAR): $(PEER_DIR)/pom.xml proto/causal_commit.proto $(shell find $(PEER_DIR)/src -type f)
+	mvn -q -B -Dstyle.color=never -f $(PEER_DIR)/pom.xml package
