@@ -98,9 +98,20 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// `config.kafka.group_id` names the group (Kafka Streams: its application id).
+    /// `config.kafka.group_id` names the group (Kafka Streams: its application id). The reader
+    /// never subscribes, so it does not join the group.
     pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let (reader, partitions) = causal_commit::demo::offsets_reader(config)?;
+        // read_uncommitted: librdkafka then fetches offsets without "require stable", which
+        // would wait out every pending transaction (back-to-back transactions starve it); the
+        // broker still answers with committed offsets only.
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &config.kafka.brokers)
+            .set("group.id", &config.kafka.group_id)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .context("creating the offsets reader")?;
+        let partitions = partitions(&reader, &config.kafka.intents_topic)?;
         Ok(Self {
             reader,
             topic: config.kafka.intents_topic.clone(),
