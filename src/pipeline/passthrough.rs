@@ -118,8 +118,7 @@ impl Passthrough {
                         if stopping {
                             break;
                         }
-                        // Keep serving the group protocol meanwhile.
-                        let _ = self.consumer.poll(Duration::from_secs(1));
+                        self.idle(Duration::from_secs(1));
                         continue;
                     }
                 }
@@ -136,6 +135,22 @@ impl Passthrough {
         tracing::info!("passthrough stopping: leaving the group");
         self.consumer.unsubscribe();
         Ok(())
+    }
+
+    /// Serves the group protocol for a while without taking records: a record polled meanwhile
+    /// is put back (its partition is rewound to it).
+    fn idle(&mut self, d: Duration) {
+        if let Some(Ok(msg)) = self.consumer.poll(d) {
+            let (p, o) = (msg.partition(), msg.offset());
+            drop(msg);
+            let timeout = self.config.kafka.operation_timeout;
+            if let Err(e) = self
+                .consumer
+                .seek(&self.intents, p, Offset::Offset(o), timeout)
+            {
+                tracing::warn!(partition = p, error = %e, "rewind failed");
+            }
+        }
     }
 
     /// Polls until the batch is full or old enough, like the engine. `None` when a revocation
