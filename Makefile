@@ -13,14 +13,16 @@ STACK := scripts/stack.sh
 # failing `env` stop the recipe (set -e), which `eval "$(...)"` alone would not.
 STACK_ENV = stack_env="$$(bash $(STACK) env)"; eval "$$stack_env"
 
-.PHONY: help up down status reset build release lint test test-fast demo bench check-deploy
+.PHONY: help up down status reset build release lint test test-fast demo bench bench-extras \
+	kstreams-peer check-deploy
 
 help:
 	@echo "make demo    - start the stack, run the processor on demo intents, print a summary"
 	@echo "make test    - start the stack, lint, run every test (what CI runs)"
 	@echo "make up | down | status | reset  - the project's own Kafka (PLAINTEXT + SASL_SSL), Redis"
 	@echo "                  (plain + TLS) and PostgreSQL; ports from CC_*_PORT (scripts/stack.sh env)"
-	@echo "make bench   - benchmarks that print figures"
+	@echo "make bench   - passthrough, full, fallback and Kafka Streams side by side (BENCH_ARGS=--help)"
+	@echo "make bench-extras - the same, plus two instances of the group and 1,000,000 contacts"
 	@echo "make check-deploy - offline checks of deploy/ (alerts, dashboard, image, compose, Kubernetes)"
 
 up:
@@ -59,8 +61,27 @@ demo: up release
 	    CAUSAL_COMMIT__POSTGRES__URL="$$CC_DATABASE_URL"; \
 	  bash scripts/demo.sh
 
-bench: up
-	$(STACK_ENV); $(CARGO) bench
+# The end-to-end benchmark (benches/e2e.rs): the same preloaded input through the passthrough
+# ceiling, the full product (Redis healthy, then on the PostgreSQL fallback) and the Kafka Streams
+# peer, one at a time; prints a table, writes target/bench/report.json. Sizes and switches:
+#   make bench BENCH_ARGS="--intents 20000 --consumers full,kafka-streams"   (--help lists them)
+# The pure sequencer has its own: cargo bench --bench sequencer
+BENCH_ARGS ?=
+bench: up release kstreams-peer
+	$(STACK_ENV); $(CARGO) bench --bench e2e -- $(BENCH_ARGS)
+
+# The same, plus the full backlog with two instances of the group on the box, and the peak RSS
+# of one instance that has seen 1,000,000 contacts (longer).
+bench-extras: up release kstreams-peer
+	$(STACK_ENV); $(CARGO) bench --bench e2e -- --scale-out --rss-contacts 1000000 $(BENCH_ARGS)
+
+# The Kafka Streams peer as one runnable jar (Maven; offline once ~/.m2 holds its dependencies).
+PEER_DIR := bench/peers/kafka-streams
+PEER_JAR := $(PEER_DIR)/target/causal-commit-kstreams.jar
+kstreams-peer: $(PEER_JAR)
+
+$(PEER_JAR): $(PEER_DIR)/pom.xml proto/causal_commit.proto $(shell find $(PEER_DIR)/src -type f)
+	mvn -q -B -Dstyle.color=never -f $(PEER_DIR)/pom.xml package
 
 # Offline checks of deploy/: promtool/amtool, PromQL, hadolint, compose and Kubernetes schemas.
 check-deploy:

@@ -46,6 +46,7 @@ pub struct Config {
     pub locks: LocksConfig,
     pub telemetry: TelemetryConfig,
     pub admin: AdminConfig,
+    pub bench: BenchConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -184,6 +185,16 @@ pub struct AdminConfig {
     /// Bearer token for the admin API; empty = admin API refuses every call.
     #[serde(serialize_with = "expose")]
     pub token: SecretString,
+}
+
+/// Benchmark switches (`make bench`); never on in production.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BenchConfig {
+    /// `run` copies every intents record (key, value, headers) to the side-effects topic in
+    /// transactions that carry the consumed offsets, batched like the engine, with sequencing,
+    /// PostgreSQL and Redis switched off: the throughput ceiling of the Kafka path alone.
+    pub passthrough: bool,
 }
 
 fn expose<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {

@@ -294,7 +294,8 @@ mod tests {
                 _ => i.correlation_id = bad.into(),
             }
             let key = i.contact_id.clone();
-            let err = decode(Some(key.as_bytes()), Some(&i.encode_to_vec()), &limits()).unwrap_err();
+            let err =
+                decode(Some(key.as_bytes()), Some(&i.encode_to_vec()), &limits()).unwrap_err();
             assert!(
                 matches!(err, InvalidIntent::ControlCharacter { field: f, .. } if f == field),
                 "{field}: {err}"

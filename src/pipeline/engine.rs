@@ -335,9 +335,9 @@ impl Engine {
                     self.set_paused(p, paused);
                 }
                 Err(e) => {
-                    let attempt = self
-                        .assignment
-                        .restore_failed(p, e.pause_cause(), Instant::now());
+                    let attempt =
+                        self.assignment
+                            .restore_failed(p, e.pause_cause(), Instant::now());
                     // A failure that repeats is logged at attempts 1, 2, 4, 8 ... not each time.
                     if attempt.is_power_of_two() {
                         tracing::warn!(
@@ -524,9 +524,9 @@ impl Engine {
             .collect();
         let now = Instant::now();
         for (p, part, e) in refused {
-            let verdict = self
-                .isolation
-                .failed(p, &part.offsets, part.next_offset, &e.to_string(), now);
+            let verdict =
+                self.isolation
+                    .failed(p, &part.offsets, part.next_offset, &e.to_string(), now);
             tracing::warn!(partition = p, verdict = ?verdict, error = %e, "isolating a record the durable store refuses");
             self.void_lane(p, PauseCause::Store);
             if let Verdict::BackOff { retry_at, .. } = verdict {
@@ -828,7 +828,10 @@ impl Engine {
         for (p, part) in plan.partitions {
             committed.push((p, part.fence, part.batch_no));
             if self.isolation.committed(p, part.next_offset) {
-                tracing::info!(partition = p, "isolation ended: the partition flows in full batches again");
+                tracing::info!(
+                    partition = p,
+                    "isolation ended: the partition flows in full batches again"
+                );
             }
             if let Some(lane) = self.lanes.get_mut(&p) {
                 lane.batch_no = part.batch_no;

@@ -152,7 +152,10 @@ mod tests {
         assert!(!iso.committed(2, 11));
         assert!(iso.quarantined(2, 11).is_some());
         assert!(!iso.committed(2, 12), "still below the failed batch's end");
-        assert!(iso.quarantined(2, 11).is_none(), "committed as UNPROCESSABLE");
+        assert!(
+            iso.quarantined(2, 11).is_none(),
+            "committed as UNPROCESSABLE"
+        );
         assert!(iso.committed(2, 13));
         assert!(!iso.is_isolating(2));
         assert!(!iso.committed(2, 14), "nothing left to end");

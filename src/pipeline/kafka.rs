@@ -237,6 +237,37 @@ impl TxnProducer {
         }
     }
 
+    /// Queues one record given by its parts, as they are (no key, no value, any header name):
+    /// what the benchmark's passthrough mode copies. Waits for room like [`Self::send`].
+    pub fn send_raw(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: Option<rdkafka::message::OwnedHeaders>,
+    ) -> Result<()> {
+        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
+        if let Some(h) = headers {
+            rec = rec.headers(h);
+        }
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    rec = back;
+                    self.producer.poll(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(classify(e)),
+            }
+        }
+    }
+
     /// Adds the consumed offsets (with the group's metadata, KIP-447) and commits.
     pub fn commit(
         &mut self,

@@ -7,6 +7,7 @@ pub mod isolation;
 pub mod kafka;
 pub mod lane;
 pub mod output;
+pub mod passthrough;
 pub mod read;
 pub mod report;
 pub mod restore;
@@ -23,6 +24,10 @@ use crate::store::lock_store::LockStore;
 /// the consumer leaves its group. The engine runs on a dedicated thread because librdkafka's
 /// transactional calls block.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Benchmark ceiling: no store is touched in that mode.
+    if config.bench.passthrough {
+        return passthrough::run(config, shutdown).await;
+    }
     let pool = crate::store::postgres::pool(&config.postgres)?;
     crate::store::postgres::migrate(&pool, &config.postgres.schema).await?;
     let locks = Arc::new(LockStore::new(&config, pool.clone())?);

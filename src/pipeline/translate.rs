@@ -255,11 +255,6 @@ pub fn invalid(
     error: &InvalidIntent,
     plan: &mut PartitionPlan,
 ) {
-    // What can still be read of a record that failed validation, for the audit.
-    let partial = record
-        .value
-        .as_deref()
-        .and_then(|v| ProtoIntent::decode(v).ok());
     let reason = Reason::InvalidIntent;
     let note = Note {
         invalid_kind: Some(error.kind()),
@@ -330,7 +325,8 @@ pub fn unprocessable(ctx: &Context<'_>, record: &InRecord, error: &str, plan: &m
         review: Some(reason),
         ..Note::default()
     };
-    let detail = format!("the durable write or the transaction fails for this record alone: {error}");
+    let detail =
+        format!("the durable write or the transaction fails for this record alone: {error}");
     reject_record(ctx, record, reason, &detail, note, plan);
 }
 

@@ -224,7 +224,9 @@ pub async fn try_batch(
         .execute(&mut *tx)
         .await
         .map_err(db("trying a batch write"));
-    tx.rollback().await.map_err(db("rolling a trial write back"))?;
+    tx.rollback()
+        .await
+        .map_err(db("rolling a trial write back"))?;
     result.map(|_| ())
 }
 

@@ -12,7 +12,8 @@ pub mod outcomes;
 pub mod partition;
 
 pub use batch::{
-    apply_batch, try_batch, AppliedCommand, BatchWrite, ContactRow, PartitionWrite, Transition, TransitionRow,
+    apply_batch, try_batch, AppliedCommand, BatchWrite, ContactRow, PartitionWrite, Transition,
+    TransitionRow,
 };
 pub use commands::{audit_admin, command_result, pending_commands, submit_release, Command};
 pub use outcomes::{lookup_outcomes, StoredOutcome};
@@ -114,14 +115,15 @@ impl Error {
     /// 22), a constraint (23), a row touched twice by one statement (21), a size limit (54).
     /// The same write fails the same way every time, so it is isolated rather than retried.
     pub fn is_data_error(&self) -> bool {
-        self.sqlstate()
-            .is_some_and(|code| is_data_sqlstate(&code))
+        self.sqlstate().is_some_and(|code| is_data_sqlstate(&code))
     }
 }
 
 /// See [`Error::is_data_error`].
 pub fn is_data_sqlstate(code: &str) -> bool {
-    ["21", "22", "23", "54"].iter().any(|class| code.starts_with(class))
+    ["21", "22", "23", "54"]
+        .iter()
+        .any(|class| code.starts_with(class))
 }
 
 #[cfg(test)]
@@ -132,7 +134,9 @@ mod tests {
             assert!(super::is_data_sqlstate(code), "{code}");
         }
         // Outages, timeouts, fencing and our own sequence check are not data errors.
-        for code in ["08006", "57014", "53100", "40001", "CC001", "CC003", "XX000"] {
+        for code in [
+            "08006", "57014", "53100", "40001", "CC001", "CC003", "XX000",
+        ] {
             assert!(!super::is_data_sqlstate(code), "{code}");
         }
     }

@@ -1,0 +1,313 @@
+//! The harness's own Kafka clients: topic admin, the group's committed offsets (progress), the
+//! fixed-rate producer of the latency phases and the read_committed observer.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use prost::Message as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use causal_commit::config::Config;
+use causal_commit::proto::{Intent, SideEffect};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn admin(brokers: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?)
+}
+
+pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> anyhow::Result<()> {
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));
+    for r in admin(brokers)?.create_topics(&new, &opts).await? {
+        if let Err((topic, e)) = r {
+            bail!("creating topic {topic} failed: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Deletes every topic whose name starts with `prefix` (the world's own topics, Kafka Streams'
+/// changelogs included) and, best effort, the given consumer groups.
+pub async fn delete_world(brokers: &str, prefix: &str, groups: &[String]) -> anyhow::Result<()> {
+    let admin = admin(brokers)?;
+    let md = admin
+        .inner()
+        .fetch_metadata(None, TIMEOUT)
+        .context("listing topics")?;
+    let names: Vec<String> = md
+        .topics()
+        .iter()
+        .map(|t| t.name().to_string())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));
+    if !names.is_empty() {
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        for r in admin.delete_topics(&refs, &opts).await? {
+            if let Err((topic, e)) = r {
+                eprintln!("bench: deleting topic {topic} failed: {e}");
+            }
+        }
+    }
+    let refs: Vec<&str> = groups.iter().map(String::as_str).collect();
+    // A static member stays in its group for its session timeout: deleting may be refused;
+    // an empty group without offsets expires by itself.
+    let _ = admin.delete_groups(&refs, &opts).await;
+    Ok(())
+}
+
+fn partitions(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
+    let md = consumer
+        .fetch_metadata(Some(topic), TIMEOUT)
+        .with_context(|| format!("metadata of {topic}"))?;
+    Ok(md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
+}
+
+/// Sum of the high watermarks of `topic` (records produced so far, non-transactional input).
+pub fn end_offsets(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<i64> {
+    let mut sum = 0;
+    for p in partitions(consumer, topic)? {
+        sum += consumer.fetch_watermarks(topic, p, TIMEOUT)?.1;
+    }
+    Ok(sum)
+}
+
+/// Reads what a consumer group has committed on the intents topic, without joining it.
+pub struct Progress {
+    reader: BaseConsumer,
+    topic: String,
+    partitions: Vec<i32>,
+}
+
+impl Progress {
+    /// `config.kafka.group_id` names the group (Kafka Streams: its application id). The reader
+    /// never subscribes, so it does not join the group.
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        // read_uncommitted: librdkafka then fetches offsets without "require stable", which
+        // would wait out every pending transaction (back-to-back transactions starve it); the
+        // broker still answers with committed offsets only.
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &config.kafka.brokers)
+            .set("group.id", &config.kafka.group_id)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .context("creating the offsets reader")?;
+        let partitions = partitions(&reader, &config.kafka.intents_topic)?;
+        Ok(Self {
+            reader,
+            topic: config.kafka.intents_topic.clone(),
+            partitions,
+        })
+    }
+
+    /// Records committed by the group (sum over partitions).
+    pub fn committed(&self) -> anyhow::Result<i64> {
+        let mut tpl = TopicPartitionList::new();
+        for p in &self.partitions {
+            tpl.add_partition(&self.topic, *p);
+        }
+        let committed = self.reader.committed_offsets(tpl, TIMEOUT)?;
+        Ok(committed
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .sum())
+    }
+
+    pub fn end(&self) -> anyhow::Result<i64> {
+        end_offsets(&self.reader, &self.topic)
+    }
+}
+
+/// How the fixed-rate production went.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Produced {
+    pub records: usize,
+    pub planned_s: f64,
+    pub took_s: f64,
+}
+
+/// Produces `intents` at `rate` per second (0 = as fast as possible), one idempotent producer
+/// (so each partition receives them in generation order), stamping `created_at_ms` at send
+/// time.
+pub fn produce_at_rate(
+    brokers: &str,
+    topic: &str,
+    intents: Vec<Intent>,
+    rate: f64,
+) -> anyhow::Result<Produced> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("client.id", "causal-commit-bench-live")
+        .create()
+        .context("creating the live producer")?;
+    let records = intents.len();
+    let started = Instant::now();
+    for (i, mut intent) in intents.into_iter().enumerate() {
+        if rate > 0.0 {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            let now = Instant::now();
+            if due > now + Duration::from_millis(1) {
+                std::thread::sleep(due - now);
+            }
+        }
+        intent.created_at_ms = now_ms();
+        let value = intent.encode_to_vec();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "correlation_id",
+            value: Some(intent.correlation_id.as_bytes()),
+        });
+        let mut record = BaseRecord::to(topic)
+            .key(intent.contact_id.as_bytes())
+            .payload(&value)
+            .headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(1));
+                }
+                Err((e, _)) => bail!("queueing a live intent failed: {e}"),
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60))?;
+    Ok(Produced {
+        records,
+        planned_s: if rate > 0.0 {
+            records as f64 / rate
+        } else {
+            0.0
+        },
+        took_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// What the side-effects topic carries: effects, or (passthrough) the intents themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carried {
+    Effects,
+    Intents,
+}
+
+/// A read_committed consumer positioned at the current end of the side-effects topic, so it
+/// sees exactly what is committed from now on.
+pub fn observer(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("causal-commit-bench-observer-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .context("creating the observer")?;
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions(&consumer, topic)? {
+        let (_, high) = consumer.fetch_watermarks(topic, p, TIMEOUT)?;
+        tpl.add_partition_offset(topic, p, Offset::Offset(high))?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+/// Receives committed records until `expected` of those whose intent id starts with `prefix`
+/// were seen, or `within` passed; returns their latencies (receipt - created_at_ms), in ms.
+pub fn observe(
+    consumer: &BaseConsumer,
+    carried: Carried,
+    prefix: &str,
+    expected: usize,
+    within: Duration,
+) -> Vec<i64> {
+    let deadline = Instant::now() + within;
+    let mut latencies = Vec::with_capacity(expected);
+    while latencies.len() < expected && Instant::now() < deadline {
+        let Some(Ok(msg)) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let received = now_ms();
+        let Some(value) = msg.payload() else {
+            continue;
+        };
+        let decoded = match carried {
+            Carried::Effects => SideEffect::decode(value)
+                .ok()
+                .map(|e| (e.intent_id, e.created_at_ms)),
+            Carried::Intents => Intent::decode(value)
+                .ok()
+                .map(|i| (i.intent_id, i.created_at_ms)),
+        };
+        if let Some((id, created)) = decoded {
+            if id.starts_with(prefix) {
+                latencies.push(received - created);
+            }
+        }
+    }
+    latencies
+}
+
+/// Committed records on the output topics at the end of a run.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct OutputCounts {
+    pub effects: usize,
+    pub distinct_effects: usize,
+    pub reviews: usize,
+}
+
+pub fn count_outputs(config: &Config, carried: Carried) -> anyhow::Result<OutputCounts> {
+    let mut counts = OutputCounts::default();
+    let mut ids: HashMap<String, ()> = HashMap::new();
+    causal_commit::pipeline::read::read_topic(config, &config.kafka.side_effects_topic, |r| {
+        let Some(value) = r.value else {
+            return Ok(());
+        };
+        counts.effects += 1;
+        let id = match carried {
+            Carried::Effects => SideEffect::decode(value).map(|e| e.intent_id),
+            Carried::Intents => Intent::decode(value).map(|i| i.intent_id),
+        };
+        if let Ok(id) = id {
+            ids.insert(id, ());
+        }
+        Ok(())
+    })?;
+    counts.distinct_effects = ids.len();
+    causal_commit::pipeline::read::read_topic(config, &config.kafka.manual_review_topic, |_| {
+        counts.reviews += 1;
+        Ok(())
+    })?;
+    Ok(counts)
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

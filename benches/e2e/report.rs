@@ -1,0 +1,287 @@
+//! Figures from raw samples, the JSON report and the Markdown table. Pure functions.
+
+use serde::Serialize;
+
+use super::kafka_io::{OutputCounts, Produced};
+use super::stores::PgCounters;
+
+/// One look at a consumer while it works through the preloaded backlog.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Seconds since the consumer process was started.
+    pub t: f64,
+    /// Input records committed by its group.
+    pub committed: i64,
+    /// CPU seconds used by the consumer process(es).
+    pub cpu: f64,
+    /// Busy CPU seconds of the whole machine.
+    pub machine_cpu: f64,
+}
+
+/// Throughput figures of one backlog run.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Throughput {
+    /// Records in the backlog.
+    pub intents: i64,
+    /// Process start -> first committed offset (JVM, group join, restore, first batch).
+    pub startup_s: f64,
+    /// Process start -> every record committed.
+    pub catch_up_s: f64,
+    /// Steady state: records committed per second within `window`.
+    pub intents_per_s: f64,
+    /// First committed offset -> every record committed.
+    pub overall_per_s: f64,
+    /// CPU seconds of the consumer process(es) per 1,000 intents within `window`.
+    pub cpu_s_per_1k: f64,
+    /// Busy CPU seconds of the whole machine per 1,000 intents within `window`: the consumer
+    /// plus what it drives (broker, PostgreSQL, Redis) plus the harness and any other load.
+    pub machine_cpu_s_per_1k: f64,
+    /// The samples the steady state is measured between: "10%-90%" of the backlog; or, for a
+    /// backlog too small to resolve, "first-last commit", or "start-last commit" (a lower bound).
+    pub window: &'static str,
+}
+
+pub fn throughput(samples: &[Sample], total: i64) -> Throughput {
+    let first = samples.iter().position(|s| s.committed > 0);
+    let done = samples.iter().position(|s| s.committed >= total);
+    let at = |fraction: f64| {
+        let mark = ((total as f64 * fraction).ceil() as i64).max(1);
+        samples.iter().position(|s| s.committed >= mark)
+    };
+    let mut out = Throughput {
+        intents: total,
+        startup_s: first.map_or(0.0, |i| samples[i].t),
+        catch_up_s: done.map_or(0.0, |i| samples[i].t),
+        ..Throughput::default()
+    };
+    let (Some(first), Some(done)) = (first, done) else {
+        return out;
+    };
+    let rate = |a: usize, b: usize| {
+        let (a, b) = (samples[a], samples[b]);
+        (b.committed - a.committed) as f64 / (b.t - a.t)
+    };
+    if done > first {
+        out.overall_per_s = rate(first, done);
+    }
+    let window = match (at(0.1), at(0.9)) {
+        (Some(a), Some(b)) if b > a => Some((a, b, "10%-90%")),
+        _ if done > first => Some((first, done, "first-last commit")),
+        // Everything committed between two samples: from the last one without a commit.
+        _ => first.checked_sub(1).map(|a| (a, done, "start-last commit")),
+    };
+    if let Some((a, b, name)) = window {
+        let records = (samples[b].committed - samples[a].committed).max(1) as f64;
+        out.intents_per_s = rate(a, b);
+        out.cpu_s_per_1k = (samples[b].cpu - samples[a].cpu) / records * 1000.0;
+        out.machine_cpu_s_per_1k =
+            (samples[b].machine_cpu - samples[a].machine_cpu) / records * 1000.0;
+        out.window = name;
+    }
+    out
+}
+
+/// Latency of one fixed-rate phase: intent created -> effect received by the observer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// Intents per second produced while the consumer ran.
+    pub offered_per_s: f64,
+    pub intents: usize,
+    /// Effects of those intents the observer received (should equal `intents`).
+    pub observed: usize,
+    pub p50_ms: i64,
+    pub p99_ms: i64,
+    pub max_ms: i64,
+    pub produced: Produced,
+}
+
+pub fn latency(offered: f64, produced: Produced, mut ms: Vec<i64>) -> Latency {
+    ms.sort_unstable();
+    let pick = |q: f64| {
+        if ms.is_empty() {
+            return 0;
+        }
+        let rank = ((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len());
+        ms[rank - 1]
+    };
+    Latency {
+        offered_per_s: offered,
+        intents: produced.records,
+        observed: ms.len(),
+        p50_ms: pick(0.50),
+        p99_ms: pick(0.99),
+        max_ms: ms.last().copied().unwrap_or(0),
+        produced,
+    }
+}
+
+/// PostgreSQL writes per intent over a whole consumer run (backlog and latency phases).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PgPerIntent {
+    /// Intents the run processed (the divisor).
+    pub intents: i64,
+    /// `pg_stat_database` rows inserted + updated + deleted (database wide).
+    pub rows_per_intent: f64,
+    /// The same, counted on the run's own schema only (`pg_stat_user_tables`).
+    pub schema_rows_per_intent: f64,
+    /// `pg_current_wal_lsn()` delta (cluster wide).
+    pub wal_bytes_per_intent: f64,
+    pub raw: PgCounters,
+}
+
+pub fn pg_per_intent(delta: PgCounters, intents: i64) -> PgPerIntent {
+    let n = intents.max(1) as f64;
+    PgPerIntent {
+        intents,
+        rows_per_intent: delta.db_rows as f64 / n,
+        schema_rows_per_intent: delta.schema_rows as f64 / n,
+        wal_bytes_per_intent: delta.wal_bytes as f64 / n,
+        raw: delta,
+    }
+}
+
+/// Everything measured about one consumer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerReport {
+    pub name: String,
+    pub instances: usize,
+    pub throughput: Throughput,
+    pub latency_full_speed: Option<Latency>,
+    pub latency_half_speed: Option<Latency>,
+    pub cpu_s_total: f64,
+    /// Highest VmHWM of the consumer process(es), MiB.
+    pub peak_rss_mib: f64,
+    /// Zero for the consumers that do not use PostgreSQL.
+    pub pg: PgPerIntent,
+    pub outputs: OutputCounts,
+    pub expected_effects: i64,
+    /// Every intent has exactly one effect and nothing went to review.
+    pub outputs_ok: bool,
+    pub log: String,
+    /// (seconds since start, records committed) on the backlog, at most 300 points.
+    pub progress: Vec<(f64, i64)>,
+}
+
+/// The backlog's progress curve, thinned to at most `max` points (first and last kept).
+pub fn progress(samples: &[Sample], max: usize) -> Vec<(f64, i64)> {
+    let step = samples.len().div_ceil(max.max(2)).max(1);
+    let mut out: Vec<(f64, i64)> = samples
+        .iter()
+        .step_by(step)
+        .map(|s| ((s.t * 1000.0).round() / 1000.0, s.committed))
+        .collect();
+    if let Some(last) = samples.last() {
+        if out.last().map(|p| p.0) != Some((last.t * 1000.0).round() / 1000.0) {
+            out.push(((last.t * 1000.0).round() / 1000.0, last.committed));
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratios {
+    /// Contract: at least 2.
+    pub full_over_kafka_streams: Option<f64>,
+    /// Contract: at least 0.5.
+    pub full_over_passthrough: Option<f64>,
+    pub fallback_over_full: Option<f64>,
+    /// Two instances of the group on the box, over one.
+    pub full_two_instances_over_one: Option<f64>,
+}
+
+pub fn ratios(consumers: &[ConsumerReport], two: Option<&ConsumerReport>) -> Ratios {
+    let rate = |name: &str| {
+        consumers
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.throughput.intents_per_s)
+            .filter(|r| *r > 0.0)
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    Ratios {
+        full_over_kafka_streams: ratio(rate("full"), rate("kafka-streams")),
+        full_over_passthrough: ratio(rate("full"), rate("passthrough")),
+        fallback_over_full: ratio(rate("fallback"), rate("full")),
+        full_two_instances_over_one: ratio(two.map(|c| c.throughput.intents_per_s), rate("full")),
+    }
+}
+
+/// Peak RSS of one instance that knows many contacts.
+#[derive(Debug, Clone, Serialize)]
+pub struct ManyContacts {
+    pub contacts: usize,
+    pub peak_rss_mib: f64,
+    pub throughput: Throughput,
+    pub outputs_ok: bool,
+}
+
+fn lat(l: &Option<Latency>) -> String {
+    match l {
+        Some(l) if l.observed == l.intents => format!(
+            "{} / {} / {} @ {:.0}/s",
+            l.p50_ms, l.p99_ms, l.max_ms, l.offered_per_s
+        ),
+        Some(l) => format!(
+            "{} / {} / {} @ {:.0}/s ({} of {} seen)",
+            l.p50_ms, l.p99_ms, l.max_ms, l.offered_per_s, l.observed, l.intents
+        ),
+        None => "-".into(),
+    }
+}
+
+pub fn markdown(consumers: &[ConsumerReport], two: Option<&ConsumerReport>, r: &Ratios) -> String {
+    let mut s = String::new();
+    s.push_str(
+        "| consumer | start-up s | intents/s | latency ms p50 / p99 / max, full speed | \
+         latency ms p50 / p99 / max, half speed | CPU s / 1k intents (process, machine) | \
+         peak RSS MiB | PG rows / intent (schema, db) | PG WAL bytes / intent | outputs |\n",
+    );
+    s.push_str("|---|---:|---:|---|---|---:|---:|---:|---:|---|\n");
+    for c in consumers.iter().chain(two) {
+        let pg = if c.pg.intents > 0 {
+            (
+                format!(
+                    "{:.2}, {:.2}",
+                    c.pg.schema_rows_per_intent, c.pg.rows_per_intent
+                ),
+                format!("{:.0}", c.pg.wal_bytes_per_intent),
+            )
+        } else {
+            ("0".into(), "0".into())
+        };
+        let name = if c.instances > 1 {
+            format!("{} ×{}", c.name, c.instances)
+        } else {
+            c.name.clone()
+        };
+        s.push_str(&format!(
+            "| {name} | {:.2} | {:.0} | {} | {} | {:.3}, {:.3} | {:.0} | {} | {} | {} |\n",
+            c.throughput.startup_s,
+            c.throughput.intents_per_s,
+            lat(&c.latency_full_speed),
+            lat(&c.latency_half_speed),
+            c.throughput.cpu_s_per_1k,
+            c.throughput.machine_cpu_s_per_1k,
+            c.peak_rss_mib,
+            pg.0,
+            pg.1,
+            if c.outputs_ok { "ok" } else { "MISMATCH" },
+        ));
+    }
+    let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    s.push_str(&format!(
+        "\nfull / kafka-streams = {} (contract: >= 2) · full / passthrough = {} (contract: >= 0.5) \
+         · fallback / full = {}",
+        f(r.full_over_kafka_streams),
+        f(r.full_over_passthrough),
+        f(r.fallback_over_full)
+    ));
+    if r.full_two_instances_over_one.is_some() {
+        s.push_str(&format!(
+            " · full ×2 instances / ×1 = {}",
+            f(r.full_two_instances_over_one)
+        ));
+    }
+    s.push('\n');
+    s
+}
