@@ -4,12 +4,11 @@
 //! another instance's fallback.
 //!
 //! Every test has its own PostgreSQL schema and Redis key prefix. Tests that stop, freeze or
-//! flush Redis take a process-wide lock exclusively (and restart / wait for Redis at the end,
-//! even on failure); the others take it shared, so they never run while Redis is disrupted.
+//! flush Redis hold the stack exclusively (and restart / wait for Redis at the end, even on
+//! failure); the others hold it shared, so they never run while Redis is disrupted.
 
-mod common;
-
-use common::process::{self as process, freeze_redis};
+use crate::common::process::{self as process, freeze_redis};
+use crate::common::{database_url, redis_url, unique};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -23,24 +22,7 @@ use causal_commit::store::postgres::{
 use causal_commit::store::redis as raw;
 use sqlx::PgPool;
 
-static REDIS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-
 const TOPIC: &str = "intents";
-
-fn redis_url() -> String {
-    std::env::var("CC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
-}
-
-fn database_url() -> String {
-    std::env::var("CC_DATABASE_URL").unwrap_or_else(|_| {
-        "postgres://causal_commit:causal_commit@127.0.0.1:5440/causal_commit".into()
-    })
-}
-
-fn unique(name: &str) -> String {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    format!("{name}_{}", &id[..12])
-}
 
 fn logs() {
     let _ = tracing_subscriber::fmt()
@@ -262,7 +244,7 @@ impl Drop for RestartRedis {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookup_is_one_redis_round_trip_and_matches_postgres() {
-    let _shared = REDIS.read().await;
+    let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_fast", |_| {}).await;
     let store = w.store();
     in_sync(&store).await;
@@ -328,7 +310,7 @@ async fn lookup_is_one_redis_round_trip_and_matches_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_exclude_a_second_owner_until_release_or_expiry_and_fencing_rejects_stale_tokens() {
-    let _shared = REDIS.read().await;
+    let _shared = crate::common::shared_stack().await;
     let w = World::new("ls_locks", |_| {}).await;
     let store = w.store();
     let lease = Duration::from_secs(5);
@@ -446,7 +428,7 @@ async fn locks_exclude_a_second_owner_until_release_or_expiry_and_fencing_reject
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_falls_back_to_postgres_and_fails_back_with_the_fallback_outcomes() {
-    let _exclusive = REDIS.write().await;
+    let _exclusive = crate::common::exclusive_stack().await;
     let mut w = World::new("ls_down", |_| {}).await;
     let store = w.store();
     in_sync(&store).await;
@@ -547,7 +529,7 @@ async fn redis_stopped_falls_back_to_postgres_and_fails_back_with_the_fallback_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_redis_opens_the_breaker_and_failback_never_trusts_stale_entries() {
-    let _exclusive = REDIS.write().await;
+    let _exclusive = crate::common::exclusive_stack().await;
     let mut w = World::new("ls_slow", |c| {
         c.redis.command_timeout = Duration::from_millis(250);
         c.redis.breaker_open_for = Duration::from_secs(1);
@@ -645,7 +627,7 @@ async fn slow_redis_opens_the_breaker_and_failback_never_trusts_stale_entries() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_through_that_times_out_trips_at_once_and_never_lands_late() {
-    let _exclusive = REDIS.write().await;
+    let _exclusive = crate::common::exclusive_stack().await;
     let mut w = World::new("ls_late", |c| {
         c.redis.command_timeout = Duration::from_millis(250);
         c.redis.breaker_open_for = Duration::from_secs(3);
@@ -700,7 +682,7 @@ async fn a_write_through_that_times_out_trips_at_once_and_never_lands_late() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushall_makes_redis_out_of_sync_until_resynchronised() {
-    let _exclusive = REDIS.write().await;
+    let _exclusive = crate::common::exclusive_stack().await;
     let mut w = World::new("ls_flush", |_| {}).await;
     let store = w.store();
     in_sync(&store).await;
@@ -742,7 +724,7 @@ async fn flushall_makes_redis_out_of_sync_until_resynchronised() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_from_the_url_works_and_a_wrong_password_falls_back() {
-    let _shared = REDIS.read().await;
+    let _shared = crate::common::shared_stack().await;
     let w = World::new("ls_auth", |_| {}).await;
     let user = format!("cc_{}", &w.config.postgres.schema[8..]);
     let password = "s3cret-pw";
@@ -793,7 +775,7 @@ async fn auth_from_the_url_works_and_a_wrong_password_falls_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_restored_rewrites_a_batch_committed_without_its_write_through() {
-    let _shared = REDIS.read().await;
+    let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_crash", |_| {}).await;
     let store = w.store();
     in_sync(&store).await;
@@ -823,7 +805,7 @@ async fn partition_restored_rewrites_a_batch_committed_without_its_write_through
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_instance_in_fallback_keeps_redis_untrusted_until_it_is_resynchronised() {
-    let _shared = REDIS.read().await;
+    let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_multi", |_| {}).await;
     let healthy = w.store();
     in_sync(&healthy).await;
@@ -907,7 +889,7 @@ async fn another_instance_in_fallback_keeps_redis_untrusted_until_it_is_resynchr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_epoch_key_from_another_server_incarnation_is_not_trusted() {
-    let _shared = REDIS.read().await;
+    let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_runid", |_| {}).await;
     let store = w.store();
     in_sync(&store).await;

@@ -1,12 +1,10 @@
 //! The contract verifier against the real broker and PostgreSQL: a clean run passes with exact
 //! counts, and every kind of violation is found and counted.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -38,9 +36,8 @@ fn reasons(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
 
 /// The CLI on `config`'s world: (exit code, report parsed from stdout).
 fn cli_verify(config: &Config, prefix: &str) -> (Option<i32>, Report) {
-    let out = std::process::Command::new(process::binary())
+    let out = process::command(config)
         .args(["verify", "--prefix", prefix])
-        .envs(process::env_for(config))
         .env("RUST_LOG", "warn")
         .output()
         .expect("run causal-commit verify");

@@ -4,21 +4,17 @@
 //!
 //! These tests stop shared services, so they run one at a time (a process-wide lock).
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::process::{read_log, stack, Processor};
-use common::*;
+use crate::common::process::{read_log, stack, Processor};
+use crate::common::*;
 
 use causal_commit::config::Config;
 use causal_commit::demo::{self, ProduceOptions};
 use causal_commit::verify::{self, Report};
 use secrecy::ExposeSecret as _;
-
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn workload(count: usize, contacts: usize, rate: u32, prefix: &str) -> ProduceOptions {
     ProduceOptions {
@@ -102,8 +98,7 @@ fn first_transition_after(log: &std::path::Path, started: Instant, within: Durat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_recovery_kill_9_mid_stream_loses_and_duplicates_nothing() {
-    let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("crash", 6).await;
+    let env = TestEnv::exclusive("crash", 6).await;
     let cfg = env.config.clone();
     // 50,000 intents over 5,000 contacts, arriving over ~40 s from 4 concurrent producers.
     let producing = produce_in_background(&cfg, workload(50_000, 5_000, 1_250, "k"));
@@ -136,8 +131,7 @@ async fn crash_recovery_kill_9_mid_stream_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalance_second_instance_joins_and_leaves_mid_stream() {
-    let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("rebalance", 6).await;
+    let env = TestEnv::exclusive("rebalance", 6).await;
     let cfg = env.config.clone();
     let producing = produce_in_background(&cfg, workload(20_000, 2_000, 1_000, "r"));
     let a = Processor::spawn(&cfg, log_path(&env, "a"));
@@ -162,8 +156,7 @@ async fn rebalance_second_instance_joins_and_leaves_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_20s_pauses_then_resumes_with_no_effect_without_record() {
-    let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("pgdown", 4).await;
+    let env = TestEnv::exclusive("pgdown", 4).await;
     let cfg = env.config.clone();
     let producing = produce_in_background(&cfg, workload(15_000, 1_500, 500, "p"));
     let proc = Processor::spawn(&cfg, log_path(&env, "run"));
@@ -243,8 +236,7 @@ impl Drop for RedisBack {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_evidence_3_redis_failure_falls_back_to_db() {
-    let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("seed3", 4).await;
+    let env = TestEnv::exclusive("seed3", 4).await;
     let cfg = env.config.clone();
     let log = log_path(&env, "run");
     let proc = Processor::spawn(&cfg, log.clone());
@@ -307,8 +299,7 @@ async fn seed_evidence_3_redis_failure_falls_back_to_db() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_flushall_mid_stream_produces_no_duplicate_effect() {
-    let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("flush", 4).await;
+    let env = TestEnv::exclusive("flush", 4).await;
     let cfg = env.config.clone();
     let proc = Processor::spawn(&cfg, log_path(&env, "run"));
     demo::produce(&cfg, &workload(6_000, 600, 0, "f"))
@@ -332,8 +323,7 @@ async fn redis_flushall_mid_stream_produces_no_duplicate_effect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_slow_opens_the_breaker_and_processing_goes_on() {
-    let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("slow", 4).await;
+    let env = TestEnv::exclusive("slow", 4).await;
     let cfg = env.config.clone();
     let log = log_path(&env, "run");
     let proc = Processor::spawn(&cfg, log.clone());
@@ -342,7 +332,7 @@ async fn redis_slow_opens_the_breaker_and_processing_goes_on() {
     let before = effects_now(&cfg).await;
     let freeze_started = Instant::now();
     {
-        let _frozen = common::process::freeze_redis(4_000).await;
+        let _frozen = crate::common::process::freeze_redis(4_000).await;
         // Commands time out after 250 ms; three failures open the breaker.
         let deadline = Instant::now() + Duration::from_secs(3);
         while !mode_changes(&log).contains(&"postgres".to_string()) {
@@ -371,8 +361,7 @@ async fn redis_slow_opens_the_breaker_and_processing_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zombie_paused_past_its_lease_cannot_write_after_it_resumes() {
-    let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("zombie", 4).await;
+    let env = TestEnv::exclusive("zombie", 4).await;
     let cfg = env.config.clone();
     let producing = produce_in_background(&cfg, workload(12_000, 1_200, 300, "z"));
     let a = Processor::spawn(&cfg, log_path(&env, "a"));
@@ -473,8 +462,7 @@ fn fence_processor(config: &Config) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_batches_log_and_count_each_transition_once_after_its_commit() {
-    let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("r8", 4).await;
+    let env = TestEnv::exclusive("r8", 4).await;
     let mut cfg = env.config.clone();
     let port = free_port();
     cfg.telemetry.metrics_listen = format!("127.0.0.1:{port}");

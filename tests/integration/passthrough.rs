@@ -3,8 +3,6 @@
 //! as they are, the group's offsets end at the end of the input, across a stop and a restart,
 //! and no store is touched (PostgreSQL and Redis point at closed ports).
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -14,8 +12,8 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::common::*;
 use causal_commit::config::Config;
-use common::*;
 
 /// Key, value, headers (in order).
 type Rec = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Vec<u8>)>);

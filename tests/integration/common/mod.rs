@@ -1,8 +1,6 @@
 //! Shared harness of the integration tests: each test gets its own topics, consumer group and
 //! PostgreSQL schema on the real local stack (`scripts/stack.sh up`), and an in-process engine.
 
-#![allow(dead_code)]
-
 pub mod process;
 
 use std::collections::HashMap;
@@ -41,15 +39,48 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", &id[..12])
 }
 
-/// A test's private world: topic names, group, schema, instance id.
+/// Tests share the stack; one that disrupts it (stops, freezes or flushes a service, or loads
+/// the machine heavily) holds it exclusively. Fair: a waiting exclusive holder goes before
+/// later shared ones.
+static STACK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// A hold on the shared stack, released when dropped.
+pub enum StackGuard {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
+/// Uses the stack alongside other tests.
+pub async fn shared_stack() -> StackGuard {
+    StackGuard::Shared(STACK.read().await)
+}
+
+/// Uses the stack alone (to stop, freeze or flush a service, or to load the machine).
+pub async fn exclusive_stack() -> StackGuard {
+    StackGuard::Exclusive(STACK.write().await)
+}
+
+/// A test's private world: topic names, group, schema, instance id — and its hold on the
+/// shared stack for as long as it lives.
 pub struct TestEnv {
     pub config: Config,
     pub name: String,
+    _stack: StackGuard,
 }
 
 impl TestEnv {
-    /// Creates fresh topics (`partitions` for intents and effects) and a config that uses them.
+    /// Creates fresh topics (`partitions` for intents and effects) and a config that uses them,
+    /// alongside other tests.
     pub async fn new(name: &str, partitions: i32) -> Self {
+        Self::with_stack(name, partitions, shared_stack().await).await
+    }
+
+    /// The same, for a test that disrupts the stack or loads the machine: it runs alone.
+    pub async fn exclusive(name: &str, partitions: i32) -> Self {
+        Self::with_stack(name, partitions, exclusive_stack().await).await
+    }
+
+    async fn with_stack(name: &str, partitions: i32, stack: StackGuard) -> Self {
         let id = unique(name);
         let mut config = Config {
             instance_id: format!("{id}-a"),
@@ -80,7 +111,11 @@ impl TestEnv {
             ],
         )
         .await;
-        Self { config, name: id }
+        Self {
+            config,
+            name: id,
+            _stack: stack,
+        }
     }
 
     pub fn config(&self) -> Arc<Config> {

@@ -5,68 +5,27 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use causal_commit::config::Config;
-use secrecy::ExposeSecret;
 
-/// Environment overrides that point the binary at `config`'s world.
-pub fn env_for(config: &Config) -> Vec<(String, String)> {
-    let k = &config.kafka;
-    let env = vec![
-        ("INSTANCE_ID", config.instance_id.clone()),
-        ("KAFKA__BROKERS", k.brokers.clone()),
-        ("KAFKA__GROUP_ID", k.group_id.clone()),
-        ("KAFKA__INTENTS_TOPIC", k.intents_topic.clone()),
-        ("KAFKA__SIDE_EFFECTS_TOPIC", k.side_effects_topic.clone()),
-        ("KAFKA__MANUAL_REVIEW_TOPIC", k.manual_review_topic.clone()),
-        (
-            "KAFKA__TRANSACTION_TIMEOUT",
-            humantime::format_duration(k.transaction_timeout).to_string(),
-        ),
-        (
-            "KAFKA__OPERATION_TIMEOUT",
-            humantime::format_duration(k.operation_timeout).to_string(),
-        ),
-        (
-            "BATCH__MAX_LINGER",
-            humantime::format_duration(config.batch.max_linger).to_string(),
-        ),
-        ("BATCH__MAX_RECORDS", config.batch.max_records.to_string()),
-        (
-            "SEQUENCER__WAIT_TIMEOUT",
-            humantime::format_duration(config.sequencer.wait_timeout).to_string(),
-        ),
-        (
-            "LOCKS__LEASE",
-            humantime::format_duration(config.locks.lease).to_string(),
-        ),
-        (
-            "POSTGRES__URL",
-            config.postgres.url.expose_secret().to_string(),
-        ),
-        ("POSTGRES__SCHEMA", config.postgres.schema.clone()),
-        ("REDIS__URL", config.redis.url.expose_secret().to_string()),
-        ("REDIS__KEY_PREFIX", config.redis.key_prefix.clone()),
-        (
-            "REDIS__COMMAND_TIMEOUT",
-            humantime::format_duration(config.redis.command_timeout).to_string(),
-        ),
-        (
-            "REDIS__BREAKER_OPEN_FOR",
-            humantime::format_duration(config.redis.breaker_open_for).to_string(),
-        ),
-        (
-            "TELEMETRY__METRICS_LISTEN",
-            config.telemetry.metrics_listen.clone(),
-        ),
-        ("TELEMETRY__LOG_FORMAT", "json".into()),
-        ("ADMIN__LISTEN", config.admin.listen.clone()),
-    ];
-    assert!(
-        k.client.is_empty(),
-        "kafka.client cannot travel through the environment"
-    );
-    env.into_iter()
-        .map(|(k, v)| (format!("{}{k}", causal_commit::config::ENV_PREFIX), v))
-        .collect()
+/// Writes `config` as a TOML file the binary reads with `--config` (every key travels, so a
+/// new configuration key reaches child processes without anything to update here).
+pub fn config_file(config: &Config) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("cc-test-{}.toml", uuid::Uuid::new_v4().simple()));
+    let toml = toml::to_string(config).expect("the config serializes to TOML");
+    std::fs::write(&path, toml).expect("write the config file");
+    path
+}
+
+/// A command running the binary on `config`'s world: `--config FILE`, JSON logs, and none of
+/// this process's own `CAUSAL_COMMIT__*` overrides.
+pub fn command(config: &Config) -> Command {
+    let mut c = Command::new(binary());
+    c.arg("--config").arg(config_file(config));
+    for (k, _) in std::env::vars() {
+        if k.starts_with(causal_commit::config::ENV_PREFIX) || k == "CAUSAL_COMMIT_CONFIG" {
+            c.env_remove(k);
+        }
+    }
+    c
 }
 
 pub fn binary() -> PathBuf {
@@ -75,9 +34,8 @@ pub fn binary() -> PathBuf {
 
 /// Runs a CLI subcommand against `config`'s world and returns (success, stdout, stderr).
 pub fn cli(config: &Config, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(binary())
+    let out = command(config)
         .args(args)
-        .envs(env_for(config))
         .env("RUST_LOG", "warn")
         .output()
         .expect("run the causal-commit binary");
@@ -88,10 +46,18 @@ pub fn cli(config: &Config, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// A running `causal-commit run` child whose JSON logs go to `log`.
+/// A running `causal-commit run` child whose JSON logs go to `log`. Dropping it kills and
+/// reaps the child, so a failed test never leaves a processor consuming in the background.
 pub struct Processor {
     pub child: Child,
     pub log: PathBuf,
+}
+
+impl Drop for Processor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Processor {
@@ -101,9 +67,10 @@ impl Processor {
             .append(true)
             .open(&log)
             .expect("log file");
-        let child = Command::new(binary())
+        let mut config = config.clone();
+        config.telemetry.log_format = causal_commit::config::LogFormat::Json;
+        let child = command(&config)
             .arg("run")
-            .envs(env_for(config))
             .stdout(Stdio::from(file.try_clone().expect("log file")))
             .stderr(Stdio::from(file))
             .spawn()
@@ -112,9 +79,8 @@ impl Processor {
     }
 
     /// SIGKILL: no drain, no goodbye.
-    pub fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn kill9(self) {
+        drop(self);
     }
 
     pub fn signal(&self, sig: &str) {

@@ -1,11 +1,9 @@
 //! The transactional path against the real broker: valid intents become exactly one effect,
 //! invalid records become manual-review records, and the partition keeps flowing.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use prost::Message as _;
 
 use causal_commit::proto::ReviewReason;

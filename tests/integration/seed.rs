@@ -2,12 +2,10 @@
 //! arrival order and priority, version conflicts blocked and audited, one log line per
 //! transition, and the wait timeout's hold released by an operator.
 
-mod common;
-
 use std::time::Duration;
 
-use common::process::{cli, Processor};
-use common::*;
+use crate::common::process::{cli, Processor};
+use crate::common::*;
 use rdkafka::producer::FutureRecord;
 
 use causal_commit::proto::{Intent, ReviewReason};
@@ -125,7 +123,7 @@ async fn seed_evidence_2_version_conflict_is_blocked() {
         vec![("v-1", 1), ("v-3", 3)],
         "no effect for the blocked intent"
     );
-    let reviews = common::reviews(&reviews);
+    let reviews = crate::common::reviews(&reviews);
     assert_eq!(reviews.len(), 1);
     assert_eq!(reviews[0].reason, ReviewReason::VersionConflict as i32);
     assert_eq!(reviews[0].intent_id, "v-2");
@@ -187,9 +185,9 @@ async fn seed_evidence_4_log_has_contact_sequence_state() {
     let effects = effects(&got);
     assert_eq!(effects.len(), 2);
     assert_eq!(&effects[0].payload[..], b"payload-log-1");
-    assert_eq!(&common::reviews(&reviewed)[0].intent_id, "log-1");
+    assert_eq!(&crate::common::reviews(&reviewed)[0].intent_id, "log-1");
     assert_eq!(
-        common::reviews(&reviewed)[0].reason,
+        crate::common::reviews(&reviewed)[0].reason,
         ReviewReason::IdempotencyConflict as i32
     );
     let lines = proc.log_lines();
@@ -258,7 +256,7 @@ async fn wait_timeout_holds_the_contact_until_an_operator_releases_it() {
         Duration::from_secs(60),
     )
     .await;
-    let r = common::reviews(&reviews);
+    let r = crate::common::reviews(&reviews);
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].reason, ReviewReason::WaitTimeout as i32);
     assert_eq!(
@@ -276,7 +274,7 @@ async fn wait_timeout_holds_the_contact_until_an_operator_releases_it() {
         Duration::from_secs(30),
     )
     .await;
-    let r = common::reviews(&reviews);
+    let r = crate::common::reviews(&reviews);
     assert_eq!(r[1].reason, ReviewReason::ContactOnHold as i32);
     assert_eq!(r[1].intent_id, "h-3");
 
