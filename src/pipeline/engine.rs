@@ -41,7 +41,7 @@ use super::report;
 use super::translate::{self, Fresh, PartitionPlan, Topics};
 use crate::config::Config;
 use crate::intent::{InRecord, InvalidIntent, ValidIntent};
-use crate::sequencer::{self, IntentMeta, Millis, PriorOutcome, Release};
+use crate::sequencer::{self, Millis, PriorOutcome, Release};
 use crate::store::lock_store::{self, LockStore};
 use crate::store::postgres::{self as pg, AppliedCommand, BatchWrite, PartitionWrite};
 use crate::store::recovery::RecoveryPoint;
@@ -624,7 +624,8 @@ impl Engine {
                     record: record.clone(),
                 };
                 let prior = priors.get(&v.intent.intent_id).copied();
-                lane.seq.on_intent(meta(v, record), held, prior, now);
+                lane.seq
+                    .on_intent(translate::meta(v, record), held, prior, now);
             }
         }
         for lane in self.lanes.values_mut() {
@@ -944,19 +945,5 @@ fn in_record<M: Message>(msg: &M) -> InRecord {
         value: msg.payload().map(<[u8]>::to_vec),
         traceparent,
         resubmission,
-    }
-}
-
-/// The sequencer's view of a decoded intent.
-fn meta(v: &ValidIntent, record: &InRecord) -> IntentMeta {
-    IntentMeta {
-        intent_id: v.intent.intent_id.clone(),
-        contact_id: v.intent.contact_id.clone(),
-        causal_sequence: v.intent.causal_sequence,
-        expected_version: v.intent.expected_version,
-        priority: v.intent.dispatch_priority,
-        fingerprint: v.fingerprint,
-        offset: record.offset,
-        resubmission: record.resubmission,
     }
 }

@@ -18,7 +18,7 @@ use super::output::{self, EffectFields, ReviewFields, Source};
 use crate::intent::{InRecord, InvalidIntent, ValidIntent};
 use crate::proto::{Intent as ProtoIntent, ReviewReason};
 use crate::sequencer::{
-    BlockReason, Decision, Intent, Reason, ReviewReason as SeqReview, SkipCause, State,
+    BlockReason, Decision, Intent, IntentMeta, Reason, ReviewReason as SeqReview, SkipCause, State,
 };
 use crate::store::postgres::{ContactRow, Transition, TransitionRow};
 use crate::store::snapshot::{self, Held, StoredContact};
@@ -118,6 +118,21 @@ struct Rejection {
     /// The slot involved (0 if none).
     commit_sequence: u64,
     waited_ms: u64,
+}
+
+/// The sequencer's view of a decoded intent (what goes in; `decisions` translates what comes
+/// out).
+pub fn meta(v: &ValidIntent, record: &InRecord) -> IntentMeta {
+    IntentMeta {
+        intent_id: v.intent.intent_id.clone(),
+        contact_id: v.intent.contact_id.clone(),
+        causal_sequence: v.intent.causal_sequence,
+        expected_version: v.intent.expected_version,
+        priority: v.intent.dispatch_priority,
+        fingerprint: v.fingerprint,
+        offset: record.offset,
+        resubmission: record.resubmission,
+    }
 }
 
 /// Translates one partition's drained decisions, in order.
@@ -668,7 +683,7 @@ fn manual(reason: &SeqReview, commit_sequence: u64) -> Rejection {
 mod tests {
     use super::*;
     use crate::proto::{Action, ManualReview, SideEffect};
-    use crate::sequencer::{HoldReason, IntentMeta, Millis, Outcome, Release};
+    use crate::sequencer::{HoldReason, Millis, Outcome, Release};
 
     fn topics() -> Topics {
         Topics {

@@ -7,6 +7,7 @@
 mod common;
 
 mod failures;
+mod hardening;
 mod lock_store;
 mod passthrough;
 mod seed;

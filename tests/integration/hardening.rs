@@ -1,0 +1,392 @@
+//! Hostile input against the real Kafka and PostgreSQL: values the stores cannot hold, a record
+//! the durable write refuses for a reason validation does not catch, and arbitrary
+//! protobuf-valid intents through decode → sequencer → translation → the real batch write.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use prost::Message as _;
+use rdkafka::producer::FutureRecord;
+
+use crate::common::process::{cli, read_log, Processor};
+use crate::common::*;
+use causal_commit::config::Config;
+use causal_commit::intent::{self, InRecord};
+use causal_commit::pipeline::translate::{self, Context, Fresh, PartitionPlan, Topics};
+use causal_commit::proto::{Intent, ReviewReason};
+use causal_commit::sequencer::{self, Millis, Sequencer};
+use causal_commit::store::postgres::{self as pg, BatchWrite, PartitionWrite};
+use causal_commit::store::snapshot::Held;
+
+/// Produces `intents` in order to one partition of the intents topic, keyed by contact id.
+async fn produce_to(config: &Config, partition: i32, intents: &[Intent]) {
+    let p = producer(config);
+    for i in intents {
+        let value = i.encode_to_vec();
+        let r = FutureRecord::to(&config.kafka.intents_topic)
+            .partition(partition)
+            .key(i.contact_id.as_bytes())
+            .payload(&value);
+        p.send(r, Duration::from_secs(10)).await.expect("delivered");
+    }
+}
+
+/// Per contact, the commit sequences of its effects in topic order.
+fn sequences(effects: &[causal_commit::proto::SideEffect]) -> Vec<(String, Vec<u64>)> {
+    let mut v: Vec<(String, Vec<u64>)> = by_contact(effects)
+        .into_iter()
+        .map(|(c, fx)| (c, fx.iter().map(|e| e.commit_sequence).collect()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_byte_intent_on_every_partition_is_invalid_and_every_valid_intent_commits_in_order() {
+    let env = TestEnv::new("nul", 4).await;
+    let cfg = env.config();
+    let running = start(cfg.clone());
+    for p in 0..4 {
+        let mut batch = Vec::new();
+        for seq in 1..=3u64 {
+            for k in 0..5 {
+                let c = format!("c{p}-{k}");
+                batch.push(intent(&format!("{c}-i{seq}"), &c, seq));
+            }
+            if seq == 2 {
+                // Valid UTF-8 and valid protobuf, but PostgreSQL cannot hold it.
+                let c = format!("nul\u{0}{p}");
+                batch.push(intent(&format!("i\u{0}{p}"), &c, 1));
+            }
+        }
+        produce_to(&cfg, p, &batch).await;
+    }
+    let fx = effects(
+        &wait_for(
+            &cfg,
+            &cfg.kafka.side_effects_topic,
+            60,
+            Duration::from_secs(60),
+        )
+        .await,
+    );
+    let rv = reviews(
+        &wait_for(
+            &cfg,
+            &cfg.kafka.manual_review_topic,
+            4,
+            Duration::from_secs(30),
+        )
+        .await,
+    );
+    running.stop().await;
+
+    assert_eq!(fx.len(), 60, "every valid intent committed once");
+    for (contact, seqs) in sequences(&fx) {
+        assert_eq!(seqs, vec![1, 2, 3], "contact {contact} in order");
+    }
+    assert_eq!(rv.len(), 4, "one review per NUL-byte intent: {rv:?}");
+    let partitions: BTreeSet<i32> = rv.iter().map(|r| r.source_partition).collect();
+    assert_eq!(partitions, (0..4).collect());
+    for r in &rv {
+        assert_eq!(r.reason, ReviewReason::InvalidIntent as i32);
+        assert!(r.detail.contains("U+0000"), "{}", r.detail);
+    }
+    let c = env.config.clone();
+    let report = tokio::task::spawn_blocking(move || causal_commit::verify::verify(&c, ""))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(report.ok, "{:?}", report.violations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_durable_write_refuses_is_unprocessable_and_its_partition_keeps_flowing() {
+    let env = TestEnv::new("poison", 2).await;
+    let cfg = env.config.clone();
+    // A limit set low, which validation knows nothing of: a contact state over 2,000 bytes
+    // is refused by the durable write (SQLSTATE 23514).
+    let (ok, _, err) = cli(&cfg, &["migrate"]);
+    assert!(ok, "migrate: {err}");
+    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    sqlx::query(&format!(
+        "ALTER TABLE {}.cc_contact ADD CONSTRAINT test_small_state
+           CHECK (octet_length(state::text) < 2000)",
+        cfg.postgres.schema
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let proc = Processor::spawn(&cfg, log.clone());
+
+    // Partition 0: five contacts, and a contact whose sequence 2 arrives first, with a payload
+    // too large for the limit once it waits in the contact's state.
+    let mut big2 = intent("big-i2", "big", 2);
+    big2.payload = vec![b'x'; 1_000].into();
+    let mut p0: Vec<Intent> = (0..5)
+        .map(|k| intent(&format!("a{k}-i1"), &format!("a{k}"), 1))
+        .collect();
+    p0.push(big2);
+    produce_to(&cfg, 0, &p0).await;
+    let first = wait_for(
+        &cfg,
+        &cfg.kafka.side_effects_topic,
+        5,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(first.len(), 5, "the records around the refused one commit");
+    // Then the rest: the partition keeps flowing, and so does the other one.
+    let mut p0: Vec<Intent> = (0..5)
+        .map(|k| intent(&format!("a{k}-i2"), &format!("a{k}"), 2))
+        .collect();
+    p0.push(intent("big-i1", "big", 1));
+    p0.extend((0..5).map(|k| intent(&format!("a{k}-i3"), &format!("a{k}"), 3)));
+    produce_to(&cfg, 0, &p0).await;
+    let p1: Vec<Intent> = (1..=3u64)
+        .flat_map(|seq| (0..5).map(move |k| intent(&format!("b{k}-i{seq}"), &format!("b{k}"), seq)))
+        .collect();
+    produce_to(&cfg, 1, &p1).await;
+
+    let fx = effects(
+        &wait_for(
+            &cfg,
+            &cfg.kafka.side_effects_topic,
+            31,
+            Duration::from_secs(90),
+        )
+        .await,
+    );
+    let rv = reviews(
+        &wait_for(
+            &cfg,
+            &cfg.kafka.manual_review_topic,
+            1,
+            Duration::from_secs(30),
+        )
+        .await,
+    );
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    assert_eq!(fx.len(), 31, "every other intent committed once");
+    for (contact, seqs) in sequences(&fx) {
+        let expected = if contact == "big" {
+            vec![1]
+        } else {
+            vec![1, 2, 3]
+        };
+        assert_eq!(seqs, expected, "contact {contact} in order");
+    }
+    assert_eq!(rv.len(), 1, "{rv:?}");
+    let r = &rv[0];
+    assert_eq!(r.reason, ReviewReason::Unprocessable as i32, "{}", r.detail);
+    assert_eq!((r.intent_id.as_str(), r.source_partition), ("big-i2", 0));
+    assert!(
+        r.detail.contains("test_small_state"),
+        "the store's error: {}",
+        r.detail
+    );
+    // Partition 1 was never voided: restored once, at its assignment.
+    let restored = |p: i64| {
+        read_log(&log)
+            .iter()
+            .filter(|l| l["message"] == "partition restored" && l["partition"] == p)
+            .count()
+    };
+    assert_eq!(
+        restored(1),
+        1,
+        "partition 1 was restored only at its assignment"
+    );
+    assert!(
+        restored(0) > 1,
+        "partition 0 was replayed to isolate the record"
+    );
+}
+
+/// Mostly plausible text, often anything at all (control characters, NUL, any script).
+fn text(plausible: &'static str) -> impl Strategy<Value = String> {
+    prop_oneof![3 => plausible, 2 => any::<String>()]
+}
+
+fn arbitrary_intent() -> impl Strategy<Value = Intent> {
+    (
+        text("[a-zA-Z0-9 _.-]{1,16}"),
+        text("c[0-3]"),
+        text("[a-z]{0,8}"),
+        text("[a-z0-9-]{0,12}"),
+        any::<i32>(),
+        prop_oneof![Just(0u64), 1..4u64, any::<u64>()],
+        prop_oneof![Just(0u64), 1..3u64, any::<u64>()],
+        prop_oneof![3 => 0..7i32, 1 => any::<i32>()],
+        proptest::collection::vec(any::<u8>(), 0..64),
+        any::<i64>(),
+    )
+        .prop_map(
+            |(
+                intent_id,
+                contact_id,
+                clinic_id,
+                correlation_id,
+                priority,
+                seq,
+                version,
+                action,
+                payload,
+                at,
+            )| Intent {
+                intent_id,
+                contact_id,
+                clinic_id,
+                correlation_id,
+                dispatch_priority: priority,
+                causal_sequence: seq,
+                expected_version: version,
+                action,
+                payload: payload.into(),
+                created_at_ms: at,
+            },
+        )
+}
+
+/// Some intents share ids and contacts, so duplicates, conflicts and waits happen too.
+fn arbitrary_batch() -> impl Strategy<Value = Vec<Intent>> {
+    proptest::collection::vec((arbitrary_intent(), 0..3usize, any::<bool>()), 1..16).prop_map(
+        |items| {
+            let mut out: Vec<Intent> = Vec::new();
+            for (mut i, reuse, same_contact) in items {
+                if let Some(prev) = out.get(reuse) {
+                    if same_contact {
+                        i.contact_id = prev.contact_id.clone();
+                    } else {
+                        i.intent_id = prev.intent_id.clone();
+                    }
+                }
+                out.push(i);
+            }
+            out
+        },
+    )
+}
+
+#[test]
+fn arbitrary_protobuf_valid_intents_end_as_decisions_and_never_fail_the_durable_write() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let guard = rt.block_on(shared_stack());
+    let schema = unique("arbitrary").to_lowercase();
+    let mut config = causal_commit::config::PostgresConfig::default();
+    config.url = database_url().into();
+    config.schema = schema;
+    let _in_runtime = rt.enter();
+    let pool = pg::pool(&config).unwrap();
+    rt.block_on(pg::migrate(&pool, &config.schema)).unwrap();
+    let fence = rt
+        .block_on(pg::acquire_partition(
+            &pool,
+            "in",
+            0,
+            "prop",
+            Duration::from_secs(60),
+        ))
+        .unwrap()
+        .expect("a fresh partition");
+    let topics = Topics {
+        intents: "in".into(),
+        side_effects: "fx".into(),
+        manual_review: "mr".into(),
+    };
+    let limits = causal_commit::config::LimitsConfig::default();
+    let decided = std::cell::Cell::new([0usize; 2]);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 96,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&arbitrary_batch(), |batch| {
+            let mut seq: Sequencer<Held> = Sequencer::new(sequencer::Config::default()).unwrap();
+            let ctx = Context {
+                topics: &topics,
+                partition: 0,
+                fence,
+                batch_no: 1,
+                now_ms: 1_000,
+            };
+            let mut plan = PartitionPlan::default();
+            let mut fresh = Fresh::new();
+            for (offset, i) in batch.iter().enumerate() {
+                let record = InRecord {
+                    partition: 0,
+                    offset: offset as i64,
+                    key: Some(i.contact_id.as_bytes().to_vec()),
+                    value: Some(i.encode_to_vec()),
+                    traceparent: None,
+                    resubmission: false,
+                };
+                match intent::decode(record.key.as_deref(), record.value.as_deref(), &limits) {
+                    Ok(v) => {
+                        let v = Arc::new(v);
+                        fresh.insert(record.offset, v.clone());
+                        let held = Held {
+                            correlation_id: v.intent.correlation_id.clone(),
+                            record: record.clone(),
+                        };
+                        seq.on_intent(translate::meta(&v, &record), held, None, Millis(1_000));
+                    }
+                    Err(e) => translate::invalid(&ctx, &record, &e, &mut plan),
+                }
+            }
+            let mut decisions = Vec::new();
+            seq.drain_decisions(&mut decisions);
+            translate::decisions(&ctx, &fresh, decisions, &mut plan);
+            translate::contacts(&ctx, seq.take_dirty(), &mut plan).unwrap();
+            // Every record ends as a decision: at least one audit row names its offset.
+            let offsets: BTreeSet<i64> = plan.transitions.iter().map(|t| t.source_offset).collect();
+            for offset in 0..batch.len() as i64 {
+                prop_assert!(offsets.contains(&offset), "record {offset} has no decision");
+            }
+            let [mut sequenced, mut invalid] = decided.get();
+            sequenced += fresh.len();
+            invalid += batch.len() - fresh.len();
+            decided.set([sequenced, invalid]);
+            let write = BatchWrite {
+                partitions: vec![PartitionWrite {
+                    partition: 0,
+                    fence,
+                    batch_no: 1,
+                    next_offset: batch.len() as i64,
+                    clock_ms: 0,
+                }],
+                transitions: plan.transitions,
+                contacts: plan.contacts,
+                commands: Vec::new(),
+            };
+            let written = rt.block_on(pg::try_batch(
+                &pool,
+                "in",
+                "prop",
+                Duration::from_secs(60),
+                &write,
+            ));
+            prop_assert!(
+                written.is_ok(),
+                "the durable write refused: {:?}",
+                written.err()
+            );
+            Ok(())
+        })
+        .unwrap();
+    let [sequenced, invalid] = decided.get();
+    println!("arbitrary intents: {sequenced} sequenced, {invalid} invalid");
+    assert!(
+        sequenced > 50 && invalid > 50,
+        "both paths exercised: {sequenced} / {invalid}"
+    );
+    drop(guard);
+}
