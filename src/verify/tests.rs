@@ -1008,7 +1008,8 @@ fn skips_need_their_policy_or_their_operator() {
         intent_id: "s2".into(),
         at_ms: w.now,
     });
-    w.o.releases.clear();
+    // The operator resumed the contact: no release asked to skip anything.
+    w.o.releases[0].skip_to = None;
     let r = w.check();
     assert_only(&r, Kind::SkipUnjustified, 1);
     has(
