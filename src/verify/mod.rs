@@ -144,6 +144,9 @@
 //! - Whether a skip by the `skip` policy waited `wait_timeout`: the stored state does not say
 //!   when the skipped gap began.
 //! - Outcomes of producer retries (`duplicate`): they leave no output to check.
+//! - That a release or a re-submission was asked for by an operator: the processor's
+//!   `released` / `resubmitted` audit rows are taken as the operator's word (the request
+//!   tables, `cc_command` and `cc_admin_audit`, are not read).
 
 mod check;
 mod observe;
