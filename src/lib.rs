@@ -12,7 +12,8 @@
 //!   circuit breaker and the fallback between them.
 //! - [`telemetry`]: JSON logs, Prometheus metrics (every name in one module), OTLP traces.
 //! - [`demo`]: the demo producer and the read-back summary used by `make demo`.
-//! - [`verify`]: the contract verifier (`causal-commit verify`): order, gaps, duplicates, losses.
+//! - [`verify`]: the contract verifier (`causal-commit verify`): reads the topics and the audit,
+//!   then checks every rule it can with a pure function.
 //!
 //! The binary (`src/main.rs`) is the CLI: `run`, `produce`, `migrate`, `summary`,
 //! `wait-caught-up`, `verify`, `release`, `show-config`.

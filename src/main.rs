@@ -41,11 +41,16 @@ enum Command {
         timeout: humantime::Duration,
     },
     /// Check the contract on what the topics and the audit hold (read_committed): per contact
-    /// no reorder, duplicate, gap or lost intent. Prints a JSON report; exits 1 on a violation.
+    /// order, gaps, duplicates, lost intents, effect content, justified manual reviews and
+    /// more (see `causal_commit::verify`). Prints a JSON report; exits 1 on a violation, or on
+    /// work still pending (waiting intents, unresolved slots, held contacts) unless allowed.
     Verify {
         /// Check only intents whose id (or invalid records whose key) starts with this prefix.
         #[arg(long, default_value = "")]
         prefix: String,
+        /// Accept waiting intents, unresolved manual-review slots and held contacts.
+        #[arg(long)]
+        allow_waiting: bool,
     },
     /// Print the effective configuration (secrets included: keep it off shared terminals).
     ShowConfig,
@@ -150,21 +155,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
         }
-        Command::Verify { prefix } => {
+        Command::Verify {
+            prefix,
+            allow_waiting,
+        } => {
+            let options = verify::Options {
+                prefix,
+                allow_waiting,
+            };
             let report =
-                tokio::task::spawn_blocking(move || verify::verify(&config, &prefix)).await??;
+                tokio::task::spawn_blocking(move || verify::run(&config, &options)).await??;
             println!("{}", serde_json::to_string_pretty(&report)?);
-            anyhow::ensure!(
-                report.ok,
-                "the contract is violated: {} duplicates, {} gaps, {} reorders, {} lost, \
-                 {} effects without intent, {} malformed outputs (see the report)",
-                report.duplicates_emitted,
-                report.gaps,
-                report.reorders,
-                report.lost,
-                report.effects_without_intent,
-                report.malformed_outputs
-            );
+            anyhow::ensure!(report.ok, "{} (see the report)", report.summary());
             Ok(())
         }
         Command::ShowConfig => {

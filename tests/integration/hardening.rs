@@ -281,9 +281,11 @@ fn arbitrary_protobuf_valid_intents_end_as_decisions_and_never_fail_the_durable_
         .unwrap();
     let guard = rt.block_on(shared_stack());
     let schema = unique("arbitrary").to_lowercase();
-    let mut config = causal_commit::config::PostgresConfig::default();
-    config.url = database_url().into();
-    config.schema = schema;
+    let config = causal_commit::config::PostgresConfig {
+        url: database_url().into(),
+        schema,
+        ..Default::default()
+    };
     let _in_runtime = rt.enter();
     let pool = pg::pool(&config).unwrap();
     rt.block_on(pg::migrate(&pool, &config.schema)).unwrap();

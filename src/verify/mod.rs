@@ -1,0 +1,179 @@
+//! The contract verifier (`causal-commit verify`): the project's referee. It reads what the
+//! processor consumed, produced and audited ([`observe`] fills an [`Observed`]), then judges it
+//! with a pure function ([`check`] returns a [`Report`]). It checks what the contract says,
+//! never what the code happens to do: every rule below cites the contract.
+//!
+//! # What is read ([`observe`])
+//!
+//! In this order, so that a run still in progress is never reported broken by the verifier's
+//! own timing (verify a quiet system anyway: see "Pending work" below):
+//!
+//! 1. the intents topic, from the beginning to its current end (read_committed): every
+//!    record's partition, offset, timestamp, key and value, undecoded;
+//! 2. the processor group's recovery points (the last batch committed in Kafka per input
+//!    partition, from the committed offsets' metadata);
+//! 3. the side-effects and manual-review topics, the same way;
+//! 4. the recovery points again, with the committed offsets;
+//! 5. PostgreSQL, in one read-only repeatable-read snapshot: the outcome, skip, release and
+//!    re-submission rows of `cc_transition`, and the `cc_contact` states with waiting intents or
+//!    a hold. Rows of a batch past its partition's recovery point (4) belong to a Kafka
+//!    transaction that has not committed (in flight, or aborted and not yet rolled back by a
+//!    restore) and are ignored, as a restore would drop them; a contact whose latest state is
+//!    such a row is taken at its previous state. Rows of a batch committed by (2) must have
+//!    their outputs among (3).
+//!
+//! plus the settings the rules depend on: `sequencer.wait_timeout`, `sequencer.on_timeout`,
+//! `sequencer.max_pending_per_contact` and the input limits (the verifier's configuration must
+//! be the processor's). A row or state the reading cannot interpret is kept as a note and
+//! counted (`unreadable_audit`): what it hides cannot be vouched for.
+//!
+//! # Scope
+//!
+//! A non-empty `--prefix` restricts everything to intents whose `intent_id` starts with it,
+//! invalid input records whose key (or whatever `intent_id` can still be read from them) starts
+//! with it, and the outputs, audit rows and contacts of those. Runs sharing topics must not
+//! share contacts. Output records that do not decode belong to no prefix and always count.
+//!
+//! # What is checked ([`check`])
+//!
+//! An input record is a *valid intent* when [`crate::intent::decode`] accepts it with the
+//! configured limits and its `causal_sequence` fits the stores (at most 2^63-1); anything else
+//! is an *invalid record*. An intent id's *original content* is the fingerprint of its first
+//! record; when its records span input partitions whose first records differ (either may
+//! have been consumed first), the one of those contents that got an outcome, else the earliest
+//! produced. Each check is one counter of the report:
+//!
+//! - `reorders` (the contract, R1): per contact, all effects on one side-effects partition
+//!   (each effect elsewhere counts), and there in strictly increasing `commit_sequence` (each
+//!   effect below an earlier one counts; an equal one is a duplicate).
+//! - `duplicates_emitted` (R1, R5, §5 exactly-once): each intent id with more than one effect,
+//!   and each (contact, sequence) committed by more than one intent.
+//! - `gaps` (R1, R3): per contact, every sequence from 1 to its highest effect is resolved by
+//!   an effect, a `VERSION_CONFLICT` review (a version conflict resolves its slot, R6) or an
+//!   audited skip (an operator's `skip_to` or the `skip` timeout policy, R7). Each missing
+//!   sequence counts. A slot sent to manual review, or still waiting, below an effect is a gap:
+//!   the effect passed an unresolved predecessor.
+//! - `sequence_mismatches` (R2): an effect of an intent with `causal_sequence > 0` has exactly
+//!   that `commit_sequence` and `sequence_from_producer = true`; one without, `false`.
+//! - `assigned_order_violations` (R2): among a contact's intents without `causal_sequence` read
+//!   from one input partition, commit order is that partition's order (each effect below an
+//!   earlier-read one counts). Re-submitted intents reclaim their old slot and are left out.
+//!   Intents of one contact from different partitions (the topic grew, or any partitioner)
+//!   have no order between them.
+//! - `content_mismatches` (§3): an effect carries its intent's original content (intent,
+//!   contact and clinic ids, action, payload, `created_at_ms`, `dispatch_priority`); a
+//!   manual-review record carries its source record's raw key and value, and a valid record's
+//!   intent and contact ids.
+//! - `version_mismatches` (§3): an effect's `contact_version` is the number of its contact's
+//!   effects up to and including it.
+//! - `lost` (R8, §5 bad input): every valid intent id has an outcome for its original content:
+//!   an effect, a decision (a manual-review record other than `IDEMPOTENCY_CONFLICT` or
+//!   `INVALID_INTENT`) pointing at one of its records with that content, or a place in a
+//!   waiting list. Every record reusing the id with other content has its own
+//!   `IDEMPOTENCY_CONFLICT` review (R5), which is never the original's outcome. Every invalid
+//!   record has an `INVALID_INTENT` review. `UNPROCESSABLE` is an outcome for any record. An
+//!   example for a record the group has not consumed yet says so.
+//! - `effects_without_intent`: effects whose intent id is no valid intent read (a phantom;
+//!   also what retention deleting old intents would look like: the topics must still hold
+//!   everything since the start).
+//! - `malformed_outputs` (§3): output records that are not a usable `SideEffect` (no value,
+//!   undecodable, no intent id, contact id or `commit_sequence`) or `ManualReview` (no value,
+//!   undecodable, no reason, or a source that is no record of the intents topic).
+//! - `duplicate_reviews` (R8): an input record with more than one manual-review record.
+//! - `manual_review_unjustified` (R5-R8, §5): a review whose stated reason does not hold in
+//!   what was observed. Times are the processor's `reviewed_at_ms` / `committed_at_ms`, the
+//!   audit's row times and the input records' timestamps, so the check assumes clocks in
+//!   step; a same-millisecond tie is read in the processor's favour.
+//!   - `INVALID_INTENT`: the record is a valid intent.
+//!   - `IDEMPOTENCY_CONFLICT`: the record has its id's original content.
+//!   - `WAIT_TIMEOUT` (R7): the policy is `skip`; the named missing sequence is not below the
+//!     intent's slot, or was resolved before the review; or the oldest intent the same
+//!     timeout sent to review (same contact, time and missing sequence) was produced no more
+//!     than `wait_timeout` before it (the gap cannot have lasted longer than its oldest
+//!     waiting intent, and waiting time counts at most wall time).
+//!   - `CONTACT_ON_HOLD` (R7): no earlier hold cause (a `WAIT_TIMEOUT` or
+//!     `CONTACT_BACKLOG_OVERFLOW` review) for the contact, or an operator release between the
+//!     latest one and the review.
+//!   - `VERSION_CONFLICT` (R6): `expected_version` is 0, or equals the number of the
+//!     contact's effects below the slot (the committed version when the slot's turn came).
+//!   - `SEQUENCE_CONFLICT` (R6): the claimed sequence was neither resolved by the time of the
+//!     review nor held by another intent of the contact (committed, claimed, waiting or kept
+//!     in manual review).
+//!   - `CONTACT_BACKLOG_OVERFLOW` (§5 bounded memory): fewer than
+//!     `max_pending_per_contact + 1` intents of the contact overflowed together (the waiting
+//!     ones and the newcomer), or every sequence below the lowest of them was resolved before
+//!     (no gap, so nothing could wait).
+//!   - `UNPROCESSABLE` (§5 bad input): its detail states no error. That the durable write or
+//!     the transaction really failed, and deterministically, leaves no trace the verifier can
+//!     read; it needs no audit row either (that write is what failed).
+//!   - any reason the verifier does not know.
+//! - `reopened_without_operator` (R5, R9): an intent id has at most one outcome (an effect, a
+//!   decision, a place in a waiting list), plus one per operator re-submission recorded for it:
+//!   a manual-reviewed or blocked intent that later commits, waits or is decided again was
+//!   reopened, which only an operator may do.
+//! - `skips_unjustified` (R7): a skip by the wait timeout while the policy is `hold`, or an
+//!   operator skip without the operator release that asked to skip to the next sequence.
+//! - `audit_mismatches` (R8): every effect has exactly one `committed_causal` row, and every
+//!   reviewed record exactly one `blocked_conflict`/`manual_review` row, in committed
+//!   batches; every such row of a batch committed before the outputs were read has its
+//!   output (the audit never counts what did not happen).
+//! - `unreadable_audit`: each note of the reading.
+//!
+//! # Pending work
+//!
+//! `waiting` (intents in waiting lists), `unresolved_slots` (manual-reviewed slots above their
+//! contact's highest effect that nothing resolved: the usual state of a contact on hold) and
+//! `held_contacts` are not violations, but a run is only finished when they are zero: `ok`
+//! requires it unless [`Options::allow_waiting`] (`--allow-waiting`).
+//!
+//! # Report (the JSON printed by `causal-commit verify`)
+//!
+//! What was read, in scope: `intents` (distinct valid intent ids), `records` (input records),
+//! `invalid_records`, `committed` (effects), `manual_review` (reviews by reason name),
+//! `blocked` (reviews with a conflict reason), `waiting`, `unresolved_slots`,
+//! `held_contacts`. Then one counter per check above, `ok` (no violation, and no pending work
+//! unless allowed) and `violations`: up to [`MAX_EXAMPLES`] examples, taken in turn from each
+//! kind, each ending with its kind in parentheses. `causal-commit verify` exits 1 when `ok` is
+//! false, with a one-line summary on stderr.
+//!
+//! # Not checked
+//!
+//! - R4 (priority across contacts) leaves no order the topics could show: priorities only
+//!   order contacts within one batch.
+//! - Structured log lines and metrics of R8; fencing tokens of outputs (§5).
+//! - Whether a skip by the `skip` policy waited `wait_timeout`: the stored state does not say
+//!   when the skipped gap began.
+//! - Outcomes of producer retries (`duplicate`): they leave no output to check.
+//! - That a release or a re-submission was asked for by an operator: the processor's
+//!   `released` / `resubmitted` audit rows are taken as the operator's word (the request
+//!   tables, `cc_command` and `cc_admin_audit`, are not read).
+
+mod check;
+mod observe;
+mod observed;
+
+#[cfg(test)]
+mod tests;
+
+pub use check::{check, Kind, Options, Report, MAX_EXAMPLES};
+pub use observe::observe;
+pub use observed::*;
+
+use crate::config::Config;
+
+/// Reads the world and checks it; see the module documentation. Blocking: call it from a
+/// blocking thread.
+pub fn run(config: &Config, options: &Options) -> anyhow::Result<Report> {
+    Ok(check(&observe(config)?, options))
+}
+
+/// [`run`] with a prefix and no pending work allowed.
+pub fn verify(config: &Config, prefix: &str) -> anyhow::Result<Report> {
+    run(
+        config,
+        &Options {
+            prefix: prefix.to_string(),
+            allow_waiting: false,
+        },
+    )
+}

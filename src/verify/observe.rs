@@ -1,0 +1,574 @@
+//! Reading the world into an [`Observed`]: the only part of the verifier that talks to Kafka
+//! and PostgreSQL, one function per source. See the [module documentation](super) for the
+//! order of the reads and why.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::TryStreamExt as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Deserialize;
+
+use super::observed::*;
+use crate::config::Config;
+
+/// Reads everything the check needs. Blocking: call it from a blocking thread (it drives
+/// PostgreSQL on the current tokio runtime when there is one, else on a private one).
+pub fn observe(config: &Config) -> anyhow::Result<Observed> {
+    let k = &config.kafka;
+    // Inputs before outputs: an intent whose outcome is produced while the verifier runs is
+    // not reported lost.
+    let intents = read_intents(config)?;
+    // Recovery points before and after the outputs: rows of a batch committed before the
+    // outputs were read must have their outputs among them; rows up to the second read are
+    // committed.
+    let (before_outputs, _) = read_committed(config)?;
+    let effects = read_outputs(config, &k.side_effects_topic)?;
+    let reviews = read_outputs(config, &k.manual_review_topic)?;
+    let (committed, mut unreadable) = read_committed(config)?;
+    let store = block_on(read_store(config, &before_outputs, &committed))??;
+    unreadable.extend(store.unreadable);
+    let s = &config.sequencer;
+    Ok(Observed {
+        settings: Settings {
+            wait_timeout_ms: u64::try_from(s.wait_timeout.as_millis()).unwrap_or(u64::MAX),
+            on_timeout: s.on_timeout,
+            max_pending_per_contact: s.max_pending_per_contact,
+            limits: config.limits.clone(),
+        },
+        intents_topic: k.intents_topic.clone(),
+        intents,
+        effects,
+        reviews,
+        committed,
+        audit: store.audit,
+        contacts: store.contacts,
+        skips: store.skips,
+        releases: store.releases,
+        resubmissions: store.resubmissions,
+        unreadable,
+    })
+}
+
+/// The intents topic, with each record's timestamp.
+fn read_intents(config: &Config) -> anyhow::Result<Vec<InputRecord>> {
+    let topic = &config.kafka.intents_topic;
+    let mut out = Vec::new();
+    read_records(config, topic, |m| {
+        out.push(InputRecord {
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+        })
+    })
+    .with_context(|| format!("reading {topic}"))?;
+    Ok(out)
+}
+
+/// An output topic (side effects or manual review).
+fn read_outputs(config: &Config, topic: &str) -> anyhow::Result<Vec<OutputRecord>> {
+    let mut out = Vec::new();
+    read_records(config, topic, |m| {
+        out.push(OutputRecord {
+            partition: m.partition(),
+            offset: m.offset(),
+            value: m.payload().map(<[u8]>::to_vec),
+        })
+    })
+    .with_context(|| format!("reading {topic}"))?;
+    Ok(out)
+}
+
+/// Calls `f` on every committed record of `topic` (read_committed), from the beginning to the
+/// end the topic has when the call starts. Like `pipeline::read::read_topic`, which does not
+/// hand out the record timestamp the wait-timeout check needs.
+fn read_records(
+    config: &Config,
+    topic: &str,
+    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> anyhow::Result<()> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        .set(
+            "group.id",
+            format!("causal-commit-verify-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &config.kafka.client {
+        c.set(k, v);
+    }
+    let consumer: BaseConsumer = c.create().context("creating a reader")?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .with_context(|| format!("reading metadata of {topic}"))?;
+    let mut ends = BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+    {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        if high > low {
+            ends.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(());
+    }
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
+    while ends
+        .iter()
+        .any(|(p, end)| positions.get(p).copied().unwrap_or(-1) + 1 < *end)
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "reading {topic} did not reach its end in time"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(msg)) => {
+                positions.insert(msg.partition(), msg.offset());
+                f(&msg);
+            }
+            Some(Err(e)) => anyhow::bail!("reading {topic} failed: {e}"),
+            None => {
+                // Transaction markers take offsets too: ask for the position.
+                if let Ok(pos) = consumer.position() {
+                    for e in pos.elements() {
+                        if let Offset::Offset(o) = e.offset() {
+                            positions.insert(e.partition(), o - 1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The processor group's committed offsets and recovery points, with a note for each
+/// partition whose committed offset carries no usable recovery point (its audit rows cannot be
+/// told committed, so all are ignored).
+fn read_committed(
+    config: &Config,
+) -> anyhow::Result<(BTreeMap<i32, CommittedOffset>, Vec<String>)> {
+    let mut notes = Vec::new();
+    let mut out = BTreeMap::new();
+    for (p, c) in crate::pipeline::read::committed_points(config)? {
+        let batch = match c.recovery {
+            Ok(Some(r)) => r.batch,
+            Ok(None) if c.offset < 0 => 0,
+            Ok(None) => {
+                notes.push(format!(
+                    "intents partition {p}: committed offset {} has no recovery point; its audit rows are ignored",
+                    c.offset
+                ));
+                0
+            }
+            Err(e) => {
+                notes.push(format!(
+                    "intents partition {p}: {e}; its audit rows are ignored"
+                ));
+                0
+            }
+        };
+        out.insert(
+            p,
+            CommittedOffset {
+                offset: c.offset,
+                batch,
+            },
+        );
+    }
+    Ok((out, notes))
+}
+
+/// What PostgreSQL holds, committed batches only.
+#[derive(Default)]
+struct Store {
+    audit: Vec<AuditRecord>,
+    contacts: Vec<ContactState>,
+    skips: Vec<Skip>,
+    releases: Vec<Release>,
+    resubmissions: Vec<Resubmission>,
+    unreadable: Vec<String>,
+}
+
+/// Whether a row of `batch` on `partition` belongs to a batch committed in Kafka.
+fn is_committed(points: &BTreeMap<i32, CommittedOffset>, partition: i32, batch: i64) -> bool {
+    batch >= 0 && batch as u64 <= points.get(&partition).map_or(0, |c| c.batch)
+}
+
+/// Reads the audit and the contact states in one read-only snapshot.
+async fn read_store(
+    config: &Config,
+    before_outputs: &BTreeMap<i32, CommittedOffset>,
+    committed: &BTreeMap<i32, CommittedOffset>,
+) -> anyhow::Result<Store> {
+    let pool = crate::store::postgres::pool(&config.postgres)?;
+    let mut tx = pool.begin().await.context("connecting to PostgreSQL")?;
+    // One snapshot for both tables, and no statement timeout cut for a large audit.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .context("starting a read-only snapshot")?;
+    sqlx::query("SET LOCAL statement_timeout = 0")
+        .execute(&mut *tx)
+        .await
+        .context("lifting the statement timeout")?;
+    let mut store = Store::default();
+    let topic = config.kafka.intents_topic.as_str();
+    let schema = &config.postgres.schema;
+    read_transitions(&mut tx, topic, before_outputs, committed, &mut store)
+        .await
+        .with_context(|| {
+            format!("reading {schema}.cc_transition (has `causal-commit migrate` run?)")
+        })?;
+    read_contacts(&mut tx, topic, committed, &mut store)
+        .await
+        .with_context(|| {
+            format!("reading {schema}.cc_contact (has `causal-commit migrate` run?)")
+        })?;
+    tx.commit().await.context("ending the read-only snapshot")?;
+    pool.close().await;
+    Ok(store)
+}
+
+/// A `cc_transition` row as selected by [`read_transitions`].
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct TransitionRow {
+    partition: i32,
+    batch_no: i64,
+    source_offset: i64,
+    intent_id: String,
+    contact_id: String,
+    to_state: String,
+    reason: String,
+    commit_sequence: i64,
+    detail: String,
+    at_ms: i64,
+}
+
+/// What one audit row means to the verifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fact {
+    Outcome(AuditRecord),
+    Skip(Skip),
+    Release(Release),
+    Resubmission(Resubmission),
+}
+
+/// The transitions of committed batches that the check uses: outcomes, skips, releases and
+/// re-submissions.
+async fn read_transitions(
+    tx: &mut sqlx::PgConnection,
+    topic: &str,
+    before_outputs: &BTreeMap<i32, CommittedOffset>,
+    committed: &BTreeMap<i32, CommittedOffset>,
+    store: &mut Store,
+) -> anyhow::Result<()> {
+    let mut rows = sqlx::query_as::<_, TransitionRow>(
+        "SELECT partition, batch_no, source_offset, intent_id, contact_id, to_state, reason,
+                commit_sequence, detail, floor(extract(epoch FROM at) * 1000)::bigint AS at_ms
+           FROM cc_transition
+          WHERE topic = $1
+            AND to_state IN ('committed_causal', 'blocked_conflict', 'manual_review', 'skipped',
+                             'released', 'resubmitted')
+          ORDER BY id",
+    )
+    .bind(topic)
+    .fetch(&mut *tx);
+    while let Some(row) = rows.try_next().await? {
+        if !is_committed(committed, row.partition, row.batch_no) {
+            continue;
+        }
+        let before = is_committed(before_outputs, row.partition, row.batch_no);
+        match fact(row, before) {
+            Ok(Fact::Outcome(a)) => store.audit.push(a),
+            Ok(Fact::Skip(s)) => store.skips.push(s),
+            Ok(Fact::Release(r)) => store.releases.push(r),
+            Ok(Fact::Resubmission(r)) => store.resubmissions.push(r),
+            Err(why) => store.unreadable.push(why),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct SkipDetail {
+    from: u64,
+    to: u64,
+}
+
+/// Maps one audit row to a fact. The one place that knows how each state is recorded: a new
+/// kind of row (an audited `resubmitted` record, an `UNPROCESSABLE` outcome) is one arm here.
+fn fact(row: TransitionRow, before_outputs: bool) -> Result<Fact, String> {
+    let seq = row.commit_sequence.max(0) as u64;
+    let outcome = |outcome| {
+        Fact::Outcome(AuditRecord {
+            source: (row.partition, row.source_offset),
+            intent_id: row.intent_id.clone(),
+            contact_id: row.contact_id.clone(),
+            outcome,
+            reason: row.reason.clone(),
+            commit_sequence: seq,
+            before_outputs,
+        })
+    };
+    match row.to_state.as_str() {
+        "committed_causal" => Ok(outcome(AuditOutcome::Committed)),
+        "blocked_conflict" | "manual_review" => Ok(outcome(AuditOutcome::Reviewed)),
+        "skipped" => {
+            let cause = match row.reason.as_str() {
+                "OPERATOR" => SkipCause::Operator,
+                "WAIT_TIMEOUT" => SkipCause::WaitTimeout,
+                other => {
+                    return Err(format!(
+                        "contact {}: skipped row with unknown cause {other:?}",
+                        row.contact_id
+                    ))
+                }
+            };
+            match serde_json::from_str::<SkipDetail>(&row.detail) {
+                Ok(s) if s.from >= 1 && s.from <= s.to => Ok(Fact::Skip(Skip {
+                    contact_id: row.contact_id,
+                    from: s.from,
+                    to: s.to,
+                    cause,
+                    at_ms: row.at_ms,
+                })),
+                _ => Err(format!(
+                    "contact {}: skipped row with unreadable detail {:?}",
+                    row.contact_id, row.detail
+                )),
+            }
+        }
+        "released" => {
+            // The sequencer's `Release` in Debug form: `Resume` or `SkipTo(n)`.
+            let skip_to = match row.detail.as_str() {
+                "Resume" => None,
+                d => match d
+                    .strip_prefix("SkipTo(")
+                    .and_then(|r| r.strip_suffix(')'))
+                    .and_then(|n| n.parse().ok())
+                {
+                    Some(n) => Some(n),
+                    None => {
+                        return Err(format!(
+                            "contact {}: released row with unreadable detail {d:?}",
+                            row.contact_id
+                        ))
+                    }
+                },
+            };
+            Ok(Fact::Release(Release {
+                contact_id: row.contact_id,
+                skip_to,
+                at_ms: row.at_ms,
+            }))
+        }
+        "resubmitted" => Ok(Fact::Resubmission(Resubmission {
+            intent_id: row.intent_id,
+            at_ms: row.at_ms,
+        })),
+        other => Err(format!("audit row with unexpected state {other:?}")),
+    }
+}
+
+/// A `cc_contact` row as selected by [`read_contacts`].
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct ContactRow {
+    contact_id: String,
+    partition: i32,
+    batch_no: i64,
+    state: serde_json::Value,
+    prev_batch_no: Option<i64>,
+    prev_state: Option<serde_json::Value>,
+}
+
+/// Contacts with waiting intents or a hold, as of their last committed batch (what a restore
+/// would load).
+async fn read_contacts(
+    tx: &mut sqlx::PgConnection,
+    topic: &str,
+    committed: &BTreeMap<i32, CommittedOffset>,
+    store: &mut Store,
+) -> anyhow::Result<()> {
+    let mut rows = sqlx::query_as::<_, ContactRow>(
+        "SELECT contact_id, partition, batch_no, state, prev_batch_no, prev_state
+           FROM cc_contact
+          WHERE topic = $1
+            AND (waiting > 0 OR on_hold
+                 OR coalesce(jsonb_array_length(prev_state -> 'waiting'), 0) > 0
+                 OR jsonb_typeof(prev_state -> 'hold') = 'object')",
+    )
+    .bind(topic)
+    .fetch(&mut *tx);
+    while let Some(row) = rows.try_next().await? {
+        let state = if is_committed(committed, row.partition, row.batch_no) {
+            row.state
+        } else {
+            match (row.prev_batch_no, row.prev_state) {
+                (Some(b), Some(s)) if is_committed(committed, row.partition, b) => s,
+                // First written by a batch that has not committed: not there yet.
+                _ => continue,
+            }
+        };
+        match crate::store::snapshot::decode(state) {
+            Ok(s) if s.hold.is_some() || !s.waiting.is_empty() => {
+                store.contacts.push(ContactState {
+                    on_hold: s.hold.is_some(),
+                    waiting: s
+                        .waiting
+                        .into_iter()
+                        .map(|w| WaitingIntent {
+                            source: (
+                                w.intent.payload.record.partition,
+                                w.intent.payload.record.offset,
+                            ),
+                            intent_id: w.intent.meta.intent_id,
+                            commit_sequence: w.commit_sequence,
+                        })
+                        .collect(),
+                    contact_id: s.contact_id,
+                })
+            }
+            Ok(_) => {}
+            Err(e) => store.unreadable.push(format!(
+                "contact {}: {e}; its waiting intents are unknown",
+                row.contact_id
+            )),
+        }
+    }
+    Ok(())
+}
+
+/// Runs a future to completion from blocking code.
+fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => Ok(handle.block_on(f)),
+        Err(_) => Ok(tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime for PostgreSQL")?
+            .block_on(f)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(to_state: &str, reason: &str, detail: &str) -> TransitionRow {
+        TransitionRow {
+            partition: 1,
+            batch_no: 3,
+            source_offset: 7,
+            intent_id: "i".into(),
+            contact_id: "c".into(),
+            to_state: to_state.into(),
+            reason: reason.into(),
+            commit_sequence: 4,
+            detail: detail.into(),
+            at_ms: 99,
+        }
+    }
+
+    #[test]
+    fn audit_rows_map_to_facts() {
+        assert_eq!(
+            fact(row("committed_causal", "", ""), true),
+            Ok(Fact::Outcome(AuditRecord {
+                source: (1, 7),
+                intent_id: "i".into(),
+                contact_id: "c".into(),
+                outcome: AuditOutcome::Committed,
+                reason: String::new(),
+                commit_sequence: 4,
+                before_outputs: true,
+            }))
+        );
+        assert!(matches!(
+            fact(row("blocked_conflict", "VERSION_CONFLICT", ""), false),
+            Ok(Fact::Outcome(AuditRecord {
+                outcome: AuditOutcome::Reviewed,
+                before_outputs: false,
+                ..
+            }))
+        ));
+        assert_eq!(
+            fact(row("skipped", "OPERATOR", r#"{"from":2,"to":5}"#), true),
+            Ok(Fact::Skip(Skip {
+                contact_id: "c".into(),
+                from: 2,
+                to: 5,
+                cause: SkipCause::Operator,
+                at_ms: 99
+            }))
+        );
+        assert_eq!(
+            fact(row("released", "OPERATOR", "SkipTo(6)"), true),
+            Ok(Fact::Release(Release {
+                contact_id: "c".into(),
+                skip_to: Some(6),
+                at_ms: 99
+            }))
+        );
+        assert_eq!(
+            fact(row("released", "OPERATOR", "Resume"), true),
+            Ok(Fact::Release(Release {
+                contact_id: "c".into(),
+                skip_to: None,
+                at_ms: 99
+            }))
+        );
+        assert_eq!(
+            fact(row("resubmitted", "OPERATOR", ""), true),
+            Ok(Fact::Resubmission(Resubmission {
+                intent_id: "i".into(),
+                at_ms: 99
+            }))
+        );
+    }
+
+    #[test]
+    fn unreadable_audit_rows_are_reported_not_guessed() {
+        for bad in [
+            row("skipped", "WAIT_TIMEOUT", "{}"),
+            row("skipped", "WAIT_TIMEOUT", r#"{"from":5,"to":2}"#),
+            row("skipped", "SOMETHING", r#"{"from":1,"to":2}"#),
+            row("released", "OPERATOR", "SkipTo(x)"),
+        ] {
+            assert!(fact(bad.clone(), true).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_rows_of_batches_up_to_the_recovery_point_are_committed() {
+        let points = BTreeMap::from([(
+            0,
+            CommittedOffset {
+                offset: 10,
+                batch: 4,
+            },
+        )]);
+        assert!(is_committed(&points, 0, 4));
+        assert!(!is_committed(&points, 0, 5));
+        assert!(
+            !is_committed(&points, 1, 1),
+            "no recovery point: nothing committed"
+        );
+    }
+}

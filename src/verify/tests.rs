@@ -1,0 +1,1164 @@
+//! The check on hand-built worlds: a clean one passes, and each violation kind is reported,
+//! alone and exactly, on the smallest run that commits it.
+
+use std::collections::BTreeMap;
+
+use prost::Message as _;
+
+use super::*;
+use crate::config::LimitsConfig;
+use crate::proto::{Action, Intent, ManualReview, ReviewReason, SideEffect};
+use crate::sequencer::{TimeoutPolicy, MAX_SEQUENCE};
+
+use ReviewReason::{
+    ContactBacklogOverflow as Overflow, ContactOnHold as OnHold, IdempotencyConflict as Idem,
+    InvalidIntent as Invalid, SequenceConflict as SeqConflict, VersionConflict as VerConflict,
+    WaitTimeout as Timeout,
+};
+
+const T0: i64 = 1_700_000_000_000;
+const TIMEOUT: u64 = 300_000;
+const GARBAGE: [u8; 4] = [0xff, 0xff, 0xff, 0x01];
+
+fn intent(id: &str, contact: &str, seq: u64) -> Intent {
+    Intent {
+        intent_id: id.into(),
+        contact_id: contact.into(),
+        clinic_id: "clinic-1".into(),
+        correlation_id: format!("corr-{id}"),
+        dispatch_priority: 3,
+        causal_sequence: seq,
+        expected_version: 0,
+        action: Action::Book as i32,
+        payload: format!("payload-{id}").into_bytes().into(),
+        created_at_ms: T0,
+    }
+}
+
+/// A world under construction: records are produced and decided at `now`.
+struct W {
+    o: Observed,
+    now: i64,
+}
+
+impl W {
+    fn new() -> W {
+        W {
+            o: Observed {
+                settings: Settings {
+                    wait_timeout_ms: TIMEOUT,
+                    on_timeout: TimeoutPolicy::Hold,
+                    max_pending_per_contact: 2,
+                    limits: LimitsConfig::default(),
+                },
+                intents_topic: "intents".into(),
+                ..Observed::default()
+            },
+            now: T0,
+        }
+    }
+
+    fn later(&mut self, ms: u64) {
+        self.now += ms as i64;
+    }
+
+    fn produce_raw(
+        &mut self,
+        partition: i32,
+        key: Option<&[u8]>,
+        value: Option<Vec<u8>>,
+    ) -> Position {
+        let offset = self
+            .o
+            .intents
+            .iter()
+            .filter(|r| r.partition == partition)
+            .count() as i64;
+        self.o.intents.push(InputRecord {
+            partition,
+            offset,
+            timestamp_ms: Some(self.now),
+            key: key.map(<[u8]>::to_vec),
+            value,
+        });
+        (partition, offset)
+    }
+
+    fn produce(&mut self, i: &Intent) -> Position {
+        self.produce_on(0, i)
+    }
+
+    fn produce_on(&mut self, partition: i32, i: &Intent) -> Position {
+        self.produce_raw(
+            partition,
+            Some(i.contact_id.as_bytes()),
+            Some(i.encode_to_vec()),
+        )
+    }
+
+    fn record(&self, pos: Position) -> &InputRecord {
+        self.o
+            .intents
+            .iter()
+            .find(|r| (r.partition, r.offset) == pos)
+            .expect("a produced record")
+    }
+
+    /// The effect the processor should emit for the intent at `pos`.
+    fn effect(&self, pos: Position, seq: u64, version: u64) -> SideEffect {
+        let i = Intent::decode(self.record(pos).value.as_deref().unwrap()).unwrap();
+        SideEffect {
+            intent_id: i.intent_id,
+            contact_id: i.contact_id,
+            clinic_id: i.clinic_id,
+            correlation_id: i.correlation_id,
+            dispatch_priority: i.dispatch_priority,
+            action: i.action,
+            payload: i.payload,
+            created_at_ms: i.created_at_ms,
+            commit_sequence: seq,
+            contact_version: version,
+            committed_at_ms: self.now,
+            fencing_token: 1,
+            sequence_from_producer: i.causal_sequence > 0,
+        }
+    }
+
+    /// Emits an effect on side-effects `partition`, without its audit row.
+    fn emit(&mut self, partition: i32, e: &SideEffect) {
+        let offset = self
+            .o
+            .effects
+            .iter()
+            .filter(|r| r.partition == partition)
+            .count() as i64;
+        self.o.effects.push(OutputRecord {
+            partition,
+            offset,
+            value: Some(e.encode_to_vec()),
+        });
+    }
+
+    fn audit_effect(&mut self, pos: Position, e: &SideEffect) {
+        self.o.audit.push(AuditRecord {
+            source: pos,
+            intent_id: e.intent_id.clone(),
+            contact_id: e.contact_id.clone(),
+            outcome: AuditOutcome::Committed,
+            reason: String::new(),
+            commit_sequence: e.commit_sequence,
+            before_outputs: true,
+        });
+    }
+
+    /// Commits the intent at `pos` as `seq`, its contact's effect number `version`, audited.
+    fn commit_v(&mut self, pos: Position, seq: u64, version: u64) -> SideEffect {
+        let e = self.effect(pos, seq, version);
+        self.audit_effect(pos, &e);
+        self.emit(0, &e);
+        e
+    }
+
+    /// Commits the intent at `pos` as `seq`, with no resolution below it but effects.
+    fn commit(&mut self, pos: Position, seq: u64) -> SideEffect {
+        self.commit_v(pos, seq, seq)
+    }
+
+    /// The manual-review record the processor should emit for the record at `pos`.
+    fn review_of(
+        &self,
+        pos: Position,
+        reason: ReviewReason,
+        expected: u64,
+        received: u64,
+    ) -> ManualReview {
+        let rec = self.record(pos);
+        let partial = rec.value.as_deref().and_then(|v| Intent::decode(v).ok());
+        ManualReview {
+            original_value: rec.value.clone().unwrap_or_default().into(),
+            original_key: rec.key.clone().unwrap_or_default().into(),
+            reason: reason as i32,
+            detail: "why".into(),
+            intent_id: partial
+                .as_ref()
+                .map(|i| i.intent_id.clone())
+                .unwrap_or_default(),
+            contact_id: partial
+                .as_ref()
+                .map(|i| i.contact_id.clone())
+                .unwrap_or_default(),
+            expected_sequence: expected,
+            received_sequence: received,
+            source_topic: "intents".into(),
+            source_partition: pos.0,
+            source_offset: pos.1,
+            reviewed_at_ms: self.now,
+            fencing_token: 1,
+            ..ManualReview::default()
+        }
+    }
+
+    /// Emits a manual-review record, without its audit row.
+    fn emit_review(&mut self, r: &ManualReview) {
+        let offset = self.o.reviews.len() as i64;
+        self.o.reviews.push(OutputRecord {
+            partition: 0,
+            offset,
+            value: Some(r.encode_to_vec()),
+        });
+    }
+
+    /// Sends the record at `pos` to manual review, audited.
+    fn review(&mut self, pos: Position, reason: ReviewReason, expected: u64, received: u64) {
+        let r = self.review_of(pos, reason, expected, received);
+        self.o.audit.push(AuditRecord {
+            source: pos,
+            intent_id: r.intent_id.clone(),
+            contact_id: r.contact_id.clone(),
+            outcome: AuditOutcome::Reviewed,
+            reason: reason.as_str_name().into(),
+            commit_sequence: received,
+            before_outputs: true,
+        });
+        self.emit_review(&r);
+    }
+
+    fn skip(&mut self, contact: &str, from: u64, to: u64, cause: SkipCause) {
+        self.o.skips.push(Skip {
+            contact_id: contact.into(),
+            from,
+            to,
+            cause,
+            at_ms: self.now,
+        });
+    }
+
+    fn release(&mut self, contact: &str, skip_to: Option<u64>) {
+        self.o.releases.push(Release {
+            contact_id: contact.into(),
+            skip_to,
+            at_ms: self.now,
+        });
+    }
+
+    fn contact(&mut self, contact: &str) -> &mut ContactState {
+        if let Some(i) = self.o.contacts.iter().position(|c| c.contact_id == contact) {
+            return &mut self.o.contacts[i];
+        }
+        self.o.contacts.push(ContactState {
+            contact_id: contact.into(),
+            ..ContactState::default()
+        });
+        self.o.contacts.last_mut().unwrap()
+    }
+
+    /// The intent at `pos` waits in slot `seq`.
+    fn wait(&mut self, pos: Position, seq: u64) {
+        let i = Intent::decode(self.record(pos).value.as_deref().unwrap()).unwrap();
+        self.contact(&i.contact_id).waiting.push(WaitingIntent {
+            intent_id: i.intent_id,
+            commit_sequence: seq,
+            source: pos,
+        });
+    }
+
+    fn check(&self) -> Report {
+        check(&self.o, &Options::default())
+    }
+
+    fn check_allowing_waiting(&self) -> Report {
+        check(
+            &self.o,
+            &Options {
+                prefix: String::new(),
+                allow_waiting: true,
+            },
+        )
+    }
+}
+
+/// Exactly `n` violations of `kind` and none of any other kind; every example is of `kind`.
+#[track_caller]
+fn assert_only(r: &Report, kind: Kind, n: usize) {
+    for k in Kind::ALL {
+        let expected = if k == kind { n } else { 0 };
+        assert_eq!(r.count(k), expected, "{}: {:#?}", k.field(), r);
+    }
+    assert!(!r.ok);
+    let tag = format!("({})", kind.tag());
+    assert!(
+        !r.violations.is_empty() && r.violations.iter().all(|v| v.ends_with(&tag)),
+        "{:#?}",
+        r.violations
+    );
+}
+
+#[track_caller]
+fn assert_clean(r: &Report) {
+    assert_eq!(r.violation_counts(), vec![], "{:#?}", r.violations);
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+}
+
+#[track_caller]
+fn assert_ok(r: &Report) {
+    assert_clean(r);
+    assert!(r.ok, "{r:#?}");
+}
+
+#[track_caller]
+fn has(r: &Report, needle: &str) {
+    assert!(
+        r.violations.iter().any(|v| v.contains(needle)),
+        "no violation like {needle:?} in {:#?}",
+        r.violations
+    );
+}
+
+/// Strict contact c1 produced out of order with a retry; assigned contact c2; an invalid
+/// record; a version conflict; an id reused with other content; a sequence conflict.
+fn clean_world() -> W {
+    let mut w = W::new();
+    let a2 = w.produce(&intent("a2", "c1", 2));
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    w.produce(&intent("a1", "c1", 1));
+    let a3 = w.produce(&intent("a3", "c1", 3));
+    w.commit(a1, 1);
+    w.commit(a2, 2);
+    w.commit(a3, 3);
+
+    let b1 = w.produce(&intent("b1", "c2", 0));
+    let b2 = w.produce(&intent("b2", "c2", 0));
+    w.commit(b1, 1);
+    w.commit(b2, 2);
+
+    let g = w.produce_raw(0, Some(b"g1"), Some(GARBAGE.to_vec()));
+    w.review(g, Invalid, 0, 0);
+
+    let mut guarded = intent("d1", "c3", 1);
+    guarded.expected_version = 5;
+    let d1 = w.produce(&guarded);
+    w.review(d1, VerConflict, 1, 1);
+    let d2 = w.produce(&intent("d2", "c3", 2));
+    w.commit_v(d2, 2, 1);
+
+    let e1 = w.produce(&intent("e1", "c4", 0));
+    w.commit(e1, 1);
+    let mut other = intent("e1", "c4", 0);
+    other.payload = b"something else".to_vec().into();
+    let e1b = w.produce(&other);
+    w.review(e1b, Idem, 0, 0);
+
+    let f1 = w.produce(&intent("f1", "c5", 1));
+    w.commit(f1, 1);
+    let f2 = w.produce(&intent("f2", "c5", 1));
+    w.review(f2, SeqConflict, 2, 1);
+    w
+}
+
+#[test]
+fn a_clean_world_is_ok_with_exact_counts() {
+    let w = clean_world();
+    let r = w.check();
+    assert_ok(&r);
+    assert_eq!(
+        (
+            r.intents,
+            r.records,
+            r.invalid_records,
+            r.committed,
+            r.blocked
+        ),
+        (10, 13, 1, 8, 3)
+    );
+    assert_eq!(
+        r.manual_review,
+        BTreeMap::from([
+            ("IDEMPOTENCY_CONFLICT".to_string(), 1),
+            ("INVALID_INTENT".to_string(), 1),
+            ("SEQUENCE_CONFLICT".to_string(), 1),
+            ("VERSION_CONFLICT".to_string(), 1),
+        ])
+    );
+    assert_eq!(r.pending(), (0, 0, 0));
+    assert_eq!(r.summary(), "the contract holds");
+}
+
+#[test]
+fn reorders_within_a_partition_and_across_partitions() {
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    let a2 = w.produce(&intent("a2", "c1", 2));
+    let a3 = w.produce(&intent("a3", "c1", 3));
+    w.commit(a1, 1);
+    w.commit(a3, 3);
+    w.commit(a2, 2);
+    let r = w.check();
+    assert_only(&r, Kind::Reorder, 1);
+    has(&r, "contact c1: sequence 2 after 3");
+
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    let a2 = w.produce(&intent("a2", "c1", 2));
+    let a3 = w.produce(&intent("a3", "c1", 3));
+    w.commit(a1, 1);
+    let e = w.effect(a2, 2, 2);
+    w.audit_effect(a2, &e);
+    w.emit(1, &e);
+    w.commit(a3, 3);
+    let r = w.check();
+    assert_only(&r, Kind::Reorder, 1);
+    has(&r, "sequence 2 on side-effects partition 1");
+}
+
+#[test]
+fn duplicate_effects_of_one_intent_or_one_sequence() {
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    let e = w.commit(a1, 1);
+    w.emit(0, &e);
+    let r = w.check();
+    assert_only(&r, Kind::Duplicate, 1);
+    has(&r, "intent a1: 2 effects");
+
+    let mut w = W::new();
+    let b1 = w.produce(&intent("b1", "c2", 0));
+    let b2 = w.produce(&intent("b2", "c2", 0));
+    w.commit(b1, 1);
+    w.commit_v(b2, 1, 1);
+    let r = w.check();
+    assert_only(&r, Kind::Duplicate, 1);
+    has(&r, "contact c2: sequence 1 committed by 2 intents (b1, b2)");
+}
+
+#[test]
+fn a_gap_below_an_effect_is_reported_even_when_its_slot_went_to_manual_review() {
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    let a3 = w.produce(&intent("a3", "c1", 3));
+    w.commit(a1, 1);
+    w.commit_v(a3, 3, 2);
+    let r = w.check();
+    assert_only(&r, Kind::Gap, 1);
+    has(&r, "contact c1: sequence 2 is unresolved");
+
+    // R3: sequence 3 timed out (slot unresolved), yet 4 was released past it.
+    let mut w = W::new();
+    let s1 = w.produce(&intent("s1", "c1", 1));
+    w.commit(s1, 1);
+    let s3 = w.produce(&intent("s3", "c1", 3));
+    w.later(TIMEOUT + 1);
+    w.review(s3, Timeout, 2, 3);
+    let s4 = w.produce(&intent("s4", "c1", 4));
+    w.commit_v(s4, 4, 2);
+    let r = w.check();
+    assert_only(&r, Kind::Gap, 2);
+    has(&r, "sequences 2..=3 are unresolved");
+    has(
+        &r,
+        "sequence 3 went to manual review (WAIT_TIMEOUT) and was never resolved",
+    );
+
+    // The same slot resolved by an operator's skip is no gap.
+    w.release("c1", Some(4));
+    w.skip("c1", 2, 3, SkipCause::Operator);
+    assert_clean(&w.check());
+}
+
+#[test]
+fn strict_sequences_must_be_the_producers() {
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    let mut e = w.effect(a1, 1, 1);
+    e.sequence_from_producer = false;
+    w.audit_effect(a1, &e);
+    w.emit(0, &e);
+    let r = w.check();
+    assert_only(&r, Kind::SequenceMismatch, 1);
+
+    // Two effects swapped but labelled consistently.
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    let a2 = w.produce(&intent("a2", "c1", 2));
+    w.commit(a2, 1);
+    w.commit(a1, 2);
+    let r = w.check();
+    assert_only(&r, Kind::SequenceMismatch, 2);
+    has(&r, "intent a2: causal_sequence 2, committed as sequence 1");
+
+    let mut w = W::new();
+    let b1 = w.produce(&intent("b1", "c2", 0));
+    let mut e = w.effect(b1, 1, 1);
+    e.sequence_from_producer = true;
+    w.audit_effect(b1, &e);
+    w.emit(0, &e);
+    assert_only(&w.check(), Kind::SequenceMismatch, 1);
+}
+
+#[test]
+fn assigned_sequences_follow_the_input_partitions_order() {
+    let mut w = W::new();
+    let b1 = w.produce(&intent("b1", "c2", 0));
+    let b2 = w.produce(&intent("b2", "c2", 0));
+    w.commit(b2, 1);
+    w.commit(b1, 2);
+    let r = w.check();
+    assert_only(&r, Kind::AssignedOrder, 1);
+    has(
+        &r,
+        "intent b2 (intents 0/1) committed as sequence 1, below sequence 2 of intent b1",
+    );
+
+    // From two input partitions (the topic grew, or another partitioner): no order between them.
+    let mut w = W::new();
+    let b1 = w.produce_on(0, &intent("b1", "c2", 0));
+    let b2 = w.produce_on(1, &intent("b2", "c2", 0));
+    w.commit(b2, 1);
+    w.commit(b1, 2);
+    assert_ok(&w.check());
+}
+
+#[test]
+fn effects_and_reviews_carry_their_intents_content() {
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    let mut e = w.effect(a1, 1, 1);
+    e.payload = b"tampered".to_vec().into();
+    w.audit_effect(a1, &e);
+    w.emit(0, &e);
+    let r = w.check();
+    assert_only(&r, Kind::ContentMismatch, 1);
+    has(
+        &r,
+        "intent a1: effect 0/0 differs from the intent in payload",
+    );
+
+    // The effect carries the content of a record that reused the id, not the original's.
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    let mut other = intent("a1", "c1", 1);
+    other.action = Action::Cancel as i32;
+    let a1b = w.produce(&other);
+    w.review(a1b, Idem, 0, 0);
+    let e = w.effect(a1b, 1, 1);
+    w.audit_effect(a1, &e);
+    w.emit(0, &e);
+    let r = w.check();
+    assert_only(&r, Kind::ContentMismatch, 1);
+    has(&r, "differs from the intent in action");
+
+    let mut w = W::new();
+    let g = w.produce_raw(0, Some(b"g1"), Some(GARBAGE.to_vec()));
+    let mut r = w.review_of(g, Invalid, 0, 0);
+    r.original_value = Default::default();
+    w.o.audit.push(AuditRecord {
+        source: g,
+        intent_id: String::new(),
+        contact_id: String::new(),
+        outcome: AuditOutcome::Reviewed,
+        reason: "INVALID_INTENT".into(),
+        commit_sequence: 0,
+        before_outputs: true,
+    });
+    w.emit_review(&r);
+    let r = w.check();
+    assert_only(&r, Kind::ContentMismatch, 1);
+    has(&r, "does not carry the original record");
+}
+
+#[test]
+fn contact_version_counts_the_contacts_effects() {
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    let a2 = w.produce(&intent("a2", "c1", 2));
+    w.commit(a1, 1);
+    w.commit_v(a2, 2, 3);
+    let r = w.check();
+    assert_only(&r, Kind::VersionMismatch, 1);
+    has(
+        &r,
+        "intent a2: contact c1 version 3 after sequence 2, which is its effect number 2",
+    );
+}
+
+#[test]
+fn every_intent_and_record_needs_an_outcome() {
+    let mut w = W::new();
+    w.produce(&intent("u1", "c1", 0));
+    let r = w.check();
+    assert_only(&r, Kind::Lost, 1);
+    assert_eq!(
+        r.violations,
+        vec!["intent u1 (intents 0/0): no outcome; the processor group has committed nothing on this partition (lost)"]
+    );
+    w.o.committed.insert(
+        0,
+        CommittedOffset {
+            offset: 1,
+            batch: 1,
+        },
+    );
+    let r = w.check();
+    assert_eq!(
+        r.violations,
+        vec!["intent u1 (intents 0/0): no outcome (lost)"]
+    );
+
+    let mut w = W::new();
+    w.produce_raw(0, Some(b"g1"), Some(GARBAGE.to_vec()));
+    w.produce_raw(0, Some(b"g2"), None);
+    let r = w.check();
+    assert_only(&r, Kind::Lost, 2);
+    has(&r, "invalid record intents 0/1 (key \"g2\", record has no value (tombstone)): no INVALID_INTENT review");
+
+    // A record reusing an id with other content needs its own review.
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    w.commit(a1, 1);
+    let mut other = intent("a1", "c1", 1);
+    other.payload = b"other".to_vec().into();
+    w.produce(&other);
+    let r = w.check();
+    assert_only(&r, Kind::Lost, 1);
+    has(&r, "intent a1 (intents 0/1): reuses the id with other content and has no IDEMPOTENCY_CONFLICT review");
+
+    // The conflicting record's review names the id, but is not the original's outcome.
+    let mut w = W::new();
+    w.produce(&intent("a1", "c1", 1));
+    let a1b = w.produce(&other);
+    w.review(a1b, Idem, 0, 0);
+    let r = w.check();
+    assert_only(&r, Kind::Lost, 1);
+    has(&r, "intent a1 (intents 0/0): no outcome");
+}
+
+#[test]
+fn an_effect_of_an_intent_never_read_is_a_phantom() {
+    let mut w = W::new();
+    let e = SideEffect {
+        intent_id: "ghost".into(),
+        contact_id: "c9".into(),
+        commit_sequence: 1,
+        contact_version: 1,
+        ..SideEffect::default()
+    };
+    w.audit_effect((0, 99), &e);
+    w.emit(0, &e);
+    let r = w.check();
+    assert_only(&r, Kind::EffectWithoutIntent, 1);
+    has(
+        &r,
+        "intent ghost: effect (contact c9, sequence 1) for an intent never consumed",
+    );
+}
+
+#[test]
+fn outputs_that_are_not_usable_records_are_malformed() {
+    let bad_effects: [Option<Vec<u8>>; 3] = [
+        None,
+        Some(GARBAGE.to_vec()),
+        Some(
+            SideEffect {
+                intent_id: "i".into(),
+                contact_id: "c".into(),
+                ..SideEffect::default()
+            }
+            .encode_to_vec(),
+        ),
+    ];
+    for value in bad_effects {
+        let mut w = W::new();
+        w.o.effects.push(OutputRecord {
+            partition: 0,
+            offset: 0,
+            value,
+        });
+        assert_only(&w.check(), Kind::Malformed, 1);
+    }
+    for value in [None, Some(GARBAGE.to_vec())] {
+        let mut w = W::new();
+        w.o.reviews.push(OutputRecord {
+            partition: 0,
+            offset: 0,
+            value,
+        });
+        assert_only(&w.check(), Kind::Malformed, 1);
+    }
+    // A review pointing at no input record, and one without a reason.
+    let mut w = W::new();
+    let g = w.produce_raw(0, Some(b"g1"), Some(GARBAGE.to_vec()));
+    w.review(g, Invalid, 0, 0);
+    let mut nowhere = w.review_of(g, Invalid, 0, 0);
+    nowhere.source_offset = 7;
+    w.emit_review(&nowhere);
+    let r = w.check();
+    assert_only(&r, Kind::Malformed, 1);
+    has(
+        &r,
+        "points at intents 0/7, which is no record of the intents topic",
+    );
+    let mut w = W::new();
+    let g = w.produce_raw(0, Some(b"g1"), Some(GARBAGE.to_vec()));
+    w.review(g, Invalid, 0, 0);
+    let mut unspecified = w.review_of(g, Invalid, 0, 0);
+    unspecified.reason = 0;
+    w.emit_review(&unspecified);
+    assert_only(&w.check(), Kind::Malformed, 1);
+}
+
+#[test]
+fn a_record_reviewed_twice_is_duplicate_output() {
+    let mut w = W::new();
+    let g = w.produce_raw(0, Some(b"g1"), Some(GARBAGE.to_vec()));
+    w.review(g, Invalid, 0, 0);
+    let again = w.review_of(g, Invalid, 0, 0);
+    w.emit_review(&again);
+    let r = w.check();
+    assert_only(&r, Kind::DuplicateReview, 1);
+    has(
+        &r,
+        "intents 0/0: 2 manual-review records (INVALID_INTENT, INVALID_INTENT)",
+    );
+}
+
+/// c1: s2 waits for 1 from T0; the timeout sends it (and s3, produced later) to review; the
+/// contact is held, so s4 goes to review too.
+fn timed_out_world() -> (W, Position) {
+    let mut w = W::new();
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    w.later(TIMEOUT - 10);
+    let s3 = w.produce(&intent("s3", "c1", 3));
+    w.later(11);
+    w.review(s2, Timeout, 1, 2);
+    w.review(s3, Timeout, 1, 3);
+    w.contact("c1").on_hold = true;
+    w.later(5);
+    let s4 = w.produce(&intent("s4", "c1", 4));
+    w.review(s4, OnHold, 0, 4);
+    (w, s4)
+}
+
+#[test]
+fn a_justified_wait_timeout_and_hold_are_pending_work_not_violations() {
+    let (w, _) = timed_out_world();
+    let r = w.check();
+    assert_clean(&r);
+    assert_eq!(r.pending(), (0, 3, 1));
+    assert!(!r.ok, "a held contact is unfinished work");
+    assert!(r
+        .summary()
+        .starts_with("work is still pending: 3 unresolved_slots, 1 held_contacts"));
+    assert!(w.check_allowing_waiting().ok);
+}
+
+#[test]
+fn wait_timeout_reviews_must_be_justified() {
+    // Not more than wait_timeout after the oldest intent it sent to review was produced.
+    let mut w = W::new();
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    w.later(TIMEOUT);
+    w.review(s2, Timeout, 1, 2);
+    let r = w.check_allowing_waiting();
+    assert_only(&r, Kind::ManualReviewUnjustified, 1);
+    has(
+        &r,
+        "produced 300000 ms before it, not more than wait_timeout",
+    );
+
+    // The missing sequence had committed before.
+    let mut w = W::new();
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    let s1 = w.produce(&intent("s1", "c1", 1));
+    w.commit(s1, 1);
+    w.later(TIMEOUT + 1);
+    w.review(s2, Timeout, 1, 2);
+    let r = w.check_allowing_waiting();
+    assert_only(&r, Kind::ManualReviewUnjustified, 1);
+    has(&r, "sequence 1 was resolved before the review");
+
+    // A missing sequence that is not below the intent's own slot.
+    let mut w = W::new();
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    w.later(TIMEOUT + 1);
+    w.review(s2, Timeout, 2, 2);
+    assert_only(
+        &w.check_allowing_waiting(),
+        Kind::ManualReviewUnjustified,
+        1,
+    );
+
+    // Under the skip policy timeouts skip, they do not review.
+    let (mut w, _) = timed_out_world();
+    w.o.settings.on_timeout = TimeoutPolicy::Skip;
+    let r = w.check_allowing_waiting();
+    assert_only(&r, Kind::ManualReviewUnjustified, 2);
+    has(&r, "the timeout policy is skip");
+}
+
+#[test]
+fn contact_on_hold_reviews_need_an_unreleased_hold() {
+    let mut w = W::new();
+    let s1 = w.produce(&intent("s1", "c1", 1));
+    w.review(s1, OnHold, 0, 1);
+    let r = w.check_allowing_waiting();
+    assert_only(&r, Kind::ManualReviewUnjustified, 1);
+    has(&r, "contact c1 was never put on hold before it");
+
+    // Released between the hold and the review.
+    let mut w = W::new();
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    w.later(TIMEOUT + 1);
+    w.review(s2, Timeout, 1, 2);
+    w.later(1);
+    w.release("c1", None);
+    w.later(1);
+    let s3 = w.produce(&intent("s3", "c1", 3));
+    w.review(s3, OnHold, 0, 3);
+    let r = w.check_allowing_waiting();
+    assert_only(&r, Kind::ManualReviewUnjustified, 1);
+    has(
+        &r,
+        "contact c1 was released after its hold and before the review",
+    );
+}
+
+#[test]
+fn version_conflicts_need_a_stale_expected_version() {
+    for expected in [0, 1] {
+        let mut w = W::new();
+        let a1 = w.produce(&intent("a1", "c1", 1));
+        w.commit(a1, 1);
+        let mut guarded = intent("a2", "c1", 2);
+        guarded.expected_version = expected;
+        let a2 = w.produce(&guarded);
+        w.review(a2, VerConflict, 2, 2);
+        let r = w.check();
+        assert_only(&r, Kind::ManualReviewUnjustified, 1);
+    }
+}
+
+#[test]
+fn sequence_conflicts_need_a_resolved_or_owned_slot() {
+    let mut w = W::new();
+    let a5 = w.produce(&intent("a5", "c1", 5));
+    w.review(a5, SeqConflict, 1, 5);
+    let r = w.check();
+    assert_only(&r, Kind::ManualReviewUnjustified, 1);
+    has(
+        &r,
+        "sequence 5 was neither resolved nor claimed by another intent",
+    );
+
+    // Owned by another waiting intent: justified.
+    let mut w = W::new();
+    let a5 = w.produce(&intent("a5", "c1", 5));
+    w.wait(a5, 5);
+    let b5 = w.produce(&intent("b5", "c1", 5));
+    w.review(b5, SeqConflict, 1, 5);
+    assert_ok(&w.check_allowing_waiting());
+}
+
+#[test]
+fn idempotency_and_invalid_intent_reviews_must_hold() {
+    // A retry with the same content is a duplicate, not a conflict.
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    w.commit(a1, 1);
+    let retry = w.produce(&intent("a1", "c1", 1));
+    w.review(retry, Idem, 0, 0);
+    let r = w.check();
+    assert_only(&r, Kind::ManualReviewUnjustified, 1);
+    has(&r, "no record of intent a1 has other content before it");
+
+    // A valid intent is not invalid.
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    w.commit(a1, 1);
+    let retry = w.produce(&intent("a1", "c1", 1));
+    w.review(retry, Invalid, 0, 0);
+    let r = w.check();
+    assert_only(&r, Kind::ManualReviewUnjustified, 1);
+    has(&r, "intent a1 is valid");
+
+    // A sequence the stores cannot hold is invalid, though it decodes.
+    let mut w = W::new();
+    let huge = w.produce(&intent("h1", "c1", MAX_SEQUENCE + 1));
+    w.review(huge, Invalid, 0, MAX_SEQUENCE + 1);
+    assert_ok(&w.check());
+
+    // Any reason but INVALID_INTENT for a record that is no intent.
+    let mut w = W::new();
+    let g = w.produce_raw(0, Some(b"g1"), Some(GARBAGE.to_vec()));
+    w.review(g, Invalid, 0, 0);
+    w.review(g, Timeout, 1, 2);
+    let r = w.check();
+    assert_eq!(r.manual_review_unjustified, 1, "{r:#?}");
+    has(
+        &r,
+        "the record is not a valid intent (manual review unjustified)",
+    );
+}
+
+#[test]
+fn backlog_overflows_need_a_full_backlog_behind_a_gap() {
+    // max_pending_per_contact = 2: two waiting behind the missing 1, and the newcomer.
+    let overflow = |resolved_first: bool, evicted: &[(&str, u64)]| {
+        let mut w = W::new();
+        if resolved_first {
+            let s1 = w.produce(&intent("s1", "c1", 1));
+            let s2 = w.produce(&intent("s2", "c1", 2));
+            w.commit(s1, 1);
+            w.commit(s2, 2);
+            w.later(1);
+        }
+        for (id, seq) in evicted {
+            let p = w.produce(&intent(id, "c1", *seq));
+            w.review(p, Overflow, 0, *seq);
+        }
+        w
+    };
+    let all = [("o3", 3), ("o4", 4), ("o5", 5)];
+    let w = overflow(false, &all);
+    let r = w.check_allowing_waiting();
+    assert_ok(&r);
+    assert_eq!(r.unresolved_slots, 3);
+
+    let r = overflow(false, &all[1..]).check_allowing_waiting();
+    assert_only(&r, Kind::ManualReviewUnjustified, 2);
+    has(
+        &r,
+        "2 intents overflowed together, not max_pending_per_contact (2) waiting plus one",
+    );
+
+    let r = overflow(true, &all).check_allowing_waiting();
+    assert_only(&r, Kind::ManualReviewUnjustified, 3);
+    has(
+        &r,
+        "every sequence below 3 was resolved: the contact had no gap",
+    );
+}
+
+#[test]
+fn a_reason_the_verifier_does_not_know_is_unjustified() {
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    let mut r = w.review_of(a1, Timeout, 0, 1);
+    r.reason = 99;
+    w.emit_review(&r);
+    w.o.audit.push(AuditRecord {
+        source: a1,
+        intent_id: "a1".into(),
+        contact_id: "c1".into(),
+        outcome: AuditOutcome::Reviewed,
+        reason: "99".into(),
+        commit_sequence: 1,
+        before_outputs: true,
+    });
+    let r = w.check();
+    assert_only(&r, Kind::ManualReviewUnjustified, 1);
+    has(&r, "reason 99 is unknown to the verifier");
+}
+
+/// s2 timed out waiting for 1; an operator skipped 1; s2 committed in slot 2.
+fn reopened_world() -> W {
+    let mut w = W::new();
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    w.later(TIMEOUT + 1);
+    w.review(s2, Timeout, 1, 2);
+    w.later(10);
+    w.release("c1", Some(2));
+    w.skip("c1", 1, 1, SkipCause::Operator);
+    w.later(10);
+    let again = w.produce(&intent("s2", "c1", 2));
+    w.commit_v(again, 2, 1);
+    w
+}
+
+#[test]
+fn a_decided_intent_is_reopened_only_by_an_operator() {
+    let mut w = reopened_world();
+    let r = w.check();
+    assert_only(&r, Kind::ReopenedWithoutOperator, 1);
+    has(&r, "intent s2: 2 outcomes (1 effect, 1 manual-review decisions, 0 waiting) with 0 operator re-submissions");
+
+    w.o.resubmissions.push(Resubmission {
+        intent_id: "s2".into(),
+        at_ms: w.now,
+    });
+    assert_ok(&w.check());
+}
+
+#[test]
+fn skips_need_their_policy_or_their_operator() {
+    let mut w = W::new();
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    w.later(TIMEOUT + 1);
+    w.skip("c1", 1, 1, SkipCause::WaitTimeout);
+    w.commit_v(s2, 2, 1);
+    let r = w.check();
+    assert_only(&r, Kind::SkipUnjustified, 1);
+    has(
+        &r,
+        "contact c1: sequences 1..=1 skipped by the wait timeout, but the timeout policy is hold",
+    );
+    w.o.settings.on_timeout = TimeoutPolicy::Skip;
+    assert_ok(&w.check());
+
+    let mut w = reopened_world();
+    w.o.resubmissions.push(Resubmission {
+        intent_id: "s2".into(),
+        at_ms: w.now,
+    });
+    // The operator resumed the contact: no release asked to skip anything.
+    w.o.releases[0].skip_to = None;
+    let r = w.check();
+    assert_only(&r, Kind::SkipUnjustified, 1);
+    has(
+        &r,
+        "skipped for an operator, but no release asked to skip to the next one",
+    );
+}
+
+#[test]
+fn outputs_and_the_audit_agree() {
+    // An effect without its row.
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    let e = w.effect(a1, 1, 1);
+    w.emit(0, &e);
+    let r = w.check();
+    assert_only(&r, Kind::AuditMismatch, 1);
+    has(
+        &r,
+        "intent a1: effect with sequence 1 has 0 committed_causal audit rows, not one",
+    );
+
+    // An effect audited twice.
+    w.audit_effect(a1, &e);
+    w.audit_effect(a1, &e);
+    assert_only(&w.check(), Kind::AuditMismatch, 1);
+
+    // A committed row, settled before the outputs were read, without its effect; the same
+    // row of a batch that committed while they were read is not evidence.
+    let mut w = W::new();
+    let a1 = w.produce(&intent("a1", "c1", 1));
+    w.wait(a1, 1);
+    let e = w.effect(a1, 1, 1);
+    w.audit_effect(a1, &e);
+    let r = w.check_allowing_waiting();
+    assert_only(&r, Kind::AuditMismatch, 1);
+    has(
+        &r,
+        "intent a1: audited as committed with sequence 1, but no such effect exists",
+    );
+    w.o.audit[0].before_outputs = false;
+    assert_ok(&w.check_allowing_waiting());
+
+    // A review without its row.
+    let mut w = W::new();
+    let g = w.produce_raw(0, Some(b"g1"), Some(GARBAGE.to_vec()));
+    let r = w.review_of(g, Invalid, 0, 0);
+    w.emit_review(&r);
+    let r = w.check();
+    assert_only(&r, Kind::AuditMismatch, 1);
+    has(
+        &r,
+        "intents 0/0: manual-review record with 0 blocked_conflict/manual_review audit rows",
+    );
+}
+
+#[test]
+fn what_the_reading_could_not_interpret_fails_the_check() {
+    let mut w = W::new();
+    w.o.unreadable.push("contact c1: unreadable state".into());
+    let r = w.check();
+    assert_only(&r, Kind::UnreadableAudit, 1);
+    has(&r, "contact c1: unreadable state");
+}
+
+#[test]
+fn waiting_intents_are_outcomes_but_unfinished_work() {
+    let mut w = W::new();
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    w.wait(s2, 2);
+    let r = w.check();
+    assert_clean(&r);
+    assert_eq!(r.pending(), (1, 0, 0));
+    assert!(!r.ok);
+    assert_eq!(
+        r.summary(),
+        "work is still pending: 1 waiting (verify a quiet system, or pass --allow-waiting)"
+    );
+    let r = w.check_allowing_waiting();
+    assert!(r.ok);
+    assert_eq!(
+        r.summary(),
+        "the contract holds (1 waiting pending, allowed)"
+    );
+
+    // A waiting intent below an effect is a gap: the effect passed it.
+    let s3 = w.produce(&intent("s3", "c1", 3));
+    w.commit_v(s3, 3, 1);
+    let r = w.check_allowing_waiting();
+    assert_only(&r, Kind::Gap, 2);
+    has(&r, "sequence 2 is still waiting");
+}
+
+#[test]
+fn a_prefix_checks_one_runs_records_only() {
+    let mut w = W::new();
+    let a = w.produce(&intent("p1-a", "p1-c", 1));
+    w.commit(a, 1);
+    w.produce_raw(0, Some(b"p1-garbage"), Some(GARBAGE.to_vec()));
+    w.produce(&intent("p2-b", "p2-c", 1));
+    let opts = |prefix: &str| Options {
+        prefix: prefix.into(),
+        allow_waiting: false,
+    };
+    let p1 = check(&w.o, &opts("p1-"));
+    assert_only(&p1, Kind::Lost, 1);
+    has(&p1, "invalid record intents 0/1 (key \"p1-garbage\"");
+    assert_eq!((p1.intents, p1.records, p1.committed), (1, 2, 1));
+    let p2 = check(&w.o, &opts("p2-"));
+    assert_only(&p2, Kind::Lost, 1);
+    has(&p2, "intent p2-b (intents 0/2): no outcome");
+    let none = check(&w.o, &opts("nobody-"));
+    assert_eq!(
+        none,
+        Report {
+            ok: true,
+            ..Report::default()
+        }
+    );
+}
+
+#[test]
+fn the_original_content_of_an_id_spread_over_partitions_is_the_one_decided() {
+    // Either partition's record may be consumed first: the one that committed is the
+    // original, the other the conflict.
+    let mut w = W::new();
+    let a = w.produce_on(0, &intent("x", "c1", 0));
+    let mut other = intent("x", "c1", 0);
+    other.payload = b"other".to_vec().into();
+    w.later(5);
+    let b = w.produce_on(1, &other);
+    w.commit(b, 1);
+    w.review(a, Idem, 0, 0);
+    assert_ok(&w.check());
+}
+
+#[test]
+fn examples_are_capped_and_shared_between_kinds() {
+    let mut w = W::new();
+    for i in 0..30 {
+        w.produce(&intent(&format!("u{i}"), &format!("c{i}"), 0));
+    }
+    let a1 = w.produce(&intent("a1", "k", 1));
+    let a3 = w.produce(&intent("a3", "k", 3));
+    w.commit(a1, 1);
+    w.commit_v(a3, 3, 2);
+    let r = w.check();
+    assert_eq!((r.lost, r.gaps), (30, 1));
+    assert_eq!(r.violations.len(), MAX_EXAMPLES);
+    assert!(r.violations[0].ends_with("(gap)"), "{:?}", r.violations);
+    assert_eq!(r.summary(), "the contract is violated: 1 gaps, 30 lost");
+}
