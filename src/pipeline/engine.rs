@@ -33,6 +33,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::assignment::{Assignment, PauseCause};
+use super::health::Health;
 use super::isolation::{Isolation, Verdict};
 use super::kafka::{self, EngineConsumer, EngineContext, TxnProducer};
 use super::lane::Lane;
@@ -91,6 +92,7 @@ pub struct Engine {
     pub(super) next_restore_at: Instant,
     next_commands_at: Instant,
     next_gauges_at: Instant,
+    health: Arc<Health>,
 }
 
 /// The records of one batch, decoded, per partition, in offset order.
@@ -151,6 +153,7 @@ impl Engine {
         locks: Arc<LockStore>,
         rt: tokio::runtime::Handle,
         shutdown: CancellationToken,
+        health: Arc<Health>,
     ) -> Result<Self> {
         let topics = Topics {
             intents: config.kafka.intents_topic.as_str().into(),
@@ -198,6 +201,7 @@ impl Engine {
             next_restore_at: now,
             next_commands_at: now,
             next_gauges_at: now,
+            health,
         })
     }
 
@@ -229,6 +233,7 @@ impl Engine {
                 break;
             }
         }
+        self.health.set_stopping();
         tracing::info!("engine stopping: releasing leases and leaving the group");
         // The last batches are known committed: a restart after an offset reset resumes
         // without an operator (see store::recovery).
@@ -327,6 +332,7 @@ impl Engine {
         for (p, rewind) in self.assignment.to_restore(now) {
             match self.restore(p, rewind) {
                 Ok(lane) => {
+                    self.health.set_stores_ok(true);
                     self.assignment.restored(p);
                     let paused = lane.backpressure;
                     self.lanes.insert(p, lane);
@@ -849,7 +855,9 @@ impl Engine {
             outcomes.extend(report::idempotency_outcomes(&part.plan.transitions));
         }
         metrics::histogram!(m::BATCH_RECORDS).record(records as f64);
-        metrics::gauge!(m::LAST_COMMIT_TIMESTAMP).set(output::now_ms() as f64 / 1000.0);
+        let now_ms = output::now_ms();
+        metrics::gauge!(m::LAST_COMMIT_TIMESTAMP).set(now_ms as f64 / 1000.0);
+        self.health.committed(now_ms);
         // Write-through of the batch's outcomes (one Redis round trip).
         if let Err(e) = self.rt.block_on(self.locks.record(&outcomes)) {
             tracing::warn!(error = %e, "recording outcomes in the idempotency store failed");
@@ -874,6 +882,7 @@ impl Engine {
     /// in-memory state is void and restored from the durable store (which rolls the batch's
     /// rows back) before anything else is decided.
     fn fail(&mut self, failure: Failure) {
+        self.health.set_stores_ok(false);
         match failure {
             Failure::Lookup(e) => {
                 metrics::counter!(m::STORE_ERRORS, "store" => "postgres").increment(1);
@@ -924,6 +933,11 @@ impl Engine {
         }
         self.next_gauges_at = Instant::now() + GAUGE_REFRESH;
         report::gauges(&self.lanes, &self.assignment, output::now_ms());
+        let assigned = self.assignment.assigned().len();
+        self.health
+            .set_partitions(assigned, self.lanes.len().min(assigned));
+        let ready = self.health.view().ready;
+        metrics::gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod assignment;
 pub mod engine;
+pub mod health;
 pub mod isolation;
 pub mod kafka;
 pub mod lane;
@@ -24,6 +25,15 @@ use crate::store::lock_store::LockStore;
 /// the consumer leaves its group. The engine runs on a dedicated thread because librdkafka's
 /// transactional calls block.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with(config, shutdown, Arc::new(health::Health::default())).await
+}
+
+/// [`run`], reporting to `health` (what the probes and the admin API read).
+pub async fn run_with(
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+    health: Arc<health::Health>,
+) -> anyhow::Result<()> {
     // Benchmark ceiling: no store is touched in that mode.
     if config.bench.passthrough {
         return passthrough::run(config, shutdown).await;
@@ -32,7 +42,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
     crate::store::postgres::migrate(&pool, &config.postgres.schema).await?;
     let locks = Arc::new(LockStore::new(&config, pool.clone())?);
     // Probes a tripped breaker and re-synchronises Redis even when no batch arrives.
-    let health = tokio::spawn({
+    let checks = tokio::spawn({
         let locks = locks.clone();
         let shutdown = shutdown.clone();
         async move {
@@ -52,13 +62,13 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
     std::thread::Builder::new()
         .name("causal-commit-engine".into())
         .spawn(move || {
-            let result =
-                engine::Engine::new(config, pool, locks, rt, engine_shutdown).and_then(|e| e.run());
+            let result = engine::Engine::new(config, pool, locks, rt, engine_shutdown, health)
+                .and_then(|e| e.run());
             let _ = tx.send(result);
         })?;
     let result = rx.await;
     shutdown.cancel();
-    let _ = health.await;
+    let _ = checks.await;
     match result {
         Ok(result) => Ok(result?),
         Err(_) => anyhow::bail!("the engine thread ended without a result (it panicked)"),

@@ -45,6 +45,8 @@ pub const PARTITIONS_ASSIGNED: &str = "causal_commit_partitions_assigned";
 pub const PARTITIONS_PAUSED: &str = "causal_commit_partitions_paused";
 /// Unix time of the last committed transaction (a stalled consumer stops moving it).
 pub const LAST_COMMIT_TIMESTAMP: &str = "causal_commit_last_commit_timestamp_seconds";
+/// 1 while the instance is ready (partitions assigned and restored, stores answering).
+pub const READY: &str = "causal_commit_ready";
 /// Partition restores from the durable store (assignment or recovery). Label: `cause`.
 pub const RESTORES: &str = "causal_commit_restores_total";
 /// Uncommitted rows removed by restores (evidence of transactions that did not commit).
@@ -109,6 +111,10 @@ pub fn describe() {
         "Unix time of the last commit"
     );
     describe_counter!(STORE_ERRORS, "Failed store calls, by store");
+    describe_gauge!(
+        READY,
+        "1 while ready: partitions assigned and restored, stores answering"
+    );
     describe_counter!(RESTORES, "Partition restores from the durable store");
     describe_counter!(
         ROLLED_BACK_ROWS,
