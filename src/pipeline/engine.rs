@@ -42,7 +42,7 @@ use super::report;
 use super::translate::{self, Fresh, PartitionPlan, Topics};
 use crate::config::Config;
 use crate::intent::{InRecord, InvalidIntent, ValidIntent};
-use crate::sequencer::{self, Millis, PriorOutcome, Release};
+use crate::sequencer::{self, PriorOutcome, Release};
 use crate::store::lock_store::{self, LockStore};
 use crate::store::postgres::{self as pg, AppliedCommand, BatchWrite, PartitionWrite};
 use crate::store::recovery::RecoveryPoint;
@@ -71,6 +71,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 const COMMAND_POLL: Duration = Duration::from_secs(1);
 /// How often the backlog gauges are refreshed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(1);
+/// How often a partition paused at its bound is read for one batch (its missing predecessors
+/// may be in it).
+const PROBE: Duration = Duration::from_secs(1);
 
 pub struct Engine {
     pub(super) config: Arc<Config>,
@@ -93,6 +96,8 @@ pub struct Engine {
     next_commands_at: Instant,
     next_gauges_at: Instant,
     health: Arc<Health>,
+    /// Partitions whose end was reached while gathering the batch in hand.
+    caught_up: BTreeSet<i32>,
 }
 
 /// The records of one batch, decoded, per partition, in offset order.
@@ -128,6 +133,8 @@ struct PartitionPart {
     fence: u64,
     /// One past the last record consumed by the end of this batch (-1: none ever).
     next_offset: i64,
+    /// The lane's clock at this batch.
+    clock_ms: u64,
 }
 
 impl BatchPlan {
@@ -202,6 +209,7 @@ impl Engine {
             next_commands_at: now,
             next_gauges_at: now,
             health,
+            caught_up: BTreeSet::new(),
         })
     }
 
@@ -389,8 +397,44 @@ impl Engine {
         } else {
             self.consumer.resume(&tpl)
         };
-        if let Err(e) = result {
-            tracing::warn!(partition, pause, error = %e, "pause/resume failed");
+        match result {
+            Ok(()) => {
+                if let Some(lane) = self.lanes.get_mut(&partition) {
+                    lane.paused = pause;
+                }
+            }
+            Err(e) => tracing::warn!(partition, pause, error = %e, "pause/resume failed"),
+        }
+    }
+
+    /// The longest a lane's clock advances in one tick (see `LaneClock`): a batch cycle takes
+    /// up to the linger plus a commit; anything much longer is a stall.
+    pub(super) fn max_credit_ms(&self) -> u64 {
+        let linger = self.config.batch.max_linger.as_millis() as u64;
+        (2 * linger).max(1_000)
+    }
+
+    /// Backpressure: a partition at its bound is paused, except while it is caught up (nothing
+    /// is left to read, so nothing more is buffered) and for one batch every [`PROBE`] (its
+    /// missing predecessors may be in the records it has not read).
+    fn apply_backpressure(&mut self, caught_up: &BTreeSet<i32>) {
+        let now = Instant::now();
+        let mut changes = Vec::new();
+        for (p, lane) in &mut self.lanes {
+            let pause = if !lane.backpressure || caught_up.contains(p) {
+                false
+            } else if lane.paused && now >= lane.probe_at {
+                lane.probe_at = now + PROBE;
+                false
+            } else {
+                true
+            };
+            if pause != lane.paused {
+                changes.push((*p, pause));
+            }
+        }
+        for (p, pause) in changes {
+            self.set_paused(p, pause);
         }
     }
 
@@ -419,6 +463,7 @@ impl Engine {
 
     /// Polls records until the batch is full or old enough. `None` when a rebalance voided it.
     fn gather(&mut self) -> Option<Vec<InRecord>> {
+        self.caught_up.clear();
         let mut records = Vec::new();
         let linger = self.config.batch.max_linger;
         let max = self.config.batch.max_records;
@@ -446,6 +491,9 @@ impl Engine {
                     started.get_or_insert_with(Instant::now);
                     metrics::counter!(m::RECORDS_CONSUMED).increment(1);
                 }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    self.caught_up.insert(p);
+                }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => {}
             }
@@ -464,15 +512,18 @@ impl Engine {
     fn process(&mut self, records: Vec<InRecord>) {
         self.sync_assignment();
         let now_ms = output::now_ms();
+        self.tick_clocks(now_ms);
         let input = self.decode(records);
         let priors = match self.look_up(&input) {
             Ok(priors) => priors,
             Err(e) => return self.fail(Failure::Lookup(e)),
         };
-        let fresh = self.sequence(&input, &priors, now_ms);
-        let commands = self.apply_commands(Millis(now_ms.max(0) as u64));
+        let fresh = self.sequence(&input, &priors);
+        let commands = self.apply_commands();
         let plan = self.translate(&input, &fresh, commands, now_ms);
         if plan.is_empty() {
+            let caught_up = std::mem::take(&mut self.caught_up);
+            self.apply_backpressure(&caught_up);
             return;
         }
         if let Err(e) = self.persist(&plan) {
@@ -549,6 +600,16 @@ impl Engine {
         self.commit_and_report(good);
     }
 
+    /// Each lane's clock: the interval since its last tick counts if the partition was read
+    /// (not paused) and reached its end in the batch just gathered.
+    fn tick_clocks(&mut self, now_ms: i64) {
+        let wall = now_ms.max(0) as u64;
+        for (p, lane) in &mut self.lanes {
+            let counted = !lane.paused && self.caught_up.contains(p);
+            lane.clock.tick(wall, counted);
+        }
+    }
+
     /// Step 1: decode and validate, per partition. Records of partitions without a lane are
     /// dropped here and read again after their restore.
     fn decode(&mut self, records: Vec<InRecord>) -> Decoded {
@@ -614,14 +675,13 @@ impl Engine {
         &mut self,
         input: &Decoded,
         priors: &HashMap<String, PriorOutcome>,
-        now_ms: i64,
     ) -> HashMap<i32, Fresh> {
-        let now = Millis(now_ms.max(0) as u64);
         let mut fresh: HashMap<i32, Fresh> = HashMap::new();
         for (p, part) in &input.partitions {
             let Some(lane) = self.lanes.get_mut(p) else {
                 continue;
             };
+            let now = lane.clock.now();
             let seen = fresh.entry(*p).or_default();
             for (record, v) in &part.valid {
                 seen.insert(record.offset, v.clone());
@@ -635,6 +695,7 @@ impl Engine {
             }
         }
         for lane in self.lanes.values_mut() {
+            let now = lane.clock.now();
             if lane.seq.next_timeout_at().is_some_and(|t| t <= now) {
                 lane.seq.on_tick(now);
             }
@@ -644,7 +705,7 @@ impl Engine {
 
     /// Step 3b: operator commands (release a held contact) of the owned partitions, at most
     /// once per [`COMMAND_POLL`].
-    fn apply_commands(&mut self, now: Millis) -> Vec<AppliedCommand> {
+    fn apply_commands(&mut self) -> Vec<AppliedCommand> {
         if Instant::now() < self.next_commands_at || self.lanes.is_empty() {
             return Vec::new();
         }
@@ -671,7 +732,7 @@ impl Engine {
                 "skip_to" => Release::SkipTo(c.skip_to),
                 _ => Release::Resume,
             };
-            let result = match lane.seq.release(&c.contact_id, release, now) {
+            let result = match lane.seq.release(&c.contact_id, release, lane.clock.now()) {
                 Ok(()) => "applied".to_string(),
                 Err(e) => format!("refused: {e}"),
             };
@@ -747,6 +808,7 @@ impl Engine {
                     batch_no: lane.batch_no + 1,
                     fence: lane.fence,
                     next_offset,
+                    clock_ms: lane.clock.now().0,
                 },
             );
         }
@@ -778,7 +840,7 @@ impl Engine {
                 fence: part.fence,
                 batch_no: part.batch_no,
                 next_offset: part.next_offset,
-                clock_ms: 0,
+                clock_ms: part.clock_ms,
             });
             write
                 .transitions
@@ -807,7 +869,7 @@ impl Engine {
             let point = RecoveryPoint {
                 batch: part.batch_no,
                 fence: part.fence,
-                clock_ms: 0,
+                clock_ms: part.clock_ms,
             };
             offsets.push((*p, part.next_offset, point.to_string()));
         }
@@ -845,7 +907,19 @@ impl Engine {
                 lane.next_offset = part.next_offset;
                 if let Some(pause) = part.plan.pause {
                     lane.backpressure = pause;
-                    self.set_paused(p, pause);
+                    if pause {
+                        tracing::warn!(
+                            partition = p,
+                            waiting = lane.seq.waiting_count(),
+                            "partition paused: backlog at its bound"
+                        );
+                    } else {
+                        tracing::info!(
+                            partition = p,
+                            waiting = lane.seq.waiting_count(),
+                            "partition resumed: backlog below its bound"
+                        );
+                    }
                 }
             }
             records += part.plan.transitions.len();
@@ -863,6 +937,8 @@ impl Engine {
             tracing::warn!(error = %e, "recording outcomes in the idempotency store failed");
         }
         self.mark_committed(committed);
+        let caught_up = std::mem::take(&mut self.caught_up);
+        self.apply_backpressure(&caught_up);
         self.next_gauges_at = Instant::now();
     }
 

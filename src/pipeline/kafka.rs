@@ -155,7 +155,10 @@ pub fn consumer(config: &Config, ctx: EngineContext) -> Result<EngineConsumer> {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
-        .set("partition.assignment.strategy", "range");
+        .set("partition.assignment.strategy", "range")
+        // Reaching a partition's end is how the engine knows it is caught up (the wait
+        // timeout counts only caught-up time).
+        .set("enable.partition.eof", "true");
     c.create_with_context(ctx).map_err(|source| Error::Create {
         what: "consumer",
         source,

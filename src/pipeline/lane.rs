@@ -1,7 +1,9 @@
-//! One assigned input partition's lane: its sequencer, its fencing token and its recovery
-//! point (the last batch committed in Kafka, and the offset after it).
+//! One assigned input partition's lane: its sequencer, its fencing token, its recovery point
+//! (the last batch committed in Kafka, and the offset after it) and its consumed-time clock.
 
-use crate::sequencer::Sequencer;
+use std::time::Instant;
+
+use crate::sequencer::{Millis, Sequencer};
 use crate::store::snapshot::Held;
 
 /// The state of one assigned partition.
@@ -14,6 +16,103 @@ pub struct Lane {
     /// One past the last record consumed and committed (-1: nothing ever committed).
     pub next_offset: i64,
     pub seq: Sequencer<Held>,
-    /// Paused by the sequencer's backpressure.
+    /// The sequencer's backlog is at the partition's bound.
     pub backpressure: bool,
+    /// What librdkafka was last told: the partition is paused.
+    pub paused: bool,
+    /// The next time a partition paused at its bound is read for one batch.
+    pub probe_at: Instant,
+    /// The time the sequencer sees.
+    pub clock: LaneClock,
+}
+
+/// A partition's consumed-time clock: the time the sequencer sees, so that a contact times out
+/// only for time during which its partition was being consumed and caught up (contract R7).
+///
+/// It advances with the wall clock between two ticks only when the engine says the partition
+/// was *counted* over that interval: it had a lane (restored), it was not paused, and it
+/// reached the end of the partition (librdkafka's partition-EOF) during the interval. Time
+/// while the processor is stopped, restoring, stalled on a store or the broker, paused, or
+/// lagging behind the partition's end does not count. One tick credits at most `max_credit`:
+/// a tick that comes late (the engine's thread was blocked) is a stall, not consumed time.
+///
+/// The clock is persisted with every batch (the recovery point's `t`) and restored from it,
+/// so a restart continues where the last commit left it. A partition that never committed
+/// starts at the wall-clock time, so its values read as timestamps minus the time not counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneClock {
+    now: u64,
+    /// Wall-clock time of the last tick.
+    last_tick: Option<u64>,
+    max_credit: u64,
+}
+
+impl LaneClock {
+    /// A clock at `ms`, crediting at most `max_credit_ms` per tick.
+    pub fn starting_at(ms: u64, max_credit_ms: u64) -> Self {
+        LaneClock {
+            now: ms,
+            last_tick: None,
+            max_credit: max_credit_ms,
+        }
+    }
+
+    /// The wall clock reads `wall_ms`; `counted` says whether the partition was consumed and
+    /// caught up since the previous tick.
+    pub fn tick(&mut self, wall_ms: u64, counted: bool) {
+        if let (true, Some(last)) = (counted, self.last_tick) {
+            self.now += wall_ms.saturating_sub(last).min(self.max_credit);
+        }
+        self.last_tick = Some(wall_ms);
+    }
+
+    pub fn now(&self) -> Millis {
+        Millis(self.now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counted_intervals_advance_the_clock_with_the_wall_clock() {
+        let mut c = LaneClock::starting_at(1_000, 1_000);
+        c.tick(50_000, true);
+        assert_eq!(
+            c.now(),
+            Millis(1_000),
+            "the first tick only sets the reference"
+        );
+        c.tick(50_200, true);
+        c.tick(50_500, true);
+        assert_eq!(c.now(), Millis(1_500));
+    }
+
+    #[test]
+    fn intervals_not_counted_leave_the_clock_where_it_was() {
+        let mut c = LaneClock::starting_at(0, 1_000);
+        c.tick(10_000, true);
+        c.tick(10_300, false); // paused, restoring or lagging
+        c.tick(10_400, true);
+        assert_eq!(c.now(), Millis(100));
+    }
+
+    #[test]
+    fn a_late_tick_is_a_stall_and_credits_at_most_the_bound() {
+        let mut c = LaneClock::starting_at(0, 1_000);
+        c.tick(0, true);
+        c.tick(12_000, true); // the engine was blocked for 12 s
+        assert_eq!(c.now(), Millis(1_000));
+    }
+
+    #[test]
+    fn a_wall_clock_going_back_credits_nothing() {
+        let mut c = LaneClock::starting_at(5, 1_000);
+        c.tick(10_000, true);
+        c.tick(9_000, true);
+        assert_eq!(c.now(), Millis(5));
+        c.tick(9_100, true);
+        assert_eq!(c.now(), Millis(105));
+    }
 }

@@ -200,6 +200,7 @@ impl Passthrough {
                     started.get_or_insert_with(Instant::now);
                     metrics::counter!(m::RECORDS_CONSUMED).increment(1);
                 }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => {}
             }

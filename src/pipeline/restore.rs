@@ -8,7 +8,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::assignment::PauseCause;
 use super::engine::Engine;
-use super::lane::Lane;
+use super::lane::{Lane, LaneClock};
 use crate::sequencer::{self, Decision, Sequencer};
 use crate::store::lock_store::{self, LockResult};
 use crate::store::postgres as pg;
@@ -136,6 +136,11 @@ impl Engine {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "partition restored"
         );
+        // A partition that never committed a clock starts at the wall clock (see LaneClock).
+        let clock_ms = match resume.clock_ms {
+            0 => crate::pipeline::output::now_ms().max(0) as u64,
+            ms => ms,
+        };
         Ok(Lane {
             partition,
             fence,
@@ -143,6 +148,9 @@ impl Engine {
             next_offset,
             seq,
             backpressure,
+            paused: true,
+            probe_at: Instant::now(),
+            clock: LaneClock::starting_at(clock_ms, self.max_credit_ms()),
         })
     }
 
