@@ -95,6 +95,11 @@ impl Engine {
         // come between that batch's commit and its write-through).
         self.rt
             .block_on(self.locks.partition_restored(&topic, partition, batch_no))?;
+        self.rt.block_on(self.locks.outcomes_rolled_back(
+            &topic,
+            partition,
+            &restored.rolled_back_outcomes,
+        ))?;
         let mut seq: Sequencer<Held> = Sequencer::new(self.seq_config.clone())?;
         let snapshots = restored
             .states

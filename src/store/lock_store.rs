@@ -1,5 +1,8 @@
 //! The lock / idempotency store: Redis as the fast path, PostgreSQL as the fallback and the
-//! authority. One facade, [`LockStore`], for the engine.
+//! authority. One facade, [`LockStore`], for the engine. The decisions (mode, trust, fallback
+//! bookkeeping, what a resynchronisation copies) are the pure machine of `lock_mode.rs`; the SQL
+//! is `postgres::lock_store`; the Redis calls are `redis.rs`. This file performs the I/O in the
+//! right order. Operators' view: docs/redis-fallback.md.
 //!
 //! # What each store decides
 //!
@@ -11,7 +14,21 @@
 //! - **Idempotency**: PostgreSQL's `cc_transition` holds every terminal outcome forever; Redis
 //!   holds a copy of the recent ones (`redis.idempotency_ttl`). A batch's lookup is one MGET
 //!   (the epoch key plus every intent id); a committed batch's outcomes are written through in one
-//!   script call ([`LockStore::record`]).
+//!   script call ([`LockStore::record`]). `IDEMPOTENCY_CONFLICT` rows are never the record
+//!   (`postgres::outcomes::is_idempotency_record`): never written, copied or returned.
+//!
+//! # Redis holds only outcomes of committed batches
+//!
+//! Written through after the Kafka commit ([`LockStore::record`]), re-written for the batch a
+//! restore found committed ([`LockStore::partition_restored`]), copied by a resynchronisation
+//! only from batches PostgreSQL knows committed (`batch_no <= cc_partition.committed_batch`).
+//! A batch past that mark when a resynchronisation starts (at most one per partition) is waited
+//! for: copied once known committed, skipped once rolled back; Redis is not marked in sync while
+//! one is undecided, since its outcomes may be committed and missing (a miss means "never
+//! seen"). Every rollback notes its intent ids in PostgreSQL (migration 0004's trigger, in the
+//! restore's transaction) and bumps a counter; [`LockStore::outcomes_rolled_back`] makes Redis
+//! agree with PostgreSQL for them, and a resynchronisation applies every pending note and
+//! refuses to mark Redis if the counter moved after it read them.
 //!
 //! # When is a Redis miss "never seen"?
 //!
@@ -23,32 +40,29 @@
 //!
 //! - Every switch to PostgreSQL **registers the fallback** in PostgreSQL before any decision of the
 //!   fallback period is written: the epoch is bumped (so every Redis is out of sync) and a row in
-//!   `cc_store_fallback` records from which `cc_transition.id` outcomes may be missing from Redis
-//!   (computed from the time of the trip minus a margin that covers a batch in flight).
-//! - **Failback** (the half-open probe succeeded) resynchronises before Redis is trusted: every
-//!   terminal outcome since the lowest watermark of `cc_store_fallback` is copied — or, when the
-//!   epoch key is missing or names another server incarnation (FLUSHALL, restart, restore of an
-//!   old snapshot), every terminal outcome younger than the TTL — in id order, so newer outcomes
-//!   overwrite older ones; then, under a row lock on `cc_store_state` (epoch unchanged, no other
-//!   instance still in fallback), the epoch key is set and the rows are deleted.
+//!   `cc_store_fallback` records from which `cc_transition.id` outcomes may be missing from Redis.
+//! - **Resynchronisation** before Redis is trusted: outcomes since the lowest fallback watermark
+//!   (or, when the epoch key is missing or names another server incarnation, every outcome
+//!   younger than the TTL) are copied in id order; pending rollback notes are applied; batches
+//!   undecided at the start are waited for; then, under a row lock on `cc_store_state` (epoch
+//!   and rollback counter unchanged, no other instance still in fallback), the epoch key is set
+//!   — only if the resynchronisation's marker key is still in Redis (no flush or restart since
+//!   it began) — and the covered rows are deleted.
 //! - While a resynchronisation runs, outcomes are written through live (stamped with the server
-//!   time); the copy never overwrites a key written live after it started, and a write that timed
-//!   out on the client can never land later (a deadline checked by the write script).
-//! - The last committed batch of a partition may have been committed in Kafka without reaching
-//!   Redis (a crash between the Kafka commit and [`LockStore::record`]):
-//!   [`LockStore::partition_restored`], called after every restore, writes it again and refreshes
-//!   the cached epoch (so a partition taken over from an instance in fallback is never served
-//!   from a stale Redis).
+//!   time); a copy never overwrites a key written live after it started, and a write that timed
+//!   out on the client never lands later (a deadline checked by the write script).
 //!
 //! # Health
 //!
-//! Every Redis call has a timeout (`redis.command_timeout`). A [`Breaker`] opens after
-//! `redis.breaker_failures` consecutive failures (a failed write-through opens it at once, since
-//! Redis is then behind), stays open `redis.breaker_open_for`, then [`LockStore::health_check`]
-//! probes (fresh connection, PING) and resynchronises. Each mode change is one log line, the
-//! gauge `causal_commit_lock_store_mode{mode}` and one `cc_admin_audit` row (`lock_store_mode`).
+//! Every Redis call has a timeout (`redis.command_timeout`). The breaker opens after
+//! `redis.breaker_failures` consecutive failures (anything PostgreSQL holds that fails to reach
+//! Redis opens it at once, since Redis is then behind), stays open `redis.breaker_open_for`,
+//! then [`LockStore::health_check`] probes (fresh connection, PING) and resynchronises. Each mode
+//! change is one log line, the gauge `causal_commit_lock_store_mode{mode}` and one
+//! `cc_admin_audit` row (`lock_store_mode`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -57,32 +71,18 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::config::Config;
-use crate::store::breaker::{Breaker, Transition};
-use crate::store::postgres::{self as pg, db, StoredOutcome};
+use crate::store::breaker::Breaker;
+use crate::store::lock_mode::{
+    self as lm, BatchFate, Correction, Failure, FailureEffect, Machine, ModeChange, Registration,
+    ResyncTicket, SyncChange, Window,
+};
+use crate::store::postgres::lock_store::{self as sql, OpenBatch, TimedRow};
+use crate::store::postgres::outcomes::BadOutcome;
+use crate::store::postgres::{self as pg, StoredOutcome};
 use crate::store::redis::{self as r, Conn, PutMode, RawLock, RedisStore};
 use crate::telemetry::metrics as m;
 
-/// Which store serves locks and idempotency.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Redis,
-    Postgres,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Redis => "redis",
-            Mode::Postgres => "postgres",
-        }
-    }
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::store::lock_mode::Mode;
 
 /// The answer to [`LockStore::acquire_lock`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,46 +122,19 @@ pub struct Stats {
     pub resyncs: u64,
     /// Outcomes copied to Redis by resynchronisations.
     pub resynced_outcomes: u64,
+    /// Redis entries of rolled-back intents made to agree with PostgreSQL.
+    pub corrected_outcomes: u64,
 }
 
 /// Ids of `cc_transition` read per query when copying outcomes to Redis.
 const ID_CHUNK: i64 = 5_000;
 /// Keys per Redis write while copying.
 const KEYS_PER_WRITE: usize = 1_000;
-
-use crate::store::postgres::outcomes::IDEMPOTENCY_ROWS as TERMINAL_FILTER;
-
-#[derive(Debug, Clone)]
-enum Fallback {
-    /// No fallback row of this instance needs maintaining.
-    Clear,
-    /// Switched to PostgreSQL (or a write-through failed) at `since`; not yet registered.
-    Pending {
-        since: Instant,
-        /// The audit row of the mode change, written with the registration.
-        audit: Option<(Mode, String)>,
-    },
-    /// Registered; the row's liveness was last renewed at `renewed`.
-    Registered { renewed: Instant },
-}
-
-#[derive(Debug)]
-struct State {
-    breaker: Breaker,
-    mode: Mode,
-    /// The PostgreSQL epoch as last read (only grows).
-    pg_epoch: Option<i64>,
-    /// Last observation of Redis against PostgreSQL (None: not checked yet).
-    in_sync: Option<bool>,
-    /// The resynchronisation in progress: outcomes are written through while it runs.
-    resync: Option<u64>,
-    resync_seq: u64,
-    /// A write-through failed during the resynchronisation in progress.
-    spoiled: bool,
-    fallback: Fallback,
-    /// Mode changes to Redis whose audit row is not written yet.
-    pending_audit: Vec<serde_json::Value>,
-}
+/// How long a resynchronisation waits for the batches not known committed at its start to be
+/// decided (committed and marked, or rolled back) before it gives up until the next health
+/// check. A healthy batch is decided within its Kafka transaction.
+const UNDECIDED_WAIT: Duration = Duration::from_secs(3);
+const UNDECIDED_POLL: Duration = Duration::from_millis(50);
 
 /// The lock / idempotency store facade (see the module documentation). Share it behind an
 /// `Arc`; every method takes `&self`. Use it from one multi-threaded tokio runtime (its Redis
@@ -171,11 +144,9 @@ pub struct LockStore {
     pool: PgPool,
     instance: String,
     ttl: Duration,
-    /// How far before a trip outcomes may be missing from Redis (a batch in flight).
-    fallback_margin: Duration,
     /// How long a fallback row stays alive without renewal.
     alive_for: Duration,
-    state: Mutex<State>,
+    machine: Mutex<Machine>,
     /// Serialises health checks (probe, resynchronisation).
     health: tokio::sync::Mutex<()>,
     /// Serialises fallback registrations.
@@ -185,6 +156,7 @@ pub struct LockStore {
     redis_failures: AtomicU64,
     resyncs: AtomicU64,
     resynced_outcomes: AtomicU64,
+    corrected_outcomes: AtomicU64,
 }
 
 impl std::fmt::Debug for LockStore {
@@ -202,31 +174,42 @@ enum Resynced {
     Blocked { by: Vec<String> },
 }
 
-enum ResyncError {
+/// Why a resynchronisation (or a correction) did not complete.
+enum SyncError {
     Redis(r::Error),
     Postgres(pg::Error),
-    Interrupted(&'static str),
+    /// PostgreSQL holds a row that is not an outcome: Redis cannot be made to agree with it.
+    Unreadable(BadOutcome),
+    /// Nothing failed, but Redis cannot be marked now; the next health check tries again.
+    Interrupted(String),
 }
 
-impl std::fmt::Display for ResyncError {
+impl Display for SyncError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ResyncError::Redis(e) => write!(f, "{e}"),
-            ResyncError::Postgres(e) => write!(f, "{e}"),
-            ResyncError::Interrupted(why) => write!(f, "interrupted: {why}"),
+            SyncError::Redis(e) => write!(f, "{e}"),
+            SyncError::Postgres(e) => write!(f, "{e}"),
+            SyncError::Unreadable(e) => write!(f, "an audit row is not an outcome: {e}"),
+            SyncError::Interrupted(why) => write!(f, "interrupted: {why}"),
         }
     }
 }
 
-impl From<pg::Error> for ResyncError {
+impl From<pg::Error> for SyncError {
     fn from(e: pg::Error) -> Self {
-        ResyncError::Postgres(e)
+        SyncError::Postgres(e)
     }
 }
 
-impl From<r::Error> for ResyncError {
+impl From<r::Error> for SyncError {
     fn from(e: r::Error) -> Self {
-        ResyncError::Redis(e)
+        SyncError::Redis(e)
+    }
+}
+
+impl From<BadOutcome> for SyncError {
+    fn from(e: BadOutcome) -> Self {
+        SyncError::Unreadable(e)
     }
 }
 
@@ -237,36 +220,79 @@ fn set_mode_gauge(mode: Mode) {
     }
 }
 
+fn audit_detail(change: &ModeChange, instance: &str, epoch: Option<i64>) -> serde_json::Value {
+    json!({
+        "from": change.from.as_str(),
+        "to": change.to.as_str(),
+        "cause": change.cause,
+        "instance": instance,
+        "epoch": epoch,
+    })
+}
+
+/// Redis entries for outcome rows read from PostgreSQL; an unreadable row is an error (skipping
+/// it would leave a miss that means "never seen").
+fn entries(rows: Vec<TimedRow>) -> Result<Vec<r::Entry>, BadOutcome> {
+    let mut out = Vec::with_capacity(rows.len());
+    for (row, ttl) in rows {
+        let outcome = StoredOutcome::try_from(row)?;
+        let value = r::encode_outcome(&outcome).ok_or_else(|| BadOutcome::NotTerminal {
+            state: outcome.columns().state.to_owned(),
+        })?;
+        out.push((outcome.intent_id, value, ttl.max(1) as u64));
+    }
+    Ok(out)
+}
+
+/// The Redis writes that make `intent_ids` agree with their latest rows in PostgreSQL (see
+/// [`lm::correction`]); an empty value deletes.
+fn correction_entries(
+    intent_ids: &[String],
+    latest: Vec<(TimedRow, bool)>,
+) -> Result<Vec<r::Entry>, BadOutcome> {
+    let mut by_id: HashMap<String, (TimedRow, bool)> = latest
+        .into_iter()
+        .map(|(row, committed)| (row.0 .0.clone(), (row, committed)))
+        .collect();
+    let mut out = Vec::with_capacity(intent_ids.len());
+    for id in intent_ids {
+        let found = by_id.remove(id);
+        let latest = found.as_ref().map(|((_, ttl_left), committed)| lm::Latest {
+            committed: *committed,
+            ttl_left: *ttl_left,
+        });
+        match (lm::correction(latest), found) {
+            (Correction::Set { ttl }, Some(((row, _), _))) => {
+                out.extend(entries(vec![(row, ttl as i64)])?);
+            }
+            (Correction::Delete, _) => out.push((id.clone(), String::new(), 1)),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 impl LockStore {
     /// Builds the store from `config.redis` (AUTH and TLS through the URL) and the PostgreSQL
-    /// pool (migrated, including `0002_lock_store.sql`). Connects lazily; starts in Redis mode.
+    /// pool (migrated). Connects lazily; starts in Redis mode.
     pub fn new(config: &Config, pool: PgPool) -> Result<Self> {
         let redis = RedisStore::new(&config.redis)?;
         let rc = &config.redis;
+        // Outcomes of a batch in flight at a trip may reach PostgreSQL up to this long after it.
         let fallback_margin = 2
             * (config.kafka.transaction_timeout + config.postgres.statement_timeout)
             + Duration::from_secs(60);
         let alive_for = (2 * (config.locks.lease + config.postgres.statement_timeout))
             .max(Duration::from_secs(10));
+        let breaker = Breaker::new(rc.breaker_failures, rc.breaker_open_for);
         set_mode_gauge(Mode::Redis);
         Ok(Self {
             redis,
             pool,
             instance: config.instance_id(),
             ttl: rc.idempotency_ttl,
-            fallback_margin,
             alive_for,
-            state: Mutex::new(State {
-                breaker: Breaker::new(rc.breaker_failures, rc.breaker_open_for),
-                mode: Mode::Redis,
-                pg_epoch: None,
-                in_sync: None,
-                resync: None,
-                resync_seq: 0,
-                spoiled: false,
-                fallback: Fallback::Clear,
-                pending_audit: Vec::new(),
-            }),
+            machine: Mutex::new(Machine::new(breaker, fallback_margin, alive_for / 4)),
             health: tokio::sync::Mutex::new(()),
             registration: tokio::sync::Mutex::new(()),
             lookups_redis: AtomicU64::new(0),
@@ -274,22 +300,22 @@ impl LockStore {
             redis_failures: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             resynced_outcomes: AtomicU64::new(0),
+            corrected_outcomes: AtomicU64::new(0),
         })
     }
 
-    fn st(&self) -> MutexGuard<'_, State> {
-        self.state.lock().expect("lock store state")
+    fn m(&self) -> MutexGuard<'_, Machine> {
+        self.machine.lock().expect("lock store state")
     }
 
     /// The store serving locks and idempotency now.
     pub fn mode(&self) -> Mode {
-        self.st().mode
+        self.m().mode()
     }
 
     /// Whether Redis was last seen in sync with PostgreSQL (its misses authoritative).
     pub fn redis_in_sync(&self) -> bool {
-        let st = self.st();
-        st.mode == Mode::Redis && st.in_sync == Some(true)
+        self.m().trusts_redis()
     }
 
     pub fn stats(&self) -> Stats {
@@ -300,6 +326,7 @@ impl LockStore {
             redis_failures: self.redis_failures.load(Ordering::Relaxed),
             resyncs: self.resyncs.load(Ordering::Relaxed),
             resynced_outcomes: self.resynced_outcomes.load(Ordering::Relaxed),
+            corrected_outcomes: self.corrected_outcomes.load(Ordering::Relaxed),
         }
     }
 
@@ -317,10 +344,11 @@ impl LockStore {
         owner: &str,
         lease: Duration,
     ) -> Result<LockResult> {
-        if !self.st().breaker.allows_calls() {
-            return Ok(LockResult::Granted {
-                store: Mode::Postgres,
-            });
+        let by_postgres = LockResult::Granted {
+            store: Mode::Postgres,
+        };
+        if !self.m().allows_calls() {
+            return Ok(by_postgres);
         }
         match self
             .redis
@@ -336,11 +364,9 @@ impl LockStore {
                 Ok(LockResult::Held { owner, ttl })
             }
             Err(e) => {
-                self.redis_failed("taking a partition lock", &e, false);
+                self.redis_failed("taking a partition lock", &e, Failure::Call);
                 self.register_quietly().await;
-                Ok(LockResult::Granted {
-                    store: Mode::Postgres,
-                })
+                Ok(by_postgres)
             }
         }
     }
@@ -348,7 +374,7 @@ impl LockStore {
     /// Releases the Redis lock if `owner` holds it (true when it did). Best effort: false in
     /// PostgreSQL mode or when Redis fails (the lease then simply expires).
     pub async fn release_lock(&self, topic: &str, partition: i32, owner: &str) -> Result<bool> {
-        if !self.st().breaker.allows_calls() {
+        if !self.m().allows_calls() {
             return Ok(false);
         }
         match self.redis.release_lock(topic, partition, owner).await {
@@ -357,7 +383,7 @@ impl LockStore {
                 Ok(released)
             }
             Err(e) => {
-                self.redis_failed("releasing a partition lock", &e, false);
+                self.redis_failed("releasing a partition lock", &e, Failure::Call);
                 self.register_quietly().await;
                 Ok(false)
             }
@@ -383,16 +409,12 @@ impl LockStore {
     }
 
     /// Writes a committed batch's outcomes through to Redis (one round trip), after the Kafka
-    /// commit. Only terminal outcomes are kept (as in `lookup_outcomes`). In PostgreSQL mode it
+    /// commit. Only idempotency records are kept (as in `lookup_outcomes`). In PostgreSQL mode it
     /// writes nothing. A Redis failure opens the breaker at once (Redis is now behind) and
     /// registers the fallback; `Err` only when that registration could not reach PostgreSQL (it
     /// is retried before the next lookup) — the batch itself is committed either way.
     pub async fn record(&self, outcomes: &[StoredOutcome]) -> Result<()> {
-        let write = {
-            let st = self.st();
-            st.breaker.allows_calls() || st.resync.is_some()
-        };
-        if !write {
+        if !self.m().writes_through() {
             self.ensure_registered().await?;
             return Ok(());
         }
@@ -419,11 +441,11 @@ impl LockStore {
         partition: i32,
         committed_batch: u64,
     ) -> Result<()> {
-        let epoch = load_epoch(&self.pool).await?;
+        let epoch = sql::load_epoch(&self.pool).await?;
         let write = {
-            let mut st = self.st();
-            st.pg_epoch = Some(st.pg_epoch.map_or(epoch, |e| e.max(epoch)));
-            st.breaker.allows_calls() || st.resync.is_some()
+            let mut m = self.m();
+            m.observe_epoch(epoch);
+            m.writes_through()
         };
         if !write {
             self.ensure_registered().await?;
@@ -432,27 +454,77 @@ impl LockStore {
         if committed_batch == 0 {
             return Ok(());
         }
-        let rows: Vec<(String, i64, String, String, i64, i64, i64)> = sqlx::query_as(&format!(
-            "SELECT intent_id, fingerprint, to_state, reason, commit_sequence, contact_version,
-                    greatest(1, ceil($4 - extract(epoch FROM now() - at)))::bigint
-               FROM cc_transition
-              WHERE topic = $1 AND partition = $2 AND batch_no = $3 AND {TERMINAL_FILTER}
-                AND at > now() - make_interval(secs => $4)
-              ORDER BY id"
-        ))
-        .bind(topic)
-        .bind(partition)
-        .bind(committed_batch as i64)
-        .bind(self.ttl.as_secs_f64())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("reading a restored batch's outcomes"))?;
-        let entries: Vec<r::Entry> = rows.into_iter().filter_map(row_entry).collect();
-        if entries.is_empty() {
+        let rows =
+            sql::committed_batch_outcomes(&self.pool, topic, partition, committed_batch, self.ttl)
+                .await?;
+        match entries(rows) {
+            Ok(entries) if entries.is_empty() => Ok(()),
+            Ok(entries) => {
+                self.write_live(&entries, "re-recording a restored batch")
+                    .await
+            }
+            Err(e) => {
+                // Redis cannot get this batch: it must not be trusted (a miss would mean "never
+                // seen"); resynchronisations refuse to mark it while the row is unreadable.
+                self.redis_failed("re-recording a restored batch", &e, Failure::Write);
+                self.ensure_registered().await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Call right after every restore of a partition (after [`LockStore::partition_restored`]),
+    /// with the intent ids whose uncommitted outcome rows it deleted: makes Redis agree with
+    /// PostgreSQL for them — and for any rollback of this partition noted earlier and not yet
+    /// applied (a crash between a restore and this call) — before the partition replays: the
+    /// latest committed outcome is written back, a key without one is deleted, a key written
+    /// live since is left alone. When Redis cannot be reached (or is not trusted now), the notes
+    /// stay in PostgreSQL and Redis is not trusted again before a resynchronisation applied them.
+    /// `Err` only when PostgreSQL fails.
+    pub async fn outcomes_rolled_back(
+        &self,
+        topic: &str,
+        partition: i32,
+        intent_ids: &[String],
+    ) -> Result<()> {
+        let noted = sql::pending_corrections(&self.pool, Some((topic, partition))).await?;
+        let mut todo: BTreeSet<String> = intent_ids.iter().cloned().collect();
+        todo.extend(noted.noted.iter().map(|n| n.intent_id.clone()));
+        if todo.is_empty() {
             return Ok(());
         }
-        self.write_live(&entries, "re-recording a restored batch")
-            .await
+        if !self.m().writes_through() {
+            self.ensure_registered().await?;
+            return Ok(());
+        }
+        let todo: Vec<String> = todo.into_iter().collect();
+        let corrected = async {
+            let conn = self.redis.connection().await?;
+            let t0 = self.redis.server_time_ms(&conn).await?;
+            self.correct(&conn, t0, &todo).await
+        }
+        .await;
+        match corrected {
+            Ok(n) => {
+                self.redis_ok();
+                self.corrected_outcomes.fetch_add(n, Ordering::Relaxed);
+                let applied: Vec<i64> = noted.noted.iter().map(|n| n.id).collect();
+                sql::forget_corrections(&self.pool, &applied).await?;
+                tracing::info!(
+                    partition,
+                    intents = todo.len(),
+                    corrected = n,
+                    "lock store: Redis agrees with PostgreSQL on the rolled-back intents"
+                );
+                Ok(())
+            }
+            Err(SyncError::Postgres(e)) => Err(e.into()),
+            Err(e) => {
+                self.redis_failed("correcting rolled-back outcomes", &e, Failure::Write);
+                self.ensure_registered().await?;
+                Ok(())
+            }
+        }
     }
 
     /// Runs about once a second, batches or not. In PostgreSQL mode: keeps the fallback
@@ -466,15 +538,13 @@ impl LockStore {
             return self.mode();
         };
         self.flush_audits().await;
-        let mode = self.mode();
-        match mode {
+        match self.mode() {
             Mode::Postgres => {
                 if let Err(e) = self.ensure_registered().await {
                     tracing::warn!(error = %e, "lock store: cannot register the fallback in PostgreSQL; Redis is not probed until it is");
                     return self.mode();
                 }
-                let probe = self.st().breaker.try_probe(Instant::now());
-                if probe {
+                if self.m().take_probe(Instant::now()) {
                     let mut guard = ProbeGuard {
                         store: self,
                         done: false,
@@ -484,7 +554,7 @@ impl LockStore {
                 }
             }
             Mode::Redis => {
-                if self.st().breaker.allows_calls() {
+                if self.m().allows_calls() {
                     self.check_sync().await;
                 }
             }
@@ -497,13 +567,7 @@ impl LockStore {
     // Redis paths
 
     async fn lookup_in_redis(&self, intent_ids: &[String]) -> Option<Vec<StoredOutcome>> {
-        let trips = {
-            let st = self.st();
-            if !st.breaker.allows_calls() || st.in_sync == Some(false) {
-                return None;
-            }
-            st.breaker.trips()
-        };
+        let generation = self.m().lookup_in_redis()?;
         if intent_ids.is_empty() {
             return Some(Vec::new());
         }
@@ -511,7 +575,7 @@ impl LockStore {
         let fetched = match self.redis.fetch(intent_ids).await {
             Ok(f) => f,
             Err(e) => {
-                self.redis_failed("looking up intents", &e, false);
+                self.redis_failed("looking up intents", &e, Failure::Call);
                 return None;
             }
         };
@@ -533,19 +597,18 @@ impl LockStore {
                 continue;
             }
             match r::decode_outcome(id, value) {
-                Some((outcome, _stamp)) => found.push(outcome),
-                None => {
-                    tracing::warn!(intent_id = %id, "lock store: undecodable idempotency entry in Redis; PostgreSQL answers this lookup");
+                Some((outcome, _stamp)) if r::is_idempotency_outcome(&outcome) => {
+                    found.push(outcome)
+                }
+                _ => {
+                    tracing::warn!(intent_id = %id, "lock store: an idempotency entry in Redis is unreadable or not an idempotency record; PostgreSQL answers this lookup");
                     return None;
                 }
             }
         }
-        {
-            let st = self.st();
-            // A trip since the call started: Redis may be behind; let PostgreSQL answer.
-            if st.breaker.trips() != trips || !st.breaker.allows_calls() {
-                return None;
-            }
+        // A trip since the call started: Redis may be behind; let PostgreSQL answer.
+        if !self.m().answer_stands(generation) {
+            return None;
         }
         self.observe_sync(true, "epoch key matches");
         self.lookups_redis.fetch_add(1, Ordering::Relaxed);
@@ -565,111 +628,91 @@ impl LockStore {
             }
             Err(e) => {
                 // Redis is now behind PostgreSQL: stop trusting it at once.
-                self.redis_failed(what, &e, true);
+                self.redis_failed(what, &e, Failure::Write);
                 self.ensure_registered().await?;
                 Ok(())
             }
         }
     }
 
-    fn redis_ok(&self) {
-        let mut st = self.st();
-        if st.breaker.allows_calls() {
-            st.breaker.on_success();
+    /// Makes Redis agree with PostgreSQL for `intent_ids` (see [`lm::correction`]), as a copy
+    /// read after `t0`; returns how many keys were written or deleted.
+    async fn correct(
+        &self,
+        conn: &Arc<Conn>,
+        t0: u64,
+        intent_ids: &[String],
+    ) -> Result<u64, SyncError> {
+        let mut n = 0;
+        for chunk in intent_ids.chunks(KEYS_PER_WRITE) {
+            let latest = sql::latest_outcomes(&self.pool, chunk, self.ttl).await?;
+            let entries = correction_entries(chunk, latest)?;
+            n += self
+                .redis
+                .put(conn, &entries, PutMode::Resync { t0 })
+                .await?;
         }
+        Ok(n)
     }
 
-    /// Counts a failed Redis call. `write`: an outcome did not reach Redis, so the breaker
-    /// opens at once and the fallback is (re-)registered even if already in PostgreSQL mode.
-    fn redis_failed(&self, what: &str, e: &r::Error, write: bool) {
+    fn redis_ok(&self) {
+        self.m().redis_ok();
+    }
+
+    /// Counts a failed Redis call (`Failure::Write`: something PostgreSQL holds did not reach
+    /// Redis, so the breaker opens at once and the fallback is registered again even if already
+    /// in PostgreSQL mode), and logs what it changed.
+    fn redis_failed(&self, what: &str, e: &dyn Display, failure: Failure) {
         self.redis_failures.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::STORE_ERRORS, "store" => "redis").increment(1);
-        let now = Instant::now();
-        let mut st = self.st();
-        if write && st.resync.is_some() {
-            st.spoiled = true;
-        }
-        let transition = if write {
-            st.breaker.trip(now)
-        } else {
-            st.breaker.on_failure(now)
-        };
         let cause = format!("{what}: {e}");
-        match transition {
-            Some(Transition::Opened) => {
-                let from = st.mode;
-                st.mode = Mode::Postgres;
-                st.in_sync = Some(false);
-                if st.resync.is_some() {
-                    st.spoiled = true;
-                }
-                st.fallback = Fallback::Pending {
-                    since: now,
-                    audit: Some((from, cause.clone())),
-                };
-                drop(st);
+        let effect = self.m().redis_failed(Instant::now(), failure, &cause);
+        match effect {
+            FailureEffect::FellBack(change) => {
                 set_mode_gauge(Mode::Postgres);
                 tracing::warn!(
-                    from = from.as_str(),
+                    from = change.from.as_str(),
                     to = "postgres",
                     cause = %cause,
                     "lock store mode changed: Redis failed, PostgreSQL serves locks and idempotency"
                 );
             }
-            _ if write => {
-                // Already in PostgreSQL mode (a write-through during a resynchronisation): the
-                // epoch must move again, or the copy could be marked in sync without it.
-                if !matches!(st.fallback, Fallback::Pending { .. }) {
-                    st.fallback = Fallback::Pending {
-                        since: now,
-                        audit: None,
-                    };
-                }
-                drop(st);
-                tracing::warn!(cause = %cause, "lock store: a write-through to Redis failed during failback; Redis stays out of sync");
+            FailureEffect::WriteLost => {
+                tracing::warn!(cause = %cause, "lock store: an outcome did not reach Redis during failback; Redis stays out of sync");
             }
-            Some(Transition::Reopened) => {
-                drop(st);
+            FailureEffect::ProbeFailed => {
                 tracing::info!(cause = %cause, "lock store: Redis probe failed; staying on PostgreSQL");
             }
-            _ => {
-                let failures = st.breaker.consecutive_failures();
-                drop(st);
-                tracing::debug!(cause = %cause, failures, "lock store: Redis call failed");
+            FailureEffect::Counted { consecutive } => {
+                tracing::debug!(cause = %cause, failures = consecutive, "lock store: Redis call failed");
             }
         }
     }
 
     fn observe_sync(&self, in_sync: bool, why: &str) {
-        let mut st = self.st();
-        if st.in_sync == Some(in_sync) {
-            return;
-        }
-        let before = st.in_sync;
-        st.in_sync = Some(in_sync);
-        drop(st);
-        if in_sync {
-            tracing::info!(
+        let change = self.m().observe_sync(in_sync);
+        match change {
+            None => {}
+            Some(SyncChange::Trusted) => tracing::info!(
                 why,
                 "lock store: Redis is in sync with PostgreSQL; lookups use Redis"
-            );
-        } else if before.is_some() || why.contains("missing") {
-            tracing::warn!(why, "lock store: Redis is out of sync with PostgreSQL; lookups use PostgreSQL until it is resynchronised");
-        } else {
-            tracing::info!(why, "lock store: Redis not in sync yet; lookups use PostgreSQL until it is resynchronised");
+            ),
+            Some(SyncChange::Untrusted { known }) if known || why.contains("missing") => {
+                tracing::warn!(why, "lock store: Redis is out of sync with PostgreSQL; lookups use PostgreSQL until it is resynchronised")
+            }
+            Some(SyncChange::Untrusted { .. }) => {
+                tracing::info!(why, "lock store: Redis not in sync yet; lookups use PostgreSQL until it is resynchronised")
+            }
         }
     }
 
     /// The PostgreSQL epoch, read once and then refreshed by health checks and restores.
     async fn pg_epoch(&self) -> Result<i64, pg::Error> {
-        if let Some(e) = self.st().pg_epoch {
+        if let Some(e) = self.m().cached_epoch() {
             return Ok(e);
         }
-        let e = load_epoch(&self.pool).await?;
-        let mut st = self.st();
-        let e = st.pg_epoch.map_or(e, |c| c.max(e));
-        st.pg_epoch = Some(e);
-        Ok(e)
+        let e = sql::load_epoch(&self.pool).await?;
+        Ok(self.m().observe_epoch(e))
     }
 
     // ---------------------------------------------------------------------------------------
@@ -684,61 +727,30 @@ impl LockStore {
     /// Registers a pending fallback (epoch bump + watermark row + audit row) or renews this
     /// instance's fallback row; a no-op otherwise.
     async fn ensure_registered(&self) -> Result<(), pg::Error> {
-        if !self.registration_due() {
+        if !self.m().registration_due(Instant::now()) {
             return Ok(());
         }
         let _serial = self.registration.lock().await;
-        let todo = {
-            let st = self.st();
-            st.fallback.clone()
-        };
+        let now = Instant::now();
+        let todo = self.m().registration(now);
         match todo {
-            Fallback::Clear => Ok(()),
-            Fallback::Pending { since, audit } => {
-                let back = since.elapsed() + self.fallback_margin;
-                let epoch = register_fallback(
-                    &self.pool,
-                    &self.instance,
-                    back,
-                    self.alive_for,
-                    audit.as_ref().map(|(from, cause)| (*from, cause.as_str())),
-                )
-                .await?;
-                let mut st = self.st();
-                st.pg_epoch = Some(st.pg_epoch.map_or(epoch, |e| e.max(epoch)));
-                // A newer trip may have happened meanwhile: only clear what was registered.
-                if matches!(&st.fallback, Fallback::Pending { since: s, .. } if *s == since) {
-                    st.fallback = Fallback::Registered {
-                        renewed: Instant::now(),
-                    };
-                }
-                drop(st);
+            Registration::Nothing => Ok(()),
+            Registration::Register { since, back, audit } => {
+                let detail = audit.map(|c| audit_detail(&c, &self.instance, None));
+                let epoch = self.register(back, detail).await?;
+                self.m().registered(since, epoch, now);
                 tracing::info!(epoch, "lock store: fallback registered in PostgreSQL; every Redis is out of sync until resynchronised");
                 Ok(())
             }
-            Fallback::Registered { renewed } => {
-                if self.st().mode != Mode::Postgres || renewed.elapsed() < self.alive_for / 4 {
-                    return Ok(());
-                }
-                let at = Instant::now();
-                let kept = renew_fallback(&self.pool, &self.instance, self.alive_for).await?;
-                if kept {
-                    let mut st = self.st();
-                    if matches!(st.fallback, Fallback::Registered { .. }) {
-                        st.fallback = Fallback::Registered { renewed: at };
-                    }
+            Registration::Renew { back } => {
+                if sql::renew_fallback(&self.pool, &self.instance, self.alive_for).await? {
+                    self.m().renewed(now, None);
                     return Ok(());
                 }
                 // The row was taken for dead (not renewed in time) and removed: outcomes since
                 // the last renewal may be missing from Redis. Register again from there.
-                let back = renewed.elapsed() + self.fallback_margin;
-                let epoch =
-                    register_fallback(&self.pool, &self.instance, back, self.alive_for, None)
-                        .await?;
-                let mut st = self.st();
-                st.pg_epoch = Some(st.pg_epoch.map_or(epoch, |e| e.max(epoch)));
-                st.fallback = Fallback::Registered { renewed: at };
-                drop(st);
+                let epoch = self.register(back, None).await?;
+                self.m().renewed(now, Some(epoch));
                 tracing::warn!(
                     epoch,
                     "lock store: this instance's fallback row had expired; registered again"
@@ -748,28 +760,21 @@ impl LockStore {
         }
     }
 
-    fn registration_due(&self) -> bool {
-        let st = self.st();
-        match st.fallback {
-            Fallback::Clear => false,
-            Fallback::Pending { .. } => true,
-            Fallback::Registered { renewed } => {
-                st.mode == Mode::Postgres && renewed.elapsed() >= self.alive_for / 4
-            }
-        }
+    async fn register(
+        &self,
+        back: Duration,
+        audit: Option<serde_json::Value>,
+    ) -> Result<i64, pg::Error> {
+        sql::register_fallback(&self.pool, &self.instance, back, self.alive_for, audit).await
     }
 
     async fn flush_audits(&self) {
-        let pending = std::mem::take(&mut self.st().pending_audit);
-        for (i, detail) in pending.iter().enumerate() {
-            if let Err(e) =
-                pg::audit_admin(&self.pool, "system", "lock_store_mode", "", detail.clone()).await
-            {
+        let pending = self.m().take_audits();
+        for (i, audit) in pending.iter().enumerate() {
+            let detail = audit_detail(&audit.change, &self.instance, audit.epoch);
+            if let Err(e) = sql::audit_mode_change(&self.pool, detail).await {
                 tracing::warn!(error = %e, "lock store: cannot write the mode change's audit row yet");
-                let mut st = self.st();
-                let rest = pending[i..].iter().cloned();
-                let newer = std::mem::take(&mut st.pending_audit);
-                st.pending_audit = rest.chain(newer).collect();
+                self.m().return_audits(pending[i..].to_vec());
                 return;
             }
         }
@@ -788,74 +793,52 @@ impl LockStore {
         let conn = match probe {
             Ok(conn) => conn,
             Err(e) => {
-                self.redis_failed("probing Redis", &e, false);
+                self.redis_failed("probing Redis", &e, Failure::Call);
                 return;
             }
         };
         tracing::info!(run_id = %conn.run_id, "lock store: Redis probe succeeded; resynchronising before failback");
-        match self.resync(&conn, "failback").await {
-            Ok(Resynced::InSync { copied }) => self.fail_back(true, copied, None),
-            Ok(Resynced::Blocked { by }) => self.fail_back(false, 0, Some(by)),
-            Err(ResyncError::Redis(e)) => self.redis_failed("resynchronising Redis", &e, false),
-            Err(e) => {
-                // PostgreSQL trouble or a concurrent trip: try again after another open period.
-                let now = Instant::now();
-                self.st().breaker.on_failure(now);
-                tracing::info!(error = %e, "lock store: failback postponed");
+        let cause = match self.resync(&conn, "failback").await {
+            Ok(Resynced::InSync { copied }) => {
+                Ok(format!("Redis healthy again; resynchronised ({copied} outcomes copied)"))
             }
-        }
-    }
-
-    fn fail_back(&self, in_sync: bool, copied: u64, blocked_by: Option<Vec<String>>) {
-        let mut st = self.st();
-        if st.breaker.on_success() != Some(Transition::Closed) {
-            // A write-through failed meanwhile and reopened the breaker.
-            return;
-        }
-        let from = st.mode;
-        st.mode = Mode::Redis;
-        st.in_sync = Some(in_sync);
-        if in_sync {
-            st.fallback = Fallback::Clear;
-        }
-        let cause = match &blocked_by {
-            None => format!("Redis healthy again; resynchronised ({copied} outcomes copied)"),
-            Some(by) => format!(
+            Ok(Resynced::Blocked { by }) => Err(format!(
                 "Redis healthy again; lookups use PostgreSQL until instances {by:?} leave their fallback"
-            ),
+            )),
+            Err(SyncError::Redis(e)) => {
+                self.redis_failed("resynchronising Redis", &e, Failure::Call);
+                return;
+            }
+            Err(e) => {
+                // PostgreSQL trouble, an unreadable row, or a batch not decided yet: try again
+                // after another open period.
+                self.m().probe_abandoned(Instant::now());
+                tracing::info!(error = %e, "lock store: failback postponed");
+                return;
+            }
         };
-        let epoch = st.pg_epoch;
-        st.pending_audit.push(json!({
-            "from": from.as_str(),
-            "to": "redis",
-            "cause": cause,
-            "instance": self.instance,
-            "epoch": epoch,
-        }));
-        drop(st);
-        set_mode_gauge(Mode::Redis);
-        tracing::info!(
-            from = from.as_str(),
-            to = "redis",
-            cause = %cause,
-            "lock store mode changed: failback to Redis"
-        );
+        let in_sync = cause.is_ok();
+        let cause = cause.unwrap_or_else(|blocked| blocked);
+        // None: a write-through failed meanwhile and reopened the breaker.
+        if let Some(change) = self.m().fail_back(in_sync, cause) {
+            set_mode_gauge(Mode::Redis);
+            tracing::info!(
+                from = change.from.as_str(),
+                to = "redis",
+                cause = %change.cause,
+                "lock store mode changed: failback to Redis"
+            );
+        }
     }
 
     /// Redis mode: is Redis still in sync? Resynchronises when it is not.
     async fn check_sync(&self) {
-        let epoch = match load_epoch(&self.pool).await {
-            Ok(e) => e,
+        let epoch = match sql::load_epoch(&self.pool).await {
+            Ok(e) => self.m().observe_epoch(e),
             Err(e) => {
                 tracing::debug!(error = %e, "lock store: cannot read the epoch");
                 return;
             }
-        };
-        let epoch = {
-            let mut st = self.st();
-            let e = st.pg_epoch.map_or(epoch, |c| c.max(epoch));
-            st.pg_epoch = Some(e);
-            e
         };
         let checked = async {
             let conn = self.redis.connection().await?;
@@ -866,7 +849,7 @@ impl LockStore {
         let (conn, token) = match checked {
             Ok(v) => v,
             Err(e) => {
-                self.redis_failed("checking the epoch", &e, false);
+                self.redis_failed("checking the epoch", &e, Failure::Call);
                 return;
             }
         };
@@ -882,121 +865,52 @@ impl LockStore {
         self.observe_sync(false, &why);
         match self.resync(&conn, "out of sync").await {
             Ok(Resynced::InSync { .. }) => self.observe_sync(true, "resynchronised"),
-            Ok(Resynced::Blocked { by }) => {
-                tracing::debug!(
-                    ?by,
-                    "lock store: resynchronisation waits for other instances' fallback"
-                )
+            Ok(Resynced::Blocked { by }) => tracing::debug!(
+                ?by,
+                "lock store: resynchronisation waits for other instances' fallback"
+            ),
+            Err(SyncError::Redis(e)) => {
+                self.redis_failed("resynchronising Redis", &e, Failure::Call)
             }
-            Err(ResyncError::Redis(e)) => self.redis_failed("resynchronising Redis", &e, false),
+            Err(e @ SyncError::Unreadable(_)) => {
+                tracing::warn!(error = %e, "lock store: Redis stays out of sync until the row is readable")
+            }
             Err(e) => tracing::info!(error = %e, "lock store: resynchronisation postponed"),
         }
     }
 
-    /// Copies what Redis may lack and marks it in sync (see the module documentation).
-    async fn resync(&self, conn: &Arc<Conn>, cause: &str) -> Result<Resynced, ResyncError> {
-        let (id, trips) = {
-            let mut st = self.st();
-            st.resync_seq += 1;
-            st.resync = Some(st.resync_seq);
-            st.spoiled = false;
-            (st.resync_seq, st.breaker.trips())
+    /// Copies what Redis may lack and marks it in sync (see the module documentation): the
+    /// window, the pending corrections, the batches undecided at the start, then the mark.
+    async fn resync(&self, conn: &Arc<Conn>, cause: &str) -> Result<Resynced, SyncError> {
+        let ticket = self.m().begin_resync();
+        let _flag = ResyncFlag {
+            store: self,
+            id: ticket.id,
         };
-        let _flag = ResyncFlag { store: self, id };
         let started = Instant::now();
-        // From here on outcomes are written through; T0 orders them against the copy.
-        let t0 = self.redis.server_time_ms(conn).await?;
-        let token = self.redis.epoch_token(conn).await?;
-        let view = read_sync_view(&self.pool).await?;
-        let blockers: Vec<String> = view
-            .rows
-            .iter()
-            .filter(|row| row.alive && row.instance != self.instance)
-            .map(|row| row.instance.clone())
-            .collect();
+        // From here on outcomes are written through; T0 orders them against the copy, and the
+        // marker set with it tells the mark whether Redis lost data meanwhile.
+        let (t0, token) = self.redis.begin_resync(conn, &self.instance).await?;
+        let view = sql::read_sync_view(&self.pool).await?;
+        let blockers = view.live_fallbacks_except(&self.instance);
         if !blockers.is_empty() {
             return Ok(Resynced::Blocked { by: blockers });
         }
-        let parsed = token.as_deref().and_then(r::parse_epoch_token);
-        let (start, window) = match parsed {
-            Some((n, run)) if run == conn.run_id && n == view.epoch => {
-                (view.max_id + 1, "none (already synchronised)")
-            }
-            Some((n, run)) if run == conn.run_id && n < view.epoch && !view.rows.is_empty() => {
-                let since = view.rows.iter().map(|r| r.since_id).min().unwrap_or(0);
-                (since + 1, "outcomes since the fallback began")
-            }
-            _ => {
-                let start: i64 = sqlx::query_scalar(
-                    "SELECT cc_transition_id_at(now() - make_interval(secs => $1))",
-                )
-                .bind(self.ttl.as_secs_f64() + 60.0)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(db("finding the oldest outcome to resynchronise"))?;
-                (start, "every outcome younger than the TTL")
-            }
-        };
-        tracing::info!(
-            cause,
-            window,
-            from_id = start,
-            to_id = view.max_id,
-            epoch = view.epoch,
-            "lock store: resynchronising Redis from PostgreSQL"
-        );
-        let copied = self
-            .copy_outcomes(conn, start, view.max_id, t0, trips)
+        let start = self
+            .window_start(conn, token.as_deref(), &view, cause)
             .await?;
-        self.check_not_spoiled(trips)?;
-
-        // Mark: under the state row's lock, so no fallback registers between the check and
-        // the epoch write (a registration waits, then bumps the epoch past the mark).
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(db("starting the resynchronisation mark"))?;
-        let now_epoch: Option<i64> =
-            sqlx::query_scalar("SELECT epoch FROM cc_store_state WHERE id = 1 FOR UPDATE")
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db("locking the lock-store state"))?;
-        if now_epoch != Some(view.epoch) {
-            return Err(ResyncError::Interrupted(
-                "another instance fell back meanwhile",
-            ));
-        }
-        let blockers: Vec<String> = sqlx::query_scalar(
-            "SELECT instance FROM cc_store_fallback WHERE instance <> $1 AND alive_until > now()",
-        )
-        .bind(&self.instance)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db("reading fallback rows"))?;
-        if !blockers.is_empty() {
-            return Ok(Resynced::Blocked { by: blockers });
-        }
-        self.check_not_spoiled(trips)?;
-        self.redis.set_epoch(conn, view.epoch).await?;
-        sqlx::query("DELETE FROM cc_store_fallback WHERE instance = $1 OR alive_until <= now()")
-            .bind(&self.instance)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("clearing fallback rows"))?;
-        sqlx::query(
-            "UPDATE cc_store_state SET mode = 'redis', changed_by = $1, updated_at = now() WHERE id = 1",
-        )
-        .bind(&self.instance)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("recording the synchronisation"))?;
-        tx.commit()
-            .await
-            .map_err(db("committing the resynchronisation mark"))?;
-        {
-            let mut st = self.st();
-            st.pg_epoch = Some(st.pg_epoch.map_or(view.epoch, |e| e.max(view.epoch)));
+        let mut copied = self
+            .copy_outcomes(conn, start, view.max_id, t0, ticket)
+            .await?;
+        let corrections = self.apply_corrections(conn, t0, ticket).await?;
+        copied += self
+            .copy_decided_batches(conn, &view.open, t0, ticket)
+            .await?;
+        let marked = self
+            .mark_in_sync(conn, view.epoch, &corrections, t0, ticket)
+            .await?;
+        if let Resynced::Blocked { .. } = marked {
+            return Ok(marked);
         }
         self.resyncs.fetch_add(1, Ordering::Relaxed);
         self.resynced_outcomes.fetch_add(copied, Ordering::Relaxed);
@@ -1009,17 +923,51 @@ impl LockStore {
         Ok(Resynced::InSync { copied })
     }
 
-    fn check_not_spoiled(&self, trips: u64) -> Result<(), ResyncError> {
-        let st = self.st();
-        if st.spoiled || st.breaker.trips() != trips {
-            return Err(ResyncError::Interrupted(
-                "a write-through failed during the resynchronisation",
-            ));
-        }
-        Ok(())
+    /// The first `cc_transition` id to copy (see [`lm::resync_window`]).
+    async fn window_start(
+        &self,
+        conn: &Conn,
+        token: Option<&str>,
+        view: &sql::SyncView,
+        cause: &str,
+    ) -> Result<i64, SyncError> {
+        let window = lm::resync_window(
+            token.and_then(r::parse_epoch_token),
+            &conn.run_id,
+            view.epoch,
+            view.lowest_watermark(),
+            view.max_id,
+        );
+        let (start, why) = match window {
+            Window::From { id, why } => (id, why),
+            Window::YoungerThanTtl => {
+                let age = self.ttl + Duration::from_secs(60);
+                let id = sql::transition_id_since(&self.pool, age).await?;
+                (id, "every outcome younger than the TTL")
+            }
+        };
+        tracing::info!(
+            cause,
+            window = why,
+            from_id = start,
+            to_id = view.max_id,
+            epoch = view.epoch,
+            undecided_batches = view.open.len(),
+            "lock store: resynchronising Redis from PostgreSQL"
+        );
+        Ok(start)
     }
 
-    /// Copies the terminal outcomes with ids in `[start, end]` (younger than the TTL), in id
+    fn check_intact(&self, ticket: ResyncTicket) -> Result<(), SyncError> {
+        if self.m().resync_intact(ticket) {
+            return Ok(());
+        }
+        Err(SyncError::Interrupted(
+            "an outcome failed to reach Redis during the resynchronisation".into(),
+        ))
+    }
+
+    /// Copies the committed outcomes with ids in `[start, end]` (younger than the TTL), in id
     /// order, in chunks; returns how many keys were written.
     async fn copy_outcomes(
         &self,
@@ -1027,39 +975,150 @@ impl LockStore {
         start: i64,
         end: i64,
         t0: u64,
-        trips: u64,
-    ) -> Result<u64, ResyncError> {
+        ticket: ResyncTicket,
+    ) -> Result<u64, SyncError> {
         let mut copied = 0;
         let mut lo = start.max(1);
-        let query = format!(
-            "SELECT intent_id, fingerprint, to_state, reason, commit_sequence, contact_version,
-                    greatest(1, ceil($3 - extract(epoch FROM now() - at)))::bigint
-               FROM cc_transition
-              WHERE id >= $1 AND id < $2 AND {TERMINAL_FILTER}
-                AND at > now() - make_interval(secs => $3)
-              ORDER BY id"
-        );
         while lo <= end {
             let hi = lo.saturating_add(ID_CHUNK).min(end + 1);
-            let rows: Vec<(String, i64, String, String, i64, i64, i64)> = sqlx::query_as(&query)
-                .bind(lo)
-                .bind(hi)
-                .bind(self.ttl.as_secs_f64())
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db("reading outcomes to resynchronise"))?;
-            let entries: Vec<r::Entry> = rows.into_iter().filter_map(row_entry).collect();
-            for chunk in entries.chunks(KEYS_PER_WRITE) {
+            let rows = sql::committed_outcomes_between(&self.pool, lo, hi, self.ttl).await?;
+            for chunk in entries(rows)?.chunks(KEYS_PER_WRITE) {
                 copied += self.redis.put(conn, chunk, PutMode::Resync { t0 }).await?;
             }
-            self.check_not_spoiled(trips)?;
+            self.check_intact(ticket)?;
             lo = hi;
         }
         Ok(copied)
     }
+
+    /// Applies every pending rollback note; returns the notes with the rollback counter read in
+    /// the same snapshot.
+    async fn apply_corrections(
+        &self,
+        conn: &Arc<Conn>,
+        t0: u64,
+        ticket: ResyncTicket,
+    ) -> Result<sql::Corrections, SyncError> {
+        let pending = sql::pending_corrections(&self.pool, None).await?;
+        let ids: BTreeSet<String> = pending.noted.iter().map(|n| n.intent_id.clone()).collect();
+        if !ids.is_empty() {
+            let ids: Vec<String> = ids.into_iter().collect();
+            let n = self.correct(conn, t0, &ids).await?;
+            self.check_intact(ticket)?;
+            self.corrected_outcomes.fetch_add(n, Ordering::Relaxed);
+            tracing::info!(
+                intents = ids.len(),
+                corrected = n,
+                "lock store: rolled-back intents corrected in Redis"
+            );
+        }
+        Ok(pending)
+    }
+
+    /// Waits (a bounded time) for the batches that were not known committed when the
+    /// resynchronisation began to be decided, and copies those that committed. Redis cannot be
+    /// marked while one is undecided: it may have committed, and its outcomes may be missing.
+    async fn copy_decided_batches(
+        &self,
+        conn: &Arc<Conn>,
+        open: &[OpenBatch],
+        t0: u64,
+        ticket: ResyncTicket,
+    ) -> Result<u64, SyncError> {
+        let deadline = Instant::now() + UNDECIDED_WAIT;
+        let mut waiting = open.to_vec();
+        let mut copied = 0;
+        while !waiting.is_empty() {
+            let keys: Vec<(String, i32)> = waiting
+                .iter()
+                .map(|b| (b.topic.clone(), b.partition))
+                .collect();
+            let now: HashMap<(String, i32), (u64, u64)> = sql::partition_batches(&self.pool, &keys)
+                .await?
+                .into_iter()
+                .collect();
+            let mut undecided = Vec::new();
+            for b in waiting {
+                let state = now.get(&(b.topic.clone(), b.partition)).copied();
+                match lm::batch_fate(b.batch, state) {
+                    BatchFate::Committed => {
+                        let rows = sql::committed_batch_outcomes(
+                            &self.pool,
+                            &b.topic,
+                            b.partition,
+                            b.batch,
+                            self.ttl,
+                        )
+                        .await?;
+                        let entries = entries(rows)?;
+                        copied += self
+                            .redis
+                            .put(conn, &entries, PutMode::Resync { t0 })
+                            .await?;
+                    }
+                    BatchFate::RolledBack => {}
+                    BatchFate::Undecided => undecided.push(b),
+                }
+            }
+            self.check_intact(ticket)?;
+            if let Some(b) = undecided.first().filter(|_| Instant::now() >= deadline) {
+                return Err(SyncError::Interrupted(format!(
+                    "batch {} of partition {} of {} is not known committed or rolled back yet",
+                    b.batch, b.partition, b.topic
+                )));
+            }
+            if !undecided.is_empty() {
+                tokio::time::sleep(UNDECIDED_POLL).await;
+            }
+            waiting = undecided;
+        }
+        Ok(copied)
+    }
+
+    /// The final step: under the state row's lock (no fallback registers and no rollback
+    /// commits meanwhile), checks that nothing moved since the copy began and sets the epoch key.
+    async fn mark_in_sync(
+        &self,
+        conn: &Arc<Conn>,
+        epoch: i64,
+        corrections: &sql::Corrections,
+        t0: u64,
+        ticket: ResyncTicket,
+    ) -> Result<Resynced, SyncError> {
+        let mut tx = sql::MarkTx::begin(&self.pool).await?;
+        let locked = tx.lock_state().await?;
+        if locked.epoch != epoch {
+            return Err(SyncError::Interrupted(
+                "another instance fell back meanwhile".into(),
+            ));
+        }
+        if locked.rollbacks != corrections.rollbacks {
+            return Err(SyncError::Interrupted(
+                "a partition was rolled back after the corrections were read".into(),
+            ));
+        }
+        let blockers = tx.live_fallbacks_except(&self.instance).await?;
+        if !blockers.is_empty() {
+            return Ok(Resynced::Blocked { by: blockers });
+        }
+        self.check_intact(ticket)?;
+        if !self
+            .redis
+            .set_epoch(conn, epoch, &self.instance, t0)
+            .await?
+        {
+            return Err(SyncError::Interrupted(
+                "Redis lost data during the copy (flushed or restarted)".into(),
+            ));
+        }
+        let applied: Vec<i64> = corrections.noted.iter().map(|n| n.id).collect();
+        tx.finish(&self.instance, &applied).await?;
+        self.m().observe_epoch(epoch);
+        Ok(Resynced::InSync { copied: 0 })
+    }
 }
 
-/// Clears the resynchronisation flag when the resynchronisation ends, however it ends.
+/// Ends the resynchronisation when it ends, however it ends.
 struct ResyncFlag<'a> {
     store: &'a LockStore,
     id: u64,
@@ -1067,11 +1126,7 @@ struct ResyncFlag<'a> {
 
 impl Drop for ResyncFlag<'_> {
     fn drop(&mut self) {
-        let mut st = self.store.st();
-        if st.resync == Some(self.id) {
-            st.resync = None;
-            st.spoiled = false;
-        }
+        self.store.m().end_resync(self.id);
     }
 }
 
@@ -1085,160 +1140,81 @@ struct ProbeGuard<'a> {
 impl Drop for ProbeGuard<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let mut st = self.store.st();
-            if st.breaker.state() == crate::store::breaker::State::HalfOpen {
-                st.breaker.on_failure(Instant::now());
-            }
+            self.store.m().probe_abandoned(Instant::now());
         }
     }
 }
 
-fn row_entry(row: (String, i64, String, String, i64, i64, i64)) -> Option<r::Entry> {
-    let (intent_id, fp, state, reason, seq, version, ttl) = row;
-    let outcome = match StoredOutcome::try_from((intent_id, fp, state, reason, seq, version)) {
-        Ok(o) => o,
-        Err(e) => {
-            // Never expected (the CHECK constraints hold the vocabulary); PostgreSQL still
-            // answers lookups of this id when Redis misses it.
-            tracing::warn!(error = %e, "lock store: an audit row is not an outcome; not copied");
-            return None;
-        }
-    };
-    let value = r::encode_outcome(&outcome)?;
-    Some((outcome.intent_id, value, ttl.max(1) as u64))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sequencer::{Outcome, PriorOutcome, Reason};
 
-// -------------------------------------------------------------------------------------------
-// PostgreSQL bookkeeping (tables of migrations/0002_lock_store.sql)
-
-async fn load_epoch(pool: &PgPool) -> Result<i64, pg::Error> {
-    let e: Option<i64> = sqlx::query_scalar("SELECT epoch FROM cc_store_state WHERE id = 1")
-        .fetch_optional(pool)
-        .await
-        .map_err(db("reading the lock-store epoch"))?;
-    // A missing row (never expected: the migration inserts it) matches no Redis epoch.
-    Ok(e.unwrap_or(0))
-}
-
-/// Bumps the epoch, records (or lowers) this instance's watermark and writes the audit row of
-/// the mode change, in one transaction. Returns the new epoch.
-async fn register_fallback(
-    pool: &PgPool,
-    instance: &str,
-    back: Duration,
-    alive_for: Duration,
-    audit: Option<(Mode, &str)>,
-) -> Result<i64, pg::Error> {
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(db("starting the fallback registration"))?;
-    let epoch: i64 = sqlx::query_scalar(
-        "INSERT INTO cc_store_state (id, epoch, mode, changed_by) VALUES (1, 2, 'postgres', $1)
-         ON CONFLICT (id) DO UPDATE
-            SET epoch = cc_store_state.epoch + 1, mode = 'postgres',
-                changed_by = EXCLUDED.changed_by, updated_at = now()
-         RETURNING epoch",
-    )
-    .bind(instance)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(db("bumping the lock-store epoch"))?;
-    sqlx::query(
-        "INSERT INTO cc_store_fallback (instance, since_id, since, alive_until)
-         SELECT $1, cc_transition_id_at(now() - make_interval(secs => $2)) - 1,
-                now() - make_interval(secs => $2), now() + make_interval(secs => $3)
-         ON CONFLICT (instance) DO UPDATE
-            SET since_id = least(cc_store_fallback.since_id, EXCLUDED.since_id),
-                since = least(cc_store_fallback.since, EXCLUDED.since),
-                alive_until = EXCLUDED.alive_until",
-    )
-    .bind(instance)
-    .bind(back.as_secs_f64())
-    .bind(alive_for.as_secs_f64())
-    .execute(&mut *tx)
-    .await
-    .map_err(db("recording the fallback watermark"))?;
-    if let Some((from, cause)) = audit {
-        pg::audit_admin(
-            &mut *tx,
-            "system",
-            "lock_store_mode",
-            "",
-            json!({
-                "from": from.as_str(),
-                "to": "postgres",
-                "cause": cause,
-                "instance": instance,
-                "epoch": epoch,
-            }),
-        )
-        .await?;
+    fn row(id: &str, state: &str, reason: &str) -> pg::outcomes::OutcomeRow {
+        (id.into(), 7, state.into(), reason.into(), 3, 2)
     }
-    tx.commit()
-        .await
-        .map_err(db("committing the fallback registration"))?;
-    Ok(epoch)
-}
 
-/// Keeps this instance's fallback row alive; false when it is gone.
-async fn renew_fallback(
-    pool: &PgPool,
-    instance: &str,
-    alive_for: Duration,
-) -> Result<bool, pg::Error> {
-    let n = sqlx::query(
-        "UPDATE cc_store_fallback SET alive_until = now() + make_interval(secs => $2)
-          WHERE instance = $1",
-    )
-    .bind(instance)
-    .bind(alive_for.as_secs_f64())
-    .execute(pool)
-    .await
-    .map_err(db("renewing the fallback row"))?
-    .rows_affected();
-    Ok(n > 0)
-}
+    #[test]
+    fn rows_become_entries_with_their_remaining_ttl() {
+        let e = entries(vec![(row("a", "committed_causal", ""), 90)]).unwrap();
+        let expected = StoredOutcome {
+            intent_id: "a".into(),
+            prior: PriorOutcome {
+                fingerprint: 7,
+                outcome: Outcome::Committed {
+                    commit_sequence: 3,
+                    contact_version: 2,
+                },
+            },
+        };
+        assert_eq!(
+            e,
+            vec![("a".into(), r::encode_outcome(&expected).unwrap(), 90)]
+        );
+        assert_eq!(
+            entries(vec![(row("a", "committed_causal", ""), 0)]).unwrap()[0].2,
+            1
+        );
+    }
 
-struct FallbackRow {
-    instance: String,
-    since_id: i64,
-    alive: bool,
-}
+    #[test]
+    fn an_unreadable_row_is_an_error_not_a_skipped_entry() {
+        let rows = vec![
+            (row("a", "committed_causal", ""), 90),
+            (row("b", "blocked_conflict", ""), 90),
+        ];
+        assert!(entries(rows).is_err());
+    }
 
-struct SyncView {
-    epoch: i64,
-    rows: Vec<FallbackRow>,
-    max_id: i64,
-}
-
-async fn read_sync_view(pool: &PgPool) -> Result<SyncView, pg::Error> {
-    let mut tx = pool.begin().await.map_err(db("starting a state read"))?;
-    let epoch: Option<i64> = sqlx::query_scalar("SELECT epoch FROM cc_store_state WHERE id = 1")
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db("reading the lock-store epoch"))?;
-    let rows: Vec<(String, i64, bool)> = sqlx::query_as(
-        "SELECT instance, since_id, alive_until > now() FROM cc_store_fallback ORDER BY instance",
-    )
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(db("reading fallback rows"))?;
-    let max_id: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM cc_transition")
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db("reading the newest transition"))?;
-    tx.commit().await.map_err(db("ending a state read"))?;
-    Ok(SyncView {
-        epoch: epoch.unwrap_or(0),
-        rows: rows
-            .into_iter()
-            .map(|(instance, since_id, alive)| FallbackRow {
-                instance,
-                since_id,
-                alive,
-            })
-            .collect(),
-        max_id,
-    })
+    #[test]
+    fn corrections_set_delete_or_leave_each_key() {
+        let ids: Vec<String> = ["kept", "gone", "in-flight", "expired"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let latest = vec![
+            ((row("kept", "manual_review", "WAIT_TIMEOUT"), 60), true),
+            ((row("in-flight", "committed_causal", ""), 60), false),
+            ((row("expired", "committed_causal", ""), -5), true),
+        ];
+        let e = correction_entries(&ids, latest).unwrap();
+        let review = StoredOutcome {
+            intent_id: "kept".into(),
+            prior: PriorOutcome {
+                fingerprint: 7,
+                outcome: Outcome::ManualReview {
+                    reason: Reason::WaitTimeout,
+                    commit_sequence: 3,
+                },
+            },
+        };
+        assert_eq!(
+            e,
+            vec![
+                ("kept".into(), r::encode_outcome(&review).unwrap(), 60),
+                ("gone".into(), String::new(), 1),
+                ("expired".into(), String::new(), 1),
+            ]
+        );
+    }
 }

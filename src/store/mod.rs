@@ -2,6 +2,7 @@
 //! and the lock / idempotency store (Redis fast path with PostgreSQL fallback).
 
 pub mod breaker;
+pub mod lock_mode;
 pub mod lock_store;
 pub mod postgres;
 pub mod recovery;

@@ -7,9 +7,12 @@
 //! |---|---|---|
 //! | `{prefix}:idem:<intent_id>` | `<state>\|<fingerprint hex>\|<commit_sequence>\|<contact_version>\|<reason>\|<stamp ms>`, with a TTL | [`RedisStore::put`] |
 //! | `{prefix}:epoch` | `<epoch>:<run_id>` of the last synchronisation | [`RedisStore::set_epoch`] |
+//! | `{prefix}:resync:<instance>` | start (server ms) of the instance's resynchronisation, 1 day TTL | [`RedisStore::begin_resync`] |
 //! | `{prefix}:lock:<topic>:<partition>` | owner, with a PX lease | [`RedisStore::acquire_lock`] |
 //!
-//! The epoch key is outside `{prefix}:idem:` so that no intent id can collide with it.
+//! The epoch and marker keys are outside `{prefix}:idem:` so that no intent id can collide with
+//! them. The marker lets the final step of a resynchronisation see that Redis lost data (a
+//! FLUSHALL, a restart) while it copied: the epoch is written only if the marker is still there.
 //!
 //! The connection is a [`MultiplexedConnection`] that this module (re)creates itself rather than
 //! a `ConnectionManager`: every new connection reads the server's `run_id` (`INFO server`), so
@@ -134,6 +137,9 @@ impl Keys {
     pub fn lock(&self, topic: &str, partition: i32) -> String {
         format!("{}:lock:{topic}:{partition}", self.prefix)
     }
+    pub fn resync(&self, instance: &str) -> String {
+        format!("{}:resync:{instance}", self.prefix)
+    }
 }
 
 /// Takes the lock when free or already held by the owner (renewing the lease); otherwise
@@ -157,9 +163,10 @@ return 0
 
 /// Writes idempotency entries. ARGV[1]: deadline (server ms) after which nothing is written —
 /// a call that timed out on the client never lands later; ARGV[2]: 0 for a live write (stamped
-/// with the server time), or the start T0 of a resynchronisation (stamped T0-1, and keys whose
-/// stamp is >= T0 are left alone: a live write since T0 is at least as new as anything the
-/// resynchronisation read); then per key: value, TTL in seconds.
+/// with the server time), or the start T0 of a copy from PostgreSQL (stamped T0-1, and keys whose
+/// stamp is >= T0 are left alone: a live write since T0 is at least as new as anything the copy
+/// read); then per key: value, TTL in seconds. An empty value deletes the key (under the same
+/// rule: only copies send them).
 const PUT_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -179,19 +186,36 @@ for i, key in ipairs(KEYS) do
     end
   end
   if write then
-    redis.call('SET', key, ARGV[2 * i + 1] .. suffix, 'EX', ARGV[2 * i + 2])
+    if ARGV[2 * i + 1] == '' then
+      redis.call('DEL', key)
+    else
+      redis.call('SET', key, ARGV[2 * i + 1] .. suffix, 'EX', ARGV[2 * i + 2])
+    end
     n = n + 1
   end
 end
 return n
 ";
 
-/// Sets the epoch key unless past the deadline: a marking that timed out on the client never
-/// lands later. (Markings are ordered by the PostgreSQL row lock they hold while writing it.)
+/// Starts a resynchronisation: returns the server time T0 (ms) and the epoch key, and sets the
+/// instance's marker to T0. KEYS: epoch, marker.
+const BEGIN_RESYNC_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[2], string.format('%.0f', now), 'EX', 86400)
+return {now, redis.call('GET', KEYS[1])}
+";
+
+/// Sets the epoch key unless past the deadline (a marking that timed out on the client never
+/// lands later) or unless the resynchronisation's marker is gone (Redis lost what was copied);
+/// removes the marker. KEYS: epoch, marker; ARGV: deadline, token, T0. (Markings are ordered by
+/// the PostgreSQL row lock they hold while writing it.)
 const EPOCH_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if now > tonumber(ARGV[1]) then return -1 end
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
+redis.call('DEL', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[2])
 return 1
 ";
@@ -208,11 +232,13 @@ pub enum RawLock {
 pub enum PutMode {
     /// A fresh outcome: always written, stamped with the server time.
     Live,
-    /// A copy read from PostgreSQL by a resynchronisation that started at `t0` (server ms).
+    /// A copy read from PostgreSQL after `t0` (server ms): by a resynchronisation that started
+    /// then, or by a correction. Never overwrites a live write since `t0`.
     Resync { t0: u64 },
 }
 
-/// One entry to write: intent id, encoded value (see [`encode_outcome`]), TTL in seconds.
+/// One entry to write: intent id, encoded value (see [`encode_outcome`]), TTL in seconds. An
+/// empty value deletes the key ([`PutMode::Resync`] only).
 pub type Entry = (String, String, u64);
 
 /// What one MGET returned: the epoch key and one value per intent id.
@@ -266,6 +292,7 @@ pub struct RedisStore {
     release: Script,
     put: Script,
     epoch: Script,
+    begin_resync: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -291,6 +318,7 @@ impl RedisStore {
             release: Script::new(RELEASE_LUA),
             put: Script::new(PUT_LUA),
             epoch: Script::new(EPOCH_LUA),
+            begin_resync: Script::new(BEGIN_RESYNC_LUA),
         })
     }
 
@@ -518,13 +546,43 @@ impl RedisStore {
         .await
     }
 
-    /// Marks `conn`'s server as synchronised with PostgreSQL epoch `epoch`.
-    pub async fn set_epoch(&self, conn: &Arc<Conn>, epoch: i64) -> Result<()> {
+    /// Starts `instance`'s resynchronisation on `conn`'s server: its start T0 (server ms) and
+    /// the epoch key as it is then.
+    pub async fn begin_resync(
+        &self,
+        conn: &Arc<Conn>,
+        instance: &str,
+    ) -> Result<(u64, Option<String>)> {
+        let mut c = conn.con.clone();
+        let mut inv = self.begin_resync.prepare_invoke();
+        inv.key(self.keys.epoch()).key(self.keys.resync(instance));
+        let (t0, token): (u64, Option<String>) = self
+            .run(
+                conn,
+                "starting a resynchronisation",
+                inv.invoke_async(&mut c),
+            )
+            .await?;
+        Ok((t0, token))
+    }
+
+    /// Marks `conn`'s server as synchronised with PostgreSQL epoch `epoch`, if the marker of
+    /// `instance`'s resynchronisation started at `t0` is still there; false (nothing written)
+    /// when it is not: Redis lost data since `t0`.
+    pub async fn set_epoch(
+        &self,
+        conn: &Arc<Conn>,
+        epoch: i64,
+        instance: &str,
+        t0: u64,
+    ) -> Result<bool> {
         let mut c = conn.con.clone();
         let mut inv = self.epoch.prepare_invoke();
         inv.key(self.keys.epoch())
+            .key(self.keys.resync(instance))
             .arg(self.deadline(conn))
-            .arg(epoch_token(epoch, &conn.run_id));
+            .arg(epoch_token(epoch, &conn.run_id))
+            .arg(t0.to_string());
         let r: i64 = self
             .run(conn, "writing the epoch", inv.invoke_async(&mut c))
             .await?;
@@ -534,7 +592,7 @@ impl RedisStore {
                 "the epoch write reached Redis after its deadline".into(),
             ));
         }
-        Ok(())
+        Ok(r == 1)
     }
 
     /// Writes idempotency entries in one script call (one round trip); returns how many were

@@ -1,24 +1,33 @@
 //! The lock / idempotency store against the real local Redis and PostgreSQL: the fast path (one
 //! Redis round trip per lookup), partition locks, fallback when Redis is stopped or slow,
-//! failback with resynchronisation, FLUSHALL, AUTH, the crash window after a Kafka commit, and
-//! another instance's fallback.
+//! failback with resynchronisation, FLUSHALL, AUTH, the crash window after a Kafka commit,
+//! another instance's fallback, and what Redis may hold around batches that are rolled back
+//! (docs/redis-fallback.md, "Only committed outcomes").
 //!
 //! Every test has its own PostgreSQL schema and Redis key prefix. Tests that stop, freeze or
 //! flush Redis hold the stack exclusively (and restart / wait for Redis at the end, even on
 //! failure); the others hold it shared, so they never run while Redis is disrupted.
+//! "Redis lost its data" is simulated by deleting this test's keys only, so that the other
+//! tests sharing the server are not disturbed.
+//!
+//! Each test is one scenario read top to bottom (some are long because the scenario is).
 
 use crate::common::process::{self as process, freeze_redis};
-use crate::common::{database_url, redis_url, unique};
+use crate::common::redis_url;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use causal_commit::config::Config;
 use causal_commit::sequencer::{Outcome, PriorOutcome, Reason, State};
 use causal_commit::store::lock_store::{LockResult, LockStore, Mode};
 use causal_commit::store::postgres::{
-    self as pg, BatchWrite, PartitionWrite, StoredOutcome, Transition, TransitionRow,
+    self as pg, BatchWrite, PartitionWrite, RestoredPartition, StoredOutcome, Transition,
+    TransitionRow,
 };
+use causal_commit::store::recovery::{KafkaCommitted, RecoveryPoint};
 use causal_commit::store::redis as raw;
 use sqlx::PgPool;
 
@@ -35,24 +44,32 @@ fn logs() {
         .try_init();
 }
 
+/// One partition as the tests drive it: its fencing token and its batches.
+#[derive(Debug, Clone, Copy, Default)]
+struct Part {
+    fence: u64,
+    last_batch: u64,
+    next_offset: i64,
+}
+
 /// One test's private world: its schema, its key prefix, a raw Redis client to look behind the
-/// store's back.
+/// store's back, and the partitions whose batches it writes through the real batch write.
 struct World {
     config: Config,
     pool: PgPool,
     raw: redis::Client,
-    next_offset: i64,
+    parts: HashMap<i32, Part>,
 }
 
 impl World {
     async fn new(name: &str, tweak: impl FnOnce(&mut Config)) -> Self {
         logs();
-        let id = unique(name);
+        let id = crate::common::unique(name);
         let mut config = Config {
             instance_id: format!("{id}-a"),
             ..Config::default()
         };
-        config.postgres.url = database_url().into();
+        config.postgres.url = crate::common::database_url().into();
         config.postgres.schema = id.clone();
         config.redis.url = redis_url().into();
         config.redis.key_prefix = format!("cctest:{id}");
@@ -67,7 +84,7 @@ impl World {
             raw: redis::Client::open(redis_url()).expect("redis client"),
             config,
             pool,
-            next_offset: 0,
+            parts: HashMap::new(),
         }
     }
 
@@ -100,33 +117,133 @@ impl World {
         })
     }
 
-    /// Writes outcomes to cc_transition as the engine's batch write does (one row per outcome,
-    /// in order), tagged with `partition` and `batch_no`.
-    async fn write_durable(&mut self, partition: i32, batch_no: u64, outcomes: &[StoredOutcome]) {
-        for o in outcomes {
-            self.next_offset += 1;
-            let c = o.columns();
-            sqlx::query(
-                "INSERT INTO cc_transition (topic, partition, batch_no, source_offset, intent_id,
-                     contact_id, clinic_id, correlation_id, from_state, to_state, reason,
-                     commit_sequence, contact_version, fingerprint, writer, fence)
-                 VALUES ($1, $2, $3, $4, $5, 'contact', 'clinic', 'corr', 'received', $6, $7, $8, $9,
-                         $10, 'test', 1)",
-            )
-            .bind(TOPIC)
-            .bind(partition)
-            .bind(batch_no as i64)
-            .bind(self.next_offset)
-            .bind(&o.intent_id)
-            .bind(c.state)
-            .bind(c.reason)
-            .bind(c.commit_sequence as i64)
-            .bind(c.contact_version as i64)
-            .bind(o.prior.fingerprint as i64)
-            .execute(&self.pool)
+    /// Puts an entry into Redis behind the store's back, as an older version's resynchronisation
+    /// (which copied batches that were not committed yet) could have left it.
+    async fn plant(&self, o: &StoredOutcome) {
+        let value = format!("{}|1", raw::encode_outcome(o).expect("terminal outcome"));
+        let _: () = redis::cmd("SET")
+            .arg(self.keys().idem(&o.intent_id))
+            .arg(value)
+            .arg("EX")
+            .arg(3600)
+            .query_async(&mut self.con().await)
             .await
-            .expect("insert transition");
+            .expect("SET");
+    }
+
+    /// Redis loses everything this test wrote (what FLUSHALL or a restart without persistence
+    /// does, limited to this test's keys).
+    async fn lose_redis_data(&self) {
+        let mut con = self.con().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.config.redis.key_prefix))
+            .query_async(&mut con)
+            .await
+            .expect("KEYS");
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut con)
+                .await
+                .expect("DEL");
         }
+    }
+
+    /// Deletes the epoch key: Redis is out of sync and the next health check resynchronises it
+    /// (a full copy, as after a FLUSHALL), without touching the idempotency entries.
+    async fn forget_epoch(&self) {
+        let _: () = redis::cmd("DEL")
+            .arg(self.keys().epoch())
+            .query_async(&mut self.con().await)
+            .await
+            .expect("DEL epoch");
+    }
+
+    /// Writes the next batch of `partition` through the real batch write (fenced, tagged with
+    /// its batch number), one audit row per outcome. Until [`World::commit`] (or a restore) the
+    /// batch is the partition's one uncommitted batch.
+    async fn write_batch(&mut self, partition: i32, outcomes: &[StoredOutcome]) -> u64 {
+        let mut part = self.parts.get(&partition).copied().unwrap_or_default();
+        if part.fence == 0 {
+            part.fence = pg::acquire_partition(
+                &self.pool,
+                TOPIC,
+                partition,
+                &self.config.instance_id,
+                Duration::from_secs(300),
+            )
+            .await
+            .expect("acquire")
+            .expect("a free partition");
+        }
+        let batch_no = part.last_batch + 1;
+        let mut write = BatchWrite::default();
+        for o in outcomes {
+            write
+                .transitions
+                .push(audit_row(o, partition, batch_no, part));
+            part.next_offset += 1;
+        }
+        write.partitions.push(PartitionWrite {
+            partition,
+            fence: part.fence,
+            batch_no,
+            next_offset: part.next_offset,
+            clock_ms: 0,
+        });
+        pg::apply_batch(
+            &self.pool,
+            TOPIC,
+            &self.config.instance_id,
+            Duration::from_secs(300),
+            &write,
+        )
+        .await
+        .expect("batch write");
+        part.last_batch = batch_no;
+        self.parts.insert(partition, part);
+        batch_no
+    }
+
+    /// Records in PostgreSQL that the partition's last batch committed in Kafka (what the
+    /// engine does right after each commit).
+    async fn commit(&self, partition: i32) {
+        let part = self.parts[&partition];
+        pg::mark_committed(
+            &self.pool,
+            TOPIC,
+            &[(partition, part.fence, part.last_batch)],
+        )
+        .await
+        .expect("mark committed");
+    }
+
+    /// A batch written and committed.
+    async fn write_committed(&mut self, partition: i32, outcomes: &[StoredOutcome]) -> u64 {
+        let b = self.write_batch(partition, outcomes).await;
+        self.commit(partition).await;
+        b
+    }
+
+    /// Restores the partition as the engine does when Kafka's recovery point names
+    /// `kafka_batch`: later batches are rolled back.
+    async fn restore(&mut self, partition: i32, kafka_batch: u64) -> RestoredPartition {
+        let part = self.parts[&partition];
+        let kafka = KafkaCommitted::Point {
+            offset: part.next_offset,
+            point: RecoveryPoint {
+                batch: kafka_batch,
+                fence: part.fence,
+                clock_ms: 0,
+            },
+        };
+        let restored = pg::restore_partition(&self.pool, TOPIC, partition, part.fence, &kafka)
+            .await
+            .expect("restore");
+        let p = self.parts.get_mut(&partition).expect("partition");
+        p.last_batch = restored.resume.batch;
+        p.next_offset = restored.resume.next_offset;
+        restored
     }
 
     async fn mode_audits(&self) -> Vec<serde_json::Value> {
@@ -143,6 +260,30 @@ impl World {
             .fetch_one(&self.pool)
             .await
             .expect("epoch")
+    }
+}
+
+/// The audit row the engine writes for an outcome.
+fn audit_row(o: &StoredOutcome, partition: i32, batch_no: u64, part: Part) -> TransitionRow {
+    let c = o.columns();
+    TransitionRow {
+        partition,
+        batch_no,
+        source_offset: part.next_offset,
+        intent_id: o.intent_id.clone(),
+        contact_id: format!("contact-{}", o.intent_id),
+        clinic_id: "clinic".into(),
+        correlation_id: "corr".into(),
+        transition: Transition::Record {
+            waited: false,
+            to: c.state.parse::<State>().expect("a state"),
+            reason: (!c.reason.is_empty()).then(|| c.reason.parse().expect("a reason")),
+        },
+        commit_sequence: c.commit_sequence,
+        contact_version: c.contact_version,
+        fingerprint: o.prior.fingerprint,
+        detail: String::new(),
+        fence: part.fence,
     }
 }
 
@@ -264,7 +405,7 @@ async fn lookup_is_one_redis_round_trip_and_matches_postgres() {
     let mut all = batch.clone();
     all.push(invalid.clone());
     all.push(waiting.clone());
-    w.write_durable(0, 1, &all).await;
+    w.write_committed(0, &all).await;
     store.record(&all).await.expect("record");
     assert_eq!(w.redis_entry("fast-invalid").await, None);
     assert_eq!(w.redis_entry("fast-waiting").await, None);
@@ -300,7 +441,7 @@ async fn lookup_is_one_redis_round_trip_and_matches_postgres() {
 
     // A newer outcome overwrites an older one (re-submitted and committed).
     let again = outcome("fast-review", "committed_causal", "", 8);
-    w.write_durable(0, 2, std::slice::from_ref(&again)).await;
+    w.write_committed(0, std::slice::from_ref(&again)).await;
     store.record(std::slice::from_ref(&again)).await.unwrap();
     let found = store.lookup(&["fast-review".to_string()]).await.unwrap();
     assert_eq!(found, vec![again]);
@@ -438,7 +579,7 @@ async fn redis_stopped_falls_back_to_postgres_and_fails_back_with_the_fallback_o
     let mut review = outcome("resubmitted", "manual_review", "WAIT_TIMEOUT", 21);
     let mut first = before.clone();
     first.push(review.clone());
-    w.write_durable(0, 1, &first).await;
+    w.write_committed(0, &first).await;
     store.record(&first).await.unwrap();
     assert_eq!(w.redis_entry("resubmitted").await, Some(review.clone()));
 
@@ -488,7 +629,7 @@ async fn redis_stopped_falls_back_to_postgres_and_fails_back_with_the_fallback_o
     review = outcome("resubmitted", "committed_causal", "", 21);
     let mut second = during.clone();
     second.push(review.clone());
-    w.write_durable(0, 2, &second).await;
+    w.write_committed(0, &second).await;
     store
         .record(&second)
         .await
@@ -541,7 +682,7 @@ async fn slow_redis_opens_the_breaker_and_failback_never_trusts_stale_entries() 
     // Before: X ends in manual review; Y commits.
     let x_review = outcome("x", "manual_review", "WAIT_TIMEOUT", 1);
     let y = outcome("y", "committed_causal", "", 2);
-    w.write_durable(0, 1, &[x_review.clone(), y.clone()]).await;
+    w.write_committed(0, &[x_review.clone(), y.clone()]).await;
     store.record(&[x_review.clone(), y.clone()]).await.unwrap();
     let query: Vec<String> = ["x", "y", "z"].iter().map(|s| s.to_string()).collect();
     assert_eq!(
@@ -584,7 +725,7 @@ async fn slow_redis_opens_the_breaker_and_failback_never_trusts_stale_entries() 
     // During the fallback X is re-submitted and commits, Z commits.
     let x_committed = outcome("x", "committed_causal", "", 1);
     let z = outcome("z", "committed_causal", "", 3);
-    w.write_durable(0, 2, &[x_committed.clone(), z.clone()])
+    w.write_committed(0, &[x_committed.clone(), z.clone()])
         .await;
     store
         .record(&[x_committed.clone(), z.clone()])
@@ -638,7 +779,7 @@ async fn a_write_through_that_times_out_trips_at_once_and_never_lands_late() {
 
     // A first batch goes through (and loads the write script).
     let early = outcome("early", "committed_causal", "", 1);
-    w.write_durable(0, 1, std::slice::from_ref(&early)).await;
+    w.write_committed(0, std::slice::from_ref(&early)).await;
     store
         .record(std::slice::from_ref(&early))
         .await
@@ -646,7 +787,7 @@ async fn a_write_through_that_times_out_trips_at_once_and_never_lands_late() {
     assert_eq!(w.redis_entry("early").await, Some(early));
 
     let late = outcome("late", "committed_causal", "", 2);
-    w.write_durable(0, 2, std::slice::from_ref(&late)).await;
+    w.write_committed(0, std::slice::from_ref(&late)).await;
     let freeze = freeze_redis(1500).await;
     store
         .record(std::slice::from_ref(&late))
@@ -687,7 +828,7 @@ async fn flushall_makes_redis_out_of_sync_until_resynchronised() {
     let store = w.store();
     in_sync(&store).await;
     let batch = sorted(committed("flush", 30));
-    w.write_durable(1, 1, &batch).await;
+    w.write_committed(1, &batch).await;
     store.record(&batch).await.unwrap();
     let s0 = store.stats();
     assert_eq!(sorted(store.lookup(&ids(&batch)).await.unwrap()), batch);
@@ -781,16 +922,19 @@ async fn partition_restored_rewrites_a_batch_committed_without_its_write_through
     in_sync(&store).await;
     // Batch 1 recorded normally; batch 2 committed, then the process died before record().
     let b1 = committed("b1", 5);
-    w.write_durable(2, 1, &b1).await;
+    w.write_committed(2, &b1).await;
     store.record(&b1).await.unwrap();
     let b2 = committed("b2", 5);
-    w.write_durable(2, 2, &b2).await;
+    w.write_batch(2, &b2).await;
     assert!(
         store.lookup(&ids(&b2)).await.unwrap().is_empty(),
         "the crash window: Redis misses batch 2"
     );
 
-    // The next owner restores the partition at batch 2 and tells the store.
+    // The next owner restores the partition at batch 2 (Kafka's recovery point: it committed,
+    // but PostgreSQL was never told) and tells the store.
+    let restored = w.restore(2, 2).await;
+    assert!(restored.rolled_back_outcomes.is_empty());
     let next = w.store();
     next.partition_restored(TOPIC, 2, 2).await.unwrap();
     in_sync(&next).await;
@@ -811,7 +955,7 @@ async fn another_instance_in_fallback_keeps_redis_untrusted_until_it_is_resynchr
     in_sync(&healthy).await;
     // X went to manual review earlier; Redis knows it.
     let x_review = outcome("x-by-a", "manual_review", "WAIT_TIMEOUT", 1);
-    w.write_durable(5, 1, std::slice::from_ref(&x_review)).await;
+    w.write_committed(5, std::slice::from_ref(&x_review)).await;
     healthy
         .record(std::slice::from_ref(&x_review))
         .await
@@ -830,9 +974,9 @@ async fn another_instance_in_fallback_keeps_redis_untrusted_until_it_is_resynchr
     // (batch 3); Redis never hears of either.
     let x = outcome("x-by-a", "committed_causal", "", 1);
     let y = outcome("y-by-a", "committed_causal", "", 2);
-    w.write_durable(5, 2, std::slice::from_ref(&x)).await;
+    w.write_committed(5, std::slice::from_ref(&x)).await;
     a.record(std::slice::from_ref(&x)).await.unwrap();
-    w.write_durable(5, 3, std::slice::from_ref(&y)).await;
+    w.write_committed(5, std::slice::from_ref(&y)).await;
     a.record(std::slice::from_ref(&y)).await.unwrap();
     assert_eq!(
         w.redis_entry("x-by-a").await,
@@ -894,7 +1038,7 @@ async fn an_epoch_key_from_another_server_incarnation_is_not_trusted() {
     let store = w.store();
     in_sync(&store).await;
     let batch = sorted(committed("snap", 10));
-    w.write_durable(0, 1, &batch).await;
+    w.write_committed(0, &batch).await;
     store.record(&batch).await.unwrap();
 
     // What a restart from an old snapshot looks like: the right epoch number, written by
@@ -926,4 +1070,394 @@ async fn an_epoch_key_from_another_server_incarnation_is_not_trusted() {
     let s1 = store.stats();
     assert_eq!(sorted(store.lookup(&ids(&batch)).await.unwrap()), batch);
     assert_eq!(store.stats().lookups_redis - s1.lookups_redis, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Only outcomes of committed batches (docs/redis-fallback.md, "Only committed outcomes")
+
+/// Runs one health check in the background (a resynchronisation the test interleaves with).
+fn spawn_health_check(store: &Arc<LockStore>) -> tokio::task::JoinHandle<Mode> {
+    let store = store.clone();
+    tokio::spawn(async move { store.health_check().await })
+}
+
+/// How long a test lets a background resynchronisation get going before it interleaves.
+const LET_IT_START: Duration = Duration::from_millis(300);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_during_an_uncommitted_batch_never_makes_its_replay_a_duplicate() {
+    let _shared = crate::common::shared_stack().await;
+    let mut w = World::new("ls_rollback", |_| {}).await;
+    let store = Arc::new(w.store());
+    in_sync(&store).await;
+    // Batch 1 committed and written through; batch 2 written to PostgreSQL, its Kafka
+    // transaction not committed yet.
+    let kept = committed("kept", 3);
+    w.write_committed(0, &kept).await;
+    store.record(&kept).await.unwrap();
+    let doomed = committed("doomed", 3);
+    w.write_batch(0, &doomed).await;
+
+    // A resynchronisation runs meanwhile (the epoch key is gone, as after a FLUSHALL) ...
+    w.forget_epoch().await;
+    let resync = spawn_health_check(&store);
+    tokio::time::sleep(LET_IT_START).await;
+    for o in &doomed {
+        assert_eq!(
+            w.redis_entry(&o.intent_id).await,
+            None,
+            "the resynchronisation copied a batch not known committed"
+        );
+    }
+    // ... and the Kafka transaction of batch 2 aborts: the partition is restored at batch 1.
+    let restored = w.restore(0, 1).await;
+    assert_eq!(restored.rolled_back_outcomes, ids(&doomed));
+    store.partition_restored(TOPIC, 0, 1).await.unwrap();
+    store
+        .outcomes_rolled_back(TOPIC, 0, &restored.rolled_back_outcomes)
+        .await
+        .unwrap();
+    resync.await.unwrap();
+    in_sync(&store).await;
+
+    for o in &doomed {
+        assert_eq!(
+            w.redis_entry(&o.intent_id).await,
+            None,
+            "Redis holds an outcome of a batch that never committed"
+        );
+    }
+    // The replay looks its intents up: new, not duplicates (answered by the trusted Redis).
+    let mut query = ids(&kept);
+    query.extend(ids(&doomed));
+    let s0 = store.stats();
+    assert_eq!(sorted(store.lookup(&query).await.unwrap()), kept);
+    assert_eq!(store.stats().lookups_redis - s0.lookups_redis, 1);
+    // The replayed batch commits; its outcomes are known from then on.
+    w.write_committed(0, &doomed).await;
+    store.record(&doomed).await.unwrap();
+    let mut all = kept.clone();
+    all.extend(doomed.clone());
+    assert_eq!(
+        sorted(store.lookup(&query).await.unwrap()),
+        sorted(all.clone())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_batch_not_yet_marked_in_postgres_is_waited_for_before_redis_is_trusted() {
+    let _shared = crate::common::shared_stack().await;
+    let mut w = World::new("ls_unmarked", |_| {}).await;
+    let store = Arc::new(w.store());
+    in_sync(&store).await;
+    let first = committed("first", 3);
+    w.write_committed(1, &first).await;
+    store.record(&first).await.unwrap();
+    // Batch 2 commits in Kafka and is written through; PostgreSQL does not know yet that it
+    // committed (the engine tells it asynchronously) when Redis loses its data.
+    let second = committed("second", 3);
+    w.write_batch(1, &second).await;
+    store.record(&second).await.unwrap();
+    w.lose_redis_data().await;
+
+    let resync = spawn_health_check(&store);
+    tokio::time::sleep(LET_IT_START).await;
+    assert!(
+        !store.redis_in_sync(),
+        "Redis lacks batch 2, which may have committed: its misses are not trusted yet"
+    );
+    let mut all = first.clone();
+    all.extend(second.clone());
+    assert_eq!(sorted(store.lookup(&ids(&all)).await.unwrap()), all);
+    // PostgreSQL learns of the commit: the resynchronisation copies batch 2 and finishes.
+    w.commit(1).await;
+    resync.await.unwrap();
+    assert!(store.redis_in_sync());
+    for o in &all {
+        assert_eq!(w.redis_entry(&o.intent_id).await.as_ref(), Some(o));
+    }
+    let s0 = store.stats();
+    assert_eq!(sorted(store.lookup(&ids(&all)).await.unwrap()), all);
+    assert_eq!(store.stats().lookups_redis - s0.lookups_redis, 1);
+
+    // A batch whose fate stays unknown keeps Redis untrusted (the resynchronisation gives up
+    // after a bounded wait and is retried by the next health check).
+    let third = committed("third", 2);
+    w.write_batch(1, &third).await;
+    store.record(&third).await.unwrap();
+    w.lose_redis_data().await;
+    store.health_check().await;
+    assert!(!store.redis_in_sync());
+    w.commit(1).await;
+    in_sync(&store).await;
+    for o in first.iter().chain(&second).chain(&third) {
+        assert_eq!(w.redis_entry(&o.intent_id).await.as_ref(), Some(o));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_noted_during_a_resync_keeps_redis_untrusted_until_it_is_corrected() {
+    let _shared = crate::common::shared_stack().await;
+    let mut w = World::new("ls_counter", |_| {}).await;
+    let store = Arc::new(w.store());
+    in_sync(&store).await;
+    // Partition 0: batch 2 is uncommitted, and Redis already holds one of its outcomes (as an
+    // older version's resynchronisation, which copied uncommitted batches, left it).
+    w.write_committed(0, &committed("p0", 1)).await;
+    let stale = outcome("stale", "committed_causal", "", 7);
+    w.write_batch(0, std::slice::from_ref(&stale)).await;
+    w.plant(&stale).await;
+    // Partition 1: an uncommitted batch that keeps the resynchronisation waiting.
+    w.write_committed(1, &committed("p1", 1)).await;
+    w.write_batch(1, &committed("p1-open", 1)).await;
+
+    w.forget_epoch().await;
+    let resync = spawn_health_check(&store);
+    tokio::time::sleep(LET_IT_START).await;
+    // Partition 0 is rolled back by an owner that dies before it can correct Redis; then
+    // partition 1's batch turns out committed.
+    let restored = w.restore(0, 1).await;
+    assert_eq!(restored.rolled_back_outcomes, vec!["stale".to_string()]);
+    w.commit(1).await;
+    resync.await.unwrap();
+    assert!(
+        !store.redis_in_sync(),
+        "a rollback after the resynchronisation read the corrections interrupts it"
+    );
+    // The next resynchronisation applies the correction, then trusts Redis.
+    in_sync(&store).await;
+    assert_eq!(w.redis_entry("stale").await, None);
+    let s0 = store.stats();
+    assert!(store
+        .lookup(&["stale".to_string()])
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.stats().lookups_redis - s0.lookups_redis, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_intent_gets_its_earlier_committed_outcome_back_in_redis() {
+    let _shared = crate::common::shared_stack().await;
+    let mut w = World::new("ls_earlier", |_| {}).await;
+    let store = w.store();
+    in_sync(&store).await;
+    // X went to manual review in batch 1; batch 2 is unrelated.
+    let review = outcome("x-earlier", "manual_review", "WAIT_TIMEOUT", 4);
+    w.write_committed(3, std::slice::from_ref(&review)).await;
+    store.record(std::slice::from_ref(&review)).await.unwrap();
+    let other = committed("other", 2);
+    w.write_committed(3, &other).await;
+    store.record(&other).await.unwrap();
+    // X is re-submitted and commits in batch 3, whose Kafka transaction then aborts; Redis holds
+    // that uncommitted outcome (left by an older version's resynchronisation).
+    let again = outcome("x-earlier", "committed_causal", "", 4);
+    w.write_batch(3, std::slice::from_ref(&again)).await;
+    w.plant(&again).await;
+
+    let restored = w.restore(3, 2).await;
+    assert_eq!(restored.rolled_back_outcomes, vec!["x-earlier".to_string()]);
+    store.partition_restored(TOPIC, 3, 2).await.unwrap();
+    store
+        .outcomes_rolled_back(TOPIC, 3, &restored.rolled_back_outcomes)
+        .await
+        .unwrap();
+    assert_eq!(
+        w.redis_entry("x-earlier").await,
+        Some(review.clone()),
+        "Redis agrees with PostgreSQL: the manual review is X's record again"
+    );
+    let s0 = store.stats();
+    assert_eq!(
+        store.lookup(&["x-earlier".to_string()]).await.unwrap(),
+        vec![review]
+    );
+    assert_eq!(store.stats().lookups_redis - s0.lookups_redis, 1);
+    assert!(store.redis_in_sync());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_that_cannot_reach_redis_keeps_it_untrusted_until_it_is_corrected() {
+    let _shared = crate::common::shared_stack().await;
+    let mut w = World::new("ls_unreach", |_| {}).await;
+    let healthy = w.store();
+    in_sync(&healthy).await;
+    let y = outcome("y-unreach", "committed_causal", "", 1);
+    w.write_committed(4, std::slice::from_ref(&y)).await;
+    healthy.record(std::slice::from_ref(&y)).await.unwrap();
+    let x = outcome("x-unreach", "committed_causal", "", 2);
+    w.write_batch(4, std::slice::from_ref(&x)).await;
+    w.plant(&x).await;
+    let epoch_before = w.pg_epoch().await;
+
+    // The partition's new owner B cannot reach Redis (a closed port) when it rolls batch 2 back.
+    // (Its `partition_restored` would fail to write to Redis too; only the rollback's call is
+    // made here.)
+    let mut config_b = w.config.clone();
+    config_b.instance_id = format!("{}-b", w.config.instance_id);
+    config_b.redis.url = "redis://127.0.0.1:1".into();
+    let b = LockStore::new(&config_b, w.pool.clone()).unwrap();
+    let restored = w.restore(4, 1).await;
+    b.outcomes_rolled_back(TOPIC, 4, &restored.rolled_back_outcomes)
+        .await
+        .unwrap();
+    assert_eq!(b.mode(), Mode::Postgres);
+    assert!(
+        w.pg_epoch().await > epoch_before,
+        "every Redis is out of sync until the correction is applied"
+    );
+
+    // The healthy instance sees it at its next health check: PostgreSQL answers, and Redis is
+    // not resynchronised while B is in fallback.
+    healthy.health_check().await;
+    assert!(!healthy.redis_in_sync());
+    assert!(healthy
+        .lookup(&ids(std::slice::from_ref(&x)))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // B dies; once its row is dead, the resynchronisation applies the correction first.
+    drop(b);
+    sqlx::query("UPDATE cc_store_fallback SET alive_until = now() - interval '1 second'")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    in_sync(&healthy).await;
+    assert_eq!(w.redis_entry("x-unreach").await, None);
+    let s0 = healthy.stats();
+    assert_eq!(
+        healthy.lookup(&ids(&[x, y.clone()])).await.unwrap(),
+        vec![y]
+    );
+    assert_eq!(healthy.stats().lookups_redis - s0.lookups_redis, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The first terminal outcome stays the idempotency record
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_conflict_never_replaces_the_first_outcome_in_redis_or_postgres() {
+    let _shared = crate::common::shared_stack().await;
+    let mut w = World::new("ls_conflict", |_| {}).await;
+    let store = w.store();
+    in_sync(&store).await;
+    let with = |fingerprint: u64, outcome: Outcome| StoredOutcome {
+        intent_id: "x-conflict".into(),
+        prior: PriorOutcome {
+            fingerprint,
+            outcome,
+        },
+    };
+    // X with content A commits; X with content B is blocked as a conflict (its row carries B's
+    // fingerprint).
+    let a = with(
+        0xaaaa,
+        Outcome::Committed {
+            commit_sequence: 1,
+            contact_version: 1,
+        },
+    );
+    let b = with(
+        0xbbbb,
+        Outcome::Blocked {
+            reason: Reason::IdempotencyConflict,
+            commit_sequence: 1,
+        },
+    );
+    w.write_committed(0, std::slice::from_ref(&a)).await;
+    store.record(std::slice::from_ref(&a)).await.unwrap();
+    w.write_committed(0, std::slice::from_ref(&b)).await;
+    store.record(std::slice::from_ref(&b)).await.unwrap();
+
+    let query = vec!["x-conflict".to_string()];
+    assert_eq!(w.redis_entry("x-conflict").await, Some(a.clone()));
+    let s0 = store.stats();
+    assert_eq!(store.lookup(&query).await.unwrap(), vec![a.clone()]);
+    assert_eq!(store.stats().lookups_redis - s0.lookups_redis, 1);
+    assert_eq!(
+        pg::lookup_outcomes(&w.pool, &query).await.unwrap(),
+        vec![a.clone()]
+    );
+
+    // A full resynchronisation copies A, never B.
+    w.lose_redis_data().await;
+    in_sync(&store).await;
+    assert_eq!(w.redis_entry("x-conflict").await, Some(a.clone()));
+    let s1 = store.stats();
+    assert_eq!(store.lookup(&query).await.unwrap(), vec![a.clone()]);
+    assert_eq!(store.stats().lookups_redis - s1.lookups_redis, 1);
+
+    // A conflict entry in Redis (never written by this version) is never returned either:
+    // PostgreSQL answers that lookup.
+    w.plant(&b).await;
+    assert_eq!(store.lookup(&query).await.unwrap(), vec![a]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_that_meets_an_unreadable_outcome_does_not_mark_redis_in_sync() {
+    let _shared = crate::common::shared_stack().await;
+    let mut w = World::new("ls_unreadable", |_| {}).await;
+    let store = w.store();
+    in_sync(&store).await;
+    // A blocked row without a reason passes the table's constraints but is not an outcome.
+    let good = committed("good", 2);
+    let mut rows = good.clone();
+    rows.push(outcome("odd", "blocked_conflict", "VERSION_CONFLICT", 3));
+    w.write_committed(2, &rows).await;
+    sqlx::query("UPDATE cc_transition SET reason = '' WHERE intent_id = 'odd'")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+
+    w.lose_redis_data().await;
+    for _ in 0..3 {
+        store.health_check().await;
+        assert!(
+            !store.redis_in_sync(),
+            "a miss of that id would be taken for 'never seen'"
+        );
+    }
+    let s0 = store.stats();
+    assert_eq!(sorted(store.lookup(&ids(&good)).await.unwrap()), good);
+    assert_eq!(store.stats().lookups_postgres - s0.lookups_postgres, 1);
+
+    // Once the row is readable, the next resynchronisation finishes.
+    sqlx::query("UPDATE cc_transition SET reason = 'VERSION_CONFLICT' WHERE intent_id = 'odd'")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    in_sync(&store).await;
+    assert_eq!(
+        w.redis_entry("odd").await,
+        Some(outcome("odd", "blocked_conflict", "VERSION_CONFLICT", 3))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_loses_its_data_during_a_resync_is_not_marked_in_sync() {
+    let _shared = crate::common::shared_stack().await;
+    let mut w = World::new("ls_midflush", |_| {}).await;
+    let store = Arc::new(w.store());
+    in_sync(&store).await;
+    let done = committed("done", 3);
+    w.write_committed(6, &done).await;
+    store.record(&done).await.unwrap();
+    // An uncommitted batch keeps the resynchronisation waiting ...
+    w.write_batch(6, &committed("open", 1)).await;
+    w.forget_epoch().await;
+    let resync = spawn_health_check(&store);
+    tokio::time::sleep(LET_IT_START).await;
+    // ... while Redis loses what it copied.
+    w.lose_redis_data().await;
+    w.commit(6).await;
+    resync.await.unwrap();
+    assert!(
+        !store.redis_in_sync(),
+        "the copy was lost before the mark: Redis must not be trusted"
+    );
+    in_sync(&store).await;
+    for o in &done {
+        assert_eq!(w.redis_entry(&o.intent_id).await.as_ref(), Some(o));
+    }
 }

@@ -5,9 +5,11 @@
 //! - [`batch`]: the one-round-trip write of a batch (audit rows, contact states, commands).
 //! - [`outcomes`]: the durable idempotency record (terminal outcomes by intent id).
 //! - [`commands`]: operator commands and the admin audit.
+//! - [`lock_store`]: the lock / idempotency store's bookkeeping and what it reads for Redis.
 
 pub mod batch;
 pub mod commands;
+pub mod lock_store;
 pub mod outcomes;
 pub mod partition;
 
