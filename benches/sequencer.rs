@@ -79,6 +79,7 @@ impl Traffic {
             fingerprint: id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             offset: id as i64,
             resubmission: false,
+            size: 120,
         }
     }
 

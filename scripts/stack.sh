@@ -783,8 +783,25 @@ redis_answers() {
   redis_cli "$1" ping 2>/dev/null | grep -q PONG
 }
 # Our process, whatever port it listens on (redis-server's title is "redis-server HOST:PORT").
-redis_ours() { pid_alive "$(redis_pidfile "$1")" redis-server; }
-redis_ours_here() { pid_alive "$(redis_pidfile "$1")" "redis-server $HOST:$(redis_port "$1")"; }
+# A lost pid file (removed by a second redis-server given the same config, for instance) is
+# recovered when the server on our port works in our directory.
+redis_ours() {
+  pid_alive "$(redis_pidfile "$1")" redis-server && return 0
+  redis_recover_pidfile "$1"
+}
+redis_recover_pidfile() {
+  local name=$1 dir pid
+  port_open "$(redis_port "$name")" || return 1
+  dir=$(redis_cli "$name" config get dir 2>/dev/null | sed -n 2p) || return 1
+  [[ -n $dir && $dir == "$(redis_dir "$name")" ]] || return 1
+  pid=$(redis_cli "$name" info server 2>/dev/null | tr -d '\r' | sed -n 's/^process_id://p')
+  [[ $pid =~ ^[0-9]+$ ]] && proc_running "$pid" || return 1
+  printf '%s\n' "$pid" >"$(redis_pidfile "$name")"
+  warn "$name: recovered the lost pid file of the instance stack.sh started (pid $pid)"
+}
+redis_ours_here() {
+  redis_ours "$1" && pid_alive "$(redis_pidfile "$1")" "redis-server $HOST:$(redis_port "$1")"
+}
 
 redis_render_config() {
   local name=$1 dir

@@ -91,6 +91,10 @@ pub struct SequencerConfig {
     pub max_pending_per_partition: usize,
     /// A paused partition resumes once its backlog is below this.
     pub resume_pending_per_partition: usize,
+    /// Bytes of waiting records at which a partition is paused ...
+    pub max_pending_bytes_per_partition: u64,
+    /// ... and below which it resumes (with the count below its own mark).
+    pub resume_pending_bytes_per_partition: u64,
     /// Resolved intent ids remembered in memory per partition (older ones are looked up in
     /// the idempotency store).
     pub recent_intents_per_partition: usize,
@@ -233,6 +237,8 @@ impl Default for SequencerConfig {
             max_pending_per_contact: 64,
             max_pending_per_partition: 10_000,
             resume_pending_per_partition: 8_000,
+            max_pending_bytes_per_partition: 256 << 20,
+            resume_pending_bytes_per_partition: 192 << 20,
             recent_intents_per_partition: 100_000,
         }
     }
@@ -417,6 +423,20 @@ impl Config {
                 "sequencer.resume_pending_per_partition",
                 s.resume_pending_per_partition,
                 "must be below sequencer.max_pending_per_partition",
+            ));
+        }
+        if s.resume_pending_bytes_per_partition >= s.max_pending_bytes_per_partition {
+            return Err(invalid(
+                "sequencer.resume_pending_bytes_per_partition",
+                s.resume_pending_bytes_per_partition,
+                "must be below sequencer.max_pending_bytes_per_partition",
+            ));
+        }
+        if s.max_pending_bytes_per_partition < self.limits.max_record_bytes as u64 {
+            return Err(invalid(
+                "sequencer.max_pending_bytes_per_partition",
+                s.max_pending_bytes_per_partition,
+                "must be at least limits.max_record_bytes",
             ));
         }
         let l = &self.limits;

@@ -174,6 +174,8 @@ impl Engine {
             max_pending_per_contact: s.max_pending_per_contact.min(u32::MAX as usize) as u32,
             max_pending_per_partition: s.max_pending_per_partition,
             resume_pending_below: s.resume_pending_per_partition,
+            max_pending_bytes_per_partition: s.max_pending_bytes_per_partition,
+            resume_pending_bytes_below: s.resume_pending_bytes_per_partition,
             recent_outcomes_capacity: s.recent_intents_per_partition,
         };
         seq_config.validate()?;

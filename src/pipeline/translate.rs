@@ -132,7 +132,15 @@ pub fn meta(v: &ValidIntent, record: &InRecord) -> IntentMeta {
         fingerprint: v.fingerprint,
         offset: record.offset,
         resubmission: record.resubmission,
+        size: record_size(record),
     }
+}
+
+/// The bytes a record holds in memory while it waits.
+fn record_size(record: &InRecord) -> u32 {
+    let key = record.key.as_ref().map_or(0, Vec::len);
+    let value = record.value.as_ref().map_or(0, Vec::len);
+    u32::try_from(key + value).unwrap_or(u32::MAX)
 }
 
 /// Translates one partition's drained decisions, in order.
@@ -746,6 +754,7 @@ mod tests {
             fingerprint: v.fingerprint,
             offset,
             resubmission: false,
+            size: 0,
         };
         let held = Held {
             record: record(offset, p.encode_to_vec()),

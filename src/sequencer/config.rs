@@ -30,6 +30,11 @@ pub struct Config {
     pub max_pending_per_partition: usize,
     /// A paused partition resumes once fewer intents than this wait (default 8,000).
     pub resume_pending_below: usize,
+    /// Bytes of waiting intents ([`super::IntentMeta::size`]) at which the partition is
+    /// paused (default 256 MiB) ...
+    pub max_pending_bytes_per_partition: u64,
+    /// ... and below which it resumes (default 192 MiB); both marks must be met.
+    pub resume_pending_bytes_below: u64,
     /// How many recent outcomes the in-memory idempotency window remembers (default 32,768,
     /// about 3 MiB). It must be at least the number of outcomes decided between two flushes of
     /// the durable store, which covers everything older: one batch of records plus every
@@ -46,6 +51,8 @@ impl Default for Config {
             max_pending_per_contact: 64,
             max_pending_per_partition: 10_000,
             resume_pending_below: 8_000,
+            max_pending_bytes_per_partition: 256 << 20,
+            resume_pending_bytes_below: 192 << 20,
             recent_outcomes_capacity: 32_768,
         }
     }
@@ -74,6 +81,17 @@ impl Config {
             return invalid(
                 "resume_pending_below",
                 "must be between 1 and max_pending_per_partition",
+            );
+        }
+        if self.max_pending_bytes_per_partition == 0 {
+            return invalid("max_pending_bytes_per_partition", "must be at least 1");
+        }
+        if self.resume_pending_bytes_below == 0
+            || self.resume_pending_bytes_below > self.max_pending_bytes_per_partition
+        {
+            return invalid(
+                "resume_pending_bytes_below",
+                "must be between 1 and max_pending_bytes_per_partition",
             );
         }
         if self.recent_outcomes_capacity == 0

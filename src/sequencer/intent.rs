@@ -55,6 +55,10 @@ pub struct IntentMeta {
     pub offset: i64,
     /// Set when an operator re-submits an intent that ended in manual review.
     pub resubmission: bool,
+    /// Bytes the intent's payload holds in memory while it waits (the partition's bound counts
+    /// them too).
+    #[serde(default)]
+    pub size: u32,
 }
 
 /// An intent with the caller's payload (e.g. the decoded record), carried untouched.

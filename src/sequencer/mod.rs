@@ -87,9 +87,11 @@
 //!   (in sequence order), then the new intent, all `ManualReview(ContactBacklogOverflow)`.
 //!   An intent that can commit right away never overflows.
 //! - **Partition backpressure is a signal, not a cap.** Reaching `max_pending_per_partition`
+//!   waiting intents, or `max_pending_bytes_per_partition` bytes of them (`IntentMeta::size`),
 //!   emits `PausePartition`; intents still arriving (the caller's in-flight batch) are decided
-//!   normally, never dropped. Falling below `resume_pending_below` emits `ResumePartition`.
-//!   While paused, waiting intents can still drain through timeouts, so a pause always ends.
+//!   normally, never dropped. Falling below both `resume_pending_below` and
+//!   `resume_pending_bytes_below` emits `ResumePartition`. How a paused partition is read is
+//!   the caller's business (the pipeline reads it while caught up and probes it otherwise).
 //! - **Recent-outcome window.** Remembers the last `recent_outcomes_capacity` outcomes
 //!   (FIFO; a re-recorded id moves to the back). Correct only if the caller flushes outcomes
 //!   to its store, and looks `prior` up again, within that many outcomes.
@@ -191,6 +193,8 @@ pub struct Sequencer<T> {
     deadlines: BTreeSet<(Millis, u32)>,
     held: BTreeSet<u32>,
     waiting_total: usize,
+    /// Sum of the waiting intents' sizes.
+    waiting_bytes: u64,
     paused: bool,
     /// Contacts touched since the last `take_dirty`, first-touched first.
     dirty: Vec<u32>,
@@ -211,6 +215,7 @@ impl<T> Sequencer<T> {
             deadlines: BTreeSet::new(),
             held: BTreeSet::new(),
             waiting_total: 0,
+            waiting_bytes: 0,
             paused: false,
             dirty: Vec::new(),
             output: Output::new(),
@@ -430,6 +435,11 @@ impl<T> Sequencer<T> {
         self.waiting_total
     }
 
+    /// Bytes of the intents waiting in the whole partition.
+    pub fn waiting_bytes(&self) -> u64 {
+        self.waiting_bytes
+    }
+
     // ----- internals -----
 
     /// Moves the clock forward (never back) and fires due timeouts in deadline order
@@ -561,7 +571,7 @@ impl<T> Sequencer<T> {
                 break;
             }
             let waiting = pending.waiting.remove(0);
-            let hash = self.forget_waiting(idx, waiting.seq, &waiting.intent.meta.intent_id);
+            let hash = self.forget_waiting(idx, waiting.seq, &waiting.intent.meta);
             self.settle(idx, waiting.intent, hash);
             progressed = true;
         }
@@ -588,6 +598,7 @@ impl<T> Sequencer<T> {
         let contact = &mut self.contacts[idx];
         contact.next = contact.next.max(seq + 1);
         let priority = intent.meta.priority;
+        let size = intent.meta.size;
         let wait = Decision::Wait {
             intent_id: intent.meta.intent_id.clone(),
             contact_id: intent.meta.contact_id.clone(),
@@ -618,6 +629,7 @@ impl<T> Sequencer<T> {
         };
         self.waiting_ids.insert_unique(id_hash, slot, |s| s.hash);
         self.waiting_total += 1;
+        self.waiting_bytes += u64::from(size);
         self.touch(idx);
         self.emit(idx, Some(priority), wait);
         self.backpressure();
@@ -655,7 +667,7 @@ impl<T> Sequencer<T> {
         self.deadlines
             .remove(&(pending.gap_since.plus(self.timeout_ms), idx));
         for waiting in pending.waiting {
-            let hash = self.forget_waiting(idx, waiting.seq, &waiting.intent.meta.intent_id);
+            let hash = self.forget_waiting(idx, waiting.seq, &waiting.intent.meta);
             let why = reason(&waiting);
             self.review(idx, waiting.intent, waiting.seq, why, hash);
         }
@@ -663,8 +675,9 @@ impl<T> Sequencer<T> {
     }
 
     /// Drops a waiting intent from the id index and the backlog count; returns its id hash.
-    fn forget_waiting(&mut self, idx: u32, seq: u64, intent_id: &str) -> u64 {
-        let hash = self.id_hasher.hash_one(intent_id);
+    fn forget_waiting(&mut self, idx: u32, seq: u64, meta: &IntentMeta) -> u64 {
+        let hash = self.id_hasher.hash_one(meta.intent_id.as_str());
+        self.waiting_bytes = self.waiting_bytes.saturating_sub(u64::from(meta.size));
         if let Ok(entry) = self
             .waiting_ids
             .find_entry(hash, |s| s.contact == idx && s.seq == seq)
@@ -675,14 +688,19 @@ impl<T> Sequencer<T> {
         hash
     }
 
-    /// Emits `PausePartition` / `ResumePartition` when the backlog crosses its marks.
+    /// Emits `PausePartition` / `ResumePartition` when the backlog crosses its marks (in
+    /// intents or in bytes: either mark pauses, both must be passed to resume).
     fn backpressure(&mut self) {
-        let waiting = self.waiting_total;
-        if !self.paused && waiting >= self.config.max_pending_per_partition {
+        let (waiting, bytes) = (self.waiting_total, self.waiting_bytes);
+        let c = &self.config;
+        let over = waiting >= c.max_pending_per_partition
+            || bytes >= c.max_pending_bytes_per_partition;
+        let under = waiting < c.resume_pending_below && bytes < c.resume_pending_bytes_below;
+        if !self.paused && over {
             self.paused = true;
             self.output
                 .push_partition(Decision::PausePartition { waiting });
-        } else if self.paused && waiting < self.config.resume_pending_below {
+        } else if self.paused && under {
             self.paused = false;
             self.output
                 .push_partition(Decision::ResumePartition { waiting });

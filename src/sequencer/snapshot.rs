@@ -310,6 +310,10 @@ impl<T> Sequencer<T> {
                 self.waiting_ids.insert_unique(hash, slot, |s| s.hash);
             }
             self.waiting_total += waiting.len();
+            self.waiting_bytes += waiting
+                .iter()
+                .map(|w| u64::from(w.intent.meta.size))
+                .sum::<u64>();
             self.deadlines.insert((gap_since.plus(timeout_ms), idx));
             contact.set_pending(Pending { gap_since, waiting });
         }
@@ -327,7 +331,7 @@ impl<T> Sequencer<T> {
             self.deadlines
                 .remove(&(pending.gap_since.plus(timeout_ms), idx));
             for w in &pending.waiting {
-                self.forget_waiting(idx, w.seq, &w.intent.meta.intent_id);
+                self.forget_waiting(idx, w.seq, &w.intent.meta);
             }
         }
     }

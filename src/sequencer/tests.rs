@@ -38,6 +38,7 @@ fn m(id: &str, contact: &str) -> IntentMeta {
         fingerprint: fingerprint(id),
         offset: 0,
         resubmission: false,
+        size: 0,
     }
 }
 

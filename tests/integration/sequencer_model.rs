@@ -87,6 +87,14 @@ impl Model {
         self.contacts.iter().map(|c| c.waiting.len()).sum()
     }
 
+    fn waiting_bytes(&self) -> u64 {
+        self.contacts
+            .iter()
+            .flat_map(|c| c.waiting.iter())
+            .map(|w| u64::from(w.intent.meta.size))
+            .sum()
+    }
+
     fn find(&self, id: &str) -> Option<usize> {
         self.contacts.iter().position(|c| c.id == id)
     }
@@ -254,12 +262,16 @@ impl Model {
     }
 
     fn backpressure(&mut self) {
-        let waiting = self.waiting();
-        if !self.paused && waiting >= self.cfg.max_pending_per_partition {
+        let (waiting, bytes) = (self.waiting(), self.waiting_bytes());
+        let over = waiting >= self.cfg.max_pending_per_partition
+            || bytes >= self.cfg.max_pending_bytes_per_partition;
+        let under = waiting < self.cfg.resume_pending_below
+            && bytes < self.cfg.resume_pending_bytes_below;
+        if !self.paused && over {
             self.paused = true;
             self.out
                 .push((Group::Partition, None, D::PausePartition { waiting }));
-        } else if self.paused && waiting < self.cfg.resume_pending_below {
+        } else if self.paused && under {
             self.paused = false;
             self.out
                 .push((Group::Partition, None, D::ResumePartition { waiting }));
@@ -625,6 +637,9 @@ impl Case {
             max_pending_per_contact: self.per_contact,
             max_pending_per_partition: self.per_partition,
             resume_pending_below: (self.per_partition / 2).max(1),
+            // About as many bytes as intents (sizes are 0..200): either bound may pause first.
+            max_pending_bytes_per_partition: self.per_partition as u64 * 100,
+            resume_pending_bytes_below: (self.per_partition as u64 * 50).max(1),
             recent_outcomes_capacity: WINDOW,
         }
     }
@@ -633,6 +648,11 @@ impl Case {
 // ---------------------------------------------------------------------------------------------
 // The harness.
 // ---------------------------------------------------------------------------------------------
+
+/// A record's size, varied but reproducible (0 to 199 bytes).
+fn size_of(offset: i64) -> u32 {
+    (offset.unsigned_abs() * 37 % 200) as u32
+}
 
 /// What one run over a stream leaves behind.
 struct Run {
@@ -701,6 +721,7 @@ fn run(
                             fingerprint: offset as u64 * 1_000,
                             offset,
                             resubmission: false,
+                            size: size_of(offset),
                         },
                         Send::Redeliver { pick, resubmission } if !sent.is_empty() => IntentMeta {
                             resubmission: *resubmission,
@@ -728,6 +749,7 @@ fn run(
                                 fingerprint: offset as u64 * 1_000,
                                 offset,
                                 resubmission: false,
+                                size: size_of(offset),
                             }
                         }
                         Send::Invalid { empty_id } => IntentMeta {
@@ -743,6 +765,7 @@ fn run(
                             fingerprint: 7,
                             offset,
                             resubmission: false,
+                            size: 0,
                         },
                     };
                     meta.offset = offset;

@@ -218,6 +218,7 @@ fn state(contact: &str, waiting: &[(&str, u64, i64)]) -> serde_json::Value {
                     fingerprint: 0,
                     offset: *offset,
                     resubmission: false,
+                    size: 0,
                 },
                 payload: Held {
                     record: InRecord {
