@@ -18,9 +18,6 @@ pub struct InRecord {
     pub value: Option<Vec<u8>>,
     /// W3C trace context of the producer, forwarded to the outputs.
     pub traceparent: Option<Vec<u8>>,
-    /// An operator re-submitted this record from manual review.
-    #[serde(default)]
-    pub resubmission: bool,
 }
 
 /// Why a record is not a valid intent. The message names the field and the offending value.

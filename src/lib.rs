@@ -12,14 +12,19 @@
 //!   circuit breaker and the fallback between them.
 //! - [`telemetry`]: JSON logs, Prometheus metrics (every name in one module), OTLP traces.
 //! - [`demo`]: the demo producer and the read-back summary used by `make demo`.
+//! - [`admin`]: the admin HTTP API (token-protected: backlog, held contacts, one contact,
+//!   release, re-submission, operator commands, health, readiness, its OpenAPI document) and
+//!   the client the CLI's operator commands call it with.
 //! - [`verify`]: the contract verifier (`causal-commit verify`): reads the topics and the audit,
 //!   then checks every rule it can with a pure function.
 //!
 //! The binary (`src/main.rs`) is the CLI: `run`, `produce`, `migrate`, `summary`,
-//! `wait-caught-up`, `verify`, `release`, `show-config`.
+//! `wait-caught-up`, `verify`, `show-config`, and the operator commands that call the admin
+//! API: `backlog`, `held`, `contact`, `release`, `resubmit`, `commands`, `health`.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod intent;

@@ -7,7 +7,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use causal_commit::admin::client::{segment, Client, Reply};
 use causal_commit::config::Config;
+use causal_commit::store::postgres::SkipTarget;
 use causal_commit::{demo, pipeline, store, telemetry, verify};
 
 #[derive(Parser)]
@@ -54,21 +56,107 @@ enum Command {
     },
     /// Print the effective configuration (secrets included: keep it off shared terminals).
     ShowConfig,
-    /// Release a held contact: resume it, or skip its missing sequences up to --skip-to.
-    /// The instance that owns the contact applies it in its next batch; audited.
+    /// Operator: the backlog per partition (admin API).
+    Backlog(AdminArgs),
+    /// Operator: contacts on hold, why, since when, and the sequence they miss (admin API).
+    Held(AdminArgs),
+    /// Operator: one contact's state and audit history (admin API).
+    Contact {
+        /// The contact.
+        contact: String,
+        /// Return history rows after this row id (a previous page's `next_after`).
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// History rows per page.
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Operator: release a held contact, resuming it or skipping its missing sequences below
+    /// --skip-to. The owning instance applies it in a batch; audited. Waits until the command
+    /// is applied (its batch committed), refused, or --wait passes.
     Release {
         /// The held contact.
         #[arg(long)]
         contact: String,
-        /// Skip every unresolved sequence below this one, so it commits next.
+        /// Skip every unresolved sequence below this one (1 to 2^63-1), so it commits next.
         #[arg(long)]
-        skip_to: Option<u64>,
-        /// Who asks (recorded in the audit).
-        #[arg(long, default_value = "cli")]
+        skip_to: Option<SkipTarget>,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Operator: re-submit a manual-review item, named by its review record's partition and
+    /// offset on the manual-review topic. Audited; waits like `release`.
+    Resubmit {
+        /// The review record's partition.
+        #[arg(long)]
+        partition: i32,
+        /// The review record's offset.
+        #[arg(long)]
+        offset: i64,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Operator: list, show or cancel operator commands (admin API).
+    Commands {
+        #[command(subcommand)]
+        command: CommandsCommand,
+    },
+    /// Operator: the instance's readiness (admin API); exits 1 when not ready.
+    Ready(AdminArgs),
+}
+
+/// How the operator commands reach the admin API. No database credentials are needed.
+#[derive(clap::Args, Clone)]
+struct AdminArgs {
+    /// The admin API's base URL (default: http:// + the configuration's admin.listen).
+    #[arg(long, env = "CAUSAL_COMMIT_ADMIN_URL")]
+    admin_url: Option<String>,
+    /// A file holding the admin token (else the CAUSAL_COMMIT_ADMIN_TOKEN variable).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+/// A state-changing operator command: who asks, and how long to wait for it.
+#[derive(clap::Args, Clone)]
+struct OperatorArgs {
+    /// Who asks (recorded in the audit).
+    #[arg(long, env = "CAUSAL_COMMIT_ACTOR", default_value = "cli")]
+    actor: String,
+    /// How long to wait for the owning instance to apply it (0s: queue and return).
+    #[arg(long, default_value = "30s")]
+    wait: humantime::Duration,
+    /// When --wait passes with the command still pending, cancel it (else it stays queued and
+    /// is reported).
+    #[arg(long)]
+    cancel_on_timeout: bool,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(Subcommand)]
+enum CommandsCommand {
+    /// Unfinished commands (pending, or applied in a batch not yet committed); --all for all.
+    List {
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// One command and its state.
+    Show {
+        id: i64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Cancel a pending command (audited).
+    Cancel {
+        id: i64,
+        #[arg(long, env = "CAUSAL_COMMIT_ACTOR", default_value = "cli")]
         actor: String,
-        /// How long to wait for the owning instance to apply it.
-        #[arg(long, default_value = "30s")]
-        wait: humantime::Duration,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -131,30 +219,65 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }
+        Command::Backlog(admin) => print_reply(client(&config, &admin)?.get("/v1/backlog").await?),
+        Command::Held(admin) => print_reply(client(&config, &admin)?.get("/v1/held").await?),
+        Command::Contact {
+            contact,
+            after,
+            limit,
+            admin,
+        } => {
+            let path = format!(
+                "/v1/contacts/{}?after={after}&limit={limit}",
+                segment(&contact)
+            );
+            print_reply(client(&config, &admin)?.get(&path).await?)
+        }
+        Command::Ready(admin) => print_reply(client(&config, &admin)?.get("/v1/ready").await?),
         Command::Release {
             contact,
             skip_to,
-            actor,
-            wait,
+            op,
         } => {
-            let pool = store::postgres::pool(&config.postgres)?;
-            let id = store::postgres::submit_release(&pool, &contact, skip_to, &actor)
-                .await?
-                .with_context(|| format!("contact {contact:?} is unknown"))?;
-            let deadline = std::time::Instant::now() + std::time::Duration::from(wait);
-            loop {
-                if let Some(result) = store::postgres::command_result(&pool, id).await? {
-                    println!("command {id} for contact {contact}: {result}");
-                    anyhow::ensure!(result == "applied", "the release was refused: {result}");
-                    return Ok(());
-                }
-                anyhow::ensure!(
-                    std::time::Instant::now() < deadline,
-                    "command {id} is queued but no running instance applied it within {wait}"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let mut body = serde_json::json!({ "actor": op.actor });
+            if let Some(n) = skip_to {
+                body["skip_to"] = n.get().into();
             }
+            let path = format!("/v1/contacts/{}/release", segment(&contact));
+            operator_command(&config, &op, &path, &body).await
         }
+        Command::Resubmit {
+            partition,
+            offset,
+            op,
+        } => {
+            let body =
+                serde_json::json!({ "actor": op.actor, "partition": partition, "offset": offset });
+            operator_command(&config, &op, "/v1/resubmissions", &body).await
+        }
+        Command::Commands { command } => match command {
+            CommandsCommand::List { all, admin } => {
+                let state = if all { "all" } else { "unfinished" };
+                print_reply(
+                    client(&config, &admin)?
+                        .get(&format!("/v1/commands?state={state}"))
+                        .await?,
+                )
+            }
+            CommandsCommand::Show { id, admin } => print_reply(
+                client(&config, &admin)?
+                    .get(&format!("/v1/commands/{id}"))
+                    .await?,
+            ),
+            CommandsCommand::Cancel { id, actor, admin } => {
+                let body = serde_json::json!({ "actor": actor });
+                print_reply(
+                    client(&config, &admin)?
+                        .post(&format!("/v1/commands/{id}/cancel"), &body)
+                        .await?,
+                )
+            }
+        },
         Command::Verify {
             prefix,
             allow_waiting,
@@ -174,6 +297,106 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The admin API client of an operator command: its URL (given, or from `admin.listen`) and
+/// its token (a file, or `CAUSAL_COMMIT_ADMIN_TOKEN`).
+fn client(config: &Config, args: &AdminArgs) -> anyhow::Result<Client> {
+    let url = match &args.admin_url {
+        Some(u) => u.clone(),
+        None => {
+            anyhow::ensure!(
+                !config.admin.listen.is_empty(),
+                "no --admin-url, and admin.listen is empty"
+            );
+            format!(
+                "http://{}",
+                config.admin.listen.replace("0.0.0.0", "127.0.0.1")
+            )
+        }
+    };
+    let token = match &args.token_file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading --token-file {}", f.display()))?
+            .trim()
+            .to_string(),
+        None => std::env::var("CAUSAL_COMMIT_ADMIN_TOKEN").unwrap_or_default(),
+    };
+    Client::new(&url, token.into())
+}
+
+/// Prints an answer's JSON; an error answer fails the command with its message.
+fn print_reply(reply: Reply) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(&reply.body)?);
+    anyhow::ensure!(reply.ok(), "the admin API refused: {}", reply.error());
+    Ok(())
+}
+
+/// Queues an operator command, then waits until it is final (applied in a batch committed in
+/// Kafka, refused, or cancelled). When `--wait` passes first: cancels it if asked and it is
+/// still pending, else reports it still pending; either way the command fails.
+async fn operator_command(
+    config: &Config,
+    op: &OperatorArgs,
+    path: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let api = client(config, &op.admin)?;
+    let queued = api.post(path, body).await?;
+    anyhow::ensure!(queued.ok(), "the admin API refused: {}", queued.error());
+    let id = queued.body["id"]
+        .as_i64()
+        .context("the admin API answered without a command id")?;
+    eprintln!("command {id} queued");
+    let deadline = std::time::Instant::now() + std::time::Duration::from(op.wait);
+    let mut last = queued;
+    while std::time::Instant::now() < deadline {
+        last = api.get(&format!("/v1/commands/{id}")).await?;
+        anyhow::ensure!(last.ok(), "reading command {id}: {}", last.error());
+        match last.body["state"].as_str() {
+            Some("applied") => {
+                println!("{}", serde_json::to_string_pretty(&last.body)?);
+                return Ok(());
+            }
+            Some("refused") | Some("cancelled") => {
+                println!("{}", serde_json::to_string_pretty(&last.body)?);
+                anyhow::bail!(
+                    "command {id} was {}: {}",
+                    last.body["state"].as_str().unwrap_or_default(),
+                    last.body["reason"]
+                        .as_str()
+                        .unwrap_or("cancelled by an operator")
+                );
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
+    let state = last.body["state"].as_str().unwrap_or("pending").to_string();
+    if op.cancel_on_timeout && state == "pending" {
+        let cancel = api
+            .post(
+                &format!("/v1/commands/{id}/cancel"),
+                &serde_json::json!({ "actor": op.actor }),
+            )
+            .await?;
+        println!("{}", serde_json::to_string_pretty(&cancel.body)?);
+        if cancel.ok() {
+            anyhow::bail!(
+                "command {id} was not applied within {}: cancelled, nothing was changed",
+                op.wait
+            );
+        }
+        anyhow::bail!(
+            "command {id} was not applied within {} and could not be cancelled: {} (see `causal-commit commands show {id}`)",
+            op.wait,
+            cancel.error()
+        );
+    }
+    println!("{}", serde_json::to_string_pretty(&last.body)?);
+    anyhow::bail!(
+        "command {id} is still {state} after {}: no running instance has applied it (and committed its batch) yet. It stays queued; `causal-commit commands show {id}` follows it, `causal-commit commands cancel {id}` cancels it while pending",
+        op.wait
+    )
 }
 
 /// Cancels `token` on SIGTERM or Ctrl-C; a second signal exits at once.

@@ -37,12 +37,13 @@ use super::health::Health;
 use super::isolation::{Isolation, Verdict};
 use super::kafka::{self, EngineConsumer, EngineContext, TxnProducer};
 use super::lane::Lane;
+use super::operator;
 use super::output;
 use super::report;
 use super::translate::{self, Fresh, PartitionPlan, Topics};
 use crate::config::Config;
 use crate::intent::{InRecord, InvalidIntent, ValidIntent};
-use crate::sequencer::{self, PriorOutcome, Release};
+use crate::sequencer::{self, PriorOutcome};
 use crate::store::lock_store::{self, LockStore};
 use crate::store::postgres::{self as pg, AppliedCommand, BatchWrite, PartitionWrite};
 use crate::store::recovery::RecoveryPoint;
@@ -135,6 +136,13 @@ struct PartitionPart {
     next_offset: i64,
     /// The lane's clock at this batch.
     clock_ms: u64,
+}
+
+/// The operator commands a batch applies (or refuses), and the re-submissions among them.
+#[derive(Default)]
+pub(super) struct Commands {
+    applied: Vec<AppliedCommand>,
+    resubmitted: Vec<translate::Resubmitted>,
 }
 
 impl BatchPlan {
@@ -520,8 +528,8 @@ impl Engine {
             Ok(priors) => priors,
             Err(e) => return self.fail(Failure::Lookup(e)),
         };
-        let fresh = self.sequence(&input, &priors);
-        let commands = self.apply_commands();
+        let mut fresh = self.sequence(&input, &priors);
+        let commands = self.apply_commands(&mut fresh);
         let plan = self.translate(&input, &fresh, commands, now_ms);
         if plan.is_empty() {
             let caught_up = std::mem::take(&mut self.caught_up);
@@ -705,56 +713,82 @@ impl Engine {
         fresh
     }
 
-    /// Step 3b: operator commands (release a held contact) of the owned partitions, at most
-    /// once per [`COMMAND_POLL`].
-    fn apply_commands(&mut self) -> Vec<AppliedCommand> {
+    /// Step 3b: operator commands (release a held contact, re-submit a manual-review item) of
+    /// the owned partitions, at most once per [`COMMAND_POLL`], decided by `operator::apply`.
+    /// Their results are written with the batch; they read as applied once it commits in
+    /// Kafka, and a batch that never commits leaves them pending again (the restore).
+    fn apply_commands(&mut self, fresh: &mut HashMap<i32, Fresh>) -> Commands {
+        let mut out = Commands::default();
         if Instant::now() < self.next_commands_at || self.lanes.is_empty() {
-            return Vec::new();
+            return out;
         }
         self.next_commands_at = Instant::now() + COMMAND_POLL;
         let partitions: Vec<i32> = self.lanes.keys().copied().collect();
-        let pending = self.rt.block_on(pg::pending_commands(
-            &self.pool,
-            &self.topics.intents,
-            &partitions,
-        ));
-        let commands = match pending {
+        let topic = &self.topics.intents;
+        let commands = self.rt.block_on(async {
+            let commands = pg::pending_commands(&self.pool, topic, &partitions).await?;
+            let ids: Vec<String> = commands
+                .iter()
+                .filter_map(|c| match c {
+                    Ok(pg::Command {
+                        action: pg::CommandAction::Resubmit(r),
+                        ..
+                    }) => Some(r.intent_id.clone()),
+                    _ => None,
+                })
+                .collect();
+            let priors = pg::lookup_outcomes(&self.pool, &ids).await?;
+            Ok::<_, pg::Error>((commands, priors))
+        });
+        let (commands, priors) = match commands {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "reading operator commands failed");
-                return Vec::new();
+                return out;
             }
         };
-        let mut applied = Vec::with_capacity(commands.len());
+        let priors: HashMap<String, PriorOutcome> =
+            priors.into_iter().map(|o| (o.intent_id, o.prior)).collect();
         for c in commands {
-            let Some(lane) = self.lanes.get_mut(&c.partition) else {
+            let (id, partition) = match &c {
+                Ok(c) => (c.id, c.partition),
+                Err(u) => (u.id, u.partition),
+            };
+            let Some(lane) = self.lanes.get_mut(&partition) else {
                 continue;
             };
-            let release = match c.action.as_str() {
-                "skip_to" => Release::SkipTo(c.skip_to),
-                _ => Release::Resume,
-            };
-            let result = match lane.seq.release(&c.contact_id, release, lane.clock.now()) {
-                Ok(()) => "applied".to_string(),
-                Err(e) => format!("refused: {e}"),
+            let result = match &c {
+                Err(u) => pg::CommandResult::Refused(u.why.clone()),
+                Ok(c) => operator::apply(
+                    &mut lane.seq,
+                    lane.clock.now(),
+                    c,
+                    match &c.action {
+                        pg::CommandAction::Resubmit(r) => priors.get(&r.intent_id).copied(),
+                        _ => None,
+                    },
+                    &self.config.limits,
+                    fresh.entry(partition).or_default(),
+                    &mut out.resubmitted,
+                ),
             };
             tracing::info!(
-                command = c.id,
-                contact_id = %c.contact_id,
-                action = %c.action,
-                skip_to = c.skip_to,
-                actor = %c.actor,
-                result = %result,
+                command = id,
+                partition,
+                contact_id = c.as_ref().map_or("", |c| c.contact_id.as_str()),
+                action = c.as_ref().map_or("unreadable", |c| c.action.as_str()),
+                actor = c.as_ref().map_or("", |c| c.actor.as_str()),
+                result = %result.to_column(),
                 "operator command"
             );
-            applied.push(AppliedCommand {
-                id: c.id,
-                partition: c.partition,
+            out.applied.push(AppliedCommand {
+                id,
+                partition,
                 batch_no: lane.batch_no + 1,
                 result,
             });
         }
-        applied
+        out
     }
 
     /// Step 4: each lane's decisions, invalid records and changed contacts become its part of
@@ -764,13 +798,13 @@ impl Engine {
         &mut self,
         input: &Decoded,
         fresh: &HashMap<i32, Fresh>,
-        commands: Vec<AppliedCommand>,
+        commands: Commands,
         now_ms: i64,
     ) -> BatchPlan {
         let empty = Fresh::new();
         let mut plan = BatchPlan {
             partitions: BTreeMap::new(),
-            commands,
+            commands: commands.applied,
         };
         let commanded: BTreeSet<i32> = plan.commands.iter().map(|c| c.partition).collect();
         for (p, lane) in &mut self.lanes {
@@ -782,6 +816,9 @@ impl Engine {
                 now_ms,
             };
             let mut part = PartitionPlan::default();
+            for r in commands.resubmitted.iter().filter(|r| r.partition == *p) {
+                translate::resubmitted(&ctx, r, &mut part);
+            }
             let part_input = input.partitions.get(p);
             for (record, error) in part_input.iter().flat_map(|i| &i.invalid) {
                 translate::invalid(&ctx, record, error, &mut part);
@@ -1028,14 +1065,11 @@ fn in_record<M: Message>(msg: &M) -> InRecord {
             .find(|h| h.key == output::TRACEPARENT_HEADER)
             .map(|h| h.value.unwrap_or_default().to_vec())
     });
-    let resubmission =
-        headers.is_some_and(|h| h.iter().any(|h| h.key == output::RESUBMISSION_HEADER));
     InRecord {
         partition: msg.partition(),
         offset: msg.offset(),
         key: msg.key().map(<[u8]>::to_vec),
         value: msg.payload().map(<[u8]>::to_vec),
         traceparent,
-        resubmission,
     }
 }

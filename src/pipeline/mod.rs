@@ -7,6 +7,7 @@ pub mod health;
 pub mod isolation;
 pub mod kafka;
 pub mod lane;
+pub mod operator;
 pub mod output;
 pub mod passthrough;
 pub mod read;
@@ -41,6 +42,18 @@ pub async fn run_with(
     let pool = crate::store::postgres::pool(&config.postgres)?;
     crate::store::postgres::migrate(&pool, &config.postgres.schema).await?;
     let locks = Arc::new(LockStore::new(&config, pool.clone())?);
+    let admin = match config.admin.listen.is_empty() {
+        true => None,
+        false => Some(
+            crate::admin::serve(
+                config.clone(),
+                pool.clone(),
+                health.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+    };
     // Probes a tripped breaker and re-synchronises Redis even when no batch arrives.
     let checks = tokio::spawn({
         let locks = locks.clone();
@@ -69,6 +82,9 @@ pub async fn run_with(
     let result = rx.await;
     shutdown.cancel();
     let _ = checks.await;
+    if let Some(admin) = admin {
+        let _ = admin.task.await;
+    }
     match result {
         Ok(result) => Ok(result?),
         Err(_) => anyhow::bail!("the engine thread ended without a result (it panicked)"),

@@ -10,8 +10,6 @@ use crate::proto::{Intent, ManualReview, ReviewReason, SideEffect};
 
 pub const CORRELATION_HEADER: &str = "correlation_id";
 pub const TRACEPARENT_HEADER: &str = "traceparent";
-/// Set by the operator tools on a manual-review item sent back to the intents topic.
-pub const RESUBMISSION_HEADER: &str = "cc-resubmission";
 
 /// Where an output record came from.
 #[derive(Debug, Clone)]

@@ -32,7 +32,10 @@ pub fn transition(row: &TransitionRow, note: &Note) {
         Transition::Record { to, .. } => {
             metrics::counter!(m::OUTCOMES, "state" => to.as_str(), "reason" => reason).increment(1);
         }
-        Transition::Skipped { .. } | Transition::Held { .. } | Transition::Released => {
+        Transition::Skipped { .. }
+        | Transition::Held { .. }
+        | Transition::Released
+        | Transition::Resubmitted => {
             metrics::counter!(m::CONTACT_EVENTS, "event" => state, "reason" => reason).increment(1);
         }
     }

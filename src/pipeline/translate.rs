@@ -121,7 +121,8 @@ struct Rejection {
 }
 
 /// The sequencer's view of a decoded intent (what goes in; `decisions` translates what comes
-/// out).
+/// out). Never a re-submission: nothing in a record reopens a decision (R9); only an
+/// operator's command does (`Engine::apply_commands`).
 pub fn meta(v: &ValidIntent, record: &InRecord) -> IntentMeta {
     IntentMeta {
         intent_id: v.intent.intent_id.clone(),
@@ -131,7 +132,7 @@ pub fn meta(v: &ValidIntent, record: &InRecord) -> IntentMeta {
         priority: v.intent.dispatch_priority,
         fingerprint: v.fingerprint,
         offset: record.offset,
-        resubmission: record.resubmission,
+        resubmission: false,
         size: record_size(record),
     }
 }
@@ -268,6 +269,37 @@ pub fn decisions(
             Decision::ResumePartition { .. } => plan.pause = Some(false),
         }
     }
+}
+
+/// An operator's re-submission of a manual-review intent (R9), applied by this batch.
+#[derive(Debug, Clone)]
+pub struct Resubmitted {
+    pub partition: i32,
+    pub command: i64,
+    pub actor: String,
+    /// The review record the operator named, on the manual-review topic.
+    pub review_partition: i32,
+    pub review_offset: i64,
+    /// Where the original record was consumed.
+    pub source_offset: i64,
+    pub intent: Arc<ValidIntent>,
+    /// The slot the intent held when it went to review (0: none), which it reclaims.
+    pub slot: u64,
+}
+
+/// The audit row of a re-submission, keyed by the intent id (the verifier reads it as the
+/// operator's word for the intent's second outcome). The intent's new outcome follows from the
+/// sequencer's decisions, like any consumed record's.
+pub fn resubmitted(ctx: &Context<'_>, r: &Resubmitted, plan: &mut PartitionPlan) {
+    let facts = RowFacts::of(&r.intent.intent, r.source_offset, r.intent.fingerprint);
+    let detail = serde_json::json!({
+        "command": r.command,
+        "actor": r.actor,
+        "review": { "partition": r.review_partition, "offset": r.review_offset },
+    })
+    .to_string();
+    let row = row(ctx, &facts, Transition::Resubmitted, r.slot, 0, detail);
+    plan.push(row, Note::default());
 }
 
 /// Translates a record that failed validation: its review record (raw bytes kept) and its
@@ -733,7 +765,6 @@ mod tests {
             key: Some(b"c".to_vec()),
             value: Some(value),
             traceparent: None,
-            resubmission: false,
         }
     }
 

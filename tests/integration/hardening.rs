@@ -329,7 +329,6 @@ fn arbitrary_protobuf_valid_intents_end_as_decisions_and_never_fail_the_durable_
                     key: Some(i.contact_id.as_bytes().to_vec()),
                     value: Some(i.encode_to_vec()),
                     traceparent: None,
-                    resubmission: false,
                 };
                 match intent::decode(record.key.as_deref(), record.value.as_deref(), &limits) {
                     Ok(v) => {

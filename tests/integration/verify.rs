@@ -227,7 +227,6 @@ fn state(contact: &str, waiting: &[(&str, u64, i64)]) -> serde_json::Value {
                         key: Some(contact.as_bytes().to_vec()),
                         value: None,
                         traceparent: None,
-                        resubmission: false,
                     },
                     correlation_id: format!("corr-{id}"),
                 },

@@ -2,12 +2,13 @@
 
 use sqlx::PgPool;
 
+use super::commands::CommandResult;
 use super::{db, Result};
 use crate::sequencer::{Reason, State, UnknownName};
 
 /// What one audit row records. Stored as `(from_state, to_state, reason)`; [`Transition::columns`]
-/// and [`Transition::from_columns`] are the only translation, and migration 0003's CHECK
-/// constraints list exactly these values.
+/// and [`Transition::from_columns`] are the only translation, and the CHECK constraints of
+/// migrations 0003 and 0005 list exactly these values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transition {
     /// A consumed record reached `to`, from `received` (first sight) or from
@@ -24,6 +25,10 @@ pub enum Transition {
     Held { reason: Reason },
     /// An operator released the held contact.
     Released,
+    /// An operator re-submitted an intent that ended in manual review: its decision is reopened
+    /// and the original record goes to the sequencer again, reclaiming its slot (R9). The row
+    /// names the intent; the intent's new outcome follows in its own row.
+    Resubmitted,
 }
 
 const RECEIVED: &str = "received";
@@ -31,6 +36,7 @@ const CONTACT: &str = "contact";
 const SKIPPED: &str = "skipped";
 const HELD: &str = "held";
 const RELEASED: &str = "released";
+const RESUBMITTED: &str = "resubmitted";
 const OPERATOR: &str = "OPERATOR";
 
 impl Transition {
@@ -57,6 +63,7 @@ impl Transition {
             ),
             Transition::Held { reason } => (CONTACT, HELD, reason.as_str()),
             Transition::Released => (CONTACT, RELEASED, OPERATOR),
+            Transition::Resubmitted => (State::ManualReview.as_str(), RESUBMITTED, OPERATOR),
         }
     }
 
@@ -79,6 +86,8 @@ impl Transition {
             },
             (CONTACT, RELEASED) if reason == OPERATOR => Transition::Released,
             (CONTACT, _) => return Err(unknown()),
+            (_, RESUBMITTED) if reason == OPERATOR => Transition::Resubmitted,
+            (_, RESUBMITTED) => return Err(unknown()),
             (from, to) => {
                 let waited = match from {
                     RECEIVED => false,
@@ -120,6 +129,7 @@ impl Transition {
             all.push(Transition::Held { reason });
         }
         all.push(Transition::Released);
+        all.push(Transition::Resubmitted);
         all
     }
 }
@@ -153,13 +163,13 @@ pub struct ContactRow {
     pub waiting: i32,
 }
 
-/// An operator command applied in a batch.
+/// An operator command applied in a batch (or refused there: not applicable).
 #[derive(Debug, Clone)]
 pub struct AppliedCommand {
     pub id: i64,
     pub partition: i32,
     pub batch_no: u64,
-    pub result: String,
+    pub result: CommandResult,
 }
 
 /// A partition's part of a batch: checked against its fencing token, and recorded as its last
@@ -317,7 +327,7 @@ fn batch_query<'q>(
     .bind(c.iter().map(|r| r.waiting).collect::<Vec<_>>())
     .bind(m.iter().map(|r| r.id).collect::<Vec<_>>())
     .bind(m.iter().map(|r| r.batch_no as i64).collect::<Vec<_>>())
-    .bind(m.iter().map(|r| r.result.as_str()).collect::<Vec<_>>())
+    .bind(m.iter().map(|r| r.result.to_column()).collect::<Vec<_>>())
 }
 
 #[cfg(test)]
@@ -342,6 +352,9 @@ mod tests {
             ("contact", "released", "WAIT_TIMEOUT"),
             ("contact", "held", "OPERATOR"),
             ("contact", "committed_causal", ""),
+            ("manual_review", "resubmitted", ""),
+            ("received", "resubmitted", "OPERATOR"),
+            ("contact", "resubmitted", "OPERATOR"),
         ] {
             assert!(
                 Transition::from_columns(from, to, reason).is_err(),

@@ -17,7 +17,11 @@ pub use batch::{
     apply_batch, try_batch, AppliedCommand, BatchWrite, ContactRow, PartitionWrite, Transition,
     TransitionRow,
 };
-pub use commands::{audit_admin, command_result, pending_commands, submit_release, Command};
+pub use commands::{
+    audit_admin, cancel_command, command, list_commands, pending_commands, queue_command, Command,
+    CommandAction, CommandResult, CommandState, CommandView, NewCommand, NotQueued, Resubmission,
+    SkipTarget, UnreadableCommand,
+};
 pub use outcomes::{lookup_outcomes, StoredOutcome};
 pub use partition::{
     acquire_partition, mark_committed, release_partition, restore_partition, RestoredPartition,

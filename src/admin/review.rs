@@ -1,0 +1,116 @@
+//! Reads one record of the manual-review topic, `read_committed`, by partition and offset: what
+//! an operator re-submits is what causal-commit committed, byte for byte.
+
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::proto::ManualReview;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kafka did not answer reading {topic} partition {partition}: {detail}")]
+    Kafka {
+        topic: String,
+        partition: i32,
+        detail: String,
+    },
+    #[error("{topic} has no committed record at partition {partition} offset {offset}")]
+    NotFound {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
+    #[error("the record at {topic} partition {partition} offset {offset} is not a ManualReview: {detail}")]
+    NotAReview {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        detail: String,
+    },
+}
+
+/// How long a read waits for the record before calling it missing.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The review record at `partition`/`offset` of the manual-review topic. Blocking.
+pub fn read(config: &Config, partition: i32, offset: i64) -> Result<ManualReview, Error> {
+    let topic = config.kafka.manual_review_topic.as_str();
+    let kafka = |detail: String| Error::Kafka {
+        topic: topic.to_string(),
+        partition,
+        detail,
+    };
+    let not_found = || Error::NotFound {
+        topic: topic.to_string(),
+        partition,
+        offset,
+    };
+    if partition < 0 || offset < 0 {
+        return Err(not_found());
+    }
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        .set(
+            "group.id",
+            format!("causal-commit-admin-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true");
+    for (k, v) in &config.kafka.client {
+        c.set(k, v);
+    }
+    let consumer: BaseConsumer = c.create().map_err(|e| kafka(e.to_string()))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), READ_TIMEOUT)
+        .map_err(|e| kafka(e.to_string()))?;
+    let exists = metadata
+        .topics()
+        .iter()
+        .any(|t| t.partitions().iter().any(|p| p.id() == partition));
+    if !exists {
+        return Err(not_found());
+    }
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, READ_TIMEOUT)
+        .map_err(|e| kafka(e.to_string()))?;
+    if offset < low || offset >= high {
+        return Err(not_found());
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .map_err(|e| kafka(e.to_string()))?;
+    consumer.assign(&tpl).map_err(|e| kafka(e.to_string()))?;
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) if m.offset() == offset => {
+                return ManualReview::decode(m.payload().unwrap_or_default()).map_err(|e| {
+                    Error::NotAReview {
+                        topic: topic.to_string(),
+                        partition,
+                        offset,
+                        detail: e.to_string(),
+                    }
+                });
+            }
+            // A later record: the offset held a transaction marker or an aborted record.
+            Some(Ok(m)) if m.offset() > offset => return Err(not_found()),
+            Some(Ok(_)) => {}
+            // The end of what is committed: the record is not (yet) committed.
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Err(not_found()),
+            Some(Err(e)) => return Err(kafka(e.to_string())),
+            None => {}
+        }
+    }
+    Err(kafka(format!(
+        "no answer within {}",
+        humantime::format_duration(READ_TIMEOUT)
+    )))
+}
