@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret as _;
 use tokio_util::sync::CancellationToken;
 
 use causal_commit::admin::client::{segment, Client, Reply};
@@ -57,7 +58,14 @@ enum Command {
     /// Print the effective configuration (secrets included: keep it off shared terminals).
     ShowConfig,
     /// Operator: the backlog per partition (admin API).
-    Backlog(AdminArgs),
+    Backlog {
+        /// Exit 1 unless the causal queue is drained with no active conflict: nothing waiting,
+        /// no contact on hold, no operator command unfinished (the runbook's return to normal).
+        #[arg(long)]
+        check_drained: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Operator: contacts on hold, why, since when, and the sequence they miss (admin API).
     Held(AdminArgs),
     /// Operator: one contact's state and audit history (admin API).
@@ -113,7 +121,8 @@ struct AdminArgs {
     /// The admin API's base URL (default: http:// + the configuration's admin.listen).
     #[arg(long, env = "CAUSAL_COMMIT_ADMIN_URL")]
     admin_url: Option<String>,
-    /// A file holding the admin token (else the CAUSAL_COMMIT_ADMIN_TOKEN variable).
+    /// A file holding the admin token (else the CAUSAL_COMMIT_ADMIN_TOKEN variable, else the
+    /// configuration's admin.token).
     #[arg(long)]
     token_file: Option<PathBuf>,
 }
@@ -219,7 +228,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }
-        Command::Backlog(admin) => print_reply(client(&config, &admin)?.get("/v1/backlog").await?),
+        Command::Backlog {
+            check_drained,
+            admin,
+        } => {
+            let api = client(&config, &admin)?;
+            let backlog = api.get("/v1/backlog").await?;
+            if !check_drained || !backlog.ok() {
+                return print_reply(backlog);
+            }
+            check_drained_now(&api, backlog).await
+        }
         Command::Held(admin) => print_reply(client(&config, &admin)?.get("/v1/held").await?),
         Command::Contact {
             contact,
@@ -300,7 +319,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// The admin API client of an operator command: its URL (given, or from `admin.listen`) and
-/// its token (a file, or `CAUSAL_COMMIT_ADMIN_TOKEN`).
+/// its token (`--token-file`, else `CAUSAL_COMMIT_ADMIN_TOKEN`, else the configuration's
+/// `admin.token`).
 fn client(config: &Config, args: &AdminArgs) -> anyhow::Result<Client> {
     let url = match &args.admin_url {
         Some(u) => u.clone(),
@@ -320,9 +340,40 @@ fn client(config: &Config, args: &AdminArgs) -> anyhow::Result<Client> {
             .with_context(|| format!("reading --token-file {}", f.display()))?
             .trim()
             .to_string(),
-        None => std::env::var("CAUSAL_COMMIT_ADMIN_TOKEN").unwrap_or_default(),
+        None => std::env::var("CAUSAL_COMMIT_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            // On the instance's own host, its configuration's token will do.
+            .unwrap_or_else(|| config.admin.token.expose_secret().to_string()),
     };
     Client::new(&url, token.into())
+}
+
+/// The runbook's return to normal: prints the backlog, then fails unless nothing waits, no
+/// contact is on hold and no operator command is unfinished.
+async fn check_drained_now(api: &Client, backlog: Reply) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(&backlog.body)?);
+    let held = api.get("/v1/held").await?;
+    anyhow::ensure!(held.ok(), "the admin API refused: {}", held.error());
+    let commands = api.get("/v1/commands?state=unfinished").await?;
+    anyhow::ensure!(commands.ok(), "the admin API refused: {}", commands.error());
+    let none = Vec::new();
+    let parts = backlog.body["partitions"].as_array().unwrap_or(&none);
+    let waiting: Vec<String> = parts
+        .iter()
+        .filter(|p| p["waiting"].as_i64().unwrap_or(0) > 0)
+        .map(|p| format!("partition {}: {} waiting", p["partition"], p["waiting"]))
+        .collect();
+    let held = held.body["contacts"].as_array().map_or(0, Vec::len);
+    let unfinished = commands.body["commands"].as_array().map_or(0, Vec::len);
+    anyhow::ensure!(
+        waiting.is_empty() && held == 0 && unfinished == 0,
+        "not drained: {} intents waiting ({}), {held} contacts on hold, {unfinished} operator commands unfinished",
+        parts.iter().map(|p| p["waiting"].as_i64().unwrap_or(0)).sum::<i64>(),
+        if waiting.is_empty() { "none".to_string() } else { waiting.join(", ") }
+    );
+    eprintln!("drained: nothing waiting, no contact on hold, no operator command unfinished");
+    Ok(())
 }
 
 /// Prints an answer's JSON; an error answer fails the command with its message.

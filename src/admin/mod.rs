@@ -267,7 +267,12 @@ async fn contact(
 ) -> ApiResult<Json<pg::commands::ContactDetail>> {
     let contact_id = contact_id(&api, path)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let after = q.after.unwrap_or(0).max(0);
+    let after = q.after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::bad_request(format!(
+            "after must be at least 0, got {after}"
+        )));
+    }
     let limit = limit(q.limit, 1000)?;
     pg::commands::contact_detail(
         &api.pool,
@@ -290,9 +295,9 @@ fn contact_id(api: &Api, path: Result<Path<String>, PathRejection>) -> ApiResult
 }
 
 fn printable(field: &str, value: &str, max: usize) -> ApiResult<()> {
-    if value.is_empty() || value.len() > max || value.chars().any(char::is_control) {
+    if value.is_empty() || value.chars().count() > max || value.chars().any(char::is_control) {
         return Err(ApiError::bad_request(format!(
-            "{field} must be 1 to {max} bytes of printable text"
+            "{field} must be 1 to {max} characters of printable text"
         )));
     }
     Ok(())

@@ -99,9 +99,11 @@ fn resubmit(
                 commit_sequence, ..
             },
         }) if fingerprint == v.fingerprint => commit_sequence,
-        Some(p) if p.fingerprint != v.fingerprint => return Err(format!(
+        Some(p) if p.fingerprint != v.fingerprint => {
+            return Err(format!(
             "intent {id:?} was decided for other content; this review is of a conflicting record"
-        )),
+        ))
+        }
         Some(p) => {
             return Err(format!(
                 "intent {id:?} is {}; only a manual_review decision is reopened",

@@ -6,10 +6,12 @@
 
 mod common;
 
+mod admin;
 mod failures;
 mod hardening;
 mod lock_store;
 mod passthrough;
+mod runbook;
 mod seed;
 mod sequencer_model;
 mod skeleton;

@@ -245,6 +245,8 @@ async fn seed_evidence_4_log_has_contact_sequence_state() {
 async fn wait_timeout_holds_the_contact_until_an_operator_releases_it() {
     let mut env = TestEnv::new("hold", 1).await;
     env.config.sequencer.wait_timeout = Duration::from_secs(2);
+    // The operator path goes through the admin API.
+    crate::admin::with_admin(&mut env.config);
     let cfg = env.config();
     let running = start(cfg.clone());
     // Sequence 1 never comes: 2 waits, times out, the contact is held.

@@ -1,0 +1,891 @@
+//! The admin API and the CLI's operator commands on the real stack: the bearer token, validated
+//! input, the life of an operator command (applied only once its batch is committed in Kafka,
+//! cancellable while pending, a timed-out CLI call that cancels or reports), `resume`
+//! semantics, re-submission only through the audited operator path (R9), and schemathesis
+//! against a live instance.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::process::cli;
+use crate::common::*;
+use causal_commit::admin::client::{Client, Reply};
+use causal_commit::config::Config;
+use causal_commit::pipeline::health::Health;
+use causal_commit::proto::{ManualReview, ReviewReason};
+use causal_commit::store::postgres::{
+    self as pg, AppliedCommand, BatchWrite, CommandResult, CommandState, PartitionWrite,
+    Transition, TransitionRow,
+};
+use causal_commit::store::recovery::{KafkaCommitted, RecoveryPoint};
+
+pub const TOKEN: &str = "test-admin-token";
+
+/// Gives `config` an admin API on a free local port, with [`TOKEN`].
+pub fn with_admin(config: &mut Config) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    config.admin.listen = format!("127.0.0.1:{port}");
+    config.admin.token = TOKEN.to_string().into();
+}
+
+pub fn url(config: &Config) -> String {
+    format!("http://{}", config.admin.listen)
+}
+
+pub fn api(config: &Config) -> Client {
+    Client::new(&url(config), TOKEN.to_string().into()).expect("an admin client")
+}
+
+/// Waits until the instance answers ready (partitions assigned and restored, stores up).
+pub async fn wait_ready(api: &Client) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = api.get("/v1/ready").await {
+            if r.status == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "the instance never got ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn get(api: &Client, path: &str) -> serde_json::Value {
+    let r = api.get(path).await.expect("the admin API answers");
+    assert_eq!(r.status, 200, "GET {path}: {r:?}");
+    r.body
+}
+
+async fn post(api: &Client, path: &str, body: serde_json::Value) -> Reply {
+    api.post(path, &body).await.expect("the admin API answers")
+}
+
+/// Polls `f` until it gives `Some`, for at most `within`.
+async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(t) = f().await {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits until `contact` is on hold, and returns its entry of `GET /v1/held`.
+pub async fn wait_held(api: &Client, contact: &str) -> serde_json::Value {
+    eventually(Duration::from_secs(60), "the contact's hold", || async {
+        let held = get(api, "/v1/held").await;
+        held["contacts"]
+            .as_array()?
+            .iter()
+            .find(|c| c["contact_id"] == contact)
+            .cloned()
+    })
+    .await
+}
+
+/// The manual-review records committed so far: (partition, offset, record).
+pub async fn reviews_at(config: &Config) -> Vec<(i32, i64, ManualReview)> {
+    let c = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        causal_commit::pipeline::read::read_topic(&c, &c.kafka.manual_review_topic, |r| {
+            let review = ManualReview::decode(r.value.unwrap_or_default())?;
+            out.push((r.partition, r.offset, review));
+            Ok(())
+        })
+        .expect("read the manual-review topic");
+        out
+    })
+    .await
+    .expect("reader")
+}
+
+/// Waits for the review record of `intent_id` with `reason`.
+pub async fn wait_review(
+    config: &Config,
+    intent_id: &str,
+    reason: ReviewReason,
+) -> (i32, i64, ManualReview) {
+    eventually(Duration::from_secs(60), "a review record", || async {
+        reviews_at(config)
+            .await
+            .into_iter()
+            .find(|(_, _, r)| r.intent_id == intent_id && r.reason == reason as i32)
+    })
+    .await
+}
+
+/// (intent id, commit sequence) of the committed effects, in topic order.
+async fn effects_of(config: &Config, n: usize) -> Vec<(String, u64)> {
+    let got = wait_for(
+        config,
+        &config.kafka.side_effects_topic,
+        n,
+        Duration::from_secs(30),
+    )
+    .await;
+    effects(&got)
+        .into_iter()
+        .map(|e| (e.intent_id, e.commit_sequence))
+        .collect()
+}
+
+async fn audit(config: &Config, contact: &str) -> Vec<(String, String, String)> {
+    let pool = pg::pool(&config.postgres).unwrap();
+    sqlx::query_as(
+        "SELECT intent_id, to_state, reason FROM cc_transition WHERE contact_id = $1 ORDER BY id",
+    )
+    .bind(contact)
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+}
+
+async fn verify_ok(config: &Config, allow_waiting: bool) {
+    let c = config.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        causal_commit::verify::run(
+            &c,
+            &causal_commit::verify::Options {
+                prefix: String::new(),
+                allow_waiting,
+            },
+        )
+    })
+    .await
+    .expect("verifier thread")
+    .expect("verify runs");
+    assert!(
+        report.ok,
+        "verify: {}",
+        serde_json::to_string_pretty(&report).unwrap()
+    );
+}
+
+/// The CLI on `config`'s world, off the async workers.
+async fn run_cli(config: &Config, args: &[&str]) -> (bool, String, String) {
+    let c = config.clone();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&c, &args)
+    })
+    .await
+    .expect("cli thread")
+}
+
+/// An admin API without an engine (no partition owner), on `config`'s world.
+async fn serve_alone(config: &Config) -> (causal_commit::admin::Server, CancellationToken) {
+    let pool = pg::pool(&config.postgres).unwrap();
+    pg::migrate(&pool, &config.postgres.schema).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let server = causal_commit::admin::serve(
+        Arc::new(config.clone()),
+        pool,
+        Arc::new(Health::default()),
+        shutdown.clone(),
+    )
+    .await
+    .expect("the admin API starts");
+    (server, shutdown)
+}
+
+/// The status line of a raw request, with or without an Authorization header.
+async fn raw_status(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Type: application/json\r\nContent-Length: 15\r\nConnection: close\r\n\r\n{{\"actor\":\"x\"}}\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    text.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_needs_the_configured_bearer_token_and_without_one_every_call_is_refused() {
+    let mut env = TestEnv::new("adminauth", 1).await;
+    with_admin(&mut env.config);
+    env.config.admin.listen = "127.0.0.1:0".into();
+    let (server, stop) = serve_alone(&env.config).await;
+    let addr = server.addr;
+    for (method, path) in [
+        ("GET", "/v1/health"),
+        ("GET", "/v1/ready"),
+        ("GET", "/v1/backlog"),
+        ("GET", "/v1/held"),
+        ("GET", "/v1/commands"),
+        ("GET", "/v1/openapi.json"),
+        ("POST", "/v1/contacts/c/release"),
+        ("POST", "/v1/commands/1/cancel"),
+    ] {
+        assert_eq!(
+            raw_status(addr, method, path, None).await,
+            401,
+            "{method} {path}"
+        );
+        for wrong in [
+            "Bearer nope",
+            "Bearer test-admin-toke",
+            "Basic dGVzdC1hZG1pbi10b2tlbg==",
+        ] {
+            assert_eq!(
+                raw_status(addr, method, path, Some(wrong)).await,
+                401,
+                "{method} {path} {wrong}"
+            );
+        }
+        let ok = raw_status(addr, method, path, Some("Bearer test-admin-token")).await;
+        assert!(ok != 401 && ok != 403, "{method} {path}: {ok}");
+    }
+    // Refused calls change nothing and write no audit row.
+    let pool = pg::pool(&env.config.postgres).unwrap();
+    let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM cc_admin_audit WHERE actor = 'x'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(audited, 2, "only the two authenticated POSTs are audited");
+    stop.cancel();
+    server.task.await.unwrap();
+
+    // No token configured: every call is refused, whatever the caller sends.
+    env.config.admin.token = String::new().into();
+    let (server, stop) = serve_alone(&env.config).await;
+    for auth in [None, Some("Bearer "), Some("Bearer test-admin-token")] {
+        assert_eq!(
+            raw_status(server.addr, "GET", "/v1/health", auth).await,
+            403
+        );
+        assert_eq!(
+            raw_status(server.addr, "POST", "/v1/contacts/c/release", auth).await,
+            403
+        );
+    }
+    stop.cancel();
+    server.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_to_above_2_pow_63_minus_1_is_refused_by_the_cli_and_the_api_and_nothing_is_queued() {
+    let mut env = TestEnv::new("adminskip", 1).await;
+    with_admin(&mut env.config);
+    let (server, stop) = serve_alone(&env.config).await;
+    let url = url(&env.config);
+    for n in [
+        "9223372036854775808",
+        "18446744073709551615",
+        "18446744073709551616",
+        "0",
+    ] {
+        let (ok, _, stderr) = run_cli(
+            &env.config,
+            &[
+                "release",
+                "--contact",
+                "c",
+                "--skip-to",
+                n,
+                "--admin-url",
+                &url,
+            ],
+        )
+        .await;
+        assert!(!ok, "--skip-to {n} accepted");
+        assert!(
+            stderr.contains("skip_to must be a whole number from 1 to 9223372036854775807"),
+            "--skip-to {n}: {stderr}"
+        );
+    }
+    let api = api(&env.config);
+    for n in [
+        "9223372036854775808",
+        "18446744073709551616",
+        "0",
+        "-1",
+        "2.5",
+    ] {
+        let body: serde_json::Value =
+            serde_json::from_str(&format!(r#"{{"actor":"op","skip_to":{n}}}"#)).unwrap();
+        let r = post(&api, "/v1/contacts/c/release", body).await;
+        assert_eq!(r.status, 400, "skip_to {n}: {r:?}");
+        assert!(
+            r.error().contains("from 1 to 9223372036854775807"),
+            "skip_to {n}: {}",
+            r.error()
+        );
+    }
+    let pool = pg::pool(&env.config.postgres).unwrap();
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM cc_command")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 0, "nothing queued");
+    let refused: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM cc_admin_audit
+          WHERE actor = 'op' AND action = 'skip_to' AND detail ->> 'result' LIKE 'refused (400)%'
+            AND detail ->> 'auth' = 'bearer token valid'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(refused, 5, "each refused call is audited with its result");
+    stop.cancel();
+    server.task.await.unwrap();
+}
+
+/// The store's side of a command's life, step by step, with batches written as the engine
+/// writes them: applied only once the batch is committed; a batch that never commits leaves
+/// the command pending (the restore) and a later batch applies it again; a cancelled command
+/// fails the batch that would apply it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_is_applied_only_once_its_batch_commits_and_an_aborted_batch_leaves_it_pending() {
+    let env = TestEnv::new("admincmd", 1).await;
+    let topic = env.config.kafka.intents_topic.clone();
+    let pool = pg::pool(&env.config.postgres).unwrap();
+    pg::migrate(&pool, &env.config.postgres.schema)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO cc_contact (contact_id, topic, partition, batch_no, state, on_hold)
+         VALUES ('c', $1, 0, 0, '{}', true)",
+    )
+    .bind(&topic)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let lease = Duration::from_secs(30);
+    let fence = pg::acquire_partition(&pool, &topic, 0, "w", lease)
+        .await
+        .unwrap()
+        .unwrap();
+    let queue = || async {
+        pg::queue_command(
+            &pool,
+            &pg::NewCommand {
+                topic: &topic,
+                contact_id: "c",
+                action: pg::CommandAction::Resume,
+                actor: "op",
+                auth: "test",
+            },
+        )
+        .await
+        .unwrap()
+        .expect("queued")
+        .id
+    };
+    let write = |batch_no: u64, id: i64| BatchWrite {
+        partitions: vec![PartitionWrite {
+            partition: 0,
+            fence,
+            batch_no,
+            next_offset: batch_no as i64,
+            clock_ms: 0,
+        }],
+        commands: vec![AppliedCommand {
+            id,
+            partition: 0,
+            batch_no,
+            result: CommandResult::Applied,
+        }],
+        ..BatchWrite::default()
+    };
+    let state = |id: i64| {
+        let pool = pool.clone();
+        async move { pg::command(&pool, id).await.unwrap().unwrap().state }
+    };
+    let unfinished = || async {
+        pg::list_commands(&pool, &topic, true, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect::<Vec<_>>()
+    };
+
+    let first = queue().await;
+    assert_eq!(state(first).await, CommandState::Pending);
+    pg::apply_batch(&pool, &topic, "w", lease, &write(1, first))
+        .await
+        .unwrap();
+    assert_eq!(
+        state(first).await,
+        CommandState::Applying { batch: 1 },
+        "written, but its Kafka transaction has not committed"
+    );
+    assert_eq!(unfinished().await, vec![first]);
+    pg::mark_committed(&pool, &topic, &[(0, fence, 1)])
+        .await
+        .unwrap();
+    assert_eq!(state(first).await, CommandState::Applied { batch: 1 });
+    assert!(unfinished().await.is_empty());
+
+    // Batch 2 applies the second command, and its Kafka transaction never commits: the
+    // restore (Kafka's recovery point is batch 1) makes the command pending again.
+    let second = queue().await;
+    pg::apply_batch(&pool, &topic, "w", lease, &write(2, second))
+        .await
+        .unwrap();
+    assert_eq!(state(second).await, CommandState::Applying { batch: 2 });
+    let committed = KafkaCommitted::Point {
+        offset: 1,
+        point: RecoveryPoint {
+            batch: 1,
+            fence,
+            clock_ms: 0,
+        },
+    };
+    pg::restore_partition(&pool, &topic, 0, fence, &committed)
+        .await
+        .unwrap();
+    assert_eq!(state(second).await, CommandState::Pending);
+    assert_eq!(state(first).await, CommandState::Applied { batch: 1 });
+    // Applied again by the replayed batch 2, which commits this time.
+    pg::apply_batch(&pool, &topic, "w", lease, &write(2, second))
+        .await
+        .unwrap();
+    pg::mark_committed(&pool, &topic, &[(0, fence, 2)])
+        .await
+        .unwrap();
+    assert_eq!(state(second).await, CommandState::Applied { batch: 2 });
+
+    // Cancelled while the owner was building the batch that applies it: the batch fails as a
+    // whole (CC004) and the command stays cancelled; cancelling an applied command does
+    // nothing.
+    let third = queue().await;
+    let (cancelled, view) = pg::cancel_command(&pool, third, "op", "test")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(cancelled);
+    assert!(matches!(view.state, CommandState::Cancelled { ref by, .. } if by == "op"));
+    let e = pg::apply_batch(&pool, &topic, "w", lease, &write(3, third))
+        .await
+        .unwrap_err();
+    assert_eq!(e.sqlstate().as_deref(), Some("CC004"), "{e}");
+    assert!(matches!(state(third).await, CommandState::Cancelled { .. }));
+    let (cancelled, view) = pg::cancel_command(&pool, first, "op", "test")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!cancelled);
+    assert_eq!(view.state, CommandState::Applied { batch: 1 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_cli_release_cancels_its_pending_command_or_reports_it_pending_and_is_never_applied_after_cancelling(
+) {
+    let mut env = TestEnv::new("admintimeout", 1).await;
+    env.config.sequencer.wait_timeout = Duration::from_secs(2);
+    with_admin(&mut env.config);
+    let running = start(env.config());
+    let api = api(&env.config);
+    wait_ready(&api).await;
+    produce_intents(&env.config, &[intent("t-2", "late", 2)]).await;
+    wait_held(&api, "late").await;
+    running.stop().await;
+
+    // No instance owns the partition now: the commands stay pending.
+    let (server, stop) = serve_alone(&env.config).await;
+    let (ok, out, err) = run_cli(
+        &env.config,
+        &["release", "--contact", "late", "--wait", "2s"],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert!(err.contains("is still pending after 2s"), "{err}");
+    assert!(err.contains("causal-commit commands cancel"), "{err}");
+    let reported: i64 = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let (ok, out, _) = run_cli(&env.config, &["commands", "list"]).await;
+    assert!(ok);
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["commands"][0]["id"], reported);
+    assert_eq!(listed["commands"][0]["state"], "pending");
+
+    let (ok, _, err) = run_cli(
+        &env.config,
+        &[
+            "release",
+            "--contact",
+            "late",
+            "--skip-to",
+            "2",
+            "--wait",
+            "1s",
+            "--cancel-on-timeout",
+        ],
+    )
+    .await;
+    assert!(!ok);
+    assert!(err.contains("cancelled, nothing was changed"), "{err}");
+    let (ok, _, err) = run_cli(&env.config, &["commands", "cancel", &reported.to_string()]).await;
+    assert!(ok, "{err}");
+    let (ok, out, _) = run_cli(&env.config, &["commands", "list"]).await;
+    assert!(ok);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["commands"],
+        serde_json::json!([]),
+        "nothing is left pending"
+    );
+    stop.cancel();
+    server.task.await.unwrap();
+
+    // The owner comes back: the cancelled commands are never applied, the contact stays held.
+    let running = start(env.config());
+    wait_ready(&api).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let held = wait_held(&api, "late").await;
+    assert_eq!(held["missing_sequence"], 1);
+    let rows = audit(&env.config, "late").await;
+    assert!(
+        !rows
+            .iter()
+            .any(|(_, s, _)| s == "released" || s == "skipped"),
+        "{rows:?}"
+    );
+    // A release that is waited for is applied, and reads so only once committed.
+    let (ok, out, err) = run_cli(
+        &env.config,
+        &["release", "--contact", "late", "--wait", "30s"],
+    )
+    .await;
+    assert!(ok, "{out} {err}");
+    let applied: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(applied["state"], "applied");
+    let backlog = get(&api, "/v1/backlog").await;
+    assert_eq!(backlog["partitions"][0]["contacts_held"], 0);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_clears_the_hold_but_not_the_gap_so_a_new_intent_waits_with_a_fresh_wait_timeout() {
+    let mut env = TestEnv::new("adminresume", 1).await;
+    env.config.sequencer.wait_timeout = Duration::from_secs(3);
+    with_admin(&mut env.config);
+    let running = start(env.config());
+    let api = api(&env.config);
+    wait_ready(&api).await;
+    produce_intents(&env.config, &[intent("r-2", "gap", 2)]).await;
+    let held = wait_held(&api, "gap").await;
+    assert_eq!(held["reason"], "WAIT_TIMEOUT");
+    assert_eq!(held["missing_sequence"], 1);
+    assert!(held["held_since_ms"].as_i64().unwrap() > 0);
+
+    let (ok, out, err) = run_cli(&env.config, &["release", "--contact", "gap"]).await;
+    assert!(ok, "{out} {err}");
+    let contact = get(&api, "/v1/contacts/gap").await;
+    assert_eq!(
+        contact["state"]["hold"],
+        serde_json::Value::Null,
+        "hold cleared"
+    );
+    assert_eq!(
+        contact["state"]["resolved_through"], 0,
+        "sequence 1 still missing"
+    );
+
+    // A new intent is not CONTACT_ON_HOLD: it waits behind the gap ...
+    let sent = Instant::now();
+    produce_intents(&env.config, &[intent("r-3", "gap", 3)]).await;
+    let waiting = eventually(Duration::from_secs(30), "r-3 waiting", || async {
+        let c = get(&api, "/v1/contacts/gap").await;
+        let w = c["state"]["waiting"].as_array()?.first()?.clone();
+        (w["intent_id"] == "r-3").then_some(w)
+    })
+    .await;
+    assert_eq!(waiting["commit_sequence"], 3);
+    assert!(waiting["waiting_since_ms"].as_i64().is_some());
+    let backlog = get(&api, "/v1/backlog").await;
+    assert_eq!(backlog["partitions"][0]["waiting"], 1);
+    assert!(
+        backlog["partitions"][0]["oldest_waiting_age_ms"]
+            .as_i64()
+            .unwrap()
+            >= 0
+    );
+    // ... and times out after a fresh wait_timeout, holding the contact again.
+    let (_, _, review) = wait_review(&env.config, "r-3", ReviewReason::WaitTimeout).await;
+    assert!(sent.elapsed() >= Duration::from_secs(3));
+    assert!(review.waited_ms >= 3000, "waited {} ms", review.waited_ms);
+    assert_eq!(review.expected_sequence, 1);
+    let held = wait_held(&api, "gap").await;
+    assert_eq!(held["missing_sequence"], 1);
+    running.stop().await;
+    let rows = audit(&env.config, "gap").await;
+    assert!(
+        !rows
+            .iter()
+            .any(|(i, _, r)| i == "r-3" && r == "CONTACT_ON_HOLD"),
+        "{rows:?}"
+    );
+    verify_ok(&env.config, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_resubmission_releases_the_intents_effect_in_order_and_is_audited() {
+    let mut env = TestEnv::new("adminresub", 1).await;
+    env.config.sequencer.wait_timeout = Duration::from_secs(2);
+    with_admin(&mut env.config);
+    let running = start(env.config());
+    let api = api(&env.config);
+    wait_ready(&api).await;
+    produce_intents(&env.config, &[intent("s-2", "late", 2)]).await;
+    let (p, offset, _) = wait_review(&env.config, "s-2", ReviewReason::WaitTimeout).await;
+    wait_held(&api, "late").await;
+    let (ok, out, err) = run_cli(&env.config, &["release", "--contact", "late"]).await;
+    assert!(ok, "{out} {err}");
+    produce_intents(&env.config, &[intent("s-1", "late", 1)]).await;
+    assert_eq!(
+        effects_of(&env.config, 1).await,
+        vec![("s-1".to_string(), 1)]
+    );
+
+    let (ok, out, err) = run_cli(
+        &env.config,
+        &[
+            "resubmit",
+            "--partition",
+            &p.to_string(),
+            "--offset",
+            &offset.to_string(),
+            "--actor",
+            "alice",
+        ],
+    )
+    .await;
+    assert!(ok, "{out} {err}");
+    let applied: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(applied["state"], "applied");
+    assert_eq!(applied["intent_id"], "s-2");
+    produce_intents(&env.config, &[intent("s-3", "late", 3)]).await;
+    let got = effects_of(&env.config, 3).await;
+    assert_eq!(
+        got,
+        vec![
+            ("s-1".to_string(), 1),
+            ("s-2".to_string(), 2),
+            ("s-3".to_string(), 3)
+        ]
+    );
+    // A second re-submission of the same item is refused: the intent is committed now.
+    let r = post(
+        &api,
+        "/v1/resubmissions",
+        serde_json::json!({ "actor": "alice", "partition": p, "offset": offset }),
+    )
+    .await;
+    assert_eq!(r.status, 409, "{r:?}");
+    running.stop().await;
+
+    let rows = audit(&env.config, "late").await;
+    let s2: Vec<(&str, &str)> = rows
+        .iter()
+        .filter(|(i, _, _)| i == "s-2")
+        .map(|(_, s, r)| (s.as_str(), r.as_str()))
+        .collect();
+    assert_eq!(
+        s2,
+        vec![
+            ("waiting_previous_commit", ""),
+            ("manual_review", "WAIT_TIMEOUT"),
+            ("resubmitted", "OPERATOR"),
+            ("committed_causal", "")
+        ]
+    );
+    let pool = pg::pool(&env.config.postgres).unwrap();
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM cc_admin_audit
+          WHERE actor = 'alice' AND action = 'resubmit' AND detail ->> 'intent_id' = 's-2'
+            AND detail ->> 'auth' = 'bearer token valid' AND detail ->> 'result' = 'queued'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, 1);
+    verify_ok(&env.config, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_carrying_the_old_resubmission_header_reopens_nothing() {
+    let mut env = TestEnv::new("adminheader", 1).await;
+    env.config.sequencer.wait_timeout = Duration::from_secs(2);
+    with_admin(&mut env.config);
+    let running = start(env.config());
+    let api = api(&env.config);
+    wait_ready(&api).await;
+    let two = intent("h-2", "c", 2);
+    produce_intents(&env.config, &[two.clone()]).await;
+    wait_review(&env.config, "h-2", ReviewReason::WaitTimeout).await;
+    wait_held(&api, "c").await;
+    let (ok, out, err) = run_cli(&env.config, &["release", "--contact", "c"]).await;
+    assert!(ok, "{out} {err}");
+    produce_intents(&env.config, &[intent("h-1", "c", 1)]).await;
+    assert_eq!(effects_of(&env.config, 1).await.len(), 1);
+
+    // A producer sends the reviewed intent again, claiming to be a re-submission.
+    let value = two.encode_to_vec();
+    producer(&env.config)
+        .send(
+            FutureRecord::to(&env.config.kafka.intents_topic)
+                .key("c")
+                .payload(&value)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "cc-resubmission",
+                    value: Some("1"),
+                })),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("delivered");
+    let rows = eventually(Duration::from_secs(30), "the duplicate's row", || async {
+        let rows = audit(&env.config, "c").await;
+        rows.iter()
+            .any(|(i, s, _)| i == "h-2" && s == "duplicate")
+            .then_some(rows)
+    })
+    .await;
+    running.stop().await;
+    assert!(!rows.iter().any(|(_, s, _)| s == "resubmitted"), "{rows:?}");
+    let got = effects_of(&env.config, 1).await;
+    assert_eq!(got, vec![("h-1".to_string(), 1)], "the decision stands");
+    // Slot 2 stays unresolved (in review): allowed as pending work, nothing else.
+    verify_ok(&env.config, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_audit_transition_is_accepted_by_the_databases_check_constraints() {
+    let env = TestEnv::new("admintransitions", 1).await;
+    let pool = pg::pool(&env.config.postgres).unwrap();
+    pg::migrate(&pool, &env.config.postgres.schema)
+        .await
+        .unwrap();
+    let topic = &env.config.kafka.intents_topic;
+    let fence = pg::acquire_partition(&pool, topic, 0, "w", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let transitions: Vec<TransitionRow> = Transition::all()
+        .into_iter()
+        .map(|transition| TransitionRow {
+            partition: 0,
+            batch_no: 1,
+            source_offset: 0,
+            intent_id: "i".into(),
+            contact_id: "c".into(),
+            clinic_id: String::new(),
+            correlation_id: String::new(),
+            transition,
+            commit_sequence: 1,
+            contact_version: 0,
+            fingerprint: 0,
+            detail: String::new(),
+            fence,
+        })
+        .collect();
+    let n = transitions.len();
+    let w = BatchWrite {
+        partitions: vec![PartitionWrite {
+            partition: 0,
+            fence,
+            batch_no: 1,
+            next_offset: 1,
+            clock_ms: 0,
+        }],
+        transitions,
+        ..BatchWrite::default()
+    };
+    pg::apply_batch(&pool, topic, "w", Duration::from_secs(30), &w)
+        .await
+        .expect("every transition is storable");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM cc_transition")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored as usize, n);
+    // And the constraint still refuses what is not in the vocabulary.
+    let bad = sqlx::query(
+        "INSERT INTO cc_transition (topic, partition, batch_no, source_offset, intent_id, contact_id,
+                                    clinic_id, correlation_id, from_state, to_state, writer, fence)
+         VALUES ($1, 0, 1, 0, 'i', 'c', '', '', 'received', 'reopened', 'w', 1)",
+    )
+    .bind(topic)
+    .execute(&pool)
+    .await;
+    assert!(bad.is_err());
+}
+
+/// The venv of `scripts/stack.sh` (`CC_VENV`, else `.stack/venv` of the checkout).
+fn schemathesis() -> std::path::PathBuf {
+    let venv = std::env::var("CC_VENV").map_or_else(
+        |_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".stack/venv"),
+        std::path::PathBuf::from,
+    );
+    venv.join("bin/schemathesis")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
+    let mut env = TestEnv::new("adminfuzz", 1).await;
+    env.config.sequencer.wait_timeout = Duration::from_secs(2);
+    with_admin(&mut env.config);
+    let running = start(env.config());
+    let api = api(&env.config);
+    wait_ready(&api).await;
+    // Something to read: a held contact, a review, a command.
+    produce_intents(
+        &env.config,
+        &[intent("f-2", "fuzz", 2), intent("f-9", "other", 1)],
+    )
+    .await;
+    wait_held(&api, "fuzz").await;
+    let schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/admin/openapi.json");
+    let url = url(&env.config);
+    let out = tokio::process::Command::new(schemathesis())
+        .arg("run")
+        .arg(&schema)
+        .args(["--url", &url])
+        .args(["--header", &format!("Authorization: Bearer {TOKEN}")])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance,negative_data_rejection,unsupported_method,ignored_auth",
+        ])
+        .args(["--phases", "examples,coverage,fuzzing"])
+        .args(["--max-examples", "25", "--workers", "1", "--seed", "7"])
+        .args(["--suppress-health-check", "all"])
+        .env("SCHEMATHESIS_HOOKS", "")
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("schemathesis runs (scripts/stack.sh installs it in .stack/venv)");
+    running.stop().await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{stdout}\n{stderr}"
+    );
+}
