@@ -9,6 +9,7 @@ mod common;
 mod failures;
 mod hardening;
 mod lock_store;
+mod offsets;
 mod passthrough;
 mod seed;
 mod sequencer_model;

@@ -20,7 +20,9 @@ pub use batch::{
 pub use commands::{audit_admin, command_result, pending_commands, submit_release, Command};
 pub use outcomes::{lookup_outcomes, StoredOutcome};
 pub use partition::{
-    acquire_partition, mark_committed, release_partition, restore_partition, RestoredPartition,
+    acquire_partition, batch_outputs, batch_views, mark_committed, release_partition,
+    resolve_recovery_point, restore_partition, BatchOutputs, BatchView, Resolution,
+    RestoredPartition,
 };
 
 use std::str::FromStr;
