@@ -11,6 +11,7 @@ mod hardening;
 mod lock_store;
 mod offsets;
 mod passthrough;
+mod replays;
 mod seed;
 mod sequencer_model;
 mod skeleton;
