@@ -17,6 +17,7 @@
 #   stop SERVICE     stop one service (tests use it to simulate outages)
 #   reset            down, wipe Kafka, Redis and PostgreSQL data
 #   env              print the environment the project reads (eval-able)
+#   kafka-consumer-groups ARGS  the Kafka tool of that name, on the local broker
 # SERVICE is kafka, redis, redis-tls, postgres, prometheus or alertmanager.
 # prometheus and alertmanager are not started by `up`: `start` runs them with
 # the caller's config, CC_PROMETHEUS_CONFIG / CC_ALERTMANAGER_CONFIG, and extra
@@ -1400,6 +1401,12 @@ main() {
       ;;
     status) cmd_status ;;
     env) cmd_env ;;
+    kafka-consumer-groups)
+      # The standard tool operators use (e.g. --reset-offsets), on the local broker.
+      shift
+      kafka_tool org.apache.kafka.tools.consumer.group.ConsumerGroupCommand \
+        --bootstrap-server "$HOST:$KAFKA_PORT" "$@"
+      ;;
     -h | --help | help) usage ;;
     *)
       usage >&2

@@ -167,6 +167,33 @@ enum CommandsCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Recovery points: what Kafka's committed offsets and PostgreSQL say about each partition,
+    /// and the way out when a partition refuses to start (docs/exactly-once.md).
+    #[command(subcommand)]
+    RecoveryPoint(RecoveryPointCommand),
+}
+
+#[derive(Subcommand)]
+enum RecoveryPointCommand {
+    /// Per partition: the committed offset and its recovery point, and PostgreSQL's last and
+    /// last committed batches. JSON.
+    Show,
+    /// Tells a partition that refuses to start (its committed offset has no recovery point and
+    /// PostgreSQL cannot tell whether its last batch committed) what happened to that batch.
+    /// Without --committed or --aborted, looks for the batch's outputs on the output topics.
+    Resolve {
+        #[arg(long)]
+        partition: i32,
+        /// The batch's outputs are on the output topics: keep it.
+        #[arg(long, conflicts_with = "aborted")]
+        committed: bool,
+        /// The batch never committed: roll it back and replay its records.
+        #[arg(long)]
+        aborted: bool,
+        /// Who decides (recorded in the audit).
+        #[arg(long, default_value = "cli")]
+        actor: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -311,6 +338,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(report.ok, "{} (see the report)", report.summary());
             Ok(())
         }
+        Command::RecoveryPoint(c) => recovery_point(config, c).await,
         Command::ShowConfig => {
             println!("{}", serde_json::to_string_pretty(&config)?);
             Ok(())
@@ -471,4 +499,81 @@ async fn signal_shutdown(token: CancellationToken) {
     }
     tracing::warn!("second signal: exiting without draining");
     std::process::exit(130);
+}
+
+async fn recovery_point(config: Config, command: RecoveryPointCommand) -> anyhow::Result<()> {
+    use store::postgres::{self as pg, Resolution};
+    let pool = pg::pool(&config.postgres)?;
+    let topic = config.kafka.intents_topic.clone();
+    match command {
+        RecoveryPointCommand::Show => {
+            let c = config.clone();
+            let kafka =
+                tokio::task::spawn_blocking(move || pipeline::read::committed_points(&c)).await??;
+            let views = pg::batch_views(&pool, &topic).await?;
+            let mut out = Vec::new();
+            for v in views {
+                let k = kafka.get(&v.partition);
+                out.push(serde_json::json!({
+                    "partition": v.partition,
+                    "committed_offset": k.map(|k| k.offset),
+                    "recovery_point": k.and_then(|k| k.recovery.as_ref().ok().cloned().flatten())
+                        .map(|p| p.to_string()),
+                    "store_last_batch": v.last_batch,
+                    "store_committed_batch": v.committed_batch,
+                    "store_next_offset": v.last_next_offset,
+                }));
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        RecoveryPointCommand::Resolve {
+            partition,
+            committed,
+            aborted,
+            actor,
+        } => {
+            let views = pg::batch_views(&pool, &topic).await?;
+            let view = views
+                .iter()
+                .find(|v| v.partition == partition)
+                .with_context(|| format!("partition {partition} has no durable state"))?;
+            if view.last_batch == view.committed_batch {
+                println!(
+                    "partition {partition}: batch {} is known committed; nothing to resolve",
+                    view.last_batch
+                );
+                return Ok(());
+            }
+            let resolution = if committed {
+                Resolution::Committed
+            } else if aborted {
+                Resolution::Aborted
+            } else {
+                let outputs = pg::batch_outputs(&pool, &topic, partition, view.last_batch).await?;
+                if outputs.effects.is_empty() && outputs.reviews.is_empty() {
+                    // Nothing of it is visible: replaying its records decides them again.
+                    Resolution::Aborted
+                } else {
+                    let c = config.clone();
+                    let found = tokio::task::spawn_blocking(move || {
+                        pipeline::read::any_output_committed(&c, &outputs)
+                    })
+                    .await??;
+                    if found {
+                        Resolution::Committed
+                    } else {
+                        Resolution::Aborted
+                    }
+                }
+            };
+            pg::resolve_recovery_point(&pool, &topic, partition, resolution, &actor).await?;
+            println!(
+                "partition {partition}: batch {} resolved as {resolution:?}; the owning instance \
+                 restores the partition at its next attempt",
+                view.last_batch
+            );
+            Ok(())
+        }
+    }
 }

@@ -97,8 +97,8 @@ pub struct Engine {
     next_commands_at: Instant,
     next_gauges_at: Instant,
     health: Arc<Health>,
-    /// Partitions whose end was reached while gathering the batch in hand.
-    caught_up: BTreeSet<i32>,
+    /// Partitions that had records in the batch in hand.
+    read: BTreeSet<i32>,
 }
 
 /// The records of one batch, decoded, per partition, in offset order.
@@ -219,7 +219,7 @@ impl Engine {
             next_commands_at: now,
             next_gauges_at: now,
             health,
-            caught_up: BTreeSet::new(),
+            read: BTreeSet::new(),
         })
     }
 
@@ -425,18 +425,40 @@ impl Engine {
     }
 
     /// Backpressure: a partition at its bound is paused, except while it is caught up (nothing
-    /// is left to read, so nothing more is buffered) and for one batch every [`PROBE`] (its
-    /// missing predecessors may be in the records it has not read).
-    fn apply_backpressure(&mut self, caught_up: &BTreeSet<i32>) {
+    /// is left to read, so nothing more is buffered), and except for a probe every [`PROBE`]:
+    /// it is read again until records of it arrive or [`PROBE`] passes (its missing
+    /// predecessors may be in what it has not read). At twice its bound it is not read at all
+    /// until it drains (an operator may have to step in: see the runbook).
+    fn apply_backpressure(&mut self) {
         let now = Instant::now();
+        let s = &self.config.sequencer;
+        let (hard_count, hard_bytes) = (
+            s.max_pending_per_partition.saturating_mul(2),
+            s.max_pending_bytes_per_partition.saturating_mul(2),
+        );
         let mut changes = Vec::new();
         for (p, lane) in &mut self.lanes {
-            let pause = if !lane.backpressure || caught_up.contains(p) {
+            let over_hard =
+                lane.seq.waiting_count() >= hard_count || lane.seq.waiting_bytes() >= hard_bytes;
+            let probe_over = lane
+                .probing_until
+                .is_some_and(|t| now >= t || self.read.contains(p));
+            let pause = if !lane.backpressure || (lane.at_end && !over_hard) {
+                lane.probing_until = None;
+                false
+            } else if over_hard || probe_over {
+                lane.probing_until = None;
+                lane.probe_at = now + PROBE;
+                true
+            } else if lane.probing_until.is_some() {
                 false
             } else if lane.paused && now >= lane.probe_at {
-                lane.probe_at = now + PROBE;
+                lane.probing_until = Some(now + PROBE);
                 false
             } else {
+                if !lane.paused {
+                    lane.probe_at = now + PROBE;
+                }
                 true
             };
             if pause != lane.paused {
@@ -473,7 +495,7 @@ impl Engine {
 
     /// Polls records until the batch is full or old enough. `None` when a rebalance voided it.
     fn gather(&mut self) -> Option<Vec<InRecord>> {
-        self.caught_up.clear();
+        self.read.clear();
         let mut records = Vec::new();
         let linger = self.config.batch.max_linger;
         let max = self.config.batch.max_records;
@@ -497,12 +519,19 @@ impl Engine {
             }
             match polled {
                 Some(Ok(msg)) => {
+                    let p = msg.partition();
+                    self.read.insert(p);
+                    if let Some(lane) = self.lanes.get_mut(&p) {
+                        lane.at_end = false;
+                    }
                     records.push(in_record(&msg));
                     started.get_or_insert_with(Instant::now);
                     metrics::counter!(m::RECORDS_CONSUMED).increment(1);
                 }
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                    self.caught_up.insert(p);
+                    if let Some(lane) = self.lanes.get_mut(&p) {
+                        lane.at_end = true;
+                    }
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => {}
@@ -532,8 +561,7 @@ impl Engine {
         let commands = self.apply_commands(&mut fresh);
         let plan = self.translate(&input, &fresh, commands, now_ms);
         if plan.is_empty() {
-            let caught_up = std::mem::take(&mut self.caught_up);
-            self.apply_backpressure(&caught_up);
+            self.apply_backpressure();
             return;
         }
         if let Err(e) = self.persist(&plan) {
@@ -611,11 +639,11 @@ impl Engine {
     }
 
     /// Each lane's clock: the interval since its last tick counts if the partition was read
-    /// (not paused) and reached its end in the batch just gathered.
+    /// (not paused) and is at its end (caught up).
     fn tick_clocks(&mut self, now_ms: i64) {
         let wall = now_ms.max(0) as u64;
-        for (p, lane) in &mut self.lanes {
-            let counted = !lane.paused && self.caught_up.contains(p);
+        for lane in self.lanes.values_mut() {
+            let counted = !lane.paused && lane.at_end;
             lane.clock.tick(wall, counted);
         }
     }
@@ -976,8 +1004,7 @@ impl Engine {
             tracing::warn!(error = %e, "recording outcomes in the idempotency store failed");
         }
         self.mark_committed(committed);
-        let caught_up = std::mem::take(&mut self.caught_up);
-        self.apply_backpressure(&caught_up);
+        self.apply_backpressure();
         self.next_gauges_at = Instant::now();
     }
 

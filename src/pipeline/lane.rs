@@ -20,8 +20,12 @@ pub struct Lane {
     pub backpressure: bool,
     /// What librdkafka was last told: the partition is paused.
     pub paused: bool,
-    /// The next time a partition paused at its bound is read for one batch.
+    /// The next time a partition paused at its bound is read again.
     pub probe_at: Instant,
+    /// A probe of a partition paused at its bound is under way until then.
+    pub probing_until: Option<Instant>,
+    /// The consumer reached the partition's end and has read nothing since: caught up.
+    pub at_end: bool,
     /// The time the sequencer sees.
     pub clock: LaneClock,
 }

@@ -53,79 +53,9 @@ pub struct TopicRecord<'a> {
 pub fn read_topic(
     config: &Config,
     topic: &str,
-    mut f: impl FnMut(TopicRecord<'_>) -> anyhow::Result<()>,
+    f: impl FnMut(TopicRecord<'_>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set(
-            "group.id",
-            format!("causal-commit-reader-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false");
-    for (k, v) in &config.kafka.client {
-        c.set(k, v);
-    }
-    let consumer: BaseConsumer = c.create().context("creating a reader")?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("reading metadata of {topic}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut ends = HashMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        // With read_committed the high watermark may sit past the last stable offset; records up
-        // to it are delivered once their transaction is decided.
-        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
-        if high > low {
-            ends.insert(*p, high);
-            tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
-        }
-    }
-    if ends.is_empty() {
-        return Ok(());
-    }
-    consumer.assign(&tpl)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut positions: HashMap<i32, i64> = HashMap::new();
-    while ends
-        .iter()
-        .any(|(p, end)| positions.get(p).copied().unwrap_or(-1) + 1 < *end)
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "reading {topic} did not reach its end in time"
-        );
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(msg)) => {
-                positions.insert(msg.partition(), msg.offset());
-                f(TopicRecord {
-                    partition: msg.partition(),
-                    offset: msg.offset(),
-                    key: msg.key(),
-                    value: msg.payload(),
-                })?;
-            }
-            Some(Err(e)) => anyhow::bail!("reading {topic} failed: {e}"),
-            None => {
-                // Control records (transaction markers) take offsets too: ask for the position.
-                if let Ok(pos) = consumer.position() {
-                    for e in pos.elements() {
-                        if let Offset::Offset(o) = e.offset() {
-                            positions.insert(e.partition(), o - 1);
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
+    read_topic_since(config, topic, None, f)
 }
 
 /// A partition's committed position in the processor's group.
@@ -170,4 +100,147 @@ pub fn committed_points(config: &Config) -> anyhow::Result<HashMap<i32, Committe
             (e.partition(), point)
         })
         .collect())
+}
+
+/// Whether any of a batch's outputs is on the output topics (read_committed): the batch's Kafka
+/// transaction committed. Reads each output partition from shortly before the batch was
+/// written to its end.
+pub fn any_output_committed(
+    config: &Config,
+    outputs: &crate::store::postgres::BatchOutputs,
+) -> anyhow::Result<bool> {
+    use std::collections::HashSet;
+
+    use prost::Message as _;
+
+    use crate::proto::{ManualReview, SideEffect};
+
+    let effects: HashSet<(&str, u64)> = outputs
+        .effects
+        .iter()
+        .map(|(id, seq)| (id.as_str(), *seq))
+        .collect();
+    let reviews: HashSet<i64> = outputs.reviews.iter().copied().collect();
+    // Clocks of the processor and the broker may differ a little.
+    let since = outputs.written_at_ms - 60_000;
+    let mut found = false;
+    read_topic_since(config, &config.kafka.side_effects_topic, Some(since), |r| {
+        if let Some(e) = r.value.and_then(|v| SideEffect::decode(v).ok()) {
+            found |= effects.contains(&(e.intent_id.as_str(), e.commit_sequence));
+        }
+        Ok(())
+    })?;
+    read_topic_since(
+        config,
+        &config.kafka.manual_review_topic,
+        Some(since),
+        |r| {
+            if let Some(m) = r.value.and_then(|v| ManualReview::decode(v).ok()) {
+                found |= m.source_topic == config.kafka.intents_topic
+                    && reviews.contains(&m.source_offset);
+            }
+            Ok(())
+        },
+    )?;
+    Ok(found)
+}
+
+/// [`read_topic`] from the first offset at or after `since_ms` (record timestamps) in each
+/// partition, or from the beginning.
+fn read_topic_since(
+    config: &Config,
+    topic: &str,
+    since_ms: Option<i64>,
+    mut f: impl FnMut(TopicRecord<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        .set(
+            "group.id",
+            format!("causal-commit-reader-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &config.kafka.client {
+        c.set(k, v);
+    }
+    let consumer: BaseConsumer = c.create().context("creating a reader")?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .with_context(|| format!("reading metadata of {topic}"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    // Where each partition starts: its beginning, or the first record at or after `since_ms`.
+    let mut starts: HashMap<i32, i64> = HashMap::new();
+    if let Some(since) = since_ms {
+        let mut wanted = TopicPartitionList::new();
+        for p in &partitions {
+            wanted.add_partition_offset(topic, *p, Offset::Offset(since.max(0)))?;
+        }
+        for e in consumer.offsets_for_times(wanted, timeout)?.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                starts.insert(e.partition(), o);
+            } // else: nothing written since
+        }
+    }
+    let mut ends = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        // With read_committed the high watermark may sit past the last stable offset; records up
+        // to it are delivered once their transaction is decided.
+        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
+        let start = match since_ms {
+            None => low,
+            Some(_) => match starts.get(p) {
+                Some(o) => *o,
+                None => continue,
+            },
+        };
+        if high > start {
+            ends.insert(*p, high);
+            tpl.add_partition_offset(topic, *p, Offset::Offset(start))?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(());
+    }
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut positions: HashMap<i32, i64> = HashMap::new();
+    while ends
+        .iter()
+        .any(|(p, end)| positions.get(p).copied().unwrap_or(-1) + 1 < *end)
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "reading {topic} did not reach its end in time"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(msg)) => {
+                positions.insert(msg.partition(), msg.offset());
+                f(TopicRecord {
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    key: msg.key(),
+                    value: msg.payload(),
+                })?;
+            }
+            Some(Err(e)) => anyhow::bail!("reading {topic} failed: {e}"),
+            None => {
+                if let Ok(pos) = consumer.position() {
+                    for e in pos.elements() {
+                        if let Offset::Offset(o) = e.offset() {
+                            positions.insert(e.partition(), o - 1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }

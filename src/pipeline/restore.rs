@@ -155,6 +155,8 @@ impl Engine {
             backpressure,
             paused: true,
             probe_at: Instant::now(),
+            probing_until: None,
+            at_end: false,
             clock: LaneClock::starting_at(clock_ms, self.max_credit_ms()),
         })
     }

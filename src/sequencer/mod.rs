@@ -693,8 +693,8 @@ impl<T> Sequencer<T> {
     fn backpressure(&mut self) {
         let (waiting, bytes) = (self.waiting_total, self.waiting_bytes);
         let c = &self.config;
-        let over = waiting >= c.max_pending_per_partition
-            || bytes >= c.max_pending_bytes_per_partition;
+        let over =
+            waiting >= c.max_pending_per_partition || bytes >= c.max_pending_bytes_per_partition;
         let under = waiting < c.resume_pending_below && bytes < c.resume_pending_bytes_below;
         if !self.paused && over {
             self.paused = true;

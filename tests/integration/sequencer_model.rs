@@ -265,8 +265,8 @@ impl Model {
         let (waiting, bytes) = (self.waiting(), self.waiting_bytes());
         let over = waiting >= self.cfg.max_pending_per_partition
             || bytes >= self.cfg.max_pending_bytes_per_partition;
-        let under = waiting < self.cfg.resume_pending_below
-            && bytes < self.cfg.resume_pending_bytes_below;
+        let under =
+            waiting < self.cfg.resume_pending_below && bytes < self.cfg.resume_pending_bytes_below;
         if !self.paused && over {
             self.paused = true;
             self.out

@@ -24,7 +24,9 @@ pub use commands::{
 };
 pub use outcomes::{lookup_outcomes, StoredOutcome};
 pub use partition::{
-    acquire_partition, mark_committed, release_partition, restore_partition, RestoredPartition,
+    acquire_partition, batch_outputs, batch_views, mark_committed, release_partition,
+    resolve_recovery_point, restore_partition, BatchOutputs, BatchView, Resolution,
+    RestoredPartition,
 };
 
 use std::str::FromStr;

@@ -224,3 +224,160 @@ pub async fn mark_committed(pool: &PgPool, topic: &str, batches: &[(i32, u64, u6
     .map_err(db("recording committed batches"))?;
     Ok(())
 }
+
+/// An operator's answer to a refused restore ([`Refusal::Ambiguous`](crate::store::recovery::Refusal)):
+/// whether the partition's last batch committed in Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// Its outputs are on the output topics: keep it.
+    Committed,
+    /// It never committed: the next restore rolls its rows back and its records are replayed.
+    Aborted,
+}
+
+/// A partition's batches as PostgreSQL knows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BatchView {
+    pub partition: i32,
+    pub last_batch: u64,
+    pub committed_batch: u64,
+    pub last_next_offset: i64,
+    pub committed_next_offset: i64,
+}
+
+/// What PostgreSQL knows of every partition of `topic`.
+pub async fn batch_views(pool: &PgPool, topic: &str) -> Result<Vec<BatchView>> {
+    let rows: Vec<(i32, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT partition, last_batch, committed_batch, last_next_offset, committed_next_offset
+           FROM cc_partition WHERE topic = $1 ORDER BY partition",
+    )
+    .bind(topic)
+    .fetch_all(pool)
+    .await
+    .map_err(db("reading partitions"))?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(partition, last, committed, last_next, committed_next)| BatchView {
+                partition,
+                last_batch: last.max(0) as u64,
+                committed_batch: committed.max(0) as u64,
+                last_next_offset: last_next,
+                committed_next_offset: committed_next,
+            },
+        )
+        .collect())
+}
+
+/// What a batch produced, to look for on the output topics: effects by (intent id, commit
+/// sequence), review records by their source offset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutputs {
+    pub effects: Vec<(String, u64)>,
+    pub reviews: Vec<i64>,
+    /// When the batch was written (ms since the Unix epoch), 0 when it wrote nothing.
+    pub written_at_ms: i64,
+}
+
+/// The outputs batch `batch` of `partition` produced, read from its audit rows.
+pub async fn batch_outputs(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    batch: u64,
+) -> Result<BatchOutputs> {
+    let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT to_state, intent_id, commit_sequence, source_offset,
+                (extract(epoch FROM at) * 1000)::bigint
+           FROM cc_transition
+          WHERE topic = $1 AND partition = $2 AND batch_no = $3
+            AND to_state IN ('committed_causal', 'blocked_conflict', 'manual_review')",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(batch as i64)
+    .fetch_all(pool)
+    .await
+    .map_err(db("reading a batch's outputs"))?;
+    let mut out = BatchOutputs::default();
+    for (state, intent_id, seq, offset, at) in rows {
+        if out.written_at_ms == 0 || at < out.written_at_ms {
+            out.written_at_ms = at;
+        }
+        if state == "committed_causal" {
+            out.effects.push((intent_id, seq.max(0) as u64));
+        } else {
+            out.reviews.push(offset);
+        }
+    }
+    Ok(out)
+}
+
+/// Records an operator's [`Resolution`] of a partition's last batch, audited. Nothing changes
+/// when PostgreSQL already knows the last batch committed. Returns the view before.
+pub async fn resolve_recovery_point(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    resolution: Resolution,
+    actor: &str,
+) -> Result<Option<BatchView>> {
+    let mut tx = pool.begin().await.map_err(db("starting a resolution"))?;
+    let row: Option<(i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT last_batch, committed_batch, last_next_offset, committed_next_offset
+           FROM cc_partition WHERE topic = $1 AND partition = $2 FOR UPDATE",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db("locking a partition"))?;
+    let Some((last, committed, last_next, committed_next)) = row else {
+        return Ok(None);
+    };
+    let view = BatchView {
+        partition,
+        last_batch: last.max(0) as u64,
+        committed_batch: committed.max(0) as u64,
+        last_next_offset: last_next,
+        committed_next_offset: committed_next,
+    };
+    if last != committed {
+        let sql = match resolution {
+            Resolution::Committed => {
+                "UPDATE cc_partition SET committed_batch = last_batch,
+                        committed_next_offset = last_next_offset,
+                        committed_clock_ms = last_clock_ms
+                  WHERE topic = $1 AND partition = $2"
+            }
+            Resolution::Aborted => {
+                "UPDATE cc_partition SET last_batch = committed_batch,
+                        last_next_offset = committed_next_offset,
+                        last_clock_ms = committed_clock_ms
+                  WHERE topic = $1 AND partition = $2"
+            }
+        };
+        sqlx::query(sql)
+            .bind(topic)
+            .bind(partition)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("recording a resolution"))?;
+    }
+    super::audit_admin(
+        &mut *tx,
+        actor,
+        "recovery_point_resolved",
+        "",
+        serde_json::json!({
+            "topic": topic,
+            "partition": partition,
+            "resolution": format!("{resolution:?}"),
+            "last_batch": view.last_batch,
+            "committed_batch": view.committed_batch,
+        }),
+    )
+    .await?;
+    tx.commit().await.map_err(db("committing a resolution"))?;
+    Ok(Some(view))
+}

@@ -1,0 +1,47 @@
+//! Replays never change a decision: the first outcome of an intent id stays its idempotency
+//! record, whatever a conflicting reuse of the id did in between, across a restart.
+
+use std::time::Duration;
+
+use crate::common::process::Processor;
+use crate::common::*;
+use causal_commit::proto::ReviewReason;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_reuse_never_replaces_the_first_outcome_of_an_intent_id() {
+    let env = TestEnv::new("reuse", 1).await;
+    let cfg = env.config.clone();
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let proc = Processor::spawn(&cfg, log.clone());
+    let original = intent("x", "c", 1);
+    let mut conflicting = original.clone();
+    conflicting.payload = b"other content".to_vec().into();
+    produce_intents(&cfg, std::slice::from_ref(&original)).await;
+    wait_for(&cfg, &cfg.kafka.side_effects_topic, 1, Duration::from_secs(30)).await;
+    produce_intents(&cfg, &[conflicting]).await;
+    let rv = reviews(&wait_for(&cfg, &cfg.kafka.manual_review_topic, 1, Duration::from_secs(30)).await);
+    assert_eq!(rv[0].reason, ReviewReason::IdempotencyConflict as i32);
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    // After a restart (nothing in memory), the original content again is a duplicate of the
+    // committed effect, not a conflict with the blocked reuse.
+    let proc = Processor::spawn(&cfg, log.clone());
+    produce_intents(&cfg, &[original]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let duplicate = loop {
+        let found = crate::common::process::read_log(&log).into_iter().find(|l| {
+            l["message"] == "transition" && l["intent_id"] == "x" && l["state"] == "duplicate"
+        });
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "the redelivery was never decided");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(duplicate["detail"], "already committed_causal");
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let fx = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
+    let rv = read_all(&cfg, &cfg.kafka.manual_review_topic);
+    assert_eq!(fx.len(), 1, "no second effect");
+    assert_eq!(rv.len(), 1, "no second conflict");
+}
