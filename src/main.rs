@@ -113,6 +113,10 @@ enum Command {
     },
     /// Operator: the instance's readiness (admin API); exits 1 when not ready.
     Ready(AdminArgs),
+    /// Recovery points: what Kafka's committed offsets and PostgreSQL say about each partition,
+    /// and the way out when a partition refuses to start (docs/exactly-once.md).
+    #[command(subcommand)]
+    RecoveryPoint(RecoveryPointCommand),
 }
 
 /// How the operator commands reach the admin API. No database credentials are needed.
@@ -167,10 +171,6 @@ enum CommandsCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Recovery points: what Kafka's committed offsets and PostgreSQL say about each partition,
-    /// and the way out when a partition refuses to start (docs/exactly-once.md).
-    #[command(subcommand)]
-    RecoveryPoint(RecoveryPointCommand),
 }
 
 #[derive(Subcommand)]
