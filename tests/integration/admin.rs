@@ -888,4 +888,16 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
         out.status.success(),
         "schemathesis found problems:\n{stdout}\n{stderr}"
     );
+    // It ran: every documented operation was tested.
+    let operations = serde_json::from_str::<serde_json::Value>(causal_commit::admin::OPENAPI)
+        .unwrap()["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|p| p.as_object().unwrap().len())
+        .sum::<usize>();
+    assert!(
+        stdout.contains(&format!("Tested: {operations}")),
+        "schemathesis did not test all {operations} operations:\n{stdout}"
+    );
 }

@@ -175,11 +175,16 @@ async fn scenario(config: &Config, n: usize) -> Scenario {
 /// A command no instance applies (its contact's partition has no owner): it stays pending.
 async fn pending_command(config: &Config) -> i64 {
     let pool = causal_commit::store::postgres::pool(&config.postgres).unwrap();
+    let state = causal_commit::store::snapshot::encode(
+        &causal_commit::sequencer::ContactSnapshot::new("rb-unowned"),
+    )
+    .unwrap();
     sqlx::query(
         "INSERT INTO cc_contact (contact_id, topic, partition, batch_no, state, on_hold)
-         VALUES ('rb-unowned', $1, 999, 0, '{}', true) ON CONFLICT DO NOTHING",
+         VALUES ('rb-unowned', $1, 999, 0, $2, true) ON CONFLICT DO NOTHING",
     )
     .bind(&config.kafka.intents_topic)
+    .bind(state)
     .execute(&pool)
     .await
     .unwrap();
