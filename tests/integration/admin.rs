@@ -738,7 +738,7 @@ async fn a_record_carrying_the_old_resubmission_header_reopens_nothing() {
     let api = api(&env.config);
     wait_ready(&api).await;
     let two = intent("h-2", "c", 2);
-    produce_intents(&env.config, &[two.clone()]).await;
+    produce_intents(&env.config, std::slice::from_ref(&two)).await;
     wait_review(&env.config, "h-2", ReviewReason::WaitTimeout).await;
     wait_held(&api, "c").await;
     let (ok, out, err) = run_cli(&env.config, &["release", "--contact", "c"]).await;
