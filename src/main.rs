@@ -97,6 +97,9 @@ enum Command {
     /// Operator: re-submit a manual-review item, named by its review record's partition and
     /// offset on the manual-review topic. Audited; waits like `release`.
     Resubmit {
+        /// The manual-review topic (default: the instance's).
+        #[arg(long)]
+        topic: Option<String>,
         /// The review record's partition.
         #[arg(long)]
         partition: i32,
@@ -293,12 +296,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             operator_command(&config, &op, &path, &body).await
         }
         Command::Resubmit {
+            topic,
             partition,
             offset,
             op,
         } => {
-            let body =
+            let mut body =
                 serde_json::json!({ "actor": op.actor, "partition": partition, "offset": offset });
+            if let Some(t) = topic {
+                body["topic"] = t.into();
+            }
             operator_command(&config, &op, "/v1/resubmissions", &body).await
         }
         Command::Commands { command } => match command {

@@ -318,9 +318,15 @@ fn actor(given: &str) -> ApiResult<&str> {
 #[serde(deny_unknown_fields)]
 struct ReleaseBody {
     actor: String,
-    /// Any JSON number: validated here, so a value above 2^63-1 gets a clear answer.
-    #[serde(default)]
-    skip_to: Option<serde_json::Number>,
+    /// Any JSON value when present (`null` too): validated here, so that a value above
+    /// 2^63-1 gets a clear answer.
+    #[serde(default, deserialize_with = "present")]
+    skip_to: Option<serde_json::Value>,
+}
+
+/// A field that, when present, is `Some` even when `null` (which the handler then refuses).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 async fn release(
@@ -328,9 +334,16 @@ async fn release(
     path: Result<Path<String>, PathRejection>,
     bytes: Bytes,
 ) -> ApiResult<Response> {
-    let contact_id = contact_id(&api, path)?;
-    let b: ReleaseBody = body(&bytes)?;
-    let actor = actor(&b.actor)?;
+    let parsed = contact_id(&api, path).and_then(|c| {
+        let b: ReleaseBody = body(&bytes)?;
+        actor(&b.actor)?;
+        Ok((c, b))
+    });
+    let (contact_id, b) = match parsed {
+        Ok(p) => p,
+        Err(e) => return refuse_unnamed(&api, "release", e).await,
+    };
+    let actor = b.actor.as_str();
     let action = match &b.skip_to {
         None => CommandAction::Resume,
         Some(n) => {
@@ -356,6 +369,15 @@ async fn release(
         }
     };
     queue(&api, actor, &contact_id, action).await
+}
+
+/// Who a refused call is audited as when it named no valid actor.
+const UNNAMED: &str = "(unnamed: malformed request)";
+
+/// A state-changing call refused before it named a valid actor (a malformed path or body):
+/// audited under [`UNNAMED`] with the error.
+async fn refuse_unnamed(api: &Api, action: &str, error: ApiError) -> ApiResult<Response> {
+    refuse(api, UNNAMED, action, "", serde_json::json!({}), error).await
 }
 
 /// Audits a refused state-changing call, then answers with its error.
@@ -428,6 +450,9 @@ async fn queue(
 #[serde(deny_unknown_fields)]
 struct ResubmitBody {
     actor: String,
+    /// The manual-review topic (this instance's; optional).
+    #[serde(default, deserialize_with = "present")]
+    topic: Option<serde_json::Value>,
     /// The review record on the manual-review topic.
     partition: i32,
     offset: i64,
@@ -441,10 +466,35 @@ const REOPENABLE: [crate::proto::ReviewReason; 3] = [
 ];
 
 async fn resubmit(State(api): Shared, bytes: Bytes) -> ApiResult<Response> {
-    let b: ResubmitBody = body(&bytes)?;
-    let actor = actor(&b.actor)?;
+    let parsed = body::<ResubmitBody>(&bytes).and_then(|b| {
+        actor(&b.actor)?;
+        if b.topic.as_ref().is_some_and(|t| !t.is_string()) {
+            return Err(ApiError::bad_request("topic must be a string"));
+        }
+        if b.partition < 0 || b.offset < 0 {
+            return Err(ApiError::bad_request(format!(
+                "partition and offset must be at least 0, got {} and {}",
+                b.partition, b.offset
+            )));
+        }
+        Ok(b)
+    });
+    let b = match parsed {
+        Ok(b) => b,
+        Err(e) => return refuse_unnamed(&api, "resubmit", e).await,
+    };
+    let actor = b.actor.as_str();
     let (partition, offset) = (b.partition, b.offset);
     let request = serde_json::json!({ "review": { "partition": partition, "offset": offset } });
+    let topic = api.config.kafka.manual_review_topic.as_str();
+    if b.topic.as_ref().is_some_and(|t| t.as_str() != Some(topic)) {
+        let e = ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not_resubmittable",
+            format!("only items of this instance's manual-review topic {topic:?} are re-submitted"),
+        );
+        return refuse(&api, actor, "resubmit", "", request, e).await;
+    }
     let config = api.config.clone();
     let read = tokio::task::spawn_blocking(move || review::read(&config, partition, offset))
         .await
@@ -584,9 +634,16 @@ async fn cancel(
     path: Result<Path<String>, PathRejection>,
     bytes: Bytes,
 ) -> ApiResult<Response> {
-    let id = command_id(path)?;
-    let b: CancelBody = body(&bytes)?;
-    let actor = actor(&b.actor)?;
+    let parsed = command_id(path).and_then(|id| {
+        let b: CancelBody = body(&bytes)?;
+        actor(&b.actor)?;
+        Ok((id, b))
+    });
+    let (id, b) = match parsed {
+        Ok(p) => p,
+        Err(e) => return refuse_unnamed(&api, "cancel_command", e).await,
+    };
+    let actor = b.actor.as_str();
     let Some((cancelled, view)) = pg::cancel_command(&api.pool, id, actor, AUTH_VALID)
         .await
         .map_err(ApiError::store)?

@@ -336,7 +336,24 @@ async fn skip_to_above_2_pow_63_minus_1_is_refused_by_the_cli_and_the_api_and_no
             r.error()
         );
     }
+    // A malformed call is refused and audited too, under no actor's name.
+    let r = post(
+        &api,
+        "/v1/contacts/c/release",
+        serde_json::json!({ "actor": "op", "skip_to": 1, "force": true }),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}");
     let pool = pg::pool(&env.config.postgres).unwrap();
+    let unnamed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM cc_admin_audit
+          WHERE actor LIKE '(unnamed%' AND action = 'release'
+            AND detail ->> 'result' LIKE 'refused (400)%unknown field%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(unnamed, 1);
     let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM cc_command")
         .fetch_one(&pool)
         .await
