@@ -90,6 +90,10 @@ impl ClientContext for EngineContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // Reaching a partition's end is how the engine learns it is caught up, not an error.
+        if matches!(error, KafkaError::PartitionEOF(_)) {
+            return;
+        }
         tracing::warn!(error = %error, reason, "kafka client error");
     }
 }
@@ -140,6 +144,8 @@ pub fn consumer(config: &Config, ctx: EngineContext) -> Result<EngineConsumer> {
     c.set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", "5000")
+        // Partitions added to the topic are noticed (and assigned) within seconds.
+        .set("topic.metadata.refresh.interval.ms", "10000")
         .set("auto.offset.reset", "earliest")
         .set("group.instance.id", config.instance_id())
         .set(
@@ -228,6 +234,9 @@ impl TxnProducer {
             .key(&record.key)
             .payload(&record.value)
             .headers(headers);
+        if let Some(p) = record.partition {
+            rec = rec.partition(p);
+        }
         loop {
             match self.producer.send(rec) {
                 Ok(()) => return Ok(()),
@@ -309,6 +318,8 @@ impl TxnProducer {
 #[derive(Debug, Clone)]
 pub struct OutRecord {
     pub topic: Arc<str>,
+    /// An explicit partition (a record forwarded to its contact's owner); `None`: by key.
+    pub partition: Option<i32>,
     pub key: Vec<u8>,
     pub value: Vec<u8>,
     pub headers: Vec<(&'static str, Vec<u8>)>,

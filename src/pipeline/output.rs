@@ -12,6 +12,9 @@ pub const CORRELATION_HEADER: &str = "correlation_id";
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// Set by the operator tools on a manual-review item sent back to the intents topic.
 pub const RESUBMISSION_HEADER: &str = "cc-resubmission";
+/// On a record forwarded to its contact's owner partition: where it was first consumed
+/// (`<topic>/<partition>/<offset>`), for the audit only.
+pub const FORWARDED_FROM_HEADER: &str = "cc-forwarded-from";
 
 /// Where an output record came from.
 #[derive(Debug, Clone)]
@@ -64,6 +67,7 @@ pub fn side_effect(
     };
     OutRecord {
         topic: topic.clone(),
+        partition: None,
         key: intent.contact_id.as_bytes().to_vec(),
         value: effect.encode_to_vec(),
         headers: headers(&intent.correlation_id, traceparent),
@@ -112,6 +116,7 @@ pub fn manual_review(topic: &Arc<str>, source: &Source<'_>, f: ReviewFields<'_>)
     };
     OutRecord {
         topic: topic.clone(),
+        partition: None,
         key,
         value: review.encode_to_vec(),
         headers: headers(&intent.correlation_id, rec.traceparent.as_ref()),
@@ -120,4 +125,22 @@ pub fn manual_review(topic: &Arc<str>, source: &Source<'_>, f: ReviewFields<'_>)
 
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// A record forwarded, byte for byte, to the partition that owns its contact, inside the same
+/// transaction as the consumed offsets (so exactly once).
+pub fn forwarded(source: &Source<'_>, owner: i32, correlation_id: &str) -> OutRecord {
+    let rec = source.record;
+    let mut h = headers(correlation_id, rec.traceparent.as_ref());
+    h.push((
+        FORWARDED_FROM_HEADER,
+        format!("{}/{}/{}", source.topic, rec.partition, rec.offset).into_bytes(),
+    ));
+    OutRecord {
+        topic: source.topic.into(),
+        partition: Some(owner),
+        key: rec.key.clone().unwrap_or_default(),
+        value: rec.value.clone().unwrap_or_default(),
+        headers: h,
+    }
 }

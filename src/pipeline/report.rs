@@ -32,6 +32,9 @@ pub fn transition(row: &TransitionRow, note: &Note) {
         Transition::Record { to, .. } => {
             metrics::counter!(m::OUTCOMES, "state" => to.as_str(), "reason" => reason).increment(1);
         }
+        Transition::Forwarded => {
+            metrics::counter!(m::OUTCOMES, "state" => state, "reason" => reason).increment(1);
+        }
         Transition::Skipped { .. } | Transition::Held { .. } | Transition::Released => {
             metrics::counter!(m::CONTACT_EVENTS, "event" => state, "reason" => reason).increment(1);
         }

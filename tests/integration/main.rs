@@ -7,6 +7,7 @@
 mod common;
 
 mod failures;
+mod growth;
 mod hardening;
 mod lock_store;
 mod offsets;

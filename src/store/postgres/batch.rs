@@ -24,6 +24,9 @@ pub enum Transition {
     Held { reason: Reason },
     /// An operator released the held contact.
     Released,
+    /// The record's contact is owned by another partition: the record was forwarded to it
+    /// (the partition is in the row's detail), which decides it.
+    Forwarded,
 }
 
 const RECEIVED: &str = "received";
@@ -32,6 +35,7 @@ const SKIPPED: &str = "skipped";
 const HELD: &str = "held";
 const RELEASED: &str = "released";
 const OPERATOR: &str = "OPERATOR";
+const FORWARDED: &str = "forwarded";
 
 impl Transition {
     /// `(from_state, to_state, reason)`.
@@ -57,6 +61,7 @@ impl Transition {
             ),
             Transition::Held { reason } => (CONTACT, HELD, reason.as_str()),
             Transition::Released => (CONTACT, RELEASED, OPERATOR),
+            Transition::Forwarded => (RECEIVED, FORWARDED, ""),
         }
     }
 
@@ -79,6 +84,7 @@ impl Transition {
             },
             (CONTACT, RELEASED) if reason == OPERATOR => Transition::Released,
             (CONTACT, _) => return Err(unknown()),
+            (RECEIVED, FORWARDED) => Transition::Forwarded,
             (from, to) => {
                 let waited = match from {
                     RECEIVED => false,
@@ -120,6 +126,7 @@ impl Transition {
             all.push(Transition::Held { reason });
         }
         all.push(Transition::Released);
+        all.push(Transition::Forwarded);
         all
     }
 }
@@ -177,6 +184,16 @@ pub struct PartitionWrite {
 
 /// Why a batch write was refused.
 pub const OUT_OF_SEQUENCE_SQLSTATE: &str = "CC003";
+/// A batch wrote contacts another partition owns (the list is in the error's detail).
+pub const OWNED_ELSEWHERE_SQLSTATE: &str = "CC004";
+
+/// A contact a batch wrote from `partition` that `owner` owns.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct OwnedElsewhere {
+    pub partition: i32,
+    pub contact: String,
+    pub owner: i32,
+}
 
 /// Everything one batch writes, per writer.
 #[derive(Debug, Default)]
