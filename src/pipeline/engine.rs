@@ -933,6 +933,7 @@ impl Engine {
         }
         self.next_gauges_at = Instant::now() + GAUGE_REFRESH;
         report::gauges(&self.lanes, &self.assignment, output::now_ms());
+        report::positions(&self.ctx.lag, &self.consumer, &self.lanes, &self.assignment);
         let assigned = self.assignment.assigned().len();
         self.health
             .set_partitions(assigned, self.lanes.len().min(assigned));

@@ -1,9 +1,12 @@
 //! Telemetry: JSON logs through `tracing`, Prometheus metrics, optional OTLP traces.
 //!
 //! Every metric the service exports is named in [`metrics`]; the alert rules and the Grafana
-//! dashboard in `deploy/` refer to those names only.
+//! dashboard in `deploy/` refer to those names only. [`server`] serves them with the probes.
 
 pub mod metrics;
+pub mod server;
+
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use opentelemetry::trace::TracerProvider as _;
@@ -85,4 +88,30 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
         .with(otel_layer)
         .try_init();
     Ok(TelemetryGuard { tracer_provider })
+}
+
+/// Starts the operations listener (`/metrics`, `/livez`, `/readyz`) on `config.metrics_listen`
+/// with a freshly installed Prometheus recorder; it serves until `shutdown` fires. Nothing
+/// when `metrics_listen` is empty (metrics are then recorded nowhere). Call once per process,
+/// before anything records a metric.
+pub async fn start_server(
+    config: &TelemetryConfig,
+    health: Arc<crate::pipeline::health::Health>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
+    if config.metrics_listen.is_empty() {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = config
+        .metrics_listen
+        .parse()
+        .with_context(|| format!("telemetry.metrics_listen {:?}", config.metrics_listen))?;
+    let handle = metrics::install_recorder().context("installing the metrics recorder")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on telemetry.metrics_listen {addr}"))?;
+    tracing::info!(%addr, "serving /metrics, /livez and /readyz");
+    Ok(Some(tokio::spawn(server::serve(
+        listener, handle, health, shutdown,
+    ))))
 }
