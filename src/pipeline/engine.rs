@@ -48,6 +48,7 @@ use crate::store::postgres::{self as pg, AppliedCommand, BatchWrite, PartitionWr
 use crate::store::recovery::RecoveryPoint;
 use crate::store::snapshot::Held;
 use crate::telemetry::metrics as m;
+use crate::telemetry::trace::{BatchTrace, Step};
 
 /// Engine failures that stop the process (everything else is retried in place).
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +94,8 @@ pub struct Engine {
     next_commands_at: Instant,
     next_gauges_at: Instant,
     health: Arc<Health>,
+    /// The current batch's step timestamps, made into spans when it ends.
+    batch_trace: BatchTrace,
 }
 
 /// The records of one batch, decoded, per partition, in offset order.
@@ -202,6 +205,7 @@ impl Engine {
             next_commands_at: now,
             next_gauges_at: now,
             health,
+            batch_trace: BatchTrace::default(),
         })
     }
 
@@ -225,6 +229,7 @@ impl Engine {
             }
             self.sync_assignment();
             self.restore_pending();
+            self.batch_trace.start();
             if let Some(records) = self.gather() {
                 self.process(records);
             }
@@ -462,6 +467,7 @@ impl Engine {
 
     /// Decides, writes, commits and reports one batch (see the module documentation).
     fn process(&mut self, records: Vec<InRecord>) {
+        self.batch_trace.polled(records.len());
         self.sync_assignment();
         let now_ms = output::now_ms();
         let input = self.decode(records);
@@ -475,12 +481,14 @@ impl Engine {
         if plan.is_empty() {
             return;
         }
+        self.batch_trace.done(Step::Decide);
         if let Err(e) = self.persist(&plan) {
             if e.is_data_error() {
                 return self.isolate(plan, &e);
             }
             return self.fail(Failure::Persist(e));
         }
+        self.batch_trace.done(Step::DurableWrite);
         self.commit_and_report(plan);
     }
 
@@ -489,6 +497,10 @@ impl Engine {
         if let Err(e) = self.commit(&plan) {
             return self.fail(Failure::Commit(e));
         }
+        self.batch_trace.done(Step::Commit);
+        let outputs = plan.partitions.values().flat_map(|p| &p.plan.outputs);
+        self.batch_trace
+            .committed(outputs.map(|o| o.span.as_deref()));
         self.report(plan);
     }
 
@@ -882,6 +894,11 @@ impl Engine {
     /// in-memory state is void and restored from the durable store (which rolls the batch's
     /// rows back) before anything else is decided.
     fn fail(&mut self, failure: Failure) {
+        self.batch_trace.failed(match &failure {
+            Failure::Lookup(_) => "idempotency lookup failed",
+            Failure::Persist(_) => "durable write failed",
+            Failure::Commit(_) => "transaction did not commit",
+        });
         self.health.set_stores_ok(false);
         match failure {
             Failure::Lookup(e) => {

@@ -300,6 +300,9 @@ pub struct OutRecord {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
     pub headers: Vec<(&'static str, Vec<u8>)>,
+    /// The processor's span for this record (its context is the `traceparent` header),
+    /// emitted once the transaction has committed. Only for sampled traces.
+    pub span: Option<Box<crate::telemetry::trace::IntentSpan>>,
 }
 
 /// Maps librdkafka's transactional error flags onto our classes. A timeout is an unknown

@@ -1,10 +1,12 @@
 //! Telemetry: JSON logs through `tracing`, Prometheus metrics, optional OTLP traces.
 //!
 //! Every metric the service exports is named in [`metrics`]; the alert rules and the Grafana
-//! dashboard in `deploy/` refer to those names only. [`server`] serves them with the probes.
+//! dashboard in `deploy/` refer to those names only. [`server`] serves them with the probes;
+//! [`trace`] makes the batch and intent spans.
 
 pub mod metrics;
 pub mod server;
+pub mod trace;
 
 use std::sync::Arc;
 
@@ -67,6 +69,7 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
             .with_context(|| format!("building the OTLP exporter for {}", config.otlp_endpoint))?;
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
+            .with_id_generator(trace::Ids::default())
             .with_resource(
                 opentelemetry_sdk::Resource::builder()
                     .with_service_name("causal-commit")
@@ -74,6 +77,7 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
             )
             .build();
         let tracer = provider.tracer("causal-commit");
+        trace::install(tracer.clone());
         tracer_provider = Some(provider);
         Some(
             tracing_opentelemetry::layer()
