@@ -13,4 +13,5 @@ mod passthrough;
 mod seed;
 mod sequencer_model;
 mod skeleton;
+mod telemetry;
 mod verify;
