@@ -35,8 +35,9 @@ use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer};
 
 static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
-/// Makes `tracer` the one the pipeline's spans go to (once per process).
-pub(super) fn install(tracer: SdkTracer) {
+/// Makes `tracer` the one the pipeline's spans go to (once per process; `init` does it, the
+/// trace benchmark too). Its provider must use [`Ids`].
+pub fn install(tracer: SdkTracer) {
     let _ = TRACER.set(tracer);
 }
 
@@ -53,7 +54,7 @@ thread_local! {
 /// The SDK's id generator, except that a span built right after [`with_span_id`] takes the id
 /// given there: the SDK has no other way to build a span whose id was chosen beforehand.
 #[derive(Debug, Default)]
-pub(super) struct Ids(RandomIdGenerator);
+pub struct Ids(RandomIdGenerator);
 
 impl IdGenerator for Ids {
     fn new_trace_id(&self) -> TraceId {
@@ -140,15 +141,15 @@ impl TraceParent {
     /// A child context in the same trace, with the same flags, whose span id is derived from
     /// this context and `salt` (what makes the child unique: the output record's identity).
     pub fn child(&self, salt: &[&[u8]]) -> TraceParent {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(&self.trace_id);
-        h.update(&self.span_id);
+        use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+        // Chained one-shot hashes (each part seeds the next): a few ns per part, where a
+        // streaming hasher's set-up alone costs more.
+        let mut h = xxh3_64(&self.trace_id) ^ u64::from_le_bytes(self.span_id);
         for part in salt {
-            h.update(&(part.len() as u64).to_le_bytes());
-            h.update(part);
+            h = xxh3_64_with_seed(part, h);
         }
         // Never the invalid all-zero id.
-        let id = h.digest().max(1);
+        let id = h.max(1);
         TraceParent {
             span_id: id.to_be_bytes(),
             ..*self
@@ -395,7 +396,7 @@ mod tests {
             tp.child(&[b"intent-1", &7u64.to_le_bytes()]),
             "deterministic"
         );
-        // Salt parts are length-prefixed: ("ab","c") and ("a","bc") differ.
+        // Parts are hashed one after the other: ("ab","c") and ("a","bc") differ.
         assert_ne!(tp.child(&[b"ab", b"c"]), tp.child(&[b"a", b"bc"]));
     }
 
