@@ -48,6 +48,7 @@ use crate::store::postgres::{self as pg, AppliedCommand, BatchWrite, PartitionWr
 use crate::store::recovery::RecoveryPoint;
 use crate::store::snapshot::Held;
 use crate::telemetry::metrics as m;
+use crate::telemetry::trace::{BatchTrace, Step};
 
 /// Engine failures that stop the process (everything else is retried in place).
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +102,8 @@ pub struct Engine {
     health: Arc<Health>,
     /// Partitions that had records in the batch in hand.
     read: BTreeSet<i32>,
+    /// The current batch's step timestamps, made into spans when it ends.
+    batch_trace: BatchTrace,
 }
 
 /// The records of one batch, decoded, per partition, in offset order.
@@ -218,6 +221,7 @@ impl Engine {
             next_gauges_at: now,
             health,
             read: BTreeSet::new(),
+            batch_trace: BatchTrace::default(),
         })
     }
 
@@ -241,6 +245,7 @@ impl Engine {
             }
             self.sync_assignment();
             self.restore_pending();
+            self.batch_trace.start();
             if let Some(records) = self.gather() {
                 self.process(records);
             }
@@ -569,6 +574,7 @@ impl Engine {
 
     /// Decides, writes, commits and reports one batch (see the module documentation).
     fn process(&mut self, records: Vec<InRecord>) {
+        self.batch_trace.polled(records.len());
         self.sync_assignment();
         let now_ms = output::now_ms();
         self.tick_clocks(now_ms);
@@ -584,6 +590,7 @@ impl Engine {
             self.apply_backpressure();
             return;
         }
+        self.batch_trace.done(Step::Decide);
         let plan = self.one_writer_per_contact(plan);
         if let Err(e) = self.persist(&plan) {
             if let Some(owned) = e.owned_elsewhere() {
@@ -594,6 +601,7 @@ impl Engine {
             }
             return self.fail(Failure::Persist(e));
         }
+        self.batch_trace.done(Step::DurableWrite);
         self.commit_and_report(plan);
     }
 
@@ -691,6 +699,10 @@ impl Engine {
         if let Err(e) = self.commit(&plan) {
             return self.fail(Failure::Commit(e));
         }
+        self.batch_trace.done(Step::Commit);
+        let outputs = plan.partitions.values().flat_map(|p| &p.plan.outputs);
+        self.batch_trace
+            .committed(outputs.map(|o| o.span.as_deref()));
         self.report(plan);
     }
 
@@ -1129,6 +1141,11 @@ impl Engine {
     /// in-memory state is void and restored from the durable store (which rolls the batch's
     /// rows back) before anything else is decided.
     fn fail(&mut self, failure: Failure) {
+        self.batch_trace.failed(match &failure {
+            Failure::Lookup(_) => "idempotency lookup failed",
+            Failure::Persist(_) => "durable write failed",
+            Failure::Commit(_) => "transaction did not commit",
+        });
         self.health.set_stores_ok(false);
         match failure {
             Failure::Lookup(e) => {
@@ -1180,6 +1197,7 @@ impl Engine {
         }
         self.next_gauges_at = Instant::now() + GAUGE_REFRESH;
         report::gauges(&self.lanes, &self.assignment, output::now_ms());
+        report::positions(&self.ctx.lag, &self.consumer, &self.lanes, &self.assignment);
         let assigned = self.assignment.assigned().len();
         self.health
             .set_partitions(assigned, self.lanes.len().min(assigned));

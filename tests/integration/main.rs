@@ -17,4 +17,5 @@ mod seed;
 mod sequencer_model;
 mod skeleton;
 mod stalls;
+mod telemetry;
 mod verify;
