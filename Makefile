@@ -47,8 +47,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-# Every test against the real services; lint first so warnings fail the run.
-test: up lint
+# Every test against the real services; lint and the offline deploy checks first (promtool
+# test rules, amtool routing, the dashboard's PromQL, manifests; seconds when warm), so a
+# warning or a broken alert fails the run before the long part.
+test: up lint check-deploy
 	$(STACK_ENV); \
 	  $(CARGO) test --all-targets -- --nocapture 2>&1 | tee target/test.log; \
 	  exit "$${PIPESTATUS[0]}"

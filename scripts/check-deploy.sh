@@ -146,7 +146,7 @@ main() {
   check "example Prometheus config (promtool check config)" "$promtool" check config deploy/prometheus/prometheus.yml
   check "Alertmanager config (amtool check-config)" "$amtool" check-config deploy/alertmanager/alertmanager.yml
   check "PromQL checker catches bad expressions (selftest)" "$py" deploy/tools/promql.py selftest --promtool "$promtool"
-  check "dashboard and rule PromQL: parse, metrics, labels" "$py" deploy/tools/promql.py check --promtool "$promtool"
+  check "dashboard and rule PromQL: parse, metrics, labels" "$py" deploy/tools/promql.py check --promtool "$promtool" --strict-source
   check "PrometheusRule is generated from alerts.yml" "$py" deploy/tools/generate-prometheusrule.py --check
   check "Kubernetes schemas (kubernetes-validate ${KUBERNETES_VERSIONS[*]})" kubernetes_schemas
   check "manifests and compose fit together, CRD schemas" "$py" deploy/tools/check_manifests.py

@@ -227,14 +227,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run => {
             let _telemetry = telemetry::init(&config.telemetry)?;
-            let listen = (!config.telemetry.metrics_listen.is_empty())
-                .then(|| config.telemetry.metrics_listen.parse())
-                .transpose()
-                .context("telemetry.metrics_listen")?;
-            telemetry::metrics::install_exporter(listen).context("starting /metrics")?;
+            let health = Arc::new(pipeline::health::Health::default());
+            // The probes outlive the engine's drain: /livez answers and /readyz says 503 while
+            // the batch in hand commits.
+            let probes_stop = CancellationToken::new();
+            let probes =
+                telemetry::start_server(&config.telemetry, health.clone(), probes_stop.clone())
+                    .await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(signal_shutdown(shutdown.clone()));
-            pipeline::run(Arc::new(config), shutdown).await
+            let result = pipeline::run_with(Arc::new(config), shutdown, health).await;
+            probes_stop.cancel();
+            if let Some(probes) = probes {
+                if let Ok(Err(e)) = probes.await {
+                    tracing::warn!(error = %e, "the metrics and probes listener failed");
+                }
+            }
+            result
         }
         Command::Produce(opts) => {
             let report = demo::produce(&config, &opts).await?;

@@ -49,6 +49,7 @@ use crate::store::postgres::{self as pg, AppliedCommand, BatchWrite, PartitionWr
 use crate::store::recovery::RecoveryPoint;
 use crate::store::snapshot::Held;
 use crate::telemetry::metrics as m;
+use crate::telemetry::trace::{BatchTrace, Step};
 
 /// Engine failures that stop the process (everything else is retried in place).
 #[derive(Debug, thiserror::Error)]
@@ -93,12 +94,17 @@ pub struct Engine {
     pub(super) assignment: Assignment,
     /// Partitions replayed one record per batch to find a record the stores refuse.
     isolation: Isolation,
+    /// Per partition, contacts another partition owns (learnt from refused writes), with the
+    /// owner: their records are forwarded there.
+    owners: HashMap<i32, HashMap<String, i32>>,
     pub(super) next_restore_at: Instant,
     next_commands_at: Instant,
     next_gauges_at: Instant,
     health: Arc<Health>,
     /// Partitions that had records in the batch in hand.
     read: BTreeSet<i32>,
+    /// The current batch's step timestamps, made into spans when it ends.
+    batch_trace: BatchTrace,
 }
 
 /// The records of one batch, decoded, per partition, in offset order.
@@ -113,6 +119,8 @@ struct PartitionInput {
     invalid: Vec<(InRecord, InvalidIntent)>,
     /// Records quarantined by [`Isolation`], with the store's error.
     unprocessable: Vec<(InRecord, String)>,
+    /// Valid records whose contact another partition owns, with the owner.
+    forwards: Vec<(InRecord, Arc<ValidIntent>, i32)>,
     /// The offsets of the batch's records, in order.
     offsets: Vec<i64>,
     /// One past the last record of the batch.
@@ -215,11 +223,13 @@ impl Engine {
             lanes: BTreeMap::new(),
             assignment: Assignment::default(),
             isolation: Isolation::default(),
+            owners: HashMap::new(),
             next_restore_at: now,
             next_commands_at: now,
             next_gauges_at: now,
             health,
             read: BTreeSet::new(),
+            batch_trace: BatchTrace::default(),
         })
     }
 
@@ -243,6 +253,7 @@ impl Engine {
             }
             self.sync_assignment();
             self.restore_pending();
+            self.batch_trace.start();
             if let Some(records) = self.gather() {
                 self.process(records);
             }
@@ -497,6 +508,7 @@ impl Engine {
     fn gather(&mut self) -> Option<Vec<InRecord>> {
         self.read.clear();
         let mut records = Vec::new();
+        let mut ends = BTreeSet::new();
         let linger = self.config.batch.max_linger;
         let max = self.config.batch.max_records;
         let mut started: Option<Instant> = None;
@@ -531,6 +543,7 @@ impl Engine {
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
                     if let Some(lane) = self.lanes.get_mut(&p) {
                         lane.at_end = true;
+                        ends.insert(p);
                     }
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
@@ -542,13 +555,34 @@ impl Engine {
                 None => Instant::now() >= tick_deadline,
             };
             if full || old || changed || self.shutdown.is_cancelled() {
+                self.note_end_offsets(&ends);
                 return Some(records);
+            }
+        }
+    }
+
+    /// Where the consumer stands in the partitions whose end it reached: past their last
+    /// record and the transaction markers after it.
+    fn note_end_offsets(&mut self, ends: &BTreeSet<i32>) {
+        if ends.is_empty() {
+            return;
+        }
+        let Ok(positions) = self.consumer.position() else {
+            return;
+        };
+        for e in positions.elements() {
+            if let (true, rdkafka::Offset::Offset(o)) = (ends.contains(&e.partition()), e.offset())
+            {
+                if let Some(lane) = self.lanes.get_mut(&e.partition()) {
+                    lane.end_offset = o;
+                }
             }
         }
     }
 
     /// Decides, writes, commits and reports one batch (see the module documentation).
     fn process(&mut self, records: Vec<InRecord>) {
+        self.batch_trace.polled(records.len());
         self.sync_assignment();
         let now_ms = output::now_ms();
         self.tick_clocks(now_ms);
@@ -564,13 +598,108 @@ impl Engine {
             self.apply_backpressure();
             return;
         }
+        self.batch_trace.done(Step::Decide);
+        let plan = self.one_writer_per_contact(plan);
         if let Err(e) = self.persist(&plan) {
+            if let Some(owned) = e.owned_elsewhere() {
+                return self.forward_from_now_on(plan, owned);
+            }
             if e.is_data_error() {
                 return self.isolate(plan, &e);
             }
             return self.fail(Failure::Persist(e));
         }
+        self.batch_trace.done(Step::DurableWrite);
         self.commit_and_report(plan);
+    }
+
+    /// Two partitions of one batch wrote the same contact (its records arrive on both: the
+    /// topic grew, or a producer's partitioner changed): the lowest partition keeps it, the
+    /// others forward its records from now on.
+    fn one_writer_per_contact(&mut self, plan: BatchPlan) -> BatchPlan {
+        let mut writer: HashMap<&str, i32> = HashMap::new();
+        let mut owned = Vec::new();
+        for (p, part) in &plan.partitions {
+            for c in &part.plan.contacts {
+                match writer.get(c.contact_id.as_str()) {
+                    Some(owner) => owned.push(pg::OwnedElsewhere {
+                        partition: *p,
+                        contact: c.contact_id.clone(),
+                        owner: *owner,
+                    }),
+                    None => {
+                        writer.insert(&c.contact_id, *p);
+                    }
+                }
+            }
+        }
+        if owned.is_empty() {
+            return plan;
+        }
+        let refused: BTreeSet<i32> = owned.iter().map(|o| o.partition).collect();
+        self.learn_owners(owned);
+        let BatchPlan {
+            mut partitions,
+            commands,
+        } = plan;
+        partitions.retain(|p, _| !refused.contains(p));
+        BatchPlan {
+            commands: commands
+                .into_iter()
+                .filter(|c| !refused.contains(&c.partition))
+                .collect(),
+            partitions,
+        }
+    }
+
+    /// The durable write refused contacts other partitions own: their records are forwarded
+    /// to the owners from now on. The partitions that wrote them are replayed (their lanes
+    /// decided those records as if they owned the contacts); the rest of the batch commits.
+    fn forward_from_now_on(&mut self, plan: BatchPlan, owned: Vec<pg::OwnedElsewhere>) {
+        let refused: BTreeSet<i32> = owned.iter().map(|o| o.partition).collect();
+        self.learn_owners(owned);
+        let BatchPlan {
+            mut partitions,
+            commands,
+        } = plan;
+        partitions.retain(|p, _| !refused.contains(p));
+        let rest = BatchPlan {
+            commands: commands
+                .into_iter()
+                .filter(|c| !refused.contains(&c.partition))
+                .collect(),
+            partitions,
+        };
+        if rest.is_empty() {
+            return;
+        }
+        if let Err(e) = self.persist(&rest) {
+            return self.fail(Failure::Persist(e));
+        }
+        self.commit_and_report(rest);
+    }
+
+    /// Records who owns which contact, and voids the lanes that decided them wrongly (they
+    /// are restored and replay their records, now forwarding those contacts').
+    fn learn_owners(&mut self, owned: Vec<pg::OwnedElsewhere>) {
+        let mut refused = BTreeSet::new();
+        for o in owned {
+            tracing::info!(
+                partition = o.partition,
+                contact_id = %o.contact,
+                owner = o.owner,
+                "contact owned by another partition: its records are forwarded there"
+            );
+            refused.insert(o.partition);
+            self.owners
+                .entry(o.partition)
+                .or_default()
+                .insert(o.contact, o.owner);
+        }
+        for p in refused {
+            self.void_lane(p, PauseCause::Restoring);
+        }
+        self.next_restore_at = Instant::now();
     }
 
     /// Steps 6 and 7.
@@ -578,6 +707,10 @@ impl Engine {
         if let Err(e) = self.commit(&plan) {
             return self.fail(Failure::Commit(e));
         }
+        self.batch_trace.done(Step::Commit);
+        let outputs = plan.partitions.values().flat_map(|p| &p.plan.outputs);
+        self.batch_trace
+            .committed(outputs.map(|o| o.span.as_deref()));
         self.report(plan);
     }
 
@@ -679,7 +812,17 @@ impl Engine {
                 record.value.as_deref(),
                 &self.config.limits,
             ) {
-                Ok(v) => input.valid.push((record, Arc::new(v))),
+                Ok(v) => {
+                    let owner = self
+                        .owners
+                        .get(&p)
+                        .and_then(|o| o.get(&v.intent.contact_id))
+                        .copied();
+                    match owner {
+                        Some(owner) => input.forwards.push((record, Arc::new(v), owner)),
+                        None => input.valid.push((record, Arc::new(v))),
+                    }
+                }
                 Err(e) => input.invalid.push((record, e)),
             }
         }
@@ -854,6 +997,9 @@ impl Engine {
             for (record, error) in part_input.iter().flat_map(|i| &i.unprocessable) {
                 translate::unprocessable(&ctx, record, error, &mut part);
             }
+            for (record, v, owner) in part_input.iter().flat_map(|i| &i.forwards) {
+                translate::forwarded(&ctx, record, v, *owner, &mut part);
+            }
             let mut decisions = Vec::new();
             lane.seq.drain_decisions(&mut decisions);
             translate::decisions(&ctx, fresh.get(p).unwrap_or(&empty), decisions, &mut part);
@@ -862,11 +1008,19 @@ impl Engine {
                 // durable state.
                 tracing::error!(partition = p, error = %e, "contact state not serializable");
             }
-            if part.is_empty() && part_input.is_none() && !commanded.contains(p) {
+            // A partition at its end whose position passed its committed offset (transaction
+            // markers after its last record: records forwarded to it are transactional)
+            // commits that position, so its lag reads 0.
+            let past_markers =
+                lane.at_end && lane.next_offset >= 0 && lane.end_offset > lane.next_offset;
+            if part.is_empty() && part_input.is_none() && !commanded.contains(p) && !past_markers {
                 continue;
             }
-            let next_offset =
+            let mut next_offset =
                 part_input.map_or(lane.next_offset, |i| i.next_offset.max(lane.next_offset));
+            if lane.at_end {
+                next_offset = next_offset.max(lane.end_offset);
+            }
             plan.partitions.insert(
                 *p,
                 PartitionPart {
@@ -1024,6 +1178,11 @@ impl Engine {
     /// in-memory state is void and restored from the durable store (which rolls the batch's
     /// rows back) before anything else is decided.
     fn fail(&mut self, failure: Failure) {
+        self.batch_trace.failed(match &failure {
+            Failure::Lookup(_) => "idempotency lookup failed",
+            Failure::Persist(_) => "durable write failed",
+            Failure::Commit(_) => "transaction did not commit",
+        });
         self.health.set_stores_ok(false);
         match failure {
             Failure::Lookup(e) => {
@@ -1075,6 +1234,7 @@ impl Engine {
         }
         self.next_gauges_at = Instant::now() + GAUGE_REFRESH;
         report::gauges(&self.lanes, &self.assignment, output::now_ms());
+        report::positions(&self.ctx.lag, &self.consumer, &self.lanes, &self.assignment);
         let assigned = self.assignment.assigned().len();
         self.health
             .set_partitions(assigned, self.lanes.len().min(assigned));

@@ -11,7 +11,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 
 use crate::config::Config;
@@ -57,6 +56,8 @@ pub struct RebalanceEvents {
 pub struct EngineContext {
     pub events: Arc<Mutex<RebalanceEvents>>,
     pub topic: Arc<str>,
+    /// The consumer's positions, for the lag monitor (cleared here on revocation).
+    pub lag: Arc<super::lag::Positions>,
 }
 
 impl EngineContext {
@@ -76,20 +77,14 @@ impl EngineContext {
     }
 }
 
+// No statistics callback: librdkafka's consumer lag is measured from a committed offset this
+// consumer never moves; `super::lag` measures it from the consumer's position instead.
 impl ClientContext for EngineContext {
-    fn stats(&self, stats: Statistics) {
-        if let Some(topic) = stats.topics.get(&*self.topic) {
-            for (partition, p) in &topic.partitions {
-                // librdkafka reports -1 for partitions it does not consume.
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    metrics::gauge!(m::CONSUMER_LAG, "partition" => partition.to_string())
-                        .set(p.consumer_lag as f64);
-                }
-            }
-        }
-    }
-
     fn error(&self, error: KafkaError, reason: &str) {
+        // Reaching a partition's end is how the engine learns it is caught up, not an error.
+        if matches!(error, KafkaError::PartitionEOF(_)) {
+            return;
+        }
         tracing::warn!(error = %error, reason, "kafka client error");
     }
 }
@@ -103,6 +98,7 @@ impl ConsumerContext for EngineContext {
                 tracing::info!(partitions = ?revoked, "partitions revoked");
                 ev.revoked = true;
                 ev.changed = true;
+                self.lag.revoke(&revoked);
                 for p in revoked {
                     ev.assigned.remove(&p);
                 }
@@ -139,7 +135,8 @@ pub fn consumer(config: &Config, ctx: EngineContext) -> Result<EngineConsumer> {
     // Defaults the user may tune through `kafka.client`.
     c.set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("statistics.interval.ms", "5000")
+        // Partitions added to the topic are noticed (and assigned) within seconds.
+        .set("topic.metadata.refresh.interval.ms", "10000")
         .set("auto.offset.reset", "earliest")
         .set("group.instance.id", config.instance_id())
         .set(
@@ -228,6 +225,9 @@ impl TxnProducer {
             .key(&record.key)
             .payload(&record.value)
             .headers(headers);
+        if let Some(p) = record.partition {
+            rec = rec.partition(p);
+        }
         loop {
             match self.producer.send(rec) {
                 Ok(()) => return Ok(()),
@@ -309,9 +309,14 @@ impl TxnProducer {
 #[derive(Debug, Clone)]
 pub struct OutRecord {
     pub topic: Arc<str>,
+    /// An explicit partition (a record forwarded to its contact's owner); `None`: by key.
+    pub partition: Option<i32>,
     pub key: Vec<u8>,
     pub value: Vec<u8>,
     pub headers: Vec<(&'static str, Vec<u8>)>,
+    /// The processor's span for this record (its context is the `traceparent` header),
+    /// emitted once the transaction has committed. Only for sampled traces.
+    pub span: Option<Box<crate::telemetry::trace::IntentSpan>>,
 }
 
 /// Maps librdkafka's transactional error flags onto our classes. A timeout is an unknown

@@ -26,6 +26,9 @@ pub struct Lane {
     pub probing_until: Option<Instant>,
     /// The consumer reached the partition's end and has read nothing since: caught up.
     pub at_end: bool,
+    /// The consumer's position when it last reached the end: past the last record and any
+    /// transaction markers after it (records forwarded to this partition are transactional).
+    pub end_offset: i64,
     /// The time the sequencer sees.
     pub clock: LaneClock,
 }

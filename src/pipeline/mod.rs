@@ -6,6 +6,7 @@ pub mod engine;
 pub mod health;
 pub mod isolation;
 pub mod kafka;
+pub mod lag;
 pub mod lane;
 pub mod operator;
 pub mod output;
@@ -71,12 +72,18 @@ pub async fn run_with(
     });
     let (tx, rx) = tokio::sync::oneshot::channel();
     let engine_shutdown = shutdown.clone();
+    let lag_shutdown = shutdown.clone();
     let rt = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("causal-commit-engine".into())
         .spawn(move || {
+            let lag_config = config.clone();
             let result = engine::Engine::new(config, pool, locks, rt, engine_shutdown, health)
-                .and_then(|e| e.run());
+                .and_then(|e| {
+                    // The consumer lag, from the positions the engine hands over (see `lag`).
+                    let _lag = lag::Monitor::spawn(&lag_config, e.ctx.lag.clone(), &lag_shutdown);
+                    e.run()
+                });
             let _ = tx.send(result);
         })?;
     let result = rx.await;

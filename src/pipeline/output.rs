@@ -4,12 +4,18 @@ use std::sync::Arc;
 
 use prost::Message as _;
 
+use opentelemetry::KeyValue;
+
 use super::kafka::OutRecord;
 use crate::intent::InRecord;
 use crate::proto::{Intent, ManualReview, ReviewReason, SideEffect};
+use crate::telemetry::trace;
 
 pub const CORRELATION_HEADER: &str = "correlation_id";
 pub const TRACEPARENT_HEADER: &str = "traceparent";
+/// On a record forwarded to its contact's owner partition: where it was first consumed
+/// (`<topic>/<partition>/<offset>`), for the audit only.
+pub const FORWARDED_FROM_HEADER: &str = "cc-forwarded-from";
 
 /// Where an output record came from.
 #[derive(Debug, Clone)]
@@ -18,13 +24,15 @@ pub struct Source<'a> {
     pub record: &'a InRecord,
 }
 
-fn headers(correlation_id: &str, traceparent: Option<&Vec<u8>>) -> Vec<(&'static str, Vec<u8>)> {
+/// The output's headers: the correlation id, and the trace context — the processor's span for
+/// this record when traces are on (see `telemetry::trace`), the producer's as it came otherwise.
+fn headers(correlation_id: &str, traceparent: Option<Vec<u8>>) -> Vec<(&'static str, Vec<u8>)> {
     let mut h = Vec::with_capacity(2);
     if !correlation_id.is_empty() {
         h.push((CORRELATION_HEADER, correlation_id.as_bytes().to_vec()));
     }
     if let Some(tp) = traceparent {
-        h.push((TRACEPARENT_HEADER, tp.clone()));
+        h.push((TRACEPARENT_HEADER, tp));
     }
     h
 }
@@ -60,11 +68,26 @@ pub fn side_effect(
         fencing_token: f.fencing_token,
         sequence_from_producer: f.sequence_from_producer,
     };
+    let seq = f.commit_sequence.to_le_bytes();
+    let (traceparent, span) = trace::child_of(
+        traceparent,
+        &[b"effect", intent.intent_id.as_bytes(), &seq],
+        || {
+            vec![
+                KeyValue::new("outcome", "committed_causal"),
+                KeyValue::new("intent_id", intent.intent_id.clone()),
+                KeyValue::new("correlation_id", intent.correlation_id.clone()),
+                KeyValue::new("commit_sequence", f.commit_sequence as i64),
+            ]
+        },
+    );
     OutRecord {
         topic: topic.clone(),
+        partition: None,
         key: intent.contact_id.as_bytes().to_vec(),
         value: effect.encode_to_vec(),
         headers: headers(&intent.correlation_id, traceparent),
+        span,
     }
 }
 
@@ -108,14 +131,56 @@ pub fn manual_review(topic: &Arc<str>, source: &Source<'_>, f: ReviewFields<'_>)
         Some(k) if !k.is_empty() => k.clone(),
         _ => format!("{}-{}", rec.partition, rec.offset).into_bytes(),
     };
+    let reason = f.reason.as_str_name();
+    let (traceparent, span) = trace::child_of(
+        rec.traceparent.as_ref(),
+        &[
+            b"review",
+            &rec.partition.to_le_bytes(),
+            &rec.offset.to_le_bytes(),
+            reason.as_bytes(),
+        ],
+        || {
+            vec![
+                KeyValue::new("outcome", "manual_review_record"),
+                KeyValue::new("reason", reason),
+                KeyValue::new("intent_id", intent.intent_id.clone()),
+                KeyValue::new("correlation_id", intent.correlation_id.clone()),
+                KeyValue::new("source_partition", i64::from(rec.partition)),
+                KeyValue::new("source_offset", rec.offset),
+            ]
+        },
+    );
     OutRecord {
         topic: topic.clone(),
+        partition: None,
         key,
         value: review.encode_to_vec(),
-        headers: headers(&intent.correlation_id, rec.traceparent.as_ref()),
+        headers: headers(&intent.correlation_id, traceparent),
+        span,
     }
 }
 
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// A record forwarded, byte for byte, to the partition that owns its contact, inside the same
+/// transaction as the consumed offsets (so exactly once).
+pub fn forwarded(source: &Source<'_>, owner: i32, correlation_id: &str) -> OutRecord {
+    let rec = source.record;
+    // The producer's trace context travels on unchanged: the owner's spans join its trace.
+    let mut h = headers(correlation_id, rec.traceparent.clone());
+    h.push((
+        FORWARDED_FROM_HEADER,
+        format!("{}/{}/{}", source.topic, rec.partition, rec.offset).into_bytes(),
+    ));
+    OutRecord {
+        topic: source.topic.into(),
+        partition: Some(owner),
+        key: rec.key.clone().unwrap_or_default(),
+        value: rec.value.clone().unwrap_or_default(),
+        headers: h,
+        span: None,
+    }
 }

@@ -2,9 +2,14 @@
 //! metrics (emitted together, from its audit row), the outcomes for the idempotency cache,
 //! and the backlog gauges.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+use rdkafka::consumer::Consumer as _;
+use rdkafka::Offset;
 
 use super::assignment::{Assignment, PauseCause};
+use super::kafka::EngineConsumer;
+use super::lag::Positions;
 use super::lane::Lane;
 use super::translate::Note;
 use crate::sequencer::{Outcome, PriorOutcome, State};
@@ -32,10 +37,13 @@ pub fn transition(row: &TransitionRow, note: &Note) {
         Transition::Record { to, .. } => {
             metrics::counter!(m::OUTCOMES, "state" => to.as_str(), "reason" => reason).increment(1);
         }
-        Transition::Skipped { .. }
-        | Transition::Held { .. }
-        | Transition::Released
-        | Transition::Resubmitted => {
+        Transition::Forwarded => {
+            metrics::counter!(m::FORWARDED).increment(1);
+        }
+        Transition::Held { .. } => {
+            metrics::counter!(m::CONTACT_HOLDS, "reason" => reason).increment(1);
+        }
+        Transition::Skipped { .. } | Transition::Released | Transition::Resubmitted => {
             metrics::counter!(m::CONTACT_EVENTS, "event" => state, "reason" => reason).increment(1);
         }
     }
@@ -123,4 +131,39 @@ pub fn gauges(lanes: &BTreeMap<i32, Lane>, assignment: &Assignment, now_ms: i64)
 pub fn clear_partition(p: i32) {
     metrics::gauge!(m::BACKLOG_WAITING, "partition" => p.to_string()).set(0.0);
     metrics::gauge!(m::BACKLOG_OLDEST_AGE, "partition" => p.to_string()).set(0.0);
+}
+
+/// The lag hand-off (see `super::lag`): each assigned partition's next offset to consume.
+/// librdkafka's application position when it has one (it moves past transaction markers,
+/// which a committed offset never does); right after a seek (a restore rewinds) it has none,
+/// and the lane's committed offset is where consumption resumes. A partition without a lane
+/// (restoring) has no position yet.
+pub fn positions(
+    board: &Positions,
+    consumer: &EngineConsumer,
+    lanes: &BTreeMap<i32, Lane>,
+    assignment: &Assignment,
+) {
+    let app: HashMap<i32, i64> = match consumer.position() {
+        Ok(tpl) => tpl
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) if o >= 0 => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "reading the consumer's positions failed");
+            HashMap::new()
+        }
+    };
+    board.publish(assignment.assigned().iter().map(|p| {
+        let position = lanes.get(p).and_then(|lane| {
+            app.get(p)
+                .copied()
+                .or((lane.next_offset >= 0).then_some(lane.next_offset))
+        });
+        (*p, position)
+    }));
 }

@@ -157,6 +157,7 @@ impl Engine {
             probe_at: Instant::now(),
             probing_until: None,
             at_end: false,
+            end_offset: -1,
             clock: LaneClock::starting_at(clock_ms, self.max_credit_ms()),
         })
     }

@@ -401,6 +401,27 @@ fn storable(s: &str) -> String {
     out
 }
 
+/// Translates a valid record whose contact another partition owns: the record goes, byte for
+/// byte, to the owner (which decides it), and this partition's audit row says so.
+pub fn forwarded(
+    ctx: &Context<'_>,
+    record: &InRecord,
+    v: &ValidIntent,
+    owner: i32,
+    plan: &mut PartitionPlan,
+) {
+    let source = Source {
+        topic: &ctx.topics.intents,
+        record,
+    };
+    plan.outputs
+        .push(output::forwarded(&source, owner, &v.intent.correlation_id));
+    let facts = RowFacts::of(&v.intent, record.offset, v.fingerprint);
+    let detail = format!("forwarded to partition {owner}, which owns the contact");
+    let row = row(ctx, &facts, Transition::Forwarded, 0, 0, detail);
+    plan.push(row, Note::default());
+}
+
 /// The contact states the sequencer changed, for one batched upsert.
 pub fn contacts(
     ctx: &Context<'_>,

@@ -1,9 +1,14 @@
 //! Telemetry: JSON logs through `tracing`, Prometheus metrics, optional OTLP traces.
 //!
 //! Every metric the service exports is named in [`metrics`]; the alert rules and the Grafana
-//! dashboard in `deploy/` refer to those names only.
+//! dashboard in `deploy/` refer to those names only. [`server`] serves them with the probes;
+//! [`trace`] makes the batch and intent spans.
 
 pub mod metrics;
+pub mod server;
+pub mod trace;
+
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use opentelemetry::trace::TracerProvider as _;
@@ -64,6 +69,7 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
             .with_context(|| format!("building the OTLP exporter for {}", config.otlp_endpoint))?;
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
+            .with_id_generator(trace::Ids::default())
             .with_resource(
                 opentelemetry_sdk::Resource::builder()
                     .with_service_name("causal-commit")
@@ -71,6 +77,7 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
             )
             .build();
         let tracer = provider.tracer("causal-commit");
+        trace::install(tracer.clone());
         tracer_provider = Some(provider);
         Some(
             tracing_opentelemetry::layer()
@@ -85,4 +92,30 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
         .with(otel_layer)
         .try_init();
     Ok(TelemetryGuard { tracer_provider })
+}
+
+/// Starts the operations listener (`/metrics`, `/livez`, `/readyz`) on `config.metrics_listen`
+/// with a freshly installed Prometheus recorder; it serves until `shutdown` fires. Nothing
+/// when `metrics_listen` is empty (metrics are then recorded nowhere). Call once per process,
+/// before anything records a metric.
+pub async fn start_server(
+    config: &TelemetryConfig,
+    health: Arc<crate::pipeline::health::Health>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
+    if config.metrics_listen.is_empty() {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = config
+        .metrics_listen
+        .parse()
+        .with_context(|| format!("telemetry.metrics_listen {:?}", config.metrics_listen))?;
+    let handle = metrics::install_recorder().context("installing the metrics recorder")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on telemetry.metrics_listen {addr}"))?;
+    tracing::info!(%addr, "serving /metrics, /livez and /readyz");
+    Ok(Some(tokio::spawn(server::serve(
+        listener, handle, health, shutdown,
+    ))))
 }

@@ -8,6 +8,7 @@ mod common;
 
 mod admin;
 mod failures;
+mod growth;
 mod hardening;
 mod lock_store;
 mod offsets;
@@ -18,4 +19,5 @@ mod seed;
 mod sequencer_model;
 mod skeleton;
 mod stalls;
+mod telemetry;
 mod verify;

@@ -17,9 +17,23 @@ async fn a_conflicting_reuse_never_replaces_the_first_outcome_of_an_intent_id() 
     let mut conflicting = original.clone();
     conflicting.payload = b"other content".to_vec().into();
     produce_intents(&cfg, std::slice::from_ref(&original)).await;
-    wait_for(&cfg, &cfg.kafka.side_effects_topic, 1, Duration::from_secs(30)).await;
+    wait_for(
+        &cfg,
+        &cfg.kafka.side_effects_topic,
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
     produce_intents(&cfg, &[conflicting]).await;
-    let rv = reviews(&wait_for(&cfg, &cfg.kafka.manual_review_topic, 1, Duration::from_secs(30)).await);
+    let rv = reviews(
+        &wait_for(
+            &cfg,
+            &cfg.kafka.manual_review_topic,
+            1,
+            Duration::from_secs(30),
+        )
+        .await,
+    );
     assert_eq!(rv[0].reason, ReviewReason::IdempotencyConflict as i32);
     assert!(proc.terminate(Duration::from_secs(30)));
 
@@ -29,13 +43,18 @@ async fn a_conflicting_reuse_never_replaces_the_first_outcome_of_an_intent_id() 
     produce_intents(&cfg, &[original]).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let duplicate = loop {
-        let found = crate::common::process::read_log(&log).into_iter().find(|l| {
-            l["message"] == "transition" && l["intent_id"] == "x" && l["state"] == "duplicate"
-        });
+        let found = crate::common::process::read_log(&log)
+            .into_iter()
+            .find(|l| {
+                l["message"] == "transition" && l["intent_id"] == "x" && l["state"] == "duplicate"
+            });
         if let Some(l) = found {
             break l;
         }
-        assert!(std::time::Instant::now() < deadline, "the redelivery was never decided");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the redelivery was never decided"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(duplicate["detail"], "already committed_causal");

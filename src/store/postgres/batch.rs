@@ -29,6 +29,9 @@ pub enum Transition {
     /// and the original record goes to the sequencer again, reclaiming its slot (R9). The row
     /// names the intent; the intent's new outcome follows in its own row.
     Resubmitted,
+    /// The record's contact is owned by another partition: the record was forwarded to it
+    /// (the partition is in the row's detail), which decides it.
+    Forwarded,
 }
 
 const RECEIVED: &str = "received";
@@ -38,6 +41,7 @@ const HELD: &str = "held";
 const RELEASED: &str = "released";
 const RESUBMITTED: &str = "resubmitted";
 const OPERATOR: &str = "OPERATOR";
+const FORWARDED: &str = "forwarded";
 
 impl Transition {
     /// `(from_state, to_state, reason)`.
@@ -64,6 +68,7 @@ impl Transition {
             Transition::Held { reason } => (CONTACT, HELD, reason.as_str()),
             Transition::Released => (CONTACT, RELEASED, OPERATOR),
             Transition::Resubmitted => (State::ManualReview.as_str(), RESUBMITTED, OPERATOR),
+            Transition::Forwarded => (RECEIVED, FORWARDED, ""),
         }
     }
 
@@ -88,6 +93,7 @@ impl Transition {
             (CONTACT, _) => return Err(unknown()),
             (_, RESUBMITTED) if reason == OPERATOR => Transition::Resubmitted,
             (_, RESUBMITTED) => return Err(unknown()),
+            (RECEIVED, FORWARDED) => Transition::Forwarded,
             (from, to) => {
                 let waited = match from {
                     RECEIVED => false,
@@ -130,6 +136,7 @@ impl Transition {
         }
         all.push(Transition::Released);
         all.push(Transition::Resubmitted);
+        all.push(Transition::Forwarded);
         all
     }
 }
@@ -187,6 +194,16 @@ pub struct PartitionWrite {
 
 /// Why a batch write was refused.
 pub const OUT_OF_SEQUENCE_SQLSTATE: &str = "CC003";
+/// A batch wrote contacts another partition owns (the list is in the error's detail).
+pub const OWNED_ELSEWHERE_SQLSTATE: &str = "CC004";
+
+/// A contact a batch wrote from `partition` that `owner` owns.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct OwnedElsewhere {
+    pub partition: i32,
+    pub contact: String,
+    pub owner: i32,
+}
 
 /// Everything one batch writes, per writer.
 #[derive(Debug, Default)]

@@ -14,8 +14,8 @@ pub mod outcomes;
 pub mod partition;
 
 pub use batch::{
-    apply_batch, try_batch, AppliedCommand, BatchWrite, ContactRow, PartitionWrite, Transition,
-    TransitionRow,
+    apply_batch, try_batch, AppliedCommand, BatchWrite, ContactRow, OwnedElsewhere, PartitionWrite,
+    Transition, TransitionRow,
 };
 pub use commands::{
     audit_admin, cancel_command, command, list_commands, pending_commands, queue_command, Command,
@@ -117,6 +117,25 @@ impl Error {
             } => e.code().map(|c| c.into_owned()),
             _ => None,
         }
+    }
+
+    /// The contacts a batch wrote that other partitions own (SQLSTATE CC004), if that is why
+    /// the write was refused.
+    pub fn owned_elsewhere(&self) -> Option<Vec<batch::OwnedElsewhere>> {
+        let Error::Db {
+            source: sqlx::Error::Database(e),
+            ..
+        } = self
+        else {
+            return None;
+        };
+        if e.code().as_deref() != Some(batch::OWNED_ELSEWHERE_SQLSTATE) {
+            return None;
+        }
+        let detail = e
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .and_then(|pg| pg.detail())?;
+        serde_json::from_str(detail).ok()
     }
 
     /// PostgreSQL refused the data itself, not for an outage: a value it cannot hold (class

@@ -1,0 +1,111 @@
+-- One partition owns a contact (cc_contact.partition): the first whose batch writes it. Another
+-- partition that consumes an intent for that contact forwards the record to the owner (see
+-- docs/exactly-once.md, "When a contact's records arrive on another partition"); it never
+-- sequences it. A batch that would write a contact another partition owns is refused with
+-- SQLSTATE CC004 and the list of such contacts in the error's detail (JSON), and nothing is
+-- written: the engine learns the owners and replays the partition.
+
+ALTER TABLE cc_transition DROP CONSTRAINT cc_transition_to_state;
+ALTER TABLE cc_transition ADD CONSTRAINT cc_transition_to_state CHECK (
+    to_state IN ('committed_causal', 'waiting_previous_commit', 'duplicate',
+                 'blocked_conflict', 'manual_review', 'skipped', 'held', 'released',
+                 'resubmitted', 'forwarded'));
+
+DROP FUNCTION cc_apply_batch(text, text, integer, integer[], bigint[], bigint[], bigint[],
+    bigint[], integer[], bigint[], bigint[], text[], text[], text[], text[], text[], text[],
+    text[], bigint[], bigint[], bigint[], text[], bigint[], text[], integer[], bigint[],
+    jsonb[], boolean[], integer[], bigint[], bigint[], text[]);
+
+CREATE FUNCTION cc_apply_batch(
+    p_topic text, p_writer text, p_lease_ms integer,
+    p_parts integer[], p_fences bigint[], p_batches bigint[], p_next_offsets bigint[],
+    p_clocks bigint[],
+    t_part integer[], t_batch bigint[], t_offset bigint[], t_intent text[], t_contact text[],
+    t_clinic text[], t_corr text[], t_from text[], t_to text[], t_reason text[],
+    t_seq bigint[], t_version bigint[], t_fp bigint[], t_detail text[], t_fence bigint[],
+    c_contact text[], c_part integer[], c_batch bigint[], c_state jsonb[], c_hold boolean[],
+    c_waiting integer[],
+    m_id bigint[], m_batch bigint[], m_result text[]
+) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+    bad text;
+BEGIN
+    UPDATE cc_partition p
+       SET committed_batch = p.last_batch,
+           committed_next_offset = p.last_next_offset,
+           committed_clock_ms = p.last_clock_ms,
+           last_batch = x.b,
+           last_next_offset = x.next_offset,
+           last_clock_ms = x.clock,
+           lease_until = now() + make_interval(secs => p_lease_ms / 1000.0),
+           updated_at = now()
+      FROM unnest(p_parts, p_fences, p_batches, p_next_offsets, p_clocks)
+           AS x(part, fence, b, next_offset, clock)
+     WHERE p.topic = p_topic AND p.partition = x.part AND p.fence = x.fence
+       AND p.last_batch = x.b - 1;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n <> coalesce(cardinality(p_parts), 0) THEN
+        SELECT string_agg(x.part::text, ', ') INTO bad
+          FROM unnest(p_parts, p_fences) AS x(part, fence)
+         WHERE NOT EXISTS (SELECT 1 FROM cc_partition p
+                            WHERE p.topic = p_topic AND p.partition = x.part
+                              AND p.fence = x.fence);
+        IF bad IS NOT NULL THEN
+            RAISE EXCEPTION 'fenced: partition(s) % of this batch have a newer owner', bad
+                USING ERRCODE = 'CC001';
+        END IF;
+        RAISE EXCEPTION 'batch out of sequence: a partition of this batch did not last write the batch before it'
+            USING ERRCODE = 'CC003';
+    END IF;
+
+    INSERT INTO cc_transition (topic, partition, batch_no, source_offset, intent_id, contact_id,
+                               clinic_id, correlation_id, from_state, to_state, reason,
+                               commit_sequence, contact_version, fingerprint, detail, writer,
+                               fence)
+    SELECT p_topic, u.part, u.b, u.off, u.intent, u.contact, u.clinic, u.corr, u.f, u.t,
+           u.reason, u.seq, u.version, u.fp, u.detail, p_writer, u.fence
+      FROM unnest(t_part, t_batch, t_offset, t_intent, t_contact, t_clinic, t_corr, t_from,
+                  t_to, t_reason, t_seq, t_version, t_fp, t_detail, t_fence)
+           AS u(part, b, off, intent, contact, clinic, corr, f, t, reason, seq, version, fp,
+                detail, fence);
+
+    -- A contact is written only by the partition that owns it (or creates it). The row lock of
+    -- ON CONFLICT serialises two partitions creating the same contact: the second one sees the
+    -- first one's row and is refused. (The owners are read by a second statement, whose
+    -- snapshot sees a row committed while the first one waited.)
+    WITH written AS (
+        INSERT INTO cc_contact AS c (contact_id, topic, partition, batch_no, state, on_hold,
+                                     waiting, updated_at)
+        SELECT u.contact, p_topic, u.part, u.b, u.state, u.hold, u.waiting, now()
+          FROM unnest(c_contact, c_part, c_batch, c_state, c_hold, c_waiting)
+               AS u(contact, part, b, state, hold, waiting)
+        ON CONFLICT (contact_id) DO UPDATE
+           SET prev_state = c.state,
+               prev_batch_no = c.batch_no,
+               state = EXCLUDED.state,
+               batch_no = EXCLUDED.batch_no,
+               on_hold = EXCLUDED.on_hold,
+               waiting = EXCLUDED.waiting,
+               updated_at = now()
+         WHERE c.topic = EXCLUDED.topic AND c.partition = EXCLUDED.partition
+        RETURNING 1
+    )
+    SELECT count(*) INTO n FROM written;
+    IF n <> coalesce(cardinality(c_contact), 0) THEN
+        SELECT json_agg(json_build_object('partition', u.part, 'contact', u.contact,
+                                          'owner', c.partition))::text
+          INTO bad
+          FROM unnest(c_contact, c_part) AS u(contact, part)
+          JOIN cc_contact c ON c.contact_id = u.contact
+         WHERE c.partition <> u.part OR c.topic <> p_topic;
+        RAISE EXCEPTION 'contacts of this batch are owned by another partition'
+            USING ERRCODE = 'CC004', DETAIL = coalesce(bad, '[]');
+    END IF;
+
+    UPDATE cc_command m
+       SET applied_batch = x.b, result = x.result
+      FROM unnest(m_id, m_batch, m_result) AS x(id, b, result)
+     WHERE m.id = x.id;
+END;
+$$;
