@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -146,6 +146,9 @@ pub struct RedisConfig {
     /// `redis://[user:password@]host:port` or `rediss://` for TLS.
     #[serde(serialize_with = "expose")]
     pub url: SecretString,
+    /// PEM file of the CA(s) that sign the server's TLS certificate (`rediss://` only); empty =
+    /// the Web PKI roots. When set, only these CAs are trusted.
+    pub ca_file: PathBuf,
     /// Prefix of every key, so several deployments (or tests) share one Redis.
     pub key_prefix: String,
     #[serde(with = "humantime_serde")]
@@ -270,6 +273,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            ca_file: PathBuf::new(),
             key_prefix: "cc".into(),
             command_timeout: Duration::from_millis(250),
             idempotency_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -489,6 +493,13 @@ impl Config {
             ));
         }
         let r = &self.redis;
+        if !r.ca_file.as_os_str().is_empty() && !redis.starts_with("rediss://") {
+            return Err(invalid(
+                "redis.ca_file",
+                r.ca_file.display(),
+                "is for TLS: redis.url must start with rediss://",
+            ));
+        }
         if r.key_prefix.is_empty() || r.key_prefix.chars().any(|c| c.is_whitespace()) {
             return Err(invalid(
                 "redis.key_prefix",
@@ -655,5 +666,12 @@ mod tests {
             !debug.contains("hunter2") && !debug.contains("s3cret"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn a_redis_ca_file_needs_a_tls_url() {
+        let err = Config::from_toml("[redis]\nca_file = \"/ca.crt\"\n").unwrap_err();
+        assert!(err.to_string().contains("redis.ca_file"), "{err}");
+        Config::from_toml("[redis]\nurl = \"rediss://h:6380\"\nca_file = \"/ca.crt\"\n").unwrap();
     }
 }
