@@ -52,7 +52,7 @@ enum Command {
         #[arg(long)]
         allow_waiting: bool,
     },
-    /// Print the effective configuration (secrets included: keep it off shared terminals).
+    /// Print the effective configuration as JSON, secrets redacted.
     ShowConfig,
     /// Release a held contact: resume it, or skip its missing sequences up to --skip-to.
     /// The instance that owns the contact applies it in its next batch; audited.

@@ -5,9 +5,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use causal_commit::config::Config;
+use secrecy::ExposeSecret;
 
 /// Writes `config` as a TOML file the binary reads with `--config` (every key travels, so a
-/// new configuration key reaches child processes without anything to update here).
+/// new configuration key reaches child processes without anything to update here). Secrets
+/// are redacted in it, as in any serialized configuration: [`command`] passes them as files.
 pub fn config_file(config: &Config) -> PathBuf {
     let path = std::env::temp_dir().join(format!("cc-test-{}.toml", uuid::Uuid::new_v4().simple()));
     let toml = toml::to_string(config).expect("the config serializes to TOML");
@@ -15,8 +17,38 @@ pub fn config_file(config: &Config) -> PathBuf {
     path
 }
 
-/// A command running the binary on `config`'s world: `--config FILE`, JSON logs, and none of
-/// this process's own `CAUSAL_COMMIT__*` overrides.
+/// Every secret of `config`, as the `..._FILE` variable and the value the file must hold (the
+/// way deployments pass them).
+pub fn secret_variables(config: &Config) -> Vec<(String, String)> {
+    let prefix = causal_commit::config::ENV_PREFIX;
+    let mut out = vec![
+        (
+            format!("{prefix}POSTGRES__URL_FILE"),
+            config.postgres.url.expose_secret().to_string(),
+        ),
+        (
+            format!("{prefix}REDIS__URL_FILE"),
+            config.redis.url.expose_secret().to_string(),
+        ),
+    ];
+    if !config.admin.token.expose_secret().is_empty() {
+        out.push((
+            format!("{prefix}ADMIN__TOKEN_FILE"),
+            config.admin.token.expose_secret().to_string(),
+        ));
+    }
+    for (key, value) in &config.kafka.client {
+        if causal_commit::config::is_secret_client_key(key) {
+            let name = key.replace('.', "_").to_ascii_uppercase();
+            out.push((format!("{prefix}KAFKA__CLIENT__{name}_FILE"), value.clone()));
+        }
+    }
+    out
+}
+
+/// A command running the binary on `config`'s world: `--config FILE`, each secret in a file of
+/// its own named by a `..._FILE` variable, and none of this process's own `CAUSAL_COMMIT__*`
+/// overrides.
 pub fn command(config: &Config) -> Command {
     let mut c = Command::new(binary());
     c.arg("--config").arg(config_file(config));
@@ -24,6 +56,12 @@ pub fn command(config: &Config) -> Command {
         if k.starts_with(causal_commit::config::ENV_PREFIX) || k == "CAUSAL_COMMIT_CONFIG" {
             c.env_remove(k);
         }
+    }
+    for (var, value) in secret_variables(config) {
+        let path =
+            std::env::temp_dir().join(format!("cc-test-secret-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, format!("{value}\n")).expect("write a secret file");
+        c.env(var, path);
     }
     c
 }
