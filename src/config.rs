@@ -124,6 +124,9 @@ pub struct PostgresConfig {
     pub url: SecretString,
     /// Every table lives in this schema (tests use one schema each).
     pub schema: String,
+    /// The role `run` connects as: `migrate` grants it USAGE on the schema and reads and writes
+    /// on its tables, sequences and functions. Empty = no grants.
+    pub runtime_role: String,
     pub max_connections: u32,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -267,6 +270,7 @@ impl Default for PostgresConfig {
         Self {
             url: "postgres://causal_commit:causal_commit@127.0.0.1:5432/causal_commit".into(),
             schema: "causal_commit".into(),
+            runtime_role: String::new(),
             max_connections: 8,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(10),
@@ -475,6 +479,14 @@ impl Config {
                 "postgres.schema",
                 &self.postgres.schema,
                 "must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)",
+            ));
+        }
+        let role = &self.postgres.runtime_role;
+        if !role.is_empty() && !is_identifier(role) {
+            return Err(invalid(
+                "postgres.runtime_role",
+                role,
+                "must be empty or a lower-case SQL identifier ([a-z_][a-z0-9_]*)",
             ));
         }
         if self.postgres.max_connections < 2 {
@@ -777,5 +789,13 @@ token = "admin-token-7"
         let err = Config::from_toml("[redis]\nca_file = \"/ca.crt\"\n").unwrap_err();
         assert!(err.to_string().contains("redis.ca_file"), "{err}");
         Config::from_toml("[redis]\nurl = \"rediss://h:6380\"\nca_file = \"/ca.crt\"\n").unwrap();
+    }
+
+    #[test]
+    fn the_runtime_role_is_a_plain_identifier() {
+        let err = Config::from_toml("[postgres]\nruntime_role = \"App-Role\"\n").unwrap_err();
+        assert!(err.to_string().contains("postgres.runtime_role"), "{err}");
+        let c = Config::from_toml("[postgres]\nruntime_role = \"cc_app\"\n").unwrap();
+        assert_eq!(c.postgres.runtime_role, "cc_app");
     }
 }

@@ -29,6 +29,11 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
 }
 
 /// [`run`], reporting to `health` (what the probes and the admin API read).
+///
+/// Before the engine starts: the PostgreSQL schema must have every migration of this build
+/// applied (`causal-commit migrate`, with the owner role: `run` never changes the schema, so it
+/// can connect with a role that only reads and writes rows); otherwise `run` ends with an
+/// error naming the missing migration and the command to run.
 pub async fn run_with(
     config: Arc<Config>,
     shutdown: CancellationToken,
@@ -39,7 +44,7 @@ pub async fn run_with(
         return passthrough::run(config, shutdown).await;
     }
     let pool = crate::store::postgres::pool(&config.postgres)?;
-    crate::store::postgres::migrate(&pool, &config.postgres.schema).await?;
+    crate::store::postgres::check_schema(&pool, &config.postgres.schema).await?;
     let locks = Arc::new(LockStore::new(&config, pool.clone())?);
     // Probes a tripped breaker and re-synchronises Redis even when no batch arrives.
     let checks = tokio::spawn({
