@@ -10,6 +10,7 @@ mod failures;
 mod hardening;
 mod lock_store;
 mod passthrough;
+mod secure;
 mod seed;
 mod sequencer_model;
 mod skeleton;
