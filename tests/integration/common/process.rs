@@ -1,5 +1,7 @@
 //! The processor as a child process (what crash tests kill), configured for a test's world.
 
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -60,7 +62,14 @@ pub fn command(config: &Config) -> Command {
     for (var, value) in secret_variables(config) {
         let path =
             std::env::temp_dir().join(format!("cc-test-secret-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::write(&path, format!("{value}\n")).expect("write a secret file");
+        // Readable by this user only, as a mounted secret would be.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("create a secret file");
+        writeln!(file, "{value}").expect("write a secret file");
         c.env(var, path);
     }
     c
