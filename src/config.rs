@@ -2,17 +2,24 @@
 //!
 //! Every key, with its default, is documented in `config/default.toml`. Environment variables
 //! override the file: `CAUSAL_COMMIT__KAFKA__BROKERS=host:9092` sets `kafka.brokers` (sections
-//! separated by a double underscore). Unknown keys are rejected, and a bad value names its key.
+//! separated by a double underscore), and any of them may be read from a file instead
+//! (`CAUSAL_COMMIT__POSTGRES__URL_FILE=/run/secrets/url`, see [`env`]). Unknown keys are
+//! rejected, and a bad value names its key. Secrets are redacted in `Debug` and `Serialize`
+//! (what `show-config` prints), see [`secret`].
 
-use std::collections::BTreeMap;
+mod env;
+pub mod secret;
+
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+
+pub use secret::{is_secret_client_key, ClientProperties, REDACTED};
 
 /// Prefix of the environment overrides.
 pub const ENV_PREFIX: &str = "CAUSAL_COMMIT__";
@@ -65,8 +72,8 @@ pub struct KafkaConfig {
     /// an indefinite outcome and the producer is re-created.
     #[serde(with = "humantime_serde")]
     pub operation_timeout: Duration,
-    /// Passed through to librdkafka for consumer and producer alike (SASL, TLS, tuning).
-    pub client: BTreeMap<String, String>,
+    /// Passed through to librdkafka for every Kafka client (SASL, TLS, tuning).
+    pub client: ClientProperties,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,10 +118,15 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
-    #[serde(serialize_with = "expose")]
+    /// `postgres://user:password@host:port/db`, with `?sslmode=verify-full&sslrootcert=FILE`
+    /// for TLS checked against a CA.
+    #[serde(serialize_with = "secret::serialize_url")]
     pub url: SecretString,
     /// Every table lives in this schema (tests use one schema each).
     pub schema: String,
+    /// The role `run` connects as: `migrate` grants it USAGE on the schema and reads and writes
+    /// on its tables, sequences and functions. Empty = no grants.
+    pub runtime_role: String,
     pub max_connections: u32,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -144,8 +156,11 @@ impl Default for LocksConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port` or `rediss://` for TLS.
-    #[serde(serialize_with = "expose")]
+    #[serde(serialize_with = "secret::serialize_url")]
     pub url: SecretString,
+    /// PEM file of the CA(s) that sign the server's TLS certificate (`rediss://` only); empty =
+    /// the Web PKI roots. When set, only these CAs are trusted.
+    pub ca_file: PathBuf,
     /// Prefix of every key, so several deployments (or tests) share one Redis.
     pub key_prefix: String,
     #[serde(with = "humantime_serde")]
@@ -187,7 +202,7 @@ pub struct AdminConfig {
     /// Where the admin API listens; empty = no admin API.
     pub listen: String,
     /// Bearer token for the admin API; empty = admin API refuses every call.
-    #[serde(serialize_with = "expose")]
+    #[serde(serialize_with = "secret::serialize_secret")]
     pub token: SecretString,
 }
 
@@ -201,10 +216,6 @@ pub struct BenchConfig {
     pub passthrough: bool,
 }
 
-fn expose<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(secret.expose_secret())
-}
-
 impl Default for KafkaConfig {
     fn default() -> Self {
         Self {
@@ -215,7 +226,7 @@ impl Default for KafkaConfig {
             manual_review_topic: "intents.manual-review".into(),
             transaction_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(20),
-            client: BTreeMap::new(),
+            client: ClientProperties::default(),
         }
     }
 }
@@ -259,6 +270,7 @@ impl Default for PostgresConfig {
         Self {
             url: "postgres://causal_commit:causal_commit@127.0.0.1:5432/causal_commit".into(),
             schema: "causal_commit".into(),
+            runtime_role: String::new(),
             max_connections: 8,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(10),
@@ -270,6 +282,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            ca_file: PathBuf::new(),
             key_prefix: "cc".into(),
             command_timeout: Duration::from_millis(250),
             idempotency_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -300,14 +313,16 @@ impl Default for AdminConfig {
 }
 
 impl Config {
-    /// Loads defaults, then `file` (when given), then `CAUSAL_COMMIT__*` environment overrides,
-    /// and validates the result.
+    /// Loads defaults, then `file` (when given), then `CAUSAL_COMMIT__*` environment overrides
+    /// (each of them possibly `..._FILE`, see [`env`]), and validates the result.
     pub fn load(file: Option<&Path>) -> Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        Self::from_figment(figment.merge(Env::prefixed(ENV_PREFIX).split("__")))
+        let defaults =
+            serde_json::to_value(Config::default()).expect("the default configuration serializes");
+        Self::from_figment(figment.merge(env::Environment::from_process(&defaults)))
     }
 
     /// Parses a TOML document over the defaults (no environment), for tests and tools.
@@ -466,6 +481,14 @@ impl Config {
                 "must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)",
             ));
         }
+        let role = &self.postgres.runtime_role;
+        if !role.is_empty() && !is_identifier(role) {
+            return Err(invalid(
+                "postgres.runtime_role",
+                role,
+                "must be empty or a lower-case SQL identifier ([a-z_][a-z0-9_]*)",
+            ));
+        }
         if self.postgres.max_connections < 2 {
             return Err(invalid(
                 "postgres.max_connections",
@@ -489,6 +512,13 @@ impl Config {
             ));
         }
         let r = &self.redis;
+        if !r.ca_file.as_os_str().is_empty() && !redis.starts_with("rediss://") {
+            return Err(invalid(
+                "redis.ca_file",
+                r.ca_file.display(),
+                "is for TLS: redis.url must start with rediss://",
+            ));
+        }
         if r.key_prefix.is_empty() || r.key_prefix.chars().any(|c| c.is_whitespace()) {
             return Err(invalid(
                 "redis.key_prefix",
@@ -644,16 +674,128 @@ mod tests {
         }
     }
 
+    /// Every kind of secret, each with a value found nowhere else.
+    const SECRETS_TOML: &str = r#"
+[kafka.client]
+"sasl.username" = "cc-user"
+"sasl.password" = "kafka-pw-1"
+"ssl.key.password" = "kafka-pw-2"
+"ssl.keystore.password" = "kafka-pw-3"
+"sasl.oauthbearer.client.secret" = "kafka-pw-4"
+[postgres]
+url = "postgres://app:pg-pw-5@db:5432/cc?sslmode=verify-full&sslrootcert=/ca.crt"
+[redis]
+url = "rediss://:redis-pw-6@redis:6380"
+[admin]
+token = "admin-token-7"
+"#;
+
     #[test]
-    fn secrets_never_reach_debug_output() {
+    fn secrets_never_reach_debug_or_serialized_output() {
+        let c = Config::from_toml(SECRETS_TOML).unwrap();
+        let debug = format!("{c:?}");
+        let json = serde_json::to_string_pretty(&c).unwrap();
+        for shown in [&debug, &json] {
+            for n in 1..=7 {
+                assert!(
+                    !shown.contains(&format!("-{n}")),
+                    "secret {n} shown: {shown}"
+                );
+            }
+        }
+        // What is not secret stays visible, so show-config still answers "what is set".
+        assert!(json.contains("postgres://app:<redacted>@db:5432/cc?sslmode=verify-full"));
+        assert!(json.contains("rediss://:<redacted>@redis:6380"));
+        assert!(json.contains("\"cc-user\""));
+        assert_eq!(c.kafka.client.get("sasl.password"), Some("kafka-pw-1"));
+        assert_eq!(c.admin.token.expose_secret(), "admin-token-7");
+    }
+
+    #[test]
+    fn client_properties_take_toml_numbers_and_booleans() {
         let c = Config::from_toml(
-            "[postgres]\nurl = \"postgres://u:hunter2@h/db\"\n[admin]\ntoken = \"s3cret\"\n",
+            "[kafka.client]\n\"session.timeout.ms\" = 30000\n\"enable.ssl.certificate.verification\" = true\n",
         )
         .unwrap();
-        let debug = format!("{c:?}");
-        assert!(
-            !debug.contains("hunter2") && !debug.contains("s3cret"),
-            "{debug}"
+        assert_eq!(c.kafka.client.get("session.timeout.ms"), Some("30000"));
+        assert_eq!(
+            c.kafka.client.get("enable.ssl.certificate.verification"),
+            Some("true")
         );
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the error type
+    fn every_key_may_come_from_a_file_and_client_properties_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("pg-url", "postgres://app:from-file@db/cc\n")?;
+            jail.create_file("sasl-password", "12345\n")?;
+            jail.create_file("linger", "250ms")?;
+            jail.set_env("CAUSAL_COMMIT__POSTGRES__URL_FILE", "pg-url");
+            jail.set_env("CAUSAL_COMMIT__BATCH__MAX_LINGER_FILE", "linger");
+            jail.set_env(
+                "CAUSAL_COMMIT__KAFKA__CLIENT__SASL_PASSWORD_FILE",
+                "sasl-password",
+            );
+            jail.set_env("CAUSAL_COMMIT__KAFKA__CLIENT__SASL_USERNAME", "cc");
+            jail.set_env("CAUSAL_COMMIT__KAFKA__CLIENT__SESSION_TIMEOUT_MS", "30000");
+            jail.set_env("CAUSAL_COMMIT__ADMIN__TOKEN", "007");
+            jail.set_env("CAUSAL_COMMIT__REDIS__URL", "rediss://:pw@redis:6380");
+            jail.set_env("CAUSAL_COMMIT__REDIS__CA_FILE", "/etc/ca.crt");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                c.postgres.url.expose_secret(),
+                "postgres://app:from-file@db/cc"
+            );
+            assert_eq!(c.batch.max_linger, Duration::from_millis(250));
+            // Underscores become dots; a numeric password stays the string it was.
+            assert_eq!(c.kafka.client.get("sasl.password"), Some("12345"));
+            assert_eq!(c.kafka.client.get("sasl.username"), Some("cc"));
+            assert_eq!(c.kafka.client.get("session.timeout.ms"), Some("30000"));
+            assert_eq!(c.admin.token.expose_secret(), "007");
+            // `redis.ca_file` is a key of its own, not a file reference to `redis.ca`.
+            assert_eq!(c.redis.ca_file, PathBuf::from("/etc/ca.crt"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the error type
+    fn file_references_fail_by_variable_name_and_never_twice() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CAUSAL_COMMIT__ADMIN__TOKEN_FILE", "missing-file");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("CAUSAL_COMMIT__ADMIN__TOKEN_FILE") && err.contains("missing-file"),
+                "{err}"
+            );
+            jail.create_file("token", "t0k3n")?;
+            jail.set_env("CAUSAL_COMMIT__ADMIN__TOKEN_FILE", "token");
+            jail.set_env("CAUSAL_COMMIT__ADMIN__TOKEN", "other");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("CAUSAL_COMMIT__ADMIN__TOKEN_FILE")
+                    && err.contains("CAUSAL_COMMIT__ADMIN__TOKEN ")
+                    && !err.contains("t0k3n")
+                    && !err.contains("other"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_redis_ca_file_needs_a_tls_url() {
+        let err = Config::from_toml("[redis]\nca_file = \"/ca.crt\"\n").unwrap_err();
+        assert!(err.to_string().contains("redis.ca_file"), "{err}");
+        Config::from_toml("[redis]\nurl = \"rediss://h:6380\"\nca_file = \"/ca.crt\"\n").unwrap();
+    }
+
+    #[test]
+    fn the_runtime_role_is_a_plain_identifier() {
+        let err = Config::from_toml("[postgres]\nruntime_role = \"App-Role\"\n").unwrap_err();
+        assert!(err.to_string().contains("postgres.runtime_role"), "{err}");
+        let c = Config::from_toml("[postgres]\nruntime_role = \"cc_app\"\n").unwrap();
+        assert_eq!(c.postgres.runtime_role, "cc_app");
     }
 }

@@ -29,7 +29,8 @@ enum Command {
     Run,
     /// Produce demo intents (many contacts, concurrent producers, priorities).
     Produce(demo::ProduceOptions),
-    /// Apply the PostgreSQL migrations.
+    /// Create the PostgreSQL schema, apply the migrations and grant postgres.runtime_role what
+    /// `run` needs. Run it with the owner role's URL; `run` does not migrate.
     Migrate,
     /// Read the output topics (read_committed) and print what they hold, as JSON.
     Summary {
@@ -55,7 +56,7 @@ enum Command {
         #[arg(long)]
         allow_waiting: bool,
     },
-    /// Print the effective configuration (secrets included: keep it off shared terminals).
+    /// Print the effective configuration as JSON, secrets redacted.
     ShowConfig,
     /// Operator: the backlog per partition (admin API).
     Backlog {
@@ -251,9 +252,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate => {
-            let pool = store::postgres::pool(&config.postgres)?;
-            store::postgres::migrate(&pool, &config.postgres.schema).await?;
-            println!("migrations applied to schema {}", config.postgres.schema);
+            let pg = &config.postgres;
+            let pool = store::postgres::pool(pg)?;
+            store::postgres::migrate(&pool, &pg.schema).await?;
+            println!("migrations applied to schema {}", pg.schema);
+            if !pg.runtime_role.is_empty() {
+                store::postgres::grant_runtime_role(&pool, &pg.schema, &pg.runtime_role)
+                    .await
+                    .with_context(|| format!("granting role {}", pg.runtime_role))?;
+                println!(
+                    "role {} may read and write the tables of schema {}",
+                    pg.runtime_role, pg.schema
+                );
+            }
             Ok(())
         }
         Command::WaitCaughtUp { timeout } => {

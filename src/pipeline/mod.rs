@@ -11,6 +11,7 @@ pub mod lane;
 pub mod operator;
 pub mod output;
 pub mod passthrough;
+pub mod preflight;
 pub mod read;
 pub mod report;
 pub mod restore;
@@ -23,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::store::lock_store::LockStore;
 
+/// How long the start-up check waits for the brokers before leaving them to the engine.
+const PREFLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs the processor until `shutdown` fires, then drains: the batch in hand is committed and
 /// the consumer leaves its group. The engine runs on a dedicated thread because librdkafka's
 /// transactional calls block.
@@ -31,6 +35,11 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
 }
 
 /// [`run`], reporting to `health` (what the probes and the admin API read).
+///
+/// Before the engine starts: the PostgreSQL schema must have every migration of this build
+/// applied (`causal-commit migrate`, with the owner role: `run` never changes the schema, so it
+/// can connect with a role that only reads and writes rows), and Kafka must accept the
+/// configured credentials and TLS settings. Either failing ends `run` with an error naming it.
 pub async fn run_with(
     config: Arc<Config>,
     shutdown: CancellationToken,
@@ -41,7 +50,12 @@ pub async fn run_with(
         return passthrough::run(config, shutdown).await;
     }
     let pool = crate::store::postgres::pool(&config.postgres)?;
-    crate::store::postgres::migrate(&pool, &config.postgres.schema).await?;
+    crate::store::postgres::check_schema(&pool, &config.postgres.schema).await?;
+    let kafka = config.clone();
+    tokio::task::spawn_blocking(move || {
+        preflight::check(&kafka, kafka.kafka.operation_timeout.min(PREFLIGHT_WAIT))
+    })
+    .await??;
     let locks = Arc::new(LockStore::new(&config, pool.clone())?);
     let admin = match config.admin.listen.is_empty() {
         true => None,

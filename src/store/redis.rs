@@ -40,6 +40,11 @@ pub enum Error {
     /// Never contains the URL itself (it may hold a password).
     #[error("redis.url is not a valid Redis URL: {0}")]
     Url(redis::RedisError),
+    #[error("redis.ca_file {path:?} is not a usable CA certificate file: {reason}")]
+    CaFile {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("Redis did not answer within {timeout:?} while {what}")]
     Timeout {
         what: &'static str,
@@ -274,6 +279,31 @@ impl Conn {
     }
 }
 
+/// The client of `redis.url`; with `redis.ca_file`, its TLS trusts exactly the CAs of that file.
+fn client(config: &RedisConfig) -> Result<Client> {
+    let url = config.url.expose_secret();
+    if config.ca_file.as_os_str().is_empty() {
+        return Client::open(url).map_err(Error::Url);
+    }
+    let ca_error = |reason: String| Error::CaFile {
+        path: config.ca_file.clone(),
+        reason,
+    };
+    let pem = std::fs::read(&config.ca_file).map_err(|e| ca_error(e.to_string()))?;
+    // An empty trust store would fail every handshake later, with a vaguer error.
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(ca_error("no PEM certificate in it".into()));
+    }
+    let tls = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    };
+    Client::build_with_tls(url, tls).map_err(|e| match e.kind() {
+        redis::ErrorKind::InvalidClientConfig => Error::Url(e),
+        _ => ca_error(e.to_string()),
+    })
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -305,9 +335,10 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Parses `redis.url` (AUTH in the URL, `rediss://` for TLS); connects lazily.
+    /// Parses `redis.url` (AUTH in the URL, `rediss://` for TLS, checked against
+    /// `redis.ca_file` when set); connects lazily.
     pub fn new(config: &RedisConfig) -> Result<Self> {
-        let client = Client::open(config.url.expose_secret()).map_err(Error::Url)?;
+        let client = client(config)?;
         Ok(Self {
             client,
             keys: Keys::new(&config.key_prefix),

@@ -15,6 +15,7 @@ mod offsets;
 mod passthrough;
 mod replays;
 mod runbook;
+mod secure;
 mod seed;
 mod sequencer_model;
 mod skeleton;

@@ -6,12 +6,14 @@
 //! - [`outcomes`]: the durable idempotency record (terminal outcomes by intent id).
 //! - [`commands`]: operator commands and the admin audit.
 //! - [`lock_store`]: the lock / idempotency store's bookkeeping and what it reads for Redis.
+//! - [`schema`]: migrations, the runtime role's grants, the start-up check of the schema.
 
 pub mod batch;
 pub mod commands;
 pub mod lock_store;
 pub mod outcomes;
 pub mod partition;
+pub mod schema;
 
 pub use batch::{
     apply_batch, try_batch, AppliedCommand, BatchWrite, ContactRow, OwnedElsewhere, PartitionWrite,
@@ -28,6 +30,7 @@ pub use partition::{
     resolve_recovery_point, restore_partition, BatchOutputs, BatchView, Resolution,
     RestoredPartition,
 };
+pub use schema::{check as check_schema, grant_runtime_role, migrate};
 
 use std::str::FromStr;
 
@@ -56,6 +59,31 @@ pub enum Error {
     BadOutcome(#[from] outcomes::BadOutcome),
     #[error("applying migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "PostgreSQL schema `{schema}` does not exist: run `causal-commit migrate` with the owner \
+         role first"
+    )]
+    SchemaMissing { schema: String },
+    #[error(
+        "role `{role}` may not use PostgreSQL schema `{schema}`: run `causal-commit migrate` with \
+         the owner role and postgres.runtime_role = \"{role}\" (it grants USAGE on the schema)"
+    )]
+    SchemaNotUsable { schema: String, role: String },
+    #[error(
+        "PostgreSQL schema `{schema}` is behind this build, migrations not applied: {missing}; \
+         run `causal-commit migrate` with the owner role"
+    )]
+    SchemaBehind { schema: String, missing: String },
+    #[error(
+        "PostgreSQL schema `{schema}`: migration {version:04} failed partway; repair it, then run \
+         `causal-commit migrate` with the owner role"
+    )]
+    SchemaDirty { schema: String, version: i64 },
+    #[error(
+        "PostgreSQL schema `{schema}`: migration {version:04} was applied from a different file \
+         than this build's (checksum mismatch)"
+    )]
+    SchemaChanged { schema: String, version: i64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -83,20 +111,6 @@ pub fn pool(config: &PostgresConfig) -> Result<PgPool> {
         .max_connections(config.max_connections)
         .acquire_timeout(config.connect_timeout)
         .connect_lazy_with(options))
-}
-
-/// Creates the schema when missing and applies every migration in `migrations/`.
-pub async fn migrate(pool: &PgPool, schema: &str) -> Result<()> {
-    if !is_identifier(schema) {
-        return Err(Error::Schema(schema.to_string()));
-    }
-    // The identifier was checked above, so splicing it is safe.
-    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-        .execute(pool)
-        .await
-        .map_err(db("creating the schema"))?;
-    sqlx::migrate!("./migrations").run(pool).await?;
-    Ok(())
 }
 
 /// Why a durable write was refused.

@@ -1,5 +1,9 @@
 //! Shared harness of the integration tests: each test gets its own topics, consumer group and
 //! PostgreSQL schema on the real local stack (`scripts/stack.sh up`), and an in-process engine.
+//!
+//! PostgreSQL has two roles, as in a deployment: the owner (`CC_DATABASE_URL`) migrates each
+//! test's schema and grants the runtime role (`CC_DATABASE_RUNTIME_URL`), which is what the
+//! processor of every test connects as: it can read and write rows, not change the schema.
 
 pub mod process;
 
@@ -23,10 +27,43 @@ pub fn brokers() -> String {
     std::env::var("CC_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// The owner role: migrations and DDL.
 pub fn database_url() -> String {
     std::env::var("CC_DATABASE_URL").unwrap_or_else(|_| {
         "postgres://causal_commit:causal_commit@127.0.0.1:5440/causal_commit".into()
     })
+}
+
+/// The runtime role: reads and writes rows of the tables the owner created, no DDL.
+pub fn runtime_database_url() -> String {
+    std::env::var("CC_DATABASE_RUNTIME_URL").unwrap_or_else(|_| {
+        "postgres://causal_commit_app:causal_commit_app@127.0.0.1:5440/causal_commit".into()
+    })
+}
+
+/// The runtime role's name (the user of [`runtime_database_url`]).
+pub fn runtime_role() -> String {
+    let url = runtime_database_url();
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    rest.split([':', '@'])
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// What `causal-commit migrate` does with the owner role: creates `config`'s schema, applies
+/// the migrations and grants the runtime role its rights.
+pub async fn migrate_as_owner(config: &Config) {
+    let mut owner = config.postgres.clone();
+    owner.url = database_url().into();
+    let pool = causal_commit::store::postgres::pool(&owner).expect("owner pool");
+    causal_commit::store::postgres::migrate(&pool, &owner.schema)
+        .await
+        .expect("migrate with the owner role");
+    causal_commit::store::postgres::grant_runtime_role(&pool, &owner.schema, &runtime_role())
+        .await
+        .expect("grant the runtime role");
+    pool.close().await;
 }
 
 pub fn redis_url() -> String {
@@ -94,7 +131,7 @@ impl TestEnv {
         config.kafka.transaction_timeout = Duration::from_secs(10);
         config.kafka.operation_timeout = Duration::from_secs(8);
         config.batch.max_linger = Duration::from_millis(50);
-        config.postgres.url = database_url().into();
+        config.postgres.url = runtime_database_url().into();
         config.postgres.schema = id.to_lowercase();
         config.redis.url = redis_url().into();
         // Redis is shared by every test: each gets its own keys.
@@ -102,6 +139,7 @@ impl TestEnv {
         config.telemetry.metrics_listen = String::new();
         config.admin.listen = String::new();
         config.validate().expect("test config is valid");
+        migrate_as_owner(&config).await;
         create_topics(
             &config,
             &[

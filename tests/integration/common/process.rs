@@ -1,13 +1,17 @@
 //! The processor as a child process (what crash tests kill), configured for a test's world.
 
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use causal_commit::config::Config;
+use secrecy::ExposeSecret;
 
 /// Writes `config` as a TOML file the binary reads with `--config` (every key travels, so a
-/// new configuration key reaches child processes without anything to update here).
+/// new configuration key reaches child processes without anything to update here). Secrets
+/// are redacted in it, as in any serialized configuration: [`command`] passes them as files.
 pub fn config_file(config: &Config) -> PathBuf {
     let path = std::env::temp_dir().join(format!("cc-test-{}.toml", uuid::Uuid::new_v4().simple()));
     let toml = toml::to_string(config).expect("the config serializes to TOML");
@@ -15,8 +19,38 @@ pub fn config_file(config: &Config) -> PathBuf {
     path
 }
 
-/// A command running the binary on `config`'s world: `--config FILE`, JSON logs, and none of
-/// this process's own `CAUSAL_COMMIT__*` overrides.
+/// Every secret of `config`, as the `..._FILE` variable and the value the file must hold (the
+/// way deployments pass them).
+pub fn secret_variables(config: &Config) -> Vec<(String, String)> {
+    let prefix = causal_commit::config::ENV_PREFIX;
+    let mut out = vec![
+        (
+            format!("{prefix}POSTGRES__URL_FILE"),
+            config.postgres.url.expose_secret().to_string(),
+        ),
+        (
+            format!("{prefix}REDIS__URL_FILE"),
+            config.redis.url.expose_secret().to_string(),
+        ),
+    ];
+    if !config.admin.token.expose_secret().is_empty() {
+        out.push((
+            format!("{prefix}ADMIN__TOKEN_FILE"),
+            config.admin.token.expose_secret().to_string(),
+        ));
+    }
+    for (key, value) in &config.kafka.client {
+        if causal_commit::config::is_secret_client_key(key) {
+            let name = key.replace('.', "_").to_ascii_uppercase();
+            out.push((format!("{prefix}KAFKA__CLIENT__{name}_FILE"), value.clone()));
+        }
+    }
+    out
+}
+
+/// A command running the binary on `config`'s world: `--config FILE`, each secret in a file of
+/// its own named by a `..._FILE` variable, and none of this process's own `CAUSAL_COMMIT__*`
+/// overrides.
 pub fn command(config: &Config) -> Command {
     let mut c = Command::new(binary());
     c.arg("--config").arg(config_file(config));
@@ -24,6 +58,19 @@ pub fn command(config: &Config) -> Command {
         if k.starts_with(causal_commit::config::ENV_PREFIX) || k == "CAUSAL_COMMIT_CONFIG" {
             c.env_remove(k);
         }
+    }
+    for (var, value) in secret_variables(config) {
+        let path =
+            std::env::temp_dir().join(format!("cc-test-secret-{}", uuid::Uuid::new_v4().simple()));
+        // Readable by this user only, as a mounted secret would be.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("create a secret file");
+        writeln!(file, "{value}").expect("write a secret file");
+        c.env(var, path);
     }
     c
 }

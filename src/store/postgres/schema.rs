@@ -1,0 +1,240 @@
+//! The schema and its two roles. `causal-commit migrate` runs with the owner role: it creates the
+//! schema, applies `migrations/` and grants the runtime role what `run` needs (USAGE on the
+//! schema; reads and writes on its tables, sequences and functions; reading, not writing, the
+//! migration history). `run` connects with the runtime role, which cannot change the schema,
+//! and checks first that every migration of this build is applied ([`check`]).
+
+use sqlx::migrate::Migrator;
+use sqlx::PgPool;
+
+use super::{db, Error, Result};
+use crate::config::is_identifier;
+
+/// The migrations of this build (`migrations/`, embedded at compile time).
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// sqlx's migration history table, in the schema.
+const HISTORY: &str = "_sqlx_migrations";
+
+/// Creates the schema when missing and applies every migration in `migrations/`. Needs the
+/// owner role (DDL), unless the schema is up to date already: then there is nothing to do.
+/// Concurrent runs are safe: sqlx serialises them with an advisory lock.
+pub async fn migrate(pool: &PgPool, schema: &str) -> Result<()> {
+    if !is_identifier(schema) {
+        return Err(Error::Schema(schema.to_string()));
+    }
+    if applied(pool, schema).await.is_ok() {
+        return Ok(());
+    }
+    // The identifier was checked above, so splicing it is safe.
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+        .execute(pool)
+        .await
+        .map_err(db("creating the schema"))?;
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Grants `role` what `run` needs in `schema`, and nothing more: USAGE on the schema (not
+/// CREATE), SELECT/INSERT/UPDATE/DELETE on its tables, USAGE/SELECT on its sequences, EXECUTE
+/// on its functions, and only SELECT on the migration history. Idempotent; run by `migrate`
+/// after the migrations, so it covers the objects they created.
+pub async fn grant_runtime_role(pool: &PgPool, schema: &str, role: &str) -> Result<()> {
+    for name in [schema, role] {
+        if !is_identifier(name) {
+            return Err(Error::Schema(name.to_string()));
+        }
+    }
+    // Both identifiers were checked above, so splicing them is safe.
+    let statements = [
+        format!("GRANT USAGE ON SCHEMA {schema} TO {role}"),
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}"),
+        format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {role}"),
+        format!("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {role}"),
+        format!("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {schema}.{HISTORY} FROM {role}"),
+    ];
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(db("granting the runtime role its rights"))?;
+    for statement in &statements {
+        sqlx::query(statement)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("granting the runtime role its rights"))?;
+    }
+    tx.commit()
+        .await
+        .map_err(db("granting the runtime role its rights"))
+}
+
+/// What the connected role finds of the schema.
+#[derive(Debug, sqlx::FromRow)]
+struct Found {
+    role: String,
+    schema_exists: bool,
+    can_use: bool,
+    can_create: bool,
+    tracked: bool,
+}
+
+/// One row of the migration history.
+#[derive(Debug, sqlx::FromRow)]
+struct Applied {
+    version: i64,
+    success: bool,
+    checksum: Vec<u8>,
+}
+
+/// Checks, with the role `run` uses, that `schema` exists, is usable, and has every migration
+/// of this build applied (later ones, from a newer build, are fine: migrations keep the
+/// previous release working). The error names what is missing and the command to run.
+/// Warns when the role could change the schema: `run` needs only the runtime role's rights.
+pub async fn check(pool: &PgPool, schema: &str) -> Result<()> {
+    let found = applied(pool, schema).await?;
+    if found.can_create {
+        tracing::warn!(
+            role = %found.role,
+            schema = %schema,
+            "run connects with a role that may change the schema (CREATE on it): give it the \
+             runtime role, which only reads and writes rows (README, Deploying)"
+        );
+    }
+    Ok(())
+}
+
+/// What the connected role finds of `schema`, once every migration of this build is known to
+/// be applied to it.
+async fn applied(pool: &PgPool, schema: &str) -> Result<Found> {
+    if !is_identifier(schema) {
+        return Err(Error::Schema(schema.to_string()));
+    }
+    let found: Found = sqlx::query_as(
+        "SELECT current_user::text AS role,
+                n.oid IS NOT NULL AS schema_exists,
+                coalesce(has_schema_privilege(n.oid, 'USAGE'), false) AS can_use,
+                coalesce(has_schema_privilege(n.oid, 'CREATE'), false) AS can_create,
+                EXISTS (SELECT 1 FROM pg_class c
+                         WHERE c.relnamespace = n.oid AND c.relname = $2) AS tracked
+           FROM (SELECT 1) AS one LEFT JOIN pg_namespace n ON n.nspname = $1",
+    )
+    .bind(schema)
+    .bind(HISTORY)
+    .fetch_one(pool)
+    .await
+    .map_err(db("checking the schema"))?;
+    let schema = schema.to_string();
+    if !found.schema_exists {
+        return Err(Error::SchemaMissing { schema });
+    }
+    if !found.can_use {
+        return Err(Error::SchemaNotUsable {
+            schema,
+            role: found.role,
+        });
+    }
+    let applied: Vec<Applied> = if found.tracked {
+        // The identifier was checked above, so splicing it is safe.
+        sqlx::query_as(&format!(
+            "SELECT version, success, checksum FROM {schema}.{HISTORY}"
+        ))
+        .fetch_all(pool)
+        .await
+        .map_err(db("reading the applied migrations"))?
+    } else {
+        Vec::new()
+    };
+    verdict(&schema, &applied)?;
+    Ok(found)
+}
+
+/// The pure part of [`check`]: every migration of this build applied, none failed or changed.
+fn verdict(schema: &str, applied: &[Applied]) -> Result<()> {
+    let mut missing = Vec::new();
+    for m in MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+    {
+        match applied.iter().find(|a| a.version == m.version) {
+            None => missing.push(format!("{:04} ({})", m.version, m.description)),
+            Some(a) if !a.success => {
+                return Err(Error::SchemaDirty {
+                    schema: schema.to_string(),
+                    version: m.version,
+                })
+            }
+            Some(a) if a.checksum != *m.checksum => {
+                return Err(Error::SchemaChanged {
+                    schema: schema.to_string(),
+                    version: m.version,
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::SchemaBehind {
+            schema: schema.to_string(),
+            missing: missing.join(", "),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_applied() -> Vec<Applied> {
+        MIGRATOR
+            .iter()
+            .map(|m| Applied {
+                version: m.version,
+                success: true,
+                checksum: m.checksum.to_vec(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_schema_with_every_migration_passes_and_later_ones_are_fine() {
+        let mut applied = all_applied();
+        assert!(verdict("s", &applied).is_ok());
+        applied.push(Applied {
+            version: 9999,
+            success: true,
+            checksum: vec![1],
+        });
+        assert!(verdict("s", &applied).is_ok());
+    }
+
+    #[test]
+    fn a_schema_behind_names_the_missing_version_and_the_command() {
+        let mut applied = all_applied();
+        let last = applied.pop().expect("at least one migration");
+        let msg = verdict("s", &applied).unwrap_err().to_string();
+        assert!(
+            msg.contains(&format!("{:04}", last.version)) && msg.contains("causal-commit migrate"),
+            "{msg}"
+        );
+        let msg = verdict("s", &[]).unwrap_err().to_string();
+        assert!(msg.contains("0001 (state and audit)"), "{msg}");
+    }
+
+    #[test]
+    fn a_failed_or_changed_migration_is_refused() {
+        let mut applied = all_applied();
+        applied[0].success = false;
+        assert!(matches!(
+            verdict("s", &applied),
+            Err(Error::SchemaDirty { version: 1, .. })
+        ));
+        let mut applied = all_applied();
+        applied[0].checksum = vec![0];
+        assert!(matches!(
+            verdict("s", &applied),
+            Err(Error::SchemaChanged { version: 1, .. })
+        ));
+    }
+}
