@@ -426,7 +426,31 @@ async fn metrics_and_probes_tell_a_known_scenario() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    // Partition 2 is paused: these are not consumed, so they are its lag.
+    // Partition 2 at its bound is still probed (its missing predecessors may be in what it has
+    // not read): three more waiting intents take it to twice its bound, where it is not read
+    // at all until it drains.
+    produce_to(
+        &config,
+        &["c4", "c5", "c6"].map(|c| (2, c, intent_bytes(&format!("{c}-2"), c, 2), None)),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = parse_samples(&scrape(addr).await);
+        if value(&s, m::BACKLOG_WAITING, &[("partition", "2")]) == Some(6.0)
+            && value(&s, m::RECORDS_CONSUMED, &[]) == Some(11.0)
+            && value(&s, m::PARTITIONS_PAUSED, &paused) == Some(1.0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partition 2 never reached twice its bound: {:?}",
+            tail(&p)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Partition 2 is paused at twice its bound: these are not consumed, so they are its lag.
     produce_to(
         &config,
         &(1..=4)
@@ -459,7 +483,11 @@ async fn metrics_and_probes_tell_a_known_scenario() {
     assert_eq!(get(m::CONSUMER_LAG, &lag("1")), 0.0);
     assert_eq!(get(m::BACKLOG_WAITING, &lag("0")), 1.0, "the gap");
     assert_eq!(get(m::BACKLOG_WAITING, &lag("1")), 0.0, "evicted to review");
-    assert_eq!(get(m::BACKLOG_WAITING, &lag("2")), 3.0, "at the bound");
+    assert_eq!(
+        get(m::BACKLOG_WAITING, &lag("2")),
+        6.0,
+        "at twice the bound"
+    );
     let age = get(m::BACKLOG_OLDEST_AGE, &lag("0"));
     assert!(
         age > 0.0 && age <= scraped_at + 1.5,
@@ -488,10 +516,10 @@ async fn metrics_and_probes_tell_a_known_scenario() {
     assert_eq!(get(m::INVALID_INTENTS, &[("reason", "undecodable")]), 1.0);
     assert_eq!(
         get(m::OUTCOMES, &[("state", "waiting_previous_commit")]),
-        6.0,
-        "gap-a 2, held-b 2 and 3, c1-c3"
+        9.0,
+        "gap-a 2, held-b 2 and 3, c1-c6"
     );
-    assert_eq!(get(m::RECORDS_CONSUMED, &[]), 8.0);
+    assert_eq!(get(m::RECORDS_CONSUMED, &[]), 11.0);
     assert_eq!(get(m::TRANSACTIONS, &[("result", "abort")]), 0.0);
     assert!(get(m::TRANSACTIONS, &[("result", "commit")]) >= 1.0);
     assert_eq!(get(m::READY, &[]), 1.0);
