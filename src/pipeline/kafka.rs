@@ -278,6 +278,7 @@ impl TxnProducer {
         consumer: &EngineConsumer,
     ) -> Result<()> {
         let cgm = consumer.group_metadata().ok_or(Error::NotInGroup)?;
+        self.deliver_outstanding();
         if offsets.count() > 0 {
             self.producer
                 .send_offsets_to_transaction(offsets, &cgm, self.timeout)
@@ -288,6 +289,20 @@ impl TxnProducer {
             .map_err(classify)?;
         self.open = false;
         Ok(())
+    }
+
+    /// Serves delivery reports until every record of the transaction is acknowledged (or the
+    /// operation timeout passes: `commit_transaction` then waits for the rest itself).
+    ///
+    /// rdkafka's `commit_transaction` flushes first, and its flush polls in slices of 100 ms
+    /// that always last their full 100 ms (`BaseProducer::poll` serves events until its
+    /// deadline), so every commit took at least 100 ms whatever its size. Polled here in 1 ms
+    /// slices, the flush inside the commit finds nothing left and returns at once.
+    fn deliver_outstanding(&self) {
+        let deadline = std::time::Instant::now() + self.timeout;
+        while self.producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(1));
+        }
     }
 
     pub fn abort(&mut self) -> Result<()> {
