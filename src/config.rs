@@ -349,6 +349,7 @@ impl Config {
             .unwrap_or_else(|| "causal-commit".into())
     }
 
+    // Long because the configuration is: one independent check per key, in file order.
     pub fn validate(&self) -> Result<()> {
         fn invalid(key: &'static str, value: impl ToString, reason: &'static str) -> Error {
             Error::Invalid {

@@ -223,6 +223,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+// Long only because the CLI is wide: one short arm per subcommand, a flat dispatch.
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref()).context("loading the configuration")?;
     match cli.command {

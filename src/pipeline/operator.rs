@@ -38,7 +38,14 @@ pub fn apply(
         CommandAction::Resume => Release::Resume,
         CommandAction::SkipTo(target) => Release::SkipTo(target.get()),
         CommandAction::Resubmit(r) => {
-            return match resubmit(seq, now, command, r, prior, limits, fresh, resubmitted) {
+            let mut batch = Batch {
+                seq,
+                now,
+                limits,
+                fresh,
+                resubmitted,
+            };
+            return match batch.resubmit(command, r, prior) {
                 Ok(()) => CommandResult::Applied,
                 Err(why) => CommandResult::Refused(why),
             };
@@ -50,96 +57,107 @@ pub fn apply(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn resubmit(
-    seq: &mut Sequencer<Held>,
+/// What a re-submission changes: the partition's sequencer and the batch being built.
+struct Batch<'a> {
+    seq: &'a mut Sequencer<Held>,
     now: Millis,
-    command: &Command,
-    r: &Resubmission,
-    prior: Option<PriorOutcome>,
-    limits: &LimitsConfig,
-    fresh: &mut Fresh,
-    resubmitted: &mut Vec<Resubmitted>,
-) -> Result<(), String> {
-    let record = InRecord {
-        partition: r.source_partition,
-        offset: r.source_offset,
-        key: r.key.clone(),
-        value: Some(r.value.clone()),
-        traceparent: None,
-    };
-    let mut v = crate::intent::decode(record.key.as_deref(), record.value.as_deref(), limits)
-        .map_err(|e| format!("the reviewed record is not a valid intent: {e}"))?;
-    let id = v.intent.intent_id.clone();
-    if id != r.intent_id || v.intent.contact_id != command.contact_id {
-        return Err(format!(
-            "the reviewed record is intent {id:?} of contact {:?}, not intent {:?} of contact {:?}",
-            v.intent.contact_id, r.intent_id, command.contact_id
-        ));
+    limits: &'a LimitsConfig,
+    fresh: &'a mut Fresh,
+    resubmitted: &'a mut Vec<Resubmitted>,
+}
+
+impl Batch<'_> {
+    fn resubmit(
+        &mut self,
+        command: &Command,
+        r: &Resubmission,
+        prior: Option<PriorOutcome>,
+    ) -> Result<(), String> {
+        let record = InRecord {
+            partition: r.source_partition,
+            offset: r.source_offset,
+            key: r.key.clone(),
+            value: Some(r.value.clone()),
+            traceparent: None,
+        };
+        let mut v =
+            crate::intent::decode(record.key.as_deref(), record.value.as_deref(), self.limits)
+                .map_err(|e| format!("the reviewed record is not a valid intent: {e}"))?;
+        let id = v.intent.intent_id.clone();
+        if id != r.intent_id || v.intent.contact_id != command.contact_id {
+            return Err(format!(
+                "the reviewed record is intent {id:?} of contact {:?}, not intent {:?} of contact {:?}",
+                v.intent.contact_id, r.intent_id, command.contact_id
+            ));
+        }
+        if self
+            .resubmitted
+            .iter()
+            .any(|x| x.intent.intent.intent_id == id)
+            || self.fresh.contains_key(&r.source_offset)
+        {
+            return Err(format!(
+                "intent {id:?} is already re-submitted in this batch"
+            ));
+        }
+        let waiting = self
+            .seq
+            .contact(&command.contact_id)
+            .is_some_and(|c| c.waiting.iter().any(|w| w.intent_id == id));
+        if waiting {
+            return Err(format!(
+                "intent {id:?} is waiting_previous_commit, not in manual review"
+            ));
+        }
+        let slot = reopened_slot(&id, prior, v.fingerprint)?;
+        // Keep the correlation id it was decided with (it may have been generated then).
+        if !r.correlation_id.is_empty() {
+            v.intent.correlation_id = r.correlation_id.clone();
+        }
+        let v = Arc::new(v);
+        let mut meta = translate::meta(&v, &record);
+        meta.resubmission = true;
+        let held = Held {
+            correlation_id: v.intent.correlation_id.clone(),
+            record,
+        };
+        self.seq.on_intent(meta, held, prior, self.now);
+        self.fresh.insert(r.source_offset, v.clone());
+        self.resubmitted.push(Resubmitted {
+            partition: command.partition,
+            command: command.id,
+            actor: command.actor.clone(),
+            review_partition: r.review_partition,
+            review_offset: r.review_offset,
+            source_offset: r.source_offset,
+            intent: v,
+            slot,
+        });
+        Ok(())
     }
-    if resubmitted.iter().any(|x| x.intent.intent.intent_id == id)
-        || fresh.contains_key(&r.source_offset)
-    {
-        return Err(format!(
-            "intent {id:?} is already re-submitted in this batch"
-        ));
-    }
-    let waiting = seq
-        .contact(&command.contact_id)
-        .is_some_and(|c| c.waiting.iter().any(|w| w.intent_id == id));
-    if waiting {
-        return Err(format!(
-            "intent {id:?} is waiting_previous_commit, not in manual review"
-        ));
-    }
-    let slot = match prior {
+}
+
+/// The slot a re-submission reclaims: only a `manual_review` decision of this very content is
+/// reopened.
+fn reopened_slot(id: &str, prior: Option<PriorOutcome>, fingerprint: u64) -> Result<u64, String> {
+    match prior {
         Some(PriorOutcome {
-            fingerprint,
+            fingerprint: decided,
             outcome: Outcome::ManualReview {
                 commit_sequence, ..
             },
-        }) if fingerprint == v.fingerprint => commit_sequence,
-        Some(p) if p.fingerprint != v.fingerprint => {
-            return Err(format!(
+        }) if decided == fingerprint => Ok(commit_sequence),
+        Some(p) if p.fingerprint != fingerprint => Err(format!(
             "intent {id:?} was decided for other content; this review is of a conflicting record"
-        ))
-        }
-        Some(p) => {
-            return Err(format!(
-                "intent {id:?} is {}; only a manual_review decision is reopened",
-                p.outcome.state().as_str()
-            ))
-        }
-        None => {
-            return Err(format!(
-                "intent {id:?} has no manual-review decision to reopen"
-            ))
-        }
-    };
-    // Keep the correlation id it was decided with (it may have been generated then).
-    if !r.correlation_id.is_empty() {
-        v.intent.correlation_id = r.correlation_id.clone();
+        )),
+        Some(p) => Err(format!(
+            "intent {id:?} is {}; only a manual_review decision is reopened",
+            p.outcome.state().as_str()
+        )),
+        None => Err(format!(
+            "intent {id:?} has no manual-review decision to reopen"
+        )),
     }
-    let v = Arc::new(v);
-    let mut meta = translate::meta(&v, &record);
-    meta.resubmission = true;
-    let held = Held {
-        correlation_id: v.intent.correlation_id.clone(),
-        record,
-    };
-    seq.on_intent(meta, held, prior, now);
-    fresh.insert(r.source_offset, v.clone());
-    resubmitted.push(Resubmitted {
-        partition: command.partition,
-        command: command.id,
-        actor: command.actor.clone(),
-        review_partition: r.review_partition,
-        review_offset: r.review_offset,
-        source_offset: r.source_offset,
-        intent: v,
-        slot,
-    });
-    Ok(())
 }
 
 #[cfg(test)]

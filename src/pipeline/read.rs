@@ -147,6 +147,8 @@ pub fn any_output_committed(
 
 /// [`read_topic`] from the first offset at or after `since_ms` (record timestamps) in each
 /// partition, or from the beginning.
+// One loop of one consumer (seek by time, poll to the high watermarks, classify each record);
+// splitting it would thread the consumer's state through helpers for no clarity.
 fn read_topic_since(
     config: &Config,
     topic: &str,

@@ -180,39 +180,16 @@ pub fn decisions(
                 missing,
             } => {
                 waited_now.insert(offset);
-                let v = fresh.get(&offset);
-                let facts = RowFacts {
+                let at = WaitAt {
                     offset,
                     intent_id: &intent_id,
                     contact_id: &contact_id,
-                    clinic_id: v.map_or("", |v| v.intent.clinic_id.as_str()),
-                    correlation_id: v.map_or("", |v| v.intent.correlation_id.as_str()),
-                    fingerprint: v.map_or(0, |v| v.fingerprint),
+                    commit_sequence,
+                    missing,
                 };
-                let transition = Transition::Record {
-                    waited: false,
-                    to: State::WaitingPreviousCommit,
-                    reason: None,
-                };
-                let detail = format!("waiting for sequence {missing}");
-                let row = row(ctx, &facts, transition, commit_sequence, 0, detail);
-                plan.push(row, Note::default());
+                wait(ctx, fresh, plan, &at);
             }
-            Decision::Duplicate { intent, prior } => {
-                let Some(decoded) = decoded(fresh, &intent) else {
-                    unreadable(ctx, plan, &intent, true);
-                    continue;
-                };
-                let facts =
-                    RowFacts::of(&decoded.intent, intent.meta.offset, intent.meta.fingerprint);
-                let transition = Transition::Record {
-                    waited: false,
-                    to: State::Duplicate,
-                    reason: None,
-                };
-                let detail = format!("already {}", prior.state().as_str());
-                plan.push(row(ctx, &facts, transition, 0, 0, detail), Note::default());
-            }
+            Decision::Duplicate { intent, prior } => duplicate(ctx, fresh, plan, &intent, prior),
             Decision::Blocked {
                 intent,
                 commit_sequence,
@@ -243,14 +220,7 @@ pub fn decisions(
                 contact_row(ctx, plan, &contact_id, transition, from, detail);
             }
             Decision::ContactHeld { contact_id, reason } => {
-                let detail = match reason {
-                    crate::sequencer::HoldReason::WaitTimeout { missing } => {
-                        format!("sequence {missing} did not arrive within the wait timeout")
-                    }
-                    crate::sequencer::HoldReason::BacklogOverflow { limit } => {
-                        format!("{limit} intents were already waiting")
-                    }
-                };
+                let detail = hold_detail(&reason);
                 let transition = Transition::Held {
                     reason: reason.code(),
                 };
@@ -267,6 +237,69 @@ pub fn decisions(
             }
             Decision::PausePartition { .. } => plan.pause = Some(true),
             Decision::ResumePartition { .. } => plan.pause = Some(false),
+        }
+    }
+}
+
+/// Where an intent starts waiting.
+struct WaitAt<'a> {
+    offset: i64,
+    intent_id: &'a str,
+    contact_id: &'a str,
+    commit_sequence: u64,
+    missing: u64,
+}
+
+/// The row of an intent that starts `waiting_previous_commit`.
+fn wait(ctx: &Context<'_>, fresh: &Fresh, plan: &mut PartitionPlan, at: &WaitAt<'_>) {
+    let v = fresh.get(&at.offset);
+    let facts = RowFacts {
+        offset: at.offset,
+        intent_id: at.intent_id,
+        contact_id: at.contact_id,
+        clinic_id: v.map_or("", |v| v.intent.clinic_id.as_str()),
+        correlation_id: v.map_or("", |v| v.intent.correlation_id.as_str()),
+        fingerprint: v.map_or(0, |v| v.fingerprint),
+    };
+    let transition = Transition::Record {
+        waited: false,
+        to: State::WaitingPreviousCommit,
+        reason: None,
+    };
+    let detail = format!("waiting for sequence {}", at.missing);
+    let row = row(ctx, &facts, transition, at.commit_sequence, 0, detail);
+    plan.push(row, Note::default());
+}
+
+/// The row of a re-delivered intent: no effect.
+fn duplicate(
+    ctx: &Context<'_>,
+    fresh: &Fresh,
+    plan: &mut PartitionPlan,
+    intent: &Intent<Held>,
+    prior: crate::sequencer::Outcome,
+) {
+    let Some(decoded) = decoded(fresh, intent) else {
+        unreadable(ctx, plan, intent, true);
+        return;
+    };
+    let facts = RowFacts::of(&decoded.intent, intent.meta.offset, intent.meta.fingerprint);
+    let transition = Transition::Record {
+        waited: false,
+        to: State::Duplicate,
+        reason: None,
+    };
+    let detail = format!("already {}", prior.state().as_str());
+    plan.push(row(ctx, &facts, transition, 0, 0, detail), Note::default());
+}
+
+fn hold_detail(reason: &crate::sequencer::HoldReason) -> String {
+    match reason {
+        crate::sequencer::HoldReason::WaitTimeout { missing } => {
+            format!("sequence {missing} did not arrive within the wait timeout")
+        }
+        crate::sequencer::HoldReason::BacklogOverflow { limit } => {
+            format!("{limit} intents were already waiting")
         }
     }
 }

@@ -235,6 +235,8 @@ impl<T> Sequencer<T> {
     /// `intent_id` (looked up by the caller, typically for the whole batch at once). Exactly
     /// one decision about this intent is appended, possibly after decisions for wait timeouts
     /// that were due at `now`, and possibly followed by commits it unblocked.
+    // Kept in one piece (over 80 lines) on purpose: the R-rules apply in this order, read top
+    // to bottom, and the model test drives every branch.
     pub fn on_intent(
         &mut self,
         meta: IntentMeta,

@@ -458,6 +458,8 @@ struct World<'a> {
 }
 
 impl<'a> World<'a> {
+    // Over 80 lines: one pass per output topic and the audit, each classifying its records;
+    // they share the findings being built.
     fn build(o: &'a Observed, options: &'a Options, f: &mut Findings) -> World<'a> {
         let prefix = options.prefix.as_str();
         let mut recs: Vec<Rec> = o
@@ -569,6 +571,8 @@ impl<'a> World<'a> {
         w
     }
 
+    // Over 80 lines: one indexing pass per kind of record (effects, reviews, audit rows), in
+    // the order the checks read them.
     fn index(&mut self) {
         let prefix = self.options.prefix.as_str();
         for (i, e) in self.effects.iter().enumerate() {

@@ -257,6 +257,7 @@ pub async fn try_batch(
     result.map(|_| ())
 }
 
+// Long because `cc_apply_batch` takes one array per column (32 binds): one line per bind.
 fn batch_query<'q>(
     topic: &'q str,
     writer: &'q str,
