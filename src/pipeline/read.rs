@@ -45,6 +45,8 @@ pub struct TopicRecord<'a> {
     pub key: Option<&'a [u8]>,
     /// `None` for a tombstone (a record without a value).
     pub value: Option<&'a [u8]>,
+    /// The record's timestamp (create or log-append time), when it has one.
+    pub timestamp_ms: Option<i64>,
 }
 
 /// Calls `f` on every committed record of `topic` (tombstones included), from the beginning to
@@ -145,6 +147,40 @@ pub fn any_output_committed(
     Ok(found)
 }
 
+/// A read_committed consumer of its own throw-away group (`causal-commit-<purpose>-<uuid>`),
+/// with `[kafka.client]` applied, that commits nothing: for reading topics end to end.
+pub fn reader(config: &Config, purpose: &str) -> anyhow::Result<BaseConsumer> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        .set(
+            "group.id",
+            format!("causal-commit-{purpose}-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &config.kafka.client {
+        c.set(k, v);
+    }
+    c.create().context("creating a reader")
+}
+
+/// The partitions `topic` has now.
+pub fn partitions_of(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<i32>> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .with_context(|| format!("reading metadata of {topic}"))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
+}
+
 /// [`read_topic`] from the first offset at or after `since_ms` (record timestamps) in each
 /// partition, or from the beginning.
 // One loop of one consumer (seek by time, poll to the high watermarks, classify each record);
@@ -155,28 +191,9 @@ fn read_topic_since(
     since_ms: Option<i64>,
     mut f: impl FnMut(TopicRecord<'_>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set(
-            "group.id",
-            format!("causal-commit-reader-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false");
-    for (k, v) in &config.kafka.client {
-        c.set(k, v);
-    }
-    let consumer: BaseConsumer = c.create().context("creating a reader")?;
+    let consumer = reader(config, "reader")?;
     let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("reading metadata of {topic}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let partitions = partitions_of(&consumer, topic, timeout)?;
     // Where each partition starts: its beginning, or the first record at or after `since_ms`.
     let mut starts: HashMap<i32, i64> = HashMap::new();
     if let Some(since) = since_ms {
@@ -230,6 +247,7 @@ fn read_topic_since(
                     offset: msg.offset(),
                     key: msg.key(),
                     value: msg.payload(),
+                    timestamp_ms: msg.timestamp().to_millis(),
                 })?;
             }
             Some(Err(e)) => anyhow::bail!("reading {topic} failed: {e}"),

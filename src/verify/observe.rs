@@ -3,18 +3,14 @@
 //! order of the reads and why.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 
 use super::observed::*;
 use crate::config::Config;
+use crate::pipeline::read::read_topic;
 
 /// Reads everything the check needs. Blocking: call it from a blocking thread (it drives
 /// PostgreSQL on the current tokio runtime when there is one, else on a private one).
@@ -58,14 +54,15 @@ pub fn observe(config: &Config) -> anyhow::Result<Observed> {
 fn read_intents(config: &Config) -> anyhow::Result<Vec<InputRecord>> {
     let topic = &config.kafka.intents_topic;
     let mut out = Vec::new();
-    read_records(config, topic, |m| {
+    read_topic(config, topic, |m| {
         out.push(InputRecord {
-            partition: m.partition(),
-            offset: m.offset(),
-            timestamp_ms: m.timestamp().to_millis(),
-            key: m.key().map(<[u8]>::to_vec),
-            value: m.payload().map(<[u8]>::to_vec),
-        })
+            partition: m.partition,
+            offset: m.offset,
+            timestamp_ms: m.timestamp_ms,
+            key: m.key.map(<[u8]>::to_vec),
+            value: m.value.map(<[u8]>::to_vec),
+        });
+        Ok(())
     })
     .with_context(|| format!("reading {topic}"))?;
     Ok(out)
@@ -74,88 +71,16 @@ fn read_intents(config: &Config) -> anyhow::Result<Vec<InputRecord>> {
 /// An output topic (side effects or manual review).
 fn read_outputs(config: &Config, topic: &str) -> anyhow::Result<Vec<OutputRecord>> {
     let mut out = Vec::new();
-    read_records(config, topic, |m| {
+    read_topic(config, topic, |m| {
         out.push(OutputRecord {
-            partition: m.partition(),
-            offset: m.offset(),
-            value: m.payload().map(<[u8]>::to_vec),
-        })
+            partition: m.partition,
+            offset: m.offset,
+            value: m.value.map(<[u8]>::to_vec),
+        });
+        Ok(())
     })
     .with_context(|| format!("reading {topic}"))?;
     Ok(out)
-}
-
-/// Calls `f` on every committed record of `topic` (read_committed), from the beginning to the
-/// end the topic has when the call starts. Like `pipeline::read::read_topic`, which does not
-/// hand out the record timestamp the wait-timeout check needs.
-fn read_records(
-    config: &Config,
-    topic: &str,
-    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
-) -> anyhow::Result<()> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set(
-            "group.id",
-            format!("causal-commit-verify-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false");
-    for (k, v) in &config.kafka.client {
-        c.set(k, v);
-    }
-    let consumer: BaseConsumer = c.create().context("creating a reader")?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("reading metadata of {topic}"))?;
-    let mut ends = BTreeMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for p in metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-    {
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
-        if high > low {
-            ends.insert(p, high);
-            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-    }
-    if ends.is_empty() {
-        return Ok(());
-    }
-    consumer.assign(&tpl)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
-    while ends
-        .iter()
-        .any(|(p, end)| positions.get(p).copied().unwrap_or(-1) + 1 < *end)
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "reading {topic} did not reach its end in time"
-        );
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(msg)) => {
-                positions.insert(msg.partition(), msg.offset());
-                f(&msg);
-            }
-            Some(Err(e)) => anyhow::bail!("reading {topic} failed: {e}"),
-            None => {
-                // Transaction markers take offsets too: ask for the position.
-                if let Ok(pos) = consumer.position() {
-                    for e in pos.elements() {
-                        if let Offset::Offset(o) = e.offset() {
-                            positions.insert(e.partition(), o - 1);
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The processor group's committed offsets and recovery points, with a note for each
