@@ -134,6 +134,15 @@ pub(super) struct BatchPlan {
     commands: Vec<AppliedCommand>,
 }
 
+impl BatchPlan {
+    /// The plan without the parts (and commands) of `partitions`.
+    fn without(mut self, dropped: &BTreeSet<i32>) -> BatchPlan {
+        self.partitions.retain(|p, _| !dropped.contains(p));
+        self.commands.retain(|c| !dropped.contains(&c.partition));
+        self
+    }
+}
+
 struct PartitionPart {
     plan: PartitionPlan,
     /// The input records of this part, in order.
@@ -636,40 +645,16 @@ impl Engine {
         if owned.is_empty() {
             return plan;
         }
-        let refused: BTreeSet<i32> = owned.iter().map(|o| o.partition).collect();
-        self.learn_owners(owned);
-        let BatchPlan {
-            mut partitions,
-            commands,
-        } = plan;
-        partitions.retain(|p, _| !refused.contains(p));
-        BatchPlan {
-            commands: commands
-                .into_iter()
-                .filter(|c| !refused.contains(&c.partition))
-                .collect(),
-            partitions,
-        }
+        let refused = self.learn_owners(owned);
+        plan.without(&refused)
     }
 
     /// The durable write refused contacts other partitions own: their records are forwarded
     /// to the owners from now on. The partitions that wrote them are replayed (their lanes
     /// decided those records as if they owned the contacts); the rest of the batch commits.
     fn forward_from_now_on(&mut self, plan: BatchPlan, owned: Vec<pg::OwnedElsewhere>) {
-        let refused: BTreeSet<i32> = owned.iter().map(|o| o.partition).collect();
-        self.learn_owners(owned);
-        let BatchPlan {
-            mut partitions,
-            commands,
-        } = plan;
-        partitions.retain(|p, _| !refused.contains(p));
-        let rest = BatchPlan {
-            commands: commands
-                .into_iter()
-                .filter(|c| !refused.contains(&c.partition))
-                .collect(),
-            partitions,
-        };
+        let refused = self.learn_owners(owned);
+        let rest = plan.without(&refused);
         if rest.is_empty() {
             return;
         }
@@ -680,8 +665,9 @@ impl Engine {
     }
 
     /// Records who owns which contact, and voids the lanes that decided them wrongly (they
-    /// are restored and replay their records, now forwarding those contacts').
-    fn learn_owners(&mut self, owned: Vec<pg::OwnedElsewhere>) {
+    /// are restored and replay their records, now forwarding those contacts'). Returns those
+    /// partitions.
+    fn learn_owners(&mut self, owned: Vec<pg::OwnedElsewhere>) -> BTreeSet<i32> {
         let mut refused = BTreeSet::new();
         for o in owned {
             tracing::info!(
@@ -696,10 +682,11 @@ impl Engine {
                 .or_default()
                 .insert(o.contact, o.owner);
         }
-        for p in refused {
-            self.void_lane(p, PauseCause::Restoring);
+        for p in &refused {
+            self.void_lane(*p, PauseCause::Restoring);
         }
         self.next_restore_at = Instant::now();
+        refused
     }
 
     /// Steps 6 and 7.

@@ -13,7 +13,7 @@ use crate::common::*;
 
 use causal_commit::config::Config;
 use causal_commit::demo::{self, ProduceOptions};
-use causal_commit::verify::{self, Report};
+use causal_commit::verify::Report;
 use secrecy::ExposeSecret as _;
 
 fn workload(count: usize, contacts: usize, rate: u32, prefix: &str) -> ProduceOptions {
@@ -50,11 +50,7 @@ async fn caught_up(config: &Config, within: Duration) {
 }
 
 async fn verified(config: &Config) -> Report {
-    let c = config.clone();
-    let report = tokio::task::spawn_blocking(move || verify::verify(&c, ""))
-        .await
-        .unwrap()
-        .expect("verify runs");
+    let report = verify_report(config, "").await;
     println!("verify: {}", serde_json::to_string(&report).unwrap());
     report
 }

@@ -94,11 +94,7 @@ async fn adding_partitions_keeps_one_sequence_per_contact_across_two_instances()
         );
     }
     assert_eq!(fx.len(), 360 * 6, "each intent committed once");
-    let c = cfg.clone();
-    let report = tokio::task::spawn_blocking(move || causal_commit::verify::verify(&c, ""))
-        .await
-        .unwrap()
-        .unwrap();
+    let report = verify_report(&cfg, "").await;
     assert!(report.ok, "{:?}", report.violations);
 }
 

@@ -94,11 +94,7 @@ async fn a_nul_byte_intent_on_every_partition_is_invalid_and_every_valid_intent_
         assert_eq!(r.reason, ReviewReason::InvalidIntent as i32);
         assert!(r.detail.contains("U+0000"), "{}", r.detail);
     }
-    let c = env.config.clone();
-    let report = tokio::task::spawn_blocking(move || causal_commit::verify::verify(&c, ""))
-        .await
-        .unwrap()
-        .unwrap();
+    let report = verify_report(&env.config, "").await;
     assert!(report.ok, "{:?}", report.violations);
 }
 

@@ -89,11 +89,7 @@ fn assert_no_recovery_points(config: &Config) {
 }
 
 async fn verified(config: &Config, intents: usize) {
-    let c = config.clone();
-    let report = tokio::task::spawn_blocking(move || causal_commit::verify::verify(&c, ""))
-        .await
-        .unwrap()
-        .unwrap();
+    let report = verify_report(config, "").await;
     assert!(report.ok, "{:?}", report.violations);
     assert_eq!(
         report.committed, intents,

@@ -233,10 +233,6 @@ async fn a_partition_at_its_bound_pauses_while_the_others_flow_and_drains_when_i
         };
         assert_eq!(seqs, expected, "contact {contact} in order");
     }
-    let c = cfg.clone();
-    let report = tokio::task::spawn_blocking(move || causal_commit::verify::verify(&c, ""))
-        .await
-        .unwrap()
-        .unwrap();
+    let report = verify_report(&cfg, "").await;
     assert!(report.ok, "{:?}", report.violations);
 }

@@ -21,16 +21,7 @@ use causal_commit::sequencer::{
 };
 use causal_commit::store::recovery::RecoveryPoint;
 use causal_commit::store::snapshot::Held;
-use causal_commit::verify::{verify, Report};
-
-async fn run_verify(config: &Config, prefix: &str) -> Report {
-    let c = config.clone();
-    let p = prefix.to_string();
-    tokio::task::spawn_blocking(move || verify(&c, &p))
-        .await
-        .expect("verifier thread")
-        .expect("verify runs")
-}
+use causal_commit::verify::Report;
 
 fn reasons(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
@@ -117,7 +108,7 @@ async fn a_clean_run_verifies_ok_with_exact_counts_and_per_prefix() {
     .expect("the processor caught up");
     running.stop().await;
 
-    let all = run_verify(&cfg, "").await;
+    let all = verify_report(&cfg, "").await;
     assert_eq!(
         all,
         Report {
@@ -137,14 +128,14 @@ async fn a_clean_run_verifies_ok_with_exact_counts_and_per_prefix() {
     );
 
     // A prefix checks one run's intents (and invalid records keyed with it) only.
-    let p1 = run_verify(&cfg, "p1-").await;
+    let p1 = verify_report(&cfg, "p1-").await;
     assert!(p1.ok, "{p1:#?}");
     assert_eq!(
         (p1.intents, p1.records, p1.invalid_records, p1.committed),
         (5, 6, 0, 4)
     );
     assert_eq!(p1.manual_review, reasons(&[("VERSION_CONFLICT", 1)]));
-    let p2 = run_verify(&cfg, "p2-").await;
+    let p2 = verify_report(&cfg, "p2-").await;
     assert!(p2.ok, "{p2:#?}");
     assert_eq!(
         (p2.intents, p2.records, p2.invalid_records, p2.committed),
@@ -154,7 +145,7 @@ async fn a_clean_run_verifies_ok_with_exact_counts_and_per_prefix() {
         p2.manual_review,
         reasons(&[("IDEMPOTENCY_CONFLICT", 1), ("INVALID_INTENT", 1)])
     );
-    let none = run_verify(&cfg, "nobody-").await;
+    let none = verify_report(&cfg, "nobody-").await;
     assert_eq!(
         none,
         Report {
@@ -415,7 +406,7 @@ async fn the_reading_keeps_committed_batches_of_the_audit_only() {
     .await
     .expect("insert c-6");
 
-    let report = run_verify(&cfg, "").await;
+    let report = verify_report(&cfg, "").await;
     assert_eq!(
         report,
         Report {
@@ -465,7 +456,7 @@ async fn an_unprocessed_intent_is_lost_and_says_why() {
         .expect("migrate");
     produce_intents(&cfg, &[intent("u-1", "c-1", 0)]).await;
 
-    let report = run_verify(&cfg, "").await;
+    let report = verify_report(&cfg, "").await;
     assert!(!report.ok);
     assert_eq!((report.intents, report.records, report.lost), (1, 1, 1));
     assert_eq!(report.committed, 0);

@@ -272,6 +272,17 @@ pub fn read_all(config: &Config, topic: &str) -> Vec<Vec<u8>> {
 }
 
 /// Waits until `topic` holds at least `n` committed records, then returns them all.
+/// `causal-commit verify` on the world's topics and audit (records of `prefix` only), off the
+/// async runtime.
+pub async fn verify_report(config: &Config, prefix: &str) -> causal_commit::verify::Report {
+    let c = config.clone();
+    let p = prefix.to_string();
+    tokio::task::spawn_blocking(move || causal_commit::verify::verify(&c, &p))
+        .await
+        .expect("verifier thread")
+        .expect("verify runs")
+}
+
 pub async fn wait_for(config: &Config, topic: &str, n: usize, within: Duration) -> Vec<Vec<u8>> {
     let deadline = Instant::now() + within;
     loop {
