@@ -234,7 +234,7 @@ impl Default for KafkaConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            max_records: 5000,
+            max_records: 20000,
             max_linger: Duration::from_millis(100),
         }
     }

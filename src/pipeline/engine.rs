@@ -14,14 +14,16 @@
 //!    next batch number and checked against its fencing token;
 //! 6. **commit** the outputs and the consumed offsets (whose metadata names the batch: the
 //!    recovery point) in one Kafka transaction;
-//! 7. **report**, only now that the batch is real: each transition's log line and metrics, the
-//!    idempotency cache's write-through, the lanes' new recovery points.
+//! 7. **report**, only now that the batch is real: the lanes' new recovery points; then, off
+//!    this thread while the next batch is polled, each transition's log line and metrics and
+//!    the idempotency cache's write-through (settled before the next lookup).
 //!
 //! A failure in steps 2, 5 or 6 is handled in one place ([`Engine::fail`]): the in-memory state
 //! is voided, each partition paused, restored from PostgreSQL against the committed offsets
 //! (rows of batches that never committed in Kafka are rolled back), rewound and resumed. See
 //! `docs/exactly-once.md`.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,7 +47,9 @@ use crate::config::Config;
 use crate::intent::{InRecord, InvalidIntent, ValidIntent};
 use crate::sequencer::{self, PriorOutcome};
 use crate::store::lock_store::{self, LockStore};
-use crate::store::postgres::{self as pg, AppliedCommand, BatchWrite, PartitionWrite};
+use crate::store::postgres::{
+    self as pg, AppliedCommand, BatchWrite, PartitionWrite, StoredOutcome, TransitionRow,
+};
 use crate::store::recovery::RecoveryPoint;
 use crate::store::snapshot::Held;
 use crate::telemetry::metrics as m;
@@ -76,6 +80,11 @@ const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 /// How often a partition paused at its bound is read for one batch (its missing predecessors
 /// may be in it).
 const PROBE: Duration = Duration::from_secs(1);
+/// A batch's first record polled this soon after polling began was waiting already: the batch
+/// is behind and does not linger (see `gather`).
+const WAITING_ALREADY: Duration = Duration::from_millis(2);
+/// A batch behind closes once no record came for this long.
+const DRAIN_GAP: Duration = Duration::from_millis(10);
 
 pub struct Engine {
     pub(super) config: Arc<Config>,
@@ -105,6 +114,10 @@ pub struct Engine {
     read: BTreeSet<i32>,
     /// The current batch's step timestamps, made into spans when it ends.
     batch_trace: BatchTrace,
+    /// The last committed batch's write-through and log lines, while they run (see
+    /// [`Engine::report_transitions`]).
+    writing_through: Cell<Option<tokio::task::JoinHandle<()>>>,
+    logging: Cell<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The records of one batch, decoded, per partition, in offset order.
@@ -239,6 +252,8 @@ impl Engine {
             health,
             read: BTreeSet::new(),
             batch_trace: BatchTrace::default(),
+            writing_through: Cell::new(None),
+            logging: Cell::new(None),
         })
     }
 
@@ -271,6 +286,7 @@ impl Engine {
                 break;
             }
         }
+        self.settle_report();
         self.health.set_stopping();
         tracing::info!("engine stopping: releasing leases and leaving the group");
         // The last batches are known committed: a restart after an offset reset resumes
@@ -400,6 +416,7 @@ impl Engine {
 
     /// Gives a partition's lock and lease up (best effort: they expire anyway).
     pub(super) fn release(&self, partition: i32, fence: u64) {
+        self.settle_write_through();
         let topic = &self.topics.intents;
         let (lock, lease) = self.rt.block_on(async {
             (
@@ -521,13 +538,21 @@ impl Engine {
         let linger = self.config.batch.max_linger;
         let max = self.config.batch.max_records;
         let mut started: Option<Instant> = None;
-        let tick_deadline = Instant::now() + linger;
+        let polling_since = Instant::now();
+        let tick_deadline = polling_since + linger;
+        // Records already waiting when polling began (they queued up while the previous batch
+        // was processed): the batch takes what is waiting and closes once the queue is empty,
+        // without lingering, which would only add to their wait. Lingering gathers records
+        // that trickle in; a batch behind has them already.
+        let mut behind = false;
         loop {
             let timeout = match started {
+                Some(_) if behind => DRAIN_GAP,
                 None => tick_deadline.saturating_duration_since(Instant::now()),
                 Some(t) => linger.saturating_sub(t.elapsed()),
             };
             let polled = self.consumer.poll(timeout.max(Duration::from_millis(1)));
+            let drained = behind && polled.is_none();
             let (revoked, changed) = self.ctx.peek_events();
             if revoked {
                 if !records.is_empty() {
@@ -546,7 +571,10 @@ impl Engine {
                         lane.at_end = false;
                     }
                     records.push(in_record(&msg));
-                    started.get_or_insert_with(Instant::now);
+                    if started.is_none() {
+                        behind = polling_since.elapsed() < WAITING_ALREADY;
+                        started = Some(Instant::now());
+                    }
                     metrics::counter!(m::RECORDS_CONSUMED).increment(1);
                 }
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
@@ -563,7 +591,7 @@ impl Engine {
                 Some(t) => t.elapsed() >= linger,
                 None => Instant::now() >= tick_deadline,
             };
-            if full || old || changed || self.shutdown.is_cancelled() {
+            if full || old || drained || changed || self.shutdown.is_cancelled() {
                 self.note_end_offsets(&ends);
                 return Some(records);
             }
@@ -828,6 +856,7 @@ impl Engine {
 
     /// Step 2: what the idempotency store knows of the batch's intent ids (one round trip).
     fn look_up(&self, input: &Decoded) -> Result<HashMap<String, PriorOutcome>, lock_store::Error> {
+        self.settle_write_through();
         let ids: Vec<String> = input
             .partitions
             .values()
@@ -1102,6 +1131,7 @@ impl Engine {
         let mut records = 0;
         let mut outcomes = Vec::new();
         let mut committed = Vec::with_capacity(plan.partitions.len());
+        let mut rows = Vec::with_capacity(plan.partitions.len());
         for (p, part) in plan.partitions {
             committed.push((p, part.fence, part.batch_no));
             if self.isolation.committed(p, part.next_offset) {
@@ -1131,22 +1161,65 @@ impl Engine {
                 }
             }
             records += part.plan.transitions.len();
-            for (row, note) in part.plan.transitions.iter().zip(&part.plan.notes) {
-                report::transition(row, note);
-            }
             outcomes.extend(report::idempotency_outcomes(&part.plan.transitions));
+            rows.push((part.plan.transitions, part.plan.notes));
         }
         metrics::histogram!(m::BATCH_RECORDS).record(records as f64);
         let now_ms = output::now_ms();
         metrics::gauge!(m::LAST_COMMIT_TIMESTAMP).set(now_ms as f64 / 1000.0);
         self.health.committed(now_ms);
-        // Write-through of the batch's outcomes (one Redis round trip).
-        if let Err(e) = self.rt.block_on(self.locks.record(&outcomes)) {
-            tracing::warn!(error = %e, "recording outcomes in the idempotency store failed");
-        }
+        self.report_transitions(rows, outcomes);
         self.mark_committed(committed);
         self.apply_backpressure();
         self.next_gauges_at = Instant::now();
+    }
+
+    /// The committed batch's log lines and metrics (one per transition), and the write-through
+    /// of its outcomes to the idempotency cache (one Redis round trip): off the engine's
+    /// thread, while the next batch is gathered and decoded. The write-through is settled
+    /// before the lock store is used again (the next lookup sees it, as if it were written
+    /// here), the log lines before the next batch's (they keep their batches' order).
+    fn report_transitions(
+        &self,
+        rows: Vec<(Vec<TransitionRow>, Vec<translate::Note>)>,
+        outcomes: Vec<StoredOutcome>,
+    ) {
+        self.settle_report();
+        let locks = self.locks.clone();
+        let writing = self.rt.spawn(async move {
+            if let Err(e) = locks.record(&outcomes).await {
+                tracing::warn!(error = %e, "recording outcomes in the idempotency store failed");
+            }
+        });
+        let logging = self.rt.spawn_blocking(move || {
+            for (transitions, notes) in &rows {
+                for (row, note) in transitions.iter().zip(notes) {
+                    report::transition(row, note);
+                }
+            }
+        });
+        self.writing_through.set(Some(writing));
+        self.logging.set(Some(logging));
+    }
+
+    /// Waits for the last committed batch's write-through (see
+    /// [`Engine::report_transitions`]).
+    pub(super) fn settle_write_through(&self) {
+        if let Some(task) = self.writing_through.take() {
+            if let Err(e) = self.rt.block_on(task) {
+                tracing::error!(error = %e, "writing a committed batch's outcomes through failed");
+            }
+        }
+    }
+
+    /// Waits for the last committed batch's whole report (see [`Engine::report_transitions`]).
+    fn settle_report(&self) {
+        self.settle_write_through();
+        if let Some(task) = self.logging.take() {
+            if let Err(e) = self.rt.block_on(task) {
+                tracing::error!(error = %e, "reporting a committed batch's transitions failed");
+            }
+        }
     }
 
     /// Tells PostgreSQL which batches are now committed, off the engine's thread (best effort:

@@ -54,6 +54,7 @@ impl Engine {
     // Over 80 lines on purpose: the recovery procedure of docs/exactly-once.md, step by step in
     // its order (lock, fence, recovery point, roll back, Redis, rebuild, rewind), each step a call.
     pub(super) fn restore(&mut self, partition: i32, rewind: bool) -> Result<Lane, RestoreError> {
+        self.settle_write_through();
         let started = Instant::now();
         let topic = self.topics.intents.to_string();
         // The lock (Redis, or the PostgreSQL lease on fallback) first, then a fencing token
