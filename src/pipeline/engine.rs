@@ -96,8 +96,9 @@ pub struct Engine {
     shutdown: CancellationToken,
     pub(super) rt: tokio::runtime::Handle,
     pub(super) pool: PgPool,
-    /// Locks and idempotency: Redis, with PostgreSQL as the fallback.
-    pub(super) locks: Arc<LockStore>,
+    /// Locks and idempotency: Redis, with PostgreSQL as the fallback. Used through
+    /// [`Engine::locks`] only, which settles the last batch's write-through first.
+    lock_store: Arc<LockStore>,
     pub(super) writer: String,
     pub(super) lanes: BTreeMap<i32, Lane>,
     pub(super) assignment: Assignment,
@@ -240,7 +241,7 @@ impl Engine {
             shutdown,
             rt,
             pool,
-            locks,
+            lock_store: locks,
             writer,
             lanes: BTreeMap::new(),
             assignment: Assignment::default(),
@@ -416,11 +417,10 @@ impl Engine {
 
     /// Gives a partition's lock and lease up (best effort: they expire anyway).
     pub(super) fn release(&self, partition: i32, fence: u64) {
-        self.settle_write_through();
         let topic = &self.topics.intents;
         let (lock, lease) = self.rt.block_on(async {
             (
-                self.locks
+                self.locks()
                     .release_lock(topic, partition, &self.writer)
                     .await,
                 pg::release_partition(&self.pool, topic, partition, fence).await,
@@ -856,13 +856,12 @@ impl Engine {
 
     /// Step 2: what the idempotency store knows of the batch's intent ids (one round trip).
     fn look_up(&self, input: &Decoded) -> Result<HashMap<String, PriorOutcome>, lock_store::Error> {
-        self.settle_write_through();
         let ids: Vec<String> = input
             .partitions
             .values()
             .flat_map(|p| p.valid.iter().map(|(_, v)| v.intent.intent_id.clone()))
             .collect();
-        let known = self.rt.block_on(self.locks.lookup(&ids))?;
+        let known = self.rt.block_on(self.locks().lookup(&ids))?;
         Ok(known.into_iter().map(|o| (o.intent_id, o.prior)).collect())
     }
 
@@ -1185,7 +1184,7 @@ impl Engine {
         outcomes: Vec<StoredOutcome>,
     ) {
         self.settle_report();
-        let locks = self.locks.clone();
+        let locks = self.lock_store.clone();
         let writing = self.rt.spawn(async move {
             if let Err(e) = locks.record(&outcomes).await {
                 tracing::warn!(error = %e, "recording outcomes in the idempotency store failed");
@@ -1202,9 +1201,16 @@ impl Engine {
         self.logging.set(Some(logging));
     }
 
+    /// The lock store, once the last committed batch's write-through is done: every use (a
+    /// lookup, a lock, a restore) sees it, as if it had been written on this thread.
+    pub(super) fn locks(&self) -> &LockStore {
+        self.settle_write_through();
+        &self.lock_store
+    }
+
     /// Waits for the last committed batch's write-through (see
     /// [`Engine::report_transitions`]).
-    pub(super) fn settle_write_through(&self) {
+    fn settle_write_through(&self) {
         if let Some(task) = self.writing_through.take() {
             if let Err(e) = self.rt.block_on(task) {
                 tracing::error!(error = %e, "writing a committed batch's outcomes through failed");

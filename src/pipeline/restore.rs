@@ -54,7 +54,6 @@ impl Engine {
     // Over 80 lines on purpose: the recovery procedure of docs/exactly-once.md, step by step in
     // its order (lock, fence, recovery point, roll back, Redis, rebuild, rewind), each step a call.
     pub(super) fn restore(&mut self, partition: i32, rewind: bool) -> Result<Lane, RestoreError> {
-        self.settle_write_through();
         let started = Instant::now();
         let topic = self.topics.intents.to_string();
         // The lock (Redis, or the PostgreSQL lease on fallback) first, then a fencing token
@@ -62,7 +61,7 @@ impl Engine {
         let lease = self.config.locks.lease;
         let lock =
             self.rt.block_on(
-                self.locks
+                self.locks()
                     .acquire_lock(&topic, partition, &self.writer, lease),
             )?;
         if let LockResult::Held { owner, ttl } = lock {
@@ -97,8 +96,8 @@ impl Engine {
         // The idempotency cache catches up with the last committed batch (a crash may have
         // come between that batch's commit and its write-through).
         self.rt
-            .block_on(self.locks.partition_restored(&topic, partition, batch_no))?;
-        self.rt.block_on(self.locks.outcomes_rolled_back(
+            .block_on(self.locks().partition_restored(&topic, partition, batch_no))?;
+        self.rt.block_on(self.locks().outcomes_rolled_back(
             &topic,
             partition,
             &restored.rolled_back_outcomes,
