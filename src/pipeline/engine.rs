@@ -418,11 +418,11 @@ impl Engine {
     /// Gives a partition's lock and lease up (best effort: they expire anyway).
     pub(super) fn release(&self, partition: i32, fence: u64) {
         let topic = &self.topics.intents;
+        // Outside the future: settling the write-through blocks on the runtime.
+        let locks = self.locks();
         let (lock, lease) = self.rt.block_on(async {
             (
-                self.locks()
-                    .release_lock(topic, partition, &self.writer)
-                    .await,
+                locks.release_lock(topic, partition, &self.writer).await,
                 pg::release_partition(&self.pool, topic, partition, fence).await,
             )
         });
@@ -1202,7 +1202,8 @@ impl Engine {
     }
 
     /// The lock store, once the last committed batch's write-through is done: every use (a
-    /// lookup, a lock, a restore) sees it, as if it had been written on this thread.
+    /// lookup, a lock, a restore) sees it, as if it had been written on this thread. Blocks on
+    /// the runtime: call it outside any future.
     pub(super) fn locks(&self) -> &LockStore {
         self.settle_write_through();
         &self.lock_store
