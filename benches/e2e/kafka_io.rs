@@ -125,7 +125,17 @@ impl Progress {
         for p in &self.partitions {
             tpl.add_partition(&self.topic, *p);
         }
-        let committed = self.reader.committed_offsets(tpl, TIMEOUT)?;
+        // A fresh broker creates the offsets topic on the first request, and answers "not
+        // coordinator" or "loading" until it has: retried, as every Kafka client does.
+        let deadline = Instant::now() + COORDINATOR_WAIT;
+        let committed = loop {
+            match self.reader.committed_offsets(tpl.clone(), TIMEOUT) {
+                Err(e) if coordinator_not_ready(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => break other?,
+            }
+        };
         Ok(committed
             .elements()
             .iter()
@@ -139,6 +149,20 @@ impl Progress {
     pub fn end(&self) -> anyhow::Result<i64> {
         end_offsets(&self.reader, &self.topic)
     }
+}
+
+/// How long the group's coordinator may take to become available on a fresh broker.
+const COORDINATOR_WAIT: Duration = Duration::from_secs(60);
+
+fn coordinator_not_ready(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+        )
+    )
 }
 
 /// How the fixed-rate production went.
