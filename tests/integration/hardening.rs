@@ -103,7 +103,8 @@ async fn a_record_the_durable_write_refuses_is_unprocessable_and_its_partition_k
     let env = TestEnv::new("poison", 2).await;
     let cfg = env.config.clone();
     // A limit set low, which validation knows nothing of: a contact state over 2,000 bytes
-    // is refused by the durable write (SQLSTATE 23514).
+    // is refused by the durable write (SQLSTATE 23514). The big record's 3,000-byte payload
+    // makes its contact's state about 4,300 bytes once it waits (its bytes stored as base64).
     let (ok, _, err) = cli(&cfg, &["migrate"]);
     assert!(ok, "migrate: {err}");
     let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
@@ -121,7 +122,7 @@ async fn a_record_the_durable_write_refuses_is_unprocessable_and_its_partition_k
     // Partition 0: five contacts, and a contact whose sequence 2 arrives first, with a payload
     // too large for the limit once it waits in the contact's state.
     let mut big2 = intent("big-i2", "big", 2);
-    big2.payload = vec![b'x'; 1_000].into();
+    big2.payload = vec![b'x'; 3_000].into();
     let mut p0: Vec<Intent> = (0..5)
         .map(|k| intent(&format!("a{k}-i1"), &format!("a{k}"), 1))
         .collect();
