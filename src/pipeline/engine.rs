@@ -35,6 +35,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::assignment::{Assignment, PauseCause};
+use super::gather::BatchClock;
 use super::health::Health;
 use super::isolation::{Isolation, Verdict};
 use super::kafka::{self, EngineConsumer, EngineContext, TxnProducer};
@@ -80,11 +81,6 @@ const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 /// How often a partition paused at its bound is read for one batch (its missing predecessors
 /// may be in it).
 const PROBE: Duration = Duration::from_secs(1);
-/// A batch's first record polled this soon after polling began was waiting already: the batch
-/// is behind and does not linger (see `gather`).
-const WAITING_ALREADY: Duration = Duration::from_millis(2);
-/// A batch behind closes once no record came for this long.
-const DRAIN_GAP: Duration = Duration::from_millis(10);
 
 pub struct Engine {
     pub(super) config: Arc<Config>,
@@ -535,24 +531,14 @@ impl Engine {
         self.read.clear();
         let mut records = Vec::new();
         let mut ends = BTreeSet::new();
-        let linger = self.config.batch.max_linger;
-        let max = self.config.batch.max_records;
-        let mut started: Option<Instant> = None;
-        let polling_since = Instant::now();
-        let tick_deadline = polling_since + linger;
-        // Records already waiting when polling began (they queued up while the previous batch
-        // was processed): the batch takes what is waiting and closes once the queue is empty,
-        // without lingering, which would only add to their wait. Lingering gathers records
-        // that trickle in; a batch behind has them already.
-        let mut behind = false;
+        let mut clock = BatchClock::new(
+            self.config.batch.max_linger,
+            self.config.batch.max_records,
+            Instant::now(),
+        );
         loop {
-            let timeout = match started {
-                Some(_) if behind => DRAIN_GAP,
-                None => tick_deadline.saturating_duration_since(Instant::now()),
-                Some(t) => linger.saturating_sub(t.elapsed()),
-            };
-            let polled = self.consumer.poll(timeout.max(Duration::from_millis(1)));
-            let drained = behind && polled.is_none();
+            let polled = self.consumer.poll(clock.poll_timeout(Instant::now()));
+            let polled_nothing = polled.is_none();
             let (revoked, changed) = self.ctx.peek_events();
             if revoked {
                 if !records.is_empty() {
@@ -571,10 +557,7 @@ impl Engine {
                         lane.at_end = false;
                     }
                     records.push(in_record(&msg));
-                    if started.is_none() {
-                        behind = polling_since.elapsed() < WAITING_ALREADY;
-                        started = Some(Instant::now());
-                    }
+                    clock.record(Instant::now());
                     metrics::counter!(m::RECORDS_CONSUMED).increment(1);
                 }
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
@@ -586,12 +569,10 @@ impl Engine {
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => {}
             }
-            let full = records.len() >= max;
-            let old = match started {
-                Some(t) => t.elapsed() >= linger,
-                None => Instant::now() >= tick_deadline,
-            };
-            if full || old || drained || changed || self.shutdown.is_cancelled() {
+            if clock.closes(Instant::now(), records.len(), polled_nothing)
+                || changed
+                || self.shutdown.is_cancelled()
+            {
                 self.note_end_offsets(&ends);
                 return Some(records);
             }

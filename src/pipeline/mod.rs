@@ -3,6 +3,7 @@
 
 pub mod assignment;
 pub mod engine;
+pub mod gather;
 pub mod health;
 pub mod isolation;
 pub mod kafka;

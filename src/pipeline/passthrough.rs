@@ -17,6 +17,7 @@ use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::Offset;
 use tokio_util::sync::CancellationToken;
 
+use super::gather::BatchClock;
 use super::kafka::{self, EngineConsumer, EngineContext, TxnProducer};
 use crate::config::Config;
 use crate::telemetry::metrics as m;
@@ -153,20 +154,19 @@ impl Passthrough {
         }
     }
 
-    /// Polls until the batch is full or old enough, like the engine. `None` when a revocation
-    /// voided it (nothing was produced yet; the next owner starts from the committed offsets).
+    /// Polls until the batch closes, by the engine's rule ([`BatchClock`]). `None` when a
+    /// revocation voided it (nothing was produced yet; the next owner starts from the committed
+    /// offsets).
     fn gather(&mut self) -> Option<Batch> {
         let mut batch = Batch::default();
-        let linger = self.config.batch.max_linger;
-        let max = self.config.batch.max_records;
-        let tick_deadline = Instant::now() + linger;
-        let mut started: Option<Instant> = None;
+        let mut clock = BatchClock::new(
+            self.config.batch.max_linger,
+            self.config.batch.max_records,
+            Instant::now(),
+        );
         loop {
-            let timeout = match started {
-                None => tick_deadline.saturating_duration_since(Instant::now()),
-                Some(t) => linger.saturating_sub(t.elapsed()),
-            };
-            let polled = self.consumer.poll(timeout.max(Duration::from_millis(1)));
+            let polled = self.consumer.poll(clock.poll_timeout(Instant::now()));
+            let polled_nothing = polled.is_none();
             let (revoked, changed) = {
                 let mut ev = self
                     .ctx
@@ -197,19 +197,17 @@ impl Passthrough {
                         value: msg.payload().map(<[u8]>::to_vec),
                         headers: msg.headers().map(|h| h.detach()),
                     });
-                    started.get_or_insert_with(Instant::now);
+                    clock.record(Instant::now());
                     metrics::counter!(m::RECORDS_CONSUMED).increment(1);
                 }
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => {}
             }
-            let full = batch.records.len() >= max;
-            let old = match started {
-                Some(t) => t.elapsed() >= linger,
-                None => Instant::now() >= tick_deadline,
-            };
-            if full || old || changed || self.shutdown.is_cancelled() {
+            if clock.closes(Instant::now(), batch.records.len(), polled_nothing)
+                || changed
+                || self.shutdown.is_cancelled()
+            {
                 return Some(batch);
             }
         }

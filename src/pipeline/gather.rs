@@ -1,0 +1,145 @@
+//! When a batch being polled closes: the one rule the engine and the passthrough share.
+//!
+//! A batch closes when it is full (`batch.max_records`), when its first record has waited
+//! `batch.max_linger`, or, with no record yet, when the linger since polling began is over (the
+//! engine's tick). Records that trickle in are worth lingering for; records already waiting when
+//! polling began (they queued up while the previous batch was processed) are not: such a batch
+//! is *behind*, takes what is waiting and closes once the queue is drained ([`DRAIN_GAP`] with
+//! no record), which would otherwise only add to their wait.
+//!
+//! Pure: every method takes the time, so the rule is tested without a clock.
+
+use std::time::{Duration, Instant};
+
+/// A batch's first record polled this soon after polling began was waiting already: the batch
+/// is behind and does not linger. librdkafka does not expose its queue's length on a consumer,
+/// so how soon the first record comes is the sign.
+pub const WAITING_ALREADY: Duration = Duration::from_millis(2);
+/// A batch behind closes once no record came for this long.
+pub const DRAIN_GAP: Duration = Duration::from_millis(10);
+/// The shortest poll: a zero timeout would spin.
+const MIN_POLL: Duration = Duration::from_millis(1);
+
+/// The state of one batch being polled.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchClock {
+    linger: Duration,
+    max_records: usize,
+    polling_since: Instant,
+    /// When the first record came.
+    started: Option<Instant>,
+    behind: bool,
+}
+
+impl BatchClock {
+    /// A batch starts polling at `now`.
+    pub fn new(linger: Duration, max_records: usize, now: Instant) -> Self {
+        BatchClock {
+            linger,
+            max_records,
+            polling_since: now,
+            started: None,
+            behind: false,
+        }
+    }
+
+    /// How long the next poll may wait.
+    pub fn poll_timeout(&self, now: Instant) -> Duration {
+        let t = match self.started {
+            Some(_) if self.behind => DRAIN_GAP,
+            None => (self.polling_since + self.linger).saturating_duration_since(now),
+            Some(t) => self.linger.saturating_sub(now.saturating_duration_since(t)),
+        };
+        t.max(MIN_POLL)
+    }
+
+    /// A record was polled at `now`.
+    pub fn record(&mut self, now: Instant) {
+        if self.started.is_none() {
+            self.behind = now.saturating_duration_since(self.polling_since) < WAITING_ALREADY;
+            self.started = Some(now);
+        }
+    }
+
+    /// Whether the batch, holding `records` after a poll that returned nothing at all
+    /// (`polled_nothing`: the poll timed out), closes at `now`.
+    pub fn closes(&self, now: Instant, records: usize, polled_nothing: bool) -> bool {
+        let drained = self.behind && polled_nothing;
+        let full = records >= self.max_records;
+        let old = match self.started {
+            Some(t) => now.saturating_duration_since(t) >= self.linger,
+            None => now >= self.polling_since + self.linger,
+        };
+        full || old || drained
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINGER: Duration = Duration::from_millis(100);
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn an_empty_batch_waits_out_the_linger_then_closes() {
+        let t0 = Instant::now();
+        let c = BatchClock::new(LINGER, 10, t0);
+        assert_eq!(c.poll_timeout(t0), LINGER);
+        assert_eq!(c.poll_timeout(t0 + 40 * MS), 60 * MS);
+        assert!(!c.closes(t0 + 99 * MS, 0, true));
+        assert!(c.closes(t0 + LINGER, 0, true));
+        assert_eq!(
+            c.poll_timeout(t0 + 2 * LINGER),
+            MIN_POLL,
+            "never a zero poll"
+        );
+    }
+
+    #[test]
+    fn trickling_records_linger_from_the_first_one() {
+        let t0 = Instant::now();
+        let mut c = BatchClock::new(LINGER, 10, t0);
+        c.record(t0 + 30 * MS);
+        assert_eq!(c.poll_timeout(t0 + 30 * MS), LINGER);
+        // A poll that timed out does not close a batch that is not behind.
+        assert!(!c.closes(t0 + 50 * MS, 1, true));
+        c.record(t0 + 60 * MS);
+        assert_eq!(
+            c.poll_timeout(t0 + 60 * MS),
+            70 * MS,
+            "the first record sets the age"
+        );
+        assert!(!c.closes(t0 + 129 * MS, 2, false));
+        assert!(c.closes(t0 + 130 * MS, 2, false));
+    }
+
+    #[test]
+    fn a_batch_whose_records_were_waiting_closes_once_drained() {
+        let t0 = Instant::now();
+        let mut c = BatchClock::new(LINGER, 10, t0);
+        c.record(t0 + MS);
+        assert_eq!(c.poll_timeout(t0 + MS), DRAIN_GAP);
+        c.record(t0 + 2 * MS);
+        assert!(!c.closes(t0 + 2 * MS, 2, false), "records still coming");
+        assert!(c.closes(t0 + 12 * MS, 2, true), "the queue is drained");
+    }
+
+    #[test]
+    fn a_first_record_at_the_threshold_is_not_behind() {
+        let t0 = Instant::now();
+        let mut c = BatchClock::new(LINGER, 10, t0);
+        c.record(t0 + WAITING_ALREADY);
+        assert!(!c.closes(t0 + 20 * MS, 1, true));
+        assert_eq!(c.poll_timeout(t0 + WAITING_ALREADY), LINGER);
+    }
+
+    #[test]
+    fn a_full_batch_closes_at_once() {
+        let t0 = Instant::now();
+        let mut c = BatchClock::new(LINGER, 3, t0);
+        c.record(t0 + 50 * MS);
+        assert!(!c.closes(t0 + 50 * MS, 2, false));
+        assert!(c.closes(t0 + 50 * MS, 3, false));
+    }
+}
