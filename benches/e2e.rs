@@ -66,6 +66,10 @@ cargo bench --bench e2e -- [flags]      (make bench BENCH_ARGS=\"[flags]\")
   --latency-seconds S      length of each fixed-rate latency phase (10)
   --latency-max N          at most this many intents per latency phase (50000)
   --no-latency             skip the latency phases
+  --rounds N               backlog runs per consumer, interleaved (passthrough, full, ..., then
+                           again); the latency phases run in the first round only; the table
+                           gives each consumer's median intents/s and each ratio the median of
+                           the rounds' own ratios (3)
   --max-records N          batch.max_records of the Rust consumers (config default)
   --max-linger MS          batch.max_linger in ms (config default)
   --ks-threads N           Kafka Streams stream threads (2)
@@ -133,6 +137,7 @@ struct Args {
     latency_seconds: f64,
     latency_max: usize,
     latency: bool,
+    rounds: usize,
     max_records: Option<usize>,
     max_linger_ms: Option<u64>,
     ks_threads: usize,
@@ -172,6 +177,7 @@ impl Args {
             latency_seconds: 10.0,
             latency_max: 50_000,
             latency: true,
+            rounds: 3,
             max_records: None,
             max_linger_ms: None,
             ks_threads: 2,
@@ -214,6 +220,7 @@ impl Args {
                 "--latency-seconds" => a.latency_seconds = num(&flag, &value()?)?,
                 "--latency-max" => a.latency_max = num(&flag, &value()?)?,
                 "--no-latency" => a.latency = false,
+                "--rounds" => a.rounds = num(&flag, &value()?)?,
                 "--max-records" => a.max_records = Some(num(&flag, &value()?)?),
                 "--max-linger" => a.max_linger_ms = Some(num(&flag, &value()?)?),
                 "--ks-threads" => a.ks_threads = num(&flag, &value()?)?,
@@ -234,6 +241,7 @@ impl Args {
         anyhow::ensure!(a.intents > 0, "--intents must be above 0");
         anyhow::ensure!(a.per_contact > 0, "--per-contact must be above 0");
         anyhow::ensure!(a.partitions > 0, "--partitions must be above 0");
+        anyhow::ensure!(a.rounds > 0, "--rounds must be above 0");
         anyhow::ensure!(
             (0.0..=1.0).contains(&a.strict_fraction),
             "--strict-fraction must be within 0..1"
@@ -294,7 +302,10 @@ struct Report {
     measured_at: String,
     machine: Machine,
     params: Args,
+    /// The first round: backlog and latency phases.
     consumers: Vec<ConsumerReport>,
+    /// Rounds 2.. (`--rounds`): backlog runs only.
+    later_rounds: Vec<Vec<ConsumerReport>>,
     full_two_instances: Option<ConsumerReport>,
     many_contacts: Option<ManyContacts>,
     ratios: report::Ratios,
@@ -356,23 +367,33 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
         dir,
         clk_tck: children::clk_tck(),
     };
-    let mut consumers = Vec::new();
+    // Interleaved rounds: the machine's drift over minutes (measured: the same consumer alone
+    // 13,000 to 23,000 intents/s run to run) falls on every consumer of a round alike, so each
+    // round's ratios are side by side and their median is the figure.
+    let mut rounds: Vec<Vec<ConsumerReport>> = Vec::new();
     let mut errors = Vec::new();
-    for kind in &args.consumers {
-        let spec = Spec {
-            kind: *kind,
-            label: kind.name().into(),
-            instances: 1,
-            latency: args.latency,
-            preload: Preload::Demo,
-        };
-        match bench.run_world(&spec) {
-            Ok(r) => consumers.push(r),
-            Err(e) => {
-                eprintln!("bench: {} failed: {e:#}", kind.name());
-                errors.push(format!("{}: {e:#}", kind.name()));
+    for round in 1..=args.rounds {
+        let mut this = Vec::new();
+        for kind in &args.consumers {
+            let spec = Spec {
+                kind: *kind,
+                label: match round {
+                    1 => kind.name().into(),
+                    n => format!("{}-r{n}", kind.name()),
+                },
+                instances: 1,
+                latency: args.latency && round == 1,
+                preload: Preload::Demo,
+            };
+            match bench.run_world(&spec) {
+                Ok(r) => this.push(r),
+                Err(e) => {
+                    eprintln!("bench: {} failed: {e:#}", spec.label);
+                    errors.push(format!("{}: {e:#}", spec.label));
+                }
             }
         }
+        rounds.push(this);
     }
     let mut two = None;
     if args.scale_out {
@@ -409,8 +430,11 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
             Err(e) => errors.push(format!("many contacts: {e:#}")),
         }
     }
-    let ratios = report::ratios(&consumers, two.as_ref());
-    let table = report::markdown(&consumers, two.as_ref(), &ratios);
+    let ratios = report::ratios(&rounds, two.as_ref());
+    let table = report::markdown(&rounds, two.as_ref(), &ratios);
+    let mut rounds = rounds.into_iter();
+    let consumers = rounds.next().unwrap_or_default();
+    let later_rounds: Vec<_> = rounds.collect();
     let loadavg_end = children::loadavg();
     let full = Report {
         measured_at: chrono::Utc::now().to_rfc3339(),
@@ -421,6 +445,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
         },
         params: args.clone(),
         consumers,
+        later_rounds,
         full_two_instances: two,
         many_contacts: many,
         ratios,

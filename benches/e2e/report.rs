@@ -178,31 +178,67 @@ pub fn progress(samples: &[Sample], max: usize) -> Vec<(f64, i64)> {
     out
 }
 
+/// One ratio of two consumers' steady-state rates: the median of the rounds' own ratios (each
+/// round runs every consumer once, one after the other), and each round's.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    pub median: f64,
+    pub by_round: Vec<f64>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Ratios {
     /// Contract: at least 2.
-    pub full_over_kafka_streams: Option<f64>,
+    pub full_over_kafka_streams: Option<Ratio>,
     /// Contract: at least 0.5.
-    pub full_over_passthrough: Option<f64>,
-    pub fallback_over_full: Option<f64>,
-    /// Two instances of the group on the box, over one.
+    pub full_over_passthrough: Option<Ratio>,
+    pub fallback_over_full: Option<Ratio>,
+    /// Two instances of the group on the box (one run), over the median rate of one.
     pub full_two_instances_over_one: Option<f64>,
 }
 
-pub fn ratios(consumers: &[ConsumerReport], two: Option<&ConsumerReport>) -> Ratios {
-    let rate = |name: &str| {
-        consumers
+/// The median of some figures (the mean of the middle two for an even count); `None` if empty.
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// A consumer's steady-state rate in one round, if it ran and committed anything.
+fn rate(round: &[ConsumerReport], name: &str) -> Option<f64> {
+    round
+        .iter()
+        .find(|c| c.name == name)
+        .map(|c| c.throughput.intents_per_s)
+        .filter(|r| *r > 0.0)
+}
+
+/// A consumer's steady-state rates, one per round it ran in.
+pub fn rates(rounds: &[Vec<ConsumerReport>], name: &str) -> Vec<f64> {
+    rounds.iter().filter_map(|r| rate(r, name)).collect()
+}
+
+pub fn ratios(rounds: &[Vec<ConsumerReport>], two: Option<&ConsumerReport>) -> Ratios {
+    let ratio = |a: &str, b: &str| {
+        let by_round: Vec<f64> = rounds
             .iter()
-            .find(|c| c.name == name)
-            .map(|c| c.throughput.intents_per_s)
-            .filter(|r| *r > 0.0)
+            .filter_map(|r| rate(r, a).zip(rate(r, b)).map(|(a, b)| a / b))
+            .collect();
+        median(by_round.clone()).map(|median| Ratio { median, by_round })
     };
-    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    let full = median(rates(rounds, "full"));
     Ratios {
-        full_over_kafka_streams: ratio(rate("full"), rate("kafka-streams")),
-        full_over_passthrough: ratio(rate("full"), rate("passthrough")),
-        fallback_over_full: ratio(rate("fallback"), rate("full")),
-        full_two_instances_over_one: ratio(two.map(|c| c.throughput.intents_per_s), rate("full")),
+        full_over_kafka_streams: ratio("full", "kafka-streams"),
+        full_over_passthrough: ratio("full", "passthrough"),
+        fallback_over_full: ratio("fallback", "full"),
+        full_two_instances_over_one: two
+            .map(|c| c.throughput.intents_per_s)
+            .zip(full)
+            .map(|(two, one)| two / one),
     }
 }
 
@@ -229,15 +265,28 @@ fn lat(l: &Option<Latency>) -> String {
     }
 }
 
-pub fn markdown(consumers: &[ConsumerReport], two: Option<&ConsumerReport>, r: &Ratios) -> String {
+/// The table: every column from the first round, intents/s the median over the rounds; then
+/// each round's rates and the ratios.
+pub fn markdown(
+    rounds: &[Vec<ConsumerReport>],
+    two: Option<&ConsumerReport>,
+    r: &Ratios,
+) -> String {
+    let first: &[ConsumerReport] = rounds.first().map_or(&[], Vec::as_slice);
+    let n = rounds.len();
     let mut s = String::new();
-    s.push_str(
-        "| consumer | start-up s | intents/s | latency ms p50 / p99 / max, full speed | \
+    s.push_str(&format!(
+        "| consumer | start-up s | intents/s{} | latency ms p50 / p99 / max, full speed | \
          latency ms p50 / p99 / max, half speed | CPU s / 1k intents (process, machine) | \
          peak RSS MiB | PG rows / intent (schema, db) | PG WAL bytes / intent | outputs |\n",
-    );
+        if n > 1 {
+            format!(" (median of {n} rounds)")
+        } else {
+            String::new()
+        }
+    ));
     s.push_str("|---|---:|---:|---|---|---:|---:|---:|---:|---|\n");
-    for c in consumers.iter().chain(two) {
+    for c in first.iter().chain(two) {
         let pg = if c.pg.intents > 0 {
             (
                 format!(
@@ -249,15 +298,27 @@ pub fn markdown(consumers: &[ConsumerReport], two: Option<&ConsumerReport>, r: &
         } else {
             ("0".into(), "0".into())
         };
-        let name = if c.instances > 1 {
-            format!("{} ×{}", c.name, c.instances)
+        let (name, per_s) = if c.instances > 1 {
+            (
+                format!("{} ×{}", c.name, c.instances),
+                c.throughput.intents_per_s,
+            )
         } else {
-            c.name.clone()
+            (
+                c.name.clone(),
+                median(rates(rounds, &c.name)).unwrap_or(0.0),
+            )
         };
+        let outputs_ok = c.outputs_ok
+            && (c.instances > 1
+                || rounds
+                    .iter()
+                    .flatten()
+                    .filter(|o| o.name == c.name)
+                    .all(|o| o.outputs_ok));
         s.push_str(&format!(
-            "| {name} | {:.2} | {:.0} | {} | {} | {:.3}, {:.3} | {:.0} | {} | {} | {} |\n",
+            "| {name} | {:.2} | {per_s:.0} | {} | {} | {:.3}, {:.3} | {:.0} | {} | {} | {} |\n",
             c.throughput.startup_s,
-            c.throughput.intents_per_s,
             lat(&c.latency_full_speed),
             lat(&c.latency_half_speed),
             c.throughput.cpu_s_per_1k,
@@ -265,22 +326,39 @@ pub fn markdown(consumers: &[ConsumerReport], two: Option<&ConsumerReport>, r: &
             c.peak_rss_mib,
             pg.0,
             pg.1,
-            if c.outputs_ok { "ok" } else { "MISMATCH" },
+            if outputs_ok { "ok" } else { "MISMATCH" },
         ));
     }
-    let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    if n > 1 {
+        let by_round: Vec<String> = first
+            .iter()
+            .map(|c| {
+                let v: Vec<String> = rates(rounds, &c.name)
+                    .iter()
+                    .map(|r| format!("{r:.0}"))
+                    .collect();
+                format!("{} {}", c.name, v.join(" / "))
+            })
+            .collect();
+        s.push_str(&format!("\nintents/s by round: {}\n", by_round.join(" · ")));
+    }
+    let f = |v: &Option<Ratio>| match v {
+        None => "-".to_string(),
+        Some(r) if r.by_round.len() > 1 => {
+            let each: Vec<String> = r.by_round.iter().map(|v| format!("{v:.2}")).collect();
+            format!("{:.2} (rounds: {})", r.median, each.join(" / "))
+        }
+        Some(r) => format!("{:.2}", r.median),
+    };
     s.push_str(&format!(
         "\nfull / kafka-streams = {} (contract: >= 2) · full / passthrough = {} (contract: >= 0.5) \
          · fallback / full = {}",
-        f(r.full_over_kafka_streams),
-        f(r.full_over_passthrough),
-        f(r.fallback_over_full)
+        f(&r.full_over_kafka_streams),
+        f(&r.full_over_passthrough),
+        f(&r.fallback_over_full)
     ));
-    if r.full_two_instances_over_one.is_some() {
-        s.push_str(&format!(
-            " · full ×2 instances / ×1 = {}",
-            f(r.full_two_instances_over_one)
-        ));
+    if let Some(v) = r.full_two_instances_over_one {
+        s.push_str(&format!(" · full ×2 instances / ×1 (median) = {v:.2}"));
     }
     s.push('\n');
     s
