@@ -43,6 +43,7 @@ use super::lane::Lane;
 use super::operator;
 use super::output;
 use super::report;
+use super::restore::{RestoreError, Restored};
 use super::translate::{self, Fresh, PartitionPlan, Topics};
 use crate::config::Config;
 use crate::intent::{InRecord, InvalidIntent, ValidIntent};
@@ -88,7 +89,7 @@ pub struct Engine {
     pub(super) topics: Topics,
     pub(super) ctx: EngineContext,
     pub(super) consumer: EngineConsumer,
-    producer: Option<TxnProducer>,
+    pub(super) producer: Option<TxnProducer>,
     shutdown: CancellationToken,
     pub(super) rt: tokio::runtime::Handle,
     pub(super) pool: PgPool,
@@ -380,35 +381,58 @@ impl Engine {
         if !self.assignment.has_missing() || now < self.next_restore_at {
             return;
         }
+        let mut anchors = Vec::new();
         for (p, rewind) in self.assignment.to_restore(now) {
             match self.restore(p, rewind) {
-                Ok(lane) => {
-                    self.health.set_stores_ok(true);
-                    self.assignment.restored(p);
-                    let paused = lane.backpressure;
-                    self.lanes.insert(p, lane);
-                    // Always re-issued: librdkafka keeps a partition's pause state across a
-                    // revoke and re-assign, and the restore re-evaluates backpressure.
-                    self.set_paused(p, paused);
+                Ok(Restored {
+                    lane,
+                    anchor: Some(point),
+                }) => anchors.push((lane, point)),
+                Ok(Restored { lane, anchor: None }) => self.admit(lane),
+                Err(e) => self.not_restored(p, &e),
+            }
+        }
+        match self.anchor(&anchors) {
+            Ok(()) => anchors.into_iter().for_each(|(lane, _)| self.admit(lane)),
+            Err(e) => {
+                if let RestoreError::Anchor(k) = &e {
+                    self.recover_producer(k);
                 }
-                Err(e) => {
-                    let attempt =
-                        self.assignment
-                            .restore_failed(p, e.pause_cause(), Instant::now());
-                    // A failure that repeats is logged at attempts 1, 2, 4, 8 ... not each time.
-                    if attempt.is_power_of_two() {
-                        tracing::warn!(
-                            partition = p,
-                            attempt,
-                            error = %e,
-                            "partition not restored yet; paused"
-                        );
-                    }
-                    self.set_paused(p, true);
+                for (lane, _) in anchors {
+                    self.not_restored(lane.partition, &e);
                 }
             }
         }
         self.next_gauges_at = Instant::now();
+    }
+
+    /// A restored lane starts deciding.
+    fn admit(&mut self, lane: Lane) {
+        self.health.set_stores_ok(true);
+        let p = lane.partition;
+        self.assignment.restored(p);
+        let paused = lane.backpressure;
+        self.lanes.insert(p, lane);
+        // Always re-issued: librdkafka keeps a partition's pause state across a revoke and
+        // re-assign, and the restore re-evaluates backpressure.
+        self.set_paused(p, paused);
+    }
+
+    /// A partition that could not be restored stays paused and is retried.
+    fn not_restored(&mut self, p: i32, e: &RestoreError) {
+        let attempt = self
+            .assignment
+            .restore_failed(p, e.pause_cause(), Instant::now());
+        // A failure that repeats is logged at attempts 1, 2, 4, 8 ... not each time.
+        if attempt.is_power_of_two() {
+            tracing::warn!(
+                partition = p,
+                attempt,
+                error = %e,
+                "partition not restored yet; paused"
+            );
+        }
+        self.set_paused(p, true);
     }
 
     /// Gives a partition's lock and lease up (best effort: they expire anyway).
@@ -1253,17 +1277,22 @@ impl Engine {
             Failure::Commit(e) => {
                 metrics::counter!(m::TRANSACTIONS, "result" => "abort").increment(1);
                 tracing::warn!(error = %e, "transaction failed; restoring");
-                match e {
-                    kafka::Error::Fatal(_) | kafka::Error::Create { .. } => self.reset_producer(),
-                    _ => {
-                        let aborted = self.producer.as_mut().map(TxnProducer::abort);
-                        if let Some(Err(e)) = aborted {
-                            tracing::warn!(error = %e, "abort failed; re-creating the producer");
-                            self.reset_producer();
-                        }
-                    }
-                }
+                self.recover_producer(&e);
                 self.void_all("kafka transaction did not commit");
+            }
+        }
+    }
+
+    /// After a transaction failed: aborts it, or re-creates the producer when it cannot.
+    fn recover_producer(&mut self, e: &kafka::Error) {
+        match e {
+            kafka::Error::Fatal(_) | kafka::Error::Create { .. } => self.reset_producer(),
+            _ => {
+                let aborted = self.producer.as_mut().map(TxnProducer::abort);
+                if let Some(Err(e)) = aborted {
+                    tracing::warn!(error = %e, "abort failed; re-creating the producer");
+                    self.reset_producer();
+                }
             }
         }
     }

@@ -305,6 +305,16 @@ impl TxnProducer {
         }
     }
 
+    /// A transaction of offsets alone (recovery points Kafka lacks), committed at once.
+    pub fn commit_offsets(
+        &mut self,
+        offsets: &TopicPartitionList,
+        consumer: &EngineConsumer,
+    ) -> Result<()> {
+        self.begin()?;
+        self.commit(offsets, consumer)
+    }
+
     pub fn abort(&mut self) -> Result<()> {
         if self.open {
             self.producer

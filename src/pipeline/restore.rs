@@ -12,7 +12,7 @@ use super::lane::{Lane, LaneClock};
 use crate::sequencer::{self, Decision, Sequencer};
 use crate::store::lock_store::{self, LockResult};
 use crate::store::postgres as pg;
-use crate::store::recovery::KafkaCommitted;
+use crate::store::recovery::{KafkaCommitted, RecoveryPoint};
 use crate::store::snapshot::{self, Held};
 use crate::telemetry::metrics as m;
 
@@ -31,6 +31,10 @@ pub enum RestoreError {
     CommittedOffset(rdkafka::error::KafkaError),
     #[error("rewinding to the committed offset failed: {0}")]
     Rewind(rdkafka::error::KafkaError),
+    #[error("reading the partition's first offset failed: {0}")]
+    FirstOffset(rdkafka::error::KafkaError),
+    #[error("committing the partition's recovery point to Kafka failed: {0}")]
+    Anchor(crate::pipeline::kafka::Error),
     #[error(transparent)]
     Snapshot(#[from] snapshot::Unreadable),
     #[error("the stored state does not load: {0}")]
@@ -47,13 +51,24 @@ impl RestoreError {
     }
 }
 
+/// A restored lane, with the recovery point Kafka lacks for it (if it does): that point is
+/// committed to Kafka before the lane decides anything (see `Engine::anchor`).
+pub(super) struct Restored {
+    pub lane: Lane,
+    pub anchor: Option<RecoveryPoint>,
+}
+
 impl Engine {
     /// Takes the partition's lock and a new fencing token, reads its recovery point, rolls the
     /// durable state back to it, rebuilds the sequencer, and (if `rewind`) moves the consumer
     /// back to the committed offset.
     // Over 80 lines on purpose: the recovery procedure of docs/exactly-once.md, step by step in
     // its order (lock, fence, recovery point, roll back, Redis, rebuild, rewind), each step a call.
-    pub(super) fn restore(&mut self, partition: i32, rewind: bool) -> Result<Lane, RestoreError> {
+    pub(super) fn restore(
+        &mut self,
+        partition: i32,
+        rewind: bool,
+    ) -> Result<Restored, RestoreError> {
         let started = Instant::now();
         let topic = self.topics.intents.to_string();
         // The lock (Redis, or the PostgreSQL lease on fallback) first, then a fencing token
@@ -82,7 +97,17 @@ impl Engine {
             &self.pool, &topic, partition, fence, &kafka,
         ))?;
         let resume = restored.resume;
-        let (batch_no, next_offset) = (resume.batch, resume.next_offset);
+        let batch_no = resume.batch;
+        // A recovery point needs an offset: a partition starting where nothing was committed
+        // starts (as `auto.offset.reset=earliest` does) at its first offset.
+        let next_offset = if resume.next_offset < 0 && !resume.point_in_kafka {
+            self.consumer
+                .fetch_watermarks(&topic, partition, self.config.kafka.operation_timeout)
+                .map_err(RestoreError::FirstOffset)?
+                .0
+        } else {
+            resume.next_offset
+        };
         if resume.kafka_offset_overridden {
             tracing::warn!(
                 partition,
@@ -148,7 +173,7 @@ impl Engine {
             0 => crate::pipeline::output::now_ms().max(0) as u64,
             ms => ms,
         };
-        Ok(Lane {
+        let lane = Lane {
             partition,
             fence,
             batch_no,
@@ -161,7 +186,44 @@ impl Engine {
             at_end: false,
             end_offset: -1,
             clock: LaneClock::starting_at(clock_ms, self.max_credit_ms()),
-        })
+        };
+        let anchor = (!resume.point_in_kafka).then_some(RecoveryPoint {
+            batch: batch_no,
+            fence,
+            clock_ms: resume.clock_ms,
+        });
+        Ok(Restored { lane, anchor })
+    }
+
+    /// Commits the recovery points Kafka lacks (a new group, offsets reset or expired: see
+    /// `store::recovery`) in one offsets-only transaction, before their lanes decide anything.
+    /// Without it, a first batch that aborts would leave PostgreSQL's last batch with nothing in
+    /// Kafka to say it did not commit, and the partition would refuse to start.
+    pub(super) fn anchor(&mut self, lanes: &[(Lane, RecoveryPoint)]) -> Result<(), RestoreError> {
+        if lanes.is_empty() {
+            return Ok(());
+        }
+        let points: Vec<(i32, i64, String)> = lanes
+            .iter()
+            .map(|(lane, point)| (lane.partition, lane.next_offset, point.to_string()))
+            .collect();
+        let tpl = crate::pipeline::kafka::offsets_list(&self.topics.intents, &points)
+            .map_err(RestoreError::Anchor)?;
+        let producer = self.producer.as_mut().ok_or(RestoreError::Anchor(
+            crate::pipeline::kafka::Error::Fatal(rdkafka::error::KafkaError::Canceled),
+        ))?;
+        producer
+            .commit_offsets(&tpl, &self.consumer)
+            .map_err(RestoreError::Anchor)?;
+        for (lane, point) in lanes {
+            tracing::info!(
+                partition = lane.partition,
+                batch_no = point.batch,
+                committed_offset = lane.next_offset,
+                "recovery point committed to Kafka (it had none for this partition)"
+            );
+        }
+        Ok(())
     }
 
     /// The partition's committed offset and recovery point in Kafka.

@@ -122,6 +122,11 @@ pub struct Resume {
     /// Kafka's committed offset was not where the durable state says the partition is (offsets
     /// reset, expired, or a new group): the consumer must be moved to `next_offset`.
     pub kafka_offset_overridden: bool,
+    /// Kafka's committed offset already carries this resume's recovery point at `next_offset`.
+    /// When it does not, the engine commits it (an offsets-only transaction) before the
+    /// partition writes its next batch: should that batch then abort, Kafka names the batch to
+    /// roll back to instead of leaving PostgreSQL's last batch ambiguous.
+    pub point_in_kafka: bool,
 }
 
 /// A restore that would roll committed history back or guess: the partition stays paused until
@@ -178,6 +183,7 @@ pub fn decide(kafka: &KafkaCommitted, store: &StoreView) -> Result<Resume, Refus
                 },
                 clock_ms: point.clock_ms,
                 kafka_offset_overridden: moved,
+                point_in_kafka: !moved,
             })
         }
         KafkaCommitted::Nothing | KafkaCommitted::Offset { .. } => {
@@ -192,6 +198,7 @@ pub fn decide(kafka: &KafkaCommitted, store: &StoreView) -> Result<Resume, Refus
                     next_offset: offset,
                     clock_ms: 0,
                     kafka_offset_overridden: false,
+                    point_in_kafka: false,
                 });
             }
             if store.committed_batch != l || store.last_next_offset < 0 {
@@ -205,6 +212,7 @@ pub fn decide(kafka: &KafkaCommitted, store: &StoreView) -> Result<Resume, Refus
                 next_offset: store.last_next_offset,
                 clock_ms: store.last_clock_ms,
                 kafka_offset_overridden: offset != store.last_next_offset,
+                point_in_kafka: false,
             })
         }
     }
@@ -264,6 +272,7 @@ mod tests {
         let r = decide(&kafka, &store()).unwrap();
         assert_eq!((r.batch, r.next_offset, r.clock_ms), (5, 500, 5000));
         assert!(!r.kafka_offset_overridden);
+        assert!(r.point_in_kafka);
     }
 
     #[test]
@@ -279,6 +288,7 @@ mod tests {
         };
         let r = decide(&kafka, &s).unwrap();
         assert_eq!((r.batch, r.next_offset, r.clock_ms), (4, 400, 4000));
+        assert!(r.point_in_kafka);
     }
 
     #[test]
@@ -307,6 +317,7 @@ mod tests {
         let r = decide(&kafka, &store()).unwrap();
         assert_eq!((r.batch, r.next_offset), (5, 500));
         assert!(r.kafka_offset_overridden);
+        assert!(!r.point_in_kafka, "Kafka's point names another offset");
     }
 
     #[test]
@@ -319,6 +330,7 @@ mod tests {
             let r = decide(&kafka, &store()).unwrap();
             assert_eq!((r.batch, r.next_offset, r.clock_ms), (5, 500, 5000));
             assert!(r.kafka_offset_overridden);
+            assert!(!r.point_in_kafka);
         }
     }
 
@@ -363,6 +375,7 @@ mod tests {
         let fresh = StoreView::default();
         let r = decide(&KafkaCommitted::Nothing, &fresh).unwrap();
         assert_eq!((r.batch, r.next_offset), (0, -1));
+        assert!(!r.point_in_kafka);
         let kafka = KafkaCommitted::Offset {
             offset: 42,
             metadata: String::new(),
@@ -375,6 +388,47 @@ mod tests {
             point: point(0),
         };
         assert_eq!(decide(&kafka, &fresh).unwrap().batch, 0);
+    }
+
+    /// What the engine does with a resume whose point Kafka lacks: commits it at the offset it
+    /// resumes from (`anchored`) before writing the next batch.
+    fn anchored(r: &Resume, offset: i64) -> KafkaCommitted {
+        assert!(!r.point_in_kafka);
+        KafkaCommitted::Point {
+            offset,
+            point: point(r.batch),
+        }
+    }
+
+    #[test]
+    fn once_its_point_is_in_kafka_a_new_groups_first_batch_that_aborts_rolls_back() {
+        // A new group on a partition never written: batch 1 is written, then aborts in Kafka.
+        let written = StoreView {
+            last_batch: 1,
+            last_next_offset: 80,
+            ..StoreView::default()
+        };
+        let start = decide(&KafkaCommitted::Nothing, &StoreView::default()).unwrap();
+        let r = decide(&anchored(&start, 0), &written).unwrap();
+        assert_eq!((r.batch, r.next_offset), (0, 0), "batch 1 rolled back");
+        assert!(r.point_in_kafka);
+        // Without the point, PostgreSQL alone cannot tell whether batch 1 committed (it may
+        // have, and the group's offsets expired since).
+        assert!(matches!(
+            decide(&KafkaCommitted::Nothing, &written),
+            Err(Refusal::Ambiguous { .. })
+        ));
+
+        // A new group over a store with history: batch 6 is written, then aborts.
+        let resumed = decide(&KafkaCommitted::Nothing, &store()).unwrap();
+        let written = StoreView {
+            last_batch: 6,
+            last_next_offset: 600,
+            ..store()
+        };
+        let r = decide(&anchored(&resumed, 500), &written).unwrap();
+        assert_eq!((r.batch, r.next_offset), (5, 500), "batch 6 rolled back");
+        assert!(decide(&KafkaCommitted::Nothing, &written).is_err());
     }
 
     #[test]

@@ -516,3 +516,72 @@ async fn aborted_batches_log_and_count_each_transition_once_after_its_commit() {
     let report = verified(&cfg).await;
     assert!(report.ok, "{:?}", report.violations);
 }
+
+/// A new group's first batch is written to PostgreSQL and then aborts in Kafka: nothing in Kafka
+/// ever named a batch for these partitions, so without the recovery point committed at the
+/// start PostgreSQL could not tell whether batch 1 committed and every partition would refuse
+/// to start. Deterministic: the producer is fenced while the processor sits idle, before its
+/// first batch, so that batch is the one that aborts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_groups_first_batch_that_aborts_rolls_back_and_replays_without_an_operator() {
+    let env = TestEnv::new("first_abort", 3).await;
+    let cfg = env.config.clone();
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let anchored = read_log(&log)
+            .iter()
+            .filter(|l| {
+                l["message"] == "recovery point committed to Kafka (it had none for this partition)"
+                    && l["batch_no"] == 0
+            })
+            .count();
+        if anchored == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the recovery points of a new group were not committed ({anchored} of 3)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let points = causal_commit::pipeline::read::committed_points(&cfg).unwrap();
+    assert_eq!(points.len(), 3);
+    for (p, c) in &points {
+        let point = c.recovery.clone().unwrap().expect("a recovery point");
+        assert_eq!((point.batch, c.offset), (0, 0), "partition {p}");
+    }
+
+    let c = cfg.clone();
+    tokio::task::spawn_blocking(move || fence_processor(&c))
+        .await
+        .unwrap();
+    let mut opts = workload(300, 30, 0, "fa");
+    opts.duplicate_fraction = 0.0;
+    opts.invalid = 0;
+    demo::produce(&cfg, &opts).await.unwrap();
+    caught_up(&cfg, Duration::from_secs(90)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    let lines = read_log(&log);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "transaction failed; restoring"),
+        "the first batch aborted"
+    );
+    let rolled_back: u64 = lines
+        .iter()
+        .filter(|l| l["message"] == "partition restored" && l["batch_no"] == 0)
+        .filter_map(|l| l["rolled_back_transitions"].as_u64())
+        .sum();
+    assert!(rolled_back > 0, "the aborted batch's rows were rolled back");
+    let refused = lines
+        .iter()
+        .filter(|l| l["message"] == "partition not restored yet; paused")
+        .map(|l| l["error"].to_string())
+        .collect::<Vec<_>>();
+    assert!(refused.is_empty(), "no partition refused: {refused:?}");
+    assert_clean(&verified(&cfg).await, 300);
+}
