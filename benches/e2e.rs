@@ -57,7 +57,7 @@ use report::{ConsumerReport, ManyContacts, Sample};
 
 const USAGE: &str = "\
 cargo bench --bench e2e -- [flags]      (make bench BENCH_ARGS=\"[flags]\")
-  --intents N              preloaded backlog per consumer (100000)
+  --intents N              preloaded backlog per consumer (400000)
   --per-contact N          intents per contact (10)
   --strict-fraction F      contacts whose producer gives the sequence (0.8, as the demo)
   --producers N            concurrent producers of the preload (4)
@@ -163,7 +163,7 @@ impl Args {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
         let mut a = Args {
-            intents: 100_000,
+            intents: 400_000,
             per_contact: 10,
             strict_fraction: 0.8,
             producers: 4,
