@@ -395,9 +395,8 @@ impl Engine {
         match self.anchor(&anchors) {
             Ok(()) => anchors.into_iter().for_each(|(lane, _)| self.admit(lane)),
             Err(e) => {
-                if let RestoreError::Anchor(k) = &e {
-                    self.recover_producer(k);
-                }
+                self.recover_producer(&e);
+                let e = RestoreError::Anchor(e);
                 for (lane, _) in anchors {
                     self.not_restored(lane.partition, &e);
                 }

@@ -8,6 +8,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::assignment::PauseCause;
 use super::engine::Engine;
+use super::kafka;
 use super::lane::{Lane, LaneClock};
 use crate::sequencer::{self, Decision, Sequencer};
 use crate::store::lock_store::{self, LockResult};
@@ -34,7 +35,7 @@ pub enum RestoreError {
     #[error("reading the partition's first offset failed: {0}")]
     FirstOffset(rdkafka::error::KafkaError),
     #[error("committing the partition's recovery point to Kafka failed: {0}")]
-    Anchor(crate::pipeline::kafka::Error),
+    Anchor(kafka::Error),
     #[error(transparent)]
     Snapshot(#[from] snapshot::Unreadable),
     #[error("the stored state does not load: {0}")]
@@ -199,7 +200,7 @@ impl Engine {
     /// `store::recovery`) in one offsets-only transaction, before their lanes decide anything.
     /// Without it, a first batch that aborts would leave PostgreSQL's last batch with nothing in
     /// Kafka to say it did not commit, and the partition would refuse to start.
-    pub(super) fn anchor(&mut self, lanes: &[(Lane, RecoveryPoint)]) -> Result<(), RestoreError> {
+    pub(super) fn anchor(&mut self, lanes: &[(Lane, RecoveryPoint)]) -> kafka::Result<()> {
         if lanes.is_empty() {
             return Ok(());
         }
@@ -207,14 +208,12 @@ impl Engine {
             .iter()
             .map(|(lane, point)| (lane.partition, lane.next_offset, point.to_string()))
             .collect();
-        let tpl = crate::pipeline::kafka::offsets_list(&self.topics.intents, &points)
-            .map_err(RestoreError::Anchor)?;
-        let producer = self.producer.as_mut().ok_or(RestoreError::Anchor(
-            crate::pipeline::kafka::Error::Fatal(rdkafka::error::KafkaError::Canceled),
-        ))?;
-        producer
-            .commit_offsets(&tpl, &self.consumer)
-            .map_err(RestoreError::Anchor)?;
+        let tpl = kafka::offsets_list(&self.topics.intents, &points)?;
+        let producer = self
+            .producer
+            .as_mut()
+            .ok_or(kafka::Error::Fatal(rdkafka::error::KafkaError::Canceled))?;
+        producer.commit_offsets(&tpl, &self.consumer)?;
         for (lane, point) in lanes {
             tracing::info!(
                 partition = lane.partition,
