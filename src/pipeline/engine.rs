@@ -632,6 +632,7 @@ impl Engine {
             Ok(priors) => priors,
             Err(e) => return self.fail(Failure::Lookup(e)),
         };
+        self.batch_trace.done(Step::Lookup);
         let mut fresh = self.sequence(&input, &priors);
         let commands = self.apply_commands(&mut fresh);
         let plan = self.translate(&input, &fresh, commands, now_ms);

@@ -81,12 +81,21 @@ impl EngineContext {
 // consumer never moves; `super::lag` measures it from the consumer's position instead.
 impl ClientContext for EngineContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        // Reaching a partition's end is how the engine learns it is caught up, not an error.
-        if matches!(error, KafkaError::PartitionEOF(_)) {
+        if is_partition_end(&error) {
             return;
         }
         tracing::warn!(error = %error, reason, "kafka client error");
     }
+}
+
+/// Reaching a partition's end is how the engine learns it is caught up, not an error.
+/// librdkafka reports it to the poll (`PartitionEOF(partition)`) and also to the error
+/// callback, where rust-rdkafka wraps it as a global error without the partition.
+fn is_partition_end(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+    )
 }
 
 impl ConsumerContext for EngineContext {
@@ -378,4 +387,24 @@ pub fn offsets_list(topic: &str, next: &[(i32, i64, String)]) -> Result<TopicPar
         elem.set_metadata(meta.as_str());
     }
     Ok(tpl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_a_partition_is_not_a_client_error_and_real_errors_are() {
+        assert!(is_partition_end(&KafkaError::PartitionEOF(3)));
+        assert!(is_partition_end(&KafkaError::Global(
+            RDKafkaErrorCode::PartitionEOF
+        )));
+        for code in [
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::Authentication,
+        ] {
+            assert!(!is_partition_end(&KafkaError::Global(code)), "{code:?}");
+        }
+    }
 }

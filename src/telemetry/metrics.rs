@@ -38,6 +38,9 @@ pub const COMMIT_LATENCY: &str = "causal_commit_commit_latency_seconds";
 pub const TRANSACTIONS: &str = "causal_commit_transactions_total";
 /// Time to commit one Kafka transaction.
 pub const TRANSACTION_DURATION: &str = "causal_commit_transaction_duration_seconds";
+/// How long each step of a committed batch took. Label: `step` = poll | lookup | decide |
+/// durable_write | commit (see `trace`).
+pub const BATCH_STEP: &str = "causal_commit_batch_step_seconds";
 /// Input records per committed transaction.
 pub const BATCH_RECORDS: &str = "causal_commit_batch_records";
 /// Transactional producers re-created after a fatal or indefinite error.
@@ -286,6 +289,16 @@ pub const ALL: &[Metric] = &[
         unit: Some(Unit::Seconds),
     },
     Metric {
+        name: BATCH_STEP,
+        kind: Kind::Histogram,
+        labels: &[Label {
+            name: "step",
+            values: &["poll", "lookup", "decide", "durable_write", "commit"],
+        }],
+        help: "Time each step of a committed batch took",
+        unit: Some(Unit::Seconds),
+    },
+    Metric {
         name: BATCH_RECORDS,
         kind: Kind::Histogram,
         labels: &[],
@@ -391,7 +404,7 @@ pub fn describe() {
 }
 
 /// Registers, at zero, every series whose labels are known before anything happens: each
-/// counter with each of its label values, the histograms, and the gauges that are not
+/// counter and histogram with each of its label values, and the gauges that are not
 /// per-partition (those appear with their partition's assignment). A series that has not
 /// moved is then exported as 0 instead of being absent, so rates and ratios over it have data.
 /// [`LAST_COMMIT_TIMESTAMP`] is left absent until the first commit (a 0 would read as "last
@@ -400,9 +413,16 @@ pub fn register_known_series() {
     for m in ALL {
         match m.kind {
             Kind::Counter => register_counter(m),
-            Kind::Histogram => {
-                let _ = metrics::histogram!(m.name);
-            }
+            Kind::Histogram => match m.labels {
+                [label] => {
+                    for value in label.values {
+                        let _ = metrics::histogram!(m.name, label.name => *value);
+                    }
+                }
+                _ => {
+                    let _ = metrics::histogram!(m.name);
+                }
+            },
             Kind::Gauge => {}
         }
     }
@@ -467,8 +487,16 @@ fn builder() -> anyhow::Result<PrometheusBuilder> {
             ],
         )?
         .set_buckets_for_metric(
+            Matcher::Full(BATCH_STEP.into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )?
+        .set_buckets_for_metric(
             Matcher::Full(BATCH_RECORDS.into()),
-            &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0],
+            &[
+                1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 10000.0, 20000.0, 50000.0,
+            ],
         )?)
 }
 

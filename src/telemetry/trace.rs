@@ -1,13 +1,17 @@
 //! Traces, when `telemetry.otlp_endpoint` is set: one span per batch, one span per intent.
 //!
-//! - **batch** (a root span) with one child per step: `poll`, `decide` (decode, idempotency
-//!   lookup, sequencing, translation), `durable_write` and `commit` (the Kafka transaction).
-//!   Polls that return nothing make no span: they run every `batch.max_linger` when idle.
+//! - **batch** (a root span) with one child per step: `poll`, `lookup` (decoding and the
+//!   idempotency lookup), `decide` (sequencing, operator commands, translation),
+//!   `durable_write` and `commit` (the Kafka transaction). Polls that return nothing make no
+//!   span: they run every `batch.max_linger` when idle.
 //! - **intent**: one per effect or manual-review record produced from an input record that
 //!   carries a sampled W3C `traceparent`, parented to the producer's span (so it is in the
 //!   producer's trace) and linked to its batch. The output record carries this span's context
 //!   in its own `traceparent`, so whoever consumes `side-effects` continues the trace under the
 //!   processor's span, not beside it.
+//!
+//! The same timestamps give every committed batch's step durations to the
+//! `causal_commit_batch_step_seconds` histogram, traces on or off.
 //!
 //! The spans are built after the batch has committed, from timestamps taken at each step
 //! ([`BatchTrace`]): nothing is exported for a batch that aborts and is replayed except the
@@ -24,7 +28,7 @@
 
 use std::cell::Cell;
 use std::sync::OnceLock;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::{
     Link, Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags,
@@ -32,6 +36,8 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer};
+
+use super::metrics as m;
 
 static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
@@ -228,17 +234,26 @@ pub fn child_of(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Poll,
+    Lookup,
     Decide,
     DurableWrite,
     Commit,
 }
 
 impl Step {
-    const ALL: [Step; 4] = [Step::Poll, Step::Decide, Step::DurableWrite, Step::Commit];
+    pub const ALL: [Step; 5] = [
+        Step::Poll,
+        Step::Lookup,
+        Step::Decide,
+        Step::DurableWrite,
+        Step::Commit,
+    ];
 
-    fn name(self) -> &'static str {
+    /// The span's name and the histogram's `step` label.
+    pub fn name(self) -> &'static str {
         match self {
             Step::Poll => "poll",
+            Step::Lookup => "lookup",
             Step::Decide => "decide",
             Step::DurableWrite => "durable_write",
             Step::Commit => "commit",
@@ -246,23 +261,24 @@ impl Step {
     }
 }
 
-/// The timestamps of one batch's steps, turned into spans when it ends (see the module
-/// documentation). Every method is a no-op while traces are off.
+/// The timestamps of one batch's steps: the step durations of a committed batch go to
+/// [`metrics::BATCH_STEP`], and the spans to the tracer when traces are on (see the module
+/// documentation).
 #[derive(Debug, Default)]
 pub struct BatchTrace {
     started: Option<SystemTime>,
     /// When each step ended.
-    ended: [Option<SystemTime>; 4],
+    ended: [Option<SystemTime>; 5],
     records: usize,
 }
 
 impl BatchTrace {
     /// A batch starts polling.
     pub fn start(&mut self) {
-        *self = BatchTrace::default();
-        if enabled() {
-            self.started = Some(SystemTime::now());
-        }
+        *self = BatchTrace {
+            started: Some(SystemTime::now()),
+            ..BatchTrace::default()
+        };
     }
 
     /// The poll returned `records`.
@@ -286,7 +302,28 @@ impl BatchTrace {
         }
         let mut count = 0;
         let spans: Vec<&IntentSpan> = outputs.inspect(|_| count += 1).flatten().collect();
+        if let Some(started) = self.started {
+            for (step, took) in self.step_durations(started) {
+                metrics::histogram!(m::BATCH_STEP, "step" => step.name())
+                    .record(took.as_secs_f64());
+            }
+        }
         self.finish(Ok(count), spans.into_iter());
+    }
+
+    /// Each step that ended, with its duration (from the end of the step before it; a step
+    /// without an end is part of the next one).
+    fn step_durations(&self, started: SystemTime) -> Vec<(Step, Duration)> {
+        let mut from = started;
+        let mut out = Vec::with_capacity(Step::ALL.len());
+        for step in Step::ALL {
+            let Some(to) = self.ended[step as usize] else {
+                continue;
+            };
+            out.push((step, to.duration_since(from).unwrap_or_default()));
+            from = to;
+        }
+        out
     }
 
     /// The batch did not commit (`why`): its span, marked as an error, and its steps so far.
@@ -351,6 +388,36 @@ impl BatchTrace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_without_an_end_counts_in_the_next_one() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let at = |ms: u64| Some(t0 + Duration::from_millis(ms));
+        let mut trace = BatchTrace {
+            started: Some(t0),
+            ..BatchTrace::default()
+        };
+        trace.ended[Step::Poll as usize] = at(100);
+        trace.ended[Step::Lookup as usize] = at(130);
+        trace.ended[Step::Decide as usize] = at(200);
+        // No durable_write end (the isolation path writes as part of its commit).
+        trace.ended[Step::Commit as usize] = at(650);
+        let ms = |d: Duration| d.as_millis() as u64;
+        let got: Vec<(&str, u64)> = trace
+            .step_durations(t0)
+            .into_iter()
+            .map(|(s, d)| (s.name(), ms(d)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("poll", 100),
+                ("lookup", 30),
+                ("decide", 70),
+                ("commit", 450)
+            ]
+        );
+    }
 
     const HEADER: &[u8] = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 

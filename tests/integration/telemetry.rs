@@ -521,7 +521,22 @@ async fn metrics_and_probes_tell_a_known_scenario() {
     );
     assert_eq!(get(m::RECORDS_CONSUMED, &[]), 11.0);
     assert_eq!(get(m::TRANSACTIONS, &[("result", "abort")]), 0.0);
-    assert!(get(m::TRANSACTIONS, &[("result", "commit")]) >= 1.0);
+    let commits = get(m::TRANSACTIONS, &[("result", "commit")]);
+    assert!(commits >= 1.0);
+    // Every committed batch timed each of its steps once; the scenario is quiet here.
+    let step_count = format!("{}_count", m::BATCH_STEP);
+    let step_sum = format!("{}_sum", m::BATCH_STEP);
+    for step in ["poll", "lookup", "decide", "durable_write", "commit"] {
+        assert_eq!(
+            get(&step_count, &[("step", step)]),
+            commits,
+            "one {step} duration per committed batch"
+        );
+        assert!(
+            get(&step_sum, &[("step", step)]) > 0.0,
+            "{step} took no time"
+        );
+    }
     assert_eq!(get(m::READY, &[]), 1.0);
     assert_eq!(get(m::PARTITIONS_ASSIGNED, &[]), 3.0);
     assert_eq!(get(m::LOCK_STORE_MODE, &[("mode", "redis")]), 1.0);
@@ -1155,7 +1170,7 @@ async fn spans_reach_an_otlp_endpoint_parented_to_the_producer_trace() {
             .iter()
             .find(|s| s.name == "batch" && s.span_id == link.span_id)
             .expect("the linked batch span arrived");
-        for step in ["poll", "decide", "durable_write", "commit"] {
+        for step in ["poll", "lookup", "decide", "durable_write", "commit"] {
             let child = spans
                 .iter()
                 .find(|s| s.name == step && s.parent_span_id == batch.span_id)
