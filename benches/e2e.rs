@@ -38,6 +38,9 @@ mod report;
 #[path = "e2e/stores.rs"]
 mod stores;
 
+use std::cell::RefCell;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
@@ -326,6 +329,8 @@ struct Bench<'a> {
     run_id: String,
     dir: PathBuf,
     clk_tck: f64,
+    /// The intents topic the preload is produced to once, then copied to each world's.
+    source: RefCell<Option<String>>,
 }
 
 fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
@@ -366,6 +371,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
         run_id,
         dir,
         clk_tck: children::clk_tck(),
+        source: RefCell::new(None),
     };
     // Interleaved rounds: the machine's drift over minutes (measured: the same consumer alone
     // 13,000 to 23,000 intents/s run to run) falls on every consumer of a round alike, so each
@@ -430,6 +436,11 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
             Err(e) => errors.push(format!("many contacts: {e:#}")),
         }
     }
+    if let (Some(topic), false) = (bench.source.borrow().as_ref(), args.keep) {
+        if let Err(e) = rt.block_on(kafka_io::delete_world(&args.brokers, topic, &[])) {
+            eprintln!("bench: deleting the preload's source topic {topic} failed: {e:#}");
+        }
+    }
     let ratios = report::ratios(&rounds, two.as_ref());
     let table = report::markdown(&rounds, two.as_ref(), &ratios);
     let mut rounds = rounds.into_iter();
@@ -474,7 +485,9 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
 /// Where a world's backlog comes from.
 #[derive(Clone, Copy)]
 enum Preload {
-    /// `causal-commit produce` with the run's sizes and seed (the same input for everyone).
+    /// `causal-commit produce` with the run's sizes and seed, produced once per invocation and
+    /// copied record for record to each world (see `Bench::source`): the same input for
+    /// every consumer and every round.
     Demo,
     /// One intent for each of N contacts (the many-contacts RSS run).
     OnePerContact(usize),
@@ -533,6 +546,65 @@ impl Bench<'_> {
         World { id, config: c }
     }
 
+    /// The preload's source topic, produced on first use: `causal-commit produce` with the
+    /// run's sizes and seed, its producers concurrent as in production. Every world copies it
+    /// (`kafka_io::copy_topic`), so every consumer of every round reads the same records in
+    /// the same order: the interleaving of concurrent producers, which sets how many intents
+    /// wait for a predecessor, varies from one production to the next.
+    fn source(&self) -> anyhow::Result<String> {
+        if let Some(topic) = self.source.borrow().as_ref() {
+            return Ok(topic.clone());
+        }
+        let a = self.args;
+        let spec = Spec {
+            kind: Kind::Full,
+            label: "source".into(),
+            instances: 1,
+            latency: false,
+            preload: Preload::Demo,
+        };
+        let world = self.world(&spec);
+        let topic = world.config.kafka.intents_topic.clone();
+        self.rt.block_on(kafka_io::create_topics(
+            &world.config.kafka.brokers,
+            &[(&topic, a.partitions)],
+        ))?;
+        let started = Instant::now();
+        let mut cmd = Command::new(&a.binary);
+        cmd.arg("--config")
+            .arg(self.config_file(&world, "source")?)
+            .arg("produce")
+            .args([
+                "--count",
+                &a.intents.to_string(),
+                "--contacts",
+                &a.contacts().to_string(),
+                "--producers",
+                &a.producers.to_string(),
+                "--strict-fraction",
+                &a.strict_fraction.to_string(),
+                "--duplicate-fraction",
+                "0",
+                "--invalid",
+                "0",
+                "--seed",
+                &a.seed.to_string(),
+                "--prefix",
+                "pre",
+            ]);
+        children::run_to_end(
+            "causal-commit produce",
+            cmd,
+            &self.dir.join(format!("{}-produce.log", world.id)),
+        )?;
+        println!(
+            "bench: produced the preload to {topic} in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        *self.source.borrow_mut() = Some(topic.clone());
+        Ok(topic)
+    }
+
     /// Runs one world end to end and always cleans it up (unless `--keep`).
     fn run_world(&self, spec: &Spec) -> anyhow::Result<ConsumerReport> {
         let world = self.world(spec);
@@ -573,8 +645,21 @@ impl Bench<'_> {
     }
 
     fn config_file(&self, world: &World, instance: &str) -> anyhow::Result<PathBuf> {
+        self.config_file_with(world, instance, None)
+    }
+
+    /// The instance's configuration file; with `metrics`, its `/metrics` listens there.
+    fn config_file_with(
+        &self,
+        world: &World,
+        instance: &str,
+        metrics: Option<SocketAddr>,
+    ) -> anyhow::Result<PathBuf> {
         let mut c = world.config.clone();
         c.instance_id = format!("{}-{instance}", world.id);
+        if let Some(addr) = metrics {
+            c.telemetry.metrics_listen = addr.to_string();
+        }
         let path = self.dir.join(format!("{}-{instance}.toml", world.id));
         std::fs::write(&path, toml(&c)).with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
@@ -598,30 +683,10 @@ impl Bench<'_> {
         let started = Instant::now();
         match spec.preload {
             Preload::Demo => {
-                let mut cmd = Command::new(&a.binary);
-                cmd.arg("--config").arg(&cfg_a).arg("produce").args([
-                    "--count",
-                    &a.intents.to_string(),
-                    "--contacts",
-                    &a.contacts().to_string(),
-                    "--producers",
-                    &a.producers.to_string(),
-                    "--strict-fraction",
-                    &a.strict_fraction.to_string(),
-                    "--duplicate-fraction",
-                    "0",
-                    "--invalid",
-                    "0",
-                    "--seed",
-                    &a.seed.to_string(),
-                    "--prefix",
-                    "pre",
-                ]);
-                children::run_to_end(
-                    "causal-commit produce",
-                    cmd,
-                    &self.dir.join(format!("{}-produce.log", world.id)),
-                )?;
+                let source = self.source()?;
+                let copied =
+                    kafka_io::copy_topic(&c.kafka.brokers, &source, &c.kafka.intents_topic)?;
+                println!("[{label}] copied the preload ({copied} records) from {source}");
             }
             Preload::OnePerContact(n) => {
                 let intents = one_per_contact(n, a.strict_fraction, a.seed);
@@ -655,13 +720,32 @@ impl Bench<'_> {
 
         // The consumer(s), on the backlog.
         let mut procs = Vec::new();
+        let mut metrics = Vec::new();
         for n in 0..spec.instances {
             let instance = ["a", "b", "c", "d"].get(n).copied().unwrap_or("x");
-            procs.push(self.spawn(spec, world, instance)?);
+            let (proc, addr) = self.spawn(spec, world, instance)?;
+            procs.push(proc);
+            metrics.extend(addr);
         }
         let spawned = Instant::now();
         let samples = self.watch(&mut procs, &progress, total, spawned, label)?;
         let throughput = report::throughput(&samples, total);
+        // The batch cycle of the backlog alone (before the latency phases add small batches).
+        let scrapes: Vec<String> = metrics.iter().filter_map(|a| scrape(*a)).collect();
+        let batch_steps = report::batch_steps(&scrapes);
+        if let Some(b) = &batch_steps {
+            let steps: Vec<String> = b
+                .mean_ms
+                .iter()
+                .map(|(step, ms)| format!("{step} {ms:.0}"))
+                .collect();
+            println!(
+                "[{label}] {:.0} batches of {:.0} records, mean ms: {}",
+                b.batches,
+                b.records_per_batch,
+                steps.join(", ")
+            );
+        }
         println!(
             "[{label}] start-up {:.2} s, {:.0} intents/s steady ({}; {:.0} overall), {:.3} CPU s / 1k",
             throughput.startup_s,
@@ -737,6 +821,7 @@ impl Bench<'_> {
             peak_rss_mib: peak_rss_kib as f64 / 1024.0,
             pg,
             outputs,
+            batch_steps,
             expected_effects: expected,
             outputs_ok,
             log: logs.join(" "),
@@ -744,10 +829,17 @@ impl Bench<'_> {
         })
     }
 
-    fn spawn(&self, spec: &Spec, world: &World, instance: &str) -> anyhow::Result<ChildProc> {
+    /// Starts one consumer process; for the product, also where its `/metrics` listens.
+    fn spawn(
+        &self,
+        spec: &Spec,
+        world: &World,
+        instance: &str,
+    ) -> anyhow::Result<(ChildProc, Option<SocketAddr>)> {
         let a = self.args;
         let c = &world.config;
         let log = self.dir.join(format!("{}-{instance}.log", world.id));
+        let mut metrics = None;
         let cmd = match spec.kind {
             Kind::KafkaStreams => {
                 let mut cmd = Command::new("java");
@@ -766,21 +858,23 @@ impl Bench<'_> {
                 cmd
             }
             _ => {
+                metrics = Some(free_local_addr()?);
                 let mut cmd = Command::new(&a.binary);
                 cmd.arg("--config")
-                    .arg(self.config_file(world, instance)?)
+                    .arg(self.config_file_with(world, instance, metrics)?)
                     .arg("run")
                     // The file decides the log level, not the caller's environment.
                     .env_remove("RUST_LOG");
                 cmd
             }
         };
-        ChildProc::spawn(
+        let proc = ChildProc::spawn(
             &format!("{} {instance}", spec.kind.name()),
             cmd,
             &log,
             self.clk_tck,
-        )
+        )?;
+        Ok((proc, metrics))
     }
 
     /// Samples the group's progress and the processes' CPU until the backlog is committed.
@@ -861,6 +955,29 @@ impl Bench<'_> {
 }
 
 /// Waits until the group has committed everything produced so far.
+/// A loopback address nothing listens on now (the OS picks the port).
+fn free_local_addr() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?)
+}
+
+/// The instance's `/metrics` text; `None` (with a note) when it does not answer.
+fn scrape(addr: SocketAddr) -> Option<String> {
+    let get = || -> std::io::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, body)| body.to_string()))
+    };
+    get()
+        .inspect_err(|e| eprintln!("bench: scraping {addr}/metrics failed: {e}"))
+        .ok()
+}
+
 fn wait_caught_up(
     procs: &mut [ChildProc],
     progress: &Progress,
@@ -947,7 +1064,7 @@ fn toml(c: &Config) -> String {
          [batch]\nmax_records = {}\nmax_linger = \"{}ms\"\n\n\
          [postgres]\nurl = {}\nschema = {}\n\n\
          [redis]\nurl = {}\nkey_prefix = {}\n\n\
-         [telemetry]\nlog_level = {}\nmetrics_listen = \"\"\n\n\
+         [telemetry]\nlog_level = {}\nmetrics_listen = {}\n\n\
          [admin]\nlisten = \"\"\n\n\
          [bench]\npassthrough = {}\n",
         q(&c.instance_id),
@@ -963,6 +1080,7 @@ fn toml(c: &Config) -> String {
         q(c.redis.url.expose_secret()),
         q(&c.redis.key_prefix),
         q(&c.telemetry.log_level),
+        q(&c.telemetry.metrics_listen),
         c.bench.passthrough,
     )
 }

@@ -205,21 +205,11 @@ pub fn produce_at_rate(
             key: "correlation_id",
             value: Some(intent.correlation_id.as_bytes()),
         });
-        let mut record = BaseRecord::to(topic)
+        let record = BaseRecord::to(topic)
             .key(intent.contact_id.as_bytes())
             .payload(&value)
             .headers(headers);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    producer.poll(Duration::from_millis(1));
-                }
-                Err((e, _)) => bail!("queueing a live intent failed: {e}"),
-            }
-        }
-        producer.poll(Duration::ZERO);
+        send(&producer, record).context("queueing a live intent")?;
     }
     producer.flush(Duration::from_secs(60))?;
     Ok(Produced {
@@ -334,4 +324,105 @@ pub fn count_outputs(config: &Config, carried: Carried) -> anyhow::Result<Output
 
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// Copies every record of `from` to the same partition of `to` (created beforehand with as
+/// many partitions), in order, with its key, value, headers and timestamp: every consumer
+/// of a bench invocation works on a byte-identical input, down to the interleaving the
+/// concurrent producers of the preload happened to make. Checks that each partition of `to`
+/// ends where the same partition of `from` does.
+pub fn copy_topic(brokers: &str, from: &str, to: &str) -> anyhow::Result<i64> {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{to}-copier"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.max.bytes", "52428800")
+        .create()
+        .context("creating the copier's consumer")?;
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("client.id", "causal-commit-bench-copier")
+        .create()
+        .context("creating the copier's producer")?;
+    let parts = partitions(&reader, from)?;
+    let mut ends = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in &parts {
+        let (low, high) = reader.fetch_watermarks(from, *p, TIMEOUT)?;
+        if high > low {
+            ends.insert(*p, high);
+            tpl.add_partition_offset(from, *p, Offset::Offset(low))?;
+        }
+    }
+    reader.assign(&tpl)?;
+    let mut left: HashMap<i32, i64> = ends.clone();
+    let mut copied = 0i64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !left.is_empty() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "copying {from} to {to} timed out"
+        );
+        let Some(polled) = reader.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let msg = polled.with_context(|| format!("reading {from}"))?;
+        let p = msg.partition();
+        let Some(end) = left.get(&p).copied() else {
+            continue;
+        };
+        let mut record = BaseRecord::to(to).partition(p);
+        if let Some(k) = msg.key() {
+            record = record.key(k);
+        }
+        if let Some(v) = msg.payload() {
+            record = record.payload(v);
+        }
+        if let Some(h) = msg.headers() {
+            record = record.headers(h.detach());
+        }
+        if let Some(ms) = msg.timestamp().to_millis() {
+            record = record.timestamp(ms);
+        }
+        send(&producer, record).with_context(|| format!("copying a record to {to}"))?;
+        copied += 1;
+        if msg.offset() + 1 >= end {
+            left.remove(&p);
+        }
+    }
+    producer.flush(Duration::from_secs(60))?;
+    for (p, end) in &ends {
+        let (_, high) = reader.fetch_watermarks(to, *p, TIMEOUT)?;
+        let (low, _) = reader.fetch_watermarks(from, *p, TIMEOUT)?;
+        anyhow::ensure!(
+            high == end - low,
+            "partition {p} of {to} ends at {high} after the copy, {from} holds {} records",
+            end - low
+        );
+    }
+    Ok(copied)
+}
+
+/// Queues `record`, serving delivery reports while librdkafka's queue is full.
+fn send<K, P>(producer: &BaseProducer, mut record: BaseRecord<'_, K, P>) -> anyhow::Result<()>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => break,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                producer.poll(Duration::from_millis(1));
+            }
+            Err((e, _)) => bail!("{e}"),
+        }
+    }
+    producer.poll(Duration::ZERO);
+    Ok(())
 }

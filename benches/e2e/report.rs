@@ -140,6 +140,61 @@ pub fn pg_per_intent(delta: PgCounters, intents: i64) -> PgPerIntent {
     }
 }
 
+/// The steps of a batch, as `causal_commit_batch_step_seconds` labels them.
+pub const STEPS: [&str; 5] = ["poll", "lookup", "decide", "durable_write", "commit"];
+
+/// Where the product's batches spent their time on the backlog: its own
+/// `causal_commit_batch_step_seconds` and `causal_commit_batch_records`, summed over instances.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BatchSteps {
+    /// Committed batches.
+    pub batches: f64,
+    pub records_per_batch: f64,
+    /// Mean milliseconds per committed batch, in [`STEPS`] order.
+    pub mean_ms: Vec<(String, f64)>,
+}
+
+/// The breakdown from `/metrics` texts (one per instance); `None` when no batch committed.
+pub fn batch_steps(scrapes: &[String]) -> Option<BatchSteps> {
+    let total = |name: &str, step: Option<&str>| -> f64 {
+        scrapes
+            .iter()
+            .flat_map(|text| text.lines())
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
+                let wanted = match step {
+                    Some(step) => labels.contains(&format!("step=\"{step}\"")),
+                    None => true,
+                };
+                (metric == name && wanted).then(|| value.parse::<f64>().ok())?
+            })
+            .sum()
+    };
+    let batches = total("causal_commit_batch_records_count", None);
+    if batches <= 0.0 {
+        return None;
+    }
+    let mean_ms = STEPS
+        .iter()
+        .map(|step| {
+            let sum = total("causal_commit_batch_step_seconds_sum", Some(step));
+            let count = total("causal_commit_batch_step_seconds_count", Some(step));
+            let mean = if count > 0.0 {
+                sum / count * 1000.0
+            } else {
+                0.0
+            };
+            (step.to_string(), mean)
+        })
+        .collect();
+    Some(BatchSteps {
+        batches,
+        records_per_batch: total("causal_commit_batch_records_sum", None) / batches,
+        mean_ms,
+    })
+}
+
 /// Everything measured about one consumer.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConsumerReport {
@@ -154,6 +209,8 @@ pub struct ConsumerReport {
     /// Zero for the consumers that do not use PostgreSQL.
     pub pg: PgPerIntent,
     pub outputs: OutputCounts,
+    /// The product's batch cycle on the backlog (none for the Kafka Streams peer).
+    pub batch_steps: Option<BatchSteps>,
     pub expected_effects: i64,
     /// Every intent has exactly one effect and nothing went to review.
     pub outputs_ok: bool,
@@ -361,5 +418,33 @@ pub fn markdown(
         s.push_str(&format!(" · full ×2 instances / ×1 (median) = {v:.2}"));
     }
     s.push('\n');
+    let with_steps: Vec<(&ConsumerReport, &BatchSteps)> = first
+        .iter()
+        .chain(two)
+        .filter_map(|c| c.batch_steps.as_ref().map(|b| (c, b)))
+        .collect();
+    if !with_steps.is_empty() {
+        s.push_str(&format!(
+            "\nBatch cycle on the backlog, first round (mean ms per committed batch, from \
+             causal_commit_batch_step_seconds):\n\n| consumer | batches | records / batch | {} |\n\
+             |---|---:|---:|{}\n",
+            STEPS.join(" | "),
+            "---:|".repeat(STEPS.len())
+        ));
+        for (c, b) in with_steps {
+            let name = if c.instances > 1 {
+                format!("{} ×{}", c.name, c.instances)
+            } else {
+                c.name.clone()
+            };
+            let steps: Vec<String> = b.mean_ms.iter().map(|(_, ms)| format!("{ms:.0}")).collect();
+            s.push_str(&format!(
+                "| {name} | {:.0} | {:.0} | {} |\n",
+                b.batches,
+                b.records_per_batch,
+                steps.join(" | ")
+            ));
+        }
+    }
     s
 }
