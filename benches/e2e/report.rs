@@ -172,7 +172,9 @@ pub fn batch_steps(scrapes: &[String]) -> Option<BatchSteps> {
             .sum()
     };
     let batches = total("causal_commit_batch_records_count", None);
-    if batches <= 0.0 {
+    let timed = total("causal_commit_batch_step_seconds_count", Some("commit"));
+    // The passthrough counts its batches but runs no steps.
+    if batches <= 0.0 || timed <= 0.0 {
         return None;
     }
     let mean_ms = STEPS
