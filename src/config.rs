@@ -128,6 +128,9 @@ pub struct PostgresConfig {
     /// on its tables, sequences and functions. Empty = no grants.
     pub runtime_role: String,
     pub max_connections: u32,
+    /// Transactions one batch's durable write is split into, by partition, run at once (1 =
+    /// one transaction). Below `max_connections`: lookups and commands need a connection too.
+    pub parallel_writes: u32,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -272,6 +275,7 @@ impl Default for PostgresConfig {
             schema: "causal_commit".into(),
             runtime_role: String::new(),
             max_connections: 8,
+            parallel_writes: 2,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(10),
         }
@@ -495,6 +499,15 @@ impl Config {
                 "postgres.max_connections",
                 self.postgres.max_connections,
                 "must be at least 2",
+            ));
+        }
+        if self.postgres.parallel_writes == 0
+            || self.postgres.parallel_writes >= self.postgres.max_connections
+        {
+            return Err(invalid(
+                "postgres.parallel_writes",
+                self.postgres.parallel_writes,
+                "must be at least 1 and below postgres.max_connections",
             ));
         }
         if self.locks.lease < Duration::from_secs(1) {

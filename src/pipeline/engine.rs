@@ -179,6 +179,54 @@ impl BatchPlan {
     }
 }
 
+/// A durable write that failed: the error, and the partitions written by the rest of it
+/// (already voided, to be rolled back by their restore).
+struct PartWritten {
+    error: pg::Error,
+    written: BTreeSet<i32>,
+}
+
+/// The partitions of a plan in at most `n` groups, one per transaction of its durable write
+/// (see [`balance`]). A command whose partition has no part goes with the first group.
+fn write_groups(plan: &BatchPlan, n: u32) -> Vec<BTreeSet<i32>> {
+    let rows: Vec<(i32, usize)> = plan
+        .partitions
+        .iter()
+        .map(|(p, part)| (*p, part.plan.transitions.len() + part.plan.contacts.len()))
+        .collect();
+    let mut groups = balance(&rows, n);
+    let orphans = plan
+        .commands
+        .iter()
+        .map(|c| c.partition)
+        .filter(|p| !plan.partitions.contains_key(p));
+    match groups.first_mut() {
+        Some(first) => first.extend(orphans),
+        None => groups.push(orphans.collect()),
+    }
+    groups
+}
+
+/// `(partition, rows)` in at most `n` non-empty groups of similar rows: the largest part
+/// first, each into the lightest group so far (ties: the lower partition, the first group).
+fn balance(rows: &[(i32, usize)], n: u32) -> Vec<BTreeSet<i32>> {
+    let n = (n.max(1) as usize).min(rows.len().max(1));
+    let mut parts: Vec<(usize, i32)> = rows.iter().map(|(p, r)| (*r, *p)).collect();
+    parts.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut groups = vec![(0usize, BTreeSet::new()); n];
+    for (rows, p) in parts {
+        if let Some(lightest) = groups.iter_mut().min_by_key(|(load, _)| *load) {
+            lightest.0 += rows;
+            lightest.1.insert(p);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(_, g)| g)
+        .filter(|g| !g.is_empty())
+        .collect()
+}
+
 /// Why a batch did not commit.
 enum Failure {
     /// The idempotency store could not answer.
@@ -642,7 +690,9 @@ impl Engine {
         }
         self.batch_trace.done(Step::Decide);
         let plan = self.one_writer_per_contact(plan);
-        if let Err(e) = self.persist(&plan) {
+        if let Err(PartWritten { error: e, written }) = self.persist(&plan) {
+            // The parts already written are rolled back by their lanes' restore.
+            let plan = plan.without(&written);
             if let Some(owned) = e.owned_elsewhere() {
                 return self.forward_from_now_on(plan, owned);
             }
@@ -691,7 +741,7 @@ impl Engine {
         if rest.is_empty() {
             return;
         }
-        if let Err(e) = self.persist(&rest) {
+        if let Err(PartWritten { error: e, .. }) = self.persist(&rest) {
             return self.fail(Failure::Persist(e));
         }
         self.commit_and_report(rest);
@@ -753,7 +803,7 @@ impl Engine {
                 &self.topics.intents,
                 &self.writer,
                 self.config.locks.lease,
-                &self.batch_write(&good),
+                &self.batch_write(&good, None),
             ));
             match trial {
                 Ok(()) => {}
@@ -785,7 +835,7 @@ impl Engine {
         if good.is_empty() {
             return;
         }
-        if let Err(e) = self.persist(&good) {
+        if let Err(PartWritten { error: e, .. }) = self.persist(&good) {
             return self.fail(Failure::Persist(e));
         }
         self.commit_and_report(good);
@@ -1056,26 +1106,68 @@ impl Engine {
         plan
     }
 
-    /// Step 5: the durable state first, in one round trip: no effect without its record.
-    fn persist(&self, plan: &BatchPlan) -> pg::Result<()> {
-        self.rt.block_on(pg::apply_batch(
-            &self.pool,
-            &self.topics.intents,
-            &self.writer,
-            self.config.locks.lease,
-            &self.batch_write(plan),
-        ))
+    /// Step 5: the durable state first: no effect without its record. The batch's partitions
+    /// are written in `postgres.parallel_writes` transactions at once (each one round trip
+    /// holding whole partitions, balanced by rows; PostgreSQL's per-partition checks need no
+    /// more). When one fails, the partitions the others wrote are voided: their restore rolls
+    /// them back (Kafka has not committed their batch) and replays them, and the error names
+    /// them so the caller handles the rest of the batch alone.
+    fn persist(&mut self, plan: &BatchPlan) -> Result<(), PartWritten> {
+        let groups = write_groups(plan, self.config.postgres.parallel_writes);
+        let writes: Vec<BatchWrite> = groups
+            .iter()
+            .map(|partitions| self.batch_write(plan, Some(partitions)))
+            .collect();
+        let (pool, topic, writer) = (&self.pool, &self.topics.intents, &self.writer);
+        let lease = self.config.locks.lease;
+        let results = self.rt.block_on(futures::future::join_all(
+            writes
+                .iter()
+                .map(|w| pg::apply_batch(pool, topic, writer, lease, w)),
+        ));
+        let mut written = BTreeSet::new();
+        let mut errors = Vec::new();
+        for (partitions, result) in groups.into_iter().zip(results) {
+            match result {
+                Ok(()) => written.extend(partitions),
+                Err(e) => errors.push(e),
+            }
+        }
+        // A failure that is not about the data (fenced, unavailable) decides what happens.
+        errors.sort_by_key(|e| e.is_data_error() || e.owned_elsewhere().is_some());
+        let Some(error) = errors.into_iter().next() else {
+            return Ok(());
+        };
+        if !written.is_empty() {
+            tracing::warn!(
+                partitions = ?written,
+                error = %error,
+                "part of a durable write failed: the partitions written apart from it are \
+                 rolled back by their restore and replayed"
+            );
+            for p in &written {
+                self.void_lane(*p, PauseCause::Restoring);
+            }
+            self.next_restore_at = Instant::now();
+        }
+        Err(PartWritten { error, written })
     }
 
-    /// The rows of a plan, for one write.
-    fn batch_write(&self, plan: &BatchPlan) -> BatchWrite {
+    /// The rows of a plan (of `only` these partitions, and their commands), for one write.
+    fn batch_write(&self, plan: &BatchPlan, only: Option<&BTreeSet<i32>>) -> BatchWrite {
+        let wanted = |p: &i32| only.is_none_or(|o| o.contains(p));
         let mut write = BatchWrite {
             partitions: Vec::with_capacity(plan.partitions.len()),
             transitions: Vec::new(),
             contacts: Vec::new(),
-            commands: plan.commands.clone(),
+            commands: plan
+                .commands
+                .iter()
+                .filter(|c| wanted(&c.partition))
+                .cloned()
+                .collect(),
         };
-        for (p, part) in &plan.partitions {
+        for (p, part) in plan.partitions.iter().filter(|(p, _)| wanted(p)) {
             write.partitions.push(PartitionWrite {
                 partition: *p,
                 fence: part.fence,
@@ -1335,5 +1427,44 @@ fn in_record<M: Message>(msg: &M) -> InRecord {
         key: msg.key().map(<[u8]>::to_vec),
         value: msg.payload().map(<[u8]>::to_vec),
         traceparent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ps: &[i32]) -> BTreeSet<i32> {
+        ps.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_batch_is_split_into_groups_of_similar_rows_each_partition_in_one() {
+        let rows = [(0, 10), (1, 500), (2, 300), (3, 250), (4, 0)];
+        assert_eq!(
+            balance(&rows, 2),
+            [set(&[0, 1, 4]), set(&[2, 3])],
+            "500 + 10 + 0 against 300 + 250"
+        );
+        assert_eq!(balance(&rows, 1), [set(&[0, 1, 2, 3, 4])]);
+        let three = balance(&rows, 3);
+        assert_eq!(three, [set(&[1]), set(&[2]), set(&[0, 3, 4])]);
+        // Every partition exactly once, whatever n.
+        for n in 0..8 {
+            let groups = balance(&rows, n);
+            let mut all: Vec<i32> = groups.iter().flatten().copied().collect();
+            all.sort_unstable();
+            assert_eq!(all, [0, 1, 2, 3, 4], "n = {n}");
+            assert!(groups.len() <= (n.max(1) as usize), "n = {n}");
+        }
+    }
+
+    #[test]
+    fn more_writes_than_partitions_leave_no_group_empty() {
+        assert_eq!(balance(&[(7, 3)], 4), [set(&[7])]);
+        assert_eq!(balance(&[(1, 4), (2, 5)], 4), [set(&[2]), set(&[1])]);
+        // Parts without rows (offsets only) join the lightest group.
+        assert_eq!(balance(&[(1, 0), (2, 0)], 4), [set(&[1, 2])]);
+        assert!(balance(&[], 2).is_empty());
     }
 }
