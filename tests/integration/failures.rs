@@ -675,3 +675,74 @@ async fn a_durable_write_refused_in_part_rolls_the_written_part_back_and_replays
     assert_eq!(x, [1, 2], "x's effects once each, in order");
     assert_eq!(effects.len(), 42, "one effect per intent");
 }
+
+/// The recovery point of a partition Kafka has none for is committed before the partition
+/// decides anything (`Engine::anchor`). When that commit fails (here: the producer was fenced
+/// while the instance was idle, and partitions added to the topic are the first thing it
+/// commits for), the partitions stay paused, the producer is re-created, and the next restore
+/// commits their points: they then flow, nothing lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_point_commit_that_fails_is_retried_and_the_new_partitions_flow() {
+    let env = TestEnv::new("anchor_fail", 2).await;
+    let cfg = env.config.clone();
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    let first: Vec<_> = (0..20)
+        .map(|k| intent(&format!("a{k}-1"), &format!("a{k}"), 1))
+        .collect();
+    produce_intents(&cfg, &first).await;
+    caught_up(&cfg, Duration::from_secs(60)).await;
+
+    // Idle: nothing uses the producer until the new partitions' recovery points.
+    let c = cfg.clone();
+    tokio::task::spawn_blocking(move || fence_processor(&c))
+        .await
+        .unwrap();
+    crate::growth::grow(&cfg, 4).await;
+    let anchored = |lines: &[serde_json::Value], p: i64| {
+        lines.iter().position(|l| {
+            l["message"] == "recovery point committed to Kafka (it had none for this partition)"
+                && l["partition"] == p
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let lines = loop {
+        let lines = read_log(&log);
+        if anchored(&lines, 2).is_some() && anchored(&lines, 3).is_some() {
+            break lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new partitions' recovery points were never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    for p in [2, 3] {
+        let failed = lines.iter().position(|l| {
+            l["message"] == "partition not restored yet; paused"
+                && l["partition"] == p
+                && l["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("committing the partition's recovery point"))
+        });
+        let failed = failed.unwrap_or_else(|| panic!("partition {p}: the first commit failed"));
+        assert!(
+            anchored(&lines, p).unwrap() > failed,
+            "partition {p}: committed after the failure"
+        );
+    }
+
+    let second: Vec<_> = (0..20)
+        .map(|k| intent(&format!("a{k}-2"), &format!("a{k}"), 2))
+        .collect();
+    produce_intents(&cfg, &second).await;
+    caught_up(&cfg, Duration::from_secs(60)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let fx = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
+    for (contact, seqs) in by_contact(&fx) {
+        let seqs: Vec<u64> = seqs.iter().map(|e| e.commit_sequence).collect();
+        assert_eq!(seqs, [1, 2], "contact {contact}");
+    }
+    assert_eq!(fx.len(), 40);
+    assert_clean(&verified(&cfg).await, 40);
+}

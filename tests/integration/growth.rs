@@ -13,7 +13,7 @@ use crate::common::*;
 use causal_commit::config::Config;
 use causal_commit::proto::Intent;
 
-async fn grow(config: &Config, to: usize) {
+pub(crate) async fn grow(config: &Config, to: usize) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.kafka.brokers)
         .create()
