@@ -83,7 +83,10 @@ cargo bench --bench e2e -- [flags]      (make bench BENCH_ARGS=\"[flags]\")
   --catch-up-timeout S     give up on a backlog after S seconds (900)
   --seed N                 workload seed (42)
   --out DIR                where report.json, report.md and the logs go (target/bench)
-  --keep                   keep the topics, schemas and Redis keys of the run
+  --keep                   keep the topics, schemas and Redis keys of the run (and the
+                           preload's source topic, whose name the run prints)
+  --source TOPIC           copy the preload from TOPIC, a source topic kept by an earlier
+                           run, instead of producing one: runs compared on one input
 Environment: CC_KAFKA_BROKERS, CC_DATABASE_URL, CC_REDIS_URL (the local stack's by default).";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -152,6 +155,7 @@ struct Args {
     seed: u64,
     out: PathBuf,
     keep: bool,
+    source: Option<String>,
     brokers: String,
     #[serde(skip)]
     postgres_url: String,
@@ -192,6 +196,7 @@ impl Args {
             seed: 42,
             out: root.join("target/bench"),
             keep: false,
+            source: None,
             brokers: env("CC_KAFKA_BROKERS", "127.0.0.1:9092"),
             postgres_url: env(
                 "CC_DATABASE_URL",
@@ -237,6 +242,7 @@ impl Args {
                 "--seed" => a.seed = num(&flag, &value()?)?,
                 "--out" => a.out = PathBuf::from(value()?),
                 "--keep" => a.keep = true,
+                "--source" => a.source = Some(value()?),
                 "--help" | "-h" => bail!("{USAGE}"),
                 other => bail!("unknown flag {other:?}\n{USAGE}"),
             }
@@ -329,7 +335,8 @@ struct Bench<'a> {
     run_id: String,
     dir: PathBuf,
     clk_tck: f64,
-    /// The intents topic the preload is produced to once, then copied to each world's.
+    /// The intents topic the preload is produced to once (or `--source`), then copied to
+    /// each world's.
     source: RefCell<Option<String>>,
 }
 
@@ -436,8 +443,13 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
             Err(e) => errors.push(format!("many contacts: {e:#}")),
         }
     }
-    if let (Some(topic), false) = (bench.source.borrow().as_ref(), args.keep) {
-        if let Err(e) = rt.block_on(kafka_io::delete_world(&args.brokers, topic, &[])) {
+    let produced = bench
+        .source
+        .borrow()
+        .clone()
+        .filter(|_| args.source.is_none());
+    if let (Some(topic), false) = (produced, args.keep) {
+        if let Err(e) = rt.block_on(kafka_io::delete_world(&args.brokers, &topic, &[])) {
             eprintln!("bench: deleting the preload's source topic {topic} failed: {e:#}");
         }
     }
@@ -556,6 +568,16 @@ impl Bench<'_> {
             return Ok(topic.clone());
         }
         let a = self.args;
+        if let Some(topic) = &a.source {
+            let held = kafka_io::partition_count(&a.brokers, topic)?;
+            anyhow::ensure!(
+                held == a.partitions as usize,
+                "--source {topic} has {held} partitions, the run uses {} (--partitions)",
+                a.partitions
+            );
+            *self.source.borrow_mut() = Some(topic.clone());
+            return Ok(topic.clone());
+        }
         let spec = Spec {
             kind: Kind::Full,
             label: "source".into(),
@@ -598,8 +620,13 @@ impl Bench<'_> {
             &self.dir.join(format!("{}-produce.log", world.id)),
         )?;
         println!(
-            "bench: produced the preload to {topic} in {:.1} s",
-            started.elapsed().as_secs_f64()
+            "bench: produced the preload to {topic} in {:.1} s{}",
+            started.elapsed().as_secs_f64(),
+            if a.keep {
+                " (kept: --source reuses it)"
+            } else {
+                ""
+            }
         );
         *self.source.borrow_mut() = Some(topic.clone());
         Ok(topic)

@@ -82,6 +82,14 @@ fn partitions(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i32>> 
         .collect())
 }
 
+/// Partitions of `topic` (0 when it does not exist).
+pub fn partition_count(brokers: &str, topic: &str) -> anyhow::Result<usize> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    Ok(partitions(&consumer, topic)?.len())
+}
+
 /// Sum of the high watermarks of `topic` (records produced so far, non-transactional input).
 pub fn end_offsets(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<i64> {
     let mut sum = 0;
