@@ -688,6 +688,27 @@ mod tests {
         }
     }
 
+    #[test]
+    fn parallel_writes_are_at_least_one_and_leave_the_pool_a_connection() {
+        let c = Config::from_toml("[postgres]\nparallel_writes = 3\n").unwrap();
+        assert_eq!(c.postgres.parallel_writes, 3);
+        assert_eq!(Config::default().postgres.parallel_writes, 2);
+        for toml in [
+            "[postgres]\nparallel_writes = 0\n",
+            "[postgres]\nparallel_writes = 8\n",
+            "[postgres]\nmax_connections = 2\nparallel_writes = 2\n",
+        ] {
+            let err = Config::from_toml(toml).unwrap_err();
+            assert!(
+                err.to_string().contains("postgres.parallel_writes"),
+                "{toml}: {err}"
+            );
+        }
+        assert!(
+            Config::from_toml("[postgres]\nmax_connections = 2\nparallel_writes = 1\n").is_ok()
+        );
+    }
+
     /// Every kind of secret, each with a value found nowhere else.
     const SECRETS_TOML: &str = r#"
 [kafka.client]

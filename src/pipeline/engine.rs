@@ -744,6 +744,7 @@ impl Engine {
         if let Err(PartWritten { error: e, .. }) = self.persist(&rest) {
             return self.fail(Failure::Persist(e));
         }
+        self.batch_trace.done(Step::DurableWrite);
         self.commit_and_report(rest);
     }
 
@@ -838,6 +839,7 @@ impl Engine {
         if let Err(PartWritten { error: e, .. }) = self.persist(&good) {
             return self.fail(Failure::Persist(e));
         }
+        self.batch_trace.done(Step::DurableWrite);
         self.commit_and_report(good);
     }
 

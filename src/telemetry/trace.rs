@@ -352,8 +352,7 @@ impl BatchTrace {
         let cx = Context::new().with_span(batch);
         let mut from = started;
         for step in Step::ALL {
-            // A step without an end (the isolation path writes as part of its commit) is
-            // part of the next one.
+            // A step without an end (the batch failed before it ended) counts in the next.
             let Some(to) = self.ended[step as usize] else {
                 continue;
             };
@@ -400,7 +399,7 @@ mod tests {
         trace.ended[Step::Poll as usize] = at(100);
         trace.ended[Step::Lookup as usize] = at(130);
         trace.ended[Step::Decide as usize] = at(200);
-        // No durable_write end (the isolation path writes as part of its commit).
+        // No durable_write end: its time counts in the next step.
         trace.ended[Step::Commit as usize] = at(650);
         let ms = |d: Duration| d.as_millis() as u64;
         let got: Vec<(&str, u64)> = trace
