@@ -28,7 +28,7 @@
 
 use std::cell::Cell;
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use opentelemetry::trace::{
     Link, Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags,
@@ -297,30 +297,32 @@ impl BatchTrace {
     /// The batch committed with these output records (each with its intent span, if sampled):
     /// the batch's spans, and the intent spans.
     pub fn committed<'a>(&mut self, outputs: impl Iterator<Item = Option<&'a IntentSpan>>) {
-        if self.started.is_none() {
+        let Some(started) = self.started else {
+            return;
+        };
+        for (step, from, to) in self.steps(started) {
+            let took = to.duration_since(from).unwrap_or_default();
+            metrics::histogram!(m::BATCH_STEP, "step" => step.name()).record(took.as_secs_f64());
+        }
+        if !enabled() {
+            self.started = None;
             return;
         }
         let mut count = 0;
         let spans: Vec<&IntentSpan> = outputs.inspect(|_| count += 1).flatten().collect();
-        if let Some(started) = self.started {
-            for (step, took) in self.step_durations(started) {
-                metrics::histogram!(m::BATCH_STEP, "step" => step.name())
-                    .record(took.as_secs_f64());
-            }
-        }
         self.finish(Ok(count), spans.into_iter());
     }
 
-    /// Each step that ended, with its duration (from the end of the step before it; a step
-    /// without an end is part of the next one).
-    fn step_durations(&self, started: SystemTime) -> Vec<(Step, Duration)> {
+    /// Each step that ended, from the end of the step before it to its own; a step without an
+    /// end (the batch failed before it ended) counts in the next one.
+    fn steps(&self, started: SystemTime) -> Vec<(Step, SystemTime, SystemTime)> {
         let mut from = started;
         let mut out = Vec::with_capacity(Step::ALL.len());
         for step in Step::ALL {
             let Some(to) = self.ended[step as usize] else {
                 continue;
             };
-            out.push((step, to.duration_since(from).unwrap_or_default()));
+            out.push((step, from, to));
             from = to;
         }
         out
@@ -350,18 +352,12 @@ impl BatchTrace {
             .with_attributes(attributes)
             .start_with_context(tracer, &Context::new());
         let cx = Context::new().with_span(batch);
-        let mut from = started;
-        for step in Step::ALL {
-            // A step without an end (the batch failed before it ended) counts in the next.
-            let Some(to) = self.ended[step as usize] else {
-                continue;
-            };
+        for (step, from, to) in self.steps(started) {
             tracer
                 .span_builder(step.name())
                 .with_start_time(from)
                 .start_with_context(tracer, &cx)
                 .end_with_timestamp(to);
-            from = to;
         }
         let batch_context = cx.span().span_context().clone();
         for intent in intents {
@@ -387,6 +383,7 @@ impl BatchTrace {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn a_step_without_an_end_counts_in_the_next_one() {
@@ -401,11 +398,11 @@ mod tests {
         trace.ended[Step::Decide as usize] = at(200);
         // No durable_write end: its time counts in the next step.
         trace.ended[Step::Commit as usize] = at(650);
-        let ms = |d: Duration| d.as_millis() as u64;
-        let got: Vec<(&str, u64)> = trace
-            .step_durations(t0)
+        let ms = |from: SystemTime, to: SystemTime| to.duration_since(from).unwrap().as_millis();
+        let got: Vec<(&str, u128)> = trace
+            .steps(t0)
             .into_iter()
-            .map(|(s, d)| (s.name(), ms(d)))
+            .map(|(s, from, to)| (s.name(), ms(from, to)))
             .collect();
         assert_eq!(
             got,

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::process::{read_log, stack, Processor};
+use crate::common::process::{read_log, rolled_back_transitions, stack, Processor};
 use crate::common::*;
 
 use causal_commit::config::Config;
@@ -571,11 +571,7 @@ async fn a_new_groups_first_batch_that_aborts_rolls_back_and_replays_without_an_
             .any(|l| l["message"] == "transaction failed; restoring"),
         "the first batch aborted"
     );
-    let rolled_back: u64 = lines
-        .iter()
-        .filter(|l| l["message"] == "partition restored" && l["batch_no"] == 0)
-        .filter_map(|l| l["rolled_back_transitions"].as_u64())
-        .sum();
+    let rolled_back = rolled_back_transitions(&lines, |l| l["batch_no"] == 0);
     assert!(rolled_back > 0, "the aborted batch's rows were rolled back");
     let refused = lines
         .iter()
@@ -650,11 +646,7 @@ async fn a_durable_write_refused_in_part_rolls_the_written_part_back_and_replays
         partly[0]["partitions"], "{2}",
         "partition 2's part was written"
     );
-    let rolled_back: u64 = lines
-        .iter()
-        .filter(|l| l["message"] == "partition restored" && l["partition"] == 2)
-        .filter_map(|l| l["rolled_back_transitions"].as_u64())
-        .sum();
+    let rolled_back = rolled_back_transitions(&lines, |l| l["partition"] == 2);
     assert_eq!(
         rolled_back, 40,
         "partition 2's written part was rolled back"

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::process::{cli, read_log, Processor};
+use crate::common::process::{cli, read_log, rolled_back_transitions, Processor};
 use crate::common::*;
 use causal_commit::config::Config;
 use causal_commit::demo::{self, ProduceOptions};
@@ -130,11 +130,7 @@ async fn offsets_reset_to_earliest_or_latest_lose_no_history_and_emit_nothing_tw
     caught_up(&cfg).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     let lines = read_log(&log);
-    let rolled_back: u64 = lines
-        .iter()
-        .filter(|l| l["message"] == "partition restored")
-        .map(|l| l["rolled_back_transitions"].as_u64().unwrap_or(0))
-        .sum();
+    let rolled_back = rolled_back_transitions(&lines, |_| true);
     assert_eq!(rolled_back, 0, "committed history is never rolled back");
     assert!(lines.iter().any(|l| l["message"]
         .as_str()

@@ -169,6 +169,19 @@ pub fn read_log(path: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Audit rows the restores logged in `lines` rolled back, over the "partition restored" lines
+/// that `which` keeps.
+pub fn rolled_back_transitions(
+    lines: &[serde_json::Value],
+    which: impl Fn(&serde_json::Value) -> bool,
+) -> u64 {
+    lines
+        .iter()
+        .filter(|l| l["message"] == "partition restored" && which(l))
+        .filter_map(|l| l["rolled_back_transitions"].as_u64())
+        .sum()
+}
+
 /// Stops or starts a local service through the project's stack script.
 pub fn stack(action: &str, service: &str) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
