@@ -51,7 +51,7 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 
 use causal_commit::config::Config;
-use causal_commit::demo::{self, ProduceOptions};
+use causal_commit::demo::{self, ArrivalOrder, ProduceOptions};
 use causal_commit::proto::{Action, Intent};
 
 use children::ChildProc;
@@ -317,6 +317,8 @@ struct Report {
     later_rounds: Vec<Vec<ConsumerReport>>,
     full_two_instances: Option<ConsumerReport>,
     many_contacts: Option<ManyContacts>,
+    /// How out of order the preload arrives (the same for every consumer).
+    input: Option<ArrivalOrder>,
     ratios: report::Ratios,
     errors: Vec<String>,
 }
@@ -338,6 +340,8 @@ struct Bench<'a> {
     /// The intents topic the preload is produced to once (or `--source`), then copied to
     /// each world's.
     source: RefCell<Option<String>>,
+    /// The source's arrival order, measured once.
+    input: RefCell<Option<ArrivalOrder>>,
 }
 
 fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
@@ -379,6 +383,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
         dir,
         clk_tck: children::clk_tck(),
         source: RefCell::new(None),
+        input: RefCell::new(None),
     };
     // Interleaved rounds: the machine's drift over minutes (measured: the same consumer alone
     // 13,000 to 23,000 intents/s run to run) falls on every consumer of a round alike, so each
@@ -454,7 +459,19 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
         }
     }
     let ratios = report::ratios(&rounds, two.as_ref());
-    let table = report::markdown(&rounds, two.as_ref(), &ratios);
+    let input = *bench.input.borrow();
+    let mut table = report::markdown(&rounds, two.as_ref(), &ratios);
+    if let Some(o) = &input {
+        table = format!(
+            "Input: {} records, {} with a causal_sequence, of which {} ({:.1}%) arrive before \
+             their predecessor (each waits: R3); at most {} ahead at once.\n\n{table}",
+            o.records,
+            o.strict,
+            o.ahead,
+            o.ahead_fraction() * 100.0,
+            o.peak_ahead
+        );
+    }
     let mut rounds = rounds.into_iter();
     let consumers = rounds.next().unwrap_or_default();
     let later_rounds: Vec<_> = rounds.collect();
@@ -471,6 +488,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
         later_rounds,
         full_two_instances: two,
         many_contacts: many,
+        input,
         ratios,
         errors,
     };
@@ -576,6 +594,7 @@ impl Bench<'_> {
                 a.partitions
             );
             *self.source.borrow_mut() = Some(topic.clone());
+            self.measure_input(topic)?;
             return Ok(topic.clone());
         }
         let spec = Spec {
@@ -629,7 +648,36 @@ impl Bench<'_> {
             }
         );
         *self.source.borrow_mut() = Some(topic.clone());
+        self.measure_input(&topic)?;
         Ok(topic)
+    }
+
+    /// Reads the source once and records how out of order it arrives: the interleaving of the
+    /// preload's concurrent producers decides how many intents wait, hence much of the work
+    /// (PostgreSQL rows and contact-state bytes), so the figures are read beside it.
+    fn measure_input(&self, topic: &str) -> anyhow::Result<()> {
+        let spec = Spec {
+            kind: Kind::Full,
+            label: "input".into(),
+            instances: 1,
+            latency: false,
+            preload: Preload::Demo,
+        };
+        let world = self.world(&spec);
+        let started = Instant::now();
+        let order = ArrivalOrder::of_topic(&world.config, topic)
+            .with_context(|| format!("reading {topic} for its arrival order"))?;
+        println!(
+            "bench: input {topic}: {} of {} strict intents ({:.1}%) arrive before their \
+             predecessor, at most {} at once (read in {:.1} s)",
+            order.ahead,
+            order.strict,
+            order.ahead_fraction() * 100.0,
+            order.peak_ahead,
+            started.elapsed().as_secs_f64()
+        );
+        *self.input.borrow_mut() = Some(order);
+        Ok(())
     }
 
     /// Runs one world end to end and always cleans it up (unless `--keep`).

@@ -247,6 +247,78 @@ pub fn summarize(config: &Config, prefix: &str) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
+/// How out of order an input arrives: the strict-mode intents that reach the processor before
+/// their contact's previous sequence (R3 makes each of them wait), and the most that are ahead
+/// at once. The interleaving of concurrent producers sets it, so two productions of the same
+/// seed differ; the bench reports it beside its figures.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ArrivalOrder {
+    /// Records read.
+    pub records: u64,
+    /// Intents that carry a `causal_sequence`.
+    pub strict: u64,
+    /// Strict intents that arrived before their predecessor.
+    pub ahead: u64,
+    /// The most strict intents ahead of a predecessor at one time, over all contacts.
+    pub peak_ahead: u64,
+    /// Records that are not intents (undecodable): counted in `records` only.
+    pub undecodable: u64,
+    #[serde(skip)]
+    pending: u64,
+}
+
+/// One contact's arrivals so far: the next sequence due and those already ahead of it.
+#[derive(Debug, Default)]
+struct Arrivals {
+    due: u64,
+    ahead: std::collections::BTreeSet<u64>,
+}
+
+impl ArrivalOrder {
+    /// Reads `topic` from its beginning to its current end. Blocking.
+    pub fn of_topic(config: &Config, topic: &str) -> anyhow::Result<ArrivalOrder> {
+        let mut order = ArrivalOrder::default();
+        let mut contacts: HashMap<String, Arrivals> = HashMap::new();
+        crate::pipeline::read::read_topic(config, topic, |record| {
+            order.records += 1;
+            match record.value.map(Intent::decode) {
+                Some(Ok(i)) => order.observe(&mut contacts, i.contact_id, i.causal_sequence),
+                _ => order.undecodable += 1,
+            }
+            Ok(())
+        })?;
+        Ok(order)
+    }
+
+    /// Strict intents ahead of a predecessor, per strict intent.
+    pub fn ahead_fraction(&self) -> f64 {
+        self.ahead as f64 / self.strict.max(1) as f64
+    }
+
+    /// One intent, in its partition's order (a contact's intents share a partition).
+    fn observe(&mut self, contacts: &mut HashMap<String, Arrivals>, contact: String, seq: u64) {
+        if seq == 0 {
+            return;
+        }
+        self.strict += 1;
+        let c = contacts.entry(contact).or_insert(Arrivals {
+            due: 1,
+            ahead: Default::default(),
+        });
+        if seq == c.due {
+            c.due += 1;
+            while c.ahead.remove(&c.due) {
+                c.due += 1;
+                self.pending -= 1;
+            }
+        } else if seq > c.due && c.ahead.insert(seq) {
+            self.ahead += 1;
+            self.pending += 1;
+            self.peak_ahead = self.peak_ahead.max(self.pending);
+        }
+    }
+}
+
 /// Waits until the consumer group has committed offsets at the end of every partition of the
 /// intents topic (the processor has caught up). Blocking.
 pub fn wait_caught_up(config: &Config, within: Duration) -> anyhow::Result<()> {
@@ -277,5 +349,42 @@ pub fn wait_caught_up(config: &Config, within: Duration) -> anyhow::Result<()> {
             "the processor is still {behind} records behind after {within:?}"
         );
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order_of(arrivals: &[(&str, u64)]) -> ArrivalOrder {
+        let mut order = ArrivalOrder::default();
+        let mut contacts = HashMap::new();
+        for (contact, seq) in arrivals {
+            order.records += 1;
+            order.observe(&mut contacts, contact.to_string(), *seq);
+        }
+        order
+    }
+
+    #[test]
+    fn in_order_arrivals_are_never_ahead() {
+        let o = order_of(&[("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("c", 0)]);
+        assert_eq!((o.records, o.strict, o.ahead, o.peak_ahead), (6, 5, 0, 0));
+    }
+
+    #[test]
+    fn an_intent_before_its_predecessor_is_ahead_until_the_gap_fills() {
+        // a: 3 and 2 arrive before 1; b: 2 before 1 while a's two are still ahead.
+        let o = order_of(&[("a", 3), ("a", 2), ("b", 2), ("a", 1), ("b", 1), ("a", 5)]);
+        assert_eq!(o.strict, 6);
+        assert_eq!(o.ahead, 4, "a3, a2, b2, a5");
+        assert_eq!(o.peak_ahead, 3, "a3, a2 and b2 at once");
+        assert!((o.ahead_fraction() - 4.0 / 6.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_repeated_or_passed_sequence_is_not_counted_ahead() {
+        let o = order_of(&[("a", 1), ("a", 1), ("a", 3), ("a", 3), ("a", 2), ("a", 2)]);
+        assert_eq!((o.strict, o.ahead, o.peak_ahead), (6, 1, 1));
     }
 }
