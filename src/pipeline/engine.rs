@@ -1075,7 +1075,9 @@ impl Engine {
             let mut decisions = Vec::new();
             lane.seq.drain_decisions(&mut decisions);
             translate::decisions(&ctx, fresh.get(p).unwrap_or(&empty), decisions, &mut part);
-            if let Err(e) = translate::contacts(&ctx, lane.seq.take_dirty(), &mut part) {
+            if let Err(e) =
+                translate::contacts(&ctx, lane.seq.take_dirty(), &mut lane.rows, &mut part)
+            {
                 // Unreachable for these plain types; the lane must not go on without its
                 // durable state.
                 tracing::error!(partition = p, error = %e, "contact state not serializable");
@@ -1088,6 +1090,7 @@ impl Engine {
             if part.is_empty() && part_input.is_none() && !commanded.contains(p) && !past_markers {
                 continue;
             }
+            part.deleted = lane.rows.take_releasable();
             let mut next_offset =
                 part_input.map_or(lane.next_offset, |i| i.next_offset.max(lane.next_offset));
             if lane.at_end {
@@ -1162,6 +1165,8 @@ impl Engine {
             partitions: Vec::with_capacity(plan.partitions.len()),
             transitions: Vec::new(),
             contacts: Vec::new(),
+            waiting: Vec::new(),
+            deleted: Vec::new(),
             commands: plan
                 .commands
                 .iter()
@@ -1181,6 +1186,8 @@ impl Engine {
                 .transitions
                 .extend(part.plan.transitions.iter().cloned());
             write.contacts.extend(part.plan.contacts.iter().cloned());
+            write.waiting.extend(part.plan.waiting.iter().cloned());
+            write.deleted.extend(part.plan.deleted.iter().cloned());
         }
         write
     }
@@ -1230,7 +1237,7 @@ impl Engine {
         let mut outcomes = Vec::new();
         let mut committed = Vec::with_capacity(plan.partitions.len());
         let mut rows = Vec::with_capacity(plan.partitions.len());
-        for (p, part) in plan.partitions {
+        for (p, mut part) in plan.partitions {
             committed.push((p, part.fence, part.batch_no));
             if self.isolation.committed(p, part.next_offset) {
                 tracing::info!(
@@ -1239,6 +1246,7 @@ impl Engine {
                 );
             }
             if let Some(lane) = self.lanes.get_mut(&p) {
+                lane.rows.committed(std::mem::take(&mut part.plan.released));
                 lane.batch_no = part.batch_no;
                 lane.next_offset = part.next_offset;
                 if let Some(pause) = part.plan.pause {

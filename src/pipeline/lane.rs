@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use crate::sequencer::{Millis, Sequencer};
-use crate::store::snapshot::Held;
+use crate::store::snapshot::{Held, WaitingRows};
 
 /// The state of one assigned partition.
 pub struct Lane {
@@ -16,6 +16,8 @@ pub struct Lane {
     /// One past the last record consumed and committed (-1: nothing ever committed).
     pub next_offset: i64,
     pub seq: Sequencer<Held>,
+    /// Which of the sequencer's waiting intents have their `cc_waiting` row.
+    pub rows: WaitingRows,
     /// The sequencer's backlog is at the partition's bound.
     pub backpressure: bool,
     /// What librdkafka was last told: the partition is paused.

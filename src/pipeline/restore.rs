@@ -14,7 +14,7 @@ use crate::sequencer::{self, Decision, Sequencer};
 use crate::store::lock_store::{self, LockResult};
 use crate::store::postgres as pg;
 use crate::store::recovery::{KafkaCommitted, RecoveryPoint};
-use crate::store::snapshot::{self, Held};
+use crate::store::snapshot::{self, Held, WaitingRows};
 use crate::telemetry::metrics as m;
 
 /// Why a partition could not be restored (it stays paused and is retried).
@@ -129,10 +129,11 @@ impl Engine {
             &restored.rolled_back_outcomes,
         ))?;
         let mut seq: Sequencer<Held> = Sequencer::new(self.seq_config.clone())?;
+        let mut rows = WaitingRows::default();
         let snapshots = restored
             .states
             .into_iter()
-            .map(snapshot::decode)
+            .map(|s| rows.decode(s))
             .collect::<Result<Vec<_>, _>>()?;
         let contacts = snapshots.len();
         seq.restore(snapshots)?;
@@ -180,6 +181,7 @@ impl Engine {
             batch_no,
             next_offset,
             seq,
+            rows,
             backpressure,
             paused: true,
             probe_at: Instant::now(),

@@ -21,7 +21,7 @@ use crate::sequencer::{
     BlockReason, Decision, Intent, IntentMeta, Reason, ReviewReason as SeqReview, SkipCause, State,
 };
 use crate::store::postgres::{ContactRow, Transition, TransitionRow};
-use crate::store::snapshot::{self, Held, StoredContact};
+use crate::store::snapshot::{self, Held, RowKey, StoredContact, WaitingRow, WaitingRows};
 
 /// Output topic names, shared cheaply by every output record.
 #[derive(Debug, Clone)]
@@ -67,6 +67,12 @@ pub struct PartitionPlan {
     /// `notes[i]` belongs to `transitions[i]`.
     pub notes: Vec<Note>,
     pub contacts: Vec<ContactRow>,
+    /// Rows of the intents that started waiting (`cc_waiting`).
+    pub waiting: Vec<WaitingRow>,
+    /// Rows of the intents this batch released: deleted by the partition's next batch.
+    pub released: Vec<RowKey>,
+    /// Rows the partition's previous batch released, deleted by this one.
+    pub deleted: Vec<RowKey>,
     /// The sequencer asked to pause (`Some(true)`) or resume (`Some(false)`) the partition.
     pub pause: Option<bool>,
     /// Effects among `outputs`.
@@ -455,22 +461,27 @@ pub fn forwarded(
     plan.push(row, Note::default());
 }
 
-/// The contact states the sequencer changed, for one batched upsert.
+/// The contact states the sequencer changed, for one batched upsert, with the rows of their
+/// waiting intents that start or stop waiting.
 pub fn contacts(
     ctx: &Context<'_>,
     snapshots: Vec<StoredContact>,
+    rows: &mut WaitingRows,
     plan: &mut PartitionPlan,
 ) -> Result<(), snapshot::Unreadable> {
     plan.contacts.reserve(snapshots.len());
     for s in snapshots {
         let on_hold = s.hold.is_some();
         let waiting = i32::try_from(s.waiting.len()).unwrap_or(i32::MAX);
-        let state = snapshot::encode(&s)?;
+        let contact_id = s.contact_id.clone();
+        let encoded = rows.encode(s, ctx.batch_no)?;
+        plan.waiting.extend(encoded.inserted);
+        plan.released.extend(encoded.released);
         plan.contacts.push(ContactRow {
-            contact_id: s.contact_id,
+            contact_id,
             partition: ctx.partition,
             batch_no: ctx.batch_no,
-            state,
+            state: encoded.state,
             on_hold,
             waiting,
         });
@@ -1175,7 +1186,13 @@ mod tests {
             reason: HoldReason::WaitTimeout { missing: 3 },
         });
         let mut plan = PartitionPlan::default();
-        contacts(&ctx(&t), vec![s.clone()], &mut plan).unwrap();
+        contacts(
+            &ctx(&t),
+            vec![s.clone()],
+            &mut WaitingRows::default(),
+            &mut plan,
+        )
+        .unwrap();
         let row = &plan.contacts[0];
         assert_eq!((row.partition, row.batch_no), (3, 12));
         assert!(row.on_hold);

@@ -1,15 +1,26 @@
-//! The stored form of the sequencer's per-contact state (`cc_contact.state`).
+//! The stored form of the sequencer's per-contact state (`cc_contact.state`) and of its waiting
+//! intents (`cc_waiting`, migration 0009).
 //!
 //! A contact's state is the sequencer's [`ContactSnapshot`], whose waiting intents carry a
 //! [`Held`] payload: the original input record, byte for byte (so a waiting intent can be
 //! emitted, or sent to manual review, after a restart), and the correlation id it was first
 //! seen with (generated on first sight when the producer gave none, so it must stay the same).
+//!
+//! A waiting intent is stored once, in a `cc_waiting` row written by the batch in which it
+//! starts waiting; the contact's state names it by `{"commit_sequence", "row"}` (`row`: that
+//! batch). The batch that releases it drops the name; the partition's next batch deletes the
+//! row (the releasing batch has then committed, so no rollback can bring the name back).
+//! Readers get the state with its rows put back (`cc_resolved_state`), each entry still naming
+//! its row. States written before migration 0009 hold their waiting intents inline; they are
+//! read as they are and move to rows the next time their contact is written.
 //! This module is the one place that encodes and decodes it.
+
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::intent::InRecord;
-use crate::sequencer::ContactSnapshot;
+use crate::sequencer::{ContactSnapshot, Millis, WaitingSnapshot};
 
 /// What the sequencer carries with every intent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,12 +37,328 @@ pub type StoredContact = ContactSnapshot<Held>;
 #[error("a stored contact state is unreadable: {0}")]
 pub struct Unreadable(#[from] serde_json::Error);
 
-/// Encodes a contact's state for `cc_contact.state`.
+/// A waiting intent's row in `cc_waiting`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowKey {
+    pub contact_id: String,
+    pub commit_sequence: u64,
+    /// The batch that wrote the row.
+    pub batch_no: u64,
+}
+
+/// A row to insert: a waiting intent as the sequencer exports it.
+#[derive(Debug, Clone)]
+pub struct WaitingRow {
+    pub key: RowKey,
+    pub entry: serde_json::Value,
+}
+
+/// A contact's state encoded for one batch: the state, the rows of the intents that started
+/// waiting, and the rows of the intents no longer waiting.
+#[derive(Debug)]
+pub struct Encoded {
+    pub state: serde_json::Value,
+    pub inserted: Vec<WaitingRow>,
+    pub released: Vec<RowKey>,
+}
+
+/// A waiting intent that has its row: what tells it from another intent waiting on the same
+/// sequence later (an operator's re-submission).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stored {
+    commit_sequence: u64,
+    intent_id: String,
+    since: Millis,
+    batch_no: u64,
+}
+
+impl Stored {
+    fn is(&self, w: &WaitingSnapshot<Held>) -> bool {
+        self.commit_sequence == w.commit_sequence
+            && self.since == w.since
+            && self.intent_id == w.intent.meta.intent_id
+    }
+}
+
+/// Which waiting intents of one partition's contacts have their row, as of the lane's last
+/// encoded state, and the rows its last committed batch released (the next batch deletes
+/// them). Rebuilt from the store by every restore.
+#[derive(Debug, Default)]
+pub struct WaitingRows {
+    stored: HashMap<String, Vec<Stored>>,
+    releasable: Vec<RowKey>,
+}
+
+impl WaitingRows {
+    /// Encodes `contact` as written by batch `batch_no`: its intents without a row get one
+    /// (written by this batch), rows of intents no longer waiting are released.
+    pub fn encode(
+        &mut self,
+        mut contact: StoredContact,
+        batch_no: u64,
+    ) -> Result<Encoded, Unreadable> {
+        let waiting = std::mem::take(&mut contact.waiting);
+        let before = self.stored.remove(&contact.contact_id).unwrap_or_default();
+        let mut now = Vec::with_capacity(waiting.len());
+        let mut names = Vec::with_capacity(waiting.len());
+        let mut inserted = Vec::new();
+        for w in waiting {
+            let stored = match before.iter().find(|s| s.is(&w)) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = Stored {
+                        commit_sequence: w.commit_sequence,
+                        intent_id: w.intent.meta.intent_id.clone(),
+                        since: w.since,
+                        batch_no,
+                    };
+                    inserted.push(WaitingRow {
+                        key: RowKey {
+                            contact_id: contact.contact_id.clone(),
+                            commit_sequence: w.commit_sequence,
+                            batch_no,
+                        },
+                        entry: serde_json::to_value(&w)?,
+                    });
+                    s
+                }
+            };
+            names.push(serde_json::json!({
+                "commit_sequence": stored.commit_sequence,
+                "row": stored.batch_no,
+            }));
+            now.push(stored);
+        }
+        let released = before
+            .into_iter()
+            .filter(|b| !now.contains(b))
+            .map(|b| RowKey {
+                contact_id: contact.contact_id.clone(),
+                commit_sequence: b.commit_sequence,
+                batch_no: b.batch_no,
+            })
+            .collect();
+        let mut state = serde_json::to_value(&contact)?;
+        state["waiting"] = serde_json::Value::Array(names);
+        if !now.is_empty() {
+            self.stored.insert(contact.contact_id, now);
+        }
+        Ok(Encoded {
+            state,
+            inserted,
+            released,
+        })
+    }
+
+    /// Decodes a state read with its rows put back (`cc_resolved_state`), and remembers which
+    /// of its waiting intents have a row. Inline entries (written before migration 0009) have
+    /// none: the contact's next write gives them one.
+    pub fn decode(&mut self, state: serde_json::Value) -> Result<StoredContact, Unreadable> {
+        let rows: Vec<Option<u64>> = state["waiting"]
+            .as_array()
+            .map(|ws| ws.iter().map(|w| w["row"].as_u64()).collect())
+            .unwrap_or_default();
+        let contact = decode(state)?;
+        let stored: Vec<Stored> = contact
+            .waiting
+            .iter()
+            .zip(rows)
+            .filter_map(|(w, row)| {
+                Some(Stored {
+                    commit_sequence: w.commit_sequence,
+                    intent_id: w.intent.meta.intent_id.clone(),
+                    since: w.since,
+                    batch_no: row?,
+                })
+            })
+            .collect();
+        if !stored.is_empty() {
+            self.stored.insert(contact.contact_id.clone(), stored);
+        }
+        Ok(contact)
+    }
+
+    /// The lane's batch committed: the rows it released are deleted by the next one.
+    pub fn committed(&mut self, released: impl IntoIterator<Item = RowKey>) {
+        self.releasable.extend(released);
+    }
+
+    /// The rows the next batch deletes.
+    pub fn take_releasable(&mut self) -> Vec<RowKey> {
+        std::mem::take(&mut self.releasable)
+    }
+}
+
+/// Encodes a contact's state whole, its waiting intents inline (the form before migration
+/// 0009, still read; tests write it).
 pub fn encode(contact: &StoredContact) -> Result<serde_json::Value, Unreadable> {
     Ok(serde_json::to_value(contact)?)
 }
 
-/// Decodes a contact's state from `cc_contact.state`.
+/// Decodes a contact's state with its waiting intents in place (inline, or put back from
+/// their rows by `cc_resolved_state`).
 pub fn decode(state: serde_json::Value) -> Result<StoredContact, Unreadable> {
     Ok(serde_json::from_value(state)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sequencer::{Intent, IntentMeta};
+
+    fn waiting(seq: u64, id: &str, since: u64) -> WaitingSnapshot<Held> {
+        WaitingSnapshot {
+            commit_sequence: seq,
+            since: Millis(since),
+            intent: Intent {
+                meta: IntentMeta {
+                    intent_id: id.into(),
+                    contact_id: "c".into(),
+                    causal_sequence: seq,
+                    expected_version: 0,
+                    priority: 1,
+                    fingerprint: 7,
+                    offset: seq as i64,
+                    resubmission: false,
+                    size: 3,
+                },
+                payload: Held {
+                    record: InRecord {
+                        partition: 0,
+                        offset: seq as i64,
+                        key: Some(b"c".to_vec()),
+                        value: Some(vec![1, 2, 3]),
+                        traceparent: None,
+                    },
+                    correlation_id: format!("corr-{id}"),
+                },
+            },
+        }
+    }
+
+    fn contact(waits: Vec<WaitingSnapshot<Held>>) -> StoredContact {
+        let mut c = StoredContact::new("c");
+        c.next_sequence = 10;
+        c.gap_since = waits.first().map(|w| w.since);
+        c.waiting = waits;
+        c
+    }
+
+    fn key(seq: u64, batch_no: u64) -> RowKey {
+        RowKey {
+            contact_id: "c".into(),
+            commit_sequence: seq,
+            batch_no,
+        }
+    }
+
+    /// What `cc_resolved_state` returns: each name replaced by its row's entry, plus `row`.
+    fn resolve(state: &serde_json::Value, rows: &[WaitingRow]) -> serde_json::Value {
+        let mut state = state.clone();
+        for w in state["waiting"].as_array_mut().unwrap() {
+            let (seq, row) = (w["commit_sequence"].as_u64(), w["row"].as_u64());
+            let r = rows
+                .iter()
+                .find(|r| Some(r.key.commit_sequence) == seq && Some(r.key.batch_no) == row)
+                .expect("a row for every name");
+            let mut entry = r.entry.clone();
+            entry["row"] = serde_json::json!(r.key.batch_no);
+            *w = entry;
+        }
+        state
+    }
+
+    #[test]
+    fn a_waiting_intent_is_written_once_named_by_the_state_and_released_when_it_leaves() {
+        let mut rows = WaitingRows::default();
+        let first = rows
+            .encode(contact(vec![waiting(3, "i3", 100)]), 5)
+            .unwrap();
+        assert_eq!(first.inserted.len(), 1);
+        assert_eq!(first.inserted[0].key, key(3, 5));
+        assert!(first.released.is_empty());
+        assert_eq!(
+            first.state["waiting"],
+            serde_json::json!([{"commit_sequence": 3, "row": 5}]),
+            "the state names the row, without the intent"
+        );
+        // Touched again with one more waiting: only the new one gets a row.
+        let second = rows
+            .encode(
+                contact(vec![waiting(3, "i3", 100), waiting(5, "i5", 120)]),
+                6,
+            )
+            .unwrap();
+        assert_eq!(
+            second.inserted.iter().map(|r| &r.key).collect::<Vec<_>>(),
+            [&key(5, 6)]
+        );
+        assert!(second.released.is_empty());
+        // 3 released (its predecessors came), 5 still waits.
+        let third = rows
+            .encode(contact(vec![waiting(5, "i5", 120)]), 7)
+            .unwrap();
+        assert!(third.inserted.is_empty());
+        assert_eq!(third.released, [key(3, 5)]);
+        assert_eq!(
+            third.state["waiting"],
+            serde_json::json!([{"commit_sequence": 5, "row": 6}])
+        );
+        // Released rows are deleted by the batch after the one that committed the release.
+        assert!(rows.take_releasable().is_empty());
+        rows.committed(third.released);
+        assert_eq!(rows.take_releasable(), [key(3, 5)]);
+        assert!(rows.take_releasable().is_empty());
+    }
+
+    #[test]
+    fn the_same_sequence_waiting_again_later_gets_a_row_of_its_own() {
+        let mut rows = WaitingRows::default();
+        rows.encode(contact(vec![waiting(3, "i3", 100)]), 5)
+            .unwrap();
+        // Released to manual review, then re-submitted by an operator: it waits again, since
+        // a later time, in the same batch as far as the rows can tell.
+        let again = rows
+            .encode(contact(vec![waiting(3, "i3", 900)]), 9)
+            .unwrap();
+        assert_eq!(again.released, [key(3, 5)]);
+        assert_eq!(
+            again.inserted.iter().map(|r| &r.key).collect::<Vec<_>>(),
+            [&key(3, 9)]
+        );
+    }
+
+    #[test]
+    fn a_resolved_state_decodes_whole_and_its_rows_are_not_written_again() {
+        let mut rows = WaitingRows::default();
+        let c = contact(vec![waiting(3, "i3", 100), waiting(5, "i5", 120)]);
+        let written = rows.encode(c.clone(), 5).unwrap();
+        let resolved = resolve(&written.state, &written.inserted);
+        let mut restored = WaitingRows::default();
+        assert_eq!(restored.decode(resolved).unwrap(), c);
+        let next = restored.encode(c, 6).unwrap();
+        assert!(next.inserted.is_empty() && next.released.is_empty());
+        assert_eq!(next.state, written.state);
+    }
+
+    #[test]
+    fn an_inline_state_from_before_the_rows_reads_and_moves_to_rows_at_its_next_write() {
+        let c = contact(vec![waiting(3, "i3", 100)]);
+        let inline = encode(&c).unwrap();
+        let mut rows = WaitingRows::default();
+        assert_eq!(rows.decode(inline).unwrap(), c);
+        let next = rows.encode(c, 8).unwrap();
+        assert_eq!(next.inserted.len(), 1);
+        assert_eq!(next.inserted[0].key, key(3, 8));
+        assert!(next.released.is_empty());
+    }
+
+    #[test]
+    fn a_name_without_its_row_is_unreadable() {
+        let mut rows = WaitingRows::default();
+        let written = rows
+            .encode(contact(vec![waiting(3, "i3", 100)]), 5)
+            .unwrap();
+        assert!(WaitingRows::default().decode(written.state).is_err());
+    }
 }

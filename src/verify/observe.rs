@@ -332,7 +332,8 @@ async fn read_contacts(
     store: &mut Store,
 ) -> anyhow::Result<()> {
     let mut rows = sqlx::query_as::<_, ContactRow>(
-        "SELECT contact_id, partition, batch_no, state, prev_batch_no, prev_state
+        "SELECT contact_id, partition, batch_no, cc_resolved_state(contact_id, state) AS state,
+                prev_batch_no, cc_resolved_state(contact_id, prev_state) AS prev_state
            FROM cc_contact
           WHERE topic = $1
             AND (waiting > 0 OR on_hold

@@ -738,3 +738,97 @@ async fn a_recovery_point_commit_that_fails_is_retried_and_the_new_partitions_fl
     assert_eq!(fx.len(), 40);
     assert_clean(&verified(&cfg).await, 40);
 }
+
+/// Waiting intents live in `cc_waiting` rows the contact's state names (migration 0009). The
+/// batch that releases them drops the names; the rows stay until the partition's next batch.
+/// Here the releasing batch is written to PostgreSQL and aborts in Kafka (the producer was
+/// fenced while the processor sat idle, so that batch is the one that aborts): the restore
+/// puts the names back and must find the rows, and the replay releases them once, in order.
+/// Then one more batch deletes the released rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_releases_waiting_intents_and_aborts_finds_their_rows_again() {
+    let env = TestEnv::new("wait_rows", 1).await;
+    let cfg = env.config.clone();
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    produce_intents(&cfg, &[intent("x-3", "x", 3), intent("x-2", "x", 2)]).await;
+    caught_up(&cfg, Duration::from_secs(60)).await;
+    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    let schema = cfg.postgres.schema.clone();
+    let rows = |contact: &'static str| {
+        let (pool, schema) = (pool.clone(), schema.clone());
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!(
+                "SELECT count(*) FROM {schema}.cc_waiting WHERE contact_id = $1"
+            ))
+            .bind(contact)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(rows("x").await, 2, "each waiting intent has its row");
+    let named: serde_json::Value = sqlx::query_scalar(&format!(
+        "SELECT state -> 'waiting' FROM {schema}.cc_contact WHERE contact_id = 'x'"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        named
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["row"].is_u64() && w.get("intent").is_none()),
+        "the state names its rows instead of holding the intents: {named}"
+    );
+
+    let c = cfg.clone();
+    tokio::task::spawn_blocking(move || fence_processor(&c))
+        .await
+        .unwrap();
+    produce_intents(&cfg, &[intent("x-1", "x", 1)]).await;
+    caught_up(&cfg, Duration::from_secs(90)).await;
+    let lines = read_log(&log);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "transaction failed; restoring"),
+        "the releasing batch aborted"
+    );
+    assert_eq!(
+        rolled_back_transitions(&lines, |_| true),
+        3,
+        "x-1 committed, x-2 and x-3 released: rolled back, then replayed"
+    );
+    let refused: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "partition not restored yet; paused")
+        .map(|l| l["error"].to_string())
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the restore read every state: {refused:?}"
+    );
+    let effects = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
+    let x: Vec<u64> = by_contact(&effects)["x"]
+        .iter()
+        .map(|e| e.commit_sequence)
+        .collect();
+    assert_eq!(x, [1, 2, 3], "x's effects once each, in order");
+    assert_eq!(
+        rows("x").await,
+        2,
+        "released rows stay until the next batch"
+    );
+
+    produce_intents(&cfg, &[intent("y-1", "y", 1)]).await;
+    caught_up(&cfg, Duration::from_secs(60)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    assert_eq!(
+        rows("x").await,
+        0,
+        "the next batch deleted the released rows"
+    );
+    assert_clean(&verified(&cfg).await, 4);
+}

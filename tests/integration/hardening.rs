@@ -102,15 +102,15 @@ async fn a_nul_byte_intent_on_every_partition_is_invalid_and_every_valid_intent_
 async fn a_record_the_durable_write_refuses_is_unprocessable_and_its_partition_keeps_flowing() {
     let env = TestEnv::new("poison", 2).await;
     let cfg = env.config.clone();
-    // A limit set low, which validation knows nothing of: a contact state over 2,000 bytes
+    // A limit set low, which validation knows nothing of: a waiting intent over 2,000 bytes
     // is refused by the durable write (SQLSTATE 23514). The big record's 3,000-byte payload
-    // makes its contact's state about 4,300 bytes once it waits (its bytes stored as base64).
+    // makes its waiting row about 4,300 bytes (its bytes stored as base64).
     let (ok, _, err) = cli(&cfg, &["migrate"]);
     assert!(ok, "migrate: {err}");
     let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
     sqlx::query(&format!(
-        "ALTER TABLE {}.cc_contact ADD CONSTRAINT test_small_state
-           CHECK (octet_length(state::text) < 2000)",
+        "ALTER TABLE {}.cc_waiting ADD CONSTRAINT test_small_state
+           CHECK (octet_length(entry::text) < 2000)",
         cfg.postgres.schema
     ))
     .execute(&pool)
@@ -120,7 +120,7 @@ async fn a_record_the_durable_write_refuses_is_unprocessable_and_its_partition_k
     let proc = Processor::spawn(&cfg, log.clone());
 
     // Partition 0: five contacts, and a contact whose sequence 2 arrives first, with a payload
-    // too large for the limit once it waits in the contact's state.
+    // too large for the limit once it waits (its row is written).
     let mut big2 = intent("big-i2", "big", 2);
     big2.payload = vec![b'x'; 3_000].into();
     let mut p0: Vec<Intent> = (0..5)
@@ -343,7 +343,8 @@ fn arbitrary_protobuf_valid_intents_end_as_decisions_and_never_fail_the_durable_
             let mut decisions = Vec::new();
             seq.drain_decisions(&mut decisions);
             translate::decisions(&ctx, &fresh, decisions, &mut plan);
-            translate::contacts(&ctx, seq.take_dirty(), &mut plan).unwrap();
+            let mut rows = causal_commit::store::snapshot::WaitingRows::default();
+            translate::contacts(&ctx, seq.take_dirty(), &mut rows, &mut plan).unwrap();
             // Every record ends as a decision: at least one audit row names its offset.
             let offsets: BTreeSet<i64> = plan.transitions.iter().map(|t| t.source_offset).collect();
             for offset in 0..batch.len() as i64 {
@@ -364,6 +365,8 @@ fn arbitrary_protobuf_valid_intents_end_as_decisions_and_never_fail_the_durable_
                 transitions: plan.transitions,
                 contacts: plan.contacts,
                 commands: Vec::new(),
+                waiting: plan.waiting,
+                deleted: Vec::new(),
             };
             let written = rt.block_on(pg::try_batch(
                 &pool,

@@ -5,6 +5,7 @@ use sqlx::PgPool;
 use super::commands::CommandResult;
 use super::{db, Result};
 use crate::sequencer::{Reason, State, UnknownName};
+use crate::store::snapshot::{RowKey, WaitingRow};
 
 /// What one audit row records. Stored as `(from_state, to_state, reason)`; [`Transition::columns`]
 /// and [`Transition::from_columns`] are the only translation, and the CHECK constraints of
@@ -213,11 +214,19 @@ pub struct BatchWrite {
     pub transitions: Vec<TransitionRow>,
     pub contacts: Vec<ContactRow>,
     pub commands: Vec<AppliedCommand>,
+    /// `cc_waiting` rows of intents that started waiting.
+    pub waiting: Vec<WaitingRow>,
+    /// `cc_waiting` rows released by the partitions' previous (now committed) batch.
+    pub deleted: Vec<RowKey>,
 }
 
 impl BatchWrite {
     pub fn is_empty(&self) -> bool {
-        self.transitions.is_empty() && self.contacts.is_empty() && self.commands.is_empty()
+        self.transitions.is_empty()
+            && self.contacts.is_empty()
+            && self.commands.is_empty()
+            && self.waiting.is_empty()
+            && self.deleted.is_empty()
     }
 }
 
@@ -257,7 +266,7 @@ pub async fn try_batch(
     result.map(|_| ())
 }
 
-// Long because `cc_apply_batch` takes one array per column (32 binds): one line per bind.
+// Long because `cc_apply_batch` takes one array per column (39 binds): one line per bind.
 fn batch_query<'q>(
     topic: &'q str,
     writer: &'q str,
@@ -270,10 +279,11 @@ fn batch_query<'q>(
     let t = &w.transitions;
     let c = &w.contacts;
     let m = &w.commands;
+    let g = &w.deleted;
     sqlx::query(
         "SELECT cc_apply_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
                                $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
-                               $29, $30, $31, $32)",
+                               $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39)",
     )
     .bind(topic)
     .bind(writer)
@@ -346,6 +356,32 @@ fn batch_query<'q>(
     .bind(m.iter().map(|r| r.id).collect::<Vec<_>>())
     .bind(m.iter().map(|r| r.batch_no as i64).collect::<Vec<_>>())
     .bind(m.iter().map(|r| r.result.to_column()).collect::<Vec<_>>())
+    .bind(
+        w.waiting
+            .iter()
+            .map(|r| r.key.contact_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        w.waiting
+            .iter()
+            .map(|r| r.key.commit_sequence as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        w.waiting
+            .iter()
+            .map(|r| r.key.batch_no as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(w.waiting.iter().map(|r| &r.entry).collect::<Vec<_>>())
+    .bind(g.iter().map(|k| k.contact_id.as_str()).collect::<Vec<_>>())
+    .bind(
+        g.iter()
+            .map(|k| k.commit_sequence as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(g.iter().map(|k| k.batch_no as i64).collect::<Vec<_>>())
 }
 
 #[cfg(test)]

@@ -544,9 +544,10 @@ pub async fn cancel_command(
 /// intents or a hold.
 const EFFECTIVE: &str = "
     SELECT c.partition, c.contact_id,
-           CASE WHEN c.batch_no <= coalesce(p.committed_batch, 0) THEN c.state
-                WHEN c.prev_batch_no <= coalesce(p.committed_batch, 0) THEN c.prev_state
-           END AS state
+           cc_resolved_state(c.contact_id,
+               CASE WHEN c.batch_no <= coalesce(p.committed_batch, 0) THEN c.state
+                    WHEN c.prev_batch_no <= coalesce(p.committed_batch, 0) THEN c.prev_state
+               END) AS state
       FROM cc_contact c
       LEFT JOIN cc_partition p ON p.topic = c.topic AND p.partition = c.partition
      WHERE c.topic = $1

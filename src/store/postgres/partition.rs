@@ -135,6 +135,25 @@ pub async fn restore_partition(
     .await
     .map_err(db("reverting uncommitted contact states"))?
     .rows_affected();
+    // Waiting rows no committed state names: written by a batch rolled back here, or released
+    // by the last committed batch (the next batch would have deleted them). Before the
+    // uncommitted contacts go, whose rows are among them.
+    sqlx::query(
+        "DELETE FROM cc_waiting w
+          USING cc_contact c
+          WHERE c.topic = $1 AND c.partition = $2 AND w.contact_id = c.contact_id
+            AND (c.batch_no > $3
+                 OR NOT EXISTS (
+                    SELECT 1 FROM jsonb_array_elements(c.state -> 'waiting') x
+                     WHERE (x ->> 'commit_sequence')::bigint = w.commit_sequence
+                       AND (x ->> 'row')::bigint = w.batch_no))",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(b)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("dropping waiting rows no committed state names"))?;
     let dropped_contacts =
         sqlx::query("DELETE FROM cc_contact WHERE topic = $1 AND partition = $2 AND batch_no > $3")
             .bind(topic)
@@ -169,7 +188,8 @@ pub async fn restore_partition(
     .await
     .map_err(db("recording the restored batch"))?;
     let states: Vec<serde_json::Value> = sqlx::query_scalar(
-        "SELECT state FROM cc_contact WHERE topic = $1 AND partition = $2 ORDER BY contact_id",
+        "SELECT cc_resolved_state(contact_id, state) FROM cc_contact
+          WHERE topic = $1 AND partition = $2 ORDER BY contact_id",
     )
     .bind(topic)
     .bind(partition)
