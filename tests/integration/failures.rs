@@ -832,3 +832,113 @@ async fn a_batch_that_releases_waiting_intents_and_aborts_finds_their_rows_again
     );
     assert_clean(&verified(&cfg).await, 4);
 }
+
+/// The outage between the two halves of a parallel durable write: partition 1's group commits
+/// in PostgreSQL while partition 0's is held on a row lock (this test's transaction holds
+/// partition 0's lease row), then partition 0's connection is terminated, as when PostgreSQL
+/// goes away in the middle. Not a data error: every lane is voided; partition 1's written part,
+/// never committed in Kafka, is rolled back by its restore, and both partitions replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_between_the_two_groups_of_a_parallel_write_rolls_the_committed_group_back() {
+    let env = TestEnv::new("group_outage", 2).await;
+    let mut cfg = env.config.clone();
+    // The records of both partitions make one batch.
+    cfg.batch.max_linger = Duration::from_millis(1_000);
+    assert_eq!(cfg.postgres.parallel_writes, 2);
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    produce_at(
+        &cfg,
+        &[(0, intent("a0-1", "a0", 1)), (1, intent("b0-1", "b0", 1))],
+    )
+    .await;
+    caught_up(&cfg, Duration::from_secs(60)).await;
+
+    // As the runtime role, whose backends it may see and terminate.
+    let pool = sqlx::PgPool::connect(&runtime_database_url())
+        .await
+        .unwrap();
+    let schema = cfg.postgres.schema.clone();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM {schema}.cc_partition WHERE partition = 0 FOR UPDATE"
+    ))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let mut records = Vec::new();
+    for k in 1..=20 {
+        records.push((0, intent(&format!("a{k}-1"), &format!("a{k}"), 1)));
+        records.push((1, intent(&format!("b{k}-1"), &format!("b{k}"), 1)));
+    }
+    produce_at(&cfg, &records).await;
+    // Partition 1's group has committed; partition 0's waits for the lock.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let blocked = loop {
+        let p1: i64 = sqlx::query_scalar(&format!(
+            "SELECT last_batch FROM {schema}.cc_partition WHERE partition = 1"
+        ))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let waiting: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT cc_apply_batch%'",
+        )
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        if let (2, Some(pid)) = (p1, waiting) {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partition 1's group committed ({p1}) while partition 0's waits ({waiting:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(blocked)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(terminated);
+    holder.rollback().await.unwrap();
+    caught_up(&cfg, Duration::from_secs(90)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    let lines = read_log(&log);
+    let partly: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("part of a durable write failed"))
+        })
+        .collect();
+    assert_eq!(partly.len(), 1, "one write failed in part: {partly:?}");
+    assert_eq!(
+        partly[0]["partitions"], "{1}",
+        "partition 1's part was written"
+    );
+    assert!(
+        partly[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("terminating connection")),
+        "the other part lost its connection: {}",
+        partly[0]
+    );
+    assert_eq!(
+        rolled_back_transitions(&lines, |l| l["partition"] == 1),
+        20,
+        "partition 1's written part was rolled back"
+    );
+    assert_eq!(
+        rolled_back_transitions(&lines, |l| l["partition"] == 0),
+        0,
+        "partition 0's part was never written"
+    );
+    let effects = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
+    assert_eq!(effects.len(), 42, "one effect per intent");
+    assert_clean(&verified(&cfg).await, 42);
+}
