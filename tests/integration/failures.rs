@@ -596,6 +596,18 @@ async fn produce_at(config: &Config, records: &[(i32, causal_commit::proto::Inte
     }
 }
 
+/// The log lines of durable writes that failed after some of their groups committed.
+fn partly_written(lines: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    lines
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("part of a durable write failed"))
+        })
+        .collect()
+}
+
 /// A batch's durable write runs as `postgres.parallel_writes` transactions at once, by
 /// partition. When one is refused and another commits, the part that committed in PostgreSQL
 /// (but not in Kafka) is rolled back by its partition's restore and replayed, and the refused
@@ -633,14 +645,7 @@ async fn a_durable_write_refused_in_part_rolls_the_written_part_back_and_replays
     assert!(proc.terminate(Duration::from_secs(30)));
 
     let lines = read_log(&log);
-    let partly: Vec<&serde_json::Value> = lines
-        .iter()
-        .filter(|l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("part of a durable write failed"))
-        })
-        .collect();
+    let partly = partly_written(&lines);
     assert_eq!(partly.len(), 1, "one batch was refused in part: {partly:?}");
     assert_eq!(
         partly[0]["partitions"], "{2}",
@@ -908,14 +913,7 @@ async fn an_outage_between_the_two_groups_of_a_parallel_write_rolls_the_committe
     assert!(proc.terminate(Duration::from_secs(30)));
 
     let lines = read_log(&log);
-    let partly: Vec<&serde_json::Value> = lines
-        .iter()
-        .filter(|l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("part of a durable write failed"))
-        })
-        .collect();
+    let partly = partly_written(&lines);
     assert_eq!(partly.len(), 1, "one write failed in part: {partly:?}");
     assert_eq!(
         partly[0]["partitions"], "{1}",
