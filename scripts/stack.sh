@@ -571,13 +571,18 @@ kafka_scram_state() {
 
 # KRaft needs its log directory formatted once with a cluster id. The id is
 # generated here (16 random bytes, URL-safe base64, as Kafka's Uuid prints it)
-# instead of via `StorageTool random-uuid`, which would cost a JVM start. The
-# SCRAM credentials of the client user go into the metadata log at format time.
+# instead of via `StorageTool random-uuid`, which would cost a JVM start. Like
+# Kafka's Uuid, it never starts with '-': the tool would read such an id as an
+# option and refuse to format (one fresh install in 64 did). The SCRAM
+# credentials of the client user go into the metadata log at format time.
 kafka_format_storage() {
   [[ ! -f $KAFKA_DATA/meta.properties ]] || return 0
-  if [[ ! -s $KAFKA_CLUSTER_ID ]]; then
-    head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' >"$KAFKA_CLUSTER_ID"
-  fi
+  local id
+  id=$(cat "$KAFKA_CLUSTER_ID" 2>/dev/null || true)
+  while [[ -z $id || $id == -* ]]; do
+    id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')
+  done
+  printf '%s' "$id" >"$KAFKA_CLUSTER_ID"
   log "kafka: formatting storage (cluster id $(<"$KAFKA_CLUSTER_ID"), SCRAM user $KAFKA_SASL_USER)"
   mkdir -p "$KAFKA_DATA"
   kafka_tool kafka.tools.StorageTool format --standalone \
