@@ -462,15 +462,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
     let input = *bench.input.borrow();
     let mut table = report::markdown(&rounds, two.as_ref(), &ratios);
     if let Some(o) = &input {
-        table = format!(
-            "Input: {} records, {} with a causal_sequence, of which {} ({:.1}%) arrive before \
-             their predecessor (each waits: R3); at most {} ahead at once.\n\n{table}",
-            o.records,
-            o.strict,
-            o.ahead,
-            o.ahead_fraction() * 100.0,
-            o.peak_ahead
-        );
+        table = format!("Input: {o}.\n\n{table}");
     }
     let mut rounds = rounds.into_iter();
     let consumers = rounds.next().unwrap_or_default();
@@ -597,14 +589,7 @@ impl Bench<'_> {
             self.measure_input(topic)?;
             return Ok(topic.clone());
         }
-        let spec = Spec {
-            kind: Kind::Full,
-            label: "source".into(),
-            instances: 1,
-            latency: false,
-            preload: Preload::Demo,
-        };
-        let world = self.world(&spec);
+        let world = self.scratch_world("source");
         let topic = world.config.kafka.intents_topic.clone();
         self.rt.block_on(kafka_io::create_topics(
             &world.config.kafka.brokers,
@@ -656,28 +641,28 @@ impl Bench<'_> {
     /// preload's concurrent producers decides how many intents wait, hence much of the work
     /// (PostgreSQL rows and contact-state bytes), so the figures are read beside it.
     fn measure_input(&self, topic: &str) -> anyhow::Result<()> {
-        let spec = Spec {
-            kind: Kind::Full,
-            label: "input".into(),
-            instances: 1,
-            latency: false,
-            preload: Preload::Demo,
-        };
-        let world = self.world(&spec);
+        let world = self.scratch_world("input");
         let started = Instant::now();
         let order = ArrivalOrder::of_topic(&world.config, topic)
             .with_context(|| format!("reading {topic} for its arrival order"))?;
         println!(
-            "bench: input {topic}: {} of {} strict intents ({:.1}%) arrive before their \
-             predecessor, at most {} at once (read in {:.1} s)",
-            order.ahead,
-            order.strict,
-            order.ahead_fraction() * 100.0,
-            order.peak_ahead,
+            "bench: input {topic}: {order} (read in {:.1} s)",
             started.elapsed().as_secs_f64()
         );
         *self.input.borrow_mut() = Some(order);
         Ok(())
+    }
+
+    /// A world that runs no consumer: its configuration reaches the run's brokers and names
+    /// the topics of the preload's source.
+    fn scratch_world(&self, label: &str) -> World {
+        self.world(&Spec {
+            kind: Kind::Full,
+            label: label.into(),
+            instances: 1,
+            latency: false,
+            preload: Preload::Demo,
+        })
     }
 
     /// Runs one world end to end and always cleans it up (unless `--keep`).

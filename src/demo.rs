@@ -267,6 +267,21 @@ pub struct ArrivalOrder {
     pending: u64,
 }
 
+impl std::fmt::Display for ArrivalOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} records, {} with a causal_sequence, of which {} ({:.1}%) arrive before their \
+             predecessor (each waits: R3); at most {} ahead at once",
+            self.records,
+            self.strict,
+            self.ahead,
+            self.ahead_fraction() * 100.0,
+            self.peak_ahead
+        )
+    }
+}
+
 /// One contact's arrivals so far: the next sequence due and those already ahead of it.
 #[derive(Debug, Default)]
 struct Arrivals {
