@@ -192,7 +192,14 @@ fn write_groups(plan: &BatchPlan, n: u32) -> Vec<BTreeSet<i32>> {
     let rows: Vec<(i32, usize)> = plan
         .partitions
         .iter()
-        .map(|(p, part)| (*p, part.plan.transitions.len() + part.plan.contacts.len()))
+        .map(|(p, part)| {
+            let plan = &part.plan;
+            let rows = plan.transitions.len()
+                + plan.contacts.len()
+                + plan.waiting.len()
+                + plan.deleted.len();
+            (*p, rows)
+        })
         .collect();
     let mut groups = balance(&rows, n);
     let orphans = plan
