@@ -838,6 +838,154 @@ async fn a_batch_that_releases_waiting_intents_and_aborts_finds_their_rows_again
     assert_clean(&verified(&cfg).await, 4);
 }
 
+/// A deployment upgraded past migration 0009 still has states that hold their waiting intents
+/// inline (the form before `cc_waiting`). This test makes such states from real ones (the
+/// processor stopped; each name replaced by its row's intent, the rows deleted, as the states
+/// were before the upgrade) and starts the processor on them. Contact y is then written while
+/// one intent still waits: its state must name a row for it from then on. Then the batch that
+/// releases x (still inline) and y (now a row) is written and aborts in Kafka (producer fenced
+/// while idle): the restore must read x's inline previous state and y's named one, and the
+/// replay must release both once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_from_before_the_waiting_rows_restore_replay_and_move_to_rows() {
+    let env = TestEnv::new("inline_up", 1).await;
+    let cfg = env.config.clone();
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    produce_intents(
+        &cfg,
+        &[
+            intent("x-3", "x", 3),
+            intent("x-2", "x", 2),
+            intent("y-3", "y", 3),
+        ],
+    )
+    .await;
+    caught_up(&cfg, Duration::from_secs(60)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    let schema = cfg.postgres.schema.clone();
+    let inline = |column: &str| {
+        format!(
+            "{column} = CASE WHEN {column} IS NULL THEN NULL ELSE jsonb_set({column}, '{{waiting}}', (
+                 SELECT coalesce(jsonb_agg(x - 'row' ORDER BY n), '[]'::jsonb)
+                   FROM jsonb_array_elements(cc_resolved_state(contact_id, {column})
+                                             -> 'waiting') WITH ORDINALITY AS e(x, n))) END"
+        )
+    };
+    // cc_resolved_state reads cc_waiting through the search path, as the processor sets it.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(&format!("SET LOCAL search_path TO {schema}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let made = sqlx::query(&format!(
+        "UPDATE cc_contact SET {}, {} WHERE contact_id IN ('x', 'y')",
+        inline("state"),
+        inline("prev_state")
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(made, 2);
+    sqlx::query("DELETE FROM cc_waiting")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let waiting = |contact: &'static str| {
+        let (pool, schema) = (pool.clone(), schema.clone());
+        async move {
+            let w: serde_json::Value = sqlx::query_scalar(&format!(
+                "SELECT state -> 'waiting' FROM {schema}.cc_contact WHERE contact_id = $1"
+            ))
+            .bind(contact)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            let rows: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM {schema}.cc_waiting WHERE contact_id = $1"
+            ))
+            .bind(contact)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (w.as_array().unwrap().clone(), rows)
+        }
+    };
+    let (x, rows) = waiting("x").await;
+    assert_eq!(rows, 0);
+    assert_eq!(x.len(), 2);
+    assert!(
+        x.iter()
+            .all(|w| w.get("row").is_none() && w["intent"]["payload"]["record"].is_object()),
+        "x's state holds its intents inline, as before migration 0009: {x:?}"
+    );
+
+    let proc = Processor::spawn(&cfg, log.clone());
+    produce_intents(&cfg, &[intent("y-1", "y", 1)]).await;
+    caught_up(&cfg, Duration::from_secs(60)).await;
+    let (y, rows) = waiting("y").await;
+    assert_eq!(
+        rows, 1,
+        "y-3, still waiting, got its row at y's first write"
+    );
+    assert!(
+        y.len() == 1 && y[0]["commit_sequence"] == 3 && y[0]["row"].is_u64(),
+        "y's state names the row: {y:?}"
+    );
+    assert!(
+        y[0].get("intent").is_none(),
+        "and no longer holds it: {y:?}"
+    );
+    let (x, _) = waiting("x").await;
+    assert!(
+        x.iter().all(|w| w.get("row").is_none()),
+        "x not written yet"
+    );
+
+    let c = cfg.clone();
+    tokio::task::spawn_blocking(move || fence_processor(&c))
+        .await
+        .unwrap();
+    produce_intents(&cfg, &[intent("x-1", "x", 1), intent("y-2", "y", 2)]).await;
+    caught_up(&cfg, Duration::from_secs(90)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let lines = read_log(&log);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "transaction failed; restoring"),
+        "the releasing batch aborted"
+    );
+    assert_eq!(
+        rolled_back_transitions(&lines, |_| true),
+        5,
+        "x-1 and y-2 committed, x-2, x-3 and y-3 released: rolled back, then replayed"
+    );
+    let refused: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "partition not restored yet; paused")
+        .map(|l| l["error"].to_string())
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the restore read every state: {refused:?}"
+    );
+    let effects = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
+    for contact in ["x", "y"] {
+        let seqs: Vec<u64> = by_contact(&effects)[contact]
+            .iter()
+            .map(|e| e.commit_sequence)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3], "{contact}'s effects once each, in order");
+    }
+    assert!(waiting("x").await.0.is_empty() && waiting("y").await.0.is_empty());
+    assert_clean(&verified(&cfg).await, 6);
+}
+
 /// The outage between the two halves of a parallel durable write: partition 1's group commits
 /// in PostgreSQL while partition 0's is held on a row lock (this test's transaction holds
 /// partition 0's lease row), then partition 0's connection is terminated, as when PostgreSQL
