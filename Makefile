@@ -51,6 +51,7 @@ lint:
 # test rules, amtool routing, the dashboard's PromQL, manifests; seconds when warm), so a
 # warning or a broken alert fails the run before the long part.
 test: up lint check-deploy
+	bash scripts/stack.sh prune-tests
 	$(STACK_ENV); \
 	  $(CARGO) test --all-targets -- --nocapture 2>&1 | tee target/test.log; \
 	  exit "$${PIPESTATUS[0]}"

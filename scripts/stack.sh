@@ -18,6 +18,9 @@
 #   reset            down, wipe Kafka, Redis and PostgreSQL data
 #   env              print the environment the project reads (eval-able)
 #   kafka-consumer-groups ARGS  the Kafka tool of that name, on the local broker
+#   prune-tests      delete the topics and schemas integration tests left behind
+#                    (named <test>_<12 hex digits>; `make test` runs it first, so
+#                    the last run's worlds stay for a look until the next one)
 # SERVICE is kafka, redis, redis-tls, postgres, prometheus or alertmanager.
 # prometheus and alertmanager are not started by `up`: `start` runs them with
 # the caller's config, CC_PROMETHEUS_CONFIG / CC_ALERTMANAGER_CONFIG, and extra
@@ -1387,6 +1390,41 @@ CC_KCAT=$KCAT_SASL
 EOF
 }
 
+# Every integration test makes a world of its own (tests/integration/common: topics
+# <id>.intents, .side-effects, .manual-review and a schema <id>, <id> being
+# <test>_<12 hex digits>) and leaves it for a look after a failure. Without a
+# prune, each `make test` would add about 230 topics and 75 schemas to the stack.
+TEST_WORLD_RE='[a-z0-9_]+_[0-9a-f]{12}'
+cmd_prune_tests() {
+  kafka_answers || die "prune-tests: kafka is not running (scripts/stack.sh up)"
+  pg_ours || die "prune-tests: postgres is not running (scripts/stack.sh up)"
+  local topics
+  topics=$(kcat -b "$HOST:$KAFKA_PORT" -L -m 10 2>/dev/null |
+    sed -nE "s/^ *topic \"(${TEST_WORLD_RE}\.(intents|side-effects|manual-review))\" .*/\1/p" |
+    wc -l)
+  if ((topics > 0)); then
+    kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$HOST:$KAFKA_PORT" \
+      --delete --topic "${TEST_WORLD_RE}\.(intents|side-effects|manual-review)" ||
+      die "prune-tests: deleting the test topics failed"
+  fi
+  # One schema per statement (\gexec): a single transaction would lock every table.
+  local schemas
+  schemas=$(pg_admin -d "$DB_NAME" -At -c "
+    SELECT count(*) FROM pg_namespace n
+     WHERE n.nspname ~ '^${TEST_WORLD_RE}\$'
+       AND EXISTS (SELECT 1 FROM pg_class c
+                    WHERE c.relnamespace = n.oid AND c.relname = 'cc_partition')")
+  pg_admin -d "$DB_NAME" <<SQL >/dev/null
+SET client_min_messages = warning;
+SELECT format('DROP SCHEMA %I CASCADE', n.nspname)
+  FROM pg_namespace n
+ WHERE n.nspname ~ '^${TEST_WORLD_RE}\$'
+   AND EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = 'cc_partition')
+\gexec
+SQL
+  log "prune-tests: deleted $topics test topics and $schemas test schemas"
+}
+
 usage() {
   sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
 }
@@ -1405,6 +1443,10 @@ main() {
       "cmd_$cmd" "$2"
       ;;
     status) cmd_status ;;
+    prune-tests)
+      take_lock
+      cmd_prune_tests
+      ;;
     env) cmd_env ;;
     kafka-consumer-groups)
       # The standard tool operators use (e.g. --reset-offsets), on the local broker.
