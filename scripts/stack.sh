@@ -1398,8 +1398,10 @@ TEST_WORLD_RE='[a-z0-9_]+_[0-9a-f]{12}'
 cmd_prune_tests() {
   kafka_answers || die "prune-tests: kafka is not running (scripts/stack.sh up)"
   pg_ours || die "prune-tests: postgres is not running (scripts/stack.sh up)"
-  local topics
-  topics=$(kcat -b "$HOST:$KAFKA_PORT" -L -m 10 2>/dev/null |
+  local topics=0
+  # A broker stack.sh did not start ("external") is someone else's: its topics are left alone.
+  kafka_ours || warn "prune-tests: the broker on $HOST:$KAFKA_PORT was not started by stack.sh; its topics are left alone"
+  kafka_ours && topics=$(kcat -b "$HOST:$KAFKA_PORT" -L -m 10 2>/dev/null |
     sed -nE "s/^ *topic \"(${TEST_WORLD_RE}\.(intents|side-effects|manual-review))\" .*/\1/p" |
     wc -l)
   if ((topics > 0)); then
