@@ -50,7 +50,7 @@ use crate::intent::{InRecord, InvalidIntent, ValidIntent};
 use crate::sequencer::{self, PriorOutcome};
 use crate::store::lock_store::{self, LockStore};
 use crate::store::postgres::{
-    self as pg, AppliedCommand, BatchWrite, PartitionWrite, StoredOutcome, TransitionRow,
+    self as pg, AppliedCommand, PartitionWrite, StoredOutcome, TransitionRow,
 };
 use crate::store::recovery::RecoveryPoint;
 use crate::store::snapshot::Held;
@@ -811,7 +811,7 @@ impl Engine {
                 &self.topics.intents,
                 &self.writer,
                 self.config.locks.lease,
-                &self.batch_write(&good, None),
+                self.batch_write(&good, None),
             ));
             match trial {
                 Ok(()) => {}
@@ -1126,7 +1126,7 @@ impl Engine {
     /// them so the caller handles the rest of the batch alone.
     fn persist(&mut self, plan: &BatchPlan) -> Result<(), PartWritten> {
         let groups = write_groups(plan, self.config.postgres.parallel_writes);
-        let writes: Vec<BatchWrite> = groups
+        let writes: Vec<pg::BatchRows> = groups
             .iter()
             .map(|partitions| self.batch_write(plan, Some(partitions)))
             .collect();
@@ -1134,7 +1134,7 @@ impl Engine {
         let lease = self.config.locks.lease;
         let results = self.rt.block_on(futures::future::join_all(
             writes
-                .iter()
+                .into_iter()
                 .map(|w| pg::apply_batch(pool, topic, writer, lease, w)),
         ));
         let mut written = BTreeSet::new();
@@ -1166,20 +1166,20 @@ impl Engine {
     }
 
     /// The rows of a plan (of `only` these partitions, and their commands), for one write.
-    fn batch_write(&self, plan: &BatchPlan, only: Option<&BTreeSet<i32>>) -> BatchWrite {
+    fn batch_write<'p>(
+        &self,
+        plan: &'p BatchPlan,
+        only: Option<&BTreeSet<i32>>,
+    ) -> pg::BatchRows<'p> {
         let wanted = |p: &i32| only.is_none_or(|o| o.contains(p));
-        let mut write = BatchWrite {
+        let mut write = pg::BatchRows {
             partitions: Vec::with_capacity(plan.partitions.len()),
-            transitions: Vec::new(),
-            contacts: Vec::new(),
-            waiting: Vec::new(),
-            deleted: Vec::new(),
             commands: plan
                 .commands
                 .iter()
                 .filter(|c| wanted(&c.partition))
-                .cloned()
                 .collect(),
+            ..Default::default()
         };
         for (p, part) in plan.partitions.iter().filter(|(p, _)| wanted(p)) {
             write.partitions.push(PartitionWrite {
@@ -1189,12 +1189,10 @@ impl Engine {
                 next_offset: part.next_offset,
                 clock_ms: part.clock_ms,
             });
-            write
-                .transitions
-                .extend(part.plan.transitions.iter().cloned());
-            write.contacts.extend(part.plan.contacts.iter().cloned());
-            write.waiting.extend(part.plan.waiting.iter().cloned());
-            write.deleted.extend(part.plan.deleted.iter().cloned());
+            write.transitions.extend(&part.plan.transitions);
+            write.contacts.extend(&part.plan.contacts);
+            write.waiting.extend(&part.plan.waiting);
+            write.deleted.extend(&part.plan.deleted);
         }
         write
     }

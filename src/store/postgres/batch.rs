@@ -230,16 +230,43 @@ impl BatchWrite {
     }
 }
 
+/// The rows of one write, borrowed: what [`apply_batch`] binds. The engine gathers each
+/// group's rows from its batch plan without copying them (a copy of a large batch's rows, their
+/// contact states included, cost tens of milliseconds on the engine thread, and as much again
+/// to free).
+#[derive(Debug, Default)]
+pub struct BatchRows<'a> {
+    pub partitions: Vec<PartitionWrite>,
+    pub transitions: Vec<&'a TransitionRow>,
+    pub contacts: Vec<&'a ContactRow>,
+    pub commands: Vec<&'a AppliedCommand>,
+    pub waiting: Vec<&'a WaitingRow>,
+    pub deleted: Vec<&'a RowKey>,
+}
+
+impl<'a> From<&'a BatchWrite> for BatchRows<'a> {
+    fn from(w: &'a BatchWrite) -> Self {
+        Self {
+            partitions: w.partitions.clone(),
+            transitions: w.transitions.iter().collect(),
+            contacts: w.contacts.iter().collect(),
+            commands: w.commands.iter().collect(),
+            waiting: w.waiting.iter().collect(),
+            deleted: w.deleted.iter().collect(),
+        }
+    }
+}
+
 /// Writes a batch in one round trip (`cc_apply_batch`); fails fenced when any partition's
 /// token moved on.
-pub async fn apply_batch(
+pub async fn apply_batch<'a>(
     pool: &PgPool,
     topic: &str,
     writer: &str,
     lease: std::time::Duration,
-    w: &BatchWrite,
+    w: impl Into<BatchRows<'a>>,
 ) -> Result<()> {
-    batch_query(topic, writer, lease, w)
+    batch_query(topic, writer, lease, &w.into())
         .execute(pool)
         .await
         .map_err(db("writing a batch"))?;
@@ -248,15 +275,16 @@ pub async fn apply_batch(
 
 /// Runs a batch's write and rolls it back: whether PostgreSQL would accept it. Used only after
 /// a write failed for its data, to find the partitions that cause it.
-pub async fn try_batch(
+pub async fn try_batch<'a>(
     pool: &PgPool,
     topic: &str,
     writer: &str,
     lease: std::time::Duration,
-    w: &BatchWrite,
+    w: impl Into<BatchRows<'a>>,
 ) -> Result<()> {
+    let w = w.into();
     let mut tx = pool.begin().await.map_err(db("starting a trial write"))?;
-    let result = batch_query(topic, writer, lease, w)
+    let result = batch_query(topic, writer, lease, &w)
         .execute(&mut *tx)
         .await
         .map_err(db("trying a batch write"));
@@ -271,7 +299,7 @@ fn batch_query<'q>(
     topic: &'q str,
     writer: &'q str,
     lease: std::time::Duration,
-    w: &'q BatchWrite,
+    w: &'q BatchRows<'q>,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let mut partitions = w.partitions.clone();
     // A fixed lock order: two writers never deadlock on cc_partition rows.
