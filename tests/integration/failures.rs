@@ -13,6 +13,7 @@ use crate::common::*;
 
 use causal_commit::config::Config;
 use causal_commit::demo::{self, ProduceOptions};
+use causal_commit::proto::Intent;
 use causal_commit::verify::Report;
 use secrecy::ExposeSecret as _;
 
@@ -744,6 +745,46 @@ async fn a_recovery_point_commit_that_fails_is_retried_and_the_new_partitions_fl
     assert_clean(&verified(&cfg).await, 40);
 }
 
+/// Fences the idle processor's producer and produces `records`, which release waiting intents:
+/// the batch that releases them is written to PostgreSQL and aborts in Kafka. Asserts that it
+/// aborted, that its restore rolled back `rolled_back` transitions, and that every partition's
+/// restore read its states (none stayed paused); the replay has caught up.
+async fn aborted_release_replays(
+    cfg: &Config,
+    log: &std::path::Path,
+    records: &[Intent],
+    rolled_back: u64,
+    which: &str,
+) {
+    let c = cfg.clone();
+    tokio::task::spawn_blocking(move || fence_processor(&c))
+        .await
+        .unwrap();
+    produce_intents(cfg, records).await;
+    caught_up(cfg, Duration::from_secs(90)).await;
+    let lines = read_log(log);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "transaction failed; restoring"),
+        "the releasing batch aborted"
+    );
+    assert_eq!(
+        rolled_back_transitions(&lines, |_| true),
+        rolled_back,
+        "{which}"
+    );
+    let refused: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "partition not restored yet; paused")
+        .map(|l| l["error"].to_string())
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the restore read every state: {refused:?}"
+    );
+}
+
 /// Waiting intents live in `cc_waiting` rows the contact's state names (migration 0009). The
 /// batch that releases them drops the names; the rows stay until the partition's next batch.
 /// Here the releasing batch is written to PostgreSQL and aborts in Kafka (the producer was
@@ -788,33 +829,14 @@ async fn a_batch_that_releases_waiting_intents_and_aborts_finds_their_rows_again
         "the state names its rows instead of holding the intents: {named}"
     );
 
-    let c = cfg.clone();
-    tokio::task::spawn_blocking(move || fence_processor(&c))
-        .await
-        .unwrap();
-    produce_intents(&cfg, &[intent("x-1", "x", 1)]).await;
-    caught_up(&cfg, Duration::from_secs(90)).await;
-    let lines = read_log(&log);
-    assert!(
-        lines
-            .iter()
-            .any(|l| l["message"] == "transaction failed; restoring"),
-        "the releasing batch aborted"
-    );
-    assert_eq!(
-        rolled_back_transitions(&lines, |_| true),
+    aborted_release_replays(
+        &cfg,
+        &log,
+        &[intent("x-1", "x", 1)],
         3,
-        "x-1 committed, x-2 and x-3 released: rolled back, then replayed"
-    );
-    let refused: Vec<_> = lines
-        .iter()
-        .filter(|l| l["message"] == "partition not restored yet; paused")
-        .map(|l| l["error"].to_string())
-        .collect();
-    assert!(
-        refused.is_empty(),
-        "the restore read every state: {refused:?}"
-    );
+        "x-1 committed, x-2 and x-3 released: rolled back, then replayed",
+    )
+    .await;
     let effects = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
     let x: Vec<u64> = by_contact(&effects)["x"]
         .iter()
@@ -946,34 +968,15 @@ async fn states_from_before_the_waiting_rows_restore_replay_and_move_to_rows() {
         "x not written yet"
     );
 
-    let c = cfg.clone();
-    tokio::task::spawn_blocking(move || fence_processor(&c))
-        .await
-        .unwrap();
-    produce_intents(&cfg, &[intent("x-1", "x", 1), intent("y-2", "y", 2)]).await;
-    caught_up(&cfg, Duration::from_secs(90)).await;
-    assert!(proc.terminate(Duration::from_secs(30)));
-    let lines = read_log(&log);
-    assert!(
-        lines
-            .iter()
-            .any(|l| l["message"] == "transaction failed; restoring"),
-        "the releasing batch aborted"
-    );
-    assert_eq!(
-        rolled_back_transitions(&lines, |_| true),
+    aborted_release_replays(
+        &cfg,
+        &log,
+        &[intent("x-1", "x", 1), intent("y-2", "y", 2)],
         5,
-        "x-1 and y-2 committed, x-2, x-3 and y-3 released: rolled back, then replayed"
-    );
-    let refused: Vec<_> = lines
-        .iter()
-        .filter(|l| l["message"] == "partition not restored yet; paused")
-        .map(|l| l["error"].to_string())
-        .collect();
-    assert!(
-        refused.is_empty(),
-        "the restore read every state: {refused:?}"
-    );
+        "x-1 and y-2 committed, x-2, x-3 and y-3 released: rolled back, then replayed",
+    )
+    .await;
+    assert!(proc.terminate(Duration::from_secs(30)));
     let effects = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
     for contact in ["x", "y"] {
         let seqs: Vec<u64> = by_contact(&effects)[contact]
