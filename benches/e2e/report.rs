@@ -141,7 +141,7 @@ pub fn pg_per_intent(delta: PgCounters, intents: i64) -> PgPerIntent {
 }
 
 /// The steps of a batch, as `causal_commit_batch_step_seconds` labels them.
-pub const STEPS: [&str; 5] = ["poll", "lookup", "decide", "durable_write", "commit"];
+pub const STEPS: [&str; 5] = causal_commit::telemetry::trace::Step::NAMES;
 
 /// Where the product's batches spent their time on the backlog: its own
 /// `causal_commit_batch_step_seconds` and `causal_commit_batch_records`, summed over instances.

@@ -293,7 +293,7 @@ pub const ALL: &[Metric] = &[
         kind: Kind::Histogram,
         labels: &[Label {
             name: "step",
-            values: &["poll", "lookup", "decide", "durable_write", "commit"],
+            values: &super::trace::Step::NAMES,
         }],
         help: "Time each step of a committed batch took",
         unit: Some(Unit::Seconds),

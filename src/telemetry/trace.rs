@@ -249,15 +249,13 @@ impl Step {
         Step::Commit,
     ];
 
+    /// Each step's span name and `step` label of [`metrics::BATCH_STEP`], in [`Step::ALL`]
+    /// order.
+    pub const NAMES: [&'static str; 5] = ["poll", "lookup", "decide", "durable_write", "commit"];
+
     /// The span's name and the histogram's `step` label.
     pub fn name(self) -> &'static str {
-        match self {
-            Step::Poll => "poll",
-            Step::Lookup => "lookup",
-            Step::Decide => "decide",
-            Step::DurableWrite => "durable_write",
-            Step::Commit => "commit",
-        }
+        Self::NAMES[self as usize]
     }
 }
 
