@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::http;
 use crate::common::process::{read_log, rolled_back_transitions, stack, Processor};
 use crate::common::*;
 
@@ -423,23 +424,6 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// The value of one Prometheus sample line, e.g. `name{a="b"}`, from a `/metrics` page.
-fn sample(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|rest| rest.trim().parse().ok())
-}
-
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .expect("request");
-    let mut page = String::new();
-    s.read_to_string(&mut page).expect("response");
-    page
-}
-
 /// Takes the processor's transactional id: its producer is fenced, so the transaction of the
 /// batch in flight (already written to PostgreSQL) aborts.
 fn fence_processor(config: &Config) {
@@ -479,9 +463,7 @@ async fn aborted_batches_log_and_count_each_transition_once_after_its_commit() {
     }
     producing.await.unwrap();
     caught_up(&cfg, Duration::from_secs(180)).await;
-    let page = tokio::task::spawn_blocking(move || scrape(port))
-        .await
-        .unwrap();
+    let page = http::parse_samples(&http::scrape(([127, 0, 0, 1], port).into()).await);
     assert!(proc.terminate(Duration::from_secs(30)));
 
     let lines = read_log(&log);
@@ -505,9 +487,10 @@ async fn aborted_batches_log_and_count_each_transition_once_after_its_commit() {
         "committed_causal logged more than once: {twice:?}"
     );
     assert_eq!(committed.len(), effects.len(), "one log line per effect");
-    let counted = sample(
+    let counted = http::value(
         &page,
-        r#"causal_commit_outcomes_total{state="committed_causal",reason=""}"#,
+        causal_commit::telemetry::metrics::OUTCOMES,
+        &[("state", "committed_causal"), ("reason", "")],
     );
     assert_eq!(
         counted,

@@ -12,7 +12,6 @@
 //! Prometheus and Alertmanager are started with `scripts/stack.sh` on this test's own
 //! configuration and ports, and stopped at the end.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,11 +24,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use causal_commit::config::Config;
 use causal_commit::telemetry::metrics as m;
 
+use crate::common::http::{http_get, parse_samples, scrape, value};
 use crate::common::process::Processor;
 use crate::common::{self, TestEnv};
 
@@ -69,22 +68,6 @@ fn spawn(config: &Config, name: &str, env: &[(&str, &str)]) -> (Processor, Socke
     (Processor { child, log }, addr)
 }
 
-/// GET over HTTP/1.0 (the answer ends with the connection, never chunked): (status, body).
-async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    s.write_all(request.as_bytes()).await.ok()?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.ok()?;
-    let out = String::from_utf8_lossy(&out).into_owned();
-    let status = out.get(9..12)?.parse().ok()?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Some((status, body))
-}
-
 fn url_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -96,80 +79,6 @@ fn url_encode(s: &str) -> String {
         .collect()
 }
 
-/// One sample of the Prometheus text format.
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-fn parse_samples(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let (name, labels) = match series.split_once('{') {
-            None => (series.to_string(), BTreeMap::new()),
-            Some((name, rest)) => {
-                let mut labels = BTreeMap::new();
-                let rest = rest.trim_end_matches('}');
-                let mut chars = rest.chars().peekable();
-                loop {
-                    let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-                    if key.is_empty() {
-                        break;
-                    }
-                    chars.next(); // opening quote
-                    let mut val = String::new();
-                    while let Some(c) = chars.next() {
-                        match c {
-                            '\\' => val.extend(chars.next()),
-                            '"' => break,
-                            c => val.push(c),
-                        }
-                    }
-                    if chars.peek() == Some(&',') {
-                        chars.next();
-                    }
-                    labels.insert(key.trim().to_string(), val);
-                }
-                (name.to_string(), labels)
-            }
-        };
-        out.push(Sample {
-            name,
-            labels,
-            value,
-        });
-    }
-    out
-}
-
-/// The value of the series `name` whose labels include `labels`, if exactly one matches.
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let found: Vec<&Sample> = samples
-        .iter()
-        .filter(|s| {
-            s.name == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .collect();
-    match found.as_slice() {
-        [one] => Some(one.value),
-        _ => None,
-    }
-}
-
 /// Metric names declared by `# TYPE` lines.
 fn exported_names(text: &str) -> Vec<String> {
     text.lines()
@@ -177,13 +86,6 @@ fn exported_names(text: &str) -> Vec<String> {
         .filter_map(|l| l.split_whitespace().next())
         .map(str::to_string)
         .collect()
-}
-
-async fn scrape(addr: SocketAddr) -> String {
-    match http_get(addr, "/metrics").await {
-        Some((200, body)) => body,
-        other => panic!("GET /metrics failed: {other:?}"),
-    }
 }
 
 /// Waits until `/readyz` answers 200; returns its body.

@@ -5,6 +5,7 @@
 //! test's schema and grants the runtime role (`CC_DATABASE_RUNTIME_URL`), which is what the
 //! processor of every test connects as: it can read and write rows, not change the schema.
 
+pub mod http;
 pub mod process;
 
 use std::collections::HashMap;
