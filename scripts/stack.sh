@@ -1395,35 +1395,35 @@ EOF
 # <test>_<12 hex digits>) and leaves it for a look after a failure. Without a
 # prune, each `make test` would add about 230 topics and 75 schemas to the stack.
 TEST_WORLD_RE='[a-z0-9_]+_[0-9a-f]{12}'
+TEST_TOPIC_RE="${TEST_WORLD_RE}\.(intents|side-effects|manual-review)"
 cmd_prune_tests() {
   kafka_answers || die "prune-tests: kafka is not running (scripts/stack.sh up)"
   pg_ours || die "prune-tests: postgres is not running (scripts/stack.sh up)"
-  local topics=0
+  local topics=0 schemas=0 names
   # A broker stack.sh did not start ("external") is someone else's: its topics are left alone.
-  kafka_ours || warn "prune-tests: the broker on $HOST:$KAFKA_PORT was not started by stack.sh; its topics are left alone"
-  kafka_ours && topics=$(kcat -b "$HOST:$KAFKA_PORT" -L -m 10 2>/dev/null |
-    sed -nE "s/^ *topic \"(${TEST_WORLD_RE}\.(intents|side-effects|manual-review))\" .*/\1/p" |
-    wc -l)
+  if kafka_ours; then
+    topics=$(kcat -b "$HOST:$KAFKA_PORT" -L -m 10 2>/dev/null |
+      sed -nE "s/^ *topic \"${TEST_TOPIC_RE}\" .*/x/p" | wc -l)
+  else
+    warn "prune-tests: the broker on $HOST:$KAFKA_PORT was not started by stack.sh; its topics are left alone"
+  fi
   if ((topics > 0)); then
     kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$HOST:$KAFKA_PORT" \
-      --delete --topic "${TEST_WORLD_RE}\.(intents|side-effects|manual-review)" ||
+      --delete --topic "$TEST_TOPIC_RE" ||
       die "prune-tests: deleting the test topics failed"
   fi
-  # One schema per statement (\gexec): a single transaction would lock every table.
-  local schemas
-  schemas=$(pg_admin -d "$DB_NAME" -At -c "
-    SELECT count(*) FROM pg_namespace n
+  names=$(pg_admin -d "$DB_NAME" -At -c "
+    SELECT quote_ident(n.nspname) FROM pg_namespace n
      WHERE n.nspname ~ '^${TEST_WORLD_RE}\$'
        AND EXISTS (SELECT 1 FROM pg_class c
                     WHERE c.relnamespace = n.oid AND c.relname = 'cc_partition')")
-  pg_admin -d "$DB_NAME" <<SQL >/dev/null
-SET client_min_messages = warning;
-SELECT format('DROP SCHEMA %I CASCADE', n.nspname)
-  FROM pg_namespace n
- WHERE n.nspname ~ '^${TEST_WORLD_RE}\$'
-   AND EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = 'cc_partition')
-\gexec
-SQL
+  if [[ -n $names ]]; then
+    schemas=$(wc -l <<<"$names")
+    # One schema per statement: a single transaction would lock every table of them all.
+    { echo "SET client_min_messages = warning;"
+      sed 's/.*/DROP SCHEMA & CASCADE;/' <<<"$names"; } | pg_admin -d "$DB_NAME" >/dev/null ||
+      die "prune-tests: dropping the test schemas failed"
+  fi
   log "prune-tests: deleted $topics test topics and $schemas test schemas"
 }
 

@@ -64,7 +64,7 @@ pub struct Encoded {
 
 /// A waiting intent that has its row: what tells it from another intent waiting on the same
 /// sequence later (an operator's re-submission).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 struct Stored {
     commit_sequence: u64,
     intent_id: String,
@@ -98,13 +98,23 @@ impl WaitingRows {
         batch_no: u64,
     ) -> Result<Encoded, Unreadable> {
         let waiting = std::mem::take(&mut contact.waiting);
-        let before = self.stored.remove(&contact.contact_id).unwrap_or_default();
+        // The rows known before, by sequence: a contact may hold up to
+        // `sequencer.max_pending_per_contact` waiting intents, so no search over all of them
+        // per intent. Each row found is taken; those left over are released.
+        let mut before: HashMap<u64, Vec<Stored>> = HashMap::new();
+        for s in self.stored.remove(&contact.contact_id).unwrap_or_default() {
+            before.entry(s.commit_sequence).or_default().push(s);
+        }
         let mut now = Vec::with_capacity(waiting.len());
         let mut names = Vec::with_capacity(waiting.len());
         let mut inserted = Vec::new();
         for w in waiting {
-            let stored = match before.iter().find(|s| s.is(&w)) {
-                Some(s) => s.clone(),
+            let found = before.get_mut(&w.commit_sequence).and_then(|same| {
+                let i = same.iter().position(|s| s.is(&w))?;
+                Some(same.swap_remove(i))
+            });
+            let stored = match found {
+                Some(s) => s,
                 None => {
                     let s = Stored {
                         commit_sequence: w.commit_sequence,
@@ -130,8 +140,8 @@ impl WaitingRows {
             now.push(stored);
         }
         let released = before
-            .into_iter()
-            .filter(|b| !now.contains(b))
+            .into_values()
+            .flatten()
             .map(|b| RowKey {
                 contact_id: contact.contact_id.clone(),
                 commit_sequence: b.commit_sequence,

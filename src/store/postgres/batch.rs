@@ -220,16 +220,6 @@ pub struct BatchWrite {
     pub deleted: Vec<RowKey>,
 }
 
-impl BatchWrite {
-    pub fn is_empty(&self) -> bool {
-        self.transitions.is_empty()
-            && self.contacts.is_empty()
-            && self.commands.is_empty()
-            && self.waiting.is_empty()
-            && self.deleted.is_empty()
-    }
-}
-
 /// The rows of one write, borrowed: what [`apply_batch`] binds. The engine gathers each
 /// group's rows from its batch plan without copying them (a copy of a large batch's rows, their
 /// contact states included, cost tens of milliseconds on the engine thread, and as much again
