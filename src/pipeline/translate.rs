@@ -1197,6 +1197,7 @@ mod tests {
         assert_eq!((row.partition, row.batch_no), (3, 12));
         assert!(row.on_hold);
         assert_eq!(row.waiting, 0);
-        assert_eq!(snapshot::decode(row.state.clone()).unwrap(), s);
+        let state = serde_json::from_str(row.state.get()).unwrap();
+        assert_eq!(snapshot::decode(state).unwrap(), s);
     }
 }

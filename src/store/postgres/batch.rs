@@ -1,5 +1,6 @@
 //! The write of one batch, in one round trip (`cc_apply_batch`).
 
+use sqlx::types::Json;
 use sqlx::PgPool;
 
 use super::commands::CommandResult;
@@ -166,7 +167,8 @@ pub struct ContactRow {
     pub contact_id: String,
     pub partition: i32,
     pub batch_no: u64,
-    pub state: serde_json::Value,
+    /// JSON text (`snapshot::WaitingRows::encode`).
+    pub state: Box<serde_json::value::RawValue>,
     pub on_hold: bool,
     pub waiting: i32,
 }
@@ -368,7 +370,7 @@ fn batch_query<'q>(
     .bind(c.iter().map(|r| r.contact_id.as_str()).collect::<Vec<_>>())
     .bind(c.iter().map(|r| r.partition).collect::<Vec<_>>())
     .bind(c.iter().map(|r| r.batch_no as i64).collect::<Vec<_>>())
-    .bind(c.iter().map(|r| &r.state).collect::<Vec<_>>())
+    .bind(c.iter().map(|r| Json(&*r.state)).collect::<Vec<_>>())
     .bind(c.iter().map(|r| r.on_hold).collect::<Vec<_>>())
     .bind(c.iter().map(|r| r.waiting).collect::<Vec<_>>())
     .bind(m.iter().map(|r| r.id).collect::<Vec<_>>())
@@ -392,7 +394,12 @@ fn batch_query<'q>(
             .map(|r| r.key.batch_no as i64)
             .collect::<Vec<_>>(),
     )
-    .bind(w.waiting.iter().map(|r| &r.entry).collect::<Vec<_>>())
+    .bind(
+        w.waiting
+            .iter()
+            .map(|r| Json(&*r.entry))
+            .collect::<Vec<_>>(),
+    )
     .bind(g.iter().map(|k| k.contact_id.as_str()).collect::<Vec<_>>())
     .bind(
         g.iter()
