@@ -215,7 +215,11 @@ impl Engine {
             .producer
             .as_mut()
             .ok_or(kafka::Error::Fatal(rdkafka::error::KafkaError::Canceled))?;
-        producer.commit_offsets(&tpl, &self.consumer)?;
+        // A Kafka transaction like a batch's: counted with them.
+        let committed = producer.commit_offsets(&tpl, &self.consumer);
+        let result = if committed.is_ok() { "commit" } else { "abort" };
+        metrics::counter!(m::TRANSACTIONS, "result" => result).increment(1);
+        committed?;
         for (lane, point) in lanes {
             tracing::info!(
                 partition = lane.partition,

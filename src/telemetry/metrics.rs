@@ -278,7 +278,7 @@ pub const ALL: &[Metric] = &[
             name: "result",
             values: &["commit", "abort"],
         }],
-        help: "Kafka transactions by result",
+        help: "Kafka transactions by result (batches and recovery-point commits)",
         unit: None,
     },
     Metric {

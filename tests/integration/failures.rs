@@ -665,7 +665,9 @@ async fn a_durable_write_refused_in_part_rolls_the_written_part_back_and_replays
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recovery_point_commit_that_fails_is_retried_and_the_new_partitions_flow() {
     let env = TestEnv::new("anchor_fail", 2).await;
-    let cfg = env.config.clone();
+    let mut cfg = env.config.clone();
+    let port = free_port();
+    cfg.telemetry.metrics_listen = format!("127.0.0.1:{port}");
     let log = log_path(&env, "run");
     let proc = Processor::spawn(&cfg, log.clone());
     let first: Vec<_> = (0..20)
@@ -718,7 +720,19 @@ async fn a_recovery_point_commit_that_fails_is_retried_and_the_new_partitions_fl
         .collect();
     produce_intents(&cfg, &second).await;
     caught_up(&cfg, Duration::from_secs(60)).await;
+    let page = http::parse_samples(&http::scrape(([127, 0, 0, 1], port).into()).await);
     assert!(proc.terminate(Duration::from_secs(30)));
+    // The recovery points' transaction is a Kafka transaction like a batch's: the one that
+    // failed is counted (no batch failed here: the producer was fenced while idle).
+    let aborted = http::value(
+        &page,
+        causal_commit::telemetry::metrics::TRANSACTIONS,
+        &[("result", "abort")],
+    );
+    assert!(
+        aborted.is_some_and(|n| n >= 1.0),
+        "the failed recovery-point commit is counted as an aborted transaction: {aborted:?}"
+    );
     let fx = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
     for (contact, seqs) in by_contact(&fx) {
         let seqs: Vec<u64> = seqs.iter().map(|e| e.commit_sequence).collect();
