@@ -344,6 +344,26 @@ struct Bench<'a> {
     input: RefCell<Option<ArrivalOrder>>,
 }
 
+/// Deletes the `run-*` directories (consumer logs and configs) of earlier runs in `out`.
+fn remove_earlier_runs(out: &std::path::Path) -> anyhow::Result<usize> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(0); // no earlier run
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let earlier_run = entry.file_name().to_string_lossy().starts_with("run-ccb")
+            && entry.file_type()?.is_dir();
+        if earlier_run {
+            let path = entry.path();
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
     anyhow::ensure!(
         args.binary.exists(),
@@ -358,6 +378,15 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
         );
     }
     let run_id = format!("ccb{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    // The consumers log every transition (R8): a default run leaves over a gigabyte of logs.
+    // Those of the run before this one go; this run's stay for a look until the next one.
+    let removed = remove_earlier_runs(&args.out)?;
+    if removed > 0 {
+        println!(
+            "bench: removed the logs of {removed} earlier run(s) in {}",
+            args.out.display()
+        );
+    }
     let dir = args.out.join(format!("run-{run_id}"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
