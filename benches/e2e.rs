@@ -344,15 +344,19 @@ struct Bench<'a> {
     input: RefCell<Option<ArrivalOrder>>,
 }
 
-/// Deletes the `run-*` directories (consumer logs and configs) of earlier runs in `out`.
+/// What every run id starts with: its topics, schemas and `run-<id>` directory are named by it.
+const RUN_ID_PREFIX: &str = "ccb";
+
+/// Deletes the `run-<id>` directories (consumer logs and configs) of earlier runs in `out`.
 fn remove_earlier_runs(out: &std::path::Path) -> anyhow::Result<usize> {
     let Ok(entries) = std::fs::read_dir(out) else {
         return Ok(0); // no earlier run
     };
+    let earlier = format!("run-{RUN_ID_PREFIX}");
     let mut removed = 0;
     for entry in entries {
         let entry = entry?;
-        let earlier_run = entry.file_name().to_string_lossy().starts_with("run-ccb")
+        let earlier_run = entry.file_name().to_string_lossy().starts_with(&earlier)
             && entry.file_type()?.is_dir();
         if earlier_run {
             let path = entry.path();
@@ -377,7 +381,10 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<bool> {
             args.peer_jar.display()
         );
     }
-    let run_id = format!("ccb{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let run_id = format!(
+        "{RUN_ID_PREFIX}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     // The consumers log every transition (R8): a default run leaves over a gigabyte of logs.
     // Those of the run before this one go; this run's stay for a look until the next one.
     let removed = remove_earlier_runs(&args.out)?;

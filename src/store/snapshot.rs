@@ -84,8 +84,8 @@ struct NamedState<'a> {
     resolved_through: u64,
     version: u64,
     next_sequence: u64,
-    hold: &'a Option<HoldState>,
-    gap_since: &'a Option<Millis>,
+    hold: Option<HoldState>,
+    gap_since: Option<Millis>,
     waiting: &'a [RowName],
 }
 
@@ -184,8 +184,8 @@ impl WaitingRows {
             resolved_through,
             version,
             next_sequence,
-            hold: &hold,
-            gap_since: &gap_since,
+            hold,
+            gap_since,
             waiting: &names,
         })?;
         if !now.is_empty() {
