@@ -14,7 +14,7 @@ STACK := scripts/stack.sh
 STACK_ENV = stack_env="$$(bash $(STACK) env)"; eval "$$stack_env"
 
 .PHONY: help up down status reset build release lint test test-fast demo bench bench-extras \
-	kstreams-peer check-deploy
+	kstreams-peer check-deploy chaos
 
 help:
 	@echo "make demo    - start the stack, run the processor on demo intents, print a summary"
@@ -23,6 +23,7 @@ help:
 	@echo "                  (plain + TLS) and PostgreSQL; ports from CC_*_PORT (scripts/stack.sh env)"
 	@echo "make bench   - passthrough, full, fallback and Kafka Streams side by side (BENCH_ARGS=--help)"
 	@echo "make bench-extras - the same, plus two instances of the group and 1,000,000 contacts"
+	@echo "make chaos   - faults combined at random for CC_CHAOS_SECS (600) against two instances, then verify"
 	@echo "make check-deploy - offline checks of deploy/ (alerts, dashboard, image, compose, Kubernetes)"
 
 up:
@@ -77,6 +78,14 @@ bench: up release kstreams-peer
 # of one instance that has seen 1,000,000 contacts (longer).
 bench-extras: up release kstreams-peer
 	$(STACK_ENV); $(CARGO) bench --bench e2e -- --scale-out --rss-contacts 1000000 $(BENCH_ARGS)
+
+# The randomized failure test (tests/integration/chaos.rs) for longer than its 40-s profile in
+# `make test`: CC_CHAOS_SECS (default 600), CC_CHAOS_SEED to replay a schedule, CC_CHAOS_BROKER=1
+# to stop the broker too.
+CC_CHAOS_SECS ?= 600
+chaos: up
+	$(STACK_ENV); CC_CHAOS_SECS=$(CC_CHAOS_SECS) \
+	  $(CARGO) test --test integration chaos:: -- --nocapture
 
 # The Kafka Streams peer as one runnable jar (Maven; offline once ~/.m2 holds its dependencies).
 PEER_DIR := bench/peers/kafka-streams

@@ -1050,7 +1050,6 @@ impl Bench<'_> {
     }
 }
 
-/// Waits until the group has committed everything produced so far.
 /// A loopback address nothing listens on now (the OS picks the port).
 fn free_local_addr() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
@@ -1074,6 +1073,7 @@ fn scrape(addr: SocketAddr) -> Option<String> {
         .ok()
 }
 
+/// Waits until the group has committed everything produced so far.
 fn wait_caught_up(
     procs: &mut [ChildProc],
     progress: &Progress,

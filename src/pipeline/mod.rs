@@ -19,6 +19,7 @@ pub mod restore;
 pub mod translate;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +27,43 @@ use crate::config::Config;
 use crate::store::lock_store::LockStore;
 
 /// How long the start-up check waits for the brokers before leaving them to the engine.
-const PREFLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const PREFLIGHT_WAIT: Duration = Duration::from_secs(10);
+
+/// Longest pause between two start-up checks of a PostgreSQL that does not answer.
+const START_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The start-up check of the schema, repeated while PostgreSQL does not answer (stopped,
+/// restarting, out of connections): a processor started during an outage starts processing
+/// by itself when PostgreSQL is back, as one running through it does, instead of exiting
+/// into its orchestrator's restart back-off. Not ready meanwhile; a wrong schema, role or
+/// migration state fails at once. `false` when `shutdown` fired first.
+async fn schema_checked(
+    pool: &sqlx::PgPool,
+    schema: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let mut wait = Duration::from_millis(250);
+    for attempt in 1.. {
+        match crate::store::postgres::check_schema(pool, schema).await {
+            Ok(()) => return Ok(true),
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(
+                    error = %e,
+                    attempt,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "PostgreSQL does not answer at start-up; waiting for it (not ready)"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(START_RETRY_MAX);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!("the attempts never run out")
+}
 
 /// Runs the processor until `shutdown` fires, then drains: the batch in hand is committed and
 /// the consumer leaves its group. The engine runs on a dedicated thread because librdkafka's
@@ -41,6 +78,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
 /// applied (`causal-commit migrate`, with the owner role: `run` never changes the schema, so it
 /// can connect with a role that only reads and writes rows), and Kafka must accept the
 /// configured credentials and TLS settings. Either failing ends `run` with an error naming it.
+/// A PostgreSQL or broker that does not answer yet is waited for.
 pub async fn run_with(
     config: Arc<Config>,
     shutdown: CancellationToken,
@@ -51,7 +89,10 @@ pub async fn run_with(
         return passthrough::run(config, shutdown).await;
     }
     let pool = crate::store::postgres::pool(&config.postgres)?;
-    crate::store::postgres::check_schema(&pool, &config.postgres.schema).await?;
+    if !schema_checked(&pool, &config.postgres.schema, &shutdown).await? {
+        tracing::info!("stopped while waiting for PostgreSQL; nothing was consumed");
+        return Ok(());
+    }
     let kafka = config.clone();
     tokio::task::spawn_blocking(move || {
         preflight::check(&kafka, kafka.kafka.operation_timeout.min(PREFLIGHT_WAIT))

@@ -18,7 +18,7 @@ use causal_commit::proto::Intent;
 use causal_commit::verify::Report;
 use secrecy::ExposeSecret as _;
 
-fn workload(count: usize, contacts: usize, rate: u32, prefix: &str) -> ProduceOptions {
+pub(crate) fn workload(count: usize, contacts: usize, rate: u32, prefix: &str) -> ProduceOptions {
     ProduceOptions {
         count,
         contacts,
@@ -34,7 +34,10 @@ fn workload(count: usize, contacts: usize, rate: u32, prefix: &str) -> ProduceOp
 }
 
 /// Produces the workload in the background (it arrives over time while failures happen).
-fn produce_in_background(config: &Config, opts: ProduceOptions) -> tokio::task::JoinHandle<()> {
+pub(crate) fn produce_in_background(
+    config: &Config,
+    opts: ProduceOptions,
+) -> tokio::task::JoinHandle<()> {
     let config = config.clone();
     tokio::spawn(async move {
         demo::produce(&config, &opts)
@@ -43,7 +46,7 @@ fn produce_in_background(config: &Config, opts: ProduceOptions) -> tokio::task::
     })
 }
 
-async fn caught_up(config: &Config, within: Duration) {
+pub(crate) async fn caught_up(config: &Config, within: Duration) {
     let c = config.clone();
     tokio::task::spawn_blocking(move || demo::wait_caught_up(&c, within))
         .await
@@ -51,13 +54,13 @@ async fn caught_up(config: &Config, within: Duration) {
         .expect("the processor catches up");
 }
 
-async fn verified(config: &Config) -> Report {
+pub(crate) async fn verified(config: &Config) -> Report {
     let report = verify_report(config, "").await;
     println!("verify: {}", serde_json::to_string(&report).unwrap());
     report
 }
 
-fn assert_clean(report: &Report, expected_intents: usize) {
+pub(crate) fn assert_clean(report: &Report, expected_intents: usize) {
     assert_eq!(
         report.duplicates_emitted, 0,
         "duplicates: {:?}",
@@ -78,7 +81,7 @@ fn assert_clean(report: &Report, expected_intents: usize) {
     assert_eq!(report.waiting, 0);
 }
 
-fn log_path(env: &TestEnv, what: &str) -> std::path::PathBuf {
+pub(crate) fn log_path(env: &TestEnv, what: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("{}-{what}.log", env.name))
 }
 
@@ -230,6 +233,72 @@ impl Drop for RedisBack {
     fn drop(&mut self) {
         stack("start", "redis");
     }
+}
+
+/// Starts PostgreSQL again when dropped (also when the test failed: later tests need it).
+struct PostgresBack;
+impl Drop for PostgresBack {
+    fn drop(&mut self) {
+        stack("start", "postgres");
+    }
+}
+
+/// CONTRACT §5, PostgreSQL down: processing resumes by itself when PostgreSQL is back, also for
+/// a processor (re)started during the outage: it waits, alive and not ready, instead of exiting
+/// into its orchestrator's restart back-off; a stop while it waits is a clean exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_started_while_postgres_is_down_waits_and_processes_when_it_is_back() {
+    let env = TestEnv::exclusive("pgstart", 2).await;
+    let mut cfg = env.config.clone();
+    let probes = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    cfg.telemetry.metrics_listen = probes.to_string();
+    let back = PostgresBack;
+    stack("stop", "postgres");
+    let log = log_path(&env, "run");
+    let mut proc = Processor::spawn(&cfg, log.clone());
+    let mut cfg_b = env.config.clone();
+    cfg_b.instance_id = format!("{}-b", env.name);
+    let stopped_early = Processor::spawn(&cfg_b, log_path(&env, "b"));
+    produce_in_background(&cfg, workload(2_000, 200, 1_000, "s"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+
+    assert!(
+        proc.child.try_wait().unwrap().is_none(),
+        "still running while PostgreSQL is down: {:?}",
+        read_log(&log)
+    );
+    let waits = read_log(&log)
+        .iter()
+        .filter(|l| {
+            l["message"] == "PostgreSQL does not answer at start-up; waiting for it (not ready)"
+        })
+        .count();
+    assert!(waits >= 2, "the wait is logged at each attempt: {waits}");
+    assert_eq!(
+        http::http_get(probes, "/livez").await.map(|r| r.0),
+        Some(200)
+    );
+    assert_eq!(
+        http::http_get(probes, "/readyz").await.map(|r| r.0),
+        Some(503)
+    );
+    let stop = stopped_early.stop(Duration::from_secs(10));
+    assert!(
+        stop.is_some_and(|s| s.success()),
+        "SIGTERM while waiting: a clean exit within seconds ({stop:?})"
+    );
+
+    drop(back);
+    caught_up(&cfg, Duration::from_secs(120)).await;
+    assert_eq!(
+        http::http_get(probes, "/readyz").await.map(|r| r.0),
+        Some(200)
+    );
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let report = verified(&cfg).await;
+    assert_clean(&report, 2_000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@
 mod common;
 
 mod admin;
+mod chaos;
 mod failures;
 mod growth;
 mod hardening;

@@ -228,6 +228,33 @@ async fn a_wrong_kafka_password_or_ca_stops_run_within_seconds_naming_it() {
     }
 }
 
+/// A refused login is not an outage: `run` does not wait for PostgreSQL to "come back" (it is
+/// up), it stops at once naming the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_postgres_password_stops_run_within_seconds_naming_it() {
+    let env = TestEnv::new("secure_pg_refused", 1).await;
+    let mut cfg = env.config.clone();
+    let url = cfg.postgres.url.expose_secret().to_string();
+    let (credentials, host) = url.split_once('@').expect("a URL with credentials");
+    let (user, _) = credentials.rsplit_once(':').expect("a URL with a password");
+    cfg.postgres.url = format!("{user}:not-the-password-7d2e@{host}").into();
+    let log = std::env::temp_dir().join(format!("{}.log", env.name));
+    let mut proc = Processor::spawn(&cfg, log.clone());
+    let status = exit_within(&mut proc, Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("still running after 15 s\n{}", log_text(&log)));
+    assert!(!status.success(), "exits non-zero");
+    let failed = messages(&log, "causal-commit failed");
+    assert_eq!(failed.len(), 1, "{}", log_text(&log));
+    let error = failed[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("password authentication failed"), "{error}");
+    assert!(
+        messages(&log, "waiting for it").is_empty(),
+        "a refused login is not waited for: {}",
+        log_text(&log)
+    );
+    assert!(!log_text(&log).contains("not-the-password-7d2e"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_with_a_wrong_ca_or_password_falls_back_to_postgres_with_a_clear_log_line() {
     for (case, cause) in [("ca", "certificate"), ("password", "authentication failed")] {

@@ -160,6 +160,28 @@ impl Error {
     }
 }
 
+impl Error {
+    /// PostgreSQL did not answer, or answered that it cannot serve now: stopped, starting up
+    /// or shutting down, out of connections, the connection lost. Waiting may heal it; a
+    /// refused login, a missing schema or a failed statement does not.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Db { source, .. } => match source {
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+                sqlx::Error::Database(e) => e.code().is_some_and(|c| is_unavailable_sqlstate(&c)),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// See [`Error::is_unavailable`]: connection exceptions (class 08), the server shutting down
+/// or starting up (57P01, 57P02, 57P03), too many connections (53300).
+pub fn is_unavailable_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || ["57P01", "57P02", "57P03", "53300"].contains(&code)
+}
+
 /// See [`Error::is_data_error`].
 pub fn is_data_sqlstate(code: &str) -> bool {
     ["21", "22", "23", "54"]
@@ -169,6 +191,31 @@ pub fn is_data_sqlstate(code: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unavailable_is_an_outage_never_a_refusal() {
+        for code in ["08006", "08001", "57P01", "57P02", "57P03", "53300"] {
+            assert!(super::is_unavailable_sqlstate(code), "{code}");
+        }
+        // A refused login, a missing relation or privilege, a cancelled statement, our own
+        // fencing: waiting does not heal them.
+        for code in [
+            "28P01", "28000", "42P01", "42501", "57014", "CC001", "3D000",
+        ] {
+            assert!(!super::is_unavailable_sqlstate(code), "{code}");
+        }
+        let db = |source| super::Error::Db {
+            what: "testing",
+            source,
+        };
+        assert!(db(sqlx::Error::PoolTimedOut).is_unavailable());
+        assert!(db(sqlx::Error::Io(
+            std::io::ErrorKind::ConnectionRefused.into()
+        ))
+        .is_unavailable());
+        assert!(!db(sqlx::Error::RowNotFound).is_unavailable());
+        assert!(!super::Error::SchemaMissing { schema: "s".into() }.is_unavailable());
+    }
+
     #[test]
     fn data_errors_are_the_classes_that_repeat_identically() {
         for code in ["22021", "22P05", "23514", "23505", "21000", "54000"] {

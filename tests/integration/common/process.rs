@@ -139,17 +139,23 @@ impl Processor {
     }
 
     /// SIGTERM and wait for a clean exit.
-    pub fn terminate(mut self, within: Duration) -> bool {
+    pub fn terminate(self, within: Duration) -> bool {
+        self.stop(within).is_some_and(|status| status.success())
+    }
+
+    /// SIGTERM and wait for the exit: its status, or `None` (then SIGKILL) when the process
+    /// still runs after `within`.
+    pub fn stop(mut self, within: Duration) -> Option<std::process::ExitStatus> {
         self.signal("TERM");
         let deadline = std::time::Instant::now() + within;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
+                return Some(status);
             }
             if std::time::Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                return false;
+                return None;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
