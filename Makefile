@@ -81,7 +81,7 @@ bench-extras: up release kstreams-peer
 
 # The randomized failure test (tests/integration/chaos.rs) for longer than its 40-s profile in
 # `make test`: CC_CHAOS_SECS (default 600), CC_CHAOS_SEED to replay a schedule, CC_CHAOS_BROKER=1
-# to stop the broker too.
+# to stop the broker too (see the test's doc: its own workload producer may time out then).
 CC_CHAOS_SECS ?= 600
 chaos: up
 	$(STACK_ENV); CC_CHAOS_SECS=$(CC_CHAOS_SECS) \
