@@ -8,7 +8,6 @@ use anyhow::Context as _;
 use prost::Message as _;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -135,7 +134,7 @@ pub async fn produce(config: &Config, opts: &ProduceOptions) -> anyhow::Result<P
     };
     let mut tasks = tokio::task::JoinSet::new();
     for (n, lane) in lanes.into_iter().enumerate() {
-        let mut c = ClientConfig::new();
+        let mut c = crate::pipeline::kafka::client_config();
         c.set("bootstrap.servers", &config.kafka.brokers)
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")

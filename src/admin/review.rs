@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -54,7 +53,7 @@ pub fn read(config: &Config, partition: i32, offset: i64) -> Result<ManualReview
     if partition < 0 || offset < 0 {
         return Err(not_found());
     }
-    let mut c = ClientConfig::new();
+    let mut c = crate::pipeline::kafka::client_config();
     c.set("bootstrap.servers", &config.kafka.brokers)
         .set(
             "group.id",

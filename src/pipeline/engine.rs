@@ -71,6 +71,15 @@ pub enum Error {
     Store(#[from] pg::Error),
     #[error("invalid sequencer configuration: {0}")]
     Sequencer(#[from] sequencer::Error),
+    /// librdkafka reported the consumer unusable (for instance `FencedInstanceId`: its static
+    /// membership was taken by its own retried join while the coordinator moved, as a broker
+    /// restart can cause). It never heals: the process stops, and restarts with a new consumer
+    /// from the committed recovery points.
+    #[error(
+        "the Kafka consumer failed fatally ({0}); stopping so that the process restarts with a \
+         new consumer"
+    )]
+    ConsumerFatal(rdkafka::error::KafkaError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -90,6 +99,9 @@ pub struct Engine {
     pub(super) ctx: EngineContext,
     pub(super) consumer: EngineConsumer,
     pub(super) producer: Option<TxnProducer>,
+    /// A fatal consumer error seen by [`Engine::gather`]: the engine stops (see
+    /// [`Error::ConsumerFatal`]).
+    consumer_failed: Option<rdkafka::error::KafkaError>,
     shutdown: CancellationToken,
     pub(super) rt: tokio::runtime::Handle,
     pub(super) pool: PgPool,
@@ -290,6 +302,7 @@ impl Engine {
             ctx,
             consumer,
             producer: None,
+            consumer_failed: None,
             shutdown,
             rt,
             pool,
@@ -335,7 +348,7 @@ impl Engine {
                 self.process(records);
             }
             self.refresh_gauges();
-            if stopping {
+            if stopping || self.consumer_is_dead() {
                 break;
             }
         }
@@ -360,7 +373,27 @@ impl Engine {
             self.release(p, lane.fence);
         }
         self.consumer.unsubscribe();
-        Ok(())
+        match self.consumer_failed.take() {
+            Some(e) => Err(Error::ConsumerFatal(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the consumer is unusable: a fatal error from `poll`, or one librdkafka raised
+    /// on its own threads (a fenced static member can be reported only there).
+    fn consumer_is_dead(&mut self) -> bool {
+        if self.consumer_failed.is_none() {
+            if let Some((code, reason)) = self.consumer.client().fatal_error() {
+                tracing::error!(
+                    error = %code,
+                    reason,
+                    "the Kafka consumer failed fatally; the engine stops"
+                );
+                self.consumer_failed =
+                    Some(rdkafka::error::KafkaError::MessageConsumptionFatal(code));
+            }
+        }
+        self.consumer_failed.is_some()
     }
 
     /// Creates the transactional producer if there is none; false while it cannot be created.
@@ -643,6 +676,15 @@ impl Engine {
                         lane.at_end = true;
                         ends.insert(p);
                     }
+                }
+                Some(Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_))) => {
+                    tracing::error!(
+                        error = %e,
+                        "the Kafka consumer failed fatally; the batch in hand is dropped and the \
+                         engine stops"
+                    );
+                    self.consumer_failed = Some(e);
+                    return None;
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => {}

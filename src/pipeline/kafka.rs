@@ -126,8 +126,28 @@ impl ConsumerContext for EngineContext {
 
 pub type EngineConsumer = BaseConsumer<EngineContext>;
 
-fn base_config(config: &Config) -> ClientConfig {
+/// How long a client without any usable broker waits before it bootstraps again from
+/// `kafka.brokers` (librdkafka's `metadata.recovery.rebootstrap.trigger.ms`, default 300 s).
+/// librdkafka drops ("decommissions") a broker that a metadata response leaves out, and a
+/// broker in controlled shutdown can answer with none: after a restart of a single broker, or of
+/// every broker a client knew, the client then has no broker to ask until it bootstraps again.
+/// At the default that is five minutes, as long as a producer's message timeout: the chaos
+/// test's workload producer lost its queued records that way (tests/integration/chaos.rs).
+pub const REBOOTSTRAP_AFTER_MS: &str = "10000";
+
+/// A client configuration with the defaults every Kafka client of causal-commit starts from;
+/// each adds its own, then `[kafka.client]` (which may override them).
+pub fn client_config() -> ClientConfig {
     let mut c = ClientConfig::new();
+    c.set(
+        "metadata.recovery.rebootstrap.trigger.ms",
+        REBOOTSTRAP_AFTER_MS,
+    );
+    c
+}
+
+fn base_config(config: &Config) -> ClientConfig {
+    let mut c = client_config();
     c.set("bootstrap.servers", &config.kafka.brokers);
     for (k, v) in &config.kafka.client {
         c.set(k, v);
@@ -140,7 +160,7 @@ fn base_config(config: &Config) -> ClientConfig {
 /// static membership (`group.instance.id` = instance id) so that a restarted instance gets its
 /// partitions back at once instead of waiting for its old session to expire.
 pub fn consumer(config: &Config, ctx: EngineContext) -> Result<EngineConsumer> {
-    let mut c = ClientConfig::new();
+    let mut c = client_config();
     // Defaults the user may tune through `kafka.client`.
     c.set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")

@@ -21,7 +21,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -119,7 +118,7 @@ impl Monitor {
     /// created, the lag is not reported (logged) and processing goes on.
     pub fn spawn(config: &Config, positions: Arc<Positions>, shutdown: &CancellationToken) -> Self {
         let stop = shutdown.child_token();
-        let mut c = ClientConfig::new();
+        let mut c = crate::pipeline::kafka::client_config();
         c.set("bootstrap.servers", &config.kafka.brokers);
         for (k, v) in &config.kafka.client {
             c.set(k, v);

@@ -7,7 +7,6 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
@@ -68,7 +67,7 @@ impl ProducerContext for Watch {
 /// answer, or after `within` without an answer (then the engine goes on trying). Blocking.
 pub fn check(config: &Config, within: Duration) -> Result<(), Error> {
     let brokers = config.kafka.brokers.clone();
-    let mut c = ClientConfig::new();
+    let mut c = crate::pipeline::kafka::client_config();
     for (k, v) in &config.kafka.client {
         c.set(k, v);
     }

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -18,7 +17,7 @@ use crate::store::recovery::RecoveryPoint;
 /// the group: it only reads committed offsets. Returns it with the intents topic's partitions.
 pub fn offsets_reader(config: &Config) -> anyhow::Result<(BaseConsumer, Vec<i32>)> {
     let topic = &config.kafka.intents_topic;
-    let mut c = ClientConfig::new();
+    let mut c = crate::pipeline::kafka::client_config();
     c.set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", &config.kafka.group_id)
         .set("enable.auto.commit", "false");
@@ -150,7 +149,7 @@ pub fn any_output_committed(
 /// A read_committed consumer of its own throw-away group (`causal-commit-<purpose>-<uuid>`),
 /// with `[kafka.client]` applied, that commits nothing: for reading topics end to end.
 pub fn reader(config: &Config, purpose: &str) -> anyhow::Result<BaseConsumer> {
-    let mut c = ClientConfig::new();
+    let mut c = crate::pipeline::kafka::client_config();
     c.set("bootstrap.servers", &config.kafka.brokers)
         .set(
             "group.id",
