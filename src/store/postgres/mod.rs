@@ -158,21 +158,20 @@ impl Error {
     pub fn is_data_error(&self) -> bool {
         self.sqlstate().is_some_and(|code| is_data_sqlstate(&code))
     }
-}
 
-impl Error {
     /// PostgreSQL did not answer, or answered that it cannot serve now: stopped, starting up
     /// or shutting down, out of connections, the connection lost. Waiting may heal it; a
     /// refused login, a missing schema or a failed statement does not.
     pub fn is_unavailable(&self) -> bool {
-        match self {
-            Error::Db { source, .. } => match source {
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
-                sqlx::Error::Database(e) => e.code().is_some_and(|c| is_unavailable_sqlstate(&c)),
-                _ => false,
-            },
-            _ => false,
-        }
+        matches!(
+            self,
+            Error::Db {
+                source: sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut,
+                ..
+            }
+        ) || self
+            .sqlstate()
+            .is_some_and(|code| is_unavailable_sqlstate(&code))
     }
 }
 
