@@ -10,10 +10,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Config;
+use crate::pipeline::kafka::{self, BrokerWatch, Watched};
 use crate::proto::{Action, Intent, ManualReview, ReviewReason, SideEffect};
 
 /// What `produce` generates.
@@ -134,15 +135,15 @@ pub async fn produce(config: &Config, opts: &ProduceOptions) -> anyhow::Result<P
     };
     let mut tasks = tokio::task::JoinSet::new();
     for (n, lane) in lanes.into_iter().enumerate() {
-        let mut c = crate::pipeline::kafka::client_config();
-        c.set("bootstrap.servers", &config.kafka.brokers)
-            .set("enable.idempotence", "true")
+        let mut c = kafka::watched_config(config);
+        c.set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .set("client.id", format!("causal-commit-demo-{n}"));
-        for (k, v) in &config.kafka.client {
-            c.set(k, v);
-        }
-        let producer: FutureProducer = c.create().context("creating a demo producer")?;
+        let watch = BrokerWatch::new("producer", &config.kafka.brokers);
+        let producer: FutureProducer<Watched> = c
+            .create_with_context(Watched(watch.clone()))
+            .context("creating a demo producer")?;
+        watch.attach(producer.client());
         let topic = config.kafka.intents_topic.clone();
         tasks.spawn(async move {
             let mut deliveries = Vec::with_capacity(lane.len());

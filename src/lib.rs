@@ -22,7 +22,7 @@
 //! `wait-caught-up`, `verify`, `show-config`, and the operator commands that call the admin
 //! API: `backlog`, `held`, `contact`, `release`, `resubmit`, `commands`, `health`.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod config;

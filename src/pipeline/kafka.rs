@@ -16,6 +16,9 @@ use rdkafka::{ClientContext, TopicPartitionList};
 use crate::config::Config;
 use crate::telemetry::metrics as m;
 
+pub mod stranded;
+pub use stranded::{BrokerWatch, Watched};
+
 /// Kafka failures, classified the way the transactional protocol needs them.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -58,6 +61,8 @@ pub struct EngineContext {
     pub topic: Arc<str>,
     /// The consumer's positions, for the lag monitor (cleared here on revocation).
     pub lag: Arc<super::lag::Positions>,
+    /// Set by [`consumer`]: bootstraps the consumer again if librdkafka forgets every broker.
+    pub brokers: Arc<BrokerWatch>,
 }
 
 impl EngineContext {
@@ -77,14 +82,18 @@ impl EngineContext {
     }
 }
 
-// No statistics callback: librdkafka's consumer lag is measured from a committed offset this
-// consumer never moves; `super::lag` measures it from the consumer's position instead.
+// Statistics go to the broker watch only: librdkafka's consumer lag is measured from a committed
+// offset this consumer never moves; `super::lag` measures it from the consumer's position.
 impl ClientContext for EngineContext {
     fn error(&self, error: KafkaError, reason: &str) {
         if is_partition_end(&error) {
             return;
         }
         tracing::warn!(error = %error, reason, "kafka client error");
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        self.brokers.observe(statistics);
     }
 }
 
@@ -146,8 +155,11 @@ pub fn client_config() -> ClientConfig {
     c
 }
 
-fn base_config(config: &Config) -> ClientConfig {
+/// [`client_config`] for a long-lived client with a [`BrokerWatch`]: statistics on, then
+/// `kafka.brokers` and `[kafka.client]`.
+pub fn watched_config(config: &Config) -> ClientConfig {
     let mut c = client_config();
+    BrokerWatch::enable(&mut c);
     c.set("bootstrap.servers", &config.kafka.brokers);
     for (k, v) in &config.kafka.client {
         c.set(k, v);
@@ -161,6 +173,7 @@ fn base_config(config: &Config) -> ClientConfig {
 /// partitions back at once instead of waiting for its old session to expire.
 pub fn consumer(config: &Config, ctx: EngineContext) -> Result<EngineConsumer> {
     let mut c = client_config();
+    BrokerWatch::enable(&mut c);
     // Defaults the user may tune through `kafka.client`.
     c.set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
@@ -185,10 +198,16 @@ pub fn consumer(config: &Config, ctx: EngineContext) -> Result<EngineConsumer> {
         // Reaching a partition's end is how the engine knows it is caught up (the wait
         // timeout counts only caught-up time).
         .set("enable.partition.eof", "true");
-    c.create_with_context(ctx).map_err(|source| Error::Create {
+    let ctx = EngineContext {
+        brokers: BrokerWatch::new("consumer", &config.kafka.brokers),
+        ..ctx
+    };
+    let consumer: EngineConsumer = c.create_with_context(ctx).map_err(|source| Error::Create {
         what: "consumer",
         source,
-    })
+    })?;
+    consumer.context().brokers.attach(consumer.client());
+    Ok(consumer)
 }
 
 /// Transactional id of this instance: stable across restarts, so a restarted instance fences
@@ -199,7 +218,7 @@ pub fn transactional_id(config: &Config) -> String {
 
 /// The one transactional producer of the engine.
 pub struct TxnProducer {
-    producer: BaseProducer,
+    producer: BaseProducer<Watched>,
     timeout: Duration,
     open: bool,
 }
@@ -207,7 +226,7 @@ pub struct TxnProducer {
 impl TxnProducer {
     pub fn new(config: &Config) -> Result<Self> {
         let txn_ms = config.kafka.transaction_timeout.as_millis();
-        let mut c = base_config(config);
+        let mut c = watched_config(config);
         c.set("transactional.id", transactional_id(config))
             .set("enable.idempotence", "true")
             .set("transaction.timeout.ms", txn_ms.to_string())
@@ -220,10 +239,14 @@ impl TxnProducer {
                 "client.id",
                 format!("causal-commit-{}-txn", config.instance_id()),
             );
-        let producer: BaseProducer = c.create().map_err(|source| Error::Create {
-            what: "producer",
-            source,
-        })?;
+        let watch = BrokerWatch::new("producer", &config.kafka.brokers);
+        let producer: BaseProducer<Watched> = c
+            .create_with_context(Watched(watch.clone()))
+            .map_err(|source| Error::Create {
+                what: "producer",
+                source,
+            })?;
+        watch.attach(producer.client());
         let timeout = config.kafka.operation_timeout;
         producer.init_transactions(timeout).map_err(classify)?;
         Ok(Self {

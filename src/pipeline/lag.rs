@@ -25,6 +25,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use super::kafka::{self, BrokerWatch, Watched};
 use crate::config::Config;
 use crate::telemetry::metrics as m;
 
@@ -118,11 +119,7 @@ impl Monitor {
     /// created, the lag is not reported (logged) and processing goes on.
     pub fn spawn(config: &Config, positions: Arc<Positions>, shutdown: &CancellationToken) -> Self {
         let stop = shutdown.child_token();
-        let mut c = crate::pipeline::kafka::client_config();
-        c.set("bootstrap.servers", &config.kafka.brokers);
-        for (k, v) in &config.kafka.client {
-            c.set(k, v);
-        }
+        let mut c = kafka::watched_config(config);
         c.set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
             .set(
@@ -131,8 +128,14 @@ impl Monitor {
             );
         let topic = config.kafka.intents_topic.clone();
         let timeout = config.kafka.operation_timeout.min(INTERVAL);
-        let client: BaseConsumer = match c.create() {
-            Ok(client) => client,
+        let watch = BrokerWatch::new("lag", &config.kafka.brokers);
+        let client: BaseConsumer<Watched> = match c
+            .create_with_context::<_, BaseConsumer<Watched>>(Watched(watch.clone()))
+        {
+            Ok(client) => {
+                watch.attach(client.client());
+                client
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "creating the lag monitor's Kafka client failed; causal_commit_consumer_lag is not reported");
                 return Self { stop };
@@ -145,7 +148,8 @@ impl Monitor {
                 let mut next = Instant::now();
                 while !token.is_cancelled() {
                     if Instant::now() < next {
-                        std::thread::sleep(Duration::from_millis(100));
+                        // Serves the client's statistics (its broker watch); it consumes nothing.
+                        let _ = client.poll(Duration::from_millis(100));
                         continue;
                     }
                     next = Instant::now() + INTERVAL;
@@ -170,7 +174,7 @@ impl Monitor {
 
 /// One ListOffsets (latest, read_committed: the last stable offset) for `partitions`.
 fn last_stable_offsets(
-    client: &BaseConsumer,
+    client: &BaseConsumer<Watched>,
     topic: &str,
     partitions: &[i32],
     timeout: Duration,

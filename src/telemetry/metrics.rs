@@ -45,6 +45,9 @@ pub const BATCH_STEP: &str = "causal_commit_batch_step_seconds";
 pub const BATCH_RECORDS: &str = "causal_commit_batch_records";
 /// Transactional producers re-created after a fatal or indefinite error.
 pub const PRODUCER_RESETS: &str = "causal_commit_producer_resets_total";
+/// Kafka clients bootstrapped again after librdkafka left them without any broker
+/// (`pipeline::kafka::stranded`). Label: `client` = consumer | producer | lag.
+pub const KAFKA_REBOOTSTRAPS: &str = "causal_commit_kafka_rebootstraps_total";
 /// 1 for the active lock/idempotency store. Label: `mode` = redis | postgres.
 pub const LOCK_STORE_MODE: &str = "causal_commit_lock_store_mode";
 /// Records of an assigned partition not consumed yet: its last stable offset (what a
@@ -150,6 +153,8 @@ pub const INVALID_KINDS: &[&str] = &[
     "unknown_action",
     "unspecified_action",
 ];
+/// The watched Kafka clients of a processor (`causal_commit_kafka_rebootstraps_total`).
+pub const KAFKA_CLIENTS: &[&str] = &["consumer", "producer", "lag"];
 /// `pipeline::assignment::PauseCause`.
 pub const PAUSE_CAUSES: &[&str] = &["restoring", "store", "recovery_point", "backpressure"];
 
@@ -310,6 +315,16 @@ pub const ALL: &[Metric] = &[
         kind: Kind::Counter,
         labels: &[],
         help: "Transactional producers re-created",
+        unit: None,
+    },
+    Metric {
+        name: KAFKA_REBOOTSTRAPS,
+        kind: Kind::Counter,
+        labels: &[Label {
+            name: "client",
+            values: KAFKA_CLIENTS,
+        }],
+        help: "Kafka clients bootstrapped again after librdkafka left them without any broker",
         unit: None,
     },
     Metric {

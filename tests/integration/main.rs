@@ -7,6 +7,7 @@
 mod common;
 
 mod admin;
+mod brokers;
 mod chaos;
 mod failures;
 mod growth;

@@ -153,11 +153,36 @@ impl Processor {
                 return Some(status);
             }
             if std::time::Instant::now() > deadline {
+                self.dump_stacks();
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 return None;
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Where a process that did not stop spent its time: every thread's stack (gdb, when it is
+    /// installed) into `<log>.stacks`, named on stdout. What makes a hang seen once in CI
+    /// readable afterwards.
+    fn dump_stacks(&self) {
+        let path = self.log.with_extension("stacks");
+        let Ok(out) = std::fs::File::create(&path) else {
+            return;
+        };
+        let dumped = Command::new("gdb")
+            .args(["-p", &self.child.id().to_string(), "-batch", "-nx"])
+            .args(["-ex", "thread apply all bt"])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::null())
+            .status();
+        if dumped.is_ok_and(|s| s.success()) {
+            println!(
+                "process {} did not stop: stacks in {}",
+                self.child.id(),
+                path.display()
+            );
         }
     }
 
