@@ -3,15 +3,15 @@
 //! invalid records), two instances of the group are killed with SIGKILL, stopped with SIGTERM,
 //! paused with SIGSTOP (sometimes past their lease: zombies), and Redis and PostgreSQL are
 //! stopped (Redis also frozen), the faults overlapping; with `CC_CHAOS_BROKER=1` the broker is
-//! stopped and started too. Those runs found two defects of the processor, both mended: every
+//! stopped and started too. Those runs found three defects of the processor, all mended: every
 //! client waited five minutes for a broker after a restart (librdkafka drops a broker missing
 //! from a metadata response and re-bootstraps only after
-//! `metadata.recovery.rebootstrap.trigger.ms`, now 10 s), and a consumer fenced by its own
-//! retried static-membership join (`FencedInstanceId`, fatal) left the instance alive and idle;
-//! it now stops, and is restarted here as an orchestrator would. Broker restarts stay off by
-//! default (`make test` and `make chaos`): the workload's own producer can still stop sending
-//! for minutes after one (librdkafka 2.12.1, whose re-bootstrap defects 2.16.0 fixes), failing
-//! the run while the processors are idle and caught up.
+//! `metadata.recovery.rebootstrap.trigger.ms`, now 10 s); a client whose every broker was
+//! dropped that way never bootstrapped again at all (librdkafka 2.12, its issue 5301: the
+//! workload's producer, and once a processor's consumer; now bootstrapped again by the broker
+//! watch of `pipeline::kafka::stranded`); and a consumer fenced by its own retried
+//! static-membership join (`FencedInstanceId`, fatal) left the instance alive and idle; it now
+//! stops, and is restarted here as an orchestrator would.
 //!
 //! The schedule is drawn from a seed, printed with every fault, so a failing run replays with
 //! `CC_CHAOS_SEED`. `CC_CHAOS_SECS` sets how long faults are injected: 40 s in `make test`,

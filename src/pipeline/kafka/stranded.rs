@@ -19,7 +19,8 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use rdkafka::bindings::{rd_kafka_brokers_add, rd_kafka_t};
 use rdkafka::client::Client;
@@ -47,6 +48,8 @@ pub struct BrokerWatch {
     handle: AtomicPtr<rd_kafka_t>,
     /// Statistics reports in a row that listed no broker.
     stranded: AtomicU32,
+    /// When the watch last added the bootstrap servers back.
+    acted: Mutex<Option<Instant>>,
 }
 
 impl BrokerWatch {
@@ -91,6 +94,17 @@ impl BrokerWatch {
         if handle.is_null() {
             return;
         }
+        // Reports queued while nobody polled the client (the engine blocked in a call that
+        // timed out for want of a broker) arrive in a burst: act once for it, then let the
+        // client connect for as long as the watch waits before acting.
+        {
+            let mut acted = self.acted.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            if acted.is_some_and(|at| now.duration_since(at) < settle_time()) {
+                return;
+            }
+            *acted = Some(now);
+        }
         // SAFETY: `handle` is the native handle of the client whose statistics callback is
         // running now (`attach` stored it right after creation, and only that client's context
         // holds this watch's `observe`): librdkafka serves the callback from that client's
@@ -108,6 +122,13 @@ impl BrokerWatch {
              bootstrapping again from kafka.brokers"
         );
     }
+}
+
+/// How long a client is left to connect after the bootstrap servers were added back: as long as
+/// the watch waits before acting.
+fn settle_time() -> Duration {
+    let interval: u64 = STATS_INTERVAL_MS.parse().unwrap_or(2_000);
+    Duration::from_millis(interval * u64::from(STRANDED_REPORTS))
 }
 
 /// Whether a statistics report lists no broker but librdkafka's internal and logical ones (the
@@ -191,5 +212,31 @@ mod tests {
             assert_eq!(watch.stranded.load(Ordering::Relaxed), 0);
         });
         assert!(!handle.render().contains(m::KAFKA_REBOOTSTRAPS));
+    }
+
+    #[test]
+    fn a_burst_of_queued_reports_acts_once() {
+        // A real client handle, to a broker that does not exist: adding it back is harmless.
+        let mut c = ClientConfig::new();
+        c.set("client.id", "stranded-unit-test");
+        let watch = BrokerWatch::new("producer", "127.0.0.1:1");
+        use rdkafka::producer::Producer as _;
+        let producer: rdkafka::producer::BaseProducer<Watched> = c
+            .create_with_context(Watched(watch.clone()))
+            .expect("a producer without brokers is created");
+        watch.attach(producer.client());
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            // Thirty reports served at once: ten groups of three, one act.
+            for _ in 0..30 {
+                watch.observe(FORGOTTEN.as_bytes());
+            }
+        });
+        let rendered = handle.render();
+        assert!(
+            rendered.contains(r#"causal_commit_kafka_rebootstraps_total{client="producer"} 1"#),
+            "{rendered}"
+        );
     }
 }
