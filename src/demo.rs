@@ -338,33 +338,67 @@ impl ArrivalOrder {
 /// intents topic (the processor has caught up). Blocking.
 pub fn wait_caught_up(config: &Config, within: Duration) -> anyhow::Result<()> {
     let topic = &config.kafka.intents_topic;
-    let (consumer, partitions) = crate::pipeline::read::offsets_reader(config)?;
     let timeout = Duration::from_secs(10);
     let deadline = Instant::now() + within;
+    let mut reader = None;
     loop {
-        let mut tpl = TopicPartitionList::new();
-        for p in &partitions {
-            tpl.add_partition(topic, *p);
+        // A failed call (a broker restarting, the group coordinator moving) is asked again, by a
+        // new client, until the deadline: a wait must not end on a transient error.
+        let asked = match reader.take() {
+            Some(r) => Ok(r),
+            None => crate::pipeline::read::offsets_reader(config),
         }
-        let committed = consumer.committed_offsets(tpl, timeout)?;
-        let mut behind = 0i64;
-        for e in committed.elements() {
-            let (_, high) = consumer.fetch_watermarks(topic, e.partition(), timeout)?;
-            let at = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => 0,
-            };
-            behind += (high - at).max(0);
+        .and_then(|(consumer, partitions)| {
+            let behind = records_behind(&consumer, topic, &partitions, timeout)?;
+            Ok((behind, (consumer, partitions)))
+        });
+        match asked {
+            Ok((0, _)) => return Ok(()),
+            Ok((behind, kept)) => {
+                reader = Some(kept);
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the processor is still {behind} records behind after {within:?}"
+                );
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(
+                    error = format!("{e:#}"),
+                    "reading the group's progress failed; asking again"
+                );
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "reading the group's progress still failed after {within:?}"
+                )))
+            }
         }
-        if behind == 0 {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the processor is still {behind} records behind after {within:?}"
-        );
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// Records of `topic`'s `partitions` past the group's committed offsets.
+fn records_behind(
+    consumer: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    partitions: &[i32],
+    timeout: Duration,
+) -> anyhow::Result<i64> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = consumer.committed_offsets(tpl, timeout)?;
+    let mut behind = 0i64;
+    for e in committed.elements() {
+        let (_, high) = consumer.fetch_watermarks(topic, e.partition(), timeout)?;
+        let at = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        behind += (high - at).max(0);
+    }
+    Ok(behind)
 }
 
 #[cfg(test)]

@@ -73,13 +73,22 @@ pub enum Error {
     Sequencer(#[from] sequencer::Error),
     /// librdkafka reported the consumer unusable (for instance `FencedInstanceId`: its static
     /// membership was taken by its own retried join while the coordinator moved, as a broker
-    /// restart can cause). It never heals: the process stops, and restarts with a new consumer
-    /// from the committed recovery points.
-    #[error(
-        "the Kafka consumer failed fatally ({0}); stopping so that the process restarts with a \
-         new consumer"
-    )]
+    /// restart can cause). It never heals: the engine stops, and `pipeline::run_with` starts a
+    /// new one, with a new consumer, from the committed recovery points.
+    #[error("the Kafka consumer failed fatally ({0})")]
     ConsumerFatal(rdkafka::error::KafkaError),
+    /// The replacement consumer failed fatally too, soon after: another process is using this
+    /// instance's `group.instance.id` (and transactional id). The process stops.
+    #[error(
+        "the Kafka consumer failed fatally again within {within:?} of being replaced ({error}); \
+         another process is probably running with instance_id {instance_id:?}: each instance of \
+         a group needs its own"
+    )]
+    ConsumerFatalAgain {
+        error: rdkafka::error::KafkaError,
+        within: Duration,
+        instance_id: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -347,13 +356,24 @@ impl Engine {
             if let Some(records) = self.gather() {
                 self.process(records);
             }
+            // The producer's events (statistics for its broker watch) would queue up, unserved,
+            // while no batch runs.
+            if let Some(p) = &self.producer {
+                p.poll();
+            }
             self.refresh_gauges();
             if stopping || self.consumer_is_dead() {
                 break;
             }
         }
         self.settle_report();
-        self.health.set_stopping();
+        if self.consumer_failed.is_some() {
+            // Another engine takes over in this process (`pipeline::run_with`): not ready
+            // until it has restored its partitions, but not stopping either.
+            self.health.set_partitions(0, 0);
+        } else {
+            self.health.set_stopping();
+        }
         tracing::info!("engine stopping: releasing leases and leaving the group");
         // The last batches are known committed: a restart after an offset reset resumes
         // without an operator (see store::recovery).

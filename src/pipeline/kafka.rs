@@ -377,6 +377,8 @@ impl TxnProducer {
         Ok(())
     }
 
+    /// Serves the producer's events without waiting: delivery reports, errors, and statistics
+    /// (every 2 s, for its broker watch), which queue up in memory until served.
     pub fn poll(&self) {
         self.producer.poll(Duration::ZERO);
     }

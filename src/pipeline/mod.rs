@@ -32,6 +32,11 @@ const PREFLIGHT_WAIT: Duration = Duration::from_secs(10);
 /// Longest pause between two start-up checks of a PostgreSQL that does not answer.
 const START_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// A consumer that librdkafka declares unusable is replaced in place (a broker restart can
+/// fence a static member by its own retried join, once); one that fails fatally again this
+/// soon after is fenced by another process with the same `instance_id`, and the process stops.
+const REFENCED_WITHIN: Duration = Duration::from_secs(30);
+
 /// The start-up check of the schema, repeated while PostgreSQL does not answer (stopped,
 /// restarting, out of connections): a processor started during an outage starts processing
 /// by itself when PostgreSQL is back, as one running through it does, instead of exiting
@@ -133,13 +138,40 @@ pub async fn run_with(
     std::thread::Builder::new()
         .name("causal-commit-engine".into())
         .spawn(move || {
-            let lag_config = config.clone();
-            let result = engine::Engine::new(config, pool, locks, rt, engine_shutdown, health)
+            let mut recreated: Option<std::time::Instant> = None;
+            let result = loop {
+                let run = engine::Engine::new(
+                    config.clone(),
+                    pool.clone(),
+                    locks.clone(),
+                    rt.clone(),
+                    engine_shutdown.clone(),
+                    health.clone(),
+                )
                 .and_then(|e| {
                     // The consumer lag, from the positions the engine hands over (see `lag`).
-                    let _lag = lag::Monitor::spawn(&lag_config, e.ctx.lag.clone(), &lag_shutdown);
+                    let _lag = lag::Monitor::spawn(&config, e.ctx.lag.clone(), &lag_shutdown);
                     e.run()
                 });
+                match run {
+                    Err(engine::Error::ConsumerFatal(e)) if !engine_shutdown.is_cancelled() => {
+                        if recreated.is_some_and(|at| at.elapsed() < REFENCED_WITHIN) {
+                            break Err(engine::Error::ConsumerFatalAgain {
+                                error: e,
+                                within: REFENCED_WITHIN,
+                                instance_id: config.instance_id(),
+                            });
+                        }
+                        tracing::warn!(
+                            error = %e,
+                            "the Kafka consumer failed fatally; the engine starts again with a \
+                             new consumer and restores its partitions from the committed state"
+                        );
+                        recreated = Some(std::time::Instant::now());
+                    }
+                    other => break other,
+                }
+            };
             let _ = tx.send(result);
         })?;
     let result = rx.await;

@@ -129,6 +129,10 @@ impl Passthrough {
                     self.commit(&batch);
                 }
             }
+            // Its events (statistics for its broker watch) queue up while no batch runs.
+            if let Some(p) = &self.producer {
+                p.poll();
+            }
             if stopping {
                 break;
             }

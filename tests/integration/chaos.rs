@@ -10,8 +10,9 @@
 //! dropped that way never bootstrapped again at all (librdkafka 2.12, its issue 5301: the
 //! workload's producer, and once a processor's consumer; now bootstrapped again by the broker
 //! watch of `pipeline::kafka::stranded`); and a consumer fenced by its own retried
-//! static-membership join (`FencedInstanceId`, fatal) left the instance alive and idle; it now
-//! stops, and is restarted here as an orchestrator would.
+//! static-membership join (`FencedInstanceId`, fatal) left the instance alive and idle; the
+//! instance now replaces its consumer in place, and stops if the new one fails fatally too
+//! within 30 s (restarted here then, as an orchestrator would).
 //!
 //! The schedule is drawn from a seed, printed with every fault, so a failing run replays with
 //! `CC_CHAOS_SEED`. `CC_CHAOS_SECS` sets how long faults are injected: 40 s in `make test`,
@@ -31,8 +32,9 @@ use causal_commit::config::Config;
 /// Intents produced per second while the faults run.
 const RATE: u32 = 400;
 
-/// What an instance logs when it stops on a fatal consumer error.
-const CONSUMER_FATAL: &str = "the Kafka consumer failed fatally";
+/// What an instance logs when it stops because its consumer failed fatally twice in a row (once,
+/// it is replaced in place: `pipeline::run_with`).
+const CONSUMER_FATAL: &str = "the Kafka consumer failed fatally again";
 
 /// How long an instance may take to exit after SIGTERM, a store or the broker being down.
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);

@@ -227,19 +227,11 @@ async fn effects_now(cfg: &Config) -> usize {
     .len()
 }
 
-/// Restarts Redis when dropped, so a failing test does not leave it down for the next one.
-struct RedisBack;
-impl Drop for RedisBack {
+/// Starts a stopped service again when dropped (also when the test failed: later tests need it).
+struct StartedAgain(&'static str);
+impl Drop for StartedAgain {
     fn drop(&mut self) {
-        stack("start", "redis");
-    }
-}
-
-/// Starts PostgreSQL again when dropped (also when the test failed: later tests need it).
-struct PostgresBack;
-impl Drop for PostgresBack {
-    fn drop(&mut self) {
-        stack("start", "postgres");
+        stack("start", self.0);
     }
 }
 
@@ -252,7 +244,7 @@ async fn a_processor_started_while_postgres_is_down_waits_and_processes_when_it_
     let mut cfg = env.config.clone();
     let probes = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     cfg.telemetry.metrics_listen = probes.to_string();
-    let back = PostgresBack;
+    let back = StartedAgain("postgres");
     stack("stop", "postgres");
     let log = log_path(&env, "run");
     let mut proc = Processor::spawn(&cfg, log.clone());
@@ -301,6 +293,132 @@ async fn a_processor_started_while_postgres_is_down_waits_and_processes_when_it_
     assert_clean(&report, 2_000);
 }
 
+/// A tired operator starts a second process with the instance_id of a running one (a shared
+/// config file): their consumers fence each other's static membership and their producers
+/// each other's transactions. A consumer fenced once is replaced in place (what a broker
+/// restart calls for); fenced again soon after, its process stops naming the cause. One of the
+/// two must stop so, within a minute; the other goes on; nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_the_same_instance_id_stops_one_of_them_naming_it() {
+    let env = TestEnv::exclusive("sameid", 4).await;
+    let cfg = env.config.clone();
+    let producing = produce_in_background(&cfg, workload(6_000, 600, 300, "i"));
+    let first = Processor::spawn(&cfg, log_path(&env, "first"));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let second = Processor::spawn(&cfg, log_path(&env, "second"));
+    let mut both = [Some(first), Some(second)];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stopped = loop {
+        let exited: Vec<usize> = (0..2)
+            .filter(|&i| {
+                both[i]
+                    .as_mut()
+                    .is_some_and(|p| matches!(p.child.try_wait(), Ok(Some(_))))
+            })
+            .collect();
+        if let [i] = exited[..] {
+            break i;
+        }
+        assert!(exited.is_empty(), "both processes stopped");
+        assert!(
+            Instant::now() < deadline,
+            "neither process stopped within 60 s of the second one's start"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut gone = both[stopped].take().expect("the stopped one");
+    let status = gone.child.wait().unwrap();
+    assert!(!status.success(), "it stops with an error: {status}");
+    let failed: Vec<String> = read_log(&gone.log)
+        .iter()
+        .filter(|l| l["message"] == "causal-commit failed")
+        .map(|l| l["error"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(failed.len(), 1, "{}", gone.log.display());
+    assert!(
+        failed[0].contains("another process is probably running with instance_id")
+            && failed[0].contains(&cfg.instance_id()),
+        "{}",
+        failed[0]
+    );
+    println!("stopped: {}", failed[0]);
+
+    let survivor = both[1 - stopped].take().expect("the other one");
+    producing.await.unwrap();
+    caught_up(&cfg, Duration::from_secs(120)).await;
+    let clean = tokio::task::spawn_blocking(move || survivor.terminate(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(clean, "the other process runs on and exits cleanly");
+    assert_clean(&verified(&cfg).await, 6_000);
+}
+
+/// CONTRACT §3: a broker restart at any instant produces no duplicate, gap or loss, and
+/// processing resumes by itself. The only broker stops twice while two instances consume and
+/// four producers send, and once more while `wait-caught-up` reads the group's progress;
+/// neither instance may exit (a consumer fenced by the restart is replaced in place), the wait
+/// must not end on the outage, and everything is committed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restarts_mid_stream_lose_and_duplicate_nothing() {
+    let env = TestEnv::exclusive("brokerdown", 4).await;
+    let cfg = env.config.clone();
+    let mut cfg_b = cfg.clone();
+    cfg_b.instance_id = format!("{}-b", env.name);
+    let producing = produce_in_background(&cfg, workload(12_000, 1_200, 400, "k"));
+    let mut instances = [
+        Processor::spawn(&cfg, log_path(&env, "a")),
+        Processor::spawn(&cfg_b, log_path(&env, "b")),
+    ];
+    for (after, down) in [(8, 3), (8, 1)] {
+        tokio::time::sleep(Duration::from_secs(after)).await;
+        let back = StartedAgain("kafka");
+        stack("stop", "kafka");
+        tokio::time::sleep(Duration::from_secs(down)).await;
+        drop(back);
+    }
+    producing.await.unwrap();
+    // A third restart while `wait-caught-up` reads the group's progress: it asks again.
+    let back = StartedAgain("kafka");
+    stack("stop", "kafka");
+    let waiting = tokio::spawn({
+        let cfg = cfg.clone();
+        async move { caught_up(&cfg, Duration::from_secs(180)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(back);
+    waiting.await.unwrap();
+    for p in &mut instances {
+        assert!(
+            matches!(p.child.try_wait(), Ok(None)),
+            "{} exited: {:?}",
+            p.log.display(),
+            p.child.try_wait()
+        );
+    }
+    let replaced: usize = instances
+        .iter()
+        .map(|p| {
+            read_log(&p.log)
+                .iter()
+                .filter(|l| {
+                    l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("the engine starts again"))
+                })
+                .count()
+        })
+        .sum();
+    println!("consumers replaced in place: {replaced}");
+    for p in instances {
+        let log = p.log.clone();
+        let clean = tokio::task::spawn_blocking(move || p.terminate(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert!(clean, "{} exits cleanly", log.display());
+    }
+    assert_clean(&verified(&cfg).await, 12_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_evidence_3_redis_failure_falls_back_to_db() {
     let env = TestEnv::exclusive("seed3", 4).await;
@@ -311,7 +429,7 @@ async fn seed_evidence_3_redis_failure_falls_back_to_db() {
     // Phase 1: Redis stops mid-stream; processing goes on with PostgreSQL.
     let producing = produce_in_background(&cfg, workload(8_000, 1_000, 800, "a"));
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let back = RedisBack;
+    let back = StartedAgain("redis");
     stack("stop", "redis");
     let before = effects_now(&cfg).await;
     producing.await.unwrap();
