@@ -33,9 +33,12 @@ const PREFLIGHT_WAIT: Duration = Duration::from_secs(10);
 const START_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// A consumer that librdkafka declares unusable is replaced in place (a broker restart can
-/// fence a static member by its own retried join, once); one that fails fatally again this
-/// soon after is fenced by another process with the same `instance_id`, and the process stops.
-const REFENCED_WITHIN: Duration = Duration::from_secs(30);
+/// fence a static member by its own retried join, once per restart). One that fails fatally
+/// again this soon after is fenced by another process with the same `instance_id`, and the
+/// process stops: two such processes fence each other about every second, while broker
+/// restarts (each taking seconds) fenced the same consumer 24 s apart in a test. A window of
+/// 30 s stopped a process that way.
+const REFENCED_WITHIN: Duration = Duration::from_secs(10);
 
 /// The start-up check of the schema, repeated while PostgreSQL does not answer (stopped,
 /// restarting, out of connections): a processor started during an outage starts processing

@@ -12,7 +12,7 @@
 //! watch of `pipeline::kafka::stranded`); and a consumer fenced by its own retried
 //! static-membership join (`FencedInstanceId`, fatal) left the instance alive and idle; the
 //! instance now replaces its consumer in place, and stops if the new one fails fatally too
-//! within 30 s (restarted here then, as an orchestrator would).
+//! within 10 s (restarted here then, as an orchestrator would).
 //!
 //! The schedule is drawn from a seed, printed with every fault, so a failing run replays with
 //! `CC_CHAOS_SEED`. `CC_CHAOS_SECS` sets how long faults are injected: 40 s in `make test`,
