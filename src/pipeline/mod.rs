@@ -51,7 +51,9 @@ async fn schema_checked(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<bool> {
     let mut wait = Duration::from_millis(250);
-    for attempt in 1.. {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
         match crate::store::postgres::check_schema(pool, schema).await {
             Ok(()) => return Ok(true),
             Err(e) if e.is_unavailable() => {
@@ -70,7 +72,49 @@ async fn schema_checked(
             Err(e) => return Err(e.into()),
         }
     }
-    unreachable!("the attempts never run out")
+}
+
+/// Runs engines, one after the other, until one ends for good. A consumer librdkafka declares
+/// unusable ends its engine and the next starts with a new one (restoring its partitions from
+/// the committed state), unless the previous replacement failed so within [`REFENCED_WITHIN`].
+fn run_engines(
+    config: &Arc<Config>,
+    pool: &sqlx::PgPool,
+    locks: &Arc<LockStore>,
+    rt: &tokio::runtime::Handle,
+    shutdown: &CancellationToken,
+    health: &Arc<health::Health>,
+) -> engine::Result<()> {
+    let mut replaced: Option<std::time::Instant> = None;
+    loop {
+        let engine = engine::Engine::new(
+            config.clone(),
+            pool.clone(),
+            locks.clone(),
+            rt.clone(),
+            shutdown.clone(),
+            health.clone(),
+        )?;
+        // The consumer lag, from the positions the engine hands over (see `lag`).
+        let _lag = lag::Monitor::spawn(config, engine.ctx.lag.clone(), shutdown);
+        let error = match engine.run() {
+            Err(engine::Error::ConsumerFatal(e)) if !shutdown.is_cancelled() => e,
+            other => return other,
+        };
+        if replaced.is_some_and(|at| at.elapsed() < REFENCED_WITHIN) {
+            return Err(engine::Error::ConsumerFatalAgain {
+                error,
+                within: REFENCED_WITHIN,
+                instance_id: config.instance_id(),
+            });
+        }
+        tracing::warn!(
+            error = %error,
+            "the Kafka consumer failed fatally; the engine starts again with a new consumer and \
+             restores its partitions from the committed state"
+        );
+        replaced = Some(std::time::Instant::now());
+    }
 }
 
 /// Runs the processor until `shutdown` fires, then drains: the batch in hand is committed and
@@ -135,47 +179,19 @@ pub async fn run_with(
         }
     });
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let engine_shutdown = shutdown.clone();
-    let lag_shutdown = shutdown.clone();
     let rt = tokio::runtime::Handle::current();
+    let engine_shutdown = shutdown.clone();
     std::thread::Builder::new()
         .name("causal-commit-engine".into())
         .spawn(move || {
-            let mut recreated: Option<std::time::Instant> = None;
-            let result = loop {
-                let run = engine::Engine::new(
-                    config.clone(),
-                    pool.clone(),
-                    locks.clone(),
-                    rt.clone(),
-                    engine_shutdown.clone(),
-                    health.clone(),
-                )
-                .and_then(|e| {
-                    // The consumer lag, from the positions the engine hands over (see `lag`).
-                    let _lag = lag::Monitor::spawn(&config, e.ctx.lag.clone(), &lag_shutdown);
-                    e.run()
-                });
-                match run {
-                    Err(engine::Error::ConsumerFatal(e)) if !engine_shutdown.is_cancelled() => {
-                        if recreated.is_some_and(|at| at.elapsed() < REFENCED_WITHIN) {
-                            break Err(engine::Error::ConsumerFatalAgain {
-                                error: e,
-                                within: REFENCED_WITHIN,
-                                instance_id: config.instance_id(),
-                            });
-                        }
-                        tracing::warn!(
-                            error = %e,
-                            "the Kafka consumer failed fatally; the engine starts again with a \
-                             new consumer and restores its partitions from the committed state"
-                        );
-                        recreated = Some(std::time::Instant::now());
-                    }
-                    other => break other,
-                }
-            };
-            let _ = tx.send(result);
+            let _ = tx.send(run_engines(
+                &config,
+                &pool,
+                &locks,
+                &rt,
+                &engine_shutdown,
+                &health,
+            ));
         })?;
     let result = rx.await;
     shutdown.cancel();
