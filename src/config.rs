@@ -110,9 +110,25 @@ pub struct SequencerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
+    /// Larger input records (key and value) are `INVALID_INTENT`. At most
+    /// `max_output_bytes` less [`LimitsConfig::envelope_bytes`], so that every output a valid
+    /// record makes (its effect, its forward, its review record) fits.
     pub max_record_bytes: usize,
     pub max_payload_bytes: usize,
     pub max_id_bytes: usize,
+    /// The largest record causal-commit produces (key, value and headers): at most what the
+    /// output topics accept (their `max.message.bytes`, Kafka's default 1048588, less room for
+    /// the batch framing). The producer's `message.max.bytes` follows it. A manual-review
+    /// record that would be larger carries the start of the original bytes and says so.
+    pub max_output_bytes: usize,
+}
+
+impl LimitsConfig {
+    /// What an output adds to the input record it comes from, at most: the ids repeated
+    /// beside the original bytes, the review's detail, topic name and numbers, the headers.
+    pub fn envelope_bytes(&self) -> usize {
+        self.max_id_bytes.saturating_mul(8).saturating_add(8192)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -258,12 +274,17 @@ impl Default for SequencerConfig {
     }
 }
 
+/// The largest `limits.max_output_bytes`: librdkafka's `message.max.bytes` (which follows it,
+/// plus room for framing) is at most 1,000,000,000.
+const MAX_OUTPUT_BYTES: usize = 900_000_000;
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
-            max_record_bytes: 1024 * 1024,
+            max_record_bytes: 960 * 1024,
             max_payload_bytes: 256 * 1024,
             max_id_bytes: 256,
+            max_output_bytes: 1_000_000,
         }
     }
 }
@@ -470,6 +491,20 @@ impl Config {
         if l.max_id_bytes == 0 {
             return Err(invalid("limits.max_id_bytes", 0, "must be at least 1"));
         }
+        if l.max_output_bytes > MAX_OUTPUT_BYTES {
+            return Err(invalid(
+                "limits.max_output_bytes",
+                l.max_output_bytes,
+                "must be at most 900000000 (librdkafka's message.max.bytes is at most 1000000000)",
+            ));
+        }
+        if l.max_record_bytes.saturating_add(l.envelope_bytes()) > l.max_output_bytes {
+            return Err(invalid(
+                "limits.max_record_bytes",
+                l.max_record_bytes,
+                "must leave room for what an output adds: at most limits.max_output_bytes less 8 x limits.max_id_bytes less 8192",
+            ));
+        }
         let pg = self.postgres.url.expose_secret();
         if !(pg.starts_with("postgres://") || pg.starts_with("postgresql://")) {
             // Never echo the URL: it may hold a password.
@@ -631,6 +666,26 @@ mod tests {
         );
         let err = Config::from_toml("[postgres]\nschema = \"Bad-Name\"\n").unwrap_err();
         assert!(err.to_string().contains("postgres.schema"), "{err}");
+    }
+
+    #[test]
+    fn every_output_of_a_valid_record_fits_max_output_bytes() {
+        let d = Config::default().limits;
+        assert!(d.max_record_bytes + d.envelope_bytes() <= d.max_output_bytes);
+        // Kafka's default max.message.bytes, less room for one record's batch framing.
+        assert!(d.max_output_bytes <= 1_048_588 - 4096);
+        let err = Config::from_toml("[limits]\nmax_record_bytes = 1048576\n").unwrap_err();
+        assert!(
+            err.to_string().contains("limits.max_record_bytes")
+                && err.to_string().contains("limits.max_output_bytes"),
+            "{err}"
+        );
+        let raised =
+            Config::from_toml("[limits]\nmax_record_bytes = 4000000\nmax_output_bytes = 4200000\n")
+                .unwrap();
+        assert_eq!(raised.limits.max_output_bytes, 4_200_000);
+        let err = Config::from_toml("[limits]\nmax_output_bytes = 2000000000\n").unwrap_err();
+        assert!(err.to_string().contains("limits.max_output_bytes"), "{err}");
     }
 
     #[test]

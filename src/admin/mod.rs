@@ -537,6 +537,16 @@ async fn resubmit(State(api): Shared, bytes: Bytes) -> ApiResult<Response> {
         ));
         return refuse(&api, actor, "resubmit", &contact_id, request, e).await;
     }
+    if review.original_truncated {
+        // Never for the reasons above (valid records always fit whole), but a cut record must
+        // not come back as a shorter one.
+        let e = unprocessable(format!(
+            "review {partition}/{offset} holds only the first {} of the original {} value bytes",
+            review.original_value.len(),
+            review.original_value_size
+        ));
+        return refuse(&api, actor, "resubmit", &contact_id, request, e).await;
+    }
     if review.source_topic != api.config.kafka.intents_topic.as_str() {
         let e = unprocessable(format!(
             "review {partition}/{offset} is of topic {:?}, not {:?}",

@@ -100,6 +100,9 @@ const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 /// How often a partition paused at its bound is read for one batch (its missing predecessors
 /// may be in it).
 const PROBE: Duration = Duration::from_secs(1);
+/// How long the engine waits before replaying after an output topic refused a record as too
+/// large (a configuration no immediate retry mends).
+const TOO_LARGE_RETRY: Duration = Duration::from_secs(5);
 
 pub struct Engine {
     pub(super) config: Arc<Config>,
@@ -274,11 +277,7 @@ impl Engine {
         shutdown: CancellationToken,
         health: Arc<Health>,
     ) -> Result<Self> {
-        let topics = Topics {
-            intents: config.kafka.intents_topic.as_str().into(),
-            side_effects: config.kafka.side_effects_topic.as_str().into(),
-            manual_review: config.kafka.manual_review_topic.as_str().into(),
-        };
+        let topics = Topics::of(&config);
         let s = &config.sequencer;
         let seq_config = sequencer::Config {
             wait_timeout: s.wait_timeout,
@@ -1443,6 +1442,20 @@ impl Engine {
                 tracing::error!(error = %e, "durable write failed; nothing is emitted");
                 self.void_all("durable write failed");
             }
+            Failure::Commit(e) if e.is_record_too_large() => {
+                metrics::counter!(m::TRANSACTIONS, "result" => "abort").increment(1);
+                tracing::error!(
+                    error = %e,
+                    max_output_bytes = self.config.limits.max_output_bytes,
+                    side_effects_topic = %self.topics.side_effects,
+                    manual_review_topic = %self.topics.manual_review,
+                    "transaction failed: an output topic refused a record as too large; every output topic's max.message.bytes must be at least limits.max_output_bytes plus 4 KiB (runbook: Transactions aborting); restoring, again in 5 s"
+                );
+                self.recover_producer(&e);
+                self.void_all("kafka transaction did not commit");
+                // No retry mends it until the topic or the configuration is changed.
+                self.next_restore_at = Instant::now() + TOO_LARGE_RETRY;
+            }
             Failure::Commit(e) => {
                 metrics::counter!(m::TRANSACTIONS, "result" => "abort").increment(1);
                 tracing::warn!(error = %e, "transaction failed; restoring");
@@ -1496,7 +1509,7 @@ fn in_record<M: Message>(msg: &M) -> InRecord {
     let traceparent = headers.and_then(|h| {
         h.iter()
             .find(|h| h.key == output::TRACEPARENT_HEADER)
-            .map(|h| h.value.unwrap_or_default().to_vec())
+            .and_then(|h| carried_traceparent(h.value.unwrap_or_default()))
     });
     InRecord {
         partition: msg.partition(),
@@ -1507,9 +1520,35 @@ fn in_record<M: Message>(msg: &M) -> InRecord {
     }
 }
 
+/// The producer's `traceparent` header as the outputs carry it on: only a valid one (W3C Trace
+/// Context: an invalid one is ignored), written in version 00, so 55 bytes. The header is the
+/// producer's to fill with anything, and every output of the record copies it: copied as it
+/// came, a header of a megabyte made the effect larger than any topic takes.
+fn carried_traceparent(value: &[u8]) -> Option<Vec<u8>> {
+    crate::telemetry::trace::TraceParent::parse(value).map(|p| p.to_header())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_valid_traceparent_is_carried_on_and_never_longer_than_55_bytes() {
+        let valid = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(carried_traceparent(valid).as_deref(), Some(&valid[..]));
+        // W3C Trace Context: lowercase hex only.
+        let upper = b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01";
+        assert_eq!(carried_traceparent(upper), None);
+        // A later version may be longer; only its first 55 bytes mean anything.
+        let mut later = b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-".to_vec();
+        later.extend(std::iter::repeat_n(b'x', 900_000));
+        let carried = carried_traceparent(&later).expect("a later version is read");
+        assert_eq!(carried.len(), 55);
+        assert!(carried.starts_with(b"00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        for junk in [&b""[..], b"garbage", &[0xff; 1000][..]] {
+            assert_eq!(carried_traceparent(junk), None);
+        }
+    }
 
     fn set(ps: &[i32]) -> BTreeSet<i32> {
         ps.iter().copied().collect()

@@ -43,6 +43,20 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl Error {
+    /// A record larger than librdkafka's `message.max.bytes` or a topic's `max.message.bytes`:
+    /// a configuration below `limits.max_output_bytes`, which no retry mends.
+    pub fn is_record_too_large(&self) -> bool {
+        let e = match self {
+            Error::Abortable(e) | Error::Fatal(e) | Error::Other(e) => e,
+            Error::Create { source, .. } => source,
+            Error::NotInGroup => return false,
+        };
+        e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
+            || e.to_string().contains("Message size too large")
+    }
+}
+
 /// What the engine learns from rebalance callbacks (they run inside `poll`, on the engine's
 /// thread; the engine reads and clears this after each poll).
 #[derive(Debug, Default)]
@@ -235,6 +249,12 @@ impl TxnProducer {
             // Back-to-back transactions otherwise wait ~100 ms on CONCURRENT_TRANSACTIONS.
             .set("retry.backoff.ms", "10")
             .set("linger.ms", "5")
+            // Every record made fits `limits.max_output_bytes` (key, value, headers); librdkafka
+            // counts some framing on top, and refuses a larger one before sending it.
+            .set(
+                "message.max.bytes",
+                (config.limits.max_output_bytes + 65_536).to_string(),
+            )
             .set(
                 "client.id",
                 format!("causal-commit-{}-txn", config.instance_id()),

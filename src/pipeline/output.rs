@@ -103,17 +103,35 @@ pub struct ReviewFields<'a> {
     pub fencing_token: u64,
 }
 
+/// The longest `detail` a manual-review record carries (a store's error message can quote the
+/// value it refused).
+pub const MAX_DETAIL_BYTES: usize = 1024;
+
 /// A manual-review record: the original bytes, byte for byte, plus why. Keyed like the input
 /// (or by partition/offset when the input had no key) so re-submission keeps the contact's key.
-pub fn manual_review(topic: &Arc<str>, source: &Source<'_>, f: ReviewFields<'_>) -> OutRecord {
+///
+/// The record never exceeds `max_bytes` (key, value and headers): a producer may write to the
+/// intents topic a record as large as that topic takes, and its review record adds an envelope,
+/// so it could not be produced whole, and the partition would stall on it. Such a record keeps
+/// the first bytes of the original (the value first), with `original_truncated` set; the whole
+/// record stays on the intents topic at its partition and offset. Valid records always fit
+/// (`limits.max_record_bytes`, checked with the configuration).
+pub fn manual_review(
+    topic: &Arc<str>,
+    source: &Source<'_>,
+    f: ReviewFields<'_>,
+    max_bytes: usize,
+) -> OutRecord {
     let rec = source.record;
     let empty = Intent::default();
     let intent = f.intent.unwrap_or(&empty);
-    let review = ManualReview {
-        original_value: rec.value.clone().unwrap_or_default().into(),
-        original_key: rec.key.clone().unwrap_or_default().into(),
+    let original_value = rec.value.as_deref().unwrap_or_default();
+    let original_key = rec.key.as_deref().unwrap_or_default();
+    let mut review = ManualReview {
+        original_value: Default::default(),
+        original_key: Default::default(),
         reason: f.reason as i32,
-        detail: f.detail,
+        detail: capped(f.detail, MAX_DETAIL_BYTES),
         intent_id: intent.intent_id.clone(),
         contact_id: intent.contact_id.clone(),
         clinic_id: intent.clinic_id.clone(),
@@ -126,10 +144,9 @@ pub fn manual_review(topic: &Arc<str>, source: &Source<'_>, f: ReviewFields<'_>)
         source_offset: rec.offset,
         reviewed_at_ms: f.reviewed_at_ms,
         fencing_token: f.fencing_token,
-    };
-    let key = match &rec.key {
-        Some(k) if !k.is_empty() => k.clone(),
-        _ => format!("{}-{}", rec.partition, rec.offset).into_bytes(),
+        original_key_size: original_key.len() as u64,
+        original_value_size: original_value.len() as u64,
+        original_truncated: false,
     };
     let reason = f.reason.as_str_name();
     let (traceparent, span) = trace::child_of(
@@ -151,14 +168,70 @@ pub fn manual_review(topic: &Arc<str>, source: &Source<'_>, f: ReviewFields<'_>)
             ]
         },
     );
+    let tp_len = traceparent
+        .as_ref()
+        .map_or(0, |t| TRACEPARENT_HEADER.len() + t.len());
+    let headers_len = |correlation_id: &str| match correlation_id {
+        "" => tp_len,
+        c => tp_len + CORRELATION_HEADER.len() + c.len(),
+    };
+    // Room for the original bytes: the limit less everything else (each of the two fields adds
+    // a tag and a length of at most 5 bytes once present).
+    let room = |key: &[u8], review: &ManualReview| {
+        max_bytes.saturating_sub(
+            review.encoded_len() + key.len() + headers_len(&review.correlation_id) + 12,
+        )
+    };
+    let by_position = || format!("{}-{}", rec.partition, rec.offset).into_bytes();
+    let mut key = if original_key.is_empty() {
+        by_position()
+    } else {
+        original_key.to_vec()
+    };
+    let whole = original_value.len() + 2 * original_key.len();
+    if whole > room(&key, &review) {
+        // Whatever an invalid record's ids hold, the envelope stays small.
+        for id in [
+            &mut review.intent_id,
+            &mut review.contact_id,
+            &mut review.clinic_id,
+            &mut review.correlation_id,
+        ] {
+            *id = capped(std::mem::take(id), MAX_DETAIL_BYTES);
+        }
+    }
+    if whole <= room(&key, &review) {
+        review.original_value = original_value.to_vec().into();
+        review.original_key = original_key.to_vec().into();
+    } else {
+        review.original_truncated = true;
+        key = by_position();
+        let room = room(&key, &review);
+        let value_part = original_value.len().min(room);
+        let key_part = original_key.len().min(room - value_part);
+        review.original_value = original_value[..value_part].to_vec().into();
+        review.original_key = original_key[..key_part].to_vec().into();
+    }
     OutRecord {
         topic: topic.clone(),
         partition: None,
         key,
+        headers: headers(&review.correlation_id, traceparent),
         value: review.encode_to_vec(),
-        headers: headers(&intent.correlation_id, traceparent),
         span,
     }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+pub fn capped(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 pub fn now_ms() -> i64 {

@@ -29,6 +29,19 @@ pub struct Topics {
     pub intents: Arc<str>,
     pub side_effects: Arc<str>,
     pub manual_review: Arc<str>,
+    /// `limits.max_output_bytes`: the largest record produced (see `output::manual_review`).
+    pub max_output_bytes: usize,
+}
+
+impl Topics {
+    pub fn of(config: &crate::config::Config) -> Topics {
+        Topics {
+            intents: config.kafka.intents_topic.as_str().into(),
+            side_effects: config.kafka.side_effects_topic.as_str().into(),
+            manual_review: config.kafka.manual_review_topic.as_str().into(),
+            max_output_bytes: config.limits.max_output_bytes,
+        }
+    }
 }
 
 /// What a partition's translation needs to know about the batch being built.
@@ -390,6 +403,7 @@ fn reject_record(
             reviewed_at_ms: ctx.now_ms,
             fencing_token: ctx.fence,
         },
+        ctx.topics.max_output_bytes,
     ));
     let p = partial.unwrap_or_default();
     let (intent_id, contact_id) = (storable(&p.intent_id), storable(&p.contact_id));
@@ -426,18 +440,11 @@ pub fn unprocessable(ctx: &Context<'_>, record: &InRecord, error: &str, plan: &m
 
 /// Text any store can hold: control characters replaced, at most 1 KiB.
 fn storable(s: &str) -> String {
-    let mut out: String = s
+    let out: String = s
         .chars()
         .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
         .collect();
-    if out.len() > 1024 {
-        let mut end = 1024;
-        while !out.is_char_boundary(end) {
-            end -= 1;
-        }
-        out.truncate(end);
-    }
-    out
+    output::capped(out, 1024)
 }
 
 /// Translates a valid record whose contact another partition owns: the record goes, byte for
@@ -646,6 +653,7 @@ fn review_record(
             reviewed_at_ms: ctx.now_ms,
             fencing_token: ctx.fence,
         },
+        ctx.topics.max_output_bytes,
     ));
 }
 
@@ -795,6 +803,7 @@ mod tests {
             intents: "in".into(),
             side_effects: "fx".into(),
             manual_review: "mr".into(),
+            max_output_bytes: 1_000_000,
         }
     }
 
@@ -1118,6 +1127,122 @@ mod tests {
         );
         assert_eq!(plan.transitions[1].intent_id, "");
         assert_eq!(plan.notes.len(), 2);
+    }
+
+    /// The whole output record as the producer counts it: key, value, headers.
+    fn output_bytes(o: &crate::pipeline::kafka::OutRecord) -> usize {
+        o.key.len()
+            + o.value.len()
+            + o.headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+
+    #[test]
+    fn a_review_never_exceeds_max_output_bytes_and_says_what_it_cut() {
+        let t = topics();
+        let limit = t.max_output_bytes;
+        // Near the limit itself, as large as a topic of Kafka's defaults takes: garbage, a
+        // decodable intent whose ids are huge, and a record whose key is half of it.
+        let garbage: Vec<u8> = (0..1_040_000u32).map(|i| (i * 7 % 256) as u8).collect();
+        let mut huge_ids = proto(&"i".repeat(300_000), 1);
+        huge_ids.contact_id = "c".repeat(300_000);
+        huge_ids.correlation_id = "r".repeat(300_000);
+        let cases = [
+            InRecord {
+                key: Some(b"c".to_vec()),
+                ..record(50, garbage.clone())
+            },
+            record(51, huge_ids.encode_to_vec()),
+            InRecord {
+                key: Some(vec![b'k'; 520_000]),
+                ..record(52, garbage[..520_000].to_vec())
+            },
+        ];
+        for rec in [&cases[0], &cases[2]] {
+            let mut plan = PartitionPlan::default();
+            invalid(
+                &ctx(&t),
+                rec,
+                &InvalidIntent::Undecodable("x".into()),
+                &mut plan,
+            );
+            let out = &plan.outputs[0];
+            assert!(output_bytes(out) <= limit, "{} bytes", output_bytes(out));
+            assert!(output_bytes(out) > limit - 4096, "as much as fits is kept");
+            let r = ManualReview::decode(out.value.as_slice()).unwrap();
+            let (key, value) = (rec.key.clone().unwrap(), rec.value.clone().unwrap());
+            assert!(r.original_truncated);
+            assert_eq!(
+                (r.original_key_size, r.original_value_size),
+                (key.len() as u64, value.len() as u64)
+            );
+            assert!(value.starts_with(&r.original_value) && key.starts_with(&r.original_key));
+            assert!(
+                r.original_key.is_empty() || r.original_value.len() == value.len(),
+                "the value first"
+            );
+            assert_eq!(
+                out.key,
+                format!("3-{}", rec.offset).into_bytes(),
+                "keyed by position"
+            );
+            assert!(r.intent_id.len() <= 1024 && r.correlation_id.len() <= 1024);
+            assert_eq!(r.reason, ReviewReason::InvalidIntent as i32);
+        }
+        // Huge ids are cut in the envelope, so the record itself fits whole.
+        let mut plan = PartitionPlan::default();
+        invalid(
+            &ctx(&t),
+            &cases[1],
+            &InvalidIntent::Undecodable("x".into()),
+            &mut plan,
+        );
+        assert!(output_bytes(&plan.outputs[0]) <= limit);
+        let r = ManualReview::decode(plan.outputs[0].value.as_slice()).unwrap();
+        assert!(!r.original_truncated);
+        assert_eq!(r.original_value, cases[1].value.clone().unwrap());
+        assert_eq!(
+            (
+                r.intent_id.len(),
+                r.contact_id.len(),
+                r.correlation_id.len()
+            ),
+            (1024, 1024, 1024)
+        );
+        // A record that fits is carried whole, its sizes stated, its key kept.
+        let small = record(53, vec![1, 2, 3]);
+        let mut plan = PartitionPlan::default();
+        invalid(
+            &ctx(&t),
+            &small,
+            &InvalidIntent::Undecodable("x".into()),
+            &mut plan,
+        );
+        let r = ManualReview::decode(plan.outputs[0].value.as_slice()).unwrap();
+        assert!(!r.original_truncated);
+        assert_eq!(
+            (r.original_value.as_ref(), r.original_key.as_ref()),
+            (&[1u8, 2, 3][..], &b"c"[..])
+        );
+        assert_eq!((r.original_key_size, r.original_value_size), (1, 3));
+        assert_eq!(plan.outputs[0].key, b"c");
+    }
+
+    #[test]
+    fn a_review_detail_is_at_most_a_kibibyte() {
+        let t = topics();
+        let mut plan = PartitionPlan::default();
+        let error = "é".repeat(100_000);
+        unprocessable(&ctx(&t), &record(54, vec![1]), &error, &mut plan);
+        let r = ManualReview::decode(plan.outputs[0].value.as_slice()).unwrap();
+        assert!(
+            r.detail.len() <= crate::pipeline::output::MAX_DETAIL_BYTES,
+            "{}",
+            r.detail.len()
+        );
+        assert!(r.detail.starts_with("the durable write"));
     }
 
     #[test]

@@ -1150,8 +1150,7 @@ impl<'a> World<'a> {
         let groups = self.review_groups();
         for r in &self.reviews {
             let rec = &self.recs[r.source];
-            let carried = r.r.original_value.as_ref() == rec.value.as_deref().unwrap_or_default()
-                && r.r.original_key.as_ref() == rec.key.as_deref().unwrap_or_default();
+            let carried = carries(&r.r, rec.key.as_deref(), rec.value.as_deref());
             let names_it = rec
                 .intent()
                 .is_none_or(|i| r.r.intent_id == i.intent_id && r.r.contact_id == i.contact_id);
@@ -1669,6 +1668,26 @@ fn uncovered(merged: &[(u64, u64)], highest: u64) -> Vec<(u64, u64)> {
         out.push((next, highest));
     }
     out
+}
+
+/// Whether a review record carries its original record: byte for byte, or, when it says it
+/// was cut to fit the largest output record (`original_truncated`), the record's first bytes
+/// (the value first, then the key) with its true sizes, and something really cut. (How much
+/// fitted depends on `limits.max_output_bytes`, which the topics do not tell.)
+fn carries(review: &ManualReview, key: Option<&[u8]>, value: Option<&[u8]>) -> bool {
+    let (key, value) = (key.unwrap_or_default(), value.unwrap_or_default());
+    let sizes = review.original_key_size == key.len() as u64
+        && review.original_value_size == value.len() as u64;
+    if !review.original_truncated {
+        return review.original_value.as_ref() == value && review.original_key.as_ref() == key;
+    }
+    let (carried_value, carried_key) =
+        (review.original_value.as_ref(), review.original_key.as_ref());
+    sizes
+        && value.starts_with(carried_value)
+        && key.starts_with(carried_key)
+        && (carried_key.is_empty() || carried_value.len() == value.len())
+        && carried_value.len() + carried_key.len() < value.len() + key.len()
 }
 
 #[cfg(test)]

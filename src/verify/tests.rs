@@ -550,8 +550,17 @@ fn effects_and_reviews_carry_their_intents_content() {
     let g = w.produce_raw(0, Some(b"g1"), Some(GARBAGE.to_vec()));
     let mut r = w.review_of(g, Invalid, 0, 0);
     r.original_value = Default::default();
+    audit_invalid(&mut w, g);
+    w.emit_review(&r);
+    let r = w.check();
+    assert_only(&r, Kind::ContentMismatch, 1);
+    has(&r, "does not carry the original record");
+}
+
+/// The audit row of an invalid record sent to review.
+fn audit_invalid(w: &mut W, source: Position) {
     w.o.audit.push(AuditRecord {
-        source: g,
+        source,
         intent_id: String::new(),
         contact_id: String::new(),
         outcome: AuditOutcome::Reviewed,
@@ -559,10 +568,61 @@ fn effects_and_reviews_carry_their_intents_content() {
         commit_sequence: 0,
         before_outputs: true,
     });
+}
+
+/// An invalid record too large for a review record beside its envelope: the review says it
+/// was cut, and carries the record's first bytes with its true sizes.
+fn cut_review(w: &mut W, value_part: usize, key_part: usize) -> (ManualReview, Position) {
+    let big: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    let g = w.produce_raw(0, Some(b"k-big"), Some(big.clone()));
+    let mut r = w.review_of(g, ReviewReason::InvalidIntent, 0, 0);
+    r.original_truncated = true;
+    r.original_value_size = big.len() as u64;
+    r.original_key_size = 5;
+    r.original_value = big[..value_part].to_vec().into();
+    r.original_key = b"k-big"[..key_part].to_vec().into();
+    audit_invalid(w, g);
+    (r, g)
+}
+
+#[test]
+fn a_review_cut_to_fit_carries_the_first_bytes_and_the_true_sizes() {
+    // The value's first 4,000 bytes, no key: carried.
+    let mut w = W::new();
+    let (r, _) = cut_review(&mut w, 4000, 0);
     w.emit_review(&r);
-    let r = w.check();
-    assert_only(&r, Kind::ContentMismatch, 1);
-    has(&r, "does not carry the original record");
+    assert!(w.check().ok, "{:?}", w.check().violations);
+    // The whole value and part of the key: carried.
+    let mut w = W::new();
+    let (r, _) = cut_review(&mut w, 5000, 2);
+    w.emit_review(&r);
+    assert!(w.check().ok, "{:?}", w.check().violations);
+
+    // Each lie is a content mismatch: sizes, bytes that are not the record's first, a key
+    // before the whole value, a cut that cut nothing.
+    for lie in 0..4 {
+        let mut w = W::new();
+        let (mut r, _) = cut_review(&mut w, 4000, 0);
+        match lie {
+            0 => r.original_value_size = 4000,
+            1 => r.original_value = vec![7u8; 4000].into(),
+            2 => r.original_key = b"k".to_vec().into(),
+            _ => {
+                r.original_value = r
+                    .original_value
+                    .iter()
+                    .copied()
+                    .chain((4000..5000u32).map(|i| (i % 251) as u8))
+                    .collect::<Vec<u8>>()
+                    .into();
+                r.original_key = b"k-big".to_vec().into();
+            }
+        }
+        w.emit_review(&r);
+        let report = w.check();
+        assert_only(&report, Kind::ContentMismatch, 1);
+        has(&report, "does not carry the original record");
+    }
 }
 
 #[test]

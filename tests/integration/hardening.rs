@@ -63,24 +63,7 @@ async fn a_nul_byte_intent_on_every_partition_is_invalid_and_every_valid_intent_
         }
         produce_to(&cfg, p, &batch).await;
     }
-    let fx = effects(
-        &wait_for(
-            &cfg,
-            &cfg.kafka.side_effects_topic,
-            60,
-            Duration::from_secs(60),
-        )
-        .await,
-    );
-    let rv = reviews(
-        &wait_for(
-            &cfg,
-            &cfg.kafka.manual_review_topic,
-            4,
-            Duration::from_secs(30),
-        )
-        .await,
-    );
+    let (fx, rv) = wait_for_outputs(&cfg, 60, 4, Duration::from_secs(60)).await;
     running.stop().await;
 
     assert_eq!(fx.len(), 60, "every valid intent committed once");
@@ -148,24 +131,7 @@ async fn a_record_the_durable_write_refuses_is_unprocessable_and_its_partition_k
         .collect();
     produce_to(&cfg, 1, &p1).await;
 
-    let fx = effects(
-        &wait_for(
-            &cfg,
-            &cfg.kafka.side_effects_topic,
-            31,
-            Duration::from_secs(90),
-        )
-        .await,
-    );
-    let rv = reviews(
-        &wait_for(
-            &cfg,
-            &cfg.kafka.manual_review_topic,
-            1,
-            Duration::from_secs(30),
-        )
-        .await,
-    );
+    let (fx, rv) = wait_for_outputs(&cfg, 31, 1, Duration::from_secs(90)).await;
     assert!(proc.terminate(Duration::from_secs(30)));
 
     assert_eq!(fx.len(), 31, "every other intent committed once");
@@ -300,6 +266,7 @@ fn arbitrary_protobuf_valid_intents_end_as_decisions_and_never_fail_the_durable_
         intents: "in".into(),
         side_effects: "fx".into(),
         manual_review: "mr".into(),
+        max_output_bytes: 1_000_000,
     };
     let limits = causal_commit::config::LimitsConfig::default();
     let decided = std::cell::Cell::new([0usize; 2]);
@@ -390,4 +357,227 @@ fn arbitrary_protobuf_valid_intents_end_as_decisions_and_never_fail_the_durable_
         "both paths exercised: {sequenced} / {invalid}"
     );
     drop(guard);
+}
+
+/// Bytes that decode as no protobuf message: every byte a field tag of wire type 7.
+fn garbage(n: usize) -> Vec<u8> {
+    vec![0xff; n]
+}
+
+/// Per source partition, the review records in `rv`.
+fn review_of(
+    rv: &[causal_commit::proto::ManualReview],
+    partition: i32,
+) -> &causal_commit::proto::ManualReview {
+    let found: Vec<_> = rv
+        .iter()
+        .filter(|r| r.source_partition == partition)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one review from partition {partition}: {rv:?}"
+    );
+    found[0]
+}
+
+/// A careless (or hostile) producer writes records as large as the intents topic takes, and a
+/// valid intent whose `traceparent` header is most of that: before, the first one's review
+/// record (its bytes plus an envelope) was larger than librdkafka or the broker take, every
+/// transaction holding it failed, and all partitions stalled for good; the header was copied
+/// onto the effect. Now the reviews are cut to `limits.max_output_bytes` and say so, the
+/// header is carried on only when it is a valid traceparent, and everything else commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_as_large_as_the_topic_takes_are_reviewed_cut_to_fit_and_no_partition_stalls() {
+    let env = TestEnv::new("oversize", 2).await;
+    let cfg = env.config();
+    let (ok, _, err) = cli(&cfg, &["migrate"]);
+    assert!(ok, "migrate: {err}");
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let proc = Processor::spawn(&cfg, log.clone());
+
+    let bytes = |i: &Intent| i.encode_to_vec();
+    let ids = "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7";
+    // A later version of the header may carry more fields: only its first 55 bytes count.
+    let long_header = format!("01-{ids}-01-{}", "x".repeat(400_000));
+    let junk_header = format!("not a traceparent {}", "y".repeat(300_000));
+    let big_value = garbage(1_040_000);
+    let (half_key, half_value) = (vec![b'k'; 520_000], garbage(520_000));
+    let a = |seq: u64| intent(&format!("a-i{seq}"), "a", seq);
+    let b = |seq: u64| intent(&format!("b-i{seq}"), "b", seq);
+    type Traced<'a> = (i32, Vec<u8>, Vec<u8>, Option<&'a str>);
+    let records: Vec<Traced<'_>> = vec![
+        (0, b"a".to_vec(), bytes(&a(1)), None),
+        (0, b"a".to_vec(), bytes(&a(2)), None),
+        (0, b"a".to_vec(), big_value.clone(), None),
+        (0, b"a".to_vec(), bytes(&a(3)), None),
+        (0, b"a".to_vec(), bytes(&a(4)), None),
+        (1, b"b".to_vec(), bytes(&b(1)), None),
+        (1, b"b".to_vec(), bytes(&b(2)), None),
+        (1, b"b".to_vec(), bytes(&b(3)), Some(long_header.as_str())),
+        (1, b"b".to_vec(), bytes(&b(4)), Some(junk_header.as_str())),
+        (1, half_key.clone(), half_value.clone(), None),
+        (1, b"b".to_vec(), bytes(&b(5)), None),
+    ];
+    crate::common::produce_traced(&cfg, &records).await;
+
+    let (fx, rv) = wait_for_outputs(&cfg, 9, 2, Duration::from_secs(60)).await;
+    let traced =
+        crate::common::read_with_traceparent(&cfg, &cfg.kafka.side_effects_topic, &[0, 1], 9);
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    assert_eq!(fx.len(), 9, "every valid intent committed once: {fx:?}");
+    assert_eq!(
+        sequences(&fx),
+        vec![
+            ("a".to_string(), vec![1, 2, 3, 4]),
+            ("b".to_string(), vec![1, 2, 3, 4, 5])
+        ]
+    );
+    assert_eq!(rv.len(), 2, "{rv:?}");
+    for (partition, key, value) in [(0, &b"a"[..], &big_value), (1, &half_key[..], &half_value)] {
+        let r = review_of(&rv, partition);
+        assert_eq!(r.reason, ReviewReason::InvalidIntent as i32, "{}", r.detail);
+        assert!(
+            r.original_truncated,
+            "partition {partition}: said to be cut"
+        );
+        assert_eq!(
+            (r.original_key_size, r.original_value_size),
+            (key.len() as u64, value.len() as u64)
+        );
+        assert!(value.starts_with(&r.original_value) && key.starts_with(&r.original_key));
+        let carried = r.original_value.len() + r.original_key.len();
+        assert!(
+            carried > cfg.limits.max_output_bytes - 8192 && carried < key.len() + value.len(),
+            "as much as fits: {carried} bytes"
+        );
+    }
+    // The effects' trace headers: the long one read as version 00, the junk one dropped.
+    let header_of = |intent_id: &str| {
+        traced
+            .iter()
+            .find(|(_, v)| {
+                causal_commit::proto::SideEffect::decode(v.as_slice())
+                    .unwrap()
+                    .intent_id
+                    == intent_id
+            })
+            .map(|(tp, _)| tp.clone())
+            .expect("the effect was read")
+    };
+    assert_eq!(header_of("b-i3"), Some(format!("00-{ids}-01")));
+    assert_eq!(header_of("b-i4"), None);
+    let failed = read_log(&log)
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("transaction failed"))
+        })
+        .count();
+    assert_eq!(failed, 0, "no transaction failed");
+    let report = verify_report(&env.config, "").await;
+    assert!(report.ok, "{:?}", report.violations);
+}
+
+/// A tired operator sets the manual-review topic's `max.message.bytes` below
+/// `limits.max_output_bytes`: a review record the broker refuses fails its transaction. The
+/// processor says which setting to fix (an error, every 5 s, not a tight loop), stays up, and
+/// once the topic takes the record again, everything commits as if nothing happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_topic_below_max_output_bytes_is_named_and_processing_resumes_once_raised() {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    let env = TestEnv::new("toosmall", 1).await;
+    let cfg = env.config();
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .create()
+        .expect("admin client");
+    let set_limit = |bytes: &'static str| {
+        let admin = &admin;
+        let topic = cfg.kafka.manual_review_topic.clone();
+        async move {
+            let alter =
+                AlterConfig::new(ResourceSpecifier::Topic(&topic)).set("max.message.bytes", bytes);
+            let done = admin
+                .alter_configs(
+                    &[alter],
+                    &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+                )
+                .await
+                .expect("alter_configs");
+            assert!(done.iter().all(|r| r.is_ok()), "{done:?}");
+        }
+    };
+    set_limit("20000").await;
+    let (ok, _, err) = cli(&cfg, &["migrate"]);
+    assert!(ok, "migrate: {err}");
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let mut proc = Processor::spawn(&cfg, log.clone());
+    let c = |seq: u64| intent(&format!("c-i{seq}"), "c", seq).encode_to_vec();
+    crate::common::produce_traced::<&[u8]>(
+        &cfg,
+        &[
+            (0, b"c", c(1), None),
+            (0, b"c", garbage(50_000), None),
+            (0, b"c", c(2), None),
+        ],
+    )
+    .await;
+
+    let named = |log: &std::path::Path| {
+        read_log(log)
+            .into_iter()
+            .filter(|l| {
+                l["level"] == "ERROR"
+                    && l["message"].as_str().is_some_and(|m| {
+                        m.contains("an output topic refused a record as too large")
+                    })
+            })
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while named(&log).len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let errors = named(&log);
+    assert!(
+        errors.len() >= 2,
+        "the refusal named, and retried: {errors:?}"
+    );
+    assert_eq!(errors[0]["max_output_bytes"], cfg.limits.max_output_bytes);
+    let (first, second) = (
+        errors[0]["timestamp"].as_str().unwrap(),
+        errors[1]["timestamp"].as_str().unwrap(),
+    );
+    let at = |t: &str| chrono::DateTime::parse_from_rfc3339(t).unwrap();
+    assert!(
+        at(second) - at(first) >= chrono::TimeDelta::seconds(4),
+        "retried after a pause, not in a tight loop: {first} then {second}"
+    );
+    assert!(
+        proc.child.try_wait().unwrap().is_none(),
+        "the processor stays up"
+    );
+    let nothing = wait_for(
+        &cfg,
+        &cfg.kafka.side_effects_topic,
+        1,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(
+        nothing.is_empty(),
+        "nothing commits past the refused record"
+    );
+
+    set_limit("1048588").await;
+    let (fx, rv) = wait_for_outputs(&cfg, 2, 1, Duration::from_secs(60)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    assert_eq!(sequences(&fx), vec![("c".to_string(), vec![1, 2])]);
+    assert_eq!(rv.len(), 1);
+    assert!(!rv[0].original_truncated && rv[0].original_value.len() == 50_000);
+    let report = verify_report(&env.config, "").await;
+    assert!(report.ok, "{:?}", report.violations);
 }

@@ -19,11 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
-use rdkafka::{Offset, TopicPartitionList};
 
 use causal_commit::config::Config;
 use causal_commit::telemetry::metrics as m;
@@ -112,29 +107,6 @@ fn tail(p: &Processor) -> Vec<serde_json::Value> {
 
 fn intent_bytes(id: &str, contact: &str, seq: u64) -> Vec<u8> {
     common::intent(id, contact, seq).encode_to_vec()
-}
-
-/// Produces `(partition, key, value, traceparent)` records in order.
-async fn produce_to(config: &Config, records: &[(i32, &str, Vec<u8>, Option<&str>)]) {
-    let producer = common::producer(config);
-    for (partition, key, value, traceparent) in records {
-        let mut headers = OwnedHeaders::new();
-        if let Some(tp) = traceparent {
-            headers = headers.insert(Header {
-                key: "traceparent",
-                value: Some(tp.as_bytes()),
-            });
-        }
-        let r = FutureRecord::to(&config.kafka.intents_topic)
-            .partition(*partition)
-            .key(key.as_bytes())
-            .payload(value)
-            .headers(headers);
-        producer
-            .send(r, Duration::from_secs(10))
-            .await
-            .expect("delivered");
-    }
 }
 
 /// Runs `scripts/stack.sh ACTION SERVICE` with extra environment; panics on failure.
@@ -305,7 +277,7 @@ async fn metrics_and_probes_tell_a_known_scenario() {
     // Partition 2: 3 waiting intents, the partition's bound: paused (backpressure).
     let produced_at = Instant::now();
     let wall_before = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
-    produce_to(
+    common::produce_traced(
         &config,
         &[
             (0, "gap-a", intent_bytes("gap-a-2", "gap-a", 2), None),
@@ -339,7 +311,7 @@ async fn metrics_and_probes_tell_a_known_scenario() {
     // Partition 2 at its bound is still probed (its missing predecessors may be in what it has
     // not read): three more waiting intents take it to twice its bound, where it is not read
     // at all until it drains.
-    produce_to(
+    common::produce_traced(
         &config,
         &["c4", "c5", "c6"].map(|c| (2, c, intent_bytes(&format!("{c}-2"), c, 2), None)),
     )
@@ -361,7 +333,7 @@ async fn metrics_and_probes_tell_a_known_scenario() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // Partition 2 is paused at twice its bound: these are not consumed, so they are its lag.
-    produce_to(
+    common::produce_traced(
         &config,
         &(1..=4)
             .map(|i| (2, "d", intent_bytes(&format!("d-{i}"), "d", i), None))
@@ -596,7 +568,7 @@ async fn backlog_alert_reaches_its_owner_through_alertmanager_and_resolves() {
     wait_scraped(prometheus.addr()).await;
 
     // A strict contact misses sequence 1: its sequence 2 waits.
-    produce_to(
+    common::produce_traced(
         &config,
         &[(0, "alert-c", intent_bytes("alert-c-2", "alert-c", 2), None)],
     )
@@ -641,7 +613,7 @@ async fn backlog_alert_reaches_its_owner_through_alertmanager_and_resolves() {
     );
 
     // The missing sequence arrives: both commit, the backlog drains, the alert resolves.
-    produce_to(
+    common::produce_traced(
         &config,
         &[(0, "alert-c", intent_bytes("alert-c-1", "alert-c", 1), None)],
     )
@@ -783,7 +755,7 @@ async fn dashboard_queries_run_live_and_name_only_exported_metrics() {
     let (p, metrics) = spawn(&config, &env.name, &[]);
     wait_ready(metrics, &p, Duration::from_secs(60)).await;
     // Some traffic, so the per-partition series and the commit timestamp exist.
-    produce_to(
+    common::produce_traced(
         &config,
         &[
             (0, "dash-a", intent_bytes("dash-a-1", "dash-a", 1), None),
@@ -916,35 +888,6 @@ mod otlp {
     }
 }
 
-/// Output records of `topic` with their traceparent header: (traceparent, value).
-fn read_with_traceparent(config: &Config, topic: &str, n: usize) -> Vec<(Option<String>, Vec<u8>)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", common::unique("cc-tele-reader"))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("reader");
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .expect("partition");
-    consumer.assign(&tpl).expect("assign");
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while out.len() < n && Instant::now() < deadline {
-        if let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) {
-            let tp = msg.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == "traceparent")
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            });
-            out.push((tp, msg.payload().unwrap_or_default().to_vec()));
-        }
-    }
-    out
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -979,7 +922,7 @@ async fn spans_reach_an_otlp_endpoint_parented_to_the_producer_trace() {
     let sampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let invalid_sampled = "00-1bf7651916cd43dd8448eb211c80319c-c7ad6b7169203331-01";
     let unsampled = "00-2cf7651916cd43dd8448eb211c80319c-d7ad6b7169203331-00";
-    produce_to(
+    common::produce_traced(
         &config,
         &[
             (0, "tr-a", intent_bytes("tr-a-1", "tr-a", 1), Some(sampled)),
@@ -1000,13 +943,13 @@ async fn spans_reach_an_otlp_endpoint_parented_to_the_producer_trace() {
     .await;
     let cfg = config.clone();
     let effects = tokio::task::spawn_blocking(move || {
-        read_with_traceparent(&cfg, &cfg.kafka.side_effects_topic, 2)
+        common::read_with_traceparent(&cfg, &cfg.kafka.side_effects_topic, &[0], 2)
     })
     .await
     .expect("reader");
     let cfg = config.clone();
     let reviews = tokio::task::spawn_blocking(move || {
-        read_with_traceparent(&cfg, &cfg.kafka.manual_review_topic, 1)
+        common::read_with_traceparent(&cfg, &cfg.kafka.manual_review_topic, &[0], 1)
     })
     .await
     .expect("reader");

@@ -16,8 +16,10 @@ use prost::Message as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -210,8 +212,37 @@ pub fn producer(config: &Config) -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", &config.kafka.brokers)
         .set("enable.idempotence", "true")
+        // As large as a topic of Kafka's defaults takes (hostile records included).
+        .set("message.max.bytes", "1048588")
         .create()
         .expect("producer")
+}
+
+/// Produces `(partition, key, value, traceparent)` records in order and waits for every
+/// delivery.
+pub async fn produce_traced<K: AsRef<[u8]>>(
+    config: &Config,
+    records: &[(i32, K, Vec<u8>, Option<&str>)],
+) {
+    let producer = producer(config);
+    for (partition, key, value, traceparent) in records {
+        let mut headers = OwnedHeaders::new();
+        if let Some(tp) = traceparent {
+            headers = headers.insert(Header {
+                key: "traceparent",
+                value: Some(tp.as_bytes()),
+            });
+        }
+        let r = FutureRecord::to(&config.kafka.intents_topic)
+            .partition(*partition)
+            .key(key.as_ref())
+            .payload(value)
+            .headers(headers);
+        producer
+            .send(r, Duration::from_secs(10))
+            .await
+            .expect("delivered");
+    }
 }
 
 /// Produces raw records (key, value) in order and waits for every delivery.
@@ -272,6 +303,43 @@ pub fn read_all(config: &Config, topic: &str) -> Vec<Vec<u8>> {
     out
 }
 
+/// Committed records of `topic`'s `partitions` with their traceparent header: (traceparent,
+/// value), until `n` arrived or a minute passed.
+pub fn read_with_traceparent(
+    config: &Config,
+    topic: &str,
+    partitions: &[i32],
+    n: usize,
+) -> Vec<(Option<String>, Vec<u8>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", unique("cc-header-reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.len() < n && Instant::now() < deadline {
+        if let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) {
+            let tp = msg.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "traceparent")
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            });
+            out.push((tp, msg.payload().unwrap_or_default().to_vec()));
+        }
+    }
+    out
+}
+
 /// Waits until `topic` holds at least `n` committed records, then returns them all.
 /// `causal-commit verify` on the world's topics and audit (records of `prefix` only), off the
 /// async runtime.
@@ -297,6 +365,20 @@ pub async fn wait_for(config: &Config, topic: &str, n: usize, within: Duration) 
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// Waits for `n_effects` committed effects, then for `n_reviews` review records (each wait
+/// bounded), and returns what the two topics hold.
+pub async fn wait_for_outputs(
+    config: &Config,
+    n_effects: usize,
+    n_reviews: usize,
+    within: Duration,
+) -> (Vec<SideEffect>, Vec<ManualReview>) {
+    let k = &config.kafka;
+    let fx = effects(&wait_for(config, &k.side_effects_topic, n_effects, within).await);
+    let rv = reviews(&wait_for(config, &k.manual_review_topic, n_reviews, within).await);
+    (fx, rv)
 }
 
 pub fn effects(values: &[Vec<u8>]) -> Vec<SideEffect> {
