@@ -418,6 +418,7 @@ impl Config {
             "isolation.level",
             "partition.assignment.strategy",
             "group.protocol",
+            "auto.offset.reset",
         ] {
             if k.client.contains_key(reserved) {
                 return Err(invalid(

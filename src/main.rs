@@ -205,6 +205,23 @@ enum RecoveryPointCommand {
         #[arg(long, default_value = "cli")]
         actor: String,
     },
+    /// Tells a partition refused because its log no longer holds where it resumes (the topic
+    /// deleted and recreated, or records deleted before they were consumed) where to resume
+    /// instead: the log's first offset now, or a given offset in it. Audited; refused for a
+    /// partition whose log still holds its resume point (nothing is ever skipped by this).
+    ResumeAt {
+        #[arg(long)]
+        partition: i32,
+        /// The partition's first offset now.
+        #[arg(long, conflicts_with = "offset", required_unless_present = "offset")]
+        earliest: bool,
+        /// An offset in the partition's log now.
+        #[arg(long)]
+        offset: Option<i64>,
+        /// Who decides (recorded in the audit).
+        #[arg(long, default_value = "cli")]
+        actor: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -543,8 +560,13 @@ async fn recovery_point(config: Config, command: RecoveryPointCommand) -> anyhow
     match command {
         RecoveryPointCommand::Show => {
             let c = config.clone();
-            let kafka =
-                tokio::task::spawn_blocking(move || pipeline::read::committed_points(&c)).await??;
+            let (kafka, logs) = tokio::task::spawn_blocking(move || {
+                anyhow::Ok((
+                    pipeline::read::committed_points(&c)?,
+                    pipeline::read::log_ranges(&c)?,
+                ))
+            })
+            .await??;
             let views = pg::batch_views(&pool, &topic).await?;
             let mut out = Vec::new();
             for v in views {
@@ -557,6 +579,8 @@ async fn recovery_point(config: Config, command: RecoveryPointCommand) -> anyhow
                     "store_last_batch": v.last_batch,
                     "store_committed_batch": v.committed_batch,
                     "store_next_offset": v.last_next_offset,
+                    "log_start": logs.get(&v.partition).map(|l| l.low),
+                    "log_end": logs.get(&v.partition).map(|l| l.high),
                 }));
             }
             println!("{}", serde_json::to_string_pretty(&out)?);
@@ -607,6 +631,36 @@ async fn recovery_point(config: Config, command: RecoveryPointCommand) -> anyhow
                 "partition {partition}: batch {} resolved as {resolution:?}; the owning instance \
                  restores the partition at its next attempt",
                 view.last_batch
+            );
+            Ok(())
+        }
+        RecoveryPointCommand::ResumeAt {
+            partition,
+            earliest,
+            offset,
+            actor,
+        } => {
+            let c = config.clone();
+            let logs =
+                tokio::task::spawn_blocking(move || pipeline::read::log_ranges(&c)).await??;
+            let log = logs
+                .get(&partition)
+                .with_context(|| format!("{topic} has no partition {partition}"))?;
+            let to = match (earliest, offset) {
+                (true, _) => log.low,
+                (false, Some(o)) => o,
+                (false, None) => anyhow::bail!("give --earliest or --offset"),
+            };
+            anyhow::ensure!(
+                (log.low..=log.high).contains(&to),
+                "offset {to} is not in partition {partition}'s log ({} to {})",
+                log.low,
+                log.high
+            );
+            let from = pg::move_resume_point(&pool, &topic, partition, *log, to, &actor).await?;
+            println!(
+                "partition {partition}: resumes at offset {to} instead of {from}; the owning \
+                 instance restores the partition at its next attempt"
             );
             Ok(())
         }

@@ -718,6 +718,33 @@ impl Engine {
         }
     }
 
+    /// Whether the consumer moved back on its own in a partition: a record before the lane's
+    /// committed offset, which no restore asked for. librdkafka's `auto.offset.reset` does that
+    /// when the position is outside the log: the topic deleted and recreated under a running
+    /// processor. Deciding those records and committing the lane's offset (it never goes back)
+    /// would make the new log's records below it be skipped after the next restart: every lane
+    /// is voided instead and restored, which refuses the partitions whose log no longer holds
+    /// where they resume, with the cause and the way out (`recovery::within_log`).
+    fn moved_back(&mut self, records: &[InRecord]) -> bool {
+        let Some(r) = records.iter().find(|r| {
+            self.lanes
+                .get(&r.partition)
+                .is_some_and(|l| r.offset < l.next_offset)
+        }) else {
+            return false;
+        };
+        tracing::error!(
+            partition = r.partition,
+            offset = r.offset,
+            next_offset = self.lanes.get(&r.partition).map(|l| l.next_offset),
+            "the Kafka consumer moved back on its own (the topic deleted and recreated, or its \
+             offsets reset by the client): every partition is restored, and one whose log no \
+             longer holds where it resumes is refused"
+        );
+        self.void_all("the consumer moved back on its own");
+        true
+    }
+
     /// Where the consumer stands in the partitions whose end it reached: past their last
     /// record and the transaction markers after it.
     fn note_end_offsets(&mut self, ends: &BTreeSet<i32>) {
@@ -741,6 +768,9 @@ impl Engine {
     fn process(&mut self, records: Vec<InRecord>) {
         self.batch_trace.polled(records.len());
         self.sync_assignment();
+        if self.moved_back(&records) {
+            return;
+        }
         let now_ms = output::now_ms();
         self.tick_clocks(now_ms);
         let input = self.decode(records);

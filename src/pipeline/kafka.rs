@@ -193,7 +193,6 @@ pub fn consumer(config: &Config, ctx: EngineContext) -> Result<EngineConsumer> {
         .set("heartbeat.interval.ms", "1000")
         // Partitions added to the topic are noticed (and assigned) within seconds.
         .set("topic.metadata.refresh.interval.ms", "10000")
-        .set("auto.offset.reset", "earliest")
         .set("group.instance.id", config.instance_id())
         .set(
             "client.id",
@@ -209,6 +208,11 @@ pub fn consumer(config: &Config, ctx: EngineContext) -> Result<EngineConsumer> {
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("partition.assignment.strategy", "range")
+        // Where the durable state resumes is checked against the log at every restore
+        // (`recovery::within_log`); a reset that moves the consumer back on its own (the topic
+        // recreated under it) is caught by the engine (`Engine::moved_back`). Not `error`:
+        // librdkafka then stops the partition in a state no seek leaves.
+        .set("auto.offset.reset", "earliest")
         // Reaching a partition's end is how the engine knows it is caught up (the wait
         // timeout counts only caught-up time).
         .set("enable.partition.eof", "true");

@@ -59,6 +59,23 @@ pub fn read_topic(
     read_topic_since(config, topic, None, f)
 }
 
+/// Each partition's log now: its first offset and its end (`recovery-point`).
+pub fn log_ranges(
+    config: &Config,
+) -> anyhow::Result<std::collections::BTreeMap<i32, crate::store::recovery::LogRange>> {
+    let (consumer, partitions) = offsets_reader(config)?;
+    let topic = &config.kafka.intents_topic;
+    partitions
+        .into_iter()
+        .map(|p| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .with_context(|| format!("reading the offsets of {topic} [{p}]"))?;
+            Ok((p, crate::store::recovery::LogRange { low, high }))
+        })
+        .collect()
+}
+
 /// A partition's committed position in the processor's group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommittedPoint {

@@ -13,7 +13,7 @@ use super::lane::{Lane, LaneClock};
 use crate::sequencer::{self, Decision, Sequencer};
 use crate::store::lock_store::{self, LockResult};
 use crate::store::postgres as pg;
-use crate::store::recovery::{KafkaCommitted, RecoveryPoint};
+use crate::store::recovery::{KafkaCommitted, LogRange, RecoveryPoint};
 use crate::store::snapshot::{self, Held, WaitingRows};
 use crate::telemetry::metrics as m;
 
@@ -32,8 +32,8 @@ pub enum RestoreError {
     CommittedOffset(rdkafka::error::KafkaError),
     #[error("rewinding to the committed offset failed: {0}")]
     Rewind(rdkafka::error::KafkaError),
-    #[error("reading the partition's first offset failed: {0}")]
-    FirstOffset(rdkafka::error::KafkaError),
+    #[error("reading the partition's first and last offsets failed: {0}")]
+    Watermarks(rdkafka::error::KafkaError),
     #[error("committing the partition's recovery point to Kafka failed: {0}")]
     Anchor(kafka::Error),
     #[error(transparent)]
@@ -61,8 +61,8 @@ pub(super) struct Restored {
 
 impl Engine {
     /// Takes the partition's lock and a new fencing token, reads its recovery point, rolls the
-    /// durable state back to it, rebuilds the sequencer, and (if `rewind`) moves the consumer
-    /// back to the committed offset.
+    /// durable state back to it, rebuilds the sequencer, and (if `rewind`, or Kafka's committed
+    /// offset is not where the partition resumes) moves the consumer there.
     // Over 80 lines on purpose: the recovery procedure of docs/exactly-once.md, step by step in
     // its order (lock, fence, recovery point, roll back, Redis, rebuild, rewind), each step a call.
     pub(super) fn restore(
@@ -94,21 +94,22 @@ impl Engine {
             ))?
             .ok_or(RestoreError::LeaseHeld)?;
         let kafka = self.committed_point(&topic, partition)?;
+        // The log as it is now: the resume point must lie in it (`recovery::within_log`).
+        let (low, high) = self
+            .consumer
+            .fetch_watermarks(&topic, partition, self.config.kafka.operation_timeout)
+            .map_err(RestoreError::Watermarks)?;
         let restored = self.rt.block_on(pg::restore_partition(
-            &self.pool, &topic, partition, fence, &kafka,
+            &self.pool,
+            &topic,
+            partition,
+            fence,
+            &kafka,
+            Some(LogRange { low, high }),
         ))?;
         let resume = restored.resume;
         let batch_no = resume.batch;
-        // A recovery point needs an offset: a partition starting where nothing was committed
-        // starts (as `auto.offset.reset=earliest` does) at its first offset.
-        let next_offset = if resume.next_offset < 0 && !resume.point_in_kafka {
-            self.consumer
-                .fetch_watermarks(&topic, partition, self.config.kafka.operation_timeout)
-                .map_err(RestoreError::FirstOffset)?
-                .0
-        } else {
-            resume.next_offset
-        };
+        let next_offset = resume.next_offset;
         if resume.kafka_offset_overridden {
             tracing::warn!(
                 partition,
@@ -143,13 +144,13 @@ impl Engine {
             .iter()
             .any(|d| matches!(d, Decision::PausePartition { .. }));
         if rewind || resume.kafka_offset_overridden {
-            let to = if next_offset >= 0 {
-                Offset::Offset(next_offset)
-            } else {
-                Offset::Beginning
-            };
             self.consumer
-                .seek(&topic, partition, to, self.config.kafka.operation_timeout)
+                .seek(
+                    &topic,
+                    partition,
+                    Offset::Offset(next_offset),
+                    self.config.kafka.operation_timeout,
+                )
                 .map_err(RestoreError::Rewind)?;
         }
         let cause = if rewind { "recovery" } else { "assignment" };

@@ -152,6 +152,65 @@ pub enum Refusal {
         store_last_batch: u64,
         store_committed_batch: u64,
     },
+    #[error(
+        "the partition's log ends at offset {high}, before offset {next_offset} where the \
+         durable state resumes: the topic was deleted and recreated, or the brokers lost \
+         records. Nothing is read from it until an operator says where it resumes: \
+         `causal-commit recovery-point resume-at --partition P --earliest` (or --offset N); \
+         see the runbook, \"Partitions paused\""
+    )]
+    LogReplaced { next_offset: i64, high: i64 },
+    #[error(
+        "the partition's log starts at offset {low}, after offset {next_offset} where the \
+         durable state resumes: records {next_offset} to {low} (exclusive) were deleted \
+         (retention, or delete-records) before they were consumed. Nothing is read from it \
+         until an operator accepts it: `causal-commit recovery-point resume-at --partition P \
+         --earliest`; see the runbook, \"Partitions paused\""
+    )]
+    LogDeleted { next_offset: i64, low: i64 },
+}
+
+/// The offsets a partition of the intents topic holds now: its first record (`low`, past what
+/// retention deleted) and its end (`high`, the high watermark).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRange {
+    pub low: i64,
+    pub high: i64,
+}
+
+/// Where a [`Resume`] may start in the partition's log. Kafka offsets never go back on a topic:
+/// a resume point past the log's end means the log is not the one the durable state consumed
+/// (the topic deleted and recreated, or records lost by the brokers), and one before the log's
+/// start means records were deleted (retention) before they were consumed. Either way the
+/// consumer would be moved by `auto.offset.reset` and skip or reread records without a word:
+/// the partition is refused instead, until an operator says where it resumes
+/// (`causal-commit recovery-point resume-at`). A partition nothing was written for starts at
+/// its first offset when Kafka names none, or one outside the log.
+pub fn within_log(mut resume: Resume, store: &StoreView, log: LogRange) -> Result<Resume, Refusal> {
+    let next = resume.next_offset;
+    if store.last_batch == 0 {
+        if next < 0 {
+            // Where the consumer starts by itself (`auto.offset.reset=earliest`).
+            resume.next_offset = log.low;
+        } else if next < log.low || next > log.high {
+            resume.next_offset = log.low;
+            resume.kafka_offset_overridden = true;
+        }
+        return Ok(resume);
+    }
+    if next > log.high {
+        return Err(Refusal::LogReplaced {
+            next_offset: next,
+            high: log.high,
+        });
+    }
+    if next < log.low {
+        return Err(Refusal::LogDeleted {
+            next_offset: next,
+            low: log.low,
+        });
+    }
+    Ok(resume)
 }
 
 /// Reconciles Kafka's committed offset with PostgreSQL's view. At most one batch per partition
@@ -221,6 +280,56 @@ pub fn decide(kafka: &KafkaCommitted, store: &StoreView) -> Result<Resume, Refus
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_point_outside_the_log_is_refused_and_a_fresh_partition_starts_at_its_first_offset()
+    {
+        let log = |low, high| LogRange { low, high };
+        let at = |next_offset| Resume {
+            batch: 5,
+            next_offset,
+            clock_ms: 0,
+            kafka_offset_overridden: false,
+            point_in_kafka: true,
+        };
+        // Inside the log, its two ends included: kept as it is.
+        for next in [100, 300, 500] {
+            assert_eq!(within_log(at(next), &store(), log(100, 500)), Ok(at(next)));
+        }
+        assert_eq!(
+            within_log(at(500), &store(), log(0, 120)),
+            Err(Refusal::LogReplaced {
+                next_offset: 500,
+                high: 120
+            })
+        );
+        assert_eq!(
+            within_log(at(500), &store(), log(650, 900)),
+            Err(Refusal::LogDeleted {
+                next_offset: 500,
+                low: 650
+            })
+        );
+        // Nothing written yet: no history to lose; the log's first offset.
+        let fresh = StoreView::default();
+        for next in [5, 2_000] {
+            let r = within_log(
+                Resume {
+                    batch: 0,
+                    ..at(next)
+                },
+                &fresh,
+                log(10, 1_000),
+            )
+            .unwrap();
+            assert_eq!((r.next_offset, r.kafka_offset_overridden), (10, true));
+        }
+        // Kafka names none: the consumer starts there by itself.
+        let r = within_log(Resume { batch: 0, ..at(-1) }, &fresh, log(10, 1_000)).unwrap();
+        assert_eq!((r.next_offset, r.kafka_offset_overridden), (10, false));
+        let r = within_log(Resume { batch: 0, ..at(40) }, &fresh, log(10, 1_000)).unwrap();
+        assert_eq!((r.next_offset, r.kafka_offset_overridden), (40, false));
+    }
 
     #[test]
     fn a_recovery_point_round_trips_through_its_metadata() {

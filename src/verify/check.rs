@@ -1435,9 +1435,14 @@ impl<'a> World<'a> {
         let mut commits: BTreeMap<(&str, u64), (usize, bool)> = BTreeMap::new();
         let mut reviewed: BTreeMap<Position, (usize, bool)> = BTreeMap::new();
         for a in &self.o.audit {
-            let in_scope = match self.by_pos.get(&a.source) {
-                Some(i) => self.recs[*i].in_scope,
-                None => a.intent_id.starts_with(prefix),
+            // A row's position holds its own record, unless the topic was deleted and created
+            // again since (the operator's `recovery-point resume-at`): a row of the old log is
+            // judged by its own intent id.
+            let in_scope = match self.by_pos.get(&a.source).map(|i| &self.recs[*i]) {
+                Some(rec) if rec.intent().is_none_or(|r| r.intent_id == a.intent_id) => {
+                    rec.in_scope
+                }
+                _ => a.intent_id.starts_with(prefix),
             };
             if !in_scope {
                 continue;

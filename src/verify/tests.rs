@@ -1192,6 +1192,28 @@ fn a_prefix_checks_one_runs_records_only() {
 }
 
 #[test]
+fn an_audit_row_of_a_recreated_topics_old_log_is_judged_by_its_own_intent() {
+    // Offset 0 of the topic held w-1 (committed, audited, its effect emitted), then the topic
+    // was deleted and created again, and offset 0 now holds n-1.
+    let mut w = W::new();
+    let old = w.produce(&intent("w-1", "w-c", 1));
+    let e = w.effect(old, 1, 1);
+    w.audit_effect(old, &e);
+    w.emit(0, &e);
+    w.o.intents.clear();
+    let new = w.produce(&intent("n-1", "n-c", 1));
+    assert_eq!(new, old, "the same position in the new log");
+    w.commit(new, 1);
+    let opts = Options {
+        prefix: "n-".into(),
+        allow_waiting: false,
+    };
+    let report = check(&w.o, &opts);
+    assert!(report.ok, "{:?}", report.violations);
+    assert_eq!(report.committed, 1);
+}
+
+#[test]
 fn the_original_content_of_an_id_spread_over_partitions_is_the_one_decided() {
     // Either partition's record may be consumed first: the one that committed is the
     // original, the other the conflict.

@@ -237,9 +237,10 @@ impl World {
                 clock_ms: 0,
             },
         };
-        let restored = pg::restore_partition(&self.pool, TOPIC, partition, part.fence, &kafka)
-            .await
-            .expect("restore");
+        let restored =
+            pg::restore_partition(&self.pool, TOPIC, partition, part.fence, &kafka, None)
+                .await
+                .expect("restore");
         let p = self.parts.get_mut(&partition).expect("partition");
         p.last_batch = restored.resume.batch;
         p.next_offset = restored.resume.next_offset;

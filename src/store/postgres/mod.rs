@@ -26,9 +26,9 @@ pub use commands::{
 };
 pub use outcomes::{lookup_outcomes, StoredOutcome};
 pub use partition::{
-    acquire_partition, batch_outputs, batch_views, mark_committed, release_partition,
-    resolve_recovery_point, restore_partition, BatchOutputs, BatchView, Resolution,
-    RestoredPartition,
+    acquire_partition, batch_outputs, batch_views, mark_committed, move_resume_point,
+    release_partition, resolve_recovery_point, restore_partition, BatchOutputs, BatchView,
+    Resolution, RestoredPartition,
 };
 pub use schema::{check as check_schema, grant_runtime_role, migrate};
 
@@ -55,6 +55,9 @@ pub enum Error {
         partition: i32,
         refusal: crate::store::recovery::Refusal,
     },
+    /// `recovery-point resume-at` refused: the reason, for the operator.
+    #[error("{0}")]
+    NotMoved(String),
     #[error("PostgreSQL holds an outcome this version cannot read: {0}")]
     BadOutcome(#[from] outcomes::BadOutcome),
     #[error("applying migrations failed: {0}")]

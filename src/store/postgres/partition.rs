@@ -60,13 +60,15 @@ pub async fn release_partition(
 /// (contacts get their previous version back, commands become pending again). Returns the
 /// partition's contact states and where it resumes. Fails with a fenced error when `fence` is
 /// no longer the partition's token, and with [`Error::Refused`] (nothing changed) when the two
-/// stores cannot be reconciled without guessing.
+/// stores cannot be reconciled without guessing, or the resume point is outside `log` (the
+/// partition's offsets now; `None` skips that check).
 pub async fn restore_partition(
     pool: &PgPool,
     topic: &str,
     partition: i32,
     fence: u64,
     kafka: &KafkaCommitted,
+    log: Option<recovery::LogRange>,
 ) -> Result<RestoredPartition> {
     let mut tx = pool.begin().await.map_err(db("starting a restore"))?;
     let row: Option<(i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
@@ -98,8 +100,12 @@ pub async fn restore_partition(
         committed_next_offset: committed_next,
         committed_clock_ms: committed_clock.max(0) as u64,
     };
-    let resume =
-        recovery::decide(kafka, &store).map_err(|refusal| Error::Refused { partition, refusal })?;
+    let resume = recovery::decide(kafka, &store)
+        .and_then(|r| match log {
+            Some(log) => recovery::within_log(r, &store, log),
+            None => Ok(r),
+        })
+        .map_err(|refusal| Error::Refused { partition, refusal })?;
     let b = resume.batch as i64;
     let dropped: Vec<(String, bool)> = sqlx::query_as(&format!(
         "DELETE FROM cc_transition WHERE topic = $1 AND partition = $2 AND batch_no > $3
@@ -333,6 +339,95 @@ pub async fn batch_outputs(
     Ok(out)
 }
 
+/// A partition's batches, its row locked until `tx` ends (`None`: never written).
+async fn lock_partition(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<BatchView>> {
+    let row: Option<(i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT last_batch, committed_batch, last_next_offset, committed_next_offset
+           FROM cc_partition WHERE topic = $1 AND partition = $2 FOR UPDATE",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db("locking a partition"))?;
+    Ok(
+        row.map(|(last, committed, last_next, committed_next)| BatchView {
+            partition,
+            last_batch: last.max(0) as u64,
+            committed_batch: committed.max(0) as u64,
+            last_next_offset: last_next,
+            committed_next_offset: committed_next,
+        }),
+    )
+}
+
+/// Moves where a partition resumes to `to`, for a partition whose log (`log`, now) no longer
+/// holds its resume point (the topic recreated, records deleted before they were consumed):
+/// audited, and refused when the log still holds the point (this never skips a record the
+/// log has) or the last batch is not known committed (`resolve` it first). Returns the
+/// previous resume offset.
+pub async fn move_resume_point(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    log: recovery::LogRange,
+    to: i64,
+    actor: &str,
+) -> Result<i64> {
+    let mut tx = pool.begin().await.map_err(db("starting a move"))?;
+    let Some(view) = lock_partition(&mut tx, topic, partition).await? else {
+        return Err(Error::NotMoved(format!(
+            "partition {partition} has no durable state: it starts at its log's first offset by itself"
+        )));
+    };
+    let from = view.last_next_offset;
+    if view.last_batch != view.committed_batch {
+        return Err(Error::NotMoved(format!(
+            "partition {partition}'s last batch {} is not known committed: run \
+             `causal-commit recovery-point resolve --partition {partition}` first",
+            view.last_batch
+        )));
+    }
+    if (log.low..=log.high).contains(&from) {
+        return Err(Error::NotMoved(format!(
+            "partition {partition} resumes at offset {from}, which its log ({} to {}) still \
+             holds: nothing to move (this command never skips records the log has)",
+            log.low, log.high
+        )));
+    }
+    sqlx::query(
+        "UPDATE cc_partition SET last_next_offset = $3, committed_next_offset = $3
+          WHERE topic = $1 AND partition = $2",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(to)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("moving a resume point"))?;
+    super::audit_admin(
+        &mut *tx,
+        actor,
+        "recovery_point_moved",
+        "",
+        serde_json::json!({
+            "topic": topic,
+            "partition": partition,
+            "from": from,
+            "to": to,
+            "log_start": log.low,
+            "log_end": log.high,
+        }),
+    )
+    .await?;
+    tx.commit().await.map_err(db("committing a move"))?;
+    Ok(from)
+}
+
 /// Records an operator's [`Resolution`] of a partition's last batch, audited. Nothing changes
 /// when PostgreSQL already knows the last batch committed. Returns the view before.
 pub async fn resolve_recovery_point(
@@ -343,26 +438,10 @@ pub async fn resolve_recovery_point(
     actor: &str,
 ) -> Result<Option<BatchView>> {
     let mut tx = pool.begin().await.map_err(db("starting a resolution"))?;
-    let row: Option<(i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT last_batch, committed_batch, last_next_offset, committed_next_offset
-           FROM cc_partition WHERE topic = $1 AND partition = $2 FOR UPDATE",
-    )
-    .bind(topic)
-    .bind(partition)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(db("locking a partition"))?;
-    let Some((last, committed, last_next, committed_next)) = row else {
+    let Some(view) = lock_partition(&mut tx, topic, partition).await? else {
         return Ok(None);
     };
-    let view = BatchView {
-        partition,
-        last_batch: last.max(0) as u64,
-        committed_batch: committed.max(0) as u64,
-        last_next_offset: last_next,
-        committed_next_offset: committed_next,
-    };
-    if last != committed {
+    if view.last_batch != view.committed_batch {
         let sql = match resolution {
             Resolution::Committed => {
                 "UPDATE cc_partition SET committed_batch = last_batch,
