@@ -26,7 +26,7 @@ final class PeerConfig {
     /** sequencer.max_pending_per_contact */
     int maxPendingPerContact = 64;
     /** limits.* */
-    int maxRecordBytes = 1024 * 1024;
+    int maxRecordBytes = 960 * 1024; // causal-commit's limits.max_record_bytes default
     int maxPayloadBytes = 256 * 1024;
     int maxIdBytes = 256;
     /** Record cache in front of the stores (Kafka Streams' statestore.cache.max.bytes). */
