@@ -188,7 +188,8 @@ pub fn manual_review(
     } else {
         original_key.to_vec()
     };
-    let whole = original_value.len() + 2 * original_key.len();
+    // The original key is in the value too (room counts the record's key already).
+    let whole = original_value.len() + original_key.len();
     if whole > room(&key, &review) {
         // Whatever an invalid record's ids hold, the envelope stays small.
         for id in [
