@@ -361,6 +361,8 @@ pub fn wait_caught_up(config: &Config, within: Duration) -> anyhow::Result<()> {
                     "the processor is still {behind} records behind after {within:?}"
                 );
             }
+            // A topic that does not exist is a configuration, not a broker restarting.
+            Err(e) if e.is::<crate::pipeline::read::TopicMissing>() => return Err(e),
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(
                     error = format!("{e:#}"),

@@ -25,14 +25,7 @@ pub fn offsets_reader(config: &Config) -> anyhow::Result<(BaseConsumer, Vec<i32>
         c.set(k, v);
     }
     let consumer: BaseConsumer = c.create().context("creating an offsets reader")?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .with_context(|| format!("reading metadata of {topic}"))?;
-    let partitions = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let partitions = partitions_of(&consumer, topic, Duration::from_secs(10))?;
     Ok((consumer, partitions))
 }
 
@@ -190,12 +183,24 @@ pub fn partitions_of(
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
         .with_context(|| format!("reading metadata of {topic}"))?;
-    Ok(metadata
+    let partitions: Vec<i32> = metadata
         .topics()
         .iter()
+        .filter(|t| t.error().is_none())
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect())
+        .collect();
+    if partitions.is_empty() {
+        // Read as empty, a missing topic made `verify` pass and `wait-caught-up` report caught
+        // up: a typo in a topic name must not look like a clean run.
+        return Err(TopicMissing(topic.to_string()).into());
+    }
+    Ok(partitions)
 }
+
+/// A topic the brokers do not have (no partition in its metadata).
+#[derive(Debug, thiserror::Error)]
+#[error("topic {0:?} does not exist (no partition in the brokers' metadata): check the topic names in [kafka]")]
+pub struct TopicMissing(pub String);
 
 /// [`read_topic`] from the first offset at or after `since_ms` (record timestamps) in each
 /// partition, or from the beginning.

@@ -465,3 +465,50 @@ async fn an_unprocessed_intent_is_lost_and_says_why() {
         vec!["intent u-1 (intents 0/0): no outcome; the processor group has committed nothing on this partition (lost)".to_string()]
     );
 }
+
+/// A tired operator's typo in a topic name. Read as empty, a topic that does not exist made
+/// `verify` pass (nothing to check, nothing violated) and `wait-caught-up` report caught up at
+/// once. Both now fail at once, naming the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_that_does_not_exist_fails_verify_and_wait_caught_up_naming_it() {
+    let env = TestEnv::new("typo", 1).await;
+    let (ok, _, err) = crate::common::process::cli(&env.config, &["migrate"]);
+    assert!(ok, "migrate: {err}");
+    // The configuration with one of the three topic names mistyped, and that name.
+    let typo = |which: usize| {
+        let mut c = env.config.clone();
+        let k = &mut c.kafka;
+        let topic = [
+            &mut k.intents_topic,
+            &mut k.side_effects_topic,
+            &mut k.manual_review_topic,
+        ]
+        .into_iter()
+        .nth(which)
+        .expect("one of three");
+        topic.push_str("-typo");
+        let name = topic.clone();
+        (c, name)
+    };
+    for which in 0..3 {
+        let (cfg, name) = typo(which);
+        let (ok, out, err) = crate::common::process::cli(&cfg, &["verify"]);
+        assert!(!ok, "verify of {name} passed: {out}");
+        assert!(
+            err.contains(&format!("{name:?} does not exist")),
+            "names the topic: {err}"
+        );
+    }
+    let (cfg, name) = typo(0);
+    let started = std::time::Instant::now();
+    let (ok, _, err) = crate::common::process::cli(&cfg, &["wait-caught-up"]);
+    assert!(
+        !ok && err.contains(&format!("{name:?} does not exist")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "at once, not at the wait's timeout: {:?}",
+        started.elapsed()
+    );
+}
