@@ -3,6 +3,9 @@
 //! sign, cannot heal by retrying: `run` stops at once with an error that names it, instead of
 //! starting an engine whose clients would retry (and log) for ever while reporting not ready.
 //! A broker that does not answer yet is not an error here: the engine keeps trying, as always.
+//! Nor does a mistyped topic name heal: once the brokers answer, each of the three topics must
+//! exist (the engine would otherwise wait for an intents topic that never comes, not ready,
+//! or abort every transaction on a missing output topic).
 
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -27,6 +30,16 @@ pub enum Error {
     Tls { brokers: String, reason: String },
     #[error("creating the Kafka client for the start-up check failed: {0}")]
     Create(KafkaError),
+    #[error(
+        "{key} {topic:?} cannot be used on {brokers}: {reason} (create the topic, see \
+         deploy/, or fix the name)"
+    )]
+    Topic {
+        key: &'static str,
+        topic: String,
+        brokers: String,
+        reason: String,
+    },
 }
 
 /// Keeps the first authentication or TLS failure librdkafka reports.
@@ -103,7 +116,7 @@ pub fn check(config: &Config, within: Duration) -> Result<(), Error> {
             });
         }
         match answered {
-            Ok(_) => return Ok(()),
+            Ok(_) => return topics_exist(producer.client(), config),
             Err(Some(code)) if is_final(code, "") => {
                 let reason = format!("{code}");
                 return Err(match code {
@@ -122,4 +135,39 @@ pub fn check(config: &Config, within: Duration) -> Result<(), Error> {
             Err(_) => {}
         }
     }
+}
+
+/// Each of the three topics is in the brokers' metadata with partitions. A metadata request
+/// that fails is no verdict (the engine goes on trying, as for a broker that does not answer).
+fn topics_exist<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    config: &Config,
+) -> Result<(), Error> {
+    let k = &config.kafka;
+    for (key, topic) in [
+        ("kafka.intents_topic", &k.intents_topic),
+        ("kafka.side_effects_topic", &k.side_effects_topic),
+        ("kafka.manual_review_topic", &k.manual_review_topic),
+    ] {
+        let Ok(metadata) = client.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+            continue;
+        };
+        let refused = match metadata.topics().first() {
+            Some(t) => match t.error() {
+                Some(e) => Some(RDKafkaErrorCode::from(e).to_string()),
+                None if t.partitions().is_empty() => Some("it has no partitions".into()),
+                None => None,
+            },
+            None => Some("the brokers do not list it".into()),
+        };
+        if let Some(reason) = refused {
+            return Err(Error::Topic {
+                key,
+                topic: topic.clone(),
+                brokers: k.brokers.clone(),
+                reason,
+            });
+        }
+    }
+    Ok(())
 }

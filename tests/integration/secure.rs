@@ -244,6 +244,33 @@ async fn a_wrong_postgres_password_stops_run_within_seconds_naming_it() {
     );
 }
 
+/// A tired operator's typo in a topic name: `run` waited for an intents topic that never came
+/// (alive, not ready, two warnings), or aborted every transaction on a missing output topic.
+/// It now stops at once naming the setting and the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mistyped_topic_name_stops_run_within_seconds_naming_it() {
+    let env = TestEnv::new("secure_topic_typo", 1).await;
+    migrate_as_owner(&env.config).await;
+    for (case, key) in [
+        ("intents", "kafka.intents_topic"),
+        ("effects", "kafka.side_effects_topic"),
+        ("review", "kafka.manual_review_topic"),
+    ] {
+        let mut cfg = env.config.clone();
+        let k = &mut cfg.kafka;
+        let topic = match case {
+            "intents" => &mut k.intents_topic,
+            "effects" => &mut k.side_effects_topic,
+            _ => &mut k.manual_review_topic,
+        };
+        topic.push_str("-typo");
+        let named = format!("{key} {topic:?} cannot be used");
+        let log = std::env::temp_dir().join(format!("{}-{case}.log", env.name));
+        let error = refused_at_start(&cfg, &log, &named, "no-secret-in-this-case-3b9a");
+        assert!(error.contains("Unknown topic or partition"), "{error}");
+    }
+}
+
 /// Runs `run` with `cfg` and checks that it stops within 15 s, non-zero, with one
 /// `causal-commit failed` line whose error names the cause (`named`), and that `secret` is
 /// nowhere in its log. Returns that error.
