@@ -1472,25 +1472,26 @@ impl Engine {
                 tracing::error!(error = %e, "durable write failed; nothing is emitted");
                 self.void_all("durable write failed");
             }
-            Failure::Commit(e) if e.is_record_too_large() => {
-                metrics::counter!(m::TRANSACTIONS, "result" => "abort").increment(1);
-                tracing::error!(
-                    error = %e,
-                    max_output_bytes = self.config.limits.max_output_bytes,
-                    side_effects_topic = %self.topics.side_effects,
-                    manual_review_topic = %self.topics.manual_review,
-                    "transaction failed: an output topic refused a record as too large; every output topic's max.message.bytes must be at least limits.max_output_bytes plus 4 KiB (runbook: Transactions aborting); restoring, again in 5 s"
-                );
-                self.recover_producer(&e);
-                self.void_all("kafka transaction did not commit");
-                // No retry mends it until the topic or the configuration is changed.
-                self.next_restore_at = Instant::now() + TOO_LARGE_RETRY;
-            }
             Failure::Commit(e) => {
                 metrics::counter!(m::TRANSACTIONS, "result" => "abort").increment(1);
-                tracing::warn!(error = %e, "transaction failed; restoring");
+                let too_large = e.is_record_too_large();
+                if too_large {
+                    tracing::error!(
+                        error = %e,
+                        max_output_bytes = self.config.limits.max_output_bytes,
+                        side_effects_topic = %self.topics.side_effects,
+                        manual_review_topic = %self.topics.manual_review,
+                        "transaction failed: an output topic refused a record as too large; every output topic's max.message.bytes must be at least limits.max_output_bytes plus 4 KiB (runbook: Transactions aborting); restoring, again in 5 s"
+                    );
+                } else {
+                    tracing::warn!(error = %e, "transaction failed; restoring");
+                }
                 self.recover_producer(&e);
                 self.void_all("kafka transaction did not commit");
+                if too_large {
+                    // No retry mends it until the topic or the configuration is changed.
+                    self.next_restore_at = Instant::now() + TOO_LARGE_RETRY;
+                }
             }
         }
     }

@@ -201,22 +201,8 @@ async fn a_partition_whose_last_batch_is_unconfirmed_refuses_to_start_until_reso
 
     let log = log_of(&env, "run2");
     let proc = Processor::spawn(&cfg, log.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let refused = loop {
-        let refusal = read_log(&log).into_iter().find(|l| {
-            l["message"] == "partition not restored yet; paused"
-                && l["error"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("refuses to start")
-        });
-        if let Some(r) = refusal {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "the partition never refused");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let error = refused["error"].as_str().unwrap().to_string();
+    let errors = refused(&log, "refuses to start", &[0]).await;
+    let error = &errors[0];
     assert!(
         error.contains("recovery-point resolve"),
         "names the way out: {error}"
