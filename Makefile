@@ -47,6 +47,7 @@ release:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features failpoints -- -D warnings
 
 # Every test against the real services; lint and the offline deploy checks first (promtool
 # test rules, amtool routing, the dashboard's PromQL, manifests; seconds when warm), so a
@@ -54,7 +55,7 @@ lint:
 test: up lint check-deploy
 	bash scripts/stack.sh prune-tests
 	$(STACK_ENV); \
-	  $(CARGO) test --all-targets -- --nocapture 2>&1 | tee target/test.log; \
+	  $(CARGO) test --all-targets --features failpoints -- --nocapture 2>&1 | tee target/test.log; \
 	  exit "$${PIPESTATUS[0]}"
 
 # The binary reads its own configuration: point it at the stack through its overrides.

@@ -226,6 +226,9 @@ enum RecoveryPointCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Test builds only: the fail points named in `FAILPOINTS` (see Cargo.toml's features).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

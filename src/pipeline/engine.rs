@@ -1498,15 +1498,20 @@ impl Engine {
 
     /// After a transaction failed: aborts it, or re-creates the producer when it cannot.
     fn recover_producer(&mut self, e: &kafka::Error) {
-        match e {
-            kafka::Error::Fatal(_) | kafka::Error::Create { .. } => self.reset_producer(),
-            _ => {
-                let aborted = self.producer.as_mut().map(TxnProducer::abort);
-                if let Some(Err(e)) = aborted {
-                    tracing::warn!(error = %e, "abort failed; re-creating the producer");
-                    self.reset_producer();
-                }
+        if e.needs_new_producer() {
+            if matches!(e, kafka::Error::Stuck { .. }) {
+                tracing::error!(
+                    error = %e,
+                    "a Kafka call never returned; the producer is given up, the new one fences its transaction, and the partitions restore from the durable state"
+                );
             }
+            self.reset_producer();
+            return;
+        }
+        let aborted = self.producer.as_mut().map(TxnProducer::abort);
+        if let Some(Err(e)) = aborted {
+            tracing::warn!(error = %e, "abort failed; re-creating the producer");
+            self.reset_producer();
         }
     }
 

@@ -16,8 +16,14 @@ use rdkafka::{ClientContext, TopicPartitionList};
 use crate::config::Config;
 use crate::telemetry::metrics as m;
 
+pub mod call_thread;
 pub mod stranded;
+use call_thread::CallThread;
 pub use stranded::{BrokerWatch, Watched};
+
+/// How long past its own timeout a blocking transactional call may take before it is taken as
+/// one that never returns (see [`call_thread`]).
+pub const STUCK_GRACE: Duration = Duration::from_secs(10);
 
 /// Kafka failures, classified the way the transactional protocol needs them.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +45,16 @@ pub enum Error {
     /// The consumer has no group membership (between rebalances): abort and retry.
     #[error("the consumer is not a member of its group")]
     NotInGroup,
+    /// A blocking librdkafka call did not return: the producer is given up and re-created, the
+    /// transaction's outcome is unknown.
+    #[error(
+        "Kafka producer call {call} did not return within {}; the producer is given up (librdkafka issues 5456/5511)",
+        humantime::format_duration(*.waited)
+    )]
+    Stuck {
+        call: &'static str,
+        waited: Duration,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -50,10 +66,18 @@ impl Error {
         let e = match self {
             Error::Abortable(e) | Error::Fatal(e) | Error::Other(e) => e,
             Error::Create { source, .. } => source,
-            Error::NotInGroup => return false,
+            Error::NotInGroup | Error::Stuck { .. } => return false,
         };
         e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
             || e.to_string().contains("Message size too large")
+    }
+
+    /// The producer cannot go on: re-create it (never abort through it).
+    pub fn needs_new_producer(&self) -> bool {
+        matches!(
+            self,
+            Error::Fatal(_) | Error::Create { .. } | Error::Stuck { .. }
+        )
     }
 }
 
@@ -235,8 +259,12 @@ pub fn transactional_id(config: &Config) -> String {
 }
 
 /// The one transactional producer of the engine.
+///
+/// Its calls that wait on a coordinator (`init_transactions`, `send_offsets_to_transaction`,
+/// `commit_transaction`, `abort_transaction`) run on its call thread, bounded by the operation
+/// timeout plus [`STUCK_GRACE`]; the others run on the caller's thread.
 pub struct TxnProducer {
-    producer: BaseProducer<Watched>,
+    producer: CallThread<BaseProducer<Watched>>,
     timeout: Duration,
     open: bool,
 }
@@ -271,18 +299,47 @@ impl TxnProducer {
                 source,
             })?;
         watch.attach(producer.client());
-        let timeout = config.kafka.operation_timeout;
-        producer.init_transactions(timeout).map_err(classify)?;
-        Ok(Self {
-            producer,
-            timeout,
-            open: false,
+        let producer = CallThread::spawn("cc-kafka-txn", producer, |p| {
+            p.poll(Duration::ZERO);
         })
+        .map_err(|e| Error::Create {
+            what: "producer",
+            source: KafkaError::ClientCreation(format!("its call thread: {e}")),
+        })?;
+        let mut this = Self {
+            producer,
+            timeout: config.kafka.operation_timeout,
+            open: false,
+        };
+        this.bounded("init_transactions", move |p, timeout| {
+            p.init_transactions(timeout)
+        })?;
+        Ok(this)
+    }
+
+    /// Runs a call that waits on a coordinator on the call thread, for at most the operation
+    /// timeout plus [`STUCK_GRACE`].
+    fn bounded(
+        &mut self,
+        call: &'static str,
+        f: impl FnOnce(&BaseProducer<Watched>, Duration) -> rdkafka::error::KafkaResult<()>
+            + Send
+            + 'static,
+    ) -> Result<()> {
+        let timeout = self.timeout;
+        let waited = timeout + STUCK_GRACE;
+        match self.producer.call(waited, move |p| f(p, timeout)) {
+            Some(result) => result.map_err(classify),
+            None => {
+                metrics::counter!(m::KAFKA_CALLS_STUCK, "call" => call).increment(1);
+                Err(Error::Stuck { call, waited })
+            }
+        }
     }
 
     pub fn begin(&mut self) -> Result<()> {
         if !self.open {
-            self.producer.begin_transaction().map_err(classify)?;
+            self.producer.get().begin_transaction().map_err(classify)?;
             self.open = true;
         }
         Ok(())
@@ -305,11 +362,11 @@ impl TxnProducer {
             rec = rec.partition(p);
         }
         loop {
-            match self.producer.send(rec) {
+            match self.producer.get().send(rec) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     rec = back;
-                    self.producer.poll(Duration::from_millis(5));
+                    self.producer.get().poll(Duration::from_millis(5));
                 }
                 Err((e, _)) => return Err(classify(e)),
             }
@@ -336,11 +393,11 @@ impl TxnProducer {
             rec = rec.headers(h);
         }
         loop {
-            match self.producer.send(rec) {
+            match self.producer.get().send(rec) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     rec = back;
-                    self.producer.poll(Duration::from_millis(5));
+                    self.producer.get().poll(Duration::from_millis(5));
                 }
                 Err((e, _)) => return Err(classify(e)),
             }
@@ -356,13 +413,15 @@ impl TxnProducer {
         let cgm = consumer.group_metadata().ok_or(Error::NotInGroup)?;
         self.deliver_outstanding();
         if offsets.count() > 0 {
-            self.producer
-                .send_offsets_to_transaction(offsets, &cgm, self.timeout)
-                .map_err(classify)?;
+            let offsets = offsets.clone();
+            self.bounded("send_offsets_to_transaction", move |p, timeout| {
+                fail::fail_point!("kafka-send-offsets");
+                p.send_offsets_to_transaction(&offsets, &cgm, timeout)
+            })?;
         }
-        self.producer
-            .commit_transaction(self.timeout)
-            .map_err(classify)?;
+        self.bounded("commit_transaction", |p, timeout| {
+            p.commit_transaction(timeout)
+        })?;
         self.open = false;
         Ok(())
     }
@@ -376,8 +435,9 @@ impl TxnProducer {
     /// slices, the flush inside the commit finds nothing left and returns at once.
     fn deliver_outstanding(&self) {
         let deadline = std::time::Instant::now() + self.timeout;
-        while self.producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
-            self.producer.poll(Duration::from_millis(1));
+        let producer = self.producer.get();
+        while producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+            producer.poll(Duration::from_millis(1));
         }
     }
 
@@ -393,9 +453,9 @@ impl TxnProducer {
 
     pub fn abort(&mut self) -> Result<()> {
         if self.open {
-            self.producer
-                .abort_transaction(self.timeout)
-                .map_err(classify)?;
+            self.bounded("abort_transaction", |p, timeout| {
+                p.abort_transaction(timeout)
+            })?;
             self.open = false;
         }
         Ok(())
@@ -404,7 +464,7 @@ impl TxnProducer {
     /// Serves the producer's events without waiting: delivery reports, errors, and statistics
     /// (every 2 s, for its broker watch), which queue up in memory until served.
     pub fn poll(&self) {
-        self.producer.poll(Duration::ZERO);
+        self.producer.get().poll(Duration::ZERO);
     }
 }
 

@@ -233,16 +233,14 @@ impl Passthrough {
             Err(e) => {
                 metrics::counter!(m::TRANSACTIONS, "result" => "abort").increment(1);
                 tracing::warn!(error = %e, records = batch.records.len(), "transaction failed; rewinding");
-                let reset = match e {
-                    kafka::Error::Fatal(_) | kafka::Error::Create { .. } => true,
-                    _ => match self.producer.as_mut().map(TxnProducer::abort) {
+                let reset = e.needs_new_producer()
+                    || match self.producer.as_mut().map(TxnProducer::abort) {
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, "abort failed; re-creating the producer");
                             true
                         }
                         _ => false,
-                    },
-                };
+                    };
                 if reset {
                     metrics::counter!(m::PRODUCER_RESETS).increment(1);
                     self.producer = None;

@@ -48,6 +48,10 @@ pub const PRODUCER_RESETS: &str = "causal_commit_producer_resets_total";
 /// Kafka clients bootstrapped again after librdkafka left them without any broker
 /// (`pipeline::kafka::stranded`). Label: `client` = consumer | producer | lag.
 pub const KAFKA_REBOOTSTRAPS: &str = "causal_commit_kafka_rebootstraps_total";
+/// Blocking transactional calls that did not return within the operation timeout plus
+/// `kafka::STUCK_GRACE`: the producer was given up (`pipeline::kafka::call_thread`). Label:
+/// `call`.
+pub const KAFKA_CALLS_STUCK: &str = "causal_commit_kafka_calls_stuck_total";
 /// 1 for the active lock/idempotency store. Label: `mode` = redis | postgres.
 pub const LOCK_STORE_MODE: &str = "causal_commit_lock_store_mode";
 /// Records of an assigned partition not consumed yet: its last stable offset (what a
@@ -155,6 +159,13 @@ pub const INVALID_KINDS: &[&str] = &[
 ];
 /// The watched Kafka clients of a processor (`causal_commit_kafka_rebootstraps_total`).
 pub const KAFKA_CLIENTS: &[&str] = &["consumer", "producer", "lag"];
+/// The producer calls bounded by its call thread.
+pub const KAFKA_TXN_CALLS: &[&str] = &[
+    "init_transactions",
+    "send_offsets_to_transaction",
+    "commit_transaction",
+    "abort_transaction",
+];
 /// `pipeline::assignment::PauseCause`.
 pub const PAUSE_CAUSES: &[&str] = &["restoring", "store", "recovery_point", "backpressure"];
 
@@ -325,6 +336,16 @@ pub const ALL: &[Metric] = &[
             values: KAFKA_CLIENTS,
         }],
         help: "Kafka clients bootstrapped again after librdkafka left them without any broker",
+        unit: None,
+    },
+    Metric {
+        name: KAFKA_CALLS_STUCK,
+        kind: Kind::Counter,
+        labels: &[Label {
+            name: "call",
+            values: KAFKA_TXN_CALLS,
+        }],
+        help: "Transactional producer calls that did not return in time; the producer was given up and re-created",
         unit: None,
     },
     Metric {

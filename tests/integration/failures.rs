@@ -419,6 +419,49 @@ async fn broker_restarts_mid_stream_lose_and_duplicate_nothing() {
     assert_clean(&verified(&cfg).await, 12_000);
 }
 
+/// CONTRACT §3 and §6: the processor's own stall. librdkafka's `send_offsets_to_transaction`
+/// can wait for good, past its timeout (librdkafka issues 5456 and 5511); the CI saw an
+/// instance sit in it after a broker restart, deciding nothing and deaf to SIGTERM. Here a fail
+/// point holds the fourth such call forever: the engine gives that producer up after the
+/// operation timeout plus the grace, re-creates it (fencing the held one), restores its
+/// partitions and commits everything exactly once, and SIGTERM still stops it cleanly while the
+/// held call never returns.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_call_that_never_returns_is_given_up_and_nothing_is_lost() {
+    let env = TestEnv::new("stuckcall", 4).await;
+    let mut cfg = env.config.clone();
+    cfg.kafka.operation_timeout = Duration::from_secs(2);
+    let producing = produce_in_background(&cfg, workload(3_000, 300, 300, "s"));
+    let proc = Processor::spawn_with_env(
+        &cfg,
+        log_path(&env, "run"),
+        &[("FAILPOINTS", "kafka-send-offsets=3*off->1*pause")],
+    );
+    producing.await.unwrap();
+    caught_up(&cfg, Duration::from_secs(120)).await;
+    let lines = proc.log_lines();
+    let stuck = lines
+        .iter()
+        .position(|l| {
+            l["error"].as_str().is_some_and(|e| {
+                e.contains("send_offsets_to_transaction did not return within 12s")
+            })
+        })
+        .expect("the held call is reported, naming the call and the wait");
+    assert!(
+        lines[stuck + 1..]
+            .iter()
+            .any(|l| l["message"] == "transition" && l["state"] == "committed_causal"),
+        "intents commit after the held call was given up"
+    );
+    assert!(
+        proc.terminate(Duration::from_secs(30)),
+        "SIGTERM stops it cleanly while the held call still blocks its thread"
+    );
+    assert_clean(&verified(&cfg).await, 3_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_evidence_3_redis_failure_falls_back_to_db() {
     let env = TestEnv::exclusive("seed3", 4).await;

@@ -109,6 +109,11 @@ impl Drop for Processor {
 
 impl Processor {
     pub fn spawn(config: &Config, log: PathBuf) -> Self {
+        Self::spawn_with_env(config, log, &[])
+    }
+
+    /// [`Self::spawn`] with extra environment variables (the fail points of a test build).
+    pub fn spawn_with_env(config: &Config, log: PathBuf, vars: &[(&str, &str)]) -> Self {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -117,6 +122,7 @@ impl Processor {
         let mut config = config.clone();
         config.telemetry.log_format = causal_commit::config::LogFormat::Json;
         let child = command(&config)
+            .envs(vars.iter().copied())
             .arg("run")
             .stdout(Stdio::from(file.try_clone().expect("log file")))
             .stderr(Stdio::from(file))
