@@ -582,6 +582,7 @@ async fn recovery_point(config: Config, command: RecoveryPointCommand) -> anyhow
                     "store_last_batch": v.last_batch,
                     "store_committed_batch": v.committed_batch,
                     "store_next_offset": v.last_next_offset,
+                    "writer_group": v.writer_group,
                     "log_start": logs.get(&v.partition).map(|l| l.low),
                     "log_end": logs.get(&v.partition).map(|l| l.high),
                 }));

@@ -104,10 +104,23 @@ impl Engine {
             &topic,
             partition,
             fence,
+            &self.config.kafka.group_id,
             &kafka,
             Some(LogRange { low, high }),
         ))?;
         let resume = restored.resume;
+        if let Some(previous) = &restored.previous_group {
+            tracing::warn!(
+                partition,
+                previous_group = %previous,
+                group = %self.config.kafka.group_id,
+                kafka = ?kafka,
+                resume_batch = resume.batch,
+                "the partition was last written under another consumer group (another \
+                 deployment over the same store): this group's recovery point does not speak \
+                 for those batches, so PostgreSQL decides where it resumes"
+            );
+        }
         let batch_no = resume.batch;
         let next_offset = resume.next_offset;
         if resume.kafka_offset_overridden {

@@ -109,6 +109,10 @@ pub struct StoreView {
     pub committed_batch: u64,
     pub committed_next_offset: i64,
     pub committed_clock_ms: u64,
+    /// The partition was last restored, so its batches since were written, by another consumer
+    /// group (another deployment over the same store): this group's recovery point does not
+    /// speak for those batches.
+    pub written_under_another_group: bool,
 }
 
 /// Where a restored partition resumes: its last committed batch (rows of later batches are
@@ -221,7 +225,10 @@ pub fn within_log(mut resume: Resume, store: &StoreView, log: LogRange) -> Resul
 pub fn decide(kafka: &KafkaCommitted, store: &StoreView) -> Result<Resume, Refusal> {
     let l = store.last_batch;
     match kafka {
-        KafkaCommitted::Point { offset, point } => {
+        // A point of this group's from before another group wrote: were it one batch behind,
+        // it would read as "the last batch aborted" and roll back the other group's committed
+        // batch. PostgreSQL alone decides then, as for a group without a point.
+        KafkaCommitted::Point { offset, point } if !store.written_under_another_group => {
             let committed = point.batch == l;
             if !(committed || l > 0 && point.batch == l - 1) {
                 return Err(Refusal::Mismatch {
@@ -245,10 +252,12 @@ pub fn decide(kafka: &KafkaCommitted, store: &StoreView) -> Result<Resume, Refus
                 point_in_kafka: !moved,
             })
         }
-        KafkaCommitted::Nothing | KafkaCommitted::Offset { .. } => {
+        KafkaCommitted::Nothing | KafkaCommitted::Offset { .. } | KafkaCommitted::Point { .. } => {
             let offset = match kafka {
-                KafkaCommitted::Offset { offset, .. } => *offset,
-                _ => -1,
+                KafkaCommitted::Offset { offset, .. } | KafkaCommitted::Point { offset, .. } => {
+                    *offset
+                }
+                KafkaCommitted::Nothing => -1,
             };
             if l == 0 {
                 // Nothing was ever written for this partition: a plain start.
@@ -369,7 +378,53 @@ mod tests {
             committed_batch: 5,
             committed_next_offset: 500,
             committed_clock_ms: 5000,
+            written_under_another_group: false,
         }
+    }
+
+    #[test]
+    fn a_point_from_before_another_group_wrote_does_not_speak_for_its_batches() {
+        // Group A committed batch 5; group B took the partition over and wrote batch 6, known
+        // committed. A's point (batch 5 = last - 1) must not roll B's batch back.
+        let after_b = StoreView {
+            last_batch: 6,
+            last_next_offset: 560,
+            last_clock_ms: 6000,
+            committed_batch: 6,
+            committed_next_offset: 560,
+            committed_clock_ms: 6000,
+            written_under_another_group: true,
+        };
+        let a = KafkaCommitted::Point {
+            offset: 500,
+            point: point(5),
+        };
+        let r = decide(&a, &after_b).unwrap();
+        assert_eq!((r.batch, r.next_offset), (6, 560), "B's batch is kept");
+        assert!(r.kafka_offset_overridden, "the consumer moves to 560");
+        assert!(!r.point_in_kafka, "A's group gets the point anchored");
+        // The same point under one group: batch 6 aborted, rolled back.
+        let one_group = StoreView {
+            written_under_another_group: false,
+            ..after_b
+        };
+        assert_eq!(decide(&a, &one_group).unwrap().batch, 5);
+        // B's batch written but not known committed: nobody can tell from here.
+        let unconfirmed = StoreView {
+            committed_batch: 5,
+            ..after_b
+        };
+        assert!(matches!(
+            decide(&a, &unconfirmed),
+            Err(Refusal::Ambiguous { .. })
+        ));
+        // Many batches later, what was a mismatch resumes where the store is.
+        let far = StoreView {
+            last_batch: 40,
+            committed_batch: 40,
+            ..after_b
+        };
+        assert_eq!(decide(&a, &far).unwrap().batch, 40);
     }
 
     #[test]

@@ -22,10 +22,11 @@ pub fn observe(config: &Config) -> anyhow::Result<Observed> {
     // Recovery points before and after the outputs: rows of a batch committed before the
     // outputs were read must have their outputs among them; rows up to the second read are
     // committed.
-    let (before_outputs, _) = read_committed(config)?;
+    let writers = block_on(read_writer_groups(config))??;
+    let (before_outputs, _) = read_committed(config, &writers)?;
     let effects = read_outputs(config, &k.side_effects_topic)?;
     let reviews = read_outputs(config, &k.manual_review_topic)?;
-    let (committed, mut unreadable) = read_committed(config)?;
+    let (committed, mut unreadable) = read_committed(config, &writers)?;
     let store = block_on(read_store(config, &before_outputs, &committed))??;
     unreadable.extend(store.unreadable);
     let s = &config.sequencer;
@@ -83,15 +84,49 @@ fn read_outputs(config: &Config, topic: &str) -> anyhow::Result<Vec<OutputRecord
     Ok(out)
 }
 
-/// The processor group's committed offsets and recovery points, with a note for each
-/// partition whose committed offset carries no usable recovery point (its audit rows cannot be
-/// told committed, so all are ignored).
+/// The consumer group that last wrote each partition of the intents topic, where PostgreSQL
+/// knows it and it is not the configured group (another deployment over the same store).
+async fn read_writer_groups(config: &Config) -> anyhow::Result<BTreeMap<i32, String>> {
+    let pool = crate::store::postgres::pool(&config.postgres)?;
+    let views = crate::store::postgres::batch_views(&pool, &config.kafka.intents_topic)
+        .await
+        .with_context(|| {
+            format!(
+                "reading {}.cc_partition (has `causal-commit migrate` run?)",
+                config.postgres.schema
+            )
+        })?;
+    pool.close().await;
+    Ok(views
+        .into_iter()
+        .filter_map(|v| Some((v.partition, v.writer_group?)))
+        .filter(|(_, g)| *g != config.kafka.group_id)
+        .collect())
+}
+
+/// Each partition's committed offset and recovery point, in the group that last wrote it (the
+/// configured one unless `writers` names another: a group's points speak only for the batches
+/// its own instances wrote), with a note for each partition whose committed offset carries no
+/// usable recovery point (its audit rows cannot be told committed, so all are ignored).
 fn read_committed(
     config: &Config,
+    writers: &BTreeMap<i32, String>,
 ) -> anyhow::Result<(BTreeMap<i32, CommittedOffset>, Vec<String>)> {
+    let mut points = crate::pipeline::read::committed_points(config)?;
+    let others: std::collections::BTreeSet<&String> = writers.values().collect();
+    for group in others {
+        let mut theirs = config.clone();
+        theirs.kafka.group_id.clone_from(group);
+        let mut their_points = crate::pipeline::read::committed_points(&theirs)?;
+        for (p, _) in writers.iter().filter(|(_, g)| *g == group) {
+            if let Some(c) = their_points.remove(p) {
+                points.insert(*p, c);
+            }
+        }
+    }
     let mut notes = Vec::new();
     let mut out = BTreeMap::new();
-    for (p, c) in crate::pipeline::read::committed_points(config)? {
+    for (p, c) in points {
         let batch = match c.recovery {
             Ok(Some(r)) => r.batch,
             Ok(None) if c.offset < 0 => 0,

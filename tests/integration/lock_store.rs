@@ -238,7 +238,7 @@ impl World {
             },
         };
         let restored =
-            pg::restore_partition(&self.pool, TOPIC, partition, part.fence, &kafka, None)
+            pg::restore_partition(&self.pool, TOPIC, partition, part.fence, "g", &kafka, None)
                 .await
                 .expect("restore");
         let p = self.parts.get_mut(&partition).expect("partition");

@@ -479,3 +479,69 @@ async fn records_deleted_before_they_were_consumed_are_named_until_an_operator_a
     assert!(proc.terminate(Duration::from_secs(30)));
     verified_prefix(&cfg, "e-", 60).await;
 }
+
+/// A tired operator's blue/green: a second deployment of the same store under another group id
+/// (the configuration copied with a new `kafka.group_id`), then back to the first. A group's
+/// committed recovery points speak only for the batches its own instances wrote: a partition
+/// last written under another group is decided by PostgreSQL alone. Found from outside: the
+/// first group's points, one batch behind the second group's, read as "that batch aborted", and
+/// the second group's committed batch was rolled back and its effects emitted again (67
+/// transitions rolled back here); points further behind refused the partition as a mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_under_another_group_and_back_emits_nothing_twice() {
+    let env = TestEnv::new("bluegreen", 3).await;
+    let blue = env.config.clone();
+    let mut green = blue.clone();
+    green.kafka.group_id = format!("{}-green", blue.kafka.group_id);
+    green.instance_id = format!("{}-green", env.name);
+
+    let proc = Processor::spawn(&blue, log_of(&env, "blue1"));
+    demo::produce(&blue, &workload(600, 200, "a", 1))
+        .await
+        .unwrap();
+    caught_up(&blue).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    // Intents that wait for the next deployment: green takes them in one batch per partition.
+    demo::produce(&blue, &workload(60, 30, "b", 2))
+        .await
+        .unwrap();
+    let proc = Processor::spawn(&green, log_of(&env, "green"));
+    caught_up(&green).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    // Back to blue, whose committed points are one batch behind on every partition.
+    let log = log_of(&env, "blue2");
+    let proc = Processor::spawn(&blue, log.clone());
+    demo::produce(&blue, &workload(60, 30, "c", 3))
+        .await
+        .unwrap();
+    caught_up(&blue).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let lines = read_log(&log);
+    assert_eq!(
+        rolled_back_transitions(&lines, |_| true),
+        0,
+        "the other group's committed batches are never rolled back"
+    );
+    let took_over = lines
+        .iter()
+        .filter(|l| l["previous_group"].as_str() == Some(green.kafka.group_id.as_str()))
+        .count();
+    assert_eq!(
+        took_over, 3,
+        "each partition says which group wrote it last"
+    );
+    verified(&blue, 720).await;
+
+    // And green again, its points now many batches behind (before: refused as a mismatch).
+    demo::produce(&blue, &workload(60, 30, "d", 4))
+        .await
+        .unwrap();
+    let log = log_of(&env, "green2");
+    let proc = Processor::spawn(&green, log.clone());
+    caught_up(&green).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    assert_eq!(rolled_back_transitions(&read_log(&log), |_| true), 0);
+    verified(&blue, 780).await;
+}

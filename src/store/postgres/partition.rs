@@ -67,13 +67,15 @@ pub async fn restore_partition(
     topic: &str,
     partition: i32,
     fence: u64,
+    group: &str,
     kafka: &KafkaCommitted,
     log: Option<recovery::LogRange>,
 ) -> Result<RestoredPartition> {
     let mut tx = pool.begin().await.map_err(db("starting a restore"))?;
-    let row: Option<(i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+    type Row = (i64, i64, i64, i64, i64, i64, i64, Option<String>);
+    let row: Option<Row> = sqlx::query_as(
         "SELECT fence, last_batch, last_next_offset, last_clock_ms,
-                committed_batch, committed_next_offset, committed_clock_ms
+                committed_batch, committed_next_offset, committed_clock_ms, writer_group
            FROM cc_partition WHERE topic = $1 AND partition = $2 FOR UPDATE",
     )
     .bind(topic)
@@ -81,8 +83,16 @@ pub async fn restore_partition(
     .fetch_optional(&mut *tx)
     .await
     .map_err(db("locking a partition"))?;
-    let Some((current, last, last_next, last_clock, committed, committed_next, committed_clock)) =
-        row.filter(|r| r.0 == fence as i64)
+    let Some((
+        current,
+        last,
+        last_next,
+        last_clock,
+        committed,
+        committed_next,
+        committed_clock,
+        writer_group,
+    )) = row.filter(|r| r.0 == fence as i64)
     else {
         return Err(Error::Db {
             what: "restoring a partition",
@@ -99,6 +109,8 @@ pub async fn restore_partition(
         committed_batch: committed.max(0) as u64,
         committed_next_offset: committed_next,
         committed_clock_ms: committed_clock.max(0) as u64,
+        // NULL: restored last by a version that did not record it.
+        written_under_another_group: writer_group.as_deref().is_some_and(|g| g != group),
     };
     let resume = recovery::decide(kafka, &store)
         .and_then(|r| match log {
@@ -182,7 +194,8 @@ pub async fn restore_partition(
     sqlx::query(
         "UPDATE cc_partition
             SET last_batch = $3, last_next_offset = $4, last_clock_ms = $5,
-                committed_batch = $3, committed_next_offset = $4, committed_clock_ms = $5
+                committed_batch = $3, committed_next_offset = $4, committed_clock_ms = $5,
+                writer_group = $6
           WHERE topic = $1 AND partition = $2",
     )
     .bind(topic)
@@ -190,6 +203,7 @@ pub async fn restore_partition(
     .bind(b)
     .bind(resume.next_offset)
     .bind(resume.clock_ms as i64)
+    .bind(group)
     .execute(&mut *tx)
     .await
     .map_err(db("recording the restored batch"))?;
@@ -206,6 +220,7 @@ pub async fn restore_partition(
     Ok(RestoredPartition {
         states,
         resume,
+        previous_group: writer_group.filter(|_| store.written_under_another_group),
         dropped_transitions,
         reverted_contacts: reverted + dropped_contacts,
         rolled_back_outcomes,
@@ -217,6 +232,9 @@ pub struct RestoredPartition {
     pub states: Vec<serde_json::Value>,
     /// Where the partition resumes.
     pub resume: Resume,
+    /// The other consumer group that wrote the partition last, when there is one: PostgreSQL
+    /// alone decided where it resumes.
+    pub previous_group: Option<String>,
     /// Uncommitted rows removed: evidence of a transaction that did not commit.
     pub dropped_transitions: u64,
     pub reverted_contacts: u64,
@@ -262,19 +280,24 @@ pub enum Resolution {
 }
 
 /// A partition's batches as PostgreSQL knows them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BatchView {
     pub partition: i32,
     pub last_batch: u64,
     pub committed_batch: u64,
     pub last_next_offset: i64,
     pub committed_next_offset: i64,
+    /// The consumer group that last restored the partition, so wrote its batches since (NULL:
+    /// restored last by a version that did not record it).
+    pub writer_group: Option<String>,
 }
 
 /// What PostgreSQL knows of every partition of `topic`.
 pub async fn batch_views(pool: &PgPool, topic: &str) -> Result<Vec<BatchView>> {
-    let rows: Vec<(i32, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT partition, last_batch, committed_batch, last_next_offset, committed_next_offset
+    type Row = (i32, i64, i64, i64, i64, Option<String>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT partition, last_batch, committed_batch, last_next_offset, committed_next_offset,
+                writer_group
            FROM cc_partition WHERE topic = $1 ORDER BY partition",
     )
     .bind(topic)
@@ -284,12 +307,13 @@ pub async fn batch_views(pool: &PgPool, topic: &str) -> Result<Vec<BatchView>> {
     Ok(rows
         .into_iter()
         .map(
-            |(partition, last, committed, last_next, committed_next)| BatchView {
+            |(partition, last, committed, last_next, committed_next, writer_group)| BatchView {
                 partition,
                 last_batch: last.max(0) as u64,
                 committed_batch: committed.max(0) as u64,
                 last_next_offset: last_next,
                 committed_next_offset: committed_next,
+                writer_group,
             },
         )
         .collect())
@@ -345,8 +369,9 @@ async fn lock_partition(
     topic: &str,
     partition: i32,
 ) -> Result<Option<BatchView>> {
-    let row: Option<(i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT last_batch, committed_batch, last_next_offset, committed_next_offset
+    let row: Option<(i64, i64, i64, i64, Option<String>)> = sqlx::query_as(
+        "SELECT last_batch, committed_batch, last_next_offset, committed_next_offset,
+                writer_group
            FROM cc_partition WHERE topic = $1 AND partition = $2 FOR UPDATE",
     )
     .bind(topic)
@@ -354,15 +379,16 @@ async fn lock_partition(
     .fetch_optional(&mut **tx)
     .await
     .map_err(db("locking a partition"))?;
-    Ok(
-        row.map(|(last, committed, last_next, committed_next)| BatchView {
+    Ok(row.map(
+        |(last, committed, last_next, committed_next, writer_group)| BatchView {
             partition,
             last_batch: last.max(0) as u64,
             committed_batch: committed.max(0) as u64,
             last_next_offset: last_next,
             committed_next_offset: committed_next,
-        }),
-    )
+            writer_group,
+        },
+    ))
 }
 
 /// Moves where a partition resumes to `to`, for a partition whose log (`log`, now) no longer
