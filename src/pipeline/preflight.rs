@@ -5,11 +5,16 @@
 //! A broker that does not answer yet is not an error here: the engine keeps trying, as always.
 //! Nor does a mistyped topic name heal: once the brokers answer, each of the three topics must
 //! exist (the engine would otherwise wait for an intents topic that never comes, not ready,
-//! or abort every transaction on a missing output topic).
+//! or abort every transaction on a missing output topic). And none of them may be compacted:
+//! compaction keeps the last record of each key (the intents topic is keyed by contact) and
+//! deletes the others, so intents would be lost before they are consumed, effects before their
+//! readers get them, and `verify`, which reads the same topics, would not see what is gone.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
@@ -40,6 +45,86 @@ pub enum Error {
         brokers: String,
         reason: String,
     },
+    #[error(
+        "{key} {topic:?} has cleanup.policy={policy}: compaction keeps one record per key and \
+         deletes the others, so records would be lost unseen; set cleanup.policy=delete \
+         (kafka-configs --alter --entity-type topics --entity-name {topic} --add-config \
+         cleanup.policy=delete)"
+    )]
+    Compacted {
+        key: &'static str,
+        topic: String,
+        policy: String,
+    },
+}
+
+/// The three topics of `[kafka]` with the setting that names each.
+fn topics(config: &Config) -> [(&'static str, &str); 3] {
+    let k = &config.kafka;
+    [
+        ("kafka.intents_topic", &k.intents_topic),
+        ("kafka.side_effects_topic", &k.side_effects_topic),
+        ("kafka.manual_review_topic", &k.manual_review_topic),
+    ]
+}
+
+/// The first of the three topics whose `cleanup.policy` compacts, as [`Error::Compacted`];
+/// `Checked::Fine` when none does. A describe the brokers refuse (no `DescribeConfigs`
+/// permission) or do not answer is no verdict: `Checked::Unknown`.
+pub fn compaction(config: &Config, within: Duration) -> Checked {
+    let mut c = crate::pipeline::kafka::client_config();
+    for (k, v) in &config.kafka.client {
+        c.set(k, v);
+    }
+    c.set("bootstrap.servers", &config.kafka.brokers);
+    let admin: AdminClient<DefaultClientContext> = match c.create() {
+        Ok(a) => a,
+        Err(e) => return Checked::Unknown(e.to_string()),
+    };
+    let named = topics(config);
+    let resources: Vec<ResourceSpecifier<'_>> = named
+        .iter()
+        .map(|(_, t)| ResourceSpecifier::Topic(t))
+        .collect();
+    let opts = AdminOptions::new().request_timeout(Some(within));
+    let described = match futures::executor::block_on(admin.describe_configs(&resources, &opts)) {
+        Ok(d) => d,
+        Err(e) => return Checked::Unknown(e.to_string()),
+    };
+    for ((key, topic), result) in named.iter().zip(described) {
+        let resource = match result {
+            Ok(r) => r,
+            Err(code) => return Checked::Unknown(format!("{topic}: {code}")),
+        };
+        let policy = resource
+            .get("cleanup.policy")
+            .and_then(|e| e.value.clone())
+            .unwrap_or_default();
+        if compacts(&policy) {
+            return Checked::Refused(Error::Compacted {
+                key,
+                topic: (*topic).to_owned(),
+                policy,
+            });
+        }
+    }
+    Checked::Fine
+}
+
+/// What [`compaction`] found.
+#[derive(Debug)]
+pub enum Checked {
+    /// No topic compacts.
+    Fine,
+    /// A topic compacts.
+    Refused(Error),
+    /// The brokers did not say (the reason).
+    Unknown(String),
+}
+
+/// Whether a `cleanup.policy` value (a list: `delete`, `compact`, `compact,delete`) compacts.
+fn compacts(policy: &str) -> bool {
+    policy.split(',').any(|p| p.trim() == "compact")
 }
 
 /// Keeps the first authentication or TLS failure librdkafka reports.
@@ -116,7 +201,21 @@ pub fn check(config: &Config, within: Duration) -> Result<(), Error> {
             });
         }
         match answered {
-            Ok(_) => return topics_exist(producer.client(), config),
+            Ok(_) => {
+                topics_exist(producer.client(), config)?;
+                return match compaction(config, Duration::from_secs(5)) {
+                    Checked::Refused(e) => Err(e),
+                    Checked::Fine => Ok(()),
+                    Checked::Unknown(reason) => {
+                        tracing::warn!(
+                            reason = %reason,
+                            "could not read the topics' cleanup.policy (DescribeConfigs); a \
+                             compacted topic would lose records unseen"
+                        );
+                        Ok(())
+                    }
+                };
+            }
             Err(Some(code)) if is_final(code, "") => {
                 let reason = format!("{code}");
                 return Err(match code {
@@ -144,11 +243,7 @@ fn topics_exist<C: ClientContext>(
     config: &Config,
 ) -> Result<(), Error> {
     let k = &config.kafka;
-    for (key, topic) in [
-        ("kafka.intents_topic", &k.intents_topic),
-        ("kafka.side_effects_topic", &k.side_effects_topic),
-        ("kafka.manual_review_topic", &k.manual_review_topic),
-    ] {
+    for (key, topic) in topics(config) {
         let Ok(metadata) = client.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
             continue;
         };
@@ -163,11 +258,30 @@ fn topics_exist<C: ClientContext>(
         if let Some(reason) = refused {
             return Err(Error::Topic {
                 key,
-                topic: topic.clone(),
+                topic: topic.to_owned(),
                 brokers: k.brokers.clone(),
                 reason,
             });
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compacts;
+
+    #[test]
+    fn a_policy_compacts_when_its_list_names_compact() {
+        for (policy, compacting) in [
+            ("delete", false),
+            ("", false),
+            ("compact", true),
+            ("compact,delete", true),
+            ("delete, compact", true),
+            ("compaction", false),
+        ] {
+            assert_eq!(compacts(policy), compacting, "{policy:?}");
+        }
+    }
 }

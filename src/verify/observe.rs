@@ -10,12 +10,22 @@ use serde::Deserialize;
 
 use super::observed::*;
 use crate::config::Config;
+use crate::pipeline::preflight::Checked;
 use crate::pipeline::read::read_topic;
 
 /// Reads everything the check needs. Blocking: call it from a blocking thread (it drives
 /// PostgreSQL on the current tokio runtime when there is one, else on a private one).
 pub fn observe(config: &Config) -> anyhow::Result<Observed> {
     let k = &config.kafka;
+    // What compaction deleted is not there to be checked: no verdict on such topics.
+    match crate::pipeline::preflight::compaction(config, std::time::Duration::from_secs(10)) {
+        Checked::Refused(e) => return Err(e.into()),
+        Checked::Unknown(reason) => tracing::warn!(
+            reason = %reason,
+            "could not read the topics' cleanup.policy; records a compaction deleted would not be seen"
+        ),
+        Checked::Fine => {}
+    }
     // Inputs before outputs: an intent whose outcome is produced while the verifier runs is
     // not reported lost.
     let intents = read_intents(config)?;

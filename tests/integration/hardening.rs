@@ -487,27 +487,13 @@ async fn records_as_large_as_the_topic_takes_are_reviewed_cut_to_fit_and_no_part
 /// once the topic takes the record again, everything commits as if nothing happened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_topic_below_max_output_bytes_is_named_and_processing_resumes_once_raised() {
-    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
     let env = TestEnv::new("toosmall", 1).await;
     let cfg = env.config();
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.brokers)
-        .create()
-        .expect("admin client");
     let set_limit = |bytes: &'static str| {
-        let admin = &admin;
-        let topic = cfg.kafka.manual_review_topic.clone();
+        let cfg = Arc::clone(&cfg);
         async move {
-            let alter =
-                AlterConfig::new(ResourceSpecifier::Topic(&topic)).set("max.message.bytes", bytes);
-            let done = admin
-                .alter_configs(
-                    &[alter],
-                    &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-                )
-                .await
-                .expect("alter_configs");
-            assert!(done.iter().all(|r| r.is_ok()), "{done:?}");
+            let topic = &cfg.kafka.manual_review_topic;
+            alter_topic_config(&cfg, topic, "max.message.bytes", bytes).await
         }
     };
     set_limit("20000").await;

@@ -271,6 +271,55 @@ async fn a_mistyped_topic_name_stops_run_within_seconds_naming_it() {
     }
 }
 
+/// A tired operator's topic setting: `cleanup.policy=compact` keeps the last record of each key
+/// and deletes the others (the intents topic is keyed by contact: every intent of a contact
+/// but its last, before the processor reads them), and `verify`, reading the same topics,
+/// would not see what is gone. Found by hand: `run` and `verify` took a compacted intents
+/// topic without a word. Each of the three topics compacted stops `run` at start and fails
+/// `verify`, naming the setting, the topic and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_topic_stops_run_and_fails_verify_naming_it() {
+    let env = TestEnv::new("secure_compacted", 1).await;
+    migrate_as_owner(&env.config).await;
+    let cfg = env.config.clone();
+    let k = &cfg.kafka;
+    for (case, key, topic, policy) in [
+        (
+            "intents",
+            "kafka.intents_topic",
+            &k.intents_topic,
+            "compact",
+        ),
+        (
+            "effects",
+            "kafka.side_effects_topic",
+            &k.side_effects_topic,
+            "compact,delete",
+        ),
+        (
+            "review",
+            "kafka.manual_review_topic",
+            &k.manual_review_topic,
+            "compact",
+        ),
+    ] {
+        alter_topic_config(&cfg, topic, "cleanup.policy", policy).await;
+        let named = format!("{key} {topic:?} has cleanup.policy={policy}");
+        let log = std::env::temp_dir().join(format!("{}-{case}.log", env.name));
+        let error = refused_at_start(&cfg, &log, &named, "no-secret-in-this-case-5c1e");
+        assert!(error.contains("set cleanup.policy=delete"), "{error}");
+        let (ok, out, err) = cli(&cfg, &["verify"]);
+        assert!(!ok, "verify over a compacted {case} topic passed: {out}");
+        assert!(err.contains(&named), "verify names it: {err}");
+        alter_topic_config(&cfg, topic, "cleanup.policy", "delete").await;
+    }
+    let (ok, out, err) = cli(&cfg, &["verify"]);
+    assert!(
+        ok,
+        "with every topic back to delete, verify runs: {out} {err}"
+    );
+}
+
 /// Runs `run` with `cfg` and checks that it stops within 15 s, non-zero, with one
 /// `causal-commit failed` line whose error names the cause (`named`), and that `secret` is
 /// nowhere in its log. Returns that error.

@@ -403,3 +403,25 @@ pub fn by_contact(effects: &[SideEffect]) -> HashMap<String, Vec<&SideEffect>> {
     }
     m
 }
+
+/// Sets one configuration key of a topic with the admin API, as an operator would with
+/// `kafka-configs --alter`.
+pub async fn alter_topic_config(config: &Config, topic: &str, key: &str, value: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .create()
+        .expect("admin client");
+    let alter = AlterConfig::new(ResourceSpecifier::Topic(topic)).set(key, value);
+    let done = admin
+        .alter_configs(
+            &[alter],
+            &AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(10))),
+        )
+        .await
+        .expect("alter_configs");
+    assert!(
+        done.iter().all(|r| r.is_ok()),
+        "{topic} {key}={value}: {done:?}"
+    );
+}
