@@ -745,6 +745,48 @@ impl Engine {
         true
     }
 
+    /// Whether the consumer stepped over records deleted before it read them (retention, or
+    /// `kafka-delete-records`, past a lagging processor): librdkafka then moves to the log's
+    /// new start on its own, with a warning, and the records in between are gone. A batch
+    /// whose records jump past where a lane expects its next one, to beyond a log start that is
+    /// now past that point, voids every lane instead; the restores refuse the partitions
+    /// concerned, naming the deleted offsets and the way out (`recovery::within_log`). A jump
+    /// over transaction markers or aborted records leaves the log start where it was.
+    fn skipped_deleted(&mut self, records: &[InRecord]) -> bool {
+        let mut expected: HashMap<i32, i64> = HashMap::new();
+        for r in records {
+            let Some(lane) = self.lanes.get(&r.partition) else {
+                continue;
+            };
+            let next = expected.entry(r.partition).or_insert(lane.next_offset);
+            let jumped = *next >= 0 && r.offset > *next;
+            let from = *next;
+            *next = r.offset + 1;
+            if !jumped {
+                continue;
+            }
+            let Some(start) =
+                kafka::cached_log_start(&self.consumer, &self.topics.intents, r.partition)
+            else {
+                continue;
+            };
+            if start > from {
+                tracing::error!(
+                    partition = r.partition,
+                    expected_offset = from,
+                    log_start = start,
+                    received_offset = r.offset,
+                    "records were deleted before they were consumed (retention or \
+                     kafka-delete-records past a lagging processor): every partition is \
+                     restored, and one whose log no longer holds where it resumes is refused"
+                );
+                self.void_all("records deleted before they were consumed");
+                return true;
+            }
+        }
+        false
+    }
+
     /// Where the consumer stands in the partitions whose end it reached: past their last
     /// record and the transaction markers after it.
     fn note_end_offsets(&mut self, ends: &BTreeSet<i32>) {
@@ -766,9 +808,13 @@ impl Engine {
 
     /// Decides, writes, commits and reports one batch (see the module documentation).
     fn process(&mut self, records: Vec<InRecord>) {
+        // Test builds: a batch held up (a slow engine that lags behind its consumer's fetches).
+        if !records.is_empty() {
+            fail::fail_point!("engine-process");
+        }
         self.batch_trace.polled(records.len());
         self.sync_assignment();
-        if self.moved_back(&records) {
+        if self.moved_back(&records) || self.skipped_deleted(&records) {
             return;
         }
         let now_ms = output::now_ms();

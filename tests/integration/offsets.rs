@@ -278,6 +278,34 @@ async fn refused(log: &std::path::Path, cause: &str, partitions: &[i64]) -> Vec<
     }
 }
 
+/// `kafka-delete-records` with the admin API: the partition's records before `offset` go.
+async fn delete_records_before(config: &Config, partition: i32, offset: i64) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .create()
+        .expect("admin client");
+    let mut before = rdkafka::TopicPartitionList::new();
+    before
+        .add_partition_offset(
+            &config.kafka.intents_topic,
+            partition,
+            rdkafka::Offset::Offset(offset),
+        )
+        .unwrap();
+    let deleted = admin
+        .delete_records(
+            &before,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("delete records");
+    assert!(
+        deleted.elements().iter().all(|e| e.error().is_ok()),
+        "{deleted:?}"
+    );
+}
+
 /// `recovery-point resume-at --partition P --earliest`, which must succeed; its output.
 fn resume_at_earliest(config: &Config, partition: &str) -> String {
     let args = [
@@ -424,7 +452,6 @@ async fn an_intents_topic_recreated_under_a_running_processor_loses_nothing() {
 /// it with `recovery-point resume-at --earliest`; then the rest commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_deleted_before_they_were_consumed_are_named_until_an_operator_accepts_it() {
-    use rdkafka::admin::{AdminClient, AdminOptions};
     let env = TestEnv::new("deleted", 1).await;
     let cfg = env.config.clone();
     let proc = Processor::spawn(&cfg, log_of(&env, "run1"));
@@ -441,29 +468,7 @@ async fn records_deleted_before_they_were_consumed_are_named_until_an_operator_a
         ..workload(100, 10, "e", 32)
     };
     demo::produce(&cfg, &assigned).await.unwrap();
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.brokers)
-        .create()
-        .expect("admin client");
-    let mut before = rdkafka::TopicPartitionList::new();
-    before
-        .add_partition_offset(
-            &cfg.kafka.intents_topic,
-            0,
-            rdkafka::Offset::Offset(resume + 40),
-        )
-        .unwrap();
-    let deleted = admin
-        .delete_records(
-            &before,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("delete records");
-    assert!(
-        deleted.elements().iter().all(|e| e.error().is_ok()),
-        "{deleted:?}"
-    );
+    delete_records_before(&cfg, 0, resume + 40).await;
 
     let log = log_of(&env, "run2");
     let proc = Processor::spawn(&cfg, log.clone());
@@ -544,4 +549,110 @@ async fn a_deployment_under_another_group_and_back_emits_nothing_twice() {
     assert!(proc.terminate(Duration::from_secs(30)));
     assert_eq!(rolled_back_transitions(&read_log(&log), |_| true), 0);
     verified(&blue, 780).await;
+}
+
+/// Records deleted before a *running* processor read them (retention past a lagging processor,
+/// or `kafka-delete-records`): librdkafka moves the consumer to the log's new start on its own
+/// and the records in between are gone; before, the engine went on from there in silence. A
+/// fail point holds one batch for 20 s while the consumer may prefetch only about 1 KB; the
+/// intents produced meanwhile, one record batch each, are deleted up to 10 before the end.
+/// Once the batch goes on, the consumer's next fetch finds its offset gone: the engine names
+/// the jump, restores, and the partition refuses naming the deleted offsets until an operator
+/// accepts them with `resume-at`; then the rest commits.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_deleted_under_a_running_processor_are_named_until_an_operator_accepts_it() {
+    let env = TestEnv::new("deletedlive", 1).await;
+    let mut cfg = env.config.clone();
+    for (k, v) in [
+        ("queued.max.messages.kbytes", "1"),
+        ("fetch.message.max.bytes", "1"),
+    ] {
+        cfg.kafka.client.insert(k, v.to_string());
+    }
+    // Each the first intent of its own contact, one record batch each.
+    let one = |i: usize| {
+        let (id, contact) = (format!("b{i}"), format!("c{i}"));
+        let value = prost::Message::encode_to_vec(&intent(&id, &contact, 1));
+        (0, contact, value, None)
+    };
+    let log = log_of(&env, "run");
+    let proc = Processor::spawn_with_env(
+        &cfg,
+        log.clone(),
+        &[("FAILPOINTS", "engine-process=1*off->1*sleep(20000)")],
+    );
+    produce_traced(&cfg, &[one(100)]).await;
+    caught_up(&cfg).await;
+    // The next batch is held 20 s; the intents arrive one record batch at a time.
+    let batches: Vec<_> = (0..60).map(one).collect();
+    produce_traced(&cfg, &batches).await;
+    let end = causal_commit::pipeline::read::log_ranges(&cfg).unwrap()[&0].high;
+    delete_records_before(&cfg, 0, end - 10).await;
+    let lines = read_log(&log);
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l["message"] == "shutdown requested: draining the batch in hand"),
+        "still running"
+    );
+
+    let errors = refused(&log, "log starts at offset", &[0]).await;
+    assert!(
+        errors[0].contains(&format!("to {}", end - 10)),
+        "names the deleted offsets: {}",
+        errors[0]
+    );
+    let jumped: Vec<serde_json::Value> = read_log(&log)
+        .into_iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("records were deleted before they were consumed"))
+        })
+        .collect();
+    assert_eq!(jumped.len(), 1, "the engine names the jump once");
+    assert_eq!(jumped[0]["log_start"].as_i64(), Some(end - 10));
+    resume_at_earliest(&cfg, "0");
+    caught_up(&cfg).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    // The verifier reads the intents topic: the intents committed before their records were
+    // deleted are gone from it, so their effects are all it can flag.
+    let report = verify_report(&cfg, "").await;
+    assert_eq!(
+        (
+            report.duplicates_emitted,
+            report.lost,
+            report.reorders,
+            report.gaps
+        ),
+        (0, 0, 0, 0),
+        "{:?}",
+        report.violations
+    );
+    assert!(
+        report
+            .violations
+            .iter()
+            .all(|v| v.contains("for an intent never consumed (effect without intent)")),
+        "{:?}",
+        report.violations
+    );
+    // Offsets 0 to the jump's expected offset were consumed and committed, then deleted.
+    let consumed_then_deleted = jumped[0]["expected_offset"]
+        .as_u64()
+        .expect("expected_offset");
+    assert_eq!(report.effects_without_intent as u64, consumed_then_deleted);
+    assert_eq!(
+        report.committed,
+        report.intents + report.effects_without_intent,
+        "what the log holds commits, besides what committed before its records were deleted"
+    );
+    for i in 50..60 {
+        assert_eq!(
+            effects_of(&cfg, &format!("b{i}")),
+            1,
+            "b{i}, after the deleted records, committed once"
+        );
+    }
 }
