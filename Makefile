@@ -88,7 +88,7 @@ CC_CHAOS_SECS ?= 600
 CC_CHAOS_BROKER ?= 1
 chaos: up
 	$(STACK_ENV); CC_CHAOS_SECS=$(CC_CHAOS_SECS) CC_CHAOS_BROKER=$(CC_CHAOS_BROKER) \
-	  $(CARGO) test --test integration chaos:: -- --nocapture
+	  $(CARGO) test --features failpoints --test integration chaos:: -- --nocapture
 
 # The Kafka Streams peer as one runnable jar (Maven; offline once ~/.m2 holds its dependencies).
 PEER_DIR := bench/peers/kafka-streams
