@@ -163,13 +163,15 @@ impl Error {
     }
 
     /// PostgreSQL did not answer, or answered that it cannot serve now: stopped, starting up
-    /// or shutting down, out of connections, the connection lost. Waiting may heal it; a
-    /// refused login, a missing schema or a failed statement does not.
+    /// or shutting down, out of connections, the connection lost, or a handshake cut short (a
+    /// server shutting down answered a connection's SSLRequest with a byte no PostgreSQL sends:
+    /// the chaos test's instance started 0.2 s before PostgreSQL stopped exited on it). Waiting
+    /// may heal it; a refused login, a missing schema or a failed statement does not.
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
             Error::Db {
-                source: sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut,
+                source: sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_),
                 ..
             }
         ) || self
@@ -212,6 +214,10 @@ mod tests {
         assert!(db(sqlx::Error::PoolTimedOut).is_unavailable());
         assert!(db(sqlx::Error::Io(
             std::io::ErrorKind::ConnectionRefused.into()
+        ))
+        .is_unavailable());
+        assert!(db(sqlx::Error::Protocol(
+            "unexpected response from SSLRequest: 0x00".into()
         ))
         .is_unavailable());
         assert!(!db(sqlx::Error::RowNotFound).is_unavailable());
