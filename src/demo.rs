@@ -135,10 +135,15 @@ pub async fn produce(config: &Config, opts: &ProduceOptions) -> anyhow::Result<P
     };
     let mut tasks = tokio::task::JoinSet::new();
     for (n, lane) in lanes.into_iter().enumerate() {
-        let mut c = kafka::watched_config(config);
-        c.set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set("client.id", format!("causal-commit-demo-{n}"));
+        let client_id = format!("causal-commit-demo-{n}");
+        let c = kafka::watched_config(
+            config,
+            &[
+                ("enable.idempotence", "true"),
+                ("linger.ms", "5"),
+                ("client.id", &client_id),
+            ],
+        );
         let watch = BrokerWatch::new("producer", &config.kafka.brokers);
         let producer: FutureProducer<Watched> = c
             .create_with_context(Watched(watch.clone()))

@@ -53,18 +53,16 @@ pub fn read(config: &Config, partition: i32, offset: i64) -> Result<ManualReview
     if partition < 0 || offset < 0 {
         return Err(not_found());
     }
-    let mut c = crate::pipeline::kafka::client_config();
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set(
-            "group.id",
-            format!("causal-commit-admin-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true");
-    for (k, v) in &config.kafka.client {
-        c.set(k, v);
-    }
+    let group = format!("causal-commit-admin-{}", uuid::Uuid::new_v4());
+    let c = crate::pipeline::kafka::client_config(
+        config,
+        &[
+            ("group.id", &group),
+            ("enable.auto.commit", "false"),
+            ("isolation.level", "read_committed"),
+            ("enable.partition.eof", "true"),
+        ],
+    );
     let consumer: BaseConsumer = c.create().map_err(|e| kafka(e.to_string()))?;
     let metadata = consumer
         .fetch_metadata(Some(topic), READ_TIMEOUT)

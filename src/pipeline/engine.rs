@@ -1529,7 +1529,8 @@ impl Engine {
                         manual_review_topic = %self.topics.manual_review,
                         "transaction failed: an output topic refused a record as too large; every output topic's max.message.bytes must be at least limits.max_output_bytes plus 4 KiB (runbook: Transactions aborting); restoring, again in 5 s"
                     );
-                } else {
+                } else if !matches!(e, kafka::Error::Stuck { .. }) {
+                    // (A stuck call has its own ERROR line in `recover_producer`.)
                     tracing::warn!(error = %e, "transaction failed; restoring");
                 }
                 self.recover_producer(&e);

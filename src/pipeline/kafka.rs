@@ -182,23 +182,33 @@ pub type EngineConsumer = BaseConsumer<EngineContext>;
 /// test's workload producer lost its queued records that way (tests/integration/chaos.rs).
 pub const REBOOTSTRAP_AFTER_MS: &str = "10000";
 
-/// A client configuration with the defaults every Kafka client of causal-commit starts from;
-/// each adds its own, then `[kafka.client]` (which may override them).
-pub fn client_config() -> ClientConfig {
+/// A client configuration for `kafka.brokers`: the defaults every Kafka client of
+/// causal-commit starts from, then the client's own `settings`, then `[kafka.client]` (which
+/// may override them; the keys correctness depends on are refused there by the configuration's
+/// check). A caller sets what nothing may override after this.
+pub fn client_config(config: &Config, settings: &[(&str, &str)]) -> ClientConfig {
+    configured(config, false, settings)
+}
+
+/// [`client_config`] for a long-lived client with a [`BrokerWatch`]: statistics on (before
+/// `[kafka.client]`, which may change their interval).
+pub fn watched_config(config: &Config, settings: &[(&str, &str)]) -> ClientConfig {
+    configured(config, true, settings)
+}
+
+fn configured(config: &Config, watched: bool, settings: &[(&str, &str)]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set(
         "metadata.recovery.rebootstrap.trigger.ms",
         REBOOTSTRAP_AFTER_MS,
     );
-    c
-}
-
-/// [`client_config`] for a long-lived client with a [`BrokerWatch`]: statistics on, then
-/// `kafka.brokers` and `[kafka.client]`.
-pub fn watched_config(config: &Config) -> ClientConfig {
-    let mut c = client_config();
-    BrokerWatch::enable(&mut c);
+    if watched {
+        BrokerWatch::enable(&mut c);
+    }
     c.set("bootstrap.servers", &config.kafka.brokers);
+    for (k, v) in settings {
+        c.set(*k, *v);
+    }
     for (k, v) in &config.kafka.client {
         c.set(k, v);
     }
@@ -210,21 +220,19 @@ pub fn watched_config(config: &Config) -> ClientConfig {
 /// static membership (`group.instance.id` = instance id) so that a restarted instance gets its
 /// partitions back at once instead of waiting for its old session to expire.
 pub fn consumer(config: &Config, ctx: EngineContext) -> Result<EngineConsumer> {
-    let mut c = client_config();
-    BrokerWatch::enable(&mut c);
+    let client_id = format!("causal-commit-{}", config.instance_id());
     // Defaults the user may tune through `kafka.client`.
-    c.set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        // Partitions added to the topic are noticed (and assigned) within seconds.
-        .set("topic.metadata.refresh.interval.ms", "10000")
-        .set("group.instance.id", config.instance_id())
-        .set(
-            "client.id",
-            format!("causal-commit-{}", config.instance_id()),
-        );
-    for (k, v) in &config.kafka.client {
-        c.set(k, v);
-    }
+    let mut c = watched_config(
+        config,
+        &[
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "1000"),
+            // Partitions added to the topic are noticed (and assigned) within seconds.
+            ("topic.metadata.refresh.interval.ms", "10000"),
+            ("group.instance.id", &config.instance_id()),
+            ("client.id", &client_id),
+        ],
+    );
     // What correctness depends on: never overridden (validation refuses these keys).
     c.set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", &config.kafka.group_id)
@@ -294,7 +302,7 @@ pub struct TxnProducer {
 impl TxnProducer {
     pub fn new(config: &Config) -> Result<Self> {
         let txn_ms = config.kafka.transaction_timeout.as_millis();
-        let mut c = watched_config(config);
+        let mut c = watched_config(config, &[]);
         c.set("transactional.id", transactional_id(config))
             .set("enable.idempotence", "true")
             .set("transaction.timeout.ms", txn_ms.to_string())

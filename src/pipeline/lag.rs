@@ -119,13 +119,15 @@ impl Monitor {
     /// created, the lag is not reported (logged) and processing goes on.
     pub fn spawn(config: &Config, positions: Arc<Positions>, shutdown: &CancellationToken) -> Self {
         let stop = shutdown.child_token();
-        let mut c = kafka::watched_config(config);
-        c.set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false")
-            .set(
-                "client.id",
-                format!("causal-commit-{}-lag", config.instance_id()),
-            );
+        let client_id = format!("causal-commit-{}-lag", config.instance_id());
+        let c = kafka::watched_config(
+            config,
+            &[
+                ("isolation.level", "read_committed"),
+                ("enable.auto.commit", "false"),
+                ("client.id", &client_id),
+            ],
+        );
         let topic = config.kafka.intents_topic.clone();
         let timeout = config.kafka.operation_timeout.min(INTERVAL);
         let watch = BrokerWatch::new("lag", &config.kafka.brokers);

@@ -72,11 +72,7 @@ fn topics(config: &Config) -> [(&'static str, &str); 3] {
 /// `Checked::Fine` when none does. A describe the brokers refuse (no `DescribeConfigs`
 /// permission) or do not answer is no verdict: `Checked::Unknown`.
 pub fn compaction(config: &Config, within: Duration) -> Checked {
-    let mut c = crate::pipeline::kafka::client_config();
-    for (k, v) in &config.kafka.client {
-        c.set(k, v);
-    }
-    c.set("bootstrap.servers", &config.kafka.brokers);
+    let c = crate::pipeline::kafka::client_config(config, &[]);
     let admin: AdminClient<DefaultClientContext> = match c.create() {
         Ok(a) => a,
         Err(e) => return Checked::Unknown(e.to_string()),
@@ -165,11 +161,8 @@ impl ProducerContext for Watch {
 /// answer, or after `within` without an answer (then the engine goes on trying). Blocking.
 pub fn check(config: &Config, within: Duration) -> Result<(), Error> {
     let brokers = config.kafka.brokers.clone();
-    let mut c = crate::pipeline::kafka::client_config();
-    for (k, v) in &config.kafka.client {
-        c.set(k, v);
-    }
-    c.set("bootstrap.servers", &brokers).set(
+    let mut c = crate::pipeline::kafka::client_config(config, &[]);
+    c.set(
         "client.id",
         format!("causal-commit-{}-check", config.instance_id()),
     );

@@ -17,13 +17,13 @@ use crate::store::recovery::RecoveryPoint;
 /// the group: it only reads committed offsets. Returns it with the intents topic's partitions.
 pub fn offsets_reader(config: &Config) -> anyhow::Result<(BaseConsumer, Vec<i32>)> {
     let topic = &config.kafka.intents_topic;
-    let mut c = crate::pipeline::kafka::client_config();
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", &config.kafka.group_id)
-        .set("enable.auto.commit", "false");
-    for (k, v) in &config.kafka.client {
-        c.set(k, v);
-    }
+    let c = crate::pipeline::kafka::client_config(
+        config,
+        &[
+            ("group.id", &config.kafka.group_id),
+            ("enable.auto.commit", "false"),
+        ],
+    );
     let consumer: BaseConsumer = c.create().context("creating an offsets reader")?;
     let partitions = partitions_of(&consumer, topic, Duration::from_secs(10))?;
     Ok((consumer, partitions))
@@ -159,19 +159,18 @@ pub fn any_output_committed(
 /// A read_committed consumer of its own throw-away group (`causal-commit-<purpose>-<uuid>`),
 /// with `[kafka.client]` applied, that commits nothing: for reading topics end to end.
 pub fn reader(config: &Config, purpose: &str) -> anyhow::Result<BaseConsumer> {
-    let mut c = crate::pipeline::kafka::client_config();
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set(
-            "group.id",
-            format!("causal-commit-{purpose}-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false");
-    for (k, v) in &config.kafka.client {
-        c.set(k, v);
-    }
-    c.create().context("creating a reader")
+    let group = format!("causal-commit-{purpose}-{}", uuid::Uuid::new_v4());
+    crate::pipeline::kafka::client_config(
+        config,
+        &[
+            ("group.id", &group),
+            ("enable.auto.commit", "false"),
+            ("isolation.level", "read_committed"),
+            ("enable.partition.eof", "false"),
+        ],
+    )
+    .create()
+    .context("creating a reader")
 }
 
 /// The partitions `topic` has now.

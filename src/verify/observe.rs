@@ -32,12 +32,18 @@ pub fn observe(config: &Config) -> anyhow::Result<Observed> {
     // Recovery points before and after the outputs: rows of a batch committed before the
     // outputs were read must have their outputs among them; rows up to the second read are
     // committed.
-    let writers = block_on(read_writer_groups(config))??;
+    let driver = Driver::new()?;
+    let pool = driver.block_on(async { crate::store::postgres::pool(&config.postgres) })?;
+    let writers = driver.block_on(read_writer_groups(&pool, config))?;
     let (before_outputs, _) = read_committed(config, &writers)?;
     let effects = read_outputs(config, &k.side_effects_topic)?;
     let reviews = read_outputs(config, &k.manual_review_topic)?;
     let (committed, mut unreadable) = read_committed(config, &writers)?;
-    let store = block_on(read_store(config, &before_outputs, &committed))??;
+    let store = driver.block_on(async {
+        let store = read_store(&pool, config, &before_outputs, &committed).await;
+        pool.close().await;
+        store
+    })?;
     unreadable.extend(store.unreadable);
     let s = &config.sequencer;
     Ok(Observed {
@@ -96,9 +102,11 @@ fn read_outputs(config: &Config, topic: &str) -> anyhow::Result<Vec<OutputRecord
 
 /// The consumer group that last wrote each partition of the intents topic, where PostgreSQL
 /// knows it and it is not the configured group (another deployment over the same store).
-async fn read_writer_groups(config: &Config) -> anyhow::Result<BTreeMap<i32, String>> {
-    let pool = crate::store::postgres::pool(&config.postgres)?;
-    let views = crate::store::postgres::batch_views(&pool, &config.kafka.intents_topic)
+async fn read_writer_groups(
+    pool: &sqlx::PgPool,
+    config: &Config,
+) -> anyhow::Result<BTreeMap<i32, String>> {
+    let views = crate::store::postgres::batch_views(pool, &config.kafka.intents_topic)
         .await
         .with_context(|| {
             format!(
@@ -106,7 +114,6 @@ async fn read_writer_groups(config: &Config) -> anyhow::Result<BTreeMap<i32, Str
                 config.postgres.schema
             )
         })?;
-    pool.close().await;
     Ok(views
         .into_iter()
         .filter_map(|v| Some((v.partition, v.writer_group?)))
@@ -183,11 +190,11 @@ fn is_committed(points: &BTreeMap<i32, CommittedOffset>, partition: i32, batch: 
 
 /// Reads the audit and the contact states in one read-only snapshot.
 async fn read_store(
+    pool: &sqlx::PgPool,
     config: &Config,
     before_outputs: &BTreeMap<i32, CommittedOffset>,
     committed: &BTreeMap<i32, CommittedOffset>,
 ) -> anyhow::Result<Store> {
-    let pool = crate::store::postgres::pool(&config.postgres)?;
     let mut tx = pool.begin().await.context("connecting to PostgreSQL")?;
     // One snapshot for both tables, and no statement timeout cut for a large audit.
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -212,7 +219,6 @@ async fn read_store(
             format!("reading {schema}.cc_contact (has `causal-commit migrate` run?)")
         })?;
     tx.commit().await.context("ending the read-only snapshot")?;
-    pool.close().await;
     Ok(store)
 }
 
@@ -426,15 +432,32 @@ async fn read_contacts(
     Ok(())
 }
 
-/// Runs a future to completion from blocking code.
-fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => Ok(handle.block_on(f)),
-        Err(_) => Ok(tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting a runtime for PostgreSQL")?
-            .block_on(f)),
+/// Where the verifier drives PostgreSQL: the current tokio runtime when there is one (the
+/// caller is on one of its blocking threads), else a private one kept for the whole
+/// observation, so that one pool serves every read.
+enum Driver {
+    Current(tokio::runtime::Handle),
+    Own(tokio::runtime::Runtime),
+}
+
+impl Driver {
+    fn new() -> anyhow::Result<Self> {
+        Ok(match tokio::runtime::Handle::try_current() {
+            Ok(handle) => Driver::Current(handle),
+            Err(_) => Driver::Own(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting a runtime for PostgreSQL")?,
+            ),
+        })
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        match self {
+            Driver::Current(handle) => handle.block_on(f),
+            Driver::Own(runtime) => runtime.block_on(f),
+        }
     }
 }
 
