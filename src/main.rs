@@ -583,6 +583,9 @@ async fn recovery_point(config: Config, command: RecoveryPointCommand) -> anyhow
                     "store_committed_batch": v.committed_batch,
                     "store_next_offset": v.last_next_offset,
                     "writer_group": v.writer_group,
+                    "consumed_topic_id": v.topic_id,
+                    "topic_id": logs.get(&v.partition).and_then(|l| l.topic_id)
+                        .map(|t| t.to_string()),
                     "log_start": logs.get(&v.partition).map(|l| l.low),
                     "log_end": logs.get(&v.partition).map(|l| l.high),
                 }));

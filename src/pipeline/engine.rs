@@ -489,8 +489,15 @@ impl Engine {
             return;
         }
         let mut anchors = Vec::new();
-        for (p, rewind) in self.assignment.to_restore(now) {
-            match self.restore(p, rewind) {
+        let to_restore = self.assignment.to_restore(now);
+        // One question for the round: which topic the partitions are read from now.
+        let topic_id = if to_restore.is_empty() {
+            None
+        } else {
+            self.topic_id()
+        };
+        for (p, rewind) in to_restore {
+            match self.restore(p, rewind, topic_id) {
                 Ok(Restored {
                     lane,
                     anchor: Some(point),

@@ -18,8 +18,10 @@ use crate::telemetry::metrics as m;
 
 pub mod call_thread;
 pub mod stranded;
+mod topic_id;
 use call_thread::CallThread;
 pub use stranded::{BrokerWatch, Watched};
+pub use topic_id::topic_id;
 
 /// How long past its own timeout a blocking transactional call may take before it is taken as
 /// one that never returns (see [`call_thread`]).

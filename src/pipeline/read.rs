@@ -58,13 +58,23 @@ pub fn log_ranges(
 ) -> anyhow::Result<std::collections::BTreeMap<i32, crate::store::recovery::LogRange>> {
     let (consumer, partitions) = offsets_reader(config)?;
     let topic = &config.kafka.intents_topic;
+    let topic_id =
+        crate::pipeline::kafka::topic_id(consumer.client(), topic, Duration::from_secs(10))
+            .map_err(|e| anyhow::anyhow!("reading {topic}'s topic id: {e}"))?;
     partitions
         .into_iter()
         .map(|p| {
             let (low, high) = consumer
                 .fetch_watermarks(topic, p, Duration::from_secs(10))
                 .with_context(|| format!("reading the offsets of {topic} [{p}]"))?;
-            Ok((p, crate::store::recovery::LogRange { low, high }))
+            Ok((
+                p,
+                crate::store::recovery::LogRange {
+                    low,
+                    high,
+                    topic_id,
+                },
+            ))
         })
         .collect()
 }

@@ -13,7 +13,7 @@ use super::lane::{Lane, LaneClock};
 use crate::sequencer::{self, Decision, Sequencer};
 use crate::store::lock_store::{self, LockResult};
 use crate::store::postgres as pg;
-use crate::store::recovery::{KafkaCommitted, LogRange, RecoveryPoint};
+use crate::store::recovery::{KafkaCommitted, LogRange, RecoveryPoint, TopicId};
 use crate::store::snapshot::{self, Held, WaitingRows};
 use crate::telemetry::metrics as m;
 
@@ -69,6 +69,7 @@ impl Engine {
         &mut self,
         partition: i32,
         rewind: bool,
+        topic_id: Option<TopicId>,
     ) -> Result<Restored, RestoreError> {
         let started = Instant::now();
         let topic = self.topics.intents.to_string();
@@ -106,7 +107,11 @@ impl Engine {
             fence,
             &self.config.kafka.group_id,
             &kafka,
-            Some(LogRange { low, high }),
+            Some(LogRange {
+                low,
+                high,
+                topic_id,
+            }),
         ))?;
         let resume = restored.resume;
         if let Some(previous) = &restored.previous_group {
@@ -243,6 +248,29 @@ impl Engine {
             );
         }
         Ok(())
+    }
+
+    /// The intents topic's id now, to tell its log from the one the durable state consumed
+    /// (`recovery::within_log`). Brokers that do not say (no topic ids, or no answer) leave
+    /// that comparison out, with a warning; the offsets are still checked.
+    pub(super) fn topic_id(&self) -> Option<TopicId> {
+        let topic = &self.topics.intents;
+        match kafka::topic_id(
+            self.consumer.client(),
+            topic,
+            self.config.kafka.operation_timeout,
+        ) {
+            Ok(id) => id,
+            Err(reason) => {
+                tracing::warn!(
+                    topic = %topic,
+                    reason = %reason,
+                    "could not read the intents topic's id; this restore cannot tell a topic \
+                     created again under the same name from the one consumed"
+                );
+                None
+            }
+        }
     }
 
     /// The partition's committed offset and recovery point in Kafka.

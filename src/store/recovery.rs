@@ -98,6 +98,40 @@ impl KafkaCommitted {
     }
 }
 
+/// The id Kafka gives a topic at its creation (KIP-516): a topic deleted and created again under
+/// the same name has a new one. Shown as Kafka's tools show it (the 16 bytes in URL-safe
+/// base64 without padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TopicId(u128);
+
+impl TopicId {
+    /// From its two halves; `None` for the zero id (a topic without one).
+    pub fn from_bits(high: u64, low: u64) -> Option<Self> {
+        let id = (u128::from(high) << 64) | u128::from(low);
+        (id != 0).then_some(TopicId(id))
+    }
+}
+
+impl fmt::Display for TopicId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use base64::Engine as _;
+        f.write_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.0.to_be_bytes()))
+    }
+}
+
+impl std::str::FromStr for TopicId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s)
+            .ok()
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .ok_or_else(|| format!("{s:?} is not a Kafka topic id"))?;
+        Ok(TopicId(u128::from_be_bytes(bytes)))
+    }
+}
+
 /// What PostgreSQL knows of a partition's batches (`cc_partition`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StoreView {
@@ -113,6 +147,9 @@ pub struct StoreView {
     /// group (another deployment over the same store): this group's recovery point does not
     /// speak for those batches.
     pub written_under_another_group: bool,
+    /// The id of the topic the partition's batches were consumed from, as recorded at its last
+    /// restore (`None`: not recorded, by an older version or a broker without topic ids).
+    pub topic_id: Option<TopicId>,
 }
 
 /// Where a restored partition resumes: its last committed batch (rows of later batches are
@@ -172,6 +209,19 @@ pub enum Refusal {
          --earliest`; see the runbook, \"Partitions paused\""
     )]
     LogDeleted { next_offset: i64, low: i64 },
+    #[error(
+        "the topic is not the one the durable state consumed: its id is {now}, the state was \
+         consumed from {consumed} (the topic was deleted and created again under the same \
+         name), so offset {next_offset}, where the state resumes, is in another log. Nothing is \
+         read from it until an operator says where it resumes: `causal-commit recovery-point \
+         resume-at --partition P --earliest` (or --offset N); see the runbook, \"Partitions \
+         paused\""
+    )]
+    TopicReplaced {
+        consumed: TopicId,
+        now: TopicId,
+        next_offset: i64,
+    },
 }
 
 /// The offsets a partition of the intents topic holds now: its first record (`low`, past what
@@ -180,6 +230,8 @@ pub enum Refusal {
 pub struct LogRange {
     pub low: i64,
     pub high: i64,
+    /// The topic's id now (`None`: the brokers did not say).
+    pub topic_id: Option<TopicId>,
 }
 
 /// Where a [`Resume`] may start in the partition's log. Kafka offsets never go back on a topic:
@@ -213,6 +265,15 @@ pub fn within_log(mut resume: Resume, store: &StoreView, log: LogRange) -> Resul
             next_offset: next,
             low: log.low,
         });
+    }
+    if let (Some(consumed), Some(now)) = (store.topic_id, log.topic_id) {
+        if consumed != now {
+            return Err(Refusal::TopicReplaced {
+                consumed,
+                now,
+                next_offset: next,
+            });
+        }
     }
     Ok(resume)
 }
@@ -293,7 +354,11 @@ mod tests {
     #[test]
     fn a_resume_point_outside_the_log_is_refused_and_a_fresh_partition_starts_at_its_first_offset()
     {
-        let log = |low, high| LogRange { low, high };
+        let log = |low, high| LogRange {
+            low,
+            high,
+            topic_id: None,
+        };
         let at = |next_offset| Resume {
             batch: 5,
             next_offset,
@@ -341,6 +406,59 @@ mod tests {
     }
 
     #[test]
+    fn a_resume_point_in_a_topic_created_again_is_refused_even_inside_its_log() {
+        let id = |n: u64| TopicId::from_bits(n, 7);
+        let log = |topic_id| LogRange {
+            low: 0,
+            high: 2_000,
+            topic_id,
+        };
+        let at = Resume {
+            batch: 5,
+            next_offset: 500,
+            clock_ms: 0,
+            kafka_offset_overridden: false,
+            point_in_kafka: true,
+        };
+        let consumed = StoreView {
+            topic_id: id(1),
+            ..store()
+        };
+        // The same topic, or one side unknown (an older version, a broker without ids): kept.
+        for (stored, now) in [(id(1), id(1)), (None, id(2)), (id(1), None)] {
+            let s = StoreView {
+                topic_id: stored,
+                ..store()
+            };
+            assert_eq!(within_log(at, &s, log(now)), Ok(at));
+        }
+        assert_eq!(
+            within_log(at, &consumed, log(id(2))),
+            Err(Refusal::TopicReplaced {
+                consumed: id(1).unwrap(),
+                now: id(2).unwrap(),
+                next_offset: 500
+            })
+        );
+        // Nothing consumed yet: nothing to skip or reread, whatever the id.
+        let fresh = StoreView {
+            topic_id: id(1),
+            ..StoreView::default()
+        };
+        assert!(within_log(Resume { batch: 0, ..at }, &fresh, log(id(2))).is_ok());
+    }
+
+    #[test]
+    fn a_topic_id_reads_as_kafka_shows_it_and_back() {
+        // Kafka's Uuid.toString(): the 16 bytes, URL-safe base64 without padding.
+        let id = TopicId::from_bits(0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210).unwrap();
+        assert_eq!(id.to_string(), "ASNFZ4mrze_-3LqYdlQyEA");
+        assert_eq!("ASNFZ4mrze_-3LqYdlQyEA".parse(), Ok(id));
+        assert!(TopicId::from_bits(0, 0).is_none(), "the zero id is no id");
+        assert!("not-an-id".parse::<TopicId>().is_err());
+    }
+
+    #[test]
     fn a_recovery_point_round_trips_through_its_metadata() {
         let p = RecoveryPoint {
             batch: 42,
@@ -379,6 +497,7 @@ mod tests {
             committed_next_offset: 500,
             committed_clock_ms: 5000,
             written_under_another_group: false,
+            topic_id: None,
         }
     }
 
@@ -394,6 +513,7 @@ mod tests {
             committed_next_offset: 560,
             committed_clock_ms: 6000,
             written_under_another_group: true,
+            topic_id: None,
         };
         let a = KafkaCommitted::Point {
             offset: 500,
@@ -406,6 +526,7 @@ mod tests {
         // The same point under one group: batch 6 aborted, rolled back.
         let one_group = StoreView {
             written_under_another_group: false,
+            topic_id: None,
             ..after_b
         };
         assert_eq!(decide(&a, &one_group).unwrap().batch, 5);

@@ -416,6 +416,61 @@ async fn an_intents_topic_recreated_is_refused_until_an_operator_says_where_to_r
     }
 }
 
+/// The intents topic deleted and created again while the processor is stopped, and refilled
+/// past the old offsets before it starts: offsets alone cannot tell the new log from the old
+/// one (before: each partition resumed at the old offsets, and the new records below them were
+/// skipped in silence). The topic's id can: every partition refuses, naming both ids and
+/// `recovery-point resume-at`, which now moves a point the new log holds; then every new intent
+/// commits once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intents_topic_recreated_and_refilled_past_the_old_offsets_is_refused() {
+    let env = TestEnv::new("recreate_refill", 2).await;
+    let cfg = env.config.clone();
+    let proc = Processor::spawn(&cfg, log_of(&env, "run1"));
+    demo::produce(&cfg, &workload(200, 20, "w", 31))
+        .await
+        .unwrap();
+    caught_up(&cfg).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let before = causal_commit::pipeline::read::log_ranges(&cfg).unwrap();
+
+    recreate_intents_topic(&cfg, 2).await;
+    demo::produce(&cfg, &workload(1_000, 100, "x", 32))
+        .await
+        .unwrap();
+    let after = causal_commit::pipeline::read::log_ranges(&cfg).unwrap();
+    for (p, old) in &before {
+        let new = &after[p];
+        assert!(
+            new.high > old.high,
+            "partition {p} refilled past its old end ({} > {})",
+            new.high,
+            old.high
+        );
+        assert_ne!(old.topic_id, new.topic_id, "a new topic id");
+        assert!(new.topic_id.is_some(), "the broker gives topic ids");
+    }
+    let log = log_of(&env, "run2");
+    let proc = Processor::spawn(&cfg, log.clone());
+    let errors = refused(&log, "not the one the durable state consumed", &[0, 1]).await;
+    let new_id = after[&0].topic_id.unwrap().to_string();
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains(&new_id) && e.contains("recovery-point resume-at")),
+        "names the topic id and the way out: {errors:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(effects_of(&cfg, "x-"), 0, "nothing decided while refused");
+    for p in ["0", "1"] {
+        let out = resume_at_earliest(&cfg, p);
+        assert!(out.contains("resumes at offset 0"), "{out}");
+    }
+    caught_up(&cfg).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    verified_prefix(&cfg, "x-", 1_000).await;
+}
+
 /// The same, with the processor running while the topic is deleted and created again: it
 /// never commits the old log's offsets against the new one, and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,10 +72,21 @@ pub async fn restore_partition(
     log: Option<recovery::LogRange>,
 ) -> Result<RestoredPartition> {
     let mut tx = pool.begin().await.map_err(db("starting a restore"))?;
-    type Row = (i64, i64, i64, i64, i64, i64, i64, Option<String>);
+    type Row = (
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        Option<String>,
+        Option<String>,
+    );
     let row: Option<Row> = sqlx::query_as(
         "SELECT fence, last_batch, last_next_offset, last_clock_ms,
-                committed_batch, committed_next_offset, committed_clock_ms, writer_group
+                committed_batch, committed_next_offset, committed_clock_ms, writer_group,
+                topic_id
            FROM cc_partition WHERE topic = $1 AND partition = $2 FOR UPDATE",
     )
     .bind(topic)
@@ -92,6 +103,7 @@ pub async fn restore_partition(
         committed_next,
         committed_clock,
         writer_group,
+        topic_id,
     )) = row.filter(|r| r.0 == fence as i64)
     else {
         return Err(Error::Db {
@@ -111,6 +123,8 @@ pub async fn restore_partition(
         committed_clock_ms: committed_clock.max(0) as u64,
         // NULL: restored last by a version that did not record it.
         written_under_another_group: writer_group.as_deref().is_some_and(|g| g != group),
+        // NULL (or not an id): not recorded, nothing to compare.
+        topic_id: topic_id.as_deref().and_then(|t| t.parse().ok()),
     };
     let resume = recovery::decide(kafka, &store)
         .and_then(|r| match log {
@@ -195,7 +209,7 @@ pub async fn restore_partition(
         "UPDATE cc_partition
             SET last_batch = $3, last_next_offset = $4, last_clock_ms = $5,
                 committed_batch = $3, committed_next_offset = $4, committed_clock_ms = $5,
-                writer_group = $6
+                writer_group = $6, topic_id = coalesce($7, topic_id)
           WHERE topic = $1 AND partition = $2",
     )
     .bind(topic)
@@ -204,6 +218,7 @@ pub async fn restore_partition(
     .bind(resume.next_offset)
     .bind(resume.clock_ms as i64)
     .bind(group)
+    .bind(log.and_then(|l| l.topic_id).map(|t| t.to_string()))
     .execute(&mut *tx)
     .await
     .map_err(db("recording the restored batch"))?;
@@ -280,43 +295,36 @@ pub enum Resolution {
 }
 
 /// A partition's batches as PostgreSQL knows them.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct BatchView {
     pub partition: i32,
+    #[sqlx(try_from = "i64")]
     pub last_batch: u64,
+    #[sqlx(try_from = "i64")]
     pub committed_batch: u64,
     pub last_next_offset: i64,
     pub committed_next_offset: i64,
     /// The consumer group that last restored the partition, so wrote its batches since (NULL:
     /// restored last by a version that did not record it).
     pub writer_group: Option<String>,
+    /// The id of the topic its batches were consumed from, as recorded at its last restore
+    /// (NULL: not recorded).
+    pub topic_id: Option<String>,
 }
+
+/// The columns of a [`BatchView`], from `cc_partition`.
+const BATCH_VIEW: &str = "SELECT partition, greatest(last_batch, 0) AS last_batch,
+        greatest(committed_batch, 0) AS committed_batch, last_next_offset,
+        committed_next_offset, writer_group, topic_id
+   FROM cc_partition";
 
 /// What PostgreSQL knows of every partition of `topic`.
 pub async fn batch_views(pool: &PgPool, topic: &str) -> Result<Vec<BatchView>> {
-    type Row = (i32, i64, i64, i64, i64, Option<String>);
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT partition, last_batch, committed_batch, last_next_offset, committed_next_offset,
-                writer_group
-           FROM cc_partition WHERE topic = $1 ORDER BY partition",
-    )
-    .bind(topic)
-    .fetch_all(pool)
-    .await
-    .map_err(db("reading partitions"))?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(partition, last, committed, last_next, committed_next, writer_group)| BatchView {
-                partition,
-                last_batch: last.max(0) as u64,
-                committed_batch: committed.max(0) as u64,
-                last_next_offset: last_next,
-                committed_next_offset: committed_next,
-                writer_group,
-            },
-        )
-        .collect())
+    sqlx::query_as(&format!("{BATCH_VIEW} WHERE topic = $1 ORDER BY partition"))
+        .bind(topic)
+        .fetch_all(pool)
+        .await
+        .map_err(db("reading partitions"))
 }
 
 /// What a batch produced, to look for on the output topics: effects by (intent id, commit
@@ -369,32 +377,21 @@ async fn lock_partition(
     topic: &str,
     partition: i32,
 ) -> Result<Option<BatchView>> {
-    let row: Option<(i64, i64, i64, i64, Option<String>)> = sqlx::query_as(
-        "SELECT last_batch, committed_batch, last_next_offset, committed_next_offset,
-                writer_group
-           FROM cc_partition WHERE topic = $1 AND partition = $2 FOR UPDATE",
-    )
+    sqlx::query_as(&format!(
+        "{BATCH_VIEW} WHERE topic = $1 AND partition = $2 FOR UPDATE"
+    ))
     .bind(topic)
     .bind(partition)
     .fetch_optional(&mut **tx)
     .await
-    .map_err(db("locking a partition"))?;
-    Ok(row.map(
-        |(last, committed, last_next, committed_next, writer_group)| BatchView {
-            partition,
-            last_batch: last.max(0) as u64,
-            committed_batch: committed.max(0) as u64,
-            last_next_offset: last_next,
-            committed_next_offset: committed_next,
-            writer_group,
-        },
-    ))
+    .map_err(db("locking a partition"))
 }
 
 /// Moves where a partition resumes to `to`, for a partition whose log (`log`, now) no longer
-/// holds its resume point (the topic recreated, records deleted before they were consumed):
-/// audited, and refused when the log still holds the point (this never skips a record the
-/// log has) or the last batch is not known committed (`resolve` it first). Returns the
+/// holds its resume point (records deleted before they were consumed), or is another log (the
+/// topic recreated: its id is not the one recorded): audited, and refused when the log still
+/// holds the point and is the one consumed (this never skips a record the log has) or the last
+/// batch is not known committed (`resolve` it first). Records the topic's id. Returns the
 /// previous resume offset.
 pub async fn move_resume_point(
     pool: &PgPool,
@@ -418,7 +415,9 @@ pub async fn move_resume_point(
             view.last_batch
         )));
     }
-    if (log.low..=log.high).contains(&from) {
+    let consumed: Option<recovery::TopicId> = view.topic_id.as_deref().and_then(|t| t.parse().ok());
+    let replaced = matches!((consumed, log.topic_id), (Some(a), Some(b)) if a != b);
+    if (log.low..=log.high).contains(&from) && !replaced {
         return Err(Error::NotMoved(format!(
             "partition {partition} resumes at offset {from}, which its log ({} to {}) still \
              holds: nothing to move (this command never skips records the log has)",
@@ -426,12 +425,15 @@ pub async fn move_resume_point(
         )));
     }
     sqlx::query(
-        "UPDATE cc_partition SET last_next_offset = $3, committed_next_offset = $3
+        "UPDATE cc_partition
+            SET last_next_offset = $3, committed_next_offset = $3,
+                topic_id = coalesce($4, topic_id)
           WHERE topic = $1 AND partition = $2",
     )
     .bind(topic)
     .bind(partition)
     .bind(to)
+    .bind(log.topic_id.map(|t| t.to_string()))
     .execute(&mut *tx)
     .await
     .map_err(db("moving a resume point"))?;
@@ -447,6 +449,8 @@ pub async fn move_resume_point(
             "to": to,
             "log_start": log.low,
             "log_end": log.high,
+            "consumed_topic_id": view.topic_id,
+            "topic_id": log.topic_id.map(|t| t.to_string()),
         }),
     )
     .await?;
