@@ -89,6 +89,17 @@ pub enum Error {
         within: Duration,
         instance_id: String,
     },
+    /// The group coordinator assigned partitions of topics the consumer does not subscribe to:
+    /// a static member that rejoins a stable group gets its previous assignment back without a
+    /// rebalance, and after `kafka.intents_topic` changed that is the old topic's partitions.
+    /// Nothing of them is read; `pipeline::run_with` starts a new engine once the coordinator
+    /// has forgotten the member (its session timeout), which then gets a fresh assignment.
+    #[error(
+        "the group coordinator assigned partitions of {topics:?}, which this consumer does not \
+         subscribe to (an assignment kept for its static membership from before \
+         kafka.intents_topic changed)"
+    )]
+    StaleAssignment { topics: Vec<String> },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -114,6 +125,8 @@ pub struct Engine {
     /// A fatal consumer error seen by [`Engine::gather`]: the engine stops (see
     /// [`Error::ConsumerFatal`]).
     consumer_failed: Option<rdkafka::error::KafkaError>,
+    /// The topics of a stale assignment, once seen (see [`Error::StaleAssignment`]).
+    stale_assignment: Option<Vec<String>>,
     shutdown: CancellationToken,
     pub(super) rt: tokio::runtime::Handle,
     pub(super) pool: PgPool,
@@ -311,6 +324,7 @@ impl Engine {
             consumer,
             producer: None,
             consumer_failed: None,
+            stale_assignment: None,
             shutdown,
             rt,
             pool,
@@ -361,12 +375,12 @@ impl Engine {
                 p.poll();
             }
             self.refresh_gauges();
-            if stopping || self.consumer_is_dead() {
+            if stopping || self.consumer_is_dead() || self.assigned_elsewhere() {
                 break;
             }
         }
         self.settle_report();
-        if self.consumer_failed.is_some() {
+        if self.consumer_failed.is_some() || self.stale_assignment.is_some() {
             // Another engine takes over in this process (`pipeline::run_with`): not ready
             // until it has restored its partitions, but not stopping either.
             self.health.set_partitions(0, 0);
@@ -392,10 +406,25 @@ impl Engine {
             self.release(p, lane.fence);
         }
         self.consumer.unsubscribe();
+        if let Some(topics) = self.stale_assignment.take() {
+            return Err(Error::StaleAssignment { topics });
+        }
         match self.consumer_failed.take() {
             Some(e) => Err(Error::ConsumerFatal(e)),
             None => Ok(()),
         }
+    }
+
+    /// Whether the coordinator assigned partitions of another topic than the intents topic
+    /// (see [`Error::StaleAssignment`]): the engine stops before deciding anything more.
+    fn assigned_elsewhere(&mut self) -> bool {
+        if self.stale_assignment.is_none() && !self.shutdown.is_cancelled() {
+            let foreign = self.ctx.foreign_topics();
+            if !foreign.is_empty() {
+                self.stale_assignment = Some(foreign.into_iter().collect());
+            }
+        }
+        self.stale_assignment.is_some()
     }
 
     /// Whether the consumer is unusable: a fatal error from `poll`, or one librdkafka raised
@@ -687,6 +716,8 @@ impl Engine {
                 return None;
             }
             match polled {
+                // A partition of another topic (see `assigned_elsewhere`): never decided.
+                Some(Ok(msg)) if msg.topic() != &*self.topics.intents => return None,
                 Some(Ok(msg)) => {
                     let p = msg.partition();
                     self.read.insert(p);

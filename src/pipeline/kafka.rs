@@ -93,6 +93,9 @@ pub struct RebalanceEvents {
     pub assigned: BTreeSet<i32>,
     /// The assignment changed since the engine last looked.
     pub changed: bool,
+    /// Topics other than the intents topic that the coordinator assigned partitions of (see
+    /// `Engine::assigned_elsewhere`); never part of `assigned`.
+    pub foreign: BTreeSet<String>,
 }
 
 #[derive(Clone, Default)]
@@ -112,6 +115,12 @@ impl EngineContext {
         ev.revoked = false;
         ev.changed = false;
         out
+    }
+
+    /// The topics other than the intents topic that partitions were assigned of.
+    pub fn foreign_topics(&self) -> BTreeSet<String> {
+        let ev = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        ev.foreign.clone()
     }
 
     /// Whether a revocation or an assignment change happened since the last `take_events`,
@@ -152,7 +161,12 @@ impl ConsumerContext for EngineContext {
         let mut ev = self.events.lock().unwrap_or_else(PoisonError::into_inner);
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                let revoked: Vec<i32> = tpl
+                    .elements()
+                    .iter()
+                    .filter(|e| e.topic() == &*self.topic)
+                    .map(|e| e.partition())
+                    .collect();
                 tracing::info!(partitions = ?revoked, "partitions revoked");
                 ev.revoked = true;
                 ev.changed = true;
@@ -162,8 +176,23 @@ impl ConsumerContext for EngineContext {
                 }
             }
             Rebalance::Assign(tpl) => {
-                let assigned: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                let (ours, theirs): (Vec<_>, Vec<_>) = tpl
+                    .elements()
+                    .into_iter()
+                    .partition(|e| e.topic() == &*self.topic);
+                let assigned: Vec<i32> = ours.iter().map(|e| e.partition()).collect();
                 tracing::info!(partitions = ?assigned, "partitions assigned");
+                // Only the intents topic is subscribed to: partitions of another topic are an
+                // assignment the coordinator kept from before the subscription changed.
+                for e in theirs {
+                    tracing::error!(
+                        topic = e.topic(),
+                        partition = e.partition(),
+                        "the group coordinator assigned a partition of a topic this consumer \
+                         does not subscribe to"
+                    );
+                    ev.foreign.insert(e.topic().to_owned());
+                }
                 ev.changed = true;
                 ev.assigned.extend(assigned);
             }
@@ -217,6 +246,20 @@ fn configured(config: &Config, watched: bool, settings: &[(&str, &str)]) -> Clie
     c
 }
 
+/// The consumer's default `session.timeout.ms`: how long the group coordinator keeps a member
+/// (a static one too) that stopped heartbeating.
+const SESSION_TIMEOUT_MS: &str = "10000";
+
+/// The consumer's session timeout: `session.timeout.ms` from `[kafka.client]`, or the default.
+pub fn session_timeout(config: &Config) -> Duration {
+    let ms = config
+        .kafka
+        .client
+        .get("session.timeout.ms")
+        .unwrap_or(SESSION_TIMEOUT_MS);
+    Duration::from_millis(ms.parse().unwrap_or(10_000))
+}
+
 /// The input consumer: manual offsets (they travel inside transactions), read_committed, an
 /// eager assignor so that a revocation always revokes every partition (see `engine`), and
 /// static membership (`group.instance.id` = instance id) so that a restarted instance gets its
@@ -227,7 +270,7 @@ pub fn consumer(config: &Config, ctx: EngineContext) -> Result<EngineConsumer> {
     let mut c = watched_config(
         config,
         &[
-            ("session.timeout.ms", "10000"),
+            ("session.timeout.ms", SESSION_TIMEOUT_MS),
             ("heartbeat.interval.ms", "1000"),
             // Partitions added to the topic are noticed (and assigned) within seconds.
             ("topic.metadata.refresh.interval.ms", "10000"),

@@ -47,14 +47,20 @@ const REFENCED_WITHIN: Duration = Duration::from_secs(10);
 /// migration state fails at once. `false` when `shutdown` fired first.
 async fn schema_checked(
     pool: &sqlx::PgPool,
-    schema: &str,
+    config: &Config,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<bool> {
+    use crate::store::postgres::{check_schema, check_topic};
+    let (schema, topic) = (&config.postgres.schema, &config.kafka.intents_topic);
     let mut wait = Duration::from_millis(250);
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        match crate::store::postgres::check_schema(pool, schema).await {
+        let checked = match check_schema(pool, schema).await {
+            Ok(()) => check_topic(pool, schema, topic).await,
+            Err(e) => Err(e),
+        };
+        match checked {
             Ok(()) => return Ok(true),
             Err(e) if e.is_unavailable() => {
                 tracing::warn!(
@@ -99,6 +105,24 @@ fn run_engines(
         let _lag = lag::Monitor::spawn(config, engine.ctx.lag.clone(), shutdown);
         let error = match engine.run() {
             Err(engine::Error::ConsumerFatal(e)) if !shutdown.is_cancelled() => e,
+            Err(e @ engine::Error::StaleAssignment { .. }) if !shutdown.is_cancelled() => {
+                // The coordinator hands a rejoining static member its old assignment back
+                // until its session has expired; then the member joins afresh.
+                let wait = kafka::session_timeout(config) + Duration::from_secs(2);
+                tracing::error!(
+                    error = %e,
+                    wait_ms = wait.as_millis() as u64,
+                    "the consumer is replaced once the group coordinator has forgotten it (its \
+                     session timeout), so that the group assigns the intents topic's partitions"
+                );
+                rt.block_on(async {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                });
+                continue;
+            }
             other => return other,
         };
         if replaced.is_some_and(|at| at.elapsed() < REFENCED_WITHIN) {
@@ -141,7 +165,7 @@ pub async fn run_with(
         return passthrough::run(config, shutdown).await;
     }
     let pool = crate::store::postgres::pool(&config.postgres)?;
-    if !schema_checked(&pool, &config.postgres.schema, &shutdown).await? {
+    if !schema_checked(&pool, &config, &shutdown).await? {
         tracing::info!("stopped while waiting for PostgreSQL; nothing was consumed");
         return Ok(());
     }

@@ -471,6 +471,68 @@ async fn an_intents_topic_recreated_and_refilled_past_the_old_offsets_is_refused
     verified_prefix(&cfg, "x-", 1_000).await;
 }
 
+/// The processor restarted at once with `kafka.intents_topic` changed (a tired operator moving
+/// the group to a new topic). Over the same PostgreSQL schema, whose contacts belong to the old
+/// topic's partitions, `run` stops at start naming both topics and the ways out (before, every
+/// write of those contacts was refused as owned by another partition, again and again). With a
+/// schema of its own: the coordinator hands a static member that rejoins a stable group its
+/// previous assignment back, the old topic's partitions, without a rebalance. Before, the
+/// engine took those partition numbers as the new topic's, restored them, and read nothing of
+/// the new topic for as long as it ran. Now it names the stale assignment, waits out its
+/// session and joins afresh; every new intent commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_moved_to_another_intents_topic_reads_that_topic() {
+    let env = TestEnv::new("moved_topic", 2).await;
+    let cfg = env.config.clone();
+    let proc = Processor::spawn(&cfg, log_of(&env, "run1"));
+    demo::produce(&cfg, &workload(100, 10, "m", 51))
+        .await
+        .unwrap();
+    caught_up(&cfg).await;
+
+    let mut moved = cfg.clone();
+    moved.kafka.intents_topic = format!("{}-v2", cfg.kafka.intents_topic);
+    moved.postgres.schema = format!("{}_v2", cfg.postgres.schema);
+    moved.redis.key_prefix = format!("{}:v2", cfg.redis.key_prefix);
+    create_topics(&moved, &[(&moved.kafka.intents_topic, 3)]).await;
+    // (Refused at start, before it joins the group: the first processor still runs.)
+    let mut same_schema = moved.clone();
+    same_schema.postgres = cfg.postgres.clone();
+    let log = log_of(&env, "same_schema");
+    let mut refused = Processor::spawn(&same_schema, log.clone());
+    let status = refused.exit_within(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "run stops over a schema of another topic: {status:?}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains(&format!(
+            "holds the causal sequences of the contacts of intents topic {:?}",
+            cfg.kafka.intents_topic
+        )) && text.contains("add partitions to"),
+        "names the topic and the ways out: {text}"
+    );
+    migrate_as_owner(&moved).await;
+    demo::produce(&moved, &workload(300, 30, "n", 52))
+        .await
+        .unwrap();
+    // Restarted at once, within the first one's session.
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let log = log_of(&env, "run2");
+    let proc = Processor::spawn(&moved, log.clone());
+    caught_up(&moved).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let named = read_log(&log).iter().any(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("the group coordinator assigned a partition of a topic"))
+            && l["topic"] == cfg.kafka.intents_topic.as_str()
+    });
+    assert!(named, "the stale assignment of the old topic is named");
+    verified_prefix(&moved, "n-", 300).await;
+}
+
 /// The same, with the processor running while the topic is deleted and created again: it
 /// never commits the old log's offsets against the new one, and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

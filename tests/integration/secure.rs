@@ -88,18 +88,6 @@ fn messages(path: &Path, needle: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Waits for the child to exit; its exit status, or `None` after `within`.
-fn exit_within(p: &mut Processor, within: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Some(status) = p.child.try_wait().expect("wait for the child") {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    None
-}
-
 fn run_cli(config: &Config, args: &[&str]) -> String {
     let (ok, out, err) = cli(config, args);
     assert!(ok, "causal-commit {args:?} failed: {err}\n{out}");
@@ -326,7 +314,8 @@ async fn a_compacted_topic_stops_run_and_fails_verify_naming_it() {
 fn refused_at_start(cfg: &Config, log: &Path, named: &str, secret: &str) -> String {
     let mut proc = Processor::spawn(cfg, log.to_path_buf());
     let at = log.display();
-    let status = exit_within(&mut proc, Duration::from_secs(15))
+    let status = proc
+        .exit_within(Duration::from_secs(15))
         .unwrap_or_else(|| panic!("{at}: still running after 15 s\n{}", log_text(log)));
     assert!(!status.success(), "{at}: exits non-zero");
     let failed = messages(log, "causal-commit failed");

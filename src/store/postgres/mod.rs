@@ -30,7 +30,7 @@ pub use partition::{
     release_partition, resolve_recovery_point, restore_partition, BatchOutputs, BatchView,
     Resolution, RestoredPartition,
 };
-pub use schema::{check as check_schema, grant_runtime_role, migrate};
+pub use schema::{check as check_schema, check_topic, grant_runtime_role, migrate};
 
 use std::str::FromStr;
 
@@ -87,6 +87,19 @@ pub enum Error {
          than this build's (checksum mismatch)"
     )]
     SchemaChanged { schema: String, version: i64 },
+    #[error(
+        "PostgreSQL schema `{schema}` holds the causal sequences of the contacts of intents \
+         topic {consumed:?}, and kafka.intents_topic is {topic:?}: one schema follows one \
+         intents topic (its contacts' sequences live in it). To grow, add partitions to \
+         {consumed:?} (they are picked up without a restart); to start over on {topic:?}, give \
+         it a postgres.schema of its own (its contacts' sequences start again at 1, which the \
+         readers of the side-effects topic must expect); or set kafka.intents_topic back"
+    )]
+    OtherTopic {
+        schema: String,
+        consumed: String,
+        topic: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

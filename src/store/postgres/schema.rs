@@ -103,6 +103,28 @@ pub async fn check(pool: &PgPool, schema: &str) -> Result<()> {
     Ok(())
 }
 
+/// Fails with [`Error::OtherTopic`] when `schema` holds batches consumed from another intents
+/// topic than `topic`: its contacts' states and ownership belong to that topic's partitions,
+/// and this topic's partitions would be refused every write of those contacts.
+pub async fn check_topic(pool: &PgPool, schema: &str, topic: &str) -> Result<()> {
+    let other: Option<String> = sqlx::query_scalar(
+        "SELECT topic FROM cc_partition WHERE topic <> $1 AND last_batch > 0
+          ORDER BY topic LIMIT 1",
+    )
+    .bind(topic)
+    .fetch_optional(pool)
+    .await
+    .map_err(db("checking the schema's intents topic"))?;
+    match other {
+        None => Ok(()),
+        Some(consumed) => Err(Error::OtherTopic {
+            schema: schema.to_owned(),
+            consumed,
+            topic: topic.to_owned(),
+        }),
+    }
+}
+
 /// What the connected role finds of `schema`, once every migration of this build is known to
 /// be applied to it.
 async fn applied(pool: &PgPool, schema: &str) -> Result<Found> {

@@ -149,6 +149,18 @@ impl Processor {
         self.stop(within).is_some_and(|status| status.success())
     }
 
+    /// Waits for the child to exit by itself; its exit status, or `None` after `within`.
+    pub fn exit_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("wait for the child") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
     /// SIGTERM and wait for the exit: its status, or `None` (then SIGKILL) when the process
     /// still runs after `within`.
     pub fn stop(mut self, within: Duration) -> Option<std::process::ExitStatus> {
