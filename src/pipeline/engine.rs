@@ -390,12 +390,7 @@ impl Engine {
         tracing::info!("engine stopping: releasing leases and leaving the group");
         // The last batches are known committed: a restart after an offset reset resumes
         // without an operator (see store::recovery).
-        let last: Vec<(i32, u64, u64)> = self
-            .lanes
-            .values()
-            .filter(|l| l.batch_no > 0)
-            .map(|l| (l.partition, l.fence, l.batch_no))
-            .collect();
+        let last = self.committed_batches();
         if let Err(e) =
             self.rt
                 .block_on(pg::mark_committed(&self.pool, &self.topics.intents, &last))
@@ -875,6 +870,9 @@ impl Engine {
         if let Err(PartWritten { error: e, written }) = self.persist(&plan) {
             // The parts already written are rolled back by their lanes' restore.
             let plan = plan.without(&written);
+            if let Some(ids) = e.decided_before() {
+                return self.put_back_outcomes(&ids);
+            }
             if let Some(owned) = e.owned_elsewhere() {
                 return self.forward_from_now_on(plan, owned);
             }
@@ -928,6 +926,54 @@ impl Engine {
         }
         self.batch_trace.done(Step::DurableWrite);
         self.commit_and_report(rest);
+    }
+
+    /// The durable write refused intents that PostgreSQL holds an outcome for from an earlier
+    /// batch (R5, migration 0012): the lookup missed them, their outcome gone from Redis
+    /// (older than `redis.idempotency_ttl`) and from the in-memory window of recent outcomes.
+    /// Their outcomes are put back into Redis and every lane replays, where they are duplicates.
+    fn put_back_outcomes(&mut self, ids: &[String]) {
+        tracing::warn!(
+            intents = ids.len(),
+            intent_id = %ids.first().map_or("", String::as_str),
+            "intents of this batch were decided in an earlier batch, their outcome no longer in \
+             Redis (older than redis.idempotency_ttl): the outcomes are put back and the batch \
+             replayed, where they are duplicates"
+        );
+        // This engine's lanes' last batches committed in Kafka: marked so, their rows count.
+        let committed = self.committed_batches();
+        let outcomes = match self.rt.block_on(async {
+            pg::mark_committed(&self.pool, &self.topics.intents, &committed).await?;
+            pg::lookup_committed_outcomes(&self.pool, ids).await
+        }) {
+            Ok(outcomes) => outcomes,
+            Err(e) => return self.fail(Failure::Persist(e)),
+        };
+        if outcomes.len() < ids.len() {
+            // Never expected (the write counts committed batches only, and this engine's
+            // were just marked): the replay would be refused again.
+            tracing::error!(
+                refused = ids.len(),
+                found = outcomes.len(),
+                "not every intent the durable write says was decided before has a committed \
+                 outcome in PostgreSQL"
+            );
+        }
+        if let Err(e) = self.rt.block_on(self.locks().record(&outcomes)) {
+            // The breaker is open then: the replay's lookup asks PostgreSQL.
+            tracing::warn!(error = %e, "putting outcomes back into Redis failed");
+        }
+        self.void_all("intents decided in an earlier batch");
+    }
+
+    /// Each lane's last batch, committed in Kafka: (partition, fence, batch) as
+    /// `pg::mark_committed` takes them.
+    fn committed_batches(&self) -> Vec<(i32, u64, u64)> {
+        self.lanes
+            .values()
+            .filter(|l| l.batch_no > 0)
+            .map(|l| (l.partition, l.fence, l.batch_no))
+            .collect()
     }
 
     /// Records who owns which contact, and voids the lanes that decided them wrongly (they

@@ -1266,7 +1266,7 @@ async fn an_outage_between_the_two_groups_of_a_parallel_write_rolls_the_committe
         .unwrap();
         let waiting: Option<i32> = sqlx::query_scalar(
             "SELECT pid FROM pg_stat_activity
-              WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT cc_apply_batch%'",
+              WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT cc_check_decided_before(%cc_apply_batch(%'",
         )
         .fetch_optional(&pool)
         .await

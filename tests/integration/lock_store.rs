@@ -59,6 +59,8 @@ struct World {
     pool: PgPool,
     raw: redis::Client,
     parts: HashMap<i32, Part>,
+    /// Intents with an idempotency outcome written: deciding one again is a re-submission.
+    decided: std::collections::HashSet<String>,
 }
 
 impl World {
@@ -85,6 +87,7 @@ impl World {
             config,
             pool,
             parts: HashMap::new(),
+            decided: Default::default(),
         }
     }
 
@@ -179,9 +182,16 @@ impl World {
         let batch_no = part.last_batch + 1;
         let mut write = BatchWrite::default();
         for o in outcomes {
-            write
-                .transitions
-                .push(audit_row(o, partition, batch_no, part));
+            let row = audit_row(o, partition, batch_no, part);
+            if raw::is_idempotency_outcome(o) && !self.decided.insert(o.intent_id.clone()) {
+                // The engine decides an intent again only for an operator's re-submission,
+                // which its batch records (the durable write refuses it otherwise: R5).
+                write.transitions.push(TransitionRow {
+                    transition: Transition::Resubmitted,
+                    ..row.clone()
+                });
+            }
+            write.transitions.push(row);
             part.next_offset += 1;
         }
         write.partitions.push(PartitionWrite {

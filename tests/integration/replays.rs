@@ -64,3 +64,74 @@ async fn a_conflicting_reuse_never_replaces_the_first_outcome_of_an_intent_id() 
     assert_eq!(fx.len(), 1, "no second effect");
     assert_eq!(rv.len(), 1, "no second conflict");
 }
+
+/// R5 "ever": an intent sent again after its outcome left Redis (`redis.idempotency_ttl`, here
+/// its key deleted, as the expiry does, with Redis still in sync) and after a restart (the
+/// in-memory window of recent outcomes is gone) is a duplicate: PostgreSQL's record decides.
+/// Before, the miss was taken for an intent never seen and it got a second effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intent_sent_again_after_its_outcome_left_redis_is_a_duplicate() {
+    let env = TestEnv::new("expired", 1).await;
+    let cfg = env.config.clone();
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let proc = Processor::spawn(&cfg, log.clone());
+    let first = intent("again", "c", 0);
+    produce_intents(&cfg, std::slice::from_ref(&first)).await;
+    wait_for(
+        &cfg,
+        &cfg.kafka.side_effects_topic,
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    // A later batch: a restore writes its partition's last batch's outcomes to Redis again.
+    produce_intents(&cfg, &[intent("later", "d", 0)]).await;
+    wait_for(
+        &cfg,
+        &cfg.kafka.side_effects_topic,
+        2,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    let key = causal_commit::store::redis::Keys::new(&cfg.redis.key_prefix).idem("again");
+    let client = redis::Client::open(redis_url()).expect("redis client");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .expect("DEL");
+    assert_eq!(
+        deleted, 1,
+        "the outcome was in Redis, and is gone as after its TTL"
+    );
+
+    let proc = Processor::spawn(&cfg, log.clone());
+    produce_intents(&cfg, &[first, intent("next", "c", 0)]).await;
+    wait_for(
+        &cfg,
+        &cfg.kafka.side_effects_topic,
+        3,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let fx = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
+    let seqs: Vec<(&str, u64)> = fx
+        .iter()
+        .filter(|e| e.contact_id == "c")
+        .map(|e| (e.intent_id.as_str(), e.commit_sequence))
+        .collect();
+    assert_eq!(seqs, [("again", 1), ("next", 2)], "no second effect");
+    let duplicate = crate::common::process::read_log(&log).into_iter().any(|l| {
+        l["message"] == "transition" && l["intent_id"] == "again" && l["state"] == "duplicate"
+    });
+    assert!(duplicate, "the redelivery is decided a duplicate");
+    let report = verify_report(&cfg, "").await;
+    assert!(report.ok, "{:?}", report.violations);
+}

@@ -24,7 +24,7 @@ pub use commands::{
     CommandAction, CommandResult, CommandState, CommandView, NewCommand, NotQueued, Resubmission,
     SkipTarget, UnreadableCommand,
 };
-pub use outcomes::{lookup_outcomes, StoredOutcome};
+pub use outcomes::{lookup_committed_outcomes, lookup_outcomes, StoredOutcome};
 pub use partition::{
     acquire_partition, batch_outputs, batch_views, mark_committed, move_resume_point,
     release_partition, resolve_recovery_point, restore_partition, BatchOutputs, BatchView,
@@ -152,6 +152,17 @@ impl Error {
     /// The contacts a batch wrote that other partitions own (SQLSTATE CC004), if that is why
     /// the write was refused.
     pub fn owned_elsewhere(&self) -> Option<Vec<batch::OwnedElsewhere>> {
+        serde_json::from_str(self.refusal_detail(batch::OWNED_ELSEWHERE_SQLSTATE)?).ok()
+    }
+
+    /// The write was refused because intents of the batch have an outcome from an earlier batch
+    /// (their ids): the idempotency lookup missed them (see migration 0012).
+    pub fn decided_before(&self) -> Option<Vec<String>> {
+        serde_json::from_str(self.refusal_detail(batch::DECIDED_BEFORE_SQLSTATE)?).ok()
+    }
+
+    /// The DETAIL of a refusal raised by one of the schema's functions with `sqlstate`.
+    fn refusal_detail(&self, sqlstate: &str) -> Option<&str> {
         let Error::Db {
             source: sqlx::Error::Database(e),
             ..
@@ -159,13 +170,11 @@ impl Error {
         else {
             return None;
         };
-        if e.code().as_deref() != Some(batch::OWNED_ELSEWHERE_SQLSTATE) {
+        if e.code().as_deref() != Some(sqlstate) {
             return None;
         }
-        let detail = e
-            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-            .and_then(|pg| pg.detail())?;
-        serde_json::from_str(detail).ok()
+        e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .and_then(|pg| pg.detail())
     }
 
     /// PostgreSQL refused the data itself, not for an outage: a value it cannot hold (class

@@ -184,6 +184,29 @@ pub async fn lookup_outcomes(pool: &PgPool, intent_ids: &[String]) -> Result<Vec
     outcomes_from_rows(rows)
 }
 
+/// The idempotency record of `intent_ids` from committed batches only: known committed, or
+/// followed by a later batch of their partition (at most one batch per partition is ever
+/// uncommitted). What may be copied into Redis (see migration 0012).
+pub async fn lookup_committed_outcomes(
+    pool: &PgPool,
+    intent_ids: &[String],
+) -> Result<Vec<StoredOutcome>> {
+    let rows: Vec<OutcomeRow> = sqlx::query_as(&format!(
+        "SELECT DISTINCT ON (intent_id) intent_id, fingerprint, to_state, reason,
+                commit_sequence, contact_version
+           FROM cc_transition t
+           JOIN cc_partition p ON p.topic = t.topic AND p.partition = t.partition
+          WHERE intent_id = ANY($1) AND {IDEMPOTENCY_ROWS}
+            AND (t.batch_no <= p.committed_batch OR t.batch_no < p.last_batch)
+          ORDER BY intent_id, t.id DESC"
+    ))
+    .bind(intent_ids)
+    .fetch_all(pool)
+    .await
+    .map_err(db("looking up committed idempotency outcomes"))?;
+    outcomes_from_rows(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
