@@ -514,14 +514,11 @@ impl Engine {
         }
         let mut anchors = Vec::new();
         let to_restore = self.assignment.to_restore(now);
-        // One question for the round: which topic the partitions are read from now.
-        let topic_id = if to_restore.is_empty() {
-            None
-        } else {
-            self.topic_id()
-        };
+        // One question for the round, asked by the first restore that reads its log: which
+        // topic the partitions are read from now.
+        let mut topic_id = None;
         for (p, rewind) in to_restore {
-            match self.restore(p, rewind, topic_id) {
+            match self.restore(p, rewind, &mut topic_id) {
                 Ok(Restored {
                     lane,
                     anchor: Some(point),

@@ -62,14 +62,15 @@ pub(super) struct Restored {
 impl Engine {
     /// Takes the partition's lock and a new fencing token, reads its recovery point, rolls the
     /// durable state back to it, rebuilds the sequencer, and (if `rewind`, or Kafka's committed
-    /// offset is not where the partition resumes) moves the consumer there.
+    /// offset is not where the partition resumes) moves the consumer there. `topic_id` is the
+    /// intents topic's id for the round: asked by the first restore that reads its log.
     // Over 80 lines on purpose: the recovery procedure of docs/exactly-once.md, step by step in
     // its order (lock, fence, recovery point, roll back, Redis, rebuild, rewind), each step a call.
     pub(super) fn restore(
         &mut self,
         partition: i32,
         rewind: bool,
-        topic_id: Option<TopicId>,
+        topic_id: &mut Option<Option<TopicId>>,
     ) -> Result<Restored, RestoreError> {
         let started = Instant::now();
         let topic = self.topics.intents.to_string();
@@ -100,6 +101,8 @@ impl Engine {
             .consumer
             .fetch_watermarks(&topic, partition, self.config.kafka.operation_timeout)
             .map_err(RestoreError::Watermarks)?;
+        // Asked once the brokers answered (while they do not, the id would only add a wait).
+        let topic_id = *topic_id.get_or_insert_with(|| self.topic_id());
         let restored = self.rt.block_on(pg::restore_partition(
             &self.pool,
             &topic,

@@ -13,11 +13,10 @@ use sqlx::PgPool;
 use super::{db, Result};
 use crate::sequencer::{Outcome, PriorOutcome, Reason, State, UnknownName};
 
-/// The SQL condition on `cc_transition` rows that make up the idempotency record.
-pub const IDEMPOTENCY_ROWS: &str =
-    "to_state IN ('committed_causal', 'blocked_conflict', 'manual_review')
-     AND reason NOT IN ('INVALID_INTENT', 'UNPROCESSABLE', 'IDEMPOTENCY_CONFLICT')
-     AND intent_id <> ''";
+/// The SQL condition on `cc_transition` rows that make up the idempotency record, defined
+/// once in migration 0013 (`cc_is_idempotency_row`, inlined by the planner: the intent index
+/// is still probed).
+pub const IDEMPOTENCY_ROWS: &str = "cc_is_idempotency_row(to_state, reason, intent_id)";
 
 /// Whether an outcome with this reason is part of the idempotency record (see the module doc).
 pub fn is_idempotency_record(outcome: &Outcome) -> bool {
@@ -184,9 +183,8 @@ pub async fn lookup_outcomes(pool: &PgPool, intent_ids: &[String]) -> Result<Vec
     outcomes_from_rows(rows)
 }
 
-/// The idempotency record of `intent_ids` from committed batches only: known committed, or
-/// followed by a later batch of their partition (at most one batch per partition is ever
-/// uncommitted). What may be copied into Redis (see migration 0012).
+/// The idempotency record of `intent_ids` from committed batches only (`cc_is_committed`,
+/// migration 0013): what may be copied into Redis (see migration 0012).
 pub async fn lookup_committed_outcomes(
     pool: &PgPool,
     intent_ids: &[String],
@@ -197,7 +195,7 @@ pub async fn lookup_committed_outcomes(
            FROM cc_transition t
            JOIN cc_partition p ON p.topic = t.topic AND p.partition = t.partition
           WHERE intent_id = ANY($1) AND {IDEMPOTENCY_ROWS}
-            AND (t.batch_no <= p.committed_batch OR t.batch_no < p.last_batch)
+            AND cc_is_committed(t.batch_no, p.committed_batch, p.last_batch)
           ORDER BY intent_id, t.id DESC"
     ))
     .bind(intent_ids)
