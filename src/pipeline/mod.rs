@@ -202,6 +202,11 @@ pub async fn run_with(
             }
         }
     });
+    // A topic set to compact under the running processor (the start-up check refuses it).
+    let compaction = tokio::spawn(preflight::watch_compaction(
+        config.clone(),
+        shutdown.clone(),
+    ));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let rt = tokio::runtime::Handle::current();
     let engine_shutdown = shutdown.clone();
@@ -220,6 +225,7 @@ pub async fn run_with(
     let result = rx.await;
     shutdown.cancel();
     let _ = checks.await;
+    let _ = compaction.await;
     if let Some(admin) = admin {
         let _ = admin.task.await;
     }

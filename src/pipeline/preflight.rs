@@ -9,7 +9,9 @@
 //! compaction keeps the last record of each key (the intents topic is keyed by contact) and
 //! deletes the others, so intents would be lost before they are consumed, effects before their
 //! readers get them, and `verify`, which reads the same topics, would not see what is gone.
+//! A policy changed while the processor runs is seen by [`watch_compaction`].
 
+use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -19,7 +21,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::Config;
+use crate::telemetry::metrics as m;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -72,39 +77,144 @@ fn topics(config: &Config) -> [(&'static str, &str); 3] {
 /// `Checked::Fine` when none does. A describe the brokers refuse (no `DescribeConfigs`
 /// permission) or do not answer is no verdict: `Checked::Unknown`.
 pub fn compaction(config: &Config, within: Duration) -> Checked {
-    let c = crate::pipeline::kafka::client_config(config, &[]);
-    let admin: AdminClient<DefaultClientContext> = match c.create() {
+    let admin = match admin_client(config) {
         Ok(a) => a,
         Err(e) => return Checked::Unknown(e.to_string()),
     };
+    let policies = match futures::executor::block_on(policies(&admin, config, within)) {
+        Ok(p) => p,
+        Err(reason) => return Checked::Unknown(reason),
+    };
+    match policies.into_iter().find(|p| p.compacts()) {
+        Some(p) => Checked::Refused(p.refusal()),
+        None => Checked::Fine,
+    }
+}
+
+fn admin_client(config: &Config) -> rdkafka::error::KafkaResult<AdminClient<DefaultClientContext>> {
+    crate::pipeline::kafka::client_config(config, &[]).create()
+}
+
+/// One topic of `[kafka]` and its `cleanup.policy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub key: &'static str,
+    pub topic: String,
+    pub policy: String,
+}
+
+impl Policy {
+    pub fn compacts(&self) -> bool {
+        compacts(&self.policy)
+    }
+
+    fn refusal(self) -> Error {
+        Error::Compacted {
+            key: self.key,
+            topic: self.topic,
+            policy: self.policy,
+        }
+    }
+}
+
+/// The `cleanup.policy` of each of the three topics, in one `DescribeConfigs`; an error (the
+/// reason) when the brokers refuse or do not answer, for any of them.
+async fn policies(
+    admin: &AdminClient<DefaultClientContext>,
+    config: &Config,
+    within: Duration,
+) -> Result<Vec<Policy>, String> {
     let named = topics(config);
     let resources: Vec<ResourceSpecifier<'_>> = named
         .iter()
         .map(|(_, t)| ResourceSpecifier::Topic(t))
         .collect();
     let opts = AdminOptions::new().request_timeout(Some(within));
-    let described = match futures::executor::block_on(admin.describe_configs(&resources, &opts)) {
-        Ok(d) => d,
-        Err(e) => return Checked::Unknown(e.to_string()),
-    };
-    for ((key, topic), result) in named.iter().zip(described) {
-        let resource = match result {
-            Ok(r) => r,
-            Err(code) => return Checked::Unknown(format!("{topic}: {code}")),
-        };
-        let policy = resource
-            .get("cleanup.policy")
-            .and_then(|e| e.value.clone())
-            .unwrap_or_default();
-        if compacts(&policy) {
-            return Checked::Refused(Error::Compacted {
+    let described = admin
+        .describe_configs(&resources, &opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    named
+        .iter()
+        .zip(described)
+        .map(|((key, topic), result)| {
+            let resource = result.map_err(|code| format!("{topic}: {code}"))?;
+            Ok(Policy {
                 key,
                 topic: (*topic).to_owned(),
-                policy,
+                policy: resource
+                    .get("cleanup.policy")
+                    .and_then(|e| e.value.clone())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// How often [`watch_compaction`] reads the topics' `cleanup.policy`.
+pub const COMPACTION_CHECK: Duration = Duration::from_secs(30);
+
+/// While the processor runs, reads the three topics' `cleanup.policy` every
+/// [`COMPACTION_CHECK`]: `causal_commit_topic_compacts` is 1 for a topic that compacts, and
+/// each change is logged (ERROR when a topic starts compacting). The processor goes on: the
+/// cleaner only compacts rolled segments, so intents consumed on time are safe, and pausing
+/// would leave more of them to it; effects already produced are at risk whatever it does. The
+/// alert pages for the setting to be reverted, and the next start refuses it.
+pub async fn watch_compaction(config: std::sync::Arc<Config>, shutdown: CancellationToken) {
+    let admin = match admin_client(&config) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "creating the Kafka client that watches the topics' cleanup.policy failed; a policy changed to compact is seen at the next start only");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(COMPACTION_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut known: BTreeMap<String, bool> = BTreeMap::new();
+    let mut unknown_logged = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let within = config.kafka.operation_timeout.min(COMPACTION_CHECK);
+        let policies = match policies(&admin, &config, within).await {
+            Ok(p) => p,
+            Err(reason) => {
+                if !unknown_logged {
+                    tracing::warn!(reason = %reason, "could not read the topics' cleanup.policy (DescribeConfigs); a policy changed to compact is not seen");
+                    unknown_logged = true;
+                }
+                continue;
+            }
+        };
+        unknown_logged = false;
+        for p in policies {
+            let compacting = p.compacts();
+            metrics::gauge!(m::TOPIC_COMPACTS, "topic" => p.topic.clone()).set(if compacting {
+                1.0
+            } else {
+                0.0
             });
+            let before = known.insert(p.topic.clone(), compacting);
+            match (before, compacting) {
+                (Some(false) | None, true) => tracing::error!(
+                    setting = p.key,
+                    topic = %p.topic,
+                    policy = %p.policy,
+                    "{}; the processor goes on (records consumed before the cleaner runs are                      safe), and will not start again until it is reverted",
+                    p.clone().refusal()
+                ),
+                (Some(true), false) => tracing::info!(
+                    setting = p.key,
+                    topic = %p.topic,
+                    policy = %p.policy,
+                    "the topic no longer compacts"
+                ),
+                _ => {}
+            }
         }
     }
-    Checked::Fine
 }
 
 /// What [`compaction`] found.

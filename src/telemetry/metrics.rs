@@ -72,6 +72,9 @@ pub const RESTORES: &str = "causal_commit_restores_total";
 pub const ROLLED_BACK_ROWS: &str = "causal_commit_rolled_back_rows_total";
 /// Failed calls to a backing store. Label: `store` = postgres | redis.
 pub const STORE_ERRORS: &str = "causal_commit_store_errors_total";
+/// 1 while a topic of `[kafka]` has a `cleanup.policy` that compacts (records lost unseen),
+/// else 0; read every 30 s while the processor runs. Label: `topic`.
+pub const TOPIC_COMPACTS: &str = "causal_commit_topic_compacts";
 
 /// A metric's Prometheus type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -417,6 +420,16 @@ pub const ALL: &[Metric] = &[
         unit: None,
     },
     Metric {
+        name: TOPIC_COMPACTS,
+        kind: Kind::Gauge,
+        labels: &[Label {
+            name: "topic",
+            values: &[],
+        }],
+        help: "1 while the topic's cleanup.policy compacts (records deleted unseen)",
+        unit: None,
+    },
+    Metric {
         name: READY,
         kind: Kind::Gauge,
         labels: &[],
@@ -648,8 +661,10 @@ mod tests {
         }
         for m in ALL {
             let per_partition = m.labels.iter().any(|l| l.name == "partition");
-            // The lock store sets its mode when it is created; the first commit sets its time.
-            if per_partition || m.name == LAST_COMMIT_TIMESTAMP || m.name == LOCK_STORE_MODE {
+            // The lock store sets its mode when it is created; the first commit sets its time;
+            // the first read of the topics' cleanup.policy sets theirs.
+            let set_later = [LAST_COMMIT_TIMESTAMP, LOCK_STORE_MODE, TOPIC_COMPACTS];
+            if per_partition || set_later.contains(&m.name) {
                 continue;
             }
             assert!(

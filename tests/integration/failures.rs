@@ -647,13 +647,6 @@ async fn zombie_paused_past_its_lease_cannot_write_after_it_resumes() {
 }
 
 /// A free TCP port on loopback (for a child's /metrics listener).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// Takes the processor's transactional id: its producer is fenced, so the transaction of the
 /// batch in flight (already written to PostgreSQL) aborts.
 fn fence_processor(config: &Config) {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::http;
 use crate::common::process::{cli, command, read_log, Processor};
 use crate::common::*;
 
@@ -306,6 +307,106 @@ async fn a_compacted_topic_stops_run_and_fails_verify_naming_it() {
         ok,
         "with every topic back to delete, verify runs: {out} {err}"
     );
+}
+
+/// The same setting made while the processor runs (found by reading the code: the policy was
+/// read at start only, so a topic set to compact under a running processor went unseen until
+/// its next start, while the cleaner could delete intents not consumed yet). Within the 30-s
+/// check `causal_commit_topic_compacts` is 1 for that topic (what `CausalCommitTopicCompacts`
+/// pages on) and an ERROR names the topic and the fix; processing goes on; once reverted the
+/// gauge is 0 again and the change is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_set_to_compact_under_a_running_processor_is_reported_and_processing_goes_on() {
+    let env = TestEnv::new("compact_live", 2).await;
+    migrate_as_owner(&env.config).await;
+    let mut cfg = env.config.clone();
+    let port = free_port();
+    cfg.telemetry.metrics_listen = format!("127.0.0.1:{port}");
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let proc = Processor::spawn(&cfg, log.clone());
+    let k = cfg.kafka.clone();
+    for topic in [
+        &k.intents_topic,
+        &k.side_effects_topic,
+        &k.manual_review_topic,
+    ] {
+        compacts_gauge(addr, topic, 0.0, &log).await;
+    }
+    alter_topic_config(&cfg, &k.side_effects_topic, "cleanup.policy", "compact").await;
+    compacts_gauge(addr, &k.side_effects_topic, 1.0, &log).await;
+    let named = format!(
+        "kafka.side_effects_topic {:?} has cleanup.policy=compact",
+        k.side_effects_topic
+    );
+    let errors = messages(&log, &named);
+    assert_eq!(
+        errors.len(),
+        1,
+        "one ERROR for the change: {}",
+        log_text(&log)
+    );
+    assert_eq!(errors[0]["level"], "ERROR", "{}", errors[0]);
+    assert_eq!(
+        errors[0]["topic"],
+        k.side_effects_topic.as_str(),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("set cleanup.policy=delete"),
+        "{}",
+        errors[0]
+    );
+    // Processing goes on.
+    let intents: Vec<_> = (1..=20)
+        .map(|n| intent(&format!("live-{n}"), &format!("c{}", n % 4), 0))
+        .collect();
+    produce_intents(&cfg, &intents).await;
+    let (fx, _) = wait_for_outputs(&cfg, 20, 0, Duration::from_secs(60)).await;
+    assert_eq!(
+        fx.len(),
+        20,
+        "every intent committed while the topic compacts"
+    );
+    alter_topic_config(&cfg, &k.side_effects_topic, "cleanup.policy", "delete").await;
+    compacts_gauge(addr, &k.side_effects_topic, 0.0, &log).await;
+    assert_eq!(
+        messages(&log, "the topic no longer compacts").len(),
+        1,
+        "{}",
+        log_text(&log)
+    );
+    assert!(proc.terminate(Duration::from_secs(30)));
+}
+
+/// Waits (up to two checks, 65 s) for the processor at `addr` to report `value` as the
+/// `causal_commit_topic_compacts` of `topic`.
+async fn compacts_gauge(addr: std::net::SocketAddr, topic: &str, want: f64, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(65);
+    loop {
+        // Not listening yet at start: no value yet.
+        let got = match http::http_get(addr, "/metrics").await {
+            Some((200, page)) => http::value(
+                &http::parse_samples(&page),
+                "causal_commit_topic_compacts",
+                &[("topic", topic)],
+            ),
+            _ => None,
+        };
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "causal_commit_topic_compacts{{topic={topic:?}}} is {got:?}, not {want}: {}",
+            log_text(log)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Runs `run` with `cfg` and checks that it stops within 15 s, non-zero, with one

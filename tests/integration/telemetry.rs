@@ -25,7 +25,7 @@ use causal_commit::telemetry::metrics as m;
 
 use crate::common::http::{http_get, parse_samples, scrape, value};
 use crate::common::process::Processor;
-use crate::common::{self, TestEnv};
+use crate::common::{self, free_port, TestEnv};
 
 /// The tests that run Prometheus share this worktree's `.stack/prometheus`: one at a time.
 static PROMETHEUS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -36,13 +36,6 @@ const ALERTS: &str = include_str!("../../deploy/prometheus/alerts.yml");
 const ALERTMANAGER: &str = include_str!("../../deploy/alertmanager/alertmanager.yml");
 
 // ------------------------------------------------------------------------------- helpers
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// The processor as a child process with its operations listener on a free port.
 fn spawn(config: &Config, name: &str, env: &[(&str, &str)]) -> (Processor, SocketAddr) {

@@ -73,6 +73,14 @@ pub fn redis_url() -> String {
     std::env::var("CC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
 }
 
+/// A local TCP port nothing listens on (for a listener the test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// A short random suffix for names.
 pub fn unique(prefix: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
