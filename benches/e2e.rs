@@ -830,17 +830,7 @@ impl Bench<'_> {
         let scrapes: Vec<String> = metrics.iter().filter_map(|a| scrape(*a)).collect();
         let batch_steps = report::batch_steps(&scrapes);
         if let Some(b) = &batch_steps {
-            let steps: Vec<String> = b
-                .mean_ms
-                .iter()
-                .map(|(step, ms)| format!("{step} {ms:.0}"))
-                .collect();
-            println!(
-                "[{label}] {:.0} batches of {:.0} records, mean ms: {}",
-                b.batches,
-                b.records_per_batch,
-                steps.join(", ")
-            );
+            println!("[{label}] {}", report::describe_steps(b));
         }
         println!(
             "[{label}] start-up {:.2} s, {:.0} intents/s steady ({}; {:.0} overall), {:.3} CPU s / 1k",
@@ -853,14 +843,21 @@ impl Bench<'_> {
 
         // Latency at full and half speed.
         let mut lat = [None, None];
+        let mut lat_steps = [None, None];
         if spec.latency && throughput.intents_per_s > 0.0 {
             for (i, (name, factor)) in [("full", 1.0), ("half", 0.5)].into_iter().enumerate() {
                 let rate = throughput.intents_per_s * factor;
+                let before: Vec<String> = metrics.iter().filter_map(|a| scrape(*a)).collect();
                 let l = self.latency_phase(spec, world, name, rate, &mut procs, &progress)?;
                 println!(
                     "[{label}] latency at {name} speed ({rate:.0}/s, {} intents): p50 {} ms, p99 {} ms, max {} ms ({} seen)",
                     l.intents, l.p50_ms, l.p99_ms, l.max_ms, l.observed
                 );
+                let after: Vec<String> = metrics.iter().filter_map(|a| scrape(*a)).collect();
+                lat_steps[i] = report::batch_steps_since(&before, &after);
+                if let Some(b) = &lat_steps[i] {
+                    println!("[{label}] at {name} speed: {}", report::describe_steps(b));
+                }
                 lat[i] = Some(l);
             }
         }
@@ -918,6 +915,7 @@ impl Bench<'_> {
             pg,
             outputs,
             batch_steps,
+            latency_batch_steps: lat_steps,
             expected_effects: expected,
             outputs_ok,
             log: logs.join(" "),

@@ -156,7 +156,13 @@ pub struct BatchSteps {
 
 /// The breakdown from `/metrics` texts (one per instance); `None` when no batch committed.
 pub fn batch_steps(scrapes: &[String]) -> Option<BatchSteps> {
-    let total = |name: &str, step: Option<&str>| -> f64 {
+    batch_steps_since(&[], scrapes)
+}
+
+/// The breakdown of the batches committed between two sets of `/metrics` texts (`before`
+/// empty: since start-up); `None` when none committed in between.
+pub fn batch_steps_since(before: &[String], after: &[String]) -> Option<BatchSteps> {
+    let sum = |scrapes: &[String], name: &str, step: Option<&str>| -> f64 {
         scrapes
             .iter()
             .flat_map(|text| text.lines())
@@ -171,6 +177,7 @@ pub fn batch_steps(scrapes: &[String]) -> Option<BatchSteps> {
             })
             .sum()
     };
+    let total = |name: &str, step: Option<&str>| sum(after, name, step) - sum(before, name, step);
     let batches = total("causal_commit_batch_records_count", None);
     let timed = total("causal_commit_batch_step_seconds_count", Some("commit"));
     // The passthrough counts its batches but runs no steps.
@@ -197,6 +204,21 @@ pub fn batch_steps(scrapes: &[String]) -> Option<BatchSteps> {
     })
 }
 
+/// One line: `N batches of R records, mean ms: poll P, lookup L, ...`.
+pub fn describe_steps(b: &BatchSteps) -> String {
+    let steps: Vec<String> = b
+        .mean_ms
+        .iter()
+        .map(|(step, ms)| format!("{step} {ms:.0}"))
+        .collect();
+    format!(
+        "{:.0} batches of {:.0} records, mean ms: {}",
+        b.batches,
+        b.records_per_batch,
+        steps.join(", ")
+    )
+}
+
 /// Everything measured about one consumer.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConsumerReport {
@@ -205,6 +227,8 @@ pub struct ConsumerReport {
     pub throughput: Throughput,
     pub latency_full_speed: Option<Latency>,
     pub latency_half_speed: Option<Latency>,
+    /// The product's batch cycle during each latency phase (full, then half speed).
+    pub latency_batch_steps: [Option<BatchSteps>; 2],
     pub cpu_s_total: f64,
     /// Highest VmHWM of the consumer process(es), MiB.
     pub peak_rss_mib: f64,
@@ -420,25 +444,34 @@ pub fn markdown(
         s.push_str(&format!(" · full ×2 instances / ×1 (median) = {v:.2}"));
     }
     s.push('\n');
-    let with_steps: Vec<(&ConsumerReport, &BatchSteps)> = first
+    // The backlog's batches, then those of each latency phase.
+    let with_steps: Vec<(String, &BatchSteps)> = first
         .iter()
         .chain(two)
-        .filter_map(|c| c.batch_steps.as_ref().map(|b| (c, b)))
-        .collect();
-    if !with_steps.is_empty() {
-        s.push_str(&format!(
-            "\nBatch cycle on the backlog, first round (mean ms per committed batch, from \
-             causal_commit_batch_step_seconds):\n\n| consumer | batches | records / batch | {} |\n\
-             |---|---:|---:|{}\n",
-            STEPS.join(" | "),
-            "---:|".repeat(STEPS.len())
-        ));
-        for (c, b) in with_steps {
+        .flat_map(|c| {
             let name = if c.instances > 1 {
                 format!("{} ×{}", c.name, c.instances)
             } else {
                 c.name.clone()
             };
+            let [full, half] = &c.latency_batch_steps;
+            [
+                (name.clone(), c.batch_steps.as_ref()),
+                (format!("{name}, latency at full speed"), full.as_ref()),
+                (format!("{name}, latency at half speed"), half.as_ref()),
+            ]
+        })
+        .filter_map(|(name, b)| b.map(|b| (name, b)))
+        .collect();
+    if !with_steps.is_empty() {
+        s.push_str(&format!(
+            "\nBatch cycle on the backlog and in the latency phases, first round (mean ms per \
+             committed batch, from causal_commit_batch_step_seconds):\n\n| consumer | batches | \
+             records / batch | {} |\n|---|---:|---:|{}\n",
+            STEPS.join(" | "),
+            "---:|".repeat(STEPS.len())
+        ));
+        for (name, b) in with_steps {
             let steps: Vec<String> = b.mean_ms.iter().map(|(_, ms)| format!("{ms:.0}")).collect();
             s.push_str(&format!(
                 "| {name} | {:.0} | {:.0} | {} |\n",
