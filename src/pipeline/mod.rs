@@ -202,11 +202,8 @@ pub async fn run_with(
             }
         }
     });
-    // A topic set to compact under the running processor (the start-up check refuses it).
-    let compaction = tokio::spawn(preflight::watch_compaction(
-        config.clone(),
-        shutdown.clone(),
-    ));
+    // A topic set to compact, or deleted, under the running processor.
+    let compaction = tokio::spawn(preflight::watch_topics(config.clone(), shutdown.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let rt = tokio::runtime::Handle::current();
     let engine_shutdown = shutdown.clone();

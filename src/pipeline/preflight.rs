@@ -9,7 +9,7 @@
 //! compaction keeps the last record of each key (the intents topic is keyed by contact) and
 //! deletes the others, so intents would be lost before they are consumed, effects before their
 //! readers get them, and `verify`, which reads the same topics, would not see what is gone.
-//! A policy changed while the processor runs is seen by [`watch_compaction`].
+//! A policy changed, or a topic deleted, while the processor runs is seen by [`watch_topics`].
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
@@ -81,49 +81,68 @@ pub fn compaction(config: &Config, within: Duration) -> Checked {
         Ok(a) => a,
         Err(e) => return Checked::Unknown(e.to_string()),
     };
-    let policies = match futures::executor::block_on(policies(&admin, config, within)) {
-        Ok(p) => p,
+    let described = match futures::executor::block_on(describe(&admin, config, within)) {
+        Ok(d) => d,
         Err(reason) => return Checked::Unknown(reason),
     };
-    match policies.into_iter().find(|p| p.compacts()) {
-        Some(p) => Checked::Refused(p.refusal()),
-        None => Checked::Fine,
+    for d in described {
+        match &d.seen {
+            Seen::Policy(policy) if compacts(policy) => {
+                return Checked::Refused(d.refusal(policy.clone()));
+            }
+            Seen::Policy(_) => {}
+            Seen::Missing => {
+                return Checked::Unknown(format!("{}: {}", d.topic, MISSING));
+            }
+            Seen::Unknown(code) => return Checked::Unknown(format!("{}: {code}", d.topic)),
+        }
     }
+    Checked::Fine
 }
 
 fn admin_client(config: &Config) -> rdkafka::error::KafkaResult<AdminClient<DefaultClientContext>> {
     crate::pipeline::kafka::client_config(config, &[]).create()
 }
 
-/// One topic of `[kafka]` and its `cleanup.policy`.
+const MISSING: &str = "the brokers do not have it";
+const UNDESCRIBED: &str =
+    "the brokers did not describe it (no such topic, or no DescribeConfigs permission on it)";
+
+/// What the brokers say of one topic of `[kafka]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Policy {
-    pub key: &'static str,
-    pub topic: String,
-    pub policy: String,
+enum Seen {
+    /// Its `cleanup.policy`.
+    Policy(String),
+    /// No such topic (deleted).
+    Missing,
+    /// The brokers refused to say (the error).
+    Unknown(String),
 }
 
-impl Policy {
-    pub fn compacts(&self) -> bool {
-        compacts(&self.policy)
-    }
+/// One topic of `[kafka]`, as described.
+#[derive(Debug, Clone)]
+struct Described {
+    key: &'static str,
+    topic: String,
+    seen: Seen,
+}
 
-    fn refusal(self) -> Error {
+impl Described {
+    fn refusal(&self, policy: String) -> Error {
         Error::Compacted {
             key: self.key,
-            topic: self.topic,
-            policy: self.policy,
+            topic: self.topic.clone(),
+            policy,
         }
     }
 }
 
-/// The `cleanup.policy` of each of the three topics, in one `DescribeConfigs`; an error (the
-/// reason) when the brokers refuse or do not answer, for any of them.
-async fn policies(
+/// The three topics in one `DescribeConfigs`; an error (the reason) when the request fails.
+async fn describe(
     admin: &AdminClient<DefaultClientContext>,
     config: &Config,
     within: Duration,
-) -> Result<Vec<Policy>, String> {
+) -> Result<Vec<Described>, String> {
     let named = topics(config);
     let resources: Vec<ResourceSpecifier<'_>> = named
         .iter()
@@ -134,86 +153,173 @@ async fn policies(
         .describe_configs(&resources, &opts)
         .await
         .map_err(|e| e.to_string())?;
-    named
+    Ok(named
         .iter()
         .zip(described)
-        .map(|((key, topic), result)| {
-            let resource = result.map_err(|code| format!("{topic}: {code}"))?;
-            Ok(Policy {
-                key,
-                topic: (*topic).to_owned(),
-                policy: resource
-                    .get("cleanup.policy")
-                    .and_then(|e| e.value.clone())
-                    .unwrap_or_default(),
-            })
+        .map(|((key, topic), result)| Described {
+            key,
+            topic: (*topic).to_owned(),
+            // The Rust client drops a resource's own error (no such topic, no permission on
+            // it): such a resource comes back without entries.
+            seen: match result.map(|r| r.get("cleanup.policy").and_then(|e| e.value.clone())) {
+                Ok(Some(policy)) => Seen::Policy(policy),
+                Ok(None) => Seen::Unknown(UNDESCRIBED.into()),
+                Err(RDKafkaErrorCode::UnknownTopicOrPartition) => Seen::Missing,
+                Err(code) => Seen::Unknown(code.to_string()),
+            },
         })
-        .collect()
+        .collect())
 }
 
-/// How often [`watch_compaction`] reads the topics' `cleanup.policy`.
-pub const COMPACTION_CHECK: Duration = Duration::from_secs(30);
+/// How often [`watch_topics`] describes the three topics.
+pub const TOPIC_CHECK: Duration = Duration::from_secs(30);
 
-/// While the processor runs, reads the three topics' `cleanup.policy` every
-/// [`COMPACTION_CHECK`]: `causal_commit_topic_compacts` is 1 for a topic that compacts, and
-/// each change is logged (ERROR when a topic starts compacting). The processor goes on: the
-/// cleaner only compacts rolled segments, so intents consumed on time are safe, and pausing
-/// would leave more of them to it; effects already produced are at risk whatever it does. The
-/// alert pages for the setting to be reverted, and the next start refuses it.
-pub async fn watch_compaction(config: std::sync::Arc<Config>, shutdown: CancellationToken) {
+/// A change worth a log line, from what a topic was to what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Compacts,
+    NoLongerCompacts,
+    Deleted,
+    Back,
+    Unreadable,
+}
+
+fn change(before: Option<&Seen>, now: &Seen) -> Option<Change> {
+    let compacting = |s: Option<&Seen>| matches!(s, Some(Seen::Policy(p)) if compacts(p));
+    match now {
+        Seen::Policy(p) if compacts(p) && !compacting(before) => Some(Change::Compacts),
+        Seen::Policy(_) if compacting(before) && !compacting(Some(now)) => {
+            Some(Change::NoLongerCompacts)
+        }
+        Seen::Policy(_) if before == Some(&Seen::Missing) => Some(Change::Back),
+        Seen::Policy(_) => None,
+        Seen::Missing if before != Some(&Seen::Missing) => Some(Change::Deleted),
+        Seen::Missing => None,
+        Seen::Unknown(_) if !matches!(before, Some(Seen::Unknown(_))) => Some(Change::Unreadable),
+        Seen::Unknown(_) => None,
+    }
+}
+
+/// While the processor runs, describes the three topics every [`TOPIC_CHECK`], for what an
+/// operator may change under it:
+///
+/// - a `cleanup.policy` that compacts: `causal_commit_topic_compacts` is 1 for the topic, an
+///   ERROR names it with the fix, and its revert is logged. The processor goes on: the cleaner
+///   only compacts rolled segments, so intents consumed on time are safe, and pausing would
+///   leave more of them to it; effects already produced are at risk whatever it does. The
+///   alert pages for the setting to be reverted, and the next start refuses it;
+/// - a topic deleted: an ERROR names it (the transactions' own errors only say that records
+///   timed out). Nothing is lost: no transaction commits without it (an intents topic created
+///   again is refused by the restore's checks); created again, processing goes on by itself.
+pub async fn watch_topics(config: std::sync::Arc<Config>, shutdown: CancellationToken) {
     let admin = match admin_client(&config) {
-        Ok(a) => a,
+        Ok(a) => std::sync::Arc::new(a),
         Err(e) => {
-            tracing::warn!(error = %e, "creating the Kafka client that watches the topics' cleanup.policy failed; a policy changed to compact is seen at the next start only");
+            tracing::warn!(error = %e, "creating the Kafka client that watches the topics failed; a policy changed to compact is seen at the next start only");
             return;
         }
     };
-    let mut tick = tokio::time::interval(COMPACTION_CHECK);
+    let mut tick = tokio::time::interval(TOPIC_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut known: BTreeMap<String, bool> = BTreeMap::new();
-    let mut unknown_logged = false;
+    let mut known: BTreeMap<String, Seen> = BTreeMap::new();
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let within = config.kafka.operation_timeout.min(COMPACTION_CHECK);
-        let policies = match policies(&admin, &config, within).await {
-            Ok(p) => p,
+        let within = config.kafka.operation_timeout.min(TOPIC_CHECK);
+        let described = match describe(&admin, &config, within).await {
+            Ok(d) => d,
             Err(reason) => {
-                if !unknown_logged {
-                    tracing::warn!(reason = %reason, "could not read the topics' cleanup.policy (DescribeConfigs); a policy changed to compact is not seen");
-                    unknown_logged = true;
+                if !failing {
+                    tracing::warn!(reason = %reason, "could not describe the topics (DescribeConfigs); a policy changed to compact is not seen");
+                    failing = true;
                 }
                 continue;
             }
         };
-        unknown_logged = false;
-        for p in policies {
-            let compacting = p.compacts();
-            metrics::gauge!(m::TOPIC_COMPACTS, "topic" => p.topic.clone()).set(if compacting {
-                1.0
-            } else {
-                0.0
-            });
-            let before = known.insert(p.topic.clone(), compacting);
-            match (before, compacting) {
-                (Some(false) | None, true) => tracing::error!(
-                    setting = p.key,
-                    topic = %p.topic,
-                    policy = %p.policy,
-                    "{}; the processor goes on (records consumed before the cleaner runs are                      safe), and will not start again until it is reverted",
-                    p.clone().refusal()
-                ),
-                (Some(true), false) => tracing::info!(
-                    setting = p.key,
-                    topic = %p.topic,
-                    policy = %p.policy,
-                    "the topic no longer compacts"
-                ),
-                _ => {}
+        failing = false;
+        for mut d in described {
+            if matches!(d.seen, Seen::Unknown(_)) {
+                // Told apart from a refusal by the topic's metadata.
+                let (admin, topic) = (admin.clone(), d.topic.clone());
+                let exists =
+                    tokio::task::spawn_blocking(move || exists(admin.inner(), &topic, within))
+                        .await
+                        .ok()
+                        .flatten();
+                if exists == Some(false) {
+                    d.seen = Seen::Missing;
+                }
             }
+            if let Seen::Policy(p) = &d.seen {
+                let v = if compacts(p) { 1.0 } else { 0.0 };
+                metrics::gauge!(m::TOPIC_COMPACTS, "topic" => d.topic.clone()).set(v);
+            }
+            if let Some(c) = change(known.get(&d.topic), &d.seen) {
+                report(&d, c);
+            }
+            known.insert(d.topic.clone(), d.seen);
         }
+    }
+}
+
+/// Whether the brokers' metadata lists `topic`; `None` when they do not answer or say
+/// something else (an authorization error).
+fn exists<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    within: Duration,
+) -> Option<bool> {
+    let metadata = client.fetch_metadata(Some(topic), within).ok()?;
+    let t = metadata.topics().first()?;
+    match t.error().map(RDKafkaErrorCode::from) {
+        None => Some(true),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition) => Some(false),
+        Some(_) => None,
+    }
+}
+
+fn report(d: &Described, change: Change) {
+    let (key, topic) = (d.key, &d.topic);
+    let policy = match &d.seen {
+        Seen::Policy(p) => p.as_str(),
+        _ => "",
+    };
+    match change {
+        Change::Compacts => tracing::error!(
+            setting = key,
+            topic = %topic,
+            policy,
+            "{}; the processor goes on (records consumed before the cleaner runs are safe), \
+             and will not start again until it is reverted",
+            d.refusal(policy.to_owned())
+        ),
+        Change::NoLongerCompacts => {
+            tracing::info!(setting = key, topic = %topic, policy, "the topic no longer compacts")
+        }
+        Change::Deleted if key == "kafka.intents_topic" => tracing::error!(
+            setting = key,
+            topic = %topic,
+            "{key} {topic:?} does not exist any more (deleted?): nothing is consumed; created \
+             again, its partitions refuse to start until an operator says where they resume \
+             (recovery-point resume-at; runbook: Partitions paused)"
+        ),
+        Change::Deleted => tracing::error!(
+            setting = key,
+            topic = %topic,
+            "{key} {topic:?} does not exist any more (deleted?): no transaction commits without \
+             it, so nothing is emitted and nothing is lost; create it again with its settings \
+             (deploy/) and processing goes on by itself"
+        ),
+        Change::Back => tracing::info!(setting = key, topic = %topic, "the topic exists again"),
+        Change::Unreadable => tracing::warn!(
+            setting = key,
+            topic = %topic,
+            reason = ?d.seen,
+            "could not describe the topic; a policy changed to compact is not seen"
+        ),
     }
 }
 
@@ -373,6 +479,31 @@ fn topics_exist<C: ClientContext>(
 #[cfg(test)]
 mod tests {
     use super::compacts;
+
+    #[test]
+    fn each_change_of_a_topic_is_reported_once() {
+        use super::{change, Change, Seen};
+        let delete = Seen::Policy("delete".into());
+        let compact = Seen::Policy("compact,delete".into());
+        let unknown = Seen::Unknown("Broker: Topic authorization failed".into());
+        for (before, now, expected) in [
+            (None, &delete, None),
+            (None, &compact, Some(Change::Compacts)),
+            (Some(&delete), &compact, Some(Change::Compacts)),
+            (Some(&compact), &compact, None),
+            (Some(&compact), &delete, Some(Change::NoLongerCompacts)),
+            (Some(&delete), &Seen::Missing, Some(Change::Deleted)),
+            (Some(&compact), &Seen::Missing, Some(Change::Deleted)),
+            (Some(&Seen::Missing), &Seen::Missing, None),
+            (Some(&Seen::Missing), &delete, Some(Change::Back)),
+            (Some(&Seen::Missing), &compact, Some(Change::Compacts)),
+            (Some(&delete), &unknown, Some(Change::Unreadable)),
+            (Some(&unknown), &unknown, None),
+            (Some(&unknown), &delete, None),
+        ] {
+            assert_eq!(change(before, now), expected, "{before:?} -> {now:?}");
+        }
+    }
 
     #[test]
     fn a_policy_compacts_when_its_list_names_compact() {

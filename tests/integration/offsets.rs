@@ -235,8 +235,7 @@ async fn recreate_intents_topic(config: &Config, partitions: i32) {
         .expect("admin client");
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let topic = config.kafka.intents_topic.as_str();
-    let deleted = admin.delete_topics(&[topic], &opts).await.expect("delete");
-    assert!(deleted.iter().all(|r| r.is_ok()), "{deleted:?}");
+    delete_topic(config, topic).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
@@ -772,4 +771,68 @@ async fn records_deleted_under_a_running_processor_are_named_until_an_operator_a
             "b{i}, after the deleted records, committed once"
         );
     }
+}
+
+/// A tired operator deletes the side-effects topic under a running processor. Every
+/// transaction aborts while it is gone, its errors saying only that records timed out: the
+/// topic watch names the missing topic (ERROR) within its 30-s check. Nothing is lost: once the
+/// topic is created again the intents consumed meanwhile commit, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_side_effects_topic_deleted_under_a_running_processor_is_named_and_loses_nothing() {
+    let env = TestEnv::new("effects_deleted", 2).await;
+    let cfg = env.config.clone();
+    let log = log_of(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    demo::produce(&cfg, &workload(200, 40, "a", 41))
+        .await
+        .unwrap();
+    caught_up(&cfg).await;
+    let offsets = |cfg: &Config| -> Vec<(i32, i64)> {
+        let points = causal_commit::pipeline::read::committed_points(cfg).unwrap();
+        let mut at: Vec<(i32, i64)> = points.iter().map(|(p, point)| (*p, point.offset)).collect();
+        at.sort_unstable();
+        at
+    };
+    let before = offsets(&cfg);
+    delete_topic(&cfg, &cfg.kafka.side_effects_topic).await;
+    demo::produce(&cfg, &workload(100, 20, "b", 42))
+        .await
+        .unwrap();
+    let named = format!(
+        "kafka.side_effects_topic {:?} does not exist any more",
+        cfg.kafka.side_effects_topic
+    );
+    let deadline = Instant::now() + Duration::from_secs(65);
+    let errors = loop {
+        let errors: Vec<_> = read_log(&log)
+            .into_iter()
+            .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(&named)))
+            .collect();
+        if !errors.is_empty() || Instant::now() > deadline {
+            break errors;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(errors.len(), 1, "the missing topic named once, within 65 s");
+    assert_eq!(errors[0]["level"], "ERROR", "{}", errors[0]);
+    assert_eq!(
+        offsets(&cfg),
+        before,
+        "no transaction committed (no input offset moved) while the topic is gone"
+    );
+    create_topics(&cfg, &[(&cfg.kafka.side_effects_topic, 2)]).await;
+    caught_up(&cfg).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    verified_prefix(&cfg, "b-", 100).await;
+}
+
+async fn delete_topic(config: &Config, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .create()
+        .expect("admin client");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let deleted = admin.delete_topics(&[topic], &opts).await.expect("delete");
+    assert!(deleted.iter().all(|r| r.is_ok()), "{deleted:?}");
 }
