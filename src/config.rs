@@ -419,6 +419,7 @@ impl Config {
             "partition.assignment.strategy",
             "group.protocol",
             "auto.offset.reset",
+            "allow.auto.create.topics",
         ] {
             if k.client.contains_key(reserved) {
                 return Err(invalid(
@@ -691,8 +692,11 @@ mod tests {
 
     #[test]
     fn reserved_client_keys_are_refused() {
-        let err = Config::from_toml("[kafka.client]\n\"group.id\" = \"other\"\n").unwrap_err();
-        assert!(err.to_string().contains("group.id"), "{err}");
+        for key in ["group.id", "allow.auto.create.topics"] {
+            let err =
+                Config::from_toml(&format!("[kafka.client]\n\"{key}\" = \"true\"\n")).unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -233,6 +233,11 @@ fn configured(config: &Config, watched: bool, settings: &[(&str, &str)]) -> Clie
         "metadata.recovery.rebootstrap.trigger.ms",
         REBOOTSTRAP_AFTER_MS,
     );
+    // Never create a topic by asking for it: on brokers with auto.create.topics.enable, a
+    // producer (librdkafka's default is true for producers) or a metadata request would create
+    // a mistyped or deleted topic with the brokers' defaults, and the start-up check, which
+    // refuses a missing topic, would pass. Reserved: `[kafka.client]` cannot set it.
+    c.set("allow.auto.create.topics", "false");
     if watched {
         BrokerWatch::enable(&mut c);
     }
@@ -609,6 +614,19 @@ mod tests {
             RDKafkaErrorCode::Authentication,
         ] {
             assert!(!is_partition_end(&KafkaError::Global(code)), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn no_client_creates_a_topic_by_naming_it() {
+        let config =
+            Config::from_toml("[kafka.client]\n\"linger.ms\" = \"5\"\n").expect("a config");
+        for c in [
+            client_config(&config, &[("client.id", "x")]),
+            watched_config(&config, &[]),
+        ] {
+            assert_eq!(c.get("allow.auto.create.topics"), Some("false"));
+            assert_eq!(c.get("linger.ms"), Some("5"));
         }
     }
 }
