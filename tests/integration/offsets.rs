@@ -538,19 +538,7 @@ async fn a_group_moved_to_another_intents_topic_reads_that_topic() {
 async fn an_intents_topic_recreated_under_a_running_processor_loses_nothing() {
     let env = TestEnv::new("recreate_live", 1).await;
     let cfg = env.config.clone();
-    let log = log_of(&env, "run1");
-    let proc = Processor::spawn(&cfg, log.clone());
-    demo::produce(&cfg, &workload(400, 40, "a", 21))
-        .await
-        .unwrap();
-    caught_up(&cfg).await;
-    recreate_intents_topic(&cfg, 1).await;
-    demo::produce(&cfg, &workload(100, 10, "b", 22))
-        .await
-        .unwrap();
-    refused(&log, "log ends at offset", &[0]).await;
-    resume_at_earliest(&cfg, "0");
-    caught_up(&cfg).await;
+    let proc = intents_topic_replaced_under_a_running_processor(&env, false).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     demo::produce(&cfg, &workload(100, 10, "c", 23))
         .await
@@ -798,23 +786,12 @@ async fn the_side_effects_topic_deleted_under_a_running_processor_is_named_and_l
     demo::produce(&cfg, &workload(100, 20, "b", 42))
         .await
         .unwrap();
-    let named = format!(
-        "kafka.side_effects_topic {:?} does not exist any more",
-        cfg.kafka.side_effects_topic
-    );
-    let deadline = Instant::now() + Duration::from_secs(65);
-    let errors = loop {
-        let errors: Vec<_> = read_log(&log)
-            .into_iter()
-            .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(&named)))
-            .collect();
-        if !errors.is_empty() || Instant::now() > deadline {
-            break errors;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    assert_eq!(errors.len(), 1, "the missing topic named once, within 65 s");
-    assert_eq!(errors[0]["level"], "ERROR", "{}", errors[0]);
+    named_missing(
+        &log,
+        "kafka.side_effects_topic",
+        &cfg.kafka.side_effects_topic,
+    )
+    .await;
     assert_eq!(
         offsets(&cfg),
         before,
@@ -824,6 +801,72 @@ async fn the_side_effects_topic_deleted_under_a_running_processor_is_named_and_l
     caught_up(&cfg).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     verified_prefix(&cfg, "b-", 100).await;
+}
+
+/// The intents topic deleted under a running processor and left deleted for a while: the topic
+/// check names it (ERROR, pointing at `resume-at`); created again and refilled, its partition
+/// refuses until an operator says where it resumes, then the new intents commit once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intents_topic_deleted_under_a_running_processor_is_named() {
+    let env = TestEnv::new("intents_deleted", 1).await;
+    let proc = intents_topic_replaced_under_a_running_processor(&env, true).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    verified_prefix(&env.config, "b-", 100).await;
+}
+
+/// A processor (log `run1`) commits 400 intents `a-`; the intents topic is deleted under it
+/// and created again, at once or (`left_deleted`) once the topic check has named it gone;
+/// refilled with 100 intents `b-`, its partition refuses until `resume-at`, then they commit.
+/// Returns the processor, still running.
+async fn intents_topic_replaced_under_a_running_processor(
+    env: &TestEnv,
+    left_deleted: bool,
+) -> Processor {
+    let cfg = &env.config;
+    let log = log_of(env, "run1");
+    let proc = Processor::spawn(cfg, log.clone());
+    demo::produce(cfg, &workload(400, 40, "a", 21))
+        .await
+        .unwrap();
+    caught_up(cfg).await;
+    if left_deleted {
+        delete_topic(cfg, &cfg.kafka.intents_topic).await;
+        let error = named_missing(&log, "kafka.intents_topic", &cfg.kafka.intents_topic).await;
+        assert!(error.contains("recovery-point resume-at"), "{error}");
+        create_topics(cfg, &[(&cfg.kafka.intents_topic, 1)]).await;
+    } else {
+        recreate_intents_topic(cfg, 1).await;
+    }
+    demo::produce(cfg, &workload(100, 10, "b", 22))
+        .await
+        .unwrap();
+    refused(&log, "log ends at offset", &[0]).await;
+    resume_at_earliest(cfg, "0");
+    caught_up(cfg).await;
+    proc
+}
+
+/// Waits (up to two topic checks, 65 s) for the one ERROR naming `topic` (the setting `key`) as
+/// gone; returns its message.
+async fn named_missing(log: &std::path::Path, key: &str, topic: &str) -> String {
+    let named = format!("{key} {topic:?} does not exist any more");
+    let deadline = Instant::now() + Duration::from_secs(65);
+    let errors = loop {
+        let errors: Vec<_> = read_log(log)
+            .into_iter()
+            .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(&named)))
+            .collect();
+        if !errors.is_empty() || Instant::now() > deadline {
+            break errors;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(errors.len(), 1, "{topic} named once as gone, within 65 s");
+    assert_eq!(errors[0]["level"], "ERROR", "{}", errors[0]);
+    errors[0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 async fn delete_topic(config: &Config, topic: &str) {
