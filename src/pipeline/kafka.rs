@@ -16,11 +16,14 @@ use rdkafka::{ClientContext, TopicPartitionList};
 use crate::config::Config;
 use crate::telemetry::metrics as m;
 
+mod admin_call;
 pub mod call_thread;
 pub mod stranded;
+mod topic_config;
 mod topic_id;
 use call_thread::CallThread;
 pub use stranded::{BrokerWatch, Watched};
+pub use topic_config::{topic_setting, Setting};
 pub use topic_id::topic_id;
 
 /// How long past its own timeout a blocking transactional call may take before it is taken as

@@ -170,7 +170,7 @@ pub async fn run_with(
         return Ok(());
     }
     let kafka = config.clone();
-    tokio::task::spawn_blocking(move || {
+    let topics = tokio::task::spawn_blocking(move || {
         preflight::check(&kafka, kafka.kafka.operation_timeout.min(PREFLIGHT_WAIT))
     })
     .await??;
@@ -203,7 +203,11 @@ pub async fn run_with(
         }
     });
     // A topic set to compact, or deleted, under the running processor.
-    let compaction = tokio::spawn(preflight::watch_topics(config.clone(), shutdown.clone()));
+    let compaction = tokio::spawn(preflight::watch_topics(
+        config.clone(),
+        topics,
+        shutdown.clone(),
+    ));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let rt = tokio::runtime::Handle::current();
     let engine_shutdown = shutdown.clone();

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
@@ -24,6 +24,7 @@ use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::pipeline::kafka::{self, Setting};
 use crate::telemetry::metrics as m;
 
 #[derive(Debug, thiserror::Error)]
@@ -75,16 +76,20 @@ fn topics(config: &Config) -> [(&'static str, &str); 3] {
 
 /// The first of the three topics whose `cleanup.policy` compacts, as [`Error::Compacted`];
 /// `Checked::Fine` when none does. A describe the brokers refuse (no `DescribeConfigs`
-/// permission) or do not answer is no verdict: `Checked::Unknown`.
+/// permission) or do not answer is no verdict: `Checked::Unknown`. Blocking.
 pub fn compaction(config: &Config, within: Duration) -> Checked {
     let admin = match admin_client(config) {
         Ok(a) => a,
         Err(e) => return Checked::Unknown(e.to_string()),
     };
-    let described = match futures::executor::block_on(describe(&admin, config, within)) {
-        Ok(d) => d,
-        Err(reason) => return Checked::Unknown(reason),
-    };
+    match describe(admin.inner(), config, within) {
+        Ok(described) => checked(&described),
+        Err(reason) => Checked::Unknown(reason),
+    }
+}
+
+/// What [`compaction`] says of the described topics.
+fn checked(described: &[Described]) -> Checked {
     for d in described {
         match &d.seen {
             Seen::Policy(policy) if compacts(policy) => {
@@ -94,7 +99,7 @@ pub fn compaction(config: &Config, within: Duration) -> Checked {
             Seen::Missing => {
                 return Checked::Unknown(format!("{}: {}", d.topic, MISSING));
             }
-            Seen::Unknown(code) => return Checked::Unknown(format!("{}: {code}", d.topic)),
+            Seen::Unknown(reason) => return Checked::Unknown(format!("{}: {reason}", d.topic)),
         }
     }
     Checked::Fine
@@ -105,8 +110,6 @@ fn admin_client(config: &Config) -> rdkafka::error::KafkaResult<AdminClient<Defa
 }
 
 const MISSING: &str = "the brokers do not have it";
-const UNDESCRIBED: &str =
-    "the brokers did not describe it (no such topic, or no DescribeConfigs permission on it)";
 
 /// What the brokers say of one topic of `[kafka]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +118,7 @@ enum Seen {
     Policy(String),
     /// No such topic (deleted).
     Missing,
-    /// The brokers refused to say (the error).
+    /// The brokers refused to say (the reason).
     Unknown(String),
 }
 
@@ -137,35 +140,37 @@ impl Described {
     }
 }
 
+/// The three topics as the start-up check described them, for [`watch_topics`] to start from
+/// (empty when the brokers did not answer it).
+#[derive(Debug, Default)]
+pub struct Topics(Vec<Described>);
+
 /// The three topics in one `DescribeConfigs`; an error (the reason) when the request fails.
-async fn describe(
-    admin: &AdminClient<DefaultClientContext>,
+/// Blocking.
+fn describe<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
     config: &Config,
     within: Duration,
 ) -> Result<Vec<Described>, String> {
     let named = topics(config);
-    let resources: Vec<ResourceSpecifier<'_>> = named
-        .iter()
-        .map(|(_, t)| ResourceSpecifier::Topic(t))
-        .collect();
-    let opts = AdminOptions::new().request_timeout(Some(within));
-    let described = admin
-        .describe_configs(&resources, &opts)
-        .await
-        .map_err(|e| e.to_string())?;
+    let names: Vec<&str> = named.iter().map(|(_, t)| *t).collect();
+    let settings = kafka::topic_setting(client, &names, "cleanup.policy", within)?;
     Ok(named
         .iter()
-        .zip(described)
-        .map(|((key, topic), result)| Described {
+        .zip(settings)
+        .map(|((key, topic), setting)| Described {
             key,
             topic: (*topic).to_owned(),
-            // The Rust client drops a resource's own error (no such topic, no permission on
-            // it): such a resource comes back without entries.
-            seen: match result.map(|r| r.get("cleanup.policy").and_then(|e| e.value.clone())) {
-                Ok(Some(policy)) => Seen::Policy(policy),
-                Ok(None) => Seen::Unknown(UNDESCRIBED.into()),
-                Err(RDKafkaErrorCode::UnknownTopicOrPartition) => Seen::Missing,
-                Err(code) => Seen::Unknown(code.to_string()),
+            seen: match setting {
+                Setting::Value(Some(policy)) => Seen::Policy(policy),
+                Setting::Value(None) => {
+                    Seen::Unknown("the brokers listed no cleanup.policy".into())
+                }
+                Setting::Refused(RDKafkaErrorCode::UnknownTopicOrPartition, _) => Seen::Missing,
+                Setting::Refused(code, message) if message.is_empty() => {
+                    Seen::Unknown(code.to_string())
+                }
+                Setting::Refused(code, message) => Seen::Unknown(format!("{code}: {message}")),
             },
         })
         .collect())
@@ -211,7 +216,14 @@ fn change(before: Option<&Seen>, now: &Seen) -> Option<Change> {
 /// - a topic deleted: an ERROR names it (the transactions' own errors only say that records
 ///   timed out). Nothing is lost: no transaction commits without it (an intents topic created
 ///   again is refused by the restore's checks); created again, processing goes on by itself.
-pub async fn watch_topics(config: std::sync::Arc<Config>, shutdown: CancellationToken) {
+///
+/// It starts from what the start-up check described (`first`), so its first describe is one
+/// [`TOPIC_CHECK`] later; at once when the check had no answer.
+pub async fn watch_topics(
+    config: std::sync::Arc<Config>,
+    first: Topics,
+    shutdown: CancellationToken,
+) {
     let admin = match admin_client(&config) {
         Ok(a) => std::sync::Arc::new(a),
         Err(e) => {
@@ -219,9 +231,17 @@ pub async fn watch_topics(config: std::sync::Arc<Config>, shutdown: Cancellation
             return;
         }
     };
-    let mut tick = tokio::time::interval(TOPIC_CHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut known: BTreeMap<String, Seen> = BTreeMap::new();
+    let start = match first.0.is_empty() {
+        true => tokio::time::Instant::now(),
+        false => tokio::time::Instant::now() + TOPIC_CHECK,
+    };
+    for d in first.0 {
+        gauge(&d);
+        known.insert(d.topic, d.seen);
+    }
+    let mut tick = tokio::time::interval_at(start, TOPIC_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
         tokio::select! {
@@ -229,7 +249,12 @@ pub async fn watch_topics(config: std::sync::Arc<Config>, shutdown: Cancellation
             _ = tick.tick() => {}
         }
         let within = config.kafka.operation_timeout.min(TOPIC_CHECK);
-        let described = match describe(&admin, &config, within).await {
+        let (admin, config) = (admin.clone(), config.clone());
+        let described =
+            tokio::task::spawn_blocking(move || describe(admin.inner(), &config, within))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+        let described = match described {
             Ok(d) => d,
             Err(reason) => {
                 if !failing {
@@ -240,23 +265,8 @@ pub async fn watch_topics(config: std::sync::Arc<Config>, shutdown: Cancellation
             }
         };
         failing = false;
-        for mut d in described {
-            if matches!(d.seen, Seen::Unknown(_)) {
-                // Told apart from a refusal by the topic's metadata.
-                let (admin, topic) = (admin.clone(), d.topic.clone());
-                let exists =
-                    tokio::task::spawn_blocking(move || exists(admin.inner(), &topic, within))
-                        .await
-                        .ok()
-                        .flatten();
-                if exists == Some(false) {
-                    d.seen = Seen::Missing;
-                }
-            }
-            if let Seen::Policy(p) = &d.seen {
-                let v = if compacts(p) { 1.0 } else { 0.0 };
-                metrics::gauge!(m::TOPIC_COMPACTS, "topic" => d.topic.clone()).set(v);
-            }
+        for d in described {
+            gauge(&d);
             if let Some(c) = change(known.get(&d.topic), &d.seen) {
                 report(&d, c);
             }
@@ -265,19 +275,11 @@ pub async fn watch_topics(config: std::sync::Arc<Config>, shutdown: Cancellation
     }
 }
 
-/// Whether the brokers' metadata lists `topic`; `None` when they do not answer or say
-/// something else (an authorization error).
-fn exists<C: ClientContext>(
-    client: &rdkafka::client::Client<C>,
-    topic: &str,
-    within: Duration,
-) -> Option<bool> {
-    let metadata = client.fetch_metadata(Some(topic), within).ok()?;
-    let t = metadata.topics().first()?;
-    match t.error().map(RDKafkaErrorCode::from) {
-        None => Some(true),
-        Some(RDKafkaErrorCode::UnknownTopicOrPartition) => Some(false),
-        Some(_) => None,
+/// `causal_commit_topic_compacts` for a topic whose policy is known.
+fn gauge(d: &Described) {
+    if let Seen::Policy(p) = &d.seen {
+        let v = if compacts(p) { 1.0 } else { 0.0 };
+        metrics::gauge!(m::TOPIC_COMPACTS, "topic" => d.topic.clone()).set(v);
     }
 }
 
@@ -373,9 +375,10 @@ impl ProducerContext for Watch {
 }
 
 /// Connects to the brokers with the configuration's client settings and asks for the intents
-/// topic's metadata. Fails on an authentication or TLS failure; returns once the brokers
-/// answer, or after `within` without an answer (then the engine goes on trying). Blocking.
-pub fn check(config: &Config, within: Duration) -> Result<(), Error> {
+/// topic's metadata. Fails on an authentication or TLS failure, on a topic missing or
+/// compacting; returns once the brokers answer, with the topics as described, or after
+/// `within` without an answer (then the engine goes on trying). Blocking.
+pub fn check(config: &Config, within: Duration) -> Result<Topics, Error> {
     let brokers = config.kafka.brokers.clone();
     let mut c = crate::pipeline::kafka::client_config(config, &[]);
     c.set(
@@ -412,16 +415,21 @@ pub fn check(config: &Config, within: Duration) -> Result<(), Error> {
         match answered {
             Ok(_) => {
                 topics_exist(producer.client(), config)?;
-                return match compaction(config, Duration::from_secs(5)) {
+                let described = describe(producer.client(), config, Duration::from_secs(5));
+                let verdict = match &described {
+                    Ok(d) => checked(d),
+                    Err(reason) => Checked::Unknown(reason.clone()),
+                };
+                return match verdict {
                     Checked::Refused(e) => Err(e),
-                    Checked::Fine => Ok(()),
+                    Checked::Fine => Ok(Topics(described.unwrap_or_default())),
                     Checked::Unknown(reason) => {
                         tracing::warn!(
                             reason = %reason,
                             "could not read the topics' cleanup.policy (DescribeConfigs); a \
                              compacted topic would lose records unseen"
                         );
-                        Ok(())
+                        Ok(Topics(described.unwrap_or_default()))
                     }
                 };
             }
@@ -438,7 +446,7 @@ pub fn check(config: &Config, within: Duration) -> Result<(), Error> {
                     "Kafka did not answer the start-up check in {within:?}; starting anyway (the \
                      consumer and producer keep trying)"
                 );
-                return Ok(());
+                return Ok(Topics::default());
             }
             Err(_) => {}
         }

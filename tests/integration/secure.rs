@@ -383,6 +383,60 @@ async fn a_topic_set_to_compact_under_a_running_processor_is_reported_and_proces
     assert!(proc.terminate(Duration::from_secs(30)));
 }
 
+/// One `DescribeConfigs` of three topics, one of them unknown to the brokers, over the plain
+/// and the SASL_SSL listener: the two that exist come with their `cleanup.policy` (one set to
+/// compact, so the value is the topic's own), the unknown one with the brokers' own error for
+/// it, `UnknownTopicOrPartition` (the Rust client's `describe_configs` drops that error and
+/// returns a topic without settings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_setting_comes_with_each_topics_own_error() {
+    use causal_commit::pipeline::kafka::{topic_setting, Setting};
+    use rdkafka::error::RDKafkaErrorCode;
+    let env = TestEnv::new("topic_setting", 1).await;
+    let k = env.config.kafka.clone();
+    alter_topic_config(
+        &env.config,
+        &k.side_effects_topic,
+        "cleanup.policy",
+        "compact",
+    )
+    .await;
+    let unknown = format!("{}-never-created", k.intents_topic);
+    for cfg in [env.config.clone(), over_sasl_ssl(&env.config)] {
+        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+            causal_commit::pipeline::kafka::client_config(&cfg, &[])
+                .create()
+                .expect("admin client");
+        let topics = [
+            k.intents_topic.clone(),
+            unknown.clone(),
+            k.side_effects_topic.clone(),
+        ];
+        let got = tokio::task::spawn_blocking(move || {
+            let topics = topics.each_ref().map(String::as_str);
+            topic_setting(
+                admin.inner(),
+                &topics,
+                "cleanup.policy",
+                Duration::from_secs(10),
+            )
+        })
+        .await
+        .unwrap()
+        .expect("DescribeConfigs answered");
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0], Setting::Value(Some("delete".into())), "{got:?}");
+        assert!(
+            matches!(
+                got[1],
+                Setting::Refused(RDKafkaErrorCode::UnknownTopicOrPartition, _)
+            ),
+            "{got:?}"
+        );
+        assert_eq!(got[2], Setting::Value(Some("compact".into())), "{got:?}");
+    }
+}
+
 /// Waits (up to two checks, 65 s) for the processor at `addr` to report `value` as the
 /// `causal_commit_topic_compacts` of `topic`.
 async fn compacts_gauge(addr: std::net::SocketAddr, topic: &str, want: f64, log: &Path) {
