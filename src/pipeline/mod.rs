@@ -174,7 +174,7 @@ pub async fn run_with(
         preflight::check(&kafka, kafka.kafka.operation_timeout.min(PREFLIGHT_WAIT))
     })
     .await??;
-    let locks = Arc::new(LockStore::new(&config, pool.clone())?);
+    let locks = Arc::new(LockStore::new(&config, pool.clone()).await?);
     let admin = match config.admin.listen.is_empty() {
         true => None,
         false => Some(

@@ -36,7 +36,10 @@
 //! PostgreSQL epoch (`cc_store_state.epoch`) *and* the server incarnation this process is talking
 //! to. Otherwise PostgreSQL answers the whole lookup — Redis hits are not used either, because an
 //! outcome can change while Redis is behind (a manual-review item re-submitted and committed
-//! during a fallback).
+//! during a fallback). `{prefix}` is `{redis.key_prefix}:{store_id}`, the store id drawn per
+//! PostgreSQL schema (`cc_store_state.store_id`): every store starts at epoch 1, so two
+//! deployments sharing one Redis and one key prefix would otherwise each be "in sync" with the
+//! other's outcomes.
 //!
 //! - Every switch to PostgreSQL **registers the fallback** in PostgreSQL before any decision of the
 //!   fallback period is written: the epoch is bumped (so every Redis is out of sync) and a row in
@@ -274,9 +277,15 @@ fn correction_entries(
 
 impl LockStore {
     /// Builds the store from `config.redis` (AUTH and TLS through the URL) and the PostgreSQL
-    /// pool (migrated). Connects lazily; starts in Redis mode.
-    pub fn new(config: &Config, pool: PgPool) -> Result<Self> {
-        let redis = RedisStore::new(&config.redis)?;
+    /// pool (migrated), whose store id names its Redis keys. Connects to Redis lazily; starts
+    /// in Redis mode. Fails when `redis.url` does not parse or PostgreSQL cannot be read.
+    pub async fn new(config: &Config, pool: PgPool) -> Result<Self> {
+        let store_id = sql::store_id(&pool).await?;
+        let redis = RedisStore::new(&config.redis, &store_id)?;
+        tracing::info!(
+            keys = %format!("{}:{store_id}:", config.redis.key_prefix),
+            "lock store: this store's Redis keys"
+        );
         let rc = &config.redis;
         // Outcomes of a batch in flight at a trip may reach PostgreSQL up to this long after it.
         let fallback_margin = 2

@@ -1,7 +1,9 @@
 //! Raw Redis operations of the lock / idempotency store: one connection, a timeout on every
 //! call, Lua scripts for everything that must be atomic, one round trip per batch.
 //!
-//! Keys (all under `redis.key_prefix`):
+//! Keys (all under `{redis.key_prefix}:{store_id}`, written `{prefix}` below: the store id is
+//! `cc_store_state.store_id`, so deployments that share a Redis and a key prefix never share a
+//! key):
 //!
 //! | key | value | written by |
 //! |---|---|---|
@@ -121,16 +123,18 @@ pub fn parse_epoch_token(token: &str) -> Option<(i64, &str)> {
     Some((epoch.parse().ok()?, run_id))
 }
 
-/// Key names under one prefix.
+/// Key names of one store under one prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
 }
 
 impl Keys {
-    pub fn new(prefix: &str) -> Self {
+    /// The keys of the store `store_id` (`cc_store_state.store_id`) under `key_prefix`
+    /// (`redis.key_prefix`).
+    pub fn new(key_prefix: &str, store_id: &str) -> Self {
         Self {
-            prefix: prefix.to_string(),
+            prefix: format!("{key_prefix}:{store_id}"),
         }
     }
     pub fn idem(&self, intent_id: &str) -> String {
@@ -336,12 +340,12 @@ impl std::fmt::Debug for RedisStore {
 
 impl RedisStore {
     /// Parses `redis.url` (AUTH in the URL, `rediss://` for TLS, checked against
-    /// `redis.ca_file` when set); connects lazily.
-    pub fn new(config: &RedisConfig) -> Result<Self> {
+    /// `redis.ca_file` when set), for the keys of the store `store_id`; connects lazily.
+    pub fn new(config: &RedisConfig, store_id: &str) -> Result<Self> {
         let client = client(config)?;
         Ok(Self {
             client,
-            keys: Keys::new(&config.key_prefix),
+            keys: Keys::new(&config.key_prefix, store_id),
             timeout: config.command_timeout,
             conn: Mutex::new(None),
             calls: AtomicU64::new(0),

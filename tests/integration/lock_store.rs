@@ -58,6 +58,8 @@ struct World {
     config: Config,
     pool: PgPool,
     raw: redis::Client,
+    /// `cc_store_state.store_id`: the store's Redis keys are under `{key_prefix}:{store_id}`.
+    store_id: String,
     parts: HashMap<i32, Part>,
     /// Intents with an idempotency outcome written: deciding one again is a re-submission.
     decided: std::collections::HashSet<String>,
@@ -82,21 +84,25 @@ impl World {
         pg::migrate(&pool, &config.postgres.schema)
             .await
             .expect("migrate");
+        let store_id = pg::lock_store::store_id(&pool).await.expect("store id");
         Self {
             raw: redis::Client::open(redis_url()).expect("redis client"),
             config,
             pool,
+            store_id,
             parts: HashMap::new(),
             decided: Default::default(),
         }
     }
 
-    fn store(&self) -> LockStore {
-        LockStore::new(&self.config, self.pool.clone()).expect("lock store")
+    async fn store(&self) -> LockStore {
+        LockStore::new(&self.config, self.pool.clone())
+            .await
+            .expect("lock store")
     }
 
     fn keys(&self) -> raw::Keys {
-        raw::Keys::new(&self.config.redis.key_prefix)
+        raw::Keys::new(&self.config.redis.key_prefix, &self.store_id)
     }
 
     async fn con(&self) -> redis::aio::MultiplexedConnection {
@@ -398,7 +404,7 @@ impl Drop for RestartRedis {
 async fn lookup_is_one_redis_round_trip_and_matches_postgres() {
     let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_fast", |_| {}).await;
-    let store = w.store();
+    let store = w.store().await;
     in_sync(&store).await;
 
     // A committed batch: durable rows first, then the write-through.
@@ -464,7 +470,7 @@ async fn lookup_is_one_redis_round_trip_and_matches_postgres() {
 async fn locks_exclude_a_second_owner_until_release_or_expiry_and_fencing_rejects_stale_tokens() {
     let _shared = crate::common::shared_stack().await;
     let w = World::new("ls_locks", |_| {}).await;
-    let store = w.store();
+    let store = w.store().await;
     let lease = Duration::from_secs(5);
 
     assert_eq!(
@@ -582,7 +588,7 @@ async fn locks_exclude_a_second_owner_until_release_or_expiry_and_fencing_reject
 async fn redis_stopped_falls_back_to_postgres_and_fails_back_with_the_fallback_outcomes() {
     let _exclusive = crate::common::exclusive_stack().await;
     let mut w = World::new("ls_down", |_| {}).await;
-    let store = w.store();
+    let store = w.store().await;
     in_sync(&store).await;
     let epoch_before = w.pg_epoch().await;
 
@@ -687,7 +693,7 @@ async fn slow_redis_opens_the_breaker_and_failback_never_trusts_stale_entries() 
         c.redis.breaker_open_for = Duration::from_secs(1);
     })
     .await;
-    let store = w.store();
+    let store = w.store().await;
     in_sync(&store).await;
 
     // Before: X ends in manual review; Y commits.
@@ -785,7 +791,7 @@ async fn a_write_through_that_times_out_trips_at_once_and_never_lands_late() {
         c.redis.breaker_open_for = Duration::from_secs(3);
     })
     .await;
-    let store = w.store();
+    let store = w.store().await;
     in_sync(&store).await;
 
     // A first batch goes through (and loads the write script).
@@ -836,7 +842,7 @@ async fn a_write_through_that_times_out_trips_at_once_and_never_lands_late() {
 async fn flushall_makes_redis_out_of_sync_until_resynchronised() {
     let _exclusive = crate::common::exclusive_stack().await;
     let mut w = World::new("ls_flush", |_| {}).await;
-    let store = w.store();
+    let store = w.store().await;
     in_sync(&store).await;
     let batch = sorted(committed("flush", 30));
     w.write_committed(1, &batch).await;
@@ -903,7 +909,7 @@ async fn auth_from_the_url_works_and_a_wrong_password_falls_back() {
 
     let mut config = w.config.clone();
     config.redis.url = format!("redis://{user}:{password}@{hostport}").into();
-    let store = LockStore::new(&config, w.pool.clone()).unwrap();
+    let store = LockStore::new(&config, w.pool.clone()).await.unwrap();
     in_sync(&store).await;
     let o = outcome("authed", "committed_causal", "", 1);
     store.record(std::slice::from_ref(&o)).await.unwrap();
@@ -914,7 +920,7 @@ async fn auth_from_the_url_works_and_a_wrong_password_falls_back() {
     assert_eq!(store.stats().redis_failures, 0);
 
     config.redis.url = format!("redis://{user}:wrong@{hostport}").into();
-    let refused = LockStore::new(&config, w.pool.clone()).unwrap();
+    let refused = LockStore::new(&config, w.pool.clone()).await.unwrap();
     for _ in 0..config.redis.breaker_failures {
         assert!(refused
             .lookup(&ids(std::slice::from_ref(&o)))
@@ -929,7 +935,7 @@ async fn auth_from_the_url_works_and_a_wrong_password_falls_back() {
 async fn partition_restored_rewrites_a_batch_committed_without_its_write_through() {
     let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_crash", |_| {}).await;
-    let store = w.store();
+    let store = w.store().await;
     in_sync(&store).await;
     // Batch 1 recorded normally; batch 2 committed, then the process died before record().
     let b1 = committed("b1", 5);
@@ -946,7 +952,7 @@ async fn partition_restored_rewrites_a_batch_committed_without_its_write_through
     // but PostgreSQL was never told) and tells the store.
     let restored = w.restore(2, 2).await;
     assert!(restored.rolled_back_outcomes.is_empty());
-    let next = w.store();
+    let next = w.store().await;
     next.partition_restored(TOPIC, 2, 2).await.unwrap();
     in_sync(&next).await;
     let s0 = next.stats();
@@ -962,7 +968,7 @@ async fn partition_restored_rewrites_a_batch_committed_without_its_write_through
 async fn another_instance_in_fallback_keeps_redis_untrusted_until_it_is_resynchronised() {
     let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_multi", |_| {}).await;
-    let healthy = w.store();
+    let healthy = w.store().await;
     in_sync(&healthy).await;
     // X went to manual review earlier; Redis knows it.
     let x_review = outcome("x-by-a", "manual_review", "WAIT_TIMEOUT", 1);
@@ -976,7 +982,7 @@ async fn another_instance_in_fallback_keeps_redis_untrusted_until_it_is_resynchr
     let mut config_a = w.config.clone();
     config_a.instance_id = format!("{}-other", w.config.instance_id);
     config_a.redis.url = "redis://127.0.0.1:1".into();
-    let a = LockStore::new(&config_a, w.pool.clone()).unwrap();
+    let a = LockStore::new(&config_a, w.pool.clone()).await.unwrap();
     for _ in 0..config_a.redis.breaker_failures {
         a.lookup(&["warm-up".to_string()]).await.unwrap();
     }
@@ -1046,7 +1052,7 @@ async fn another_instance_in_fallback_keeps_redis_untrusted_until_it_is_resynchr
 async fn an_epoch_key_from_another_server_incarnation_is_not_trusted() {
     let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_runid", |_| {}).await;
-    let store = w.store();
+    let store = w.store().await;
     in_sync(&store).await;
     let batch = sorted(committed("snap", 10));
     w.write_committed(0, &batch).await;
@@ -1099,7 +1105,7 @@ const LET_IT_START: Duration = Duration::from_millis(300);
 async fn a_resync_during_an_uncommitted_batch_never_makes_its_replay_a_duplicate() {
     let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_rollback", |_| {}).await;
-    let store = Arc::new(w.store());
+    let store = Arc::new(w.store().await);
     in_sync(&store).await;
     // Batch 1 committed and written through; batch 2 written to PostgreSQL, its Kafka
     // transaction not committed yet.
@@ -1159,7 +1165,7 @@ async fn a_resync_during_an_uncommitted_batch_never_makes_its_replay_a_duplicate
 async fn a_committed_batch_not_yet_marked_in_postgres_is_waited_for_before_redis_is_trusted() {
     let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_unmarked", |_| {}).await;
-    let store = Arc::new(w.store());
+    let store = Arc::new(w.store().await);
     in_sync(&store).await;
     let first = committed("first", 3);
     w.write_committed(1, &first).await;
@@ -1210,7 +1216,7 @@ async fn a_committed_batch_not_yet_marked_in_postgres_is_waited_for_before_redis
 async fn a_rollback_noted_during_a_resync_keeps_redis_untrusted_until_it_is_corrected() {
     let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_counter", |_| {}).await;
-    let store = Arc::new(w.store());
+    let store = Arc::new(w.store().await);
     in_sync(&store).await;
     // Partition 0: batch 2 is uncommitted, and Redis already holds one of its outcomes (as an
     // older version's resynchronisation, which copied uncommitted batches, left it).
@@ -1251,7 +1257,7 @@ async fn a_rollback_noted_during_a_resync_keeps_redis_untrusted_until_it_is_corr
 async fn a_rolled_back_intent_gets_its_earlier_committed_outcome_back_in_redis() {
     let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_earlier", |_| {}).await;
-    let store = w.store();
+    let store = w.store().await;
     in_sync(&store).await;
     // X went to manual review in batch 1; batch 2 is unrelated.
     let review = outcome("x-earlier", "manual_review", "WAIT_TIMEOUT", 4);
@@ -1291,7 +1297,7 @@ async fn a_rolled_back_intent_gets_its_earlier_committed_outcome_back_in_redis()
 async fn a_rollback_that_cannot_reach_redis_keeps_it_untrusted_until_it_is_corrected() {
     let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_unreach", |_| {}).await;
-    let healthy = w.store();
+    let healthy = w.store().await;
     in_sync(&healthy).await;
     let y = outcome("y-unreach", "committed_causal", "", 1);
     w.write_committed(4, std::slice::from_ref(&y)).await;
@@ -1307,7 +1313,7 @@ async fn a_rollback_that_cannot_reach_redis_keeps_it_untrusted_until_it_is_corre
     let mut config_b = w.config.clone();
     config_b.instance_id = format!("{}-b", w.config.instance_id);
     config_b.redis.url = "redis://127.0.0.1:1".into();
-    let b = LockStore::new(&config_b, w.pool.clone()).unwrap();
+    let b = LockStore::new(&config_b, w.pool.clone()).await.unwrap();
     let restored = w.restore(4, 1).await;
     b.outcomes_rolled_back(TOPIC, 4, &restored.rolled_back_outcomes)
         .await
@@ -1351,7 +1357,7 @@ async fn a_rollback_that_cannot_reach_redis_keeps_it_untrusted_until_it_is_corre
 async fn an_idempotency_conflict_never_replaces_the_first_outcome_in_redis_or_postgres() {
     let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_conflict", |_| {}).await;
-    let store = w.store();
+    let store = w.store().await;
     in_sync(&store).await;
     let with = |fingerprint: u64, outcome: Outcome| StoredOutcome {
         intent_id: "x-conflict".into(),
@@ -1409,7 +1415,7 @@ async fn an_idempotency_conflict_never_replaces_the_first_outcome_in_redis_or_po
 async fn a_resync_that_meets_an_unreadable_outcome_does_not_mark_redis_in_sync() {
     let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_unreadable", |_| {}).await;
-    let store = w.store();
+    let store = w.store().await;
     in_sync(&store).await;
     // A blocked row without a reason passes the table's constraints but is not an outcome.
     let good = committed("good", 2);
@@ -1449,7 +1455,7 @@ async fn a_resync_that_meets_an_unreadable_outcome_does_not_mark_redis_in_sync()
 async fn a_redis_that_loses_its_data_during_a_resync_is_not_marked_in_sync() {
     let _shared = crate::common::shared_stack().await;
     let mut w = World::new("ls_midflush", |_| {}).await;
-    let store = Arc::new(w.store());
+    let store = Arc::new(w.store().await);
     in_sync(&store).await;
     let done = committed("done", 3);
     w.write_committed(6, &done).await;

@@ -95,7 +95,7 @@ async fn an_intent_sent_again_after_its_outcome_left_redis_is_a_duplicate() {
     .await;
     assert!(proc.terminate(Duration::from_secs(30)));
 
-    let key = causal_commit::store::redis::Keys::new(&cfg.redis.key_prefix).idem("again");
+    let key = redis_keys(&cfg).await.idem("again");
     let client = redis::Client::open(redis_url()).expect("redis client");
     let mut con = client
         .get_multiplexed_async_connection()
@@ -134,4 +134,44 @@ async fn an_intent_sent_again_after_its_outcome_left_redis_is_a_duplicate() {
     assert!(duplicate, "the redelivery is decided a duplicate");
     let report = verify_report(&cfg, "").await;
     assert!(report.ok, "{:?}", report.violations);
+}
+
+/// A tired operator points two deployments (each its own PostgreSQL schema and topics: say
+/// staging and production) at one Redis with the same `redis.key_prefix` (both left at the
+/// default), and staging is fed a copy of production's intents. Each deployment's decisions
+/// are its own: production commits every intent once, although staging decided the same
+/// intent ids first, and neither takes the other's outcomes for its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_deployments_sharing_one_redis_key_prefix_each_commit_every_intent() {
+    let staging = TestEnv::new("shared_stg", 1).await;
+    let production = TestEnv::new("shared_prd", 1).await;
+    let stg = staging.config.clone();
+    let mut prd = production.config.clone();
+    prd.redis.key_prefix = stg.redis.key_prefix.clone();
+    let intents: Vec<_> = (0..20)
+        .map(|i| intent(&format!("m{i}"), &format!("c{}", i % 5), 0))
+        .collect();
+    produce_intents(&stg, &intents).await;
+    produce_intents(&prd, &intents).await;
+    for (cfg, name) in [(&stg, &staging.name), (&prd, &production.name)] {
+        let log = std::env::temp_dir().join(format!("{name}-run.log"));
+        let proc = Processor::spawn(cfg, log);
+        let fx = effects(
+            &wait_for(
+                cfg,
+                &cfg.kafka.side_effects_topic,
+                intents.len(),
+                Duration::from_secs(60),
+            )
+            .await,
+        );
+        assert!(proc.terminate(Duration::from_secs(30)));
+        let mut ids: Vec<&str> = fx.iter().map(|e| e.intent_id.as_str()).collect();
+        ids.sort_unstable();
+        let mut want: Vec<&str> = intents.iter().map(|i| i.intent_id.as_str()).collect();
+        want.sort_unstable();
+        assert_eq!(ids, want, "{name}: every intent has its one effect");
+        let report = verify_report(cfg, "").await;
+        assert!(report.ok, "{name}: {:?}", report.violations);
+    }
 }

@@ -95,7 +95,7 @@ fn run_cli(config: &Config, args: &[&str]) -> String {
     out
 }
 
-/// Idempotency keys under the config's prefix, read from the TLS Redis.
+/// Idempotency keys under the config's prefix (of any store), read from the TLS Redis.
 fn tls_redis_idem_keys(config: &Config) -> usize {
     let pem = std::fs::read(&config.redis.ca_file).unwrap();
     let client = redis::Client::build_with_tls(
@@ -108,7 +108,7 @@ fn tls_redis_idem_keys(config: &Config) -> usize {
     .unwrap();
     let mut con = client.get_connection().expect("TLS Redis connection");
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:idem:*", config.redis.key_prefix))
+        .arg(format!("{}:*:idem:*", config.redis.key_prefix))
         .query(&mut con)
         .unwrap();
     keys.len()

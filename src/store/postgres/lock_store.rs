@@ -38,6 +38,15 @@ fn timed_columns(ttl: &str) -> String {
 
 /// The PostgreSQL epoch (0 when the row is missing, which the migration prevents: it then
 /// matches no Redis).
+/// This store's identity (migration 0014): its Redis keys live under
+/// `{redis.key_prefix}:{store_id}:`.
+pub async fn store_id(pool: &PgPool) -> Result<String> {
+    sqlx::query_scalar("SELECT store_id FROM cc_store_state WHERE id = 1")
+        .fetch_one(pool)
+        .await
+        .map_err(db("reading the store id"))
+}
+
 pub async fn load_epoch(pool: &PgPool) -> Result<i64> {
     let e: Option<i64> = sqlx::query_scalar("SELECT epoch FROM cc_store_state WHERE id = 1")
         .fetch_optional(pool)

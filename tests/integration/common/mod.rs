@@ -69,6 +69,17 @@ pub async fn migrate_as_owner(config: &Config) {
     pool.close().await;
 }
 
+/// The Redis keys of `config`'s store (`{key_prefix}:{store_id}`), the store id read from its
+/// schema.
+pub async fn redis_keys(config: &Config) -> causal_commit::store::redis::Keys {
+    let pool = causal_commit::store::postgres::pool(&config.postgres).expect("pool");
+    let store_id = causal_commit::store::postgres::lock_store::store_id(&pool)
+        .await
+        .expect("store id");
+    pool.close().await;
+    causal_commit::store::redis::Keys::new(&config.redis.key_prefix, &store_id)
+}
+
 pub fn redis_url() -> String {
     std::env::var("CC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
 }
