@@ -138,7 +138,8 @@ impl Engine {
                 resume_batch = batch_no,
                 resume_offset = next_offset,
                 "the committed offset is not where the durable state is (offsets reset or \
-                 expired, or a new group): resuming where the durable state is"
+                 expired, a new group, or another consumer in the group committed its own): \
+                 resuming where the durable state is"
             );
         }
         // The idempotency cache catches up with the last committed batch (a crash may have

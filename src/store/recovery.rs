@@ -184,8 +184,8 @@ pub enum Refusal {
         store_last_batch: u64,
     },
     #[error(
-        "the committed offset has no recovery point (offsets reset or expired, or a new group) \
-         and PostgreSQL cannot tell whether its last batch {store_last_batch} committed in Kafka \
+        "the committed offset has no recovery point (offsets reset or expired, a new group, \
+         or another consumer in the group committed its own) and PostgreSQL cannot tell whether its last batch {store_last_batch} committed in Kafka \
          (last known committed: {store_committed_batch}); run `causal-commit recovery-point \
          resolve` for this partition"
     )]

@@ -879,3 +879,78 @@ async fn delete_topic(config: &Config, topic: &str) {
     let deleted = admin.delete_topics(&[topic], &opts).await.expect("delete");
     assert!(deleted.iter().all(|r| r.is_ok()), "{deleted:?}");
 }
+
+/// A careless developer runs a plain consumer in the processor's consumer group (the group id
+/// copied from the config, librdkafka's default assignors, which include the processor's
+/// `range`) while intents flow: it is assigned some of the partitions, reads their records,
+/// and commits offsets of its own (auto-commit, no recovery point) past what the processor
+/// decided, then leaves. Nothing it read is lost, and nothing is emitted twice: the processor
+/// takes the partitions back where its durable state is, not at the foreign offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_consumer_in_the_processors_group_loses_nothing() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let env = TestEnv::new("foreign_member", 4).await;
+    let cfg = env.config.clone();
+    let proc = Processor::spawn(&cfg, log_of(&env, "run"));
+    demo::produce(&cfg, &workload(200, 40, "a", 51))
+        .await
+        .unwrap();
+    caught_up(&cfg).await;
+    let foreign: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("group.id", &cfg.kafka.group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "200")
+        .create()
+        .expect("foreign consumer");
+    foreign
+        .subscribe(&[&cfg.kafka.intents_topic])
+        .expect("subscribe");
+    let reading = tokio::task::spawn_blocking(move || {
+        // Reads for 30 s: long enough to join (one rebalance), to be assigned, and to commit.
+        let (mut read, mut assigned) = (0usize, 0usize);
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            if let Some(Ok(_)) = foreign.poll(Duration::from_millis(100)) {
+                read += 1;
+            }
+            assigned = assigned.max(foreign.assignment().map(|a| a.count()).unwrap_or(0));
+        }
+        let _ = foreign.commit_consumer_state(CommitMode::Sync);
+        foreign.unsubscribe();
+        (read, assigned)
+    });
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    demo::produce(&cfg, &workload(400, 40, "b", 52))
+        .await
+        .unwrap();
+    let (read, assigned) = reading.await.unwrap();
+    assert!(
+        assigned > 0 && read > 0,
+        "the foreign consumer took partitions ({assigned}) and read records ({read}) away from \
+         the processor"
+    );
+    let fx = wait_for(
+        &cfg,
+        &cfg.kafka.side_effects_topic,
+        600,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(fx.len(), 600, "every intent has its effect");
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let overridden = read_log(&log_of(&env, "run"))
+        .into_iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("the committed offset is not where the durable"))
+        })
+        .count();
+    assert!(
+        overridden > 0,
+        "the foreign offsets were seen and overridden by the durable state"
+    );
+    verified_prefix(&cfg, "a-", 200).await;
+    verified_prefix(&cfg, "b-", 400).await;
+}
