@@ -15,16 +15,16 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::AdminClient;
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{
+    BaseProducer, DeliveryResult, Producer, ProducerContext, ThreadedProducer,
+};
 use rdkafka::ClientContext;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::pipeline::kafka::{self, Setting};
+use crate::pipeline::kafka::{self, BrokerWatch, Setting, Watched};
 use crate::telemetry::metrics as m;
 
 #[derive(Debug, thiserror::Error)]
@@ -78,11 +78,11 @@ fn topics(config: &Config) -> [(&'static str, &str); 3] {
 /// `Checked::Fine` when none does. A describe the brokers refuse (no `DescribeConfigs`
 /// permission) or do not answer is no verdict: `Checked::Unknown`. Blocking.
 pub fn compaction(config: &Config, within: Duration) -> Checked {
-    let admin = match admin_client(config) {
-        Ok(a) => a,
+    let client = match describing_client(config) {
+        Ok(c) => c,
         Err(e) => return Checked::Unknown(e.to_string()),
     };
-    match describe(admin.inner(), config, within) {
+    match describe(client.client(), config, within) {
         Ok(described) => checked(&described),
         Err(reason) => Checked::Unknown(reason),
     }
@@ -105,8 +105,19 @@ fn checked(described: &[Described]) -> Checked {
     Checked::Fine
 }
 
-fn admin_client(config: &Config) -> rdkafka::error::KafkaResult<AdminClient<DefaultClientContext>> {
-    crate::pipeline::kafka::client_config(config, &[]).create()
+/// The client whose connections the topics are described on. Nothing is produced with it (a
+/// producer is librdkafka's lightest client); its thread serves librdkafka's logs, errors and
+/// statistics as they come (a client whose queue nobody serves piles them up, unseen, for as
+/// long as it lives), and its [`BrokerWatch`] bootstraps it again if librdkafka leaves it
+/// without a broker.
+fn describing_client(config: &Config) -> rdkafka::error::KafkaResult<ThreadedProducer<Watched>> {
+    let client_id = format!("causal-commit-{}-topics", config.instance_id());
+    let watch = BrokerWatch::new("topics", &config.kafka.brokers);
+    let client: ThreadedProducer<Watched> =
+        kafka::watched_config(config, &[("client.id", &client_id)])
+            .create_with_context(Watched(watch.clone()))?;
+    watch.attach(client.client());
+    Ok(client)
 }
 
 const MISSING: &str = "the brokers do not have it";
@@ -224,8 +235,8 @@ pub async fn watch_topics(
     first: Topics,
     shutdown: CancellationToken,
 ) {
-    let admin = match admin_client(&config) {
-        Ok(a) => std::sync::Arc::new(a),
+    let client = match describing_client(&config) {
+        Ok(c) => std::sync::Arc::new(c),
         Err(e) => {
             tracing::warn!(error = %e, "creating the Kafka client that watches the topics failed; a policy changed to compact is seen at the next start only");
             return;
@@ -249,9 +260,9 @@ pub async fn watch_topics(
             _ = tick.tick() => {}
         }
         let within = config.kafka.operation_timeout.min(TOPIC_CHECK);
-        let (admin, config) = (admin.clone(), config.clone());
+        let (described_on, config) = (client.clone(), config.clone());
         let described =
-            tokio::task::spawn_blocking(move || describe(admin.inner(), &config, within))
+            tokio::task::spawn_blocking(move || describe(described_on.client(), &config, within))
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));
         let described = match described {
@@ -487,6 +498,35 @@ fn topics_exist<C: ClientContext>(
 #[cfg(test)]
 mod tests {
     use super::compacts;
+
+    /// The events waiting in `client`'s main queue (librdkafka's logs, errors, statistics).
+    fn unserved<C: rdkafka::ClientContext>(client: &rdkafka::client::Client<C>) -> usize {
+        use rdkafka::bindings as rd;
+        // SAFETY: the handle is alive (`client` is borrowed); the main queue's reference that
+        // `rd_kafka_queue_get_main` gives is released once its length is read.
+        #[allow(unsafe_code)]
+        unsafe {
+            let main = rd::rd_kafka_queue_get_main(client.native_ptr());
+            let queued = rd::rd_kafka_queue_length(main);
+            rd::rd_kafka_queue_destroy(main);
+            queued
+        }
+    }
+
+    #[test]
+    fn the_topic_watchs_client_serves_its_events_as_they_come() {
+        // Nothing listens on port 1: the client logs every refused connection and reports its
+        // statistics (for its broker watch) every 2 s, for as long as it lives.
+        let config = crate::config::Config::from_toml("[kafka]\nbrokers = \"127.0.0.1:1\"\n")
+            .expect("a config");
+        let client = super::describing_client(&config).expect("the client");
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        let queued = unserved(rdkafka::producer::Producer::client(&client));
+        assert!(
+            queued <= 1,
+            "{queued} events wait unserved in the client's queue"
+        );
+    }
 
     #[test]
     fn each_change_of_a_topic_is_reported_once() {

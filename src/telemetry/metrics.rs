@@ -161,7 +161,7 @@ pub const INVALID_KINDS: &[&str] = &[
     "unspecified_action",
 ];
 /// The watched Kafka clients of a processor (`causal_commit_kafka_rebootstraps_total`).
-pub const KAFKA_CLIENTS: &[&str] = &["consumer", "producer", "lag"];
+pub const KAFKA_CLIENTS: &[&str] = &["consumer", "producer", "lag", "topics"];
 /// The producer calls bounded by its call thread.
 pub const KAFKA_TXN_CALLS: &[&str] = &[
     "init_transactions",

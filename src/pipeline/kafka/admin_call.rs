@@ -34,12 +34,20 @@ pub fn request<C: ClientContext>(
             rd::rd_kafka_AdminOptions_destroy,
         );
         let mut err = [0 as std::ffi::c_char; 256];
-        rd::rd_kafka_AdminOptions_set_request_timeout(
+        if rd::rd_kafka_AdminOptions_set_request_timeout(
             options.0,
             timeout_ms,
             err.as_mut_ptr(),
             err.len(),
-        );
+        ) != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        {
+            // Without its timeout the request would wait librdkafka's default (`socket.timeout.ms`)
+            // while the poll below gives up sooner: refuse it instead.
+            return Err(format!(
+                "request timeout {within:?} refused: {}",
+                text(err.as_ptr())
+            ));
+        }
         send(rk, options.0, queue.0);
         // The answer, or librdkafka's own timeout error, comes within the request timeout;
         // the extra second only covers the hand-over.
