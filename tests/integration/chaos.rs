@@ -25,7 +25,7 @@ use rand::{Rng as _, SeedableRng as _};
 
 use crate::common::process::{freeze_redis, stack, Processor};
 use crate::common::*;
-use crate::failures::{assert_clean, caught_up, produce_in_background, verified, workload};
+use crate::failures::{assert_clean, produce_in_background, verified, workload};
 
 use causal_commit::config::Config;
 

@@ -46,14 +46,6 @@ pub(crate) fn produce_in_background(
     })
 }
 
-pub(crate) async fn caught_up(config: &Config, within: Duration) {
-    let c = config.clone();
-    tokio::task::spawn_blocking(move || demo::wait_caught_up(&c, within))
-        .await
-        .unwrap()
-        .expect("the processor catches up");
-}
-
 pub(crate) async fn verified(config: &Config) -> Report {
     let report = verify_report(config, "").await;
     println!("verify: {}", serde_json::to_string(&report).unwrap());

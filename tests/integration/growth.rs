@@ -30,14 +30,6 @@ pub(crate) async fn grow(config: &Config, to: usize) {
     }
 }
 
-async fn caught_up(config: &Config, within: Duration) {
-    let c = config.clone();
-    tokio::task::spawn_blocking(move || causal_commit::demo::wait_caught_up(&c, within))
-        .await
-        .unwrap()
-        .expect("the processor catches up");
-}
-
 /// Intents `from..=to` of every contact: `assigned` contacts without a causal sequence,
 /// `strict` ones with it, interleaved across contacts.
 fn wave(assigned: usize, strict: usize, from: u64, to: u64) -> Vec<Intent> {

@@ -10,6 +10,9 @@ use crate::common::*;
 use causal_commit::config::Config;
 use causal_commit::demo::{self, ProduceOptions};
 
+/// How long a run may take to catch up.
+const CATCH_UP: Duration = Duration::from_secs(120);
+
 fn workload(count: usize, contacts: usize, prefix: &str, seed: u64) -> ProduceOptions {
     ProduceOptions {
         count,
@@ -23,14 +26,6 @@ fn workload(count: usize, contacts: usize, prefix: &str, seed: u64) -> ProduceOp
         seed,
         prefix: prefix.to_string(),
     }
-}
-
-async fn caught_up(config: &Config) {
-    let c = config.clone();
-    tokio::task::spawn_blocking(move || demo::wait_caught_up(&c, Duration::from_secs(120)))
-        .await
-        .unwrap()
-        .expect("the processor catches up");
 }
 
 async fn transitions(config: &Config) -> i64 {
@@ -109,7 +104,7 @@ async fn offsets_reset_to_earliest_or_latest_lose_no_history_and_emit_nothing_tw
     demo::produce(&cfg, &workload(900, 300, "r", 1))
         .await
         .unwrap();
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     let history = transitions(&cfg).await;
 
@@ -127,7 +122,7 @@ async fn offsets_reset_to_earliest_or_latest_lose_no_history_and_emit_nothing_tw
     demo::produce(&cfg, &workload(300, 100, "s", 2))
         .await
         .unwrap();
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     let lines = read_log(&log);
     let rolled_back = rolled_back_transitions(&lines, |_| true);
@@ -167,7 +162,7 @@ async fn offsets_reset_to_earliest_or_latest_lose_no_history_and_emit_nothing_tw
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     verified(&cfg, 1_500).await;
 }
@@ -180,7 +175,7 @@ async fn a_partition_whose_last_batch_is_unconfirmed_refuses_to_start_until_reso
     demo::produce(&cfg, &workload(60, 20, "u", 4))
         .await
         .unwrap();
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     let history = transitions(&cfg).await;
 
@@ -220,7 +215,7 @@ async fn a_partition_whose_last_batch_is_unconfirmed_refuses_to_start_until_reso
     demo::produce(&cfg, &workload(30, 10, "v", 5))
         .await
         .unwrap();
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     verified(&cfg, 90).await;
 }
@@ -350,7 +345,7 @@ async fn an_intents_topic_recreated_is_refused_until_an_operator_says_where_to_r
     demo::produce(&cfg, &workload(600, 60, "w", 11))
         .await
         .unwrap();
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
 
     recreate_intents_topic(&cfg, 2).await;
@@ -397,18 +392,18 @@ async fn an_intents_topic_recreated_is_refused_until_an_operator_says_where_to_r
             "a second move is refused: {err}"
         );
     }
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     demo::produce(&cfg, &workload(200, 20, "y", 13))
         .await
         .unwrap();
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     // Produced while stopped, read after a restart from the committed offsets: none skipped.
     demo::produce(&cfg, &workload(200, 20, "z", 14))
         .await
         .unwrap();
     let proc = Processor::spawn(&cfg, log_of(&env, "run3"));
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     for prefix in ["x-", "y-", "z-"] {
         verified_prefix(&cfg, prefix, 200).await;
@@ -429,7 +424,7 @@ async fn an_intents_topic_recreated_and_refilled_past_the_old_offsets_is_refused
     demo::produce(&cfg, &workload(200, 20, "w", 31))
         .await
         .unwrap();
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     let before = causal_commit::pipeline::read::log_ranges(&cfg).unwrap();
 
@@ -465,7 +460,7 @@ async fn an_intents_topic_recreated_and_refilled_past_the_old_offsets_is_refused
         let out = resume_at_earliest(&cfg, p);
         assert!(out.contains("resumes at offset 0"), "{out}");
     }
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     verified_prefix(&cfg, "x-", 1_000).await;
 }
@@ -487,7 +482,7 @@ async fn a_group_moved_to_another_intents_topic_reads_that_topic() {
     demo::produce(&cfg, &workload(100, 10, "m", 51))
         .await
         .unwrap();
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
 
     let mut moved = cfg.clone();
     moved.kafka.intents_topic = format!("{}-v2", cfg.kafka.intents_topic);
@@ -520,7 +515,7 @@ async fn a_group_moved_to_another_intents_topic_reads_that_topic() {
     assert!(proc.terminate(Duration::from_secs(30)));
     let log = log_of(&env, "run2");
     let proc = Processor::spawn(&moved, log.clone());
-    caught_up(&moved).await;
+    caught_up(&moved, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     let named = read_log(&log).iter().any(|l| {
         l["message"]
@@ -544,7 +539,7 @@ async fn an_intents_topic_recreated_under_a_running_processor_loses_nothing() {
         .await
         .unwrap();
     let proc = Processor::spawn(&cfg, log_of(&env, "run2"));
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     verified_prefix(&cfg, "b-", 100).await;
     verified_prefix(&cfg, "c-", 100).await;
@@ -562,7 +557,7 @@ async fn records_deleted_before_they_were_consumed_are_named_until_an_operator_a
     demo::produce(&cfg, &workload(100, 10, "d", 31))
         .await
         .unwrap();
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     let resume = causal_commit::pipeline::read::committed_points(&cfg).unwrap()[&0].offset;
 
@@ -584,7 +579,7 @@ async fn records_deleted_before_they_were_consumed_are_named_until_an_operator_a
     );
     assert_eq!(effects_of(&cfg, "e-"), 0, "nothing decided while refused");
     resume_at_earliest(&cfg, "0");
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     verified_prefix(&cfg, "e-", 60).await;
 }
@@ -608,7 +603,7 @@ async fn a_deployment_under_another_group_and_back_emits_nothing_twice() {
     demo::produce(&blue, &workload(600, 200, "a", 1))
         .await
         .unwrap();
-    caught_up(&blue).await;
+    caught_up(&blue, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
 
     // Intents that wait for the next deployment: green takes them in one batch per partition.
@@ -616,7 +611,7 @@ async fn a_deployment_under_another_group_and_back_emits_nothing_twice() {
         .await
         .unwrap();
     let proc = Processor::spawn(&green, log_of(&env, "green"));
-    caught_up(&green).await;
+    caught_up(&green, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
 
     // Back to blue, whose committed points are one batch behind on every partition.
@@ -625,7 +620,7 @@ async fn a_deployment_under_another_group_and_back_emits_nothing_twice() {
     demo::produce(&blue, &workload(60, 30, "c", 3))
         .await
         .unwrap();
-    caught_up(&blue).await;
+    caught_up(&blue, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     let lines = read_log(&log);
     assert_eq!(
@@ -649,7 +644,7 @@ async fn a_deployment_under_another_group_and_back_emits_nothing_twice() {
         .unwrap();
     let log = log_of(&env, "green2");
     let proc = Processor::spawn(&green, log.clone());
-    caught_up(&green).await;
+    caught_up(&green, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     assert_eq!(rolled_back_transitions(&read_log(&log), |_| true), 0);
     verified(&blue, 780).await;
@@ -687,7 +682,7 @@ async fn records_deleted_under_a_running_processor_are_named_until_an_operator_a
         &[("FAILPOINTS", "engine-process=1*off->1*sleep(20000)")],
     );
     produce_traced(&cfg, &[one(100)]).await;
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     // The next batch is held 20 s; the intents arrive one record batch at a time.
     let batches: Vec<_> = (0..60).map(one).collect();
     produce_traced(&cfg, &batches).await;
@@ -718,7 +713,7 @@ async fn records_deleted_under_a_running_processor_are_named_until_an_operator_a
     assert_eq!(jumped.len(), 1, "the engine names the jump once");
     assert_eq!(jumped[0]["log_start"].as_i64(), Some(end - 10));
     resume_at_earliest(&cfg, "0");
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     // The verifier reads the intents topic: the intents committed before their records were
     // deleted are gone from it, so their effects are all it can flag.
@@ -774,7 +769,7 @@ async fn the_side_effects_topic_deleted_under_a_running_processor_is_named_and_l
     demo::produce(&cfg, &workload(200, 40, "a", 41))
         .await
         .unwrap();
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     let offsets = |cfg: &Config| -> Vec<(i32, i64)> {
         let points = causal_commit::pipeline::read::committed_points(cfg).unwrap();
         let mut at: Vec<(i32, i64)> = points.iter().map(|(p, point)| (*p, point.offset)).collect();
@@ -798,7 +793,7 @@ async fn the_side_effects_topic_deleted_under_a_running_processor_is_named_and_l
         "no transaction committed (no input offset moved) while the topic is gone"
     );
     create_topics(&cfg, &[(&cfg.kafka.side_effects_topic, 2)]).await;
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     verified_prefix(&cfg, "b-", 100).await;
 }
@@ -828,7 +823,7 @@ async fn intents_topic_replaced_under_a_running_processor(
     demo::produce(cfg, &workload(400, 40, "a", 21))
         .await
         .unwrap();
-    caught_up(cfg).await;
+    caught_up(cfg, CATCH_UP).await;
     if left_deleted {
         delete_topic(cfg, &cfg.kafka.intents_topic).await;
         let error = named_missing(&log, "kafka.intents_topic", &cfg.kafka.intents_topic).await;
@@ -842,7 +837,7 @@ async fn intents_topic_replaced_under_a_running_processor(
         .unwrap();
     refused(&log, "log ends at offset", &[0]).await;
     resume_at_earliest(cfg, "0");
-    caught_up(cfg).await;
+    caught_up(cfg, CATCH_UP).await;
     proc
 }
 
@@ -895,7 +890,7 @@ async fn a_foreign_consumer_in_the_processors_group_loses_nothing() {
     demo::produce(&cfg, &workload(200, 40, "a", 51))
         .await
         .unwrap();
-    caught_up(&cfg).await;
+    caught_up(&cfg, CATCH_UP).await;
     let foreign: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
         .set("group.id", &cfg.kafka.group_id)

@@ -65,16 +65,6 @@ async fn produce(config: &Config, range: std::ops::Range<usize>) {
     }
 }
 
-async fn caught_up(config: &Config) {
-    let c = config.clone();
-    tokio::task::spawn_blocking(move || {
-        causal_commit::demo::wait_caught_up(&c, Duration::from_secs(60))
-    })
-    .await
-    .expect("join")
-    .expect("the group commits offsets at the end of every partition");
-}
-
 /// Every committed record of `topic` (read_committed), from the beginning to its end now.
 fn read_all_copies(config: &Config, topic: &str) -> Vec<Rec> {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -156,12 +146,12 @@ async fn passthrough_copies_every_record_once_with_its_headers_and_commits_to_th
 
     produce(&cfg, 0..600).await;
     let running = start(cfg.clone());
-    caught_up(&cfg).await;
+    caught_up(&cfg, Duration::from_secs(60)).await;
     running.stop().await;
     // A restart carries on from the committed offsets: nothing twice, nothing lost.
     produce(&cfg, 600..1000).await;
     let running = start(cfg.clone());
-    caught_up(&cfg).await;
+    caught_up(&cfg, Duration::from_secs(60)).await;
     running.stop().await;
 
     let c = cfg.clone();

@@ -97,23 +97,9 @@ async fn seed_evidence_2_version_conflict_is_blocked() {
     fresh.expected_version = 1;
     produce_intents(&cfg, &[first, stale, fresh]).await;
 
-    let reviews = wait_for(
-        &cfg,
-        &cfg.kafka.manual_review_topic,
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
-    let got = wait_for(
-        &cfg,
-        &cfg.kafka.side_effects_topic,
-        2,
-        Duration::from_secs(30),
-    )
-    .await;
+    let (effects, reviews) = wait_for_outputs(&cfg, 2, 1, Duration::from_secs(60)).await;
     running.stop().await;
 
-    let effects = effects(&got);
     let ids: Vec<(&str, u64)> = effects
         .iter()
         .map(|e| (e.intent_id.as_str(), e.commit_sequence))
@@ -123,7 +109,6 @@ async fn seed_evidence_2_version_conflict_is_blocked() {
         vec![("v-1", 1), ("v-3", 3)],
         "no effect for the blocked intent"
     );
-    let reviews = crate::common::reviews(&reviews);
     assert_eq!(reviews.len(), 1);
     assert_eq!(reviews[0].reason, ReviewReason::VersionConflict as i32);
     assert_eq!(reviews[0].intent_id, "v-2");
@@ -167,29 +152,12 @@ async fn seed_evidence_4_log_has_contact_sequence_state() {
     )
     .await;
     let cfg = env.config();
-    let got = wait_for(
-        &cfg,
-        &cfg.kafka.side_effects_topic,
-        2,
-        Duration::from_secs(90),
-    )
-    .await;
-    let reviewed = wait_for(
-        &cfg,
-        &cfg.kafka.manual_review_topic,
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
+    let (effects, reviewed) = wait_for_outputs(&cfg, 2, 1, Duration::from_secs(90)).await;
     // The effect carries the original content, the review the conflicting one.
-    let effects = effects(&got);
     assert_eq!(effects.len(), 2);
     assert_eq!(&effects[0].payload[..], b"payload-log-1");
-    assert_eq!(&crate::common::reviews(&reviewed)[0].intent_id, "log-1");
-    assert_eq!(
-        crate::common::reviews(&reviewed)[0].reason,
-        ReviewReason::IdempotencyConflict as i32
-    );
+    assert_eq!(&reviewed[0].intent_id, "log-1");
+    assert_eq!(reviewed[0].reason, ReviewReason::IdempotencyConflict as i32);
     let lines = proc.log_lines();
     assert!(
         proc.terminate(Duration::from_secs(30)),

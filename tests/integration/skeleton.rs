@@ -60,23 +60,9 @@ async fn invalid_records_go_to_manual_review_and_later_records_still_flow() {
     )
     .await;
 
-    let reviews_raw = wait_for(
-        &cfg,
-        &cfg.kafka.manual_review_topic,
-        2,
-        Duration::from_secs(60),
-    )
-    .await;
-    let effects_raw = wait_for(
-        &cfg,
-        &cfg.kafka.side_effects_topic,
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
+    let (effects, reviews) = wait_for_outputs(&cfg, 1, 2, Duration::from_secs(60)).await;
     running.stop().await;
 
-    let reviews = reviews(&reviews_raw);
     assert_eq!(reviews.len(), 2, "{reviews:?}");
     assert!(reviews
         .iter()
@@ -91,7 +77,6 @@ async fn invalid_records_go_to_manual_review_and_later_records_still_flow() {
     );
     assert_eq!(reviews[1].original_value, mismatched.encode_to_vec());
 
-    let effects = effects(&effects_raw);
     assert_eq!(effects.len(), 1);
     assert_eq!(effects[0].intent_id, "intent-after");
 }

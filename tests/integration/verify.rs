@@ -99,13 +99,7 @@ async fn a_clean_run_verifies_ok_with_exact_counts_and_per_prefix() {
     )
     .await;
     assert_eq!(reviews.len(), 3, "three manual-review records");
-    let c = (*cfg).clone();
-    tokio::task::spawn_blocking(move || {
-        causal_commit::demo::wait_caught_up(&c, Duration::from_secs(60))
-    })
-    .await
-    .expect("waiter")
-    .expect("the processor caught up");
+    caught_up(&cfg, Duration::from_secs(60)).await;
     running.stop().await;
 
     let all = verify_report(&cfg, "").await;

@@ -371,6 +371,16 @@ pub async fn verify_report(config: &Config, prefix: &str) -> causal_commit::veri
         .expect("verify runs")
 }
 
+/// Waits, at most `within`, until the processor's group has committed offsets at the end of
+/// every partition of the intents topic (`demo::wait_caught_up`); panics otherwise.
+pub async fn caught_up(config: &Config, within: Duration) {
+    let c = config.clone();
+    tokio::task::spawn_blocking(move || causal_commit::demo::wait_caught_up(&c, within))
+        .await
+        .expect("the catch-up waiter")
+        .expect("the processor catches up");
+}
+
 pub async fn wait_for(config: &Config, topic: &str, n: usize, within: Duration) -> Vec<Vec<u8>> {
     let deadline = Instant::now() + within;
     loop {
