@@ -949,3 +949,66 @@ async fn a_foreign_consumer_in_the_processors_group_loses_nothing() {
     verified_prefix(&cfg, "a-", 200).await;
     verified_prefix(&cfg, "b-", 400).await;
 }
+
+/// A tired operator adds an instance to the group with a configuration copied from elsewhere: its
+/// `postgres.schema` is not the group's. The partitions the group gives it were written by the
+/// first instance's store, which its own has never seen: it refuses each of them, naming the
+/// mismatch, instead of deciding their intents again from nothing (which would emit every
+/// effect a second time). Its schema stays empty. Once it is stopped, the first instance takes
+/// them back and every intent commits once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_of_the_group_on_another_schema_decides_nothing_again() {
+    let env = TestEnv::new("otherschema", 4).await;
+    let cfg = env.config.clone();
+    let mut stray = cfg.clone();
+    stray.postgres.schema = format!("{}_copy", cfg.postgres.schema);
+    stray.instance_id = format!("{}-b", env.name);
+    migrate_as_owner(&stray).await;
+
+    let proc = Processor::spawn(&cfg, log_of(&env, "first"));
+    demo::produce(&cfg, &workload(400, 200, "a", 1))
+        .await
+        .unwrap();
+    caught_up(&cfg, CATCH_UP).await;
+
+    let log = log_of(&env, "stray");
+    let stray_proc = Processor::spawn(&stray, log.clone());
+    // The stray instance is given some of the four partitions (which ones is the assignor's).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let refusals = loop {
+        let lines = read_log(&log);
+        let refused: std::collections::BTreeSet<i64> = lines
+            .iter()
+            .filter(|l| l["message"] == "partition not restored yet; paused")
+            .filter(|l| {
+                l["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("do not belong together"))
+            })
+            .filter_map(|l| l["partition"].as_i64())
+            .collect();
+        if !refused.is_empty() {
+            break refused;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stray instance never refused a partition"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    // More intents while it holds them: none of its partitions' is decided by it.
+    demo::produce(&cfg, &workload(200, 100, "b", 2))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(stray_proc.terminate(Duration::from_secs(30)));
+    assert_eq!(
+        transitions(&stray).await,
+        0,
+        "the stray instance decided nothing (it refused partitions {refusals:?})"
+    );
+
+    caught_up(&cfg, CATCH_UP).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    verified(&cfg, 600).await;
+}
