@@ -40,28 +40,32 @@ const START_RETRY_MAX: Duration = Duration::from_secs(5);
 /// 30 s stopped a process that way.
 const REFENCED_WITHIN: Duration = Duration::from_secs(10);
 
-/// The start-up check of the schema, repeated while PostgreSQL does not answer (stopped,
-/// restarting, out of connections): a processor started during an outage starts processing
-/// by itself when PostgreSQL is back, as one running through it does, instead of exiting
-/// into its orchestrator's restart back-off. Not ready meanwhile; a wrong schema, role or
-/// migration state fails at once. `false` when `shutdown` fired first.
+/// The start-up check of the schema, and the read of the store's id (its Redis keys' part),
+/// repeated while PostgreSQL does not answer (stopped, restarting, out of connections): a
+/// processor started during an outage starts processing by itself when PostgreSQL is back, as
+/// one running through it does, instead of exiting into its orchestrator's restart back-off.
+/// Not ready meanwhile; a wrong schema, role or migration state fails at once. Nothing else
+/// asks PostgreSQL before the engine, which pauses through an outage. The store id; `None`
+/// when `shutdown` fired first.
 async fn schema_checked(
     pool: &sqlx::PgPool,
     config: &Config,
     shutdown: &CancellationToken,
-) -> anyhow::Result<bool> {
-    use crate::store::postgres::{check_schema, check_topic};
+) -> anyhow::Result<Option<String>> {
+    use crate::store::postgres::{check_schema, check_topic, lock_store::store_id};
     let (schema, topic) = (&config.postgres.schema, &config.kafka.intents_topic);
     let mut wait = Duration::from_millis(250);
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let checked = match check_schema(pool, schema).await {
-            Ok(()) => check_topic(pool, schema, topic).await,
-            Err(e) => Err(e),
-        };
+        let checked = async {
+            check_schema(pool, schema).await?;
+            check_topic(pool, schema, topic).await?;
+            store_id(pool).await
+        }
+        .await;
         match checked {
-            Ok(()) => return Ok(true),
+            Ok(id) => return Ok(Some(id)),
             Err(e) if e.is_unavailable() => {
                 tracing::warn!(
                     error = %e,
@@ -70,7 +74,7 @@ async fn schema_checked(
                     "PostgreSQL does not answer at start-up; waiting for it (not ready)"
                 );
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(false),
+                    _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(wait) => {}
                 }
                 wait = (wait * 2).min(START_RETRY_MAX);
@@ -165,16 +169,18 @@ pub async fn run_with(
         return passthrough::run(config, shutdown).await;
     }
     let pool = crate::store::postgres::pool(&config.postgres)?;
-    if !schema_checked(&pool, &config, &shutdown).await? {
+    let Some(store_id) = schema_checked(&pool, &config, &shutdown).await? else {
         tracing::info!("stopped while waiting for PostgreSQL; nothing was consumed");
         return Ok(());
-    }
+    };
+    // (A test holds the start here while it stops PostgreSQL.)
+    fail::fail_point!("start-checked");
     let kafka = config.clone();
     let topics = tokio::task::spawn_blocking(move || {
         preflight::check(&kafka, kafka.kafka.operation_timeout.min(PREFLIGHT_WAIT))
     })
     .await??;
-    let locks = Arc::new(LockStore::new(&config, pool.clone()).await?);
+    let locks = Arc::new(LockStore::with_store_id(&config, pool.clone(), &store_id)?);
     let admin = match config.admin.listen.is_empty() {
         true => None,
         false => Some(

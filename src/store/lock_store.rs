@@ -281,7 +281,13 @@ impl LockStore {
     /// in Redis mode. Fails when `redis.url` does not parse or PostgreSQL cannot be read.
     pub async fn new(config: &Config, pool: PgPool) -> Result<Self> {
         let store_id = sql::store_id(&pool).await?;
-        let redis = RedisStore::new(&config.redis, &store_id)?;
+        Self::with_store_id(config, pool, &store_id)
+    }
+
+    /// [`Self::new`] with the store id already read (`postgres::lock_store::store_id`): no
+    /// PostgreSQL call.
+    pub fn with_store_id(config: &Config, pool: PgPool, store_id: &str) -> Result<Self> {
+        let redis = RedisStore::new(&config.redis, store_id)?;
         tracing::info!(
             keys = %format!("{}:{store_id}:", config.redis.key_prefix),
             "lock store: this store's Redis keys"

@@ -285,6 +285,48 @@ async fn a_processor_started_while_postgres_is_down_waits_and_processes_when_it_
     assert_clean(&report, 2_000);
 }
 
+/// PostgreSQL stopped just after the start-up check passed, before the engine starts (the
+/// window of the Kafka check): the process stays up and processes once it is back. Found by
+/// the chaos test: the store id (its Redis keys' part) was read after the check, outside its
+/// wait, and the process exited ("PostgreSQL call failed while reading the store id"). A fail
+/// point holds the start in that window for 10 s.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_right_after_the_start_up_check_is_waited_for() {
+    let env = TestEnv::exclusive("pgwindow", 2).await;
+    let cfg = env.config.clone();
+    let log = log_path(&env, "run");
+    let mut proc = Processor::spawn_with_env(
+        &cfg,
+        log.clone(),
+        &[("FAILPOINTS", "start-checked=sleep(10000)")],
+    );
+    // The check takes well under a second: 4 s in, the start is held at the fail point.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let back = StartedAgain("postgres");
+    stack("stop", "postgres");
+    produce_in_background(&cfg, workload(1_000, 100, 1_000, "w"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        proc.child.try_wait().unwrap().is_none(),
+        "still running with PostgreSQL stopped after the check: {:?}",
+        read_log(&log)
+    );
+    let waited_at_the_check = read_log(&log).iter().any(|l| {
+        l["message"] == "PostgreSQL does not answer at start-up; waiting for it (not ready)"
+    });
+    assert!(
+        !waited_at_the_check,
+        "PostgreSQL was stopped after the check passed, not before"
+    );
+    drop(back);
+    caught_up(&cfg, Duration::from_secs(120)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    assert_clean(&verified(&cfg).await, 1_000);
+}
+
 /// A tired operator starts a second process with the instance_id of a running one (a shared
 /// config file): their consumers fence each other's static membership and their producers
 /// each other's transactions. A consumer fenced once is replaced in place (what a broker
