@@ -47,7 +47,7 @@ const REFENCED_WITHIN: Duration = Duration::from_secs(10);
 /// Not ready meanwhile; a wrong schema, role or migration state fails at once. Nothing else
 /// asks PostgreSQL before the engine, which pauses through an outage. The store id; `None`
 /// when `shutdown` fired first.
-async fn schema_checked(
+async fn store_checked(
     pool: &sqlx::PgPool,
     config: &Config,
     shutdown: &CancellationToken,
@@ -169,7 +169,7 @@ pub async fn run_with(
         return passthrough::run(config, shutdown).await;
     }
     let pool = crate::store::postgres::pool(&config.postgres)?;
-    let Some(store_id) = schema_checked(&pool, &config, &shutdown).await? else {
+    let Some(store_id) = store_checked(&pool, &config, &shutdown).await? else {
         tracing::info!("stopped while waiting for PostgreSQL; nothing was consumed");
         return Ok(());
     };
@@ -180,7 +180,7 @@ pub async fn run_with(
         preflight::check(&kafka, kafka.kafka.operation_timeout.min(PREFLIGHT_WAIT))
     })
     .await??;
-    let locks = Arc::new(LockStore::with_store_id(&config, pool.clone(), &store_id)?);
+    let locks = Arc::new(LockStore::new(&config, pool.clone(), &store_id)?);
     let admin = match config.admin.listen.is_empty() {
         true => None,
         false => Some(

@@ -76,12 +76,15 @@ fn topics(config: &Config) -> [(&'static str, &str); 3] {
 
 /// The first of the three topics whose `cleanup.policy` compacts, as [`Error::Compacted`];
 /// `Checked::Fine` when none does. A describe the brokers refuse (no `DescribeConfigs`
-/// permission) or do not answer is no verdict: `Checked::Unknown`. Blocking.
+/// permission) or do not answer is no verdict: `Checked::Unknown`. Blocking. A one-shot
+/// client (the verifier's): the events it raises during the describe are dropped with it.
 pub fn compaction(config: &Config, within: Duration) -> Checked {
-    let client = match describing_client(config) {
-        Ok(c) => c,
-        Err(e) => return Checked::Unknown(e.to_string()),
-    };
+    let client_id = format!("causal-commit-{}-describe", config.instance_id());
+    let client: BaseProducer =
+        match kafka::client_config(config, &[("client.id", &client_id)]).create() {
+            Ok(c) => c,
+            Err(e) => return Checked::Unknown(e.to_string()),
+        };
     match describe(client.client(), config, within) {
         Ok(described) => checked(&described),
         Err(reason) => Checked::Unknown(reason),
@@ -105,7 +108,7 @@ fn checked(described: &[Described]) -> Checked {
     Checked::Fine
 }
 
-/// The client whose connections the topics are described on. Nothing is produced with it (a
+/// The watch's client, whose connections the topics are described on. Nothing is produced with it (a
 /// producer is librdkafka's lightest client); its thread serves librdkafka's logs, errors and
 /// statistics as they come (a client whose queue nobody serves piles them up, unseen, for as
 /// long as it lives), and its [`BrokerWatch`] bootstraps it again if librdkafka leaves it
@@ -256,7 +259,11 @@ pub async fn watch_topics(
     let mut failing = false;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                // Dropping the client joins its polling thread: not on a runtime worker.
+                let _ = tokio::task::spawn_blocking(move || drop(client)).await;
+                return;
+            }
             _ = tick.tick() => {}
         }
         let within = config.kafka.operation_timeout.min(TOPIC_CHECK);

@@ -277,16 +277,10 @@ fn correction_entries(
 
 impl LockStore {
     /// Builds the store from `config.redis` (AUTH and TLS through the URL) and the PostgreSQL
-    /// pool (migrated), whose store id names its Redis keys. Connects to Redis lazily; starts
-    /// in Redis mode. Fails when `redis.url` does not parse or PostgreSQL cannot be read.
-    pub async fn new(config: &Config, pool: PgPool) -> Result<Self> {
-        let store_id = sql::store_id(&pool).await?;
-        Self::with_store_id(config, pool, &store_id)
-    }
-
-    /// [`Self::new`] with the store id already read (`postgres::lock_store::store_id`): no
-    /// PostgreSQL call.
-    pub fn with_store_id(config: &Config, pool: PgPool, store_id: &str) -> Result<Self> {
+    /// pool (migrated), whose store id (`postgres::lock_store::store_id`, read by the caller)
+    /// names its Redis keys. Connects to Redis lazily; starts in Redis mode. Makes no call to
+    /// either; fails only when `redis.url` does not parse.
+    pub fn new(config: &Config, pool: PgPool, store_id: &str) -> Result<Self> {
         let redis = RedisStore::new(&config.redis, store_id)?;
         tracing::info!(
             keys = %format!("{}:{store_id}:", config.redis.key_prefix),

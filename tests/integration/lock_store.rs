@@ -96,9 +96,7 @@ impl World {
     }
 
     async fn store(&self) -> LockStore {
-        LockStore::new(&self.config, self.pool.clone())
-            .await
-            .expect("lock store")
+        LockStore::new(&self.config, self.pool.clone(), &self.store_id).expect("lock store")
     }
 
     fn keys(&self) -> raw::Keys {
@@ -909,7 +907,7 @@ async fn auth_from_the_url_works_and_a_wrong_password_falls_back() {
 
     let mut config = w.config.clone();
     config.redis.url = format!("redis://{user}:{password}@{hostport}").into();
-    let store = LockStore::new(&config, w.pool.clone()).await.unwrap();
+    let store = LockStore::new(&config, w.pool.clone(), &w.store_id).unwrap();
     in_sync(&store).await;
     let o = outcome("authed", "committed_causal", "", 1);
     store.record(std::slice::from_ref(&o)).await.unwrap();
@@ -920,7 +918,7 @@ async fn auth_from_the_url_works_and_a_wrong_password_falls_back() {
     assert_eq!(store.stats().redis_failures, 0);
 
     config.redis.url = format!("redis://{user}:wrong@{hostport}").into();
-    let refused = LockStore::new(&config, w.pool.clone()).await.unwrap();
+    let refused = LockStore::new(&config, w.pool.clone(), &w.store_id).unwrap();
     for _ in 0..config.redis.breaker_failures {
         assert!(refused
             .lookup(&ids(std::slice::from_ref(&o)))
@@ -982,7 +980,7 @@ async fn another_instance_in_fallback_keeps_redis_untrusted_until_it_is_resynchr
     let mut config_a = w.config.clone();
     config_a.instance_id = format!("{}-other", w.config.instance_id);
     config_a.redis.url = "redis://127.0.0.1:1".into();
-    let a = LockStore::new(&config_a, w.pool.clone()).await.unwrap();
+    let a = LockStore::new(&config_a, w.pool.clone(), &w.store_id).unwrap();
     for _ in 0..config_a.redis.breaker_failures {
         a.lookup(&["warm-up".to_string()]).await.unwrap();
     }
@@ -1313,7 +1311,7 @@ async fn a_rollback_that_cannot_reach_redis_keeps_it_untrusted_until_it_is_corre
     let mut config_b = w.config.clone();
     config_b.instance_id = format!("{}-b", w.config.instance_id);
     config_b.redis.url = "redis://127.0.0.1:1".into();
-    let b = LockStore::new(&config_b, w.pool.clone()).await.unwrap();
+    let b = LockStore::new(&config_b, w.pool.clone(), &w.store_id).unwrap();
     let restored = w.restore(4, 1).await;
     b.outcomes_rolled_back(TOPIC, 4, &restored.rolled_back_outcomes)
         .await
