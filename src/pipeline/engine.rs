@@ -818,7 +818,9 @@ impl Engine {
     }
 
     /// Where the consumer stands in the partitions whose end it reached: past their last
-    /// record and the transaction markers after it.
+    /// record and the transaction markers after it; and whether the log goes on past that
+    /// point (a producer's transaction still open holds its records, and all after them, from
+    /// a `read_committed` consumer: the end reached is the last stable offset).
     fn note_end_offsets(&mut self, ends: &BTreeSet<i32>) {
         if ends.is_empty() {
             return;
@@ -829,8 +831,31 @@ impl Engine {
         for e in positions.elements() {
             if let (true, rdkafka::Offset::Offset(o)) = (ends.contains(&e.partition()), e.offset())
             {
+                let high = kafka::cached_high_watermark(
+                    self.consumer.client(),
+                    &self.topics.intents,
+                    e.partition(),
+                );
                 if let Some(lane) = self.lanes.get_mut(&e.partition()) {
                     lane.end_offset = o;
+                    let held_back = high.is_some_and(|h| h > o);
+                    if held_back != lane.held_back {
+                        tracing::info!(
+                            partition = e.partition(),
+                            readable_to = o,
+                            high_watermark = high,
+                            held_back,
+                            "{}",
+                            match held_back {
+                                true =>
+                                    "records of this partition are held back behind a \
+                                         producer's open transaction; its waits do not count \
+                                         until the transaction ends",
+                                false => "nothing of this partition is held back any more",
+                            }
+                        );
+                    }
+                    lane.held_back = held_back;
                 }
             }
         }
@@ -1069,11 +1094,12 @@ impl Engine {
     }
 
     /// Each lane's clock: the interval since its last tick counts if the partition was read
-    /// (not paused) and is at its end (caught up).
+    /// (not paused) and is at its end (caught up), with nothing held back behind an open
+    /// transaction.
     fn tick_clocks(&mut self, now_ms: i64) {
         let wall = now_ms.max(0) as u64;
         for lane in self.lanes.values_mut() {
-            let counted = !lane.paused && lane.at_end;
+            let counted = !lane.paused && lane.at_end && !lane.held_back;
             lane.clock.tick(wall, counted);
         }
     }

@@ -21,10 +21,12 @@ pub mod call_thread;
 pub mod stranded;
 mod topic_config;
 mod topic_id;
+mod watermark;
 use call_thread::CallThread;
 pub use stranded::{BrokerWatch, Watched};
 pub use topic_config::{topic_setting, Setting};
 pub use topic_id::topic_id;
+pub use watermark::cached_high_watermark;
 
 /// How long past its own timeout a blocking transactional call may take before it is taken as
 /// one that never returns (see [`call_thread`]).

@@ -31,6 +31,10 @@ pub struct Lane {
     /// The consumer's position when it last reached the end: past the last record and any
     /// transaction markers after it (records forwarded to this partition are transactional).
     pub end_offset: i64,
+    /// When it last reached the end, the partition's log went on past it: records of a
+    /// producer's transaction still open (and whatever follows them) that a `read_committed`
+    /// consumer cannot read yet. Not caught up, for the clock.
+    pub held_back: bool,
     /// The time the sequencer sees.
     pub clock: LaneClock,
 }
@@ -40,9 +44,10 @@ pub struct Lane {
 ///
 /// It advances with the wall clock between two ticks only when the engine says the partition
 /// was *counted* over that interval: it had a lane (restored), it was not paused, and it
-/// reached the end of the partition (librdkafka's partition-EOF) during the interval. Time
-/// while the processor is stopped, restoring, stalled on a store or the broker, paused, or
-/// lagging behind the partition's end does not count. One tick credits at most `max_credit`:
+/// reached the end of the partition (librdkafka's partition-EOF) during the interval, with no
+/// record held back behind a producer's open transaction. Time while the processor is stopped,
+/// restoring, stalled on a store or the broker, paused, lagging behind the partition's end,
+/// or held at an open transaction does not count. One tick credits at most `max_credit`:
 /// a tick that comes late (the engine's thread was blocked) is a stall, not consumed time.
 ///
 /// The clock is persisted with every batch (the recovery point's `t`) and restored from it,

@@ -8,30 +8,15 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use prost::Message as _;
-use rdkafka::producer::FutureRecord;
 
 use crate::common::process::{cli, read_log, Processor};
 use crate::common::*;
-use causal_commit::config::Config;
 use causal_commit::intent::{self, InRecord};
 use causal_commit::pipeline::translate::{self, Context, Fresh, PartitionPlan, Topics};
 use causal_commit::proto::{Intent, ReviewReason};
 use causal_commit::sequencer::{self, Millis, Sequencer};
 use causal_commit::store::postgres::{self as pg, BatchWrite, PartitionWrite};
 use causal_commit::store::snapshot::Held;
-
-/// Produces `intents` in order to one partition of the intents topic, keyed by contact id.
-async fn produce_to(config: &Config, partition: i32, intents: &[Intent]) {
-    let p = producer(config);
-    for i in intents {
-        let value = i.encode_to_vec();
-        let r = FutureRecord::to(&config.kafka.intents_topic)
-            .partition(partition)
-            .key(i.contact_id.as_bytes())
-            .payload(&value);
-        p.send(r, Duration::from_secs(10)).await.expect("delivered");
-    }
-}
 
 /// Per contact, the commit sequences of its effects in topic order.
 fn sequences(effects: &[causal_commit::proto::SideEffect]) -> Vec<(String, Vec<u64>)> {
@@ -61,7 +46,7 @@ async fn a_nul_byte_intent_on_every_partition_is_invalid_and_every_valid_intent_
                 batch.push(intent(&format!("i\u{0}{p}"), &c, 1));
             }
         }
-        produce_to(&cfg, p, &batch).await;
+        produce_to_partition(&cfg, p, &batch).await;
     }
     let (fx, rv) = wait_for_outputs(&cfg, 60, 4, Duration::from_secs(60)).await;
     running.stop().await;
@@ -110,7 +95,7 @@ async fn a_record_the_durable_write_refuses_is_unprocessable_and_its_partition_k
         .map(|k| intent(&format!("a{k}-i1"), &format!("a{k}"), 1))
         .collect();
     p0.push(big2);
-    produce_to(&cfg, 0, &p0).await;
+    produce_to_partition(&cfg, 0, &p0).await;
     let first = wait_for(
         &cfg,
         &cfg.kafka.side_effects_topic,
@@ -125,11 +110,11 @@ async fn a_record_the_durable_write_refuses_is_unprocessable_and_its_partition_k
         .collect();
     p0.push(intent("big-i1", "big", 1));
     p0.extend((0..5).map(|k| intent(&format!("a{k}-i3"), &format!("a{k}"), 3)));
-    produce_to(&cfg, 0, &p0).await;
+    produce_to_partition(&cfg, 0, &p0).await;
     let p1: Vec<Intent> = (1..=3u64)
         .flat_map(|seq| (0..5).map(move |k| intent(&format!("b{k}-i{seq}"), &format!("b{k}"), seq)))
         .collect();
-    produce_to(&cfg, 1, &p1).await;
+    produce_to_partition(&cfg, 1, &p1).await;
 
     let (fx, rv) = wait_for_outputs(&cfg, 31, 1, Duration::from_secs(90)).await;
     assert!(proc.terminate(Duration::from_secs(30)));
@@ -566,4 +551,110 @@ async fn an_output_topic_below_max_output_bytes_is_named_and_processing_resumes_
     assert!(!rv[0].original_truncated && rv[0].original_value.len() == 50_000);
     let report = verify_report(&env.config, "").await;
     assert!(report.ok, "{:?}", report.violations);
+}
+
+/// A producer that writes intents in Kafka transactions and aborts some of them. An aborted
+/// record was never produced (CONTRACT §5: readers use `read_committed`): it gets no outcome,
+/// blocks no sequence, and is no conflict for the committed record that reuses its intent id with
+/// other content; the partitions, whose last entries are abort markers, still read as caught
+/// up. The processor runs while the transactions are open, committed and aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producers_aborted_transactions_are_never_seen_and_its_committed_ones_flow() {
+    use rdkafka::producer::Producer as _;
+    let env = TestEnv::new("txnproducer", 2).await;
+    let cfg = env.config();
+    let running = start(cfg.clone());
+    let contacts: Vec<String> = (0..10).map(|k| format!("k{k}")).collect();
+    let ghost = |c: &str, seq: u64| {
+        let mut i = intent(&format!("{c}-ghost{seq}"), c, seq);
+        i.action = causal_commit::proto::Action::Cancel as i32;
+        i
+    };
+    // (commit?, intents) in order, one transaction each.
+    let transactions: Vec<(bool, Vec<Intent>)> = vec![
+        (
+            true,
+            contacts
+                .iter()
+                .map(|c| intent(&format!("{c}-1"), c, 1))
+                .collect(),
+        ),
+        // Seq 2 under the committed seq-2 intent's id with other content, and a seq 3.
+        (
+            false,
+            contacts
+                .iter()
+                .flat_map(|c| {
+                    let mut reused = ghost(c, 2);
+                    reused.intent_id = format!("{c}-2");
+                    [reused, ghost(c, 3)]
+                })
+                .collect(),
+        ),
+        (
+            true,
+            contacts
+                .iter()
+                .map(|c| intent(&format!("{c}-2"), c, 2))
+                .collect(),
+        ),
+        (
+            true,
+            contacts
+                .iter()
+                .step_by(2)
+                .map(|c| intent(&format!("{c}-3"), c, 3))
+                .collect(),
+        ),
+        // The topic ends with abort markers.
+        (false, contacts.iter().map(|c| ghost(c, 4)).collect()),
+    ];
+    let (c, id) = (env.config.clone(), format!("{}-producer", env.name));
+    tokio::task::spawn_blocking(move || {
+        let p = transactional_producer(&c, &id);
+        for (commit, intents) in transactions {
+            p.begin_transaction().expect("begin");
+            for partition in 0..2 {
+                let on_partition: Vec<Intent> = intents
+                    .iter()
+                    .filter(|i| i.contact_id[1..].parse::<i32>().unwrap() % 2 == partition)
+                    .cloned()
+                    .collect();
+                send_in_transaction(&p, &c, partition, &on_partition);
+            }
+            // The processor polls while the transaction is open.
+            std::thread::sleep(Duration::from_millis(500));
+            let t = Duration::from_secs(30);
+            match commit {
+                true => p.commit_transaction(t).expect("commit"),
+                false => p.abort_transaction(t).expect("abort"),
+            }
+        }
+    })
+    .await
+    .expect("producer thread");
+
+    caught_up(&cfg, Duration::from_secs(60)).await;
+    let (fx, rv) = wait_for_outputs(&cfg, 25, 0, Duration::from_secs(30)).await;
+    running.stop().await;
+
+    assert!(rv.is_empty(), "no review of anything: {rv:?}");
+    assert_eq!(fx.len(), 25, "each committed intent once");
+    for e in &fx {
+        assert!(!e.intent_id.contains("ghost"), "aborted: {e:?}");
+        assert_eq!(e.action, causal_commit::proto::Action::Book as i32, "{e:?}");
+    }
+    for (contact, seqs) in sequences(&fx) {
+        let k: usize = contact[1..].parse().unwrap();
+        let want = if k.is_multiple_of(2) {
+            vec![1, 2, 3]
+        } else {
+            vec![1, 2]
+        };
+        assert_eq!(seqs, want, "contact {contact}");
+    }
+    let report = verify_report(&env.config, "").await;
+    assert!(report.ok, "{:?}", report.violations);
+    assert_eq!((report.intents, report.committed), (25, 25));
+    assert_eq!(report.waiting, 0);
 }

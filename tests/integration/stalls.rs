@@ -4,28 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use prost::Message as _;
-use rdkafka::producer::FutureRecord;
-
 use crate::common::process::{read_log, stack, Processor};
 use crate::common::*;
 use causal_commit::config::Config;
 use causal_commit::proto::Intent;
 
 const WAIT: Duration = Duration::from_secs(5);
-
-/// Produces to one partition, keyed by contact.
-async fn produce_to(config: &Config, partition: i32, intents: &[Intent]) {
-    let p = producer(config);
-    for i in intents {
-        let value = i.encode_to_vec();
-        let r = FutureRecord::to(&config.kafka.intents_topic)
-            .partition(partition)
-            .key(i.contact_id.as_bytes())
-            .payload(&value);
-        p.send(r, Duration::from_secs(10)).await.expect("delivered");
-    }
-}
 
 /// Waits until PostgreSQL shows `contact` with `n` waiting intents.
 async fn waiting(config: &Config, contact: &str, n: i32) {
@@ -82,12 +66,12 @@ async fn a_postgres_outage_longer_than_the_wait_timeout_does_not_time_a_contact_
     let env = TestEnv::exclusive("stall_pg", 1).await;
     let cfg = config_with_short_wait(&env);
     let running = start(std::sync::Arc::new(cfg.clone()));
-    produce_to(&cfg, 0, &[intent("x-2", "x", 2)]).await;
+    produce_to_partition(&cfg, 0, &[intent("x-2", "x", 2)]).await;
     waiting(&cfg, "x", 1).await;
     stack("stop", "postgres");
     let down = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    produce_to(&cfg, 0, &[intent("x-1", "x", 1)]).await;
+    produce_to_partition(&cfg, 0, &[intent("x-1", "x", 1)]).await;
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(down.elapsed())).await;
     stack("start", "postgres");
     let (seqs, reviews) = outcome(&cfg, "x", 2).await;
@@ -102,12 +86,12 @@ async fn a_processor_stopped_longer_than_the_wait_timeout_does_not_time_a_contac
     let cfg = config_with_short_wait(&env);
     let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
     let proc = Processor::spawn(&cfg, log.clone());
-    produce_to(&cfg, 0, &[intent("y-2", "y", 2)]).await;
+    produce_to_partition(&cfg, 0, &[intent("y-2", "y", 2)]).await;
     waiting(&cfg, "y", 1).await;
     assert!(proc.terminate(Duration::from_secs(30)), "clean stop");
     let stopped = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    produce_to(&cfg, 0, &[intent("y-1", "y", 1)]).await;
+    produce_to_partition(&cfg, 0, &[intent("y-1", "y", 1)]).await;
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed())).await;
     let proc = Processor::spawn(&cfg, log);
     let (seqs, reviews) = outcome(&cfg, "y", 2).await;
@@ -130,7 +114,7 @@ async fn a_partition_paused_at_its_bound_does_not_time_its_contacts_out() {
         .iter()
         .map(|c| intent(&format!("{c}-2"), c, 2))
         .collect();
-    produce_to(&cfg, 0, &gaps).await;
+    produce_to_partition(&cfg, 0, &gaps).await;
     waiting(&cfg, "c", 1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // The predecessors, produced while the partition is paused, come 10 s after the gaps.
@@ -138,7 +122,7 @@ async fn a_partition_paused_at_its_bound_does_not_time_its_contacts_out() {
         .iter()
         .map(|c| intent(&format!("{c}-1"), c, 1))
         .collect();
-    produce_to(&cfg, 0, &firsts).await;
+    produce_to_partition(&cfg, 0, &firsts).await;
     tokio::time::sleep(Duration::from_secs(8)).await;
     let fx = effects(
         &wait_for(
@@ -183,13 +167,13 @@ async fn a_partition_at_its_bound_pauses_while_the_others_flow_and_drains_when_i
             i
         })
         .collect();
-    produce_to(&cfg, 0, &gaps).await;
+    produce_to_partition(&cfg, 0, &gaps).await;
     waiting(&cfg, "g4", 1).await;
     // Partition 0 is at its bound; partition 1 flows.
     let others: Vec<Intent> = (1..=3u64)
         .flat_map(|seq| (0..3).map(move |k| intent(&format!("o{k}-{seq}"), &format!("o{k}"), seq)))
         .collect();
-    produce_to(&cfg, 1, &others).await;
+    produce_to_partition(&cfg, 1, &others).await;
     let fx = effects(
         &wait_for(
             &cfg,
@@ -211,7 +195,7 @@ async fn a_partition_at_its_bound_pauses_while_the_others_flow_and_drains_when_i
     let firsts: Vec<Intent> = (0..5)
         .map(|k| intent(&format!("g{k}-1"), &format!("g{k}"), 1))
         .collect();
-    produce_to(&cfg, 0, &firsts).await;
+    produce_to_partition(&cfg, 0, &firsts).await;
     let fx = effects(
         &wait_for(
             &cfg,
@@ -235,4 +219,74 @@ async fn a_partition_at_its_bound_pauses_while_the_others_flow_and_drains_when_i
     }
     let report = verify_report(&cfg, "").await;
     assert!(report.ok, "{:?}", report.violations);
+}
+
+/// A producer's Kafka transaction left open (a producer that crashed or hangs mid-transaction)
+/// holds every later record of its partition back from a `read_committed` consumer until the
+/// producer or the broker ends it (`transaction.timeout.ms`, up to 15 min by the broker's
+/// default limit). The partition is not caught up meanwhile (its log goes on past what can be
+/// read): that time does not count towards a wait. Found from outside: the consumer reaches
+/// the end of what it can read, so the contacts whose predecessors sat behind the open
+/// transaction timed out and went on hold. Once the transaction ends, a real gap still times
+/// out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producers_transaction_left_open_does_not_time_out_the_contacts_behind_it() {
+    use rdkafka::producer::Producer as _;
+    let env = TestEnv::new("stall_txn", 1).await;
+    let cfg = config_with_short_wait(&env);
+    let (c, id) = (cfg.clone(), format!("{}-producer", env.name));
+    let txn = tokio::task::spawn_blocking(move || transactional_producer(&c, &id))
+        .await
+        .unwrap();
+    let running = start(std::sync::Arc::new(cfg.clone()));
+    // x waits for its sequence 1, which comes behind the open transaction; y's never comes.
+    produce_to_partition(&cfg, 0, &[intent("x-2", "x", 2), intent("y-2", "y", 2)]).await;
+    waiting(&cfg, "y", 1).await;
+    let c = cfg.clone();
+    let txn = tokio::task::spawn_blocking(move || {
+        txn.begin_transaction().expect("begin");
+        send_in_transaction(&txn, &c, 0, &[intent("z-1", "z", 1)]);
+        txn
+    })
+    .await
+    .unwrap();
+    produce_to_partition(&cfg, 0, &[intent("x-1", "x", 1)]).await;
+    // Three wait timeouts with the partition held back.
+    tokio::time::sleep(3 * WAIT).await;
+    let held = read_all(&cfg, &cfg.kafka.manual_review_topic).len();
+    assert_eq!(held, 0, "no WAIT_TIMEOUT while the partition is held back");
+    tokio::task::spawn_blocking(move || txn.abort_transaction(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("abort");
+
+    let (fx, rv) = wait_for_outputs(&cfg, 2, 1, Duration::from_secs(60)).await;
+    running.stop().await;
+    let x: Vec<u64> = fx
+        .iter()
+        .filter(|e| e.contact_id == "x")
+        .map(|e| e.commit_sequence)
+        .collect();
+    assert_eq!(
+        x,
+        vec![1, 2],
+        "x committed in order once its predecessor was readable"
+    );
+    assert_eq!(fx.len(), 2, "nothing of the aborted transaction: {fx:?}");
+    assert_eq!(rv.len(), 1, "{rv:?}");
+    assert_eq!(
+        (rv[0].intent_id.as_str(), rv[0].reason),
+        (
+            "y-2",
+            causal_commit::proto::ReviewReason::WaitTimeout as i32
+        ),
+        "the real gap times out once the transaction is over"
+    );
+    let report = verify_report(&cfg, "").await;
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert_eq!(
+        (report.intents, report.committed, report.held_contacts),
+        (3, 2, 1),
+        "the aborted intent is no intent; y is held for an operator"
+    );
 }

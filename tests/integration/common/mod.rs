@@ -18,7 +18,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -235,6 +235,46 @@ pub fn producer(config: &Config) -> FutureProducer {
         .set("message.max.bytes", "1048588")
         .create()
         .expect("producer")
+}
+
+/// Produces `intents` in order to one partition of the intents topic, keyed by contact id.
+pub async fn produce_to_partition(config: &Config, partition: i32, intents: &[Intent]) {
+    let p = producer(config);
+    for i in intents {
+        let value = i.encode_to_vec();
+        let r = FutureRecord::to(&config.kafka.intents_topic)
+            .partition(partition)
+            .key(i.contact_id.as_bytes())
+            .payload(&value);
+        p.send(r, Duration::from_secs(10)).await.expect("delivered");
+    }
+}
+
+/// A producer of the intents topic that writes in Kafka transactions (`transactional.id` =
+/// `id`), its transactions initialised. Blocking: use it off the async runtime.
+pub fn transactional_producer(config: &Config, id: &str) -> BaseProducer {
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("transactional.id", id)
+        .create()
+        .expect("transactional producer");
+    p.init_transactions(Duration::from_secs(30))
+        .expect("init_transactions");
+    p
+}
+
+/// Sends `intents` to `partition` of the intents topic, keyed by contact, in `p`'s open
+/// transaction, and waits for their delivery (the transaction stays open). Blocking.
+pub fn send_in_transaction(p: &BaseProducer, config: &Config, partition: i32, intents: &[Intent]) {
+    for i in intents {
+        let value = i.encode_to_vec();
+        let r = BaseRecord::to(&config.kafka.intents_topic)
+            .partition(partition)
+            .key(i.contact_id.as_bytes())
+            .payload(&value);
+        p.send(r).map_err(|(e, _)| e).expect("queued");
+    }
+    p.flush(Duration::from_secs(30)).expect("delivered");
 }
 
 /// Produces `(partition, key, value, traceparent)` records in order and waits for every
