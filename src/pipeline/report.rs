@@ -89,12 +89,14 @@ pub fn idempotency_outcomes(rows: &[TransitionRow]) -> impl Iterator<Item = Stor
     })
 }
 
-/// Backlog, holds and pauses, from the lanes' in-memory state (wall-clock ages).
+/// Backlog, holds, pauses and partitions held back, from the lanes' in-memory state
+/// (wall-clock ages).
 pub fn gauges(lanes: &BTreeMap<i32, Lane>, assignment: &Assignment, now_ms: i64) {
     let now = now_ms.max(0) as u64;
     let mut held = 0;
     let mut held_oldest: Option<u64> = None;
     let mut paused: BTreeMap<PauseCause, usize> = BTreeMap::new();
+    let mut held_back = 0;
     for p in assignment.assigned() {
         let Some(lane) = lanes.get(p) else {
             if let Some(cause) = assignment.missing_cause(*p) {
@@ -106,6 +108,7 @@ pub fn gauges(lanes: &BTreeMap<i32, Lane>, assignment: &Assignment, now_ms: i64)
         if lane.backpressure {
             *paused.entry(PauseCause::Backpressure).or_default() += 1;
         }
+        held_back += usize::from(lane.at_end && lane.held_back);
         let b = lane.seq.backlog();
         held += b.contacts_held;
         for h in lane.seq.held_contacts() {
@@ -119,6 +122,7 @@ pub fn gauges(lanes: &BTreeMap<i32, Lane>, assignment: &Assignment, now_ms: i64)
         metrics::gauge!(m::BACKLOG_OLDEST_AGE, "partition" => label).set(age);
     }
     metrics::gauge!(m::CONTACTS_ON_HOLD).set(held as f64);
+    metrics::gauge!(m::PARTITIONS_HELD_BACK).set(held_back as f64);
     let held_age = held_oldest.map_or(0.0, |since| now.saturating_sub(since) as f64 / 1000.0);
     metrics::gauge!(m::HELD_OLDEST_AGE).set(held_age);
     for cause in PauseCause::ALL {

@@ -61,6 +61,10 @@ pub const CONSUMER_LAG: &str = "causal_commit_consumer_lag";
 pub const PARTITIONS_ASSIGNED: &str = "causal_commit_partitions_assigned";
 /// Partitions paused. Label: `cause` = restoring | store | recovery_point | backpressure.
 pub const PARTITIONS_PAUSED: &str = "causal_commit_partitions_paused";
+/// Assigned partitions read to their end whose log goes on past it: a producer's Kafka
+/// transaction still open holds its records, and every later one, back from a read_committed
+/// consumer (their waits do not count meanwhile, contract R7).
+pub const PARTITIONS_HELD_BACK: &str = "causal_commit_partitions_held_back";
 /// Unix time of the last committed transaction (a stalled consumer stops moving it). Absent
 /// until the instance's first commit.
 pub const LAST_COMMIT_TIMESTAMP: &str = "causal_commit_last_commit_timestamp_seconds";
@@ -386,6 +390,13 @@ pub const ALL: &[Metric] = &[
         unit: None,
     },
     Metric {
+        name: PARTITIONS_HELD_BACK,
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "Partitions whose records are held back behind a producer's open transaction",
+        unit: None,
+    },
+    Metric {
         name: LAST_COMMIT_TIMESTAMP,
         kind: Kind::Gauge,
         labels: &[],
@@ -496,6 +507,7 @@ pub fn register_known_series() {
         CONTACTS_ON_HOLD,
         HELD_OLDEST_AGE,
         PARTITIONS_ASSIGNED,
+        PARTITIONS_HELD_BACK,
         READY,
     ] {
         metrics::gauge!(gauge).set(0.0);

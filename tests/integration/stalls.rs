@@ -233,12 +233,19 @@ async fn a_partition_at_its_bound_pauses_while_the_others_flow_and_drains_when_i
 async fn a_producers_transaction_left_open_does_not_time_out_the_contacts_behind_it() {
     use rdkafka::producer::Producer as _;
     let env = TestEnv::new("stall_txn", 1).await;
-    let cfg = config_with_short_wait(&env);
+    let mut cfg = config_with_short_wait(&env);
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    cfg.telemetry.metrics_listen = metrics.to_string();
+    let held_back = || async move {
+        let samples = http::parse_samples(&http::scrape(metrics).await);
+        http::value(&samples, "causal_commit_partitions_held_back", &[])
+    };
     let (c, id) = (cfg.clone(), format!("{}-producer", env.name));
     let txn = tokio::task::spawn_blocking(move || transactional_producer(&c, &id))
         .await
         .unwrap();
-    let running = start(std::sync::Arc::new(cfg.clone()));
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let proc = Processor::spawn(&cfg, log.clone());
     // x waits for its sequence 1, which comes behind the open transaction; y's never comes.
     produce_to_partition(&cfg, 0, &[intent("x-2", "x", 2), intent("y-2", "y", 2)]).await;
     waiting(&cfg, "y", 1).await;
@@ -255,13 +262,31 @@ async fn a_producers_transaction_left_open_does_not_time_out_the_contacts_behind
     tokio::time::sleep(3 * WAIT).await;
     let held = read_all(&cfg, &cfg.kafka.manual_review_topic).len();
     assert_eq!(held, 0, "no WAIT_TIMEOUT while the partition is held back");
+    assert_eq!(
+        held_back().await,
+        Some(1.0),
+        "the gauge shows the partition"
+    );
+    let said = read_log(&log).iter().any(|l| {
+        l["partition"] == 0
+            && l["held_back"] == true
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("open transaction"))
+    });
+    assert!(said, "an INFO line names the partition held back");
     tokio::task::spawn_blocking(move || txn.abort_transaction(Duration::from_secs(30)))
         .await
         .unwrap()
         .expect("abort");
 
     let (fx, rv) = wait_for_outputs(&cfg, 2, 1, Duration::from_secs(60)).await;
-    running.stop().await;
+    assert_eq!(
+        held_back().await,
+        Some(0.0),
+        "nothing held back once it ended"
+    );
+    assert!(proc.terminate(Duration::from_secs(30)));
     let x: Vec<u64> = fx
         .iter()
         .filter(|e| e.contact_id == "x")
