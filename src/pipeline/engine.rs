@@ -838,24 +838,14 @@ impl Engine {
                 );
                 if let Some(lane) = self.lanes.get_mut(&e.partition()) {
                     lane.end_offset = o;
-                    let held_back = high.is_some_and(|h| h > o);
-                    if held_back != lane.held_back {
+                    let held = high.is_some_and(|h| h > o);
+                    if lane.held_back.observe(held, Instant::now()) {
                         tracing::info!(
                             partition = e.partition(),
                             readable_to = o,
-                            high_watermark = high,
-                            held_back,
-                            "{}",
-                            match held_back {
-                                true =>
-                                    "records of this partition are held back behind a \
-                                         producer's open transaction; its waits do not count \
-                                         until the transaction ends",
-                                false => "nothing of this partition is held back any more",
-                            }
+                            "nothing of this partition is held back any more"
                         );
                     }
-                    lane.held_back = held_back;
                 }
             }
         }
@@ -1099,7 +1089,16 @@ impl Engine {
     fn tick_clocks(&mut self, now_ms: i64) {
         let wall = now_ms.max(0) as u64;
         for lane in self.lanes.values_mut() {
-            let counted = !lane.paused && lane.at_end && !lane.held_back;
+            if let Some(held) = lane.held_back.due(Instant::now()) {
+                tracing::info!(
+                    partition = lane.partition,
+                    readable_to = lane.end_offset,
+                    held_ms = held.as_millis() as u64,
+                    "records of this partition are held back behind a producer's open \
+                     transaction; its waits do not count until the transaction ends"
+                );
+            }
+            let counted = !lane.paused && lane.at_end && !lane.held_back.is_held();
             lane.clock.tick(wall, counted);
         }
     }

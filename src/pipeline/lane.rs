@@ -1,7 +1,7 @@
 //! One assigned input partition's lane: its sequencer, its fencing token, its recovery point
 //! (the last batch committed in Kafka, and the offset after it) and its consumed-time clock.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::sequencer::{Millis, Sequencer};
 use crate::store::snapshot::{Held, WaitingRows};
@@ -31,12 +31,58 @@ pub struct Lane {
     /// The consumer's position when it last reached the end: past the last record and any
     /// transaction markers after it (records forwarded to this partition are transactional).
     pub end_offset: i64,
-    /// When it last reached the end, the partition's log went on past it: records of a
-    /// producer's transaction still open (and whatever follows them) that a `read_committed`
-    /// consumer cannot read yet. Not caught up, for the clock.
-    pub held_back: bool,
+    /// Whether, when it last reached the end, the partition's log went on past it.
+    pub held_back: HeldBack,
     /// The time the sequencer sees.
     pub clock: LaneClock,
+}
+
+/// How long a partition is held back before it is logged: a producer's transaction commits
+/// within a batch or so (the processor's own forwards are transactional too); one left open
+/// (a producer that crashed or hangs) lasts up to its `transaction.timeout.ms`.
+pub const HELD_BACK_LOGGED_AFTER: Duration = Duration::from_secs(5);
+
+/// Records of a producer's transaction still open, and whatever follows them, are in the
+/// partition's log but a `read_committed` consumer cannot read them yet: the end it reaches is
+/// the last stable offset, not the log's end. Such a partition is not caught up, for the clock.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HeldBack {
+    /// Since when, while held back.
+    since: Option<Instant>,
+    /// The hold was logged (it lasted [`HELD_BACK_LOGGED_AFTER`]).
+    logged: bool,
+}
+
+impl HeldBack {
+    pub fn is_held(&self) -> bool {
+        self.since.is_some()
+    }
+
+    /// The consumer reached the end: whether the log goes on past it. `true` when this ends a
+    /// hold that was logged (so its end is logged too).
+    pub fn observe(&mut self, held: bool, now: Instant) -> bool {
+        match (held, self.since) {
+            (true, None) => {
+                self.since = Some(now);
+                false
+            }
+            (true, Some(_)) => false,
+            (false, _) => {
+                self.since = None;
+                std::mem::take(&mut self.logged)
+            }
+        }
+    }
+
+    /// How long it has been held back, once, when that reaches [`HELD_BACK_LOGGED_AFTER`]
+    /// and was not logged yet.
+    pub fn due(&mut self, now: Instant) -> Option<Duration> {
+        let held = now.duration_since(self.since?);
+        (!self.logged && held >= HELD_BACK_LOGGED_AFTER).then(|| {
+            self.logged = true;
+            held
+        })
+    }
 }
 
 /// A partition's consumed-time clock: the time the sequencer sees, so that a contact times out
@@ -88,6 +134,32 @@ impl LaneClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hold_is_logged_once_when_it_lasts_and_its_end_only_then() {
+        let t0 = Instant::now();
+        let mut h = HeldBack::default();
+        assert!(!h.observe(true, t0));
+        assert!(h.is_held());
+        assert_eq!(
+            h.due(t0 + Duration::from_secs(1)),
+            None,
+            "a short hold is not logged"
+        );
+        assert!(
+            !h.observe(true, t0 + Duration::from_secs(2)),
+            "still held: same start"
+        );
+        let at = t0 + HELD_BACK_LOGGED_AFTER;
+        assert_eq!(h.due(at), Some(HELD_BACK_LOGGED_AFTER), "held since t0");
+        assert_eq!(h.due(at + Duration::from_secs(9)), None, "logged once");
+        assert!(h.observe(false, at), "the end of a logged hold is logged");
+        assert!(!h.is_held());
+        // A short hold: neither logged nor its end.
+        assert!(!h.observe(true, at));
+        assert_eq!(h.due(at + Duration::from_secs(1)), None);
+        assert!(!h.observe(false, at + Duration::from_secs(2)));
+    }
 
     #[test]
     fn counted_intervals_advance_the_clock_with_the_wall_clock() {

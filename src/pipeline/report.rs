@@ -108,7 +108,7 @@ pub fn gauges(lanes: &BTreeMap<i32, Lane>, assignment: &Assignment, now_ms: i64)
         if lane.backpressure {
             *paused.entry(PauseCause::Backpressure).or_default() += 1;
         }
-        held_back += usize::from(lane.at_end && lane.held_back);
+        held_back += usize::from(lane.at_end && lane.held_back.is_held());
         let b = lane.seq.backlog();
         held += b.contacts_held;
         for h in lane.seq.held_contacts() {

@@ -211,7 +211,7 @@ impl Engine {
             probing_until: None,
             at_end: false,
             end_offset: -1,
-            held_back: false,
+            held_back: Default::default(),
             clock: LaneClock::starting_at(clock_ms, self.max_credit_ms()),
         };
         let anchor = (!resume.point_in_kafka).then_some(RecoveryPoint {
