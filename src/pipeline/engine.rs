@@ -1089,7 +1089,10 @@ impl Engine {
     fn tick_clocks(&mut self, now_ms: i64) {
         let wall = now_ms.max(0) as u64;
         for lane in self.lanes.values_mut() {
-            if let Some(held) = lane.held_back.due(Instant::now()) {
+            // (Only at the end: once records are read again, the next end says whether the
+            // hold is over.)
+            let due = lane.at_end.then(|| lane.held_back.due(Instant::now()));
+            if let Some(held) = due.flatten() {
                 tracing::info!(
                     partition = lane.partition,
                     readable_to = lane.end_offset,
