@@ -114,6 +114,10 @@ const PROBE: Duration = Duration::from_secs(1);
 /// How long the engine waits before replaying after an output topic refused a record as too
 /// large (a configuration no immediate retry mends).
 const TOO_LARGE_RETRY: Duration = Duration::from_secs(5);
+/// How long a batch refused for another batch's claims waits before its replay: about one
+/// transaction of that batch, doubled at each refusal in a row up to [`CLAIM_RETRY_MAX`].
+const CLAIM_RETRY: Duration = Duration::from_millis(200);
+const CLAIM_RETRY_MAX: Duration = Duration::from_secs(5);
 
 pub struct Engine {
     pub(super) config: Arc<Config>,
@@ -142,6 +146,8 @@ pub struct Engine {
     /// owner: their records are forwarded there.
     owners: HashMap<i32, HashMap<String, i32>>,
     pub(super) next_restore_at: Instant,
+    /// Replays in a row for another batch's claims (see [`Engine::wait_for_claims`]).
+    claim_waits: u32,
     next_commands_at: Instant,
     next_gauges_at: Instant,
     health: Arc<Health>,
@@ -335,6 +341,7 @@ impl Engine {
             isolation: Isolation::default(),
             owners: HashMap::new(),
             next_restore_at: now,
+            claim_waits: 0,
             next_commands_at: now,
             next_gauges_at: now,
             health,
@@ -885,6 +892,9 @@ impl Engine {
             if let Some(ids) = e.decided_before() {
                 return self.put_back_outcomes(&ids);
             }
+            if let Some(ids) = e.decided_in_flight() {
+                return self.wait_for_claims(&ids);
+            }
             if let Some(owned) = e.owned_elsewhere() {
                 return self.forward_from_now_on(plan, owned);
             }
@@ -978,6 +988,28 @@ impl Engine {
         self.void_all("intents decided in an earlier batch");
     }
 
+    /// The durable write refused intents that a batch of another partition has claimed and not
+    /// committed yet (R5, migration 0015): the same id decided twice at once, on two instances
+    /// (a producer gave one id to two contacts). The first claim wins: every lane replays a
+    /// little later, when that batch has committed (its outcome is then found, and this use
+    /// of the id is a duplicate or a conflict) or rolled back (this use decides the id).
+    fn wait_for_claims(&mut self, ids: &[String]) {
+        tracing::warn!(
+            intents = ids.len(),
+            intent_id = %ids.first().map_or("", String::as_str),
+            "intents of this batch are being decided by a batch of another partition that has \
+             not committed yet (one intent id used twice at once): the batch is replayed once \
+             that one has committed or rolled back"
+        );
+        self.void_all("intents being decided by another batch");
+        // Doubling from one transaction's time: that batch's instance may have stopped before
+        // its commit, and then only its partition's next restore (by whoever takes it over)
+        // rolls its claims back.
+        let wait = CLAIM_RETRY.saturating_mul(1 << self.claim_waits.min(5));
+        self.claim_waits = self.claim_waits.saturating_add(1);
+        self.next_restore_at = Instant::now() + wait.min(CLAIM_RETRY_MAX);
+    }
+
     /// Each lane's last batch, committed in Kafka: (partition, fence, batch) as
     /// `pg::mark_committed` takes them.
     fn committed_batches(&self) -> Vec<(i32, u64, u64)> {
@@ -1019,6 +1051,7 @@ impl Engine {
             return self.fail(Failure::Commit(e));
         }
         self.batch_trace.done(Step::Commit);
+        self.claim_waits = 0;
         let outputs = plan.partitions.values().flat_map(|p| &p.plan.outputs);
         self.batch_trace
             .committed(outputs.map(|o| o.span.as_deref()));

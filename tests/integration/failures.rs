@@ -709,8 +709,14 @@ async fn aborted_batches_log_and_count_each_transition_once_after_its_commit() {
     let mut opts = workload(4_000, 400, 500, "r");
     opts.duplicate_fraction = 0.0;
     let producing = produce_in_background(&cfg, opts);
-    // Five times while intents flow, the processor's producer is fenced: the batch in flight,
-    // already in PostgreSQL, aborts in Kafka, is rolled back and replayed.
+    // Once batches flow (a fence during the start-up only delays the start: a slow group join
+    // once took all five), five times while intents flow, the processor's producer is fenced:
+    // the batch in flight, already in PostgreSQL, aborts in Kafka, is rolled back and replayed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !read_log(&log).iter().any(|l| l["message"] == "transition") {
+        assert!(Instant::now() < deadline, "no batch within a minute");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(1_200)).await;
         let c = cfg.clone();
@@ -1293,7 +1299,7 @@ async fn an_outage_between_the_two_groups_of_a_parallel_write_rolls_the_committe
         .unwrap();
         let waiting: Option<i32> = sqlx::query_scalar(
             "SELECT pid FROM pg_stat_activity
-              WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT cc_check_decided_before(%cc_apply_batch(%'",
+              WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT cc_claim_decisions(%cc_apply_batch(%'",
         )
         .fetch_optional(&pool)
         .await

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use prost::Message;
+
 use crate::common::process::Processor;
 use crate::common::*;
 use causal_commit::proto::ReviewReason;
@@ -174,4 +176,135 @@ async fn two_deployments_sharing_one_redis_key_prefix_each_commit_every_intent()
         let report = verify_report(cfg, "").await;
         assert!(report.ok, "{name}: {:?}", report.violations);
     }
+}
+
+/// R5 across instances: a careless producer gives one intent id to two contacts at once (an id
+/// generator restarted, an id made per clinic), the contacts on two partitions that two
+/// instances of the group consume side by side, so both batches are decided and written at the
+/// same time. Each id gets one effect, ever, and its other use is an `IDEMPOTENCY_CONFLICT`:
+/// neither instance may take the other's batch in flight for an intent never seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_intent_id_reused_for_two_contacts_on_two_instances_has_one_effect() {
+    let env = TestEnv::new("reuse_2i", 2).await;
+    let cfg = env.config.clone();
+    let log = |name: &str| std::env::temp_dir().join(format!("{}-{name}.log", env.name));
+    let a = Processor::spawn(&cfg, log("a"));
+    let mut cfg_b = cfg.clone();
+    cfg_b.instance_id = format!("{}-b", env.name);
+    let b = Processor::spawn(&cfg_b, log("b"));
+    // Until each instance holds one of the two partitions.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let last_assignment = |l: &Processor| {
+        l.log_lines()
+            .into_iter()
+            .rfind(|l| l["message"] == "partitions assigned")
+            .map(|l| l["partitions"].as_str().unwrap_or_default().to_owned())
+    };
+    loop {
+        let (x, y) = (last_assignment(&a), last_assignment(&b));
+        if matches!(
+            (x.as_deref(), y.as_deref()),
+            (Some("[0]"), Some("[1]")) | (Some("[1]"), Some("[0]"))
+        ) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the two instances never split the partitions: {x:?} {y:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let p = producer(&cfg);
+    let (waves, per_wave) = (8, 50);
+    for w in 0..waves {
+        let mut sends = Vec::new();
+        for i in 0..per_wave {
+            let id = format!("shared-{w}-{i}");
+            for (partition, contact) in [(0, format!("a-{w}-{i}")), (1, format!("b-{w}-{i}"))] {
+                let value = intent(&id, &contact, 0).encode_to_vec();
+                let p = &p;
+                let topic = cfg.kafka.intents_topic.clone();
+                sends.push(async move {
+                    let r = rdkafka::producer::FutureRecord::to(&topic)
+                        .partition(partition)
+                        .key(contact.as_bytes())
+                        .payload(&value);
+                    p.send(r, Duration::from_secs(10)).await.expect("delivered");
+                });
+            }
+        }
+        futures::future::join_all(sends).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let ids = waves * per_wave;
+    caught_up(&cfg, Duration::from_secs(120)).await;
+    assert!(a.terminate(Duration::from_secs(30)));
+    assert!(b.terminate(Duration::from_secs(30)));
+    let fx = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
+    let rv = reviews(&read_all(&cfg, &cfg.kafka.manual_review_topic));
+    let mut per_id: std::collections::HashMap<&str, (usize, usize)> = Default::default();
+    for e in &fx {
+        per_id.entry(&e.intent_id).or_default().0 += 1;
+    }
+    for r in &rv {
+        assert_eq!(
+            r.reason,
+            ReviewReason::IdempotencyConflict as i32,
+            "{}: {:?}",
+            r.intent_id,
+            r
+        );
+        per_id.entry(&r.intent_id).or_default().1 += 1;
+    }
+    let twice: Vec<_> = per_id.iter().filter(|(_, n)| n.0 > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "{} ids with two effects: {twice:?}",
+        twice.len()
+    );
+    assert_eq!(per_id.len(), ids);
+    assert!(
+        per_id.values().all(|n| *n == (1, 1)),
+        "each id one effect and one conflict"
+    );
+    let report = verify_report(&cfg, "").await;
+    assert!(report.ok, "{:?}", report.violations);
+}
+
+/// Upgrading to the claims (migration 0015) claims every intent id decided before, by the batch
+/// of its first outcome, and nothing that is not an idempotency outcome (a waiting or duplicate
+/// row, invalid input, a conflict's row): the ids decided by an older build stay decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_claims_every_intent_id_decided_before_it() {
+    let env = TestEnv::new("claims_upgrade", 1).await;
+    let mut cfg = env.config.clone();
+    cfg.postgres.schema = unique("claims_upgrade").to_lowercase();
+    let pool = migrate_below(&cfg, 15).await;
+    sqlx::query(
+        "INSERT INTO cc_transition (topic, partition, batch_no, source_offset, intent_id,
+                contact_id, clinic_id, correlation_id, from_state, to_state, reason, writer, fence)
+         VALUES ('t', 0, 1, 0, 'a', 'c', 'k', 'x', 'received', 'committed_causal', '', 'w', 1),
+                ('t', 0, 2, 1, 'a', 'c', 'k', 'x', 'received', 'duplicate', '', 'w', 1),
+                ('t', 1, 3, 0, 'b', 'd', 'k', 'x', 'received', 'waiting_previous_commit', '', 'w', 1),
+                ('t', 1, 4, 1, 'b', 'd', 'k', 'x', 'waiting_previous_commit', 'manual_review',
+                 'WAIT_TIMEOUT', 'w', 1),
+                ('t', 1, 5, 2, 'b', 'e', 'k', 'x', 'received', 'blocked_conflict',
+                 'IDEMPOTENCY_CONFLICT', 'w', 1),
+                ('t', 0, 3, 2, 'bad', 'c', 'k', 'x', 'received', 'manual_review',
+                 'INVALID_INTENT', 'w', 1),
+                ('t', 0, 4, 3, 'w', 'f', 'k', 'x', 'received', 'waiting_previous_commit', '', 'w', 1)",
+    )
+    .execute(&pool)
+    .await
+    .expect("rows as the build before wrote them");
+    causal_commit::store::postgres::migrate(&pool, &cfg.postgres.schema)
+        .await
+        .expect("the claims' migration");
+    let claims: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT intent_id, partition, batch_no FROM cc_decided ORDER BY intent_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(claims, vec![("a".into(), 0, 1), ("b".into(), 1, 4)]);
 }

@@ -630,40 +630,13 @@ async fn no_secret_reaches_the_logs_or_show_config() {
 /// Creates `config`'s schema with the owner role and applies every migration but the last,
 /// as an older build's `migrate` would have; grants the runtime role. Returns the last version.
 async fn migrate_all_but_the_last(config: &Config) -> i64 {
-    let mut owner = config.postgres.clone();
-    owner.url = database_url().into();
-    let pool = causal_commit::store::postgres::pool(&owner).unwrap();
-    sqlx::query(&format!("CREATE SCHEMA {}", owner.schema))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let all = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("migrations");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&all)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-        .collect();
-    files.sort();
-    files.pop().expect("at least one migration");
-    let older = std::env::temp_dir().join(unique("cc-older-migrations"));
-    std::fs::create_dir_all(&older).unwrap();
-    for f in &files {
-        std::fs::copy(f, older.join(f.file_name().unwrap())).unwrap();
-    }
-    sqlx::migrate::Migrator::new(older.as_path())
-        .await
-        .unwrap()
-        .run(&pool)
-        .await
-        .expect("the older migrations");
-    causal_commit::store::postgres::grant_runtime_role(&pool, &owner.schema, &runtime_role())
-        .await
-        .unwrap();
-    causal_commit::store::postgres::schema::MIGRATOR
+    let last = causal_commit::store::postgres::schema::MIGRATOR
         .iter()
         .map(|m| m.version)
         .max()
-        .unwrap()
+        .unwrap();
+    migrate_below(config, last).await;
+    last
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,5 @@
 //! The write of one batch, in one round trip (`cc_apply_batch`, after
-//! `cc_check_decided_before`).
+//! `cc_claim_decisions`).
 
 use sqlx::types::Json;
 use sqlx::PgPool;
@@ -202,8 +202,12 @@ pub const OUT_OF_SEQUENCE_SQLSTATE: &str = "CC003";
 pub const OWNED_ELSEWHERE_SQLSTATE: &str = "CC004";
 
 /// Why a durable write was refused: intents of the batch have an outcome from an earlier batch
-/// (migration 0012); the detail lists their ids.
+/// (migrations 0012, 0015); the detail lists their ids.
 pub const DECIDED_BEFORE_SQLSTATE: &str = "CC005";
+
+/// Why a durable write was refused: intents of the batch are claimed by a batch of another
+/// partition that has not committed yet (migration 0015); the detail lists their ids.
+pub const DECIDED_IN_FLIGHT_SQLSTATE: &str = "CC006";
 
 /// A contact a batch wrote from `partition` that `owner` owns.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -306,8 +310,9 @@ fn batch_query<'q>(
     let m = &w.commands;
     let g = &w.deleted;
     sqlx::query(
-        // R5 against PostgreSQL's record, in the same statement (migration 0012).
-        "SELECT cc_check_decided_before($1, $4, $12, $17, $18),
+        // R5 against PostgreSQL's record, in the same statement: each new outcome claims its
+        // intent id (migration 0015), before the batch's rows are written.
+        "SELECT cc_claim_decisions($1, $4, $9, $10, $12, $17, $18),
                 cc_apply_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
                                $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
                                $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39)",

@@ -161,6 +161,13 @@ impl Error {
         serde_json::from_str(self.refusal_detail(batch::DECIDED_BEFORE_SQLSTATE)?).ok()
     }
 
+    /// The write was refused because intents of the batch are being decided by a batch of
+    /// another partition, not committed yet (their ids, migration 0015): two decisions of one
+    /// id at once, of which the first claim wins.
+    pub fn decided_in_flight(&self) -> Option<Vec<String>> {
+        serde_json::from_str(self.refusal_detail(batch::DECIDED_IN_FLIGHT_SQLSTATE)?).ok()
+    }
+
     /// The DETAIL of a refusal raised by one of the schema's functions with `sqlstate`.
     fn refusal_detail(&self, sqlstate: &str) -> Option<&str> {
         let Error::Db {

@@ -69,6 +69,39 @@ pub async fn migrate_as_owner(config: &Config) {
     pool.close().await;
 }
 
+/// Creates `config`'s schema with the owner role and applies the migrations numbered below
+/// `version`, as an older build's `migrate` would have; grants the runtime role. Returns the
+/// owner's pool.
+pub async fn migrate_below(config: &Config, version: i64) -> sqlx::PgPool {
+    let mut owner = config.postgres.clone();
+    owner.url = database_url().into();
+    let pool = causal_commit::store::postgres::pool(&owner).unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {}", owner.schema))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let all = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let older = std::env::temp_dir().join(unique("cc-older-migrations"));
+    std::fs::create_dir_all(&older).unwrap();
+    for f in std::fs::read_dir(&all).unwrap().map(|e| e.unwrap().path()) {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        let number = name.split('_').next().and_then(|n| n.parse::<i64>().ok());
+        if name.ends_with(".sql") && number.is_some_and(|n| n < version) {
+            std::fs::copy(&f, older.join(&name)).unwrap();
+        }
+    }
+    sqlx::migrate::Migrator::new(older.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .expect("the older migrations");
+    causal_commit::store::postgres::grant_runtime_role(&pool, &owner.schema, &runtime_role())
+        .await
+        .unwrap();
+    pool
+}
+
 /// The Redis keys of `config`'s store (`{key_prefix}:{store_id}`), the store id read from its
 /// schema.
 pub async fn redis_keys(config: &Config) -> causal_commit::store::redis::Keys {
