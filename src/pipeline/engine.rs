@@ -123,6 +123,8 @@ pub struct Engine {
     pub(super) config: Arc<Config>,
     pub(super) seq_config: sequencer::Config,
     pub(super) topics: Topics,
+    /// The intents topic's offsets as the consumer last heard them.
+    watermarks: Option<kafka::CachedWatermarks>,
     pub(super) ctx: EngineContext,
     pub(super) consumer: EngineConsumer,
     pub(super) producer: Option<TxnProducer>,
@@ -325,6 +327,7 @@ impl Engine {
         Ok(Self {
             config,
             seq_config,
+            watermarks: kafka::CachedWatermarks::of(&topics.intents),
             topics,
             ctx,
             consumer,
@@ -802,8 +805,9 @@ impl Engine {
             if !jumped {
                 continue;
             }
+            let client = self.consumer.client();
             let Some(start) =
-                kafka::cached_log_start(&self.consumer, &self.topics.intents, r.partition)
+                (self.watermarks.as_ref()).and_then(|w| w.log_start(client, r.partition))
             else {
                 continue;
             };
@@ -838,11 +842,8 @@ impl Engine {
         for e in positions.elements() {
             if let (true, rdkafka::Offset::Offset(o)) = (ends.contains(&e.partition()), e.offset())
             {
-                let high = kafka::cached_high_watermark(
-                    self.consumer.client(),
-                    &self.topics.intents,
-                    e.partition(),
-                );
+                let client = self.consumer.client();
+                let high = (self.watermarks.as_ref()).and_then(|w| w.high(client, e.partition()));
                 if let Some(lane) = self.lanes.get_mut(&e.partition()) {
                     lane.end_offset = o;
                     let held = high.is_some_and(|h| h > o);
@@ -1124,8 +1125,12 @@ impl Engine {
         for lane in self.lanes.values_mut() {
             // (Only at the end: once records are read again, the next end says whether the
             // hold is over.)
-            let due = lane.at_end.then(|| lane.held_back.due(Instant::now()));
-            if let Some(held) = due.flatten() {
+            let due = if lane.at_end {
+                lane.held_back.due(Instant::now())
+            } else {
+                None
+            };
+            if let Some(held) = due {
                 tracing::info!(
                     partition = lane.partition,
                     readable_to = lane.end_offset,

@@ -26,7 +26,7 @@ use call_thread::CallThread;
 pub use stranded::{BrokerWatch, Watched};
 pub use topic_config::{topic_setting, Setting};
 pub use topic_id::topic_id;
-pub use watermark::cached_high_watermark;
+pub use watermark::CachedWatermarks;
 
 /// How long past its own timeout a blocking transactional call may take before it is taken as
 /// one that never returns (see [`call_thread`]).
@@ -313,28 +313,6 @@ pub fn consumer(config: &Config, ctx: EngineContext) -> Result<EngineConsumer> {
     })?;
     consumer.context().brokers.attach(consumer.client());
     Ok(consumer)
-}
-
-/// The first offset of a partition's log as the consumer last heard it from the brokers (every
-/// fetch response carries it), without a request; `None` while it knows none.
-pub fn cached_log_start(consumer: &EngineConsumer, topic: &str, partition: i32) -> Option<i64> {
-    let topic = std::ffi::CString::new(topic).ok()?;
-    let (mut low, mut high) = (-1_i64, -1_i64);
-    // SAFETY: the consumer's native handle is alive for the call (`consumer` is borrowed);
-    // `rd_kafka_get_watermark_offsets` reads the partition's cached offsets under its lock,
-    // takes a NUL-terminated topic name it does not keep, and writes the two out-parameters.
-    #[allow(unsafe_code)]
-    let err = unsafe {
-        rdkafka::bindings::rd_kafka_get_watermark_offsets(
-            consumer.client().native_ptr(),
-            topic.as_ptr(),
-            partition,
-            &mut low,
-            &mut high,
-        )
-    };
-    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && low >= 0)
-        .then_some(low)
 }
 
 /// Transactional id of this instance: stable across restarts, so a restarted instance fences

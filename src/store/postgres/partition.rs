@@ -152,17 +152,19 @@ pub async fn restore_partition(
     rolled_back_outcomes.sort_unstable();
     rolled_back_outcomes.dedup();
     // Their claims (migration 0015) go with them: decided by a batch that never committed.
-    sqlx::query(
-        "DELETE FROM cc_decided
-          WHERE intent_id = ANY($4) AND topic = $1 AND partition = $2 AND batch_no > $3",
-    )
-    .bind(topic)
-    .bind(partition)
-    .bind(b)
-    .bind(&rolled_back_outcomes)
-    .execute(&mut *tx)
-    .await
-    .map_err(db("dropping uncommitted claims"))?;
+    if !rolled_back_outcomes.is_empty() {
+        sqlx::query(
+            "DELETE FROM cc_decided
+              WHERE intent_id = ANY($4) AND topic = $1 AND partition = $2 AND batch_no > $3",
+        )
+        .bind(topic)
+        .bind(partition)
+        .bind(b)
+        .bind(&rolled_back_outcomes)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("dropping uncommitted claims"))?;
+    }
     let reverted = sqlx::query(
         "UPDATE cc_contact
             SET state = prev_state, batch_no = prev_batch_no,
