@@ -857,6 +857,15 @@ impl LockStore {
         .await;
         let (conn, token) = match checked {
             Ok(v) => v,
+            // A Redis that may have lost keys (it evicts) is left at once, as after a lost
+            // write: its epoch key is gone, so it is copied in full before it is trusted again.
+            Err(e @ r::Error::Unusable(_)) => {
+                self.redis_failed("checking the epoch", &e, Failure::Write);
+                if let Err(e) = self.ensure_registered().await {
+                    tracing::warn!(error = %e, "lock store: cannot register the fallback in PostgreSQL yet");
+                }
+                return;
+            }
             Err(e) => {
                 self.redis_failed("checking the epoch", &e, Failure::Call);
                 return;

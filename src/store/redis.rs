@@ -20,8 +20,11 @@
 //! a `ConnectionManager`: every new connection reads the server's `run_id` (`INFO server`), so
 //! a Redis that restarted — possibly from an old snapshot that lacks recent outcomes — is never
 //! mistaken for the one that was synchronised; and it checks `maxmemory_policy`, because an
-//! evicting Redis could drop idempotency keys silently. Any failed call drops the connection;
-//! the next call connects afresh.
+//! evicting Redis could drop idempotency keys silently. The periodic epoch check looks again
+//! (an operator may `CONFIG SET` the policy of a running server) and at the server's
+//! `evicted_keys` count: a Redis that evicts, or evicted keys since the connection was made, is
+//! refused and its epoch key deleted, so that it is copied in full before it is trusted again.
+//! Any failed call drops the connection; the next call connects afresh.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -266,6 +269,9 @@ pub struct Conn {
     pub run_id: String,
     /// Server clock minus local clock, in ms, measured when connecting.
     offset_ms: i64,
+    /// The server's `evicted_keys` count when connecting (it counts every key it evicted since
+    /// it started).
+    evicted_keys: u64,
 }
 
 impl std::fmt::Debug for Conn {
@@ -393,18 +399,21 @@ impl RedisStore {
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
             let before = unix_ms();
-            let (server, memory, (secs, micros)): (String, String, (u64, u64)) = redis::pipe()
-                .cmd("INFO")
-                .arg("server")
-                .cmd("INFO")
-                .arg("memory")
-                .cmd("TIME")
-                .query_async(&mut con)
-                .await?;
+            let (server, memory, stats, (secs, micros)): (String, String, String, (u64, u64)) =
+                redis::pipe()
+                    .cmd("INFO")
+                    .arg("server")
+                    .cmd("INFO")
+                    .arg("memory")
+                    .cmd("INFO")
+                    .arg("stats")
+                    .cmd("TIME")
+                    .query_async(&mut con)
+                    .await?;
             let after = unix_ms();
-            Ok::<_, redis::RedisError>((con, server, memory, secs, micros, before, after))
+            Ok::<_, redis::RedisError>((con, server, memory, stats, secs, micros, before, after))
         };
-        let (con, server, memory, secs, micros, before, after) =
+        let (con, server, memory, stats, secs, micros, before, after) =
             match tokio::time::timeout(self.timeout, attempt).await {
                 Ok(Ok(v)) => v,
                 Ok(Err(source)) => return Err(Error::Redis { what, source }),
@@ -419,13 +428,9 @@ impl RedisStore {
             .filter(|r| !r.is_empty())
             .ok_or_else(|| Error::Unusable("INFO server has no run_id".into()))?
             .to_string();
-        if let Some(policy) = info_field(&memory, "maxmemory_policy") {
-            if policy != "noeviction" {
-                return Err(Error::Unusable(format!(
-                    "maxmemory-policy is {policy}: Redis could evict idempotency keys silently \
-                     and a missing key would be taken for a new intent; set it to noeviction"
-                )));
-            }
+        let evicted_keys = evicted_keys(&stats);
+        if let Some(refusal) = eviction_refusal(&memory, evicted_keys, evicted_keys) {
+            return Err(Error::Unusable(refusal));
         }
         let server_ms = secs * 1000 + micros / 1000;
         let local_mid = before / 2 + after / 2;
@@ -433,6 +438,7 @@ impl RedisStore {
             con,
             run_id,
             offset_ms: server_ms as i64 - local_mid as i64,
+            evicted_keys,
         });
         *self.conn.lock().expect("redis connection lock") = Some(conn.clone());
         Ok(conn)
@@ -571,14 +577,43 @@ impl RedisStore {
     }
 
     /// The epoch key, as seen on `conn`.
+    ///
+    /// With it, whether the server may have lost keys: a `maxmemory-policy` other than
+    /// `noeviction` (set since the connection was made) or keys evicted since then are an
+    /// [`Error::Unusable`], and the epoch key is deleted first (best effort), so that no
+    /// instance trusts this Redis again before a full copy.
     pub async fn epoch_token(&self, conn: &Arc<Conn>) -> Result<Option<String>> {
         let mut c = conn.con.clone();
-        self.run(
-            conn,
-            "reading the epoch",
-            redis::cmd("GET").arg(self.keys.epoch()).query_async(&mut c),
-        )
-        .await
+        let (token, memory, stats): (Option<String>, String, String) = self
+            .run(
+                conn,
+                "reading the epoch",
+                redis::pipe()
+                    .cmd("GET")
+                    .arg(self.keys.epoch())
+                    .cmd("INFO")
+                    .arg("memory")
+                    .cmd("INFO")
+                    .arg("stats")
+                    .query_async(&mut c),
+            )
+            .await?;
+        let Some(refusal) = eviction_refusal(&memory, conn.evicted_keys, evicted_keys(&stats))
+        else {
+            return Ok(token);
+        };
+        let forgotten: Result<()> = self
+            .run(
+                conn,
+                "deleting the epoch of a Redis that may have lost keys",
+                redis::cmd("DEL").arg(self.keys.epoch()).query_async(&mut c),
+            )
+            .await;
+        self.discard(conn);
+        Err(Error::Unusable(match forgotten {
+            Ok(()) => format!("{refusal}; its epoch key was deleted"),
+            Err(e) => format!("{refusal}; its epoch key could not be deleted ({e})"),
+        }))
     }
 
     /// Starts `instance`'s resynchronisation on `conn`'s server: its start T0 (server ms) and
@@ -663,6 +698,34 @@ impl RedisStore {
 }
 
 /// A `field:value` line of an INFO section.
+/// The server's `evicted_keys` count from `INFO stats` (0 when it does not say).
+fn evicted_keys(stats: &str) -> u64 {
+    info_field(stats, "evicted_keys")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Why a server that answered `memory` (`INFO memory`), and evicted `evicted_now` keys since it
+/// started, `known` of them before, cannot hold the idempotency record: a missing key would be
+/// taken for an intent never seen.
+fn eviction_refusal(memory: &str, known: u64, evicted_now: u64) -> Option<String> {
+    if let Some(policy) = info_field(memory, "maxmemory_policy") {
+        if policy != "noeviction" {
+            return Some(format!(
+                "maxmemory-policy is {policy}: Redis could evict idempotency keys silently \
+                 and a missing key would be taken for a new intent; set it to noeviction"
+            ));
+        }
+    }
+    (evicted_now > known).then(|| {
+        format!(
+            "Redis evicted {} keys (evicted_keys {known} -> {evicted_now}): idempotency keys \
+             may be gone; set maxmemory-policy to noeviction",
+            evicted_now - known
+        )
+    })
+}
+
 fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     info.lines().find_map(|l| {
         l.strip_prefix(field)
@@ -685,6 +748,29 @@ mod tests {
                 outcome,
             },
         }
+    }
+
+    #[test]
+    fn an_evicting_redis_or_one_that_evicted_keys_is_refused() {
+        let keeps = "# Memory\r\nused_memory:1000\r\nmaxmemory_policy:noeviction\r\n";
+        let evicts = "# Memory\r\nmaxmemory_policy:allkeys-lru\r\n";
+        assert_eq!(eviction_refusal(keeps, 3, 3), None);
+        assert_eq!(eviction_refusal("# Memory\r\n", 0, 0), None);
+        let policy = eviction_refusal(evicts, 0, 0).unwrap();
+        assert!(
+            policy.contains("maxmemory-policy is allkeys-lru"),
+            "{policy}"
+        );
+        let lost = eviction_refusal(keeps, 3, 5).unwrap();
+        assert!(
+            lost.contains("evicted 2 keys (evicted_keys 3 -> 5)"),
+            "{lost}"
+        );
+        assert_eq!(
+            evicted_keys("# Stats\r\nevicted_keys:17\r\nexpired_keys:2\r\n"),
+            17
+        );
+        assert_eq!(evicted_keys("# Stats\r\n"), 0);
     }
 
     #[test]

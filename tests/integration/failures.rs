@@ -583,6 +583,120 @@ async fn redis_flushall_mid_stream_produces_no_duplicate_effect() {
     assert_clean(&report, 6_000);
 }
 
+/// Runs `redis-cli` against the test's Redis.
+fn redis_cli(cfg: &Config, args: &[&str]) {
+    let status = std::process::Command::new("redis-cli")
+        .args(["-u", cfg.redis.url.expose_secret()])
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "redis-cli {args:?}");
+}
+
+/// Puts the shared Redis's eviction policy back to `noeviction` when dropped (a failed test
+/// included), as the stack sets it.
+struct NoEvictionAgain(Config);
+
+impl Drop for NoEvictionAgain {
+    fn drop(&mut self) {
+        redis_cli(
+            &self.0,
+            &["CONFIG", "SET", "maxmemory-policy", "noeviction"],
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_made_evicting_under_a_running_processor_is_left_at_once_and_copied_in_full_before_it_is_trusted(
+) {
+    let env = TestEnv::exclusive("evict", 4).await;
+    let cfg = env.config.clone();
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    demo::produce(&cfg, &workload(3_000, 300, 0, "e"))
+        .await
+        .unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert!(mode_changes(&log).is_empty(), "Redis served throughout");
+    let epoch_key = redis_keys(&cfg).await.epoch();
+    let mut redis = redis::Client::open(cfg.redis.url.expose_secret())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let epoch: Option<String> = redis::cmd("GET")
+        .arg(&epoch_key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(epoch.is_some(), "Redis was marked in sync");
+
+    // A tired operator turns the running Redis into a cache.
+    let restore = NoEvictionAgain(cfg.clone());
+    redis_cli(&cfg, &["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mode_changes(&log) != ["postgres"] {
+        assert!(
+            Instant::now() < deadline,
+            "the processor kept trusting an evicting Redis: {:?}",
+            mode_changes(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let epoch: Option<String> = redis::cmd("GET")
+        .arg(&epoch_key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        epoch, None,
+        "the epoch key of a Redis that may lose keys is deleted"
+    );
+    // The same intents again, served by PostgreSQL: every one a duplicate.
+    demo::produce(&cfg, &workload(3_000, 300, 0, "e"))
+        .await
+        .unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert_eq!(
+        mode_changes(&log),
+        ["postgres"],
+        "no failback while Redis evicts"
+    );
+
+    // Fixed: the processor fails back after copying the whole record, not just the outcomes
+    // decided during its fallback (none here).
+    drop(restore);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let failback = loop {
+        let back = read_log(&log).into_iter().find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("lock store mode changed: failback"))
+        });
+        if let Some(line) = back {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failback once Redis keeps its keys again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let cause = failback["cause"].as_str().unwrap_or_default();
+    let copied: u64 = cause
+        .split_once("resynchronised (")
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("failback cause {cause:?}"));
+    assert!(
+        copied >= 2_500,
+        "a full copy of the idempotency record ({copied} outcomes copied)"
+    );
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let report = verified(&cfg).await;
+    assert_clean(&report, 3_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_slow_opens_the_breaker_and_processing_goes_on() {
     let env = TestEnv::exclusive("slow", 4).await;
