@@ -208,6 +208,19 @@ fn mode_changes(log: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the log's lock-store mode changes are `expected`, failing after `within`.
+async fn wait_for_modes(log: &std::path::Path, expected: &[&str], within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while mode_changes(log) != expected {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: mode changes {:?}",
+            mode_changes(log)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn effects_now(cfg: &Config) -> usize {
     wait_for(
         &Arc::new(cfg.clone()),
@@ -525,15 +538,13 @@ async fn seed_evidence_3_redis_failure_falls_back_to_db() {
 
     // Phase 2: Redis is back: failback, and the same intents again are still duplicates.
     drop(back);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while mode_changes(&log) != vec!["postgres", "redis"] {
-        assert!(
-            Instant::now() < deadline,
-            "no failback: {:?}",
-            mode_changes(&log)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_for_modes(
+        &log,
+        &["postgres", "redis"],
+        Duration::from_secs(60),
+        "no failback",
+    )
+    .await;
     demo::produce(&cfg, &workload(8_000, 1_000, 0, "a"))
         .await
         .unwrap();
@@ -593,16 +604,13 @@ fn redis_cli(cfg: &Config, args: &[&str]) {
     assert!(status.success(), "redis-cli {args:?}");
 }
 
-/// Puts the shared Redis's eviction policy back to `noeviction` when dropped (a failed test
-/// included), as the stack sets it.
-struct NoEvictionAgain(Config);
+/// Sets one of the shared Redis's settings back to the stack's value when dropped (a failed
+/// test included).
+struct RedisSettingAgain(Config, &'static str, &'static str);
 
-impl Drop for NoEvictionAgain {
+impl Drop for RedisSettingAgain {
     fn drop(&mut self) {
-        redis_cli(
-            &self.0,
-            &["CONFIG", "SET", "maxmemory-policy", "noeviction"],
-        );
+        redis_cli(&self.0, &["CONFIG", "SET", self.1, self.2]);
     }
 }
 
@@ -632,17 +640,15 @@ async fn redis_made_evicting_under_a_running_processor_is_left_at_once_and_copie
     assert!(epoch.is_some(), "Redis was marked in sync");
 
     // A tired operator turns the running Redis into a cache.
-    let restore = NoEvictionAgain(cfg.clone());
+    let restore = RedisSettingAgain(cfg.clone(), "maxmemory-policy", "noeviction");
     redis_cli(&cfg, &["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while mode_changes(&log) != ["postgres"] {
-        assert!(
-            Instant::now() < deadline,
-            "the processor kept trusting an evicting Redis: {:?}",
-            mode_changes(&log)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_modes(
+        &log,
+        &["postgres"],
+        Duration::from_secs(10),
+        "the processor kept trusting an evicting Redis",
+    )
+    .await;
     let epoch: Option<String> = redis::cmd("GET")
         .arg(&epoch_key)
         .query_async(&mut redis)
@@ -695,6 +701,75 @@ async fn redis_made_evicting_under_a_running_processor_is_left_at_once_and_copie
     assert!(proc.terminate(Duration::from_secs(30)));
     let report = verified(&cfg).await;
     assert_clean(&report, 3_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_under_a_running_processor_falls_back_and_fails_back_once_it_has_room()
+{
+    let env = TestEnv::exclusive("redisfull", 4).await;
+    let cfg = env.config.clone();
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    demo::produce(&cfg, &workload(3_000, 300, 0, "m"))
+        .await
+        .unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert!(mode_changes(&log).is_empty(), "Redis served throughout");
+
+    // A tired operator gives the running Redis (noeviction) less memory than it holds: every
+    // write is refused with OOM, reads still answer.
+    let info = std::process::Command::new("redis-cli")
+        .args(["-u", cfg.redis.url.expose_secret(), "INFO", "memory"])
+        .output()
+        .unwrap();
+    let used: u64 = String::from_utf8_lossy(&info.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("INFO memory names used_memory");
+    let restore = RedisSettingAgain(cfg.clone(), "maxmemory", "0");
+    redis_cli(
+        &cfg,
+        &["CONFIG", "SET", "maxmemory", &(used / 2).to_string()],
+    );
+    // New intents, and the first ones again (duplicates whose outcomes Redis still holds).
+    demo::produce(&cfg, &workload(3_000, 300, 0, "n"))
+        .await
+        .unwrap();
+    demo::produce(&cfg, &workload(3_000, 300, 0, "m"))
+        .await
+        .unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert_eq!(
+        mode_changes(&log),
+        ["postgres"],
+        "a Redis refusing writes is left for PostgreSQL"
+    );
+    let left = read_log(&log)
+        .into_iter()
+        .find(|l| l["to"] == "postgres")
+        .unwrap();
+    assert!(
+        left["cause"].as_str().is_some_and(|c| c.contains("OOM")),
+        "left because Redis refused a write for memory: {left}"
+    );
+
+    drop(restore);
+    wait_for_modes(
+        &log,
+        &["postgres", "redis"],
+        Duration::from_secs(30),
+        "no failback once Redis has room again",
+    )
+    .await;
+    // Served by Redis again: the same intents once more, all duplicates.
+    demo::produce(&cfg, &workload(3_000, 300, 0, "n"))
+        .await
+        .unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let report = verified(&cfg).await;
+    assert_clean(&report, 6_000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
