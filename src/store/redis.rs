@@ -22,8 +22,9 @@
 //! mistaken for the one that was synchronised; and it checks `maxmemory_policy`, because an
 //! evicting Redis could drop idempotency keys silently. The periodic epoch check looks again
 //! (an operator may `CONFIG SET` the policy of a running server) and at the server's
-//! `evicted_keys` count: a Redis that evicts, or evicted keys since the connection was made, is
-//! refused and its epoch key deleted, so that it is copied in full before it is trusted again.
+//! `evicted_keys` count. A Redis that evicts, or evicted keys since the connection was made, is
+//! refused, on connecting or at a check, and its epoch key deleted, so that it is copied in
+//! full before it is trusted again.
 //! Any failed call drops the connection; the next call connects afresh.
 
 use std::future::Future;
@@ -430,7 +431,7 @@ impl RedisStore {
             .to_string();
         let evicted_keys = evicted_keys(&stats);
         if let Some(refusal) = eviction_refusal(&memory, evicted_keys, evicted_keys) {
-            return Err(Error::Unusable(refusal));
+            return Err(self.forget_epoch(con, refusal).await);
         }
         let server_ms = secs * 1000 + micros / 1000;
         let local_mid = before / 2 + after / 2;
@@ -580,8 +581,7 @@ impl RedisStore {
     ///
     /// With it, whether the server may have lost keys: a `maxmemory-policy` other than
     /// `noeviction` (set since the connection was made) or keys evicted since then are an
-    /// [`Error::Unusable`], and the epoch key is deleted first (best effort), so that no
-    /// instance trusts this Redis again before a full copy.
+    /// [`Error::Unusable`] after [`RedisStore::forget_epoch`].
     pub async fn epoch_token(&self, conn: &Arc<Conn>) -> Result<Option<String>> {
         let mut c = conn.con.clone();
         let (token, memory, stats): (Option<String>, String, String) = self
@@ -602,18 +602,30 @@ impl RedisStore {
         else {
             return Ok(token);
         };
-        let forgotten: Result<()> = self
-            .run(
-                conn,
-                "deleting the epoch of a Redis that may have lost keys",
-                redis::cmd("DEL").arg(self.keys.epoch()).query_async(&mut c),
-            )
-            .await;
         self.discard(conn);
-        Err(Error::Unusable(match forgotten {
-            Ok(()) => format!("{refusal}; its epoch key was deleted"),
-            Err(e) => format!("{refusal}; its epoch key could not be deleted ({e})"),
-        }))
+        Err(self.forget_epoch(c, refusal).await)
+    }
+
+    /// Deletes the epoch key of a server that may have lost keys (best effort, under the
+    /// timeout), so that no instance trusts it again before a full copy; returns the
+    /// [`Error::Unusable`] that says so.
+    async fn forget_epoch(&self, mut con: MultiplexedConnection, refusal: String) -> Error {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let deleted = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("DEL")
+                .arg(self.keys.epoch())
+                .query_async::<()>(&mut con),
+        )
+        .await;
+        Error::Unusable(match deleted {
+            Ok(Ok(())) => format!("{refusal}; its epoch key was deleted"),
+            Ok(Err(e)) => format!("{refusal}; its epoch key could not be deleted ({e})"),
+            Err(_) => format!(
+                "{refusal}; its epoch key could not be deleted (no answer within {:?})",
+                self.timeout
+            ),
+        })
     }
 
     /// Starts `instance`'s resynchronisation on `conn`'s server: its start T0 (server ms) and

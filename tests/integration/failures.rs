@@ -704,6 +704,42 @@ async fn redis_made_evicting_under_a_running_processor_is_left_at_once_and_copie
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_started_on_an_evicting_redis_deletes_its_epoch_key_and_serves_from_postgres() {
+    let env = TestEnv::exclusive("evictstart", 4).await;
+    let cfg = env.config.clone();
+    let epoch_key = redis_keys(&cfg).await.epoch();
+    // Redis was marked in sync once (by an earlier run), then made a cache while no instance
+    // was connected to it: keys may have been evicted since.
+    redis_cli(&cfg, &["SET", &epoch_key, "1:an-earlier-run"]);
+    let restore = RedisSettingAgain(cfg.clone(), "maxmemory-policy", "noeviction");
+    redis_cli(&cfg, &["CONFIG", "SET", "maxmemory-policy", "volatile-lru"]);
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    demo::produce(&cfg, &workload(1_000, 100, 0, "s"))
+        .await
+        .unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    let exists = std::process::Command::new("redis-cli")
+        .args(["-u", cfg.redis.url.expose_secret(), "EXISTS", &epoch_key])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&exists.stdout).trim(),
+        "0",
+        "the epoch key of an evicting Redis is deleted on connecting"
+    );
+    assert_eq!(
+        mode_changes(&log),
+        ["postgres"],
+        "PostgreSQL serves while Redis evicts"
+    );
+    drop(restore);
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let report = verified(&cfg).await;
+    assert_clean(&report, 1_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_out_of_memory_under_a_running_processor_falls_back_and_fails_back_once_it_has_room()
 {
     let env = TestEnv::exclusive("redisfull", 4).await;
