@@ -73,6 +73,15 @@ pub(crate) fn assert_clean(report: &Report, expected_intents: usize) {
     assert_eq!(report.waiting, 0);
 }
 
+/// Stops `proc` with SIGTERM (a clean exit within 30 s) and checks with `verify` that every one
+/// of `intents` committed exactly once, in order; its report.
+async fn stopped_clean(proc: Processor, cfg: &Config, intents: usize) -> Report {
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let report = verified(cfg).await;
+    assert_clean(&report, intents);
+    report
+}
+
 pub(crate) fn log_path(env: &TestEnv, what: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("{}-{what}.log", env.name))
 }
@@ -142,9 +151,7 @@ async fn rebalance_second_instance_joins_and_leaves_mid_stream() {
     assert!(b_transitions > 0, "the second instance took part");
     producing.await.unwrap();
     caught_up(&cfg, Duration::from_secs(180)).await;
-    assert!(a.terminate(Duration::from_secs(30)));
-    let report = verified(&cfg).await;
-    assert_clean(&report, 20_000);
+    stopped_clean(a, &cfg, 20_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,9 +187,7 @@ async fn postgres_down_20s_pauses_then_resumes_with_no_effect_without_record() {
     );
     producing.await.unwrap();
     caught_up(&cfg, Duration::from_secs(180)).await;
-    assert!(proc.terminate(Duration::from_secs(30)));
-    let report = verified(&cfg).await;
-    assert_clean(&report, 15_000);
+    let report = stopped_clean(proc, &cfg, 15_000).await;
 
     // Every effect has exactly one durable committed record.
     let pool = causal_commit::store::postgres::pool(&cfg.postgres).unwrap();
@@ -293,9 +298,7 @@ async fn a_processor_started_while_postgres_is_down_waits_and_processes_when_it_
         http::http_get(probes, "/readyz").await.map(|r| r.0),
         Some(200)
     );
-    assert!(proc.terminate(Duration::from_secs(30)));
-    let report = verified(&cfg).await;
-    assert_clean(&report, 2_000);
+    stopped_clean(proc, &cfg, 2_000).await;
 }
 
 /// PostgreSQL stopped just after the start-up check passed, before the engine starts (the
@@ -552,9 +555,7 @@ async fn seed_evidence_3_redis_failure_falls_back_to_db() {
         .await
         .unwrap();
     caught_up(&cfg, Duration::from_secs(180)).await;
-    assert!(proc.terminate(Duration::from_secs(30)));
-    let report = verified(&cfg).await;
-    assert_clean(&report, 12_000);
+    stopped_clean(proc, &cfg, 12_000).await;
 
     let pool = causal_commit::store::postgres::pool(&cfg.postgres).unwrap();
     let audited: Vec<String> = sqlx::query_scalar(
@@ -579,29 +580,24 @@ async fn redis_flushall_mid_stream_produces_no_duplicate_effect() {
         .await
         .unwrap();
     caught_up(&cfg, Duration::from_secs(180)).await;
-    let status = std::process::Command::new("redis-cli")
-        .args(["-u", cfg.redis.url.expose_secret(), "FLUSHALL"])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    redis_cli(&cfg, &["FLUSHALL"]);
     // The very same intents again (a replay): every one must be a duplicate.
     demo::produce(&cfg, &workload(6_000, 600, 0, "f"))
         .await
         .unwrap();
     caught_up(&cfg, Duration::from_secs(180)).await;
-    assert!(proc.terminate(Duration::from_secs(30)));
-    let report = verified(&cfg).await;
-    assert_clean(&report, 6_000);
+    stopped_clean(proc, &cfg, 6_000).await;
 }
 
-/// Runs `redis-cli` against the test's Redis.
-fn redis_cli(cfg: &Config, args: &[&str]) {
-    let status = std::process::Command::new("redis-cli")
+/// Runs `redis-cli` against the test's Redis; its answer, trimmed.
+fn redis_cli(cfg: &Config, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
         .args(["-u", cfg.redis.url.expose_secret()])
         .args(args)
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success(), "redis-cli {args:?}");
+    assert!(out.status.success(), "redis-cli {args:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Sets one of the shared Redis's settings back to the stack's value when dropped (a failed
@@ -627,17 +623,11 @@ async fn redis_made_evicting_under_a_running_processor_is_left_at_once_and_copie
     caught_up(&cfg, Duration::from_secs(180)).await;
     assert!(mode_changes(&log).is_empty(), "Redis served throughout");
     let epoch_key = redis_keys(&cfg).await.epoch();
-    let mut redis = redis::Client::open(cfg.redis.url.expose_secret())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let epoch: Option<String> = redis::cmd("GET")
-        .arg(&epoch_key)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert!(epoch.is_some(), "Redis was marked in sync");
+    assert_eq!(
+        redis_cli(&cfg, &["EXISTS", &epoch_key]),
+        "1",
+        "Redis was marked in sync"
+    );
 
     // A tired operator turns the running Redis into a cache.
     let restore = RedisSettingAgain(cfg.clone(), "maxmemory-policy", "noeviction");
@@ -649,13 +639,9 @@ async fn redis_made_evicting_under_a_running_processor_is_left_at_once_and_copie
         "the processor kept trusting an evicting Redis",
     )
     .await;
-    let epoch: Option<String> = redis::cmd("GET")
-        .arg(&epoch_key)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
     assert_eq!(
-        epoch, None,
+        redis_cli(&cfg, &["EXISTS", &epoch_key]),
+        "0",
         "the epoch key of a Redis that may lose keys is deleted"
     );
     // The same intents again, served by PostgreSQL: every one a duplicate.
@@ -698,9 +684,7 @@ async fn redis_made_evicting_under_a_running_processor_is_left_at_once_and_copie
         copied >= 2_500,
         "a full copy of the idempotency record ({copied} outcomes copied)"
     );
-    assert!(proc.terminate(Duration::from_secs(30)));
-    let report = verified(&cfg).await;
-    assert_clean(&report, 3_000);
+    stopped_clean(proc, &cfg, 3_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -719,12 +703,8 @@ async fn a_processor_started_on_an_evicting_redis_deletes_its_epoch_key_and_serv
         .await
         .unwrap();
     caught_up(&cfg, Duration::from_secs(180)).await;
-    let exists = std::process::Command::new("redis-cli")
-        .args(["-u", cfg.redis.url.expose_secret(), "EXISTS", &epoch_key])
-        .output()
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&exists.stdout).trim(),
+        redis_cli(&cfg, &["EXISTS", &epoch_key]),
         "0",
         "the epoch key of an evicting Redis is deleted on connecting"
     );
@@ -734,9 +714,7 @@ async fn a_processor_started_on_an_evicting_redis_deletes_its_epoch_key_and_serv
         "PostgreSQL serves while Redis evicts"
     );
     drop(restore);
-    assert!(proc.terminate(Duration::from_secs(30)));
-    let report = verified(&cfg).await;
-    assert_clean(&report, 1_000);
+    stopped_clean(proc, &cfg, 1_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -754,11 +732,7 @@ async fn redis_out_of_memory_under_a_running_processor_falls_back_and_fails_back
 
     // A tired operator gives the running Redis (noeviction) less memory than it holds: every
     // write is refused with OOM, reads still answer.
-    let info = std::process::Command::new("redis-cli")
-        .args(["-u", cfg.redis.url.expose_secret(), "INFO", "memory"])
-        .output()
-        .unwrap();
-    let used: u64 = String::from_utf8_lossy(&info.stdout)
+    let used: u64 = redis_cli(&cfg, &["INFO", "memory"])
         .lines()
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|n| n.trim().parse().ok())
@@ -803,9 +777,7 @@ async fn redis_out_of_memory_under_a_running_processor_falls_back_and_fails_back
         .await
         .unwrap();
     caught_up(&cfg, Duration::from_secs(180)).await;
-    assert!(proc.terminate(Duration::from_secs(30)));
-    let report = verified(&cfg).await;
-    assert_clean(&report, 6_000);
+    stopped_clean(proc, &cfg, 6_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -841,9 +813,7 @@ async fn redis_slow_opens_the_breaker_and_processing_goes_on() {
     );
     producing.await.unwrap();
     caught_up(&cfg, Duration::from_secs(180)).await;
-    assert!(proc.terminate(Duration::from_secs(30)));
-    let report = verified(&cfg).await;
-    assert_clean(&report, 6_000);
+    stopped_clean(proc, &cfg, 6_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
