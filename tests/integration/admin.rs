@@ -28,11 +28,7 @@ pub const TOKEN: &str = "test-admin-token";
 
 /// Gives `config` an admin API on a free local port, with [`TOKEN`].
 pub fn with_admin(config: &mut Config) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    config.admin.listen = format!("127.0.0.1:{port}");
+    config.admin.listen = format!("127.0.0.1:{}", free_port());
     config.admin.token = TOKEN.to_string().into();
 }
 
@@ -44,16 +40,23 @@ pub fn api(config: &Config) -> Client {
     Client::new(&url(config), TOKEN.to_string().into()).expect("an admin client")
 }
 
-/// Waits until the instance answers ready (partitions assigned and restored, stores up).
-pub async fn wait_ready(api: &Client) {
+/// Waits until the instance answers ready (partitions assigned and restored, stores up). Fails
+/// with the instance's own error if it ends first, or with its last answer after 60 s.
+pub async fn wait_ready(api: &Client, running: &mut Running) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(r) = api.get("/v1/ready").await {
-            if r.status == 200 {
-                return;
-            }
+        let last = match api.get("/v1/ready").await {
+            Ok(r) if r.status == 200 => return,
+            answer => format!("{answer:?}"),
+        };
+        if running.handle.is_finished() {
+            let ended = (&mut running.handle).await;
+            panic!("the instance ended before it got ready: {ended:?}");
         }
-        assert!(Instant::now() < deadline, "the instance never got ready");
+        assert!(
+            Instant::now() < deadline,
+            "the instance never got ready; its last answer: {last}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -517,9 +520,9 @@ async fn a_timed_out_cli_release_cancels_its_pending_command_or_reports_it_pendi
     let mut env = TestEnv::new("admintimeout", 1).await;
     env.config.sequencer.wait_timeout = Duration::from_secs(2);
     with_admin(&mut env.config);
-    let running = start(env.config());
+    let mut running = start(env.config());
     let api = api(&env.config);
-    wait_ready(&api).await;
+    wait_ready(&api, &mut running).await;
     produce_intents(&env.config, &[intent("t-2", "late", 2)]).await;
     wait_held(&api, "late").await;
     running.stop().await;
@@ -572,8 +575,8 @@ async fn a_timed_out_cli_release_cancels_its_pending_command_or_reports_it_pendi
     server.task.await.unwrap();
 
     // The owner comes back: the cancelled commands are never applied, the contact stays held.
-    let running = start(env.config());
-    wait_ready(&api).await;
+    let mut running = start(env.config());
+    wait_ready(&api, &mut running).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let held = wait_held(&api, "late").await;
     assert_eq!(held["missing_sequence"], 1);
@@ -603,9 +606,9 @@ async fn resume_clears_the_hold_but_not_the_gap_so_a_new_intent_waits_with_a_fre
     let mut env = TestEnv::new("adminresume", 1).await;
     env.config.sequencer.wait_timeout = Duration::from_secs(3);
     with_admin(&mut env.config);
-    let running = start(env.config());
+    let mut running = start(env.config());
     let api = api(&env.config);
-    wait_ready(&api).await;
+    wait_ready(&api, &mut running).await;
     produce_intents(&env.config, &[intent("r-2", "gap", 2)]).await;
     let held = wait_held(&api, "gap").await;
     assert_eq!(held["reason"], "WAIT_TIMEOUT");
@@ -667,9 +670,9 @@ async fn an_operator_resubmission_releases_the_intents_effect_in_order_and_is_au
     let mut env = TestEnv::new("adminresub", 1).await;
     env.config.sequencer.wait_timeout = Duration::from_secs(2);
     with_admin(&mut env.config);
-    let running = start(env.config());
+    let mut running = start(env.config());
     let api = api(&env.config);
-    wait_ready(&api).await;
+    wait_ready(&api, &mut running).await;
     produce_intents(&env.config, &[intent("s-2", "late", 2)]).await;
     let (p, offset, _) = wait_review(&env.config, "s-2", ReviewReason::WaitTimeout).await;
     wait_held(&api, "late").await;
@@ -751,9 +754,9 @@ async fn a_record_carrying_the_old_resubmission_header_reopens_nothing() {
     let mut env = TestEnv::new("adminheader", 1).await;
     env.config.sequencer.wait_timeout = Duration::from_secs(2);
     with_admin(&mut env.config);
-    let running = start(env.config());
+    let mut running = start(env.config());
     let api = api(&env.config);
-    wait_ready(&api).await;
+    wait_ready(&api, &mut running).await;
     let two = intent("h-2", "c", 2);
     produce_intents(&env.config, std::slice::from_ref(&two)).await;
     wait_review(&env.config, "h-2", ReviewReason::WaitTimeout).await;
@@ -869,9 +872,9 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
     let mut env = TestEnv::new("adminfuzz", 1).await;
     env.config.sequencer.wait_timeout = Duration::from_secs(2);
     with_admin(&mut env.config);
-    let running = start(env.config());
+    let mut running = start(env.config());
     let api = api(&env.config);
-    wait_ready(&api).await;
+    wait_ready(&api, &mut running).await;
     // Something to read: a held contact, a review, a command.
     produce_intents(
         &env.config,

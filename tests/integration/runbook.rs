@@ -204,8 +204,8 @@ async fn every_runbook_command_runs_against_a_live_instance() {
     let mut env = TestEnv::new("runbook", 1).await;
     env.config.sequencer.wait_timeout = Duration::from_secs(2);
     with_admin(&mut env.config);
-    let running = start(env.config());
-    wait_ready(&api(&env.config)).await;
+    let mut running = start(env.config());
+    wait_ready(&api(&env.config), &mut running).await;
     let config_path = config_file(&env.config);
     let bin_dir = binary().parent().map(PathBuf::from).unwrap();
     let path = format!(

@@ -117,8 +117,25 @@ pub fn redis_url() -> String {
     std::env::var("CC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
 }
 
-/// A local TCP port nothing listens on (for a listener the test starts).
+/// A local TCP port nothing listens on, for a listener the test starts. Taken below the
+/// kernel's ephemeral range when there is room: a port the kernel hands out for `bind(0)` can go
+/// to a concurrent test's outgoing connection (Kafka, PostgreSQL, Redis clients open many)
+/// between this check and the listener's own bind, which then fails.
 pub fn free_port() -> u16 {
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(0);
+    const FROM: u16 = 10_000;
+    if ephemeral_from > FROM + 1_000 {
+        for _ in 0..100 {
+            let span = u128::from(ephemeral_from - FROM);
+            let port = FROM + (uuid::Uuid::new_v4().as_u128() % span) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
