@@ -443,27 +443,27 @@ pub enum Window {
     YoungerThanTtl,
 }
 
-/// Chooses the window from the epoch key Redis holds (`token`: epoch and run id), the server
-/// that answers (`run_id`), PostgreSQL's epoch, the lowest watermark of the fallback rows and
-/// the newest transition id.
+/// Chooses the window from the epoch the server that answers holds a whole copy of (`marked`:
+/// its epoch key, if written on this server incarnation and no key was evicted since),
+/// PostgreSQL's epoch, the lowest watermark of the fallback rows and the newest transition id.
 pub fn resync_window(
-    token: Option<(i64, &str)>,
-    run_id: &str,
+    marked: Option<i64>,
     epoch: i64,
     lowest_watermark: Option<i64>,
     max_id: i64,
 ) -> Window {
-    match (token, lowest_watermark) {
-        (Some((n, run)), _) if run == run_id && n == epoch => Window::From {
+    match (marked, lowest_watermark) {
+        (Some(n), _) if n == epoch => Window::From {
             id: max_id + 1,
             why: "none (already synchronised)",
         },
-        (Some((n, run)), Some(since)) if run == run_id && n < epoch => Window::From {
+        (Some(n), Some(since)) if n < epoch => Window::From {
             id: since + 1,
             why: "outcomes since the fallback began",
         },
-        // Missing, written by another server incarnation, newer than PostgreSQL (a restored
-        // database), or behind without a watermark to say since when.
+        // Missing, written by another server incarnation or before keys were evicted, newer
+        // than PostgreSQL (a restored database), or behind without a watermark to say since
+        // when.
         _ => Window::YoungerThanTtl,
     }
 }
@@ -890,12 +890,10 @@ mod tests {
 
     // Planning
 
-    const RUN: &str = "run-a";
-
     #[test]
     fn window_is_empty_when_redis_is_already_synchronised() {
         assert_eq!(
-            resync_window(Some((5, RUN)), RUN, 5, Some(10), 99),
+            resync_window(Some(5), 5, Some(10), 99),
             Window::From {
                 id: 100,
                 why: "none (already synchronised)"
@@ -906,7 +904,7 @@ mod tests {
     #[test]
     fn window_starts_after_the_lowest_watermark_when_the_same_server_is_behind() {
         assert_eq!(
-            resync_window(Some((4, RUN)), RUN, 5, Some(10), 99),
+            resync_window(Some(4), 5, Some(10), 99),
             Window::From {
                 id: 11,
                 why: "outcomes since the fallback began"
@@ -916,17 +914,11 @@ mod tests {
 
     #[test]
     fn window_is_the_ttl_when_redis_may_have_lost_anything() {
-        for (token, watermark) in [
-            (None, Some(10)),
-            (Some((5, "run-b")), Some(10)),
-            (Some((4, "run-b")), Some(10)),
-            (Some((4, RUN)), None),
-            (Some((6, RUN)), Some(10)),
-        ] {
+        for (marked, watermark) in [(None, Some(10)), (Some(4), None), (Some(6), Some(10))] {
             assert_eq!(
-                resync_window(token, RUN, 5, watermark, 99),
+                resync_window(marked, 5, watermark, 99),
                 Window::YoungerThanTtl,
-                "{token:?} {watermark:?}"
+                "{marked:?} {watermark:?}"
             );
         }
     }

@@ -32,9 +32,9 @@
 //!
 //! # When is a Redis miss "never seen"?
 //!
-//! Only while Redis is **in sync**: its epoch key (`{prefix}:epoch` = `<epoch>:<run_id>`) names the
-//! PostgreSQL epoch (`cc_store_state.epoch`) *and* the server incarnation this process is talking
-//! to. Otherwise PostgreSQL answers the whole lookup — Redis hits are not used either, because an
+//! Only while Redis is **in sync**: its epoch key (`{prefix}:epoch` =
+//! `<epoch>:<run_id>:<evicted_keys>`) names the PostgreSQL epoch (`cc_store_state.epoch`) *and*
+//! the server incarnation this process is talking to, with no key evicted since it was marked. Otherwise PostgreSQL answers the whole lookup — Redis hits are not used either, because an
 //! outcome can change while Redis is behind (a manual-review item re-submitted and committed
 //! during a fallback). `{prefix}` is `{redis.key_prefix}:{store_id}`, the store id drawn per
 //! PostgreSQL schema (`cc_store_state.store_id`): every store starts at epoch 1, so two
@@ -231,6 +231,21 @@ fn audit_detail(change: &ModeChange, instance: &str, epoch: Option<i64>) -> serd
         "instance": instance,
         "epoch": epoch,
     })
+}
+
+/// Why Redis is not in sync with PostgreSQL's `epoch`, given its epoch key (`token`) and the
+/// epoch it marks a whole copy of on the server that answered (`marked`).
+fn out_of_sync(token: Option<&str>, marked: Option<i64>, epoch: i64) -> String {
+    match (token, marked) {
+        (None, _) => "epoch key missing (flushed or restarted Redis)".to_string(),
+        (Some(t), None) => format!(
+            "epoch key is {t:?}: written on another Redis incarnation, or the server evicted \
+             keys since"
+        ),
+        (Some(t), Some(n)) => {
+            format!("epoch key is {t:?} (epoch {n}), PostgreSQL epoch is {epoch}")
+        }
+    }
 }
 
 /// Redis entries for outcome rows read from PostgreSQL; an unreadable row is an error (skipping
@@ -589,12 +604,8 @@ impl LockStore {
             }
         };
         self.redis_ok();
-        let expected = r::epoch_token(epoch, &fetched.run_id);
-        if fetched.epoch_token.as_deref() != Some(expected.as_str()) {
-            let why = match &fetched.epoch_token {
-                None => "epoch key missing (flushed or restarted Redis)".to_string(),
-                Some(t) => format!("epoch key is {t:?}, expected {expected:?}"),
-            };
+        if fetched.marked != Some(epoch) {
+            let why = out_of_sync(fetched.epoch_token.as_deref(), fetched.marked, epoch);
             self.observe_sync(false, &why);
             return None;
         }
@@ -872,15 +883,12 @@ impl LockStore {
             }
         };
         self.redis_ok();
-        if token.as_deref() == Some(r::epoch_token(epoch, &conn.run_id).as_str()) {
+        let marked = conn.marked(token.as_deref());
+        if marked == Some(epoch) {
             self.observe_sync(true, "epoch key matches");
             return;
         }
-        let why = match &token {
-            None => "epoch key missing (flushed or restarted Redis)".to_string(),
-            Some(t) => format!("epoch key is {t:?}, PostgreSQL epoch is {epoch}"),
-        };
-        self.observe_sync(false, &why);
+        self.observe_sync(false, &out_of_sync(token.as_deref(), marked, epoch));
         match self.resync(&conn, "out of sync").await {
             Ok(Resynced::InSync { .. }) => self.observe_sync(true, "resynchronised"),
             Ok(Resynced::Blocked { by }) => tracing::debug!(
@@ -950,8 +958,7 @@ impl LockStore {
         cause: &str,
     ) -> Result<i64, SyncError> {
         let window = lm::resync_window(
-            token.and_then(r::parse_epoch_token),
-            &conn.run_id,
+            conn.marked(token),
             view.epoch,
             view.lowest_watermark(),
             view.max_id,

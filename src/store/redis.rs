@@ -8,7 +8,7 @@
 //! | key | value | written by |
 //! |---|---|---|
 //! | `{prefix}:idem:<intent_id>` | `<state>\|<fingerprint hex>\|<commit_sequence>\|<contact_version>\|<reason>\|<stamp ms>`, with a TTL | [`RedisStore::put`] |
-//! | `{prefix}:epoch` | `<epoch>:<run_id>` of the last synchronisation | [`RedisStore::set_epoch`] |
+//! | `{prefix}:epoch` | `<epoch>:<run_id>:<evicted_keys>` of the last synchronisation | [`RedisStore::set_epoch`] |
 //! | `{prefix}:resync:<instance>` | start (server ms) of the instance's resynchronisation, 1 day TTL | [`RedisStore::begin_resync`] |
 //! | `{prefix}:lock:<topic>:<partition>` | owner, with a PX lease | [`RedisStore::acquire_lock`] |
 //!
@@ -24,7 +24,10 @@
 //! (an operator may `CONFIG SET` the policy of a running server) and at the server's
 //! `evicted_keys` count. A Redis that evicts, or evicted keys since the connection was made, is
 //! refused, on connecting or at a check, and its epoch key deleted, so that it is copied in
-//! full before it is trusted again.
+//! full before it is trusted again. The epoch key also carries the server's `evicted_keys` count
+//! when it was marked: a Redis made a cache, made to evict and set back while no instance was
+//! connected (nobody there to delete the key) shows a count that moved, and its mark is not
+//! taken for a copy.
 //! Any failed call drops the connection; the next call connects afresh.
 
 use std::future::Future;
@@ -116,15 +119,27 @@ pub fn decode_outcome(intent_id: &str, value: &[u8]) -> Option<(StoredOutcome, u
     Some((outcome, stamp))
 }
 
-/// The epoch key's value: the PostgreSQL epoch Redis was synchronised to, and the server
-/// incarnation (`run_id`) that holds the copy.
-pub fn epoch_token(epoch: i64, run_id: &str) -> String {
-    format!("{epoch}:{run_id}")
+/// The epoch key's value: the PostgreSQL epoch Redis was synchronised to, the server
+/// incarnation (`run_id`) that holds the copy, and how many keys that server had evicted when
+/// it was marked.
+pub fn epoch_token(epoch: i64, run_id: &str, evicted_keys: u64) -> String {
+    format!("{epoch}:{run_id}:{evicted_keys}")
 }
 
-pub fn parse_epoch_token(token: &str) -> Option<(i64, &str)> {
-    let (epoch, run_id) = token.split_once(':')?;
-    Some((epoch.parse().ok()?, run_id))
+/// The epoch `token` marks a copy of on the server `run_id` that has evicted `evicted_keys`
+/// keys: none when the token is another incarnation's, or the server's count moved since the
+/// marking (keys evicted, or the statistics reset: either way nothing says the copy is whole).
+/// A token of the build before, without the count, is read by its `run_id` alone, as that build
+/// did (during a rolling upgrade each build then accepts the other's mark instead of copying
+/// in turn).
+pub fn marked_epoch(token: &str, run_id: &str, evicted_keys: u64) -> Option<i64> {
+    let (epoch, rest) = token.split_once(':')?;
+    let (run, count) = match rest.split_once(':') {
+        Some((run, count)) => (run, Some(count.parse::<u64>().ok()?)),
+        None => (rest, None),
+    };
+    let whole = run == run_id && count.is_none_or(|c| c == evicted_keys);
+    whole.then(|| epoch.parse().ok()).flatten()
 }
 
 /// Key names of one store under one prefix.
@@ -258,8 +273,8 @@ pub type Entry = (String, String, u64);
 #[derive(Debug)]
 pub struct Fetched {
     pub epoch_token: Option<String>,
-    /// The `run_id` of the server that answered.
-    pub run_id: String,
+    /// The epoch the token marks a copy of on the server that answered ([`Conn::marked`]).
+    pub marked: Option<i64>,
     pub values: Vec<Option<Vec<u8>>>,
 }
 
@@ -273,6 +288,13 @@ pub struct Conn {
     /// The server's `evicted_keys` count when connecting (it counts every key it evicted since
     /// it started).
     evicted_keys: u64,
+}
+
+impl Conn {
+    /// The epoch an epoch key's `token` marks a copy of on this server ([`marked_epoch`]).
+    pub fn marked(&self, token: Option<&str>) -> Option<i64> {
+        token.and_then(|t| marked_epoch(t, &self.run_id, self.evicted_keys))
+    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -569,10 +591,12 @@ impl RedisStore {
                 values.len()
             )));
         }
-        let epoch = values.remove(0);
+        let token = values
+            .remove(0)
+            .map(|e| String::from_utf8_lossy(&e).into_owned());
         Ok(Fetched {
-            epoch_token: epoch.map(|e| String::from_utf8_lossy(&e).into_owned()),
-            run_id: conn.run_id.clone(),
+            marked: conn.marked(token.as_deref()),
+            epoch_token: token,
             values,
         })
     }
@@ -663,7 +687,7 @@ impl RedisStore {
         inv.key(self.keys.epoch())
             .key(self.keys.resync(instance))
             .arg(self.deadline(conn))
-            .arg(epoch_token(epoch, &conn.run_id))
+            .arg(epoch_token(epoch, &conn.run_id, conn.evicted_keys))
             .arg(t0.to_string());
         let r: i64 = self
             .run(conn, "writing the epoch", inv.invoke_async(&mut c))
@@ -759,6 +783,33 @@ mod tests {
                 fingerprint: u64::MAX - 7,
                 outcome,
             },
+        }
+    }
+
+    #[test]
+    fn an_epoch_key_marks_a_copy_only_on_its_incarnation_with_no_eviction_since() {
+        let token = epoch_token(7, "run-a", 3);
+        assert_eq!(marked_epoch(&token, "run-a", 3), Some(7));
+        assert_eq!(
+            marked_epoch(&token, "run-b", 3),
+            None,
+            "another incarnation"
+        );
+        assert_eq!(
+            marked_epoch(&token, "run-a", 4),
+            None,
+            "a key evicted since"
+        );
+        assert_eq!(
+            marked_epoch(&token, "run-a", 0),
+            None,
+            "statistics reset since"
+        );
+        // The build before wrote no count: read by its run id, as that build did.
+        assert_eq!(marked_epoch("7:run-a", "run-a", 9), Some(7));
+        assert_eq!(marked_epoch("7:run-a", "run-b", 0), None);
+        for bad in ["", "7", "x:run-a:3", "7:run-a:x", "7:run-a:3:4"] {
+            assert_eq!(marked_epoch(bad, "run-a", 3), None, "{bad:?}");
         }
     }
 

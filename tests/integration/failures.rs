@@ -718,6 +718,84 @@ async fn a_processor_started_on_an_evicting_redis_deletes_its_epoch_key_and_serv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_evicted_keys_while_no_instance_was_connected_is_copied_in_full_before_it_is_trusted(
+) {
+    let env = TestEnv::exclusive("evictedoff", 4).await;
+    let cfg = env.config.clone();
+    let keys = redis_keys(&cfg).await;
+    let epoch_key = keys.epoch();
+    let idem_pattern = keys.idem("*");
+    let held = || {
+        redis_cli(&cfg, &["--scan", "--pattern", &idem_pattern])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count()
+    };
+    let first = Processor::spawn(&cfg, log_path(&env, "first"));
+    demo::produce(&cfg, &workload(2_000, 200, 0, "o"))
+        .await
+        .unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    stopped_clean(first, &cfg, 2_000).await;
+    assert_eq!(
+        redis_cli(&cfg, &["EXISTS", &epoch_key]),
+        "1",
+        "Redis was marked in sync"
+    );
+    assert_eq!(held(), 2_000, "Redis holds every outcome");
+
+    // No instance is connected: a tired operator makes Redis a cache with too little memory, it
+    // evicts every key with a TTL (the idempotency keys; the epoch key has none), and the
+    // settings are put back. Only the server's eviction count tells.
+    {
+        let _policy = RedisSettingAgain(cfg.clone(), "maxmemory-policy", "noeviction");
+        let _memory = RedisSettingAgain(cfg.clone(), "maxmemory", "0");
+        redis_cli(
+            &cfg,
+            &["CONFIG", "SET", "maxmemory-policy", "volatile-random"],
+        );
+        redis_cli(&cfg, &["CONFIG", "SET", "maxmemory", "1"]);
+    }
+    assert_eq!(held(), 0, "the idempotency keys were evicted");
+    assert_eq!(
+        redis_cli(&cfg, &["EXISTS", &epoch_key]),
+        "1",
+        "the epoch key outlived the eviction"
+    );
+
+    // The next instance does not take the mark for a copy: it copies the record in full.
+    let log = log_path(&env, "second");
+    let second = Processor::spawn(&cfg, log.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let copied = loop {
+        let resynced = read_log(&log)
+            .into_iter()
+            .find(|l| l["message"] == "lock store: Redis resynchronised");
+        if let Some(line) = resynced {
+            break line["copied"].as_u64().unwrap_or_default();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mark of a Redis that evicted keys was trusted: no copy"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(copied >= 2_000, "a full copy ({copied} outcomes copied)");
+    assert_eq!(held(), 2_000, "every outcome is back in Redis");
+    // The same intents again, served by Redis: every one a duplicate.
+    demo::produce(&cfg, &workload(2_000, 200, 0, "o"))
+        .await
+        .unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert!(
+        mode_changes(&log).is_empty(),
+        "Redis served throughout: {:?}",
+        mode_changes(&log)
+    );
+    stopped_clean(second, &cfg, 2_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_out_of_memory_under_a_running_processor_falls_back_and_fails_back_once_it_has_room()
 {
     let env = TestEnv::exclusive("redisfull", 4).await;

@@ -1065,6 +1065,7 @@ async fn an_epoch_key_from_another_server_incarnation_is_not_trusted() {
         .arg(raw::epoch_token(
             epoch,
             "0000000000000000000000000000000000000000",
+            0,
         ))
         .query_async(&mut con)
         .await
