@@ -5,7 +5,10 @@
 //! A broker that does not answer yet is not an error here: the engine keeps trying, as always.
 //! Nor does a mistyped topic name heal: once the brokers answer, each of the three topics must
 //! exist (the engine would otherwise wait for an intents topic that never comes, not ready,
-//! or abort every transaction on a missing output topic). And none of them may be compacted:
+//! or abort every transaction on a missing output topic). A topic created just before the start
+//! may not be in the answering broker's metadata yet (a broker learns it from the controller a
+//! moment after the creation returns): a missing topic is asked for again for
+//! [`TOPIC_APPEARS_WITHIN`] before it stops the start. And none of them may be compacted:
 //! compaction keeps the last record of each key (the intents topic is keyed by contact) and
 //! deletes the others, so intents would be lost before they are consumed, effects before their
 //! readers get them, and `verify`, which reads the same topics, would not see what is gone.
@@ -392,10 +395,13 @@ impl ProducerContext for Watch {
     fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
 }
 
+/// How long the start-up check asks again for a topic the brokers do not have yet.
+pub const TOPIC_APPEARS_WITHIN: Duration = Duration::from_secs(5);
+
 /// Connects to the brokers with the configuration's client settings and asks for the intents
-/// topic's metadata. Fails on an authentication or TLS failure, on a topic missing or
-/// compacting; returns once the brokers answer, with the topics as described, or after
-/// `within` without an answer (then the engine goes on trying). Blocking.
+/// topic's metadata. Fails on an authentication or TLS failure, on a topic compacting, or
+/// missing for [`TOPIC_APPEARS_WITHIN`]; returns once the brokers answer, with the topics as
+/// described, or after `within` without an answer (then the engine goes on trying). Blocking.
 pub fn check(config: &Config, within: Duration) -> Result<Topics, Error> {
     let brokers = config.kafka.brokers.clone();
     let mut c = crate::pipeline::kafka::client_config(config, &[]);
@@ -407,6 +413,7 @@ pub fn check(config: &Config, within: Duration) -> Result<Topics, Error> {
         .create_with_context(Watch::default())
         .map_err(Error::Create)?;
     let deadline = Instant::now() + within;
+    let mut missing_since: Option<Instant> = None;
     loop {
         let answered = producer
             .client()
@@ -432,7 +439,14 @@ pub fn check(config: &Config, within: Duration) -> Result<Topics, Error> {
         }
         match answered {
             Ok(_) => {
-                topics_exist(producer.client(), config)?;
+                if let Err(missing) = topics_exist(producer.client(), config) {
+                    let since = *missing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= TOPIC_APPEARS_WITHIN {
+                        return Err(missing);
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
                 let described = describe(producer.client(), config, Duration::from_secs(5));
                 let verdict = match &described {
                     Ok(d) => checked(d),
