@@ -34,7 +34,8 @@
 //!
 //! Only while Redis is **in sync**: its epoch key (`{prefix}:epoch` =
 //! `<epoch>:<run_id>:<evicted_keys>`) names the PostgreSQL epoch (`cc_store_state.epoch`) *and*
-//! the server incarnation this process is talking to, with no key evicted since it was marked. Otherwise PostgreSQL answers the whole lookup — Redis hits are not used either, because an
+//! the server incarnation this process is talking to, with no key evicted since it was marked.
+//! Otherwise PostgreSQL answers the whole lookup — Redis hits are not used either, because an
 //! outcome can change while Redis is behind (a manual-review item re-submitted and committed
 //! during a fallback). `{prefix}` is `{redis.key_prefix}:{store_id}`, the store id drawn per
 //! PostgreSQL schema (`cc_store_state.store_id`): every store starts at epoch 1, so two

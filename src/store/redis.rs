@@ -130,7 +130,8 @@ pub fn epoch_token(epoch: i64, run_id: &str, evicted_keys: u64) -> String {
 /// keys: none when the token is another incarnation's, or the server's count moved since the
 /// marking (keys evicted, or the statistics reset: either way nothing says the copy is whole).
 /// A token of the build before, without the count, is read by its `run_id` alone, as that build
-/// did (during a rolling upgrade each build then accepts the other's mark instead of copying
+/// did: during a rolling upgrade the older build reads this build's mark as another
+/// incarnation's and copies once, writing its own, which this build then accepts (no copying
 /// in turn).
 pub fn marked_epoch(token: &str, run_id: &str, evicted_keys: u64) -> Option<i64> {
     let (epoch, rest) = token.split_once(':')?;
