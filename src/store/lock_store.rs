@@ -132,8 +132,6 @@ pub struct Stats {
 
 /// Ids of `cc_transition` read per query when copying outcomes to Redis.
 const ID_CHUNK: i64 = 5_000;
-/// Keys per Redis write while copying.
-const KEYS_PER_WRITE: usize = 1_000;
 /// How long a resynchronisation waits for the batches not known committed at its start to be
 /// decided (committed and marked, or rolled back) before it gives up until the next health
 /// check. A healthy batch is decided within its Kafka transaction.
@@ -665,7 +663,7 @@ impl LockStore {
         intent_ids: &[String],
     ) -> Result<u64, SyncError> {
         let mut n = 0;
-        for chunk in intent_ids.chunks(KEYS_PER_WRITE) {
+        for chunk in intent_ids.chunks(r::KEYS_PER_CALL) {
             let latest = sql::latest_outcomes(&self.pool, chunk, self.ttl).await?;
             let entries = correction_entries(chunk, latest)?;
             n += self
@@ -1008,9 +1006,10 @@ impl LockStore {
         while lo <= end {
             let hi = lo.saturating_add(ID_CHUNK).min(end + 1);
             let rows = sql::committed_outcomes_between(&self.pool, lo, hi, self.ttl).await?;
-            for chunk in entries(rows)?.chunks(KEYS_PER_WRITE) {
-                copied += self.redis.put(conn, chunk, PutMode::Resync { t0 }).await?;
-            }
+            copied += self
+                .redis
+                .put(conn, &entries(rows)?, PutMode::Resync { t0 })
+                .await?;
             self.check_intact(ticket)?;
             lo = hi;
         }

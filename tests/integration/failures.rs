@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::http;
-use crate::common::process::{read_log, rolled_back_transitions, stack, Processor};
+use crate::common::process::{read_log, rolled_back_transitions, stack, wait_for_log, Processor};
 use crate::common::*;
 
 use causal_commit::config::Config;
@@ -687,22 +687,22 @@ async fn redis_made_evicting_under_a_running_processor_is_left_at_once_and_copie
     // Fixed: the processor fails back after copying the whole record, not just the outcomes
     // decided during its fallback (none here).
     drop(restore);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let failback = loop {
-        let back = read_log(&log).into_iter().find(|l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("lock store mode changed: failback"))
-        });
-        if let Some(line) = back {
-            break line;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no failback once Redis keeps its keys again"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let failback = wait_for_log(
+        &log,
+        Duration::from_secs(30),
+        "no failback once Redis keeps its keys again",
+        |lines| {
+            lines
+                .iter()
+                .find(|l| {
+                    l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("lock store mode changed: failback"))
+                })
+                .cloned()
+        },
+    )
+    .await;
     let cause = failback["cause"].as_str().unwrap_or_default();
     let copied: u64 = cause
         .split_once("resynchronised (")
@@ -805,20 +805,18 @@ async fn a_redis_that_evicted_keys_while_no_instance_was_connected_is_copied_in_
     // The next instance does not take the mark for a copy: it copies the record in full.
     let log = log_path(&env, "second");
     let second = Processor::spawn(&cfg, log.clone());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let copied = loop {
-        let resynced = read_log(&log)
-            .into_iter()
-            .find(|l| l["message"] == "lock store: Redis resynchronised");
-        if let Some(line) = resynced {
-            break line["copied"].as_u64().unwrap_or_default();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the mark of a Redis that evicted keys was trusted: no copy"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let copied = wait_for_log(
+        &log,
+        Duration::from_secs(60),
+        "the mark of a Redis that evicted keys was trusted: no copy",
+        |lines| {
+            lines
+                .iter()
+                .find(|l| l["message"] == "lock store: Redis resynchronised")
+                .map(|l| l["copied"].as_u64().unwrap_or_default())
+        },
+    )
+    .await;
     assert!(copied >= 2_000, "a full copy ({copied} outcomes copied)");
     assert_eq!(held(), 2_000, "every outcome is back in Redis");
     // The same intents again, served by Redis: every one a duplicate.
@@ -1024,11 +1022,18 @@ async fn aborted_batches_log_and_count_each_transition_once_after_its_commit() {
     // Once batches flow (a fence during the start-up only delays the start: a slow group join
     // once took all five), five times while intents flow, the processor's producer is fenced:
     // the batch in flight, already in PostgreSQL, aborts in Kafka, is rolled back and replayed.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !read_log(&log).iter().any(|l| l["message"] == "transition") {
-        assert!(Instant::now() < deadline, "no batch within a minute");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_log(
+        &log,
+        Duration::from_secs(60),
+        "no batch within a minute",
+        |lines| {
+            lines
+                .iter()
+                .any(|l| l["message"] == "transition")
+                .then_some(())
+        },
+    )
+    .await;
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(1_200)).await;
         let c = cfg.clone();

@@ -837,6 +837,55 @@ async fn a_write_through_that_times_out_trips_at_once_and_never_lands_late() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_many_thousand_outcomes_is_written_through_and_looked_up_within_the_command_timeout(
+) {
+    let _exclusive = crate::common::exclusive_stack().await;
+    // 40 ms: far less than Redis takes for 40,000 keys in one call (about 150 ms for the write
+    // on an idle two-core machine, more under load: the bench's 20,000-outcome batches timed
+    // out at 250 ms and the store fell back), far more than for a call of 1,000 (about 4 ms).
+    let mut w = World::new("ls_big", |c| {
+        c.redis.command_timeout = Duration::from_millis(40);
+    })
+    .await;
+    let store = w.store().await;
+    in_sync(&store).await;
+
+    let batch = committed("big", 40_000);
+    w.write_committed(0, &batch).await;
+    let before = store.stats();
+    store.record(&batch).await.expect("record");
+    assert_eq!(
+        store.mode(),
+        Mode::Redis,
+        "a big write-through to a healthy Redis is no failure ({:?})",
+        store.stats()
+    );
+    let held: usize = redis::cmd("EXISTS")
+        .arg(
+            batch
+                .iter()
+                .map(|o| w.keys().idem(&o.intent_id))
+                .collect::<Vec<_>>(),
+        )
+        .query_async(&mut w.con().await)
+        .await
+        .unwrap();
+    assert_eq!(held, batch.len(), "every outcome written through");
+
+    let found = store.lookup(&ids(&batch)).await.expect("lookup");
+    let after = store.stats();
+    assert_eq!(after.redis_failures, before.redis_failures);
+    assert_eq!(
+        after.lookups_redis - before.lookups_redis,
+        1,
+        "Redis answered the lookup"
+    );
+    assert_eq!(after.lookups_postgres, before.lookups_postgres);
+    assert_eq!(sorted(found), sorted(batch));
+    assert!(w.mode_audits().await.is_empty(), "no mode change happened");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushall_makes_redis_out_of_sync_until_resynchronised() {
     let _exclusive = crate::common::exclusive_stack().await;
     let mut w = World::new("ls_flush", |_| {}).await;

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::process::{cli, read_log, rolled_back_transitions, Processor};
+use crate::common::process::{cli, read_log, rolled_back_transitions, wait_for_log, Processor};
 use crate::common::*;
 use causal_commit::config::Config;
 use causal_commit::demo::{self, ProduceOptions};
@@ -147,21 +147,18 @@ async fn offsets_reset_to_earliest_or_latest_lose_no_history_and_emit_nothing_tw
     let proc = Processor::spawn(&cfg, log.clone());
     // The reset put the committed offsets at the end: "caught up" means something only once
     // the processor has moved them back to where its durable state resumes.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while read_log(&log)
-        .iter()
-        .filter(|l| {
-            l["message"] == "recovery point committed to Kafka (it had none for this partition)"
-        })
-        .count()
-        < 3
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the recovery points were never committed"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_log(
+        &log,
+        Duration::from_secs(60),
+        "the recovery points were never committed",
+        |lines| {
+            let committed = lines.iter().filter(|l| {
+                l["message"] == "recovery point committed to Kafka (it had none for this partition)"
+            });
+            (committed.count() >= 3).then_some(())
+        },
+    )
+    .await;
     caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     verified(&cfg, 1_500).await;

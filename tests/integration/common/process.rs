@@ -218,6 +218,28 @@ pub fn read_log(path: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Polls the JSON log at `path` until `found` picks something out of its lines, and returns
+/// it; fails the test with `what` if nothing is found `within`.
+pub async fn wait_for_log<T>(
+    path: &std::path::Path,
+    within: Duration,
+    what: &str,
+    found: impl Fn(&[serde_json::Value]) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(t) = found(&read_log(path)) {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} (not in {} within {within:?})",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Audit rows the restores logged in `lines` rolled back, over the "partition restored" lines
 /// that `which` keeps.
 pub fn rolled_back_transitions(
