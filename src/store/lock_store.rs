@@ -604,7 +604,13 @@ impl LockStore {
         };
         self.redis_ok();
         if fetched.marked != Some(epoch) {
-            let why = out_of_sync(fetched.epoch_token.as_deref(), fetched.marked, epoch);
+            let why = if fetched.epoch_changed {
+                "epoch key changed between two calls of one lookup (a fallback or a copy ran \
+                 meanwhile)"
+                    .to_string()
+            } else {
+                out_of_sync(fetched.epoch_token.as_deref(), fetched.marked, epoch)
+            };
             self.observe_sync(false, &why);
             return None;
         }

@@ -279,7 +279,12 @@ pub const KEYS_PER_CALL: usize = 1_000;
 /// What a lookup returned: the epoch key and one value per intent id.
 #[derive(Debug)]
 pub struct Fetched {
+    /// The epoch key every call of the lookup saw; `None` when it was missing, or when the calls
+    /// saw different keys (`epoch_changed`).
     pub epoch_token: Option<String>,
+    /// The epoch key changed between two calls of the lookup (a fallback or a copy ran
+    /// meanwhile): the values may straddle it, so Redis must not answer.
+    pub epoch_changed: bool,
     /// The epoch the token marks a copy of on the server that answered ([`Conn::marked`]).
     pub marked: Option<i64>,
     pub values: Vec<Option<Vec<u8>>>,
@@ -586,7 +591,11 @@ impl RedisStore {
         let conn = self.connection().await?;
         let mut tokens: Vec<Option<String>> = Vec::new();
         let mut values = Vec::with_capacity(intent_ids.len());
-        for ids in intent_ids.chunks(KEYS_PER_CALL) {
+        for (n, ids) in intent_ids.chunks(KEYS_PER_CALL).enumerate() {
+            if n > 0 {
+                // Test builds: something happens between two calls of one lookup.
+                fail::fail_point!("redis-fetch-next-call");
+            }
             let mut cmd = redis::cmd("MGET");
             cmd.arg(self.keys.epoch());
             for id in ids {
@@ -612,6 +621,7 @@ impl RedisStore {
             }
             values.append(&mut answered);
         }
+        let epoch_changed = tokens.len() > 1;
         let epoch_token = match tokens.as_slice() {
             [one] => one.clone(),
             _ => None,
@@ -619,6 +629,7 @@ impl RedisStore {
         Ok(Fetched {
             marked: conn.marked(epoch_token.as_deref()),
             epoch_token,
+            epoch_changed,
             values,
         })
     }

@@ -885,6 +885,96 @@ async fn a_batch_of_many_thousand_outcomes_is_written_through_and_looked_up_with
     assert!(w.mode_audits().await.is_empty(), "no mode change happened");
 }
 
+/// A lookup of more than `KEYS_PER_CALL` ids is several MGETs; Redis answers it only if every
+/// one saw the same epoch key. Here the key changes between the two calls, once from the
+/// marked key to another (as a copy by another instance at a newer epoch leaves it), once from
+/// another key back to the marked one: whichever call's key a broken check trusted, one of the
+/// two lookups would be answered by Redis.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_whose_calls_see_two_epoch_keys_is_answered_by_postgres() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const BETWEEN_CALLS: &str = "redis-fetch-next-call";
+    // Exclusive: the failpoint is the process's, no other test's lookup may run into it.
+    let _exclusive = crate::common::exclusive_stack().await;
+    let mut w = World::new("ls_split", |_| {}).await;
+    let store = w.store().await;
+    let batch = sorted(committed("split", raw::KEYS_PER_CALL as u64 + 500));
+    w.write_committed(0, &batch).await;
+    store.record(&batch).await.expect("record");
+    let epoch_key = w.keys().epoch();
+
+    for (case, marked_first) in [
+        ("marked key, then another", true),
+        ("another key, then the marked one", false),
+    ] {
+        in_sync(&store).await;
+        let s0 = store.stats();
+        assert_eq!(sorted(store.lookup(&ids(&batch)).await.unwrap()), batch);
+        assert_eq!(
+            store.stats().lookups_redis - s0.lookups_redis,
+            1,
+            "{case}: in sync, Redis answers a two-call lookup"
+        );
+        let marked: String = redis::cmd("GET")
+            .arg(&epoch_key)
+            .query_async(&mut w.con().await)
+            .await
+            .expect("the marked epoch key");
+        let other = format!("{marked}-elsewhere");
+        let (before, between) = if marked_first {
+            (marked.clone(), other)
+        } else {
+            (other, marked.clone())
+        };
+        let _: () = redis::cmd("SET")
+            .arg(&epoch_key)
+            .arg(&before)
+            .query_async(&mut w.con().await)
+            .await
+            .unwrap();
+        let fired = Arc::new(AtomicUsize::new(0));
+        {
+            let (fired, client, key) = (fired.clone(), w.raw.clone(), epoch_key.clone());
+            fail::cfg_callback(BETWEEN_CALLS, move || {
+                if fired.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let mut c = client.get_connection().expect("redis connection");
+                    let _: () = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(&between)
+                        .query(&mut c)
+                        .expect("SET the epoch key");
+                }
+            })
+            .expect("failpoint");
+        }
+        let s1 = store.stats();
+        let found = store.lookup(&ids(&batch)).await;
+        fail::remove(BETWEEN_CALLS);
+        let s2 = store.stats();
+        assert_eq!(
+            fired.load(Ordering::SeqCst),
+            1,
+            "{case}: the lookup made two calls"
+        );
+        assert_eq!(sorted(found.expect("lookup")), batch, "{case}");
+        assert_eq!(
+            (
+                s2.lookups_redis - s1.lookups_redis,
+                s2.lookups_postgres - s1.lookups_postgres
+            ),
+            (0, 1),
+            "{case}: PostgreSQL answers a lookup whose calls saw two epoch keys"
+        );
+        assert_eq!(
+            s2.redis_failures, s1.redis_failures,
+            "{case}: no Redis failure"
+        );
+        assert_eq!(store.mode(), Mode::Redis, "{case}: no mode change");
+    }
+    assert!(w.mode_audits().await.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushall_makes_redis_out_of_sync_until_resynchronised() {
     let _exclusive = crate::common::exclusive_stack().await;
