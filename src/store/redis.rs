@@ -270,10 +270,10 @@ pub enum PutMode {
 /// empty value deletes the key ([`PutMode::Resync`] only).
 pub type Entry = (String, String, u64);
 
-/// Most keys one Redis call reads or writes. Each call has the whole `redis.command_timeout`:
-/// a batch of 20,000 outcomes in one call took longer than 250 ms on a busy two-core machine
-/// with Redis healthy, and the lock store fell back to PostgreSQL for it; a thousand keys take
-/// a few milliseconds, and the extra round trips (local, about 0.1 ms each) cost little.
+/// Most keys one Redis call reads or writes. A batch's calls go in one round trip (pipelined),
+/// each with `redis.command_timeout` of its own: a batch of 20,000 outcomes written in one call
+/// under one timeout took longer than 250 ms on a busy two-core machine with Redis healthy, and
+/// the lock store fell back to PostgreSQL for it; a thousand keys take a few milliseconds.
 pub const KEYS_PER_CALL: usize = 1_000;
 
 /// What a lookup returned: the epoch key and one value per intent id.
@@ -494,21 +494,23 @@ impl RedisStore {
         what: &'static str,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T> {
+        self.run_within(conn, what, self.timeout, call).await
+    }
+
+    /// [`RedisStore::run`] with a timeout of its own.
+    async fn run_within<T>(
+        &self,
+        conn: &Arc<Conn>,
+        what: &'static str,
+        timeout: Duration,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T> {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => {
-                self.discard(conn);
-                Err(Error::Redis { what, source })
-            }
-            Err(_) => {
-                self.discard(conn);
-                Err(Error::Timeout {
-                    what,
-                    timeout: self.timeout,
-                })
-            }
+        let answered = bounded(what, timeout, call).await;
+        if answered.is_err() {
+            self.discard(conn);
         }
+        answered
     }
 
     /// A deadline (server ms) after which a write must not land any more.
@@ -584,27 +586,30 @@ impl RedisStore {
     }
 
     /// The epoch key and every intent's entry: one MGET per [`KEYS_PER_CALL`] ids, each with
-    /// the epoch key, on one connection. The answer marks a copy only if every call saw the
-    /// same epoch key (a key changed between two calls, by a fallback or a copy, marks none).
-    /// No ids, no call (the lookup answers an empty batch without Redis).
+    /// the epoch key, all sent at once on one connection (one round trip, pipelined), each
+    /// with its own share of the timeout ([`RedisStore::run_calls`]). The answer marks a copy
+    /// only if every call saw the same epoch key (a key changed between two calls, by a
+    /// fallback or a copy, marks none). No ids, no call (the lookup answers an empty batch
+    /// without Redis).
     pub async fn fetch(&self, intent_ids: &[String]) -> Result<Fetched> {
         let conn = self.connection().await?;
+        let chunks: Vec<&[String]> = intent_ids.chunks(KEYS_PER_CALL).collect();
+        let calls = chunks
+            .iter()
+            .map(|ids| {
+                let mut cmd = redis::cmd("MGET");
+                cmd.arg(self.keys.epoch());
+                for id in *ids {
+                    cmd.arg(self.keys.idem(id));
+                }
+                cmd
+            })
+            .collect();
+        let answers: Vec<Vec<Option<Vec<u8>>>> =
+            self.run_calls(&conn, "looking up intents", calls).await?;
         let mut tokens: Vec<Option<String>> = Vec::new();
         let mut values = Vec::with_capacity(intent_ids.len());
-        for (n, ids) in intent_ids.chunks(KEYS_PER_CALL).enumerate() {
-            if n > 0 {
-                // Test builds: something happens between two calls of one lookup.
-                fail::fail_point!("redis-fetch-next-call");
-            }
-            let mut cmd = redis::cmd("MGET");
-            cmd.arg(self.keys.epoch());
-            for id in ids {
-                cmd.arg(self.keys.idem(id));
-            }
-            let mut c = conn.con.clone();
-            let mut answered: Vec<Option<Vec<u8>>> = self
-                .run(&conn, "looking up intents", cmd.query_async(&mut c))
-                .await?;
+        for (ids, mut answered) in chunks.iter().zip(answers) {
             if answered.len() != ids.len() + 1 {
                 self.discard(&conn);
                 return Err(Error::Unusable(format!(
@@ -632,6 +637,44 @@ impl RedisStore {
             epoch_changed,
             values,
         })
+    }
+
+    /// Sends `calls` together on `conn` (one round trip: the multiplexed connection pipelines
+    /// them) and returns their answers in order. Each call has `command_timeout` of its own:
+    /// call *k* must be answered within (*k* + 1) × `command_timeout` of the send, so a frozen
+    /// Redis is found after one timeout whatever the size of the batch, and a big batch on a
+    /// busy server is not (each call is a few milliseconds of Redis's time). The first
+    /// failure fails the whole (the other answers are not waited for: only reads go this way).
+    async fn run_calls<T: redis::FromRedisValue>(
+        &self,
+        conn: &Arc<Conn>,
+        what: &'static str,
+        calls: Vec<redis::Cmd>,
+    ) -> Result<Vec<T>> {
+        if one_by_one() {
+            // Test builds: each call sent once the one before has answered, and a fail point
+            // between two calls (for a test to change something in Redis between them).
+            let mut answers = Vec::with_capacity(calls.len());
+            for (k, cmd) in calls.into_iter().enumerate() {
+                if k > 0 {
+                    fail::fail_point!("redis-next-call");
+                }
+                let mut c = conn.con.clone();
+                answers.push(self.run(conn, what, cmd.query_async(&mut c)).await?);
+            }
+            return Ok(answers);
+        }
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let pending = calls.into_iter().enumerate().map(|(k, cmd)| {
+            let mut c = conn.con.clone();
+            let timeout = self.timeout * (k as u32 + 1);
+            async move { bounded(what, timeout, cmd.query_async(&mut c)).await }
+        });
+        let answered = futures::future::try_join_all(pending).await;
+        if answered.is_err() {
+            self.discard(conn);
+        }
+        answered
     }
 
     /// The epoch key, as seen on `conn`.
@@ -734,44 +777,75 @@ impl RedisStore {
         Ok(r == 1)
     }
 
-    /// Writes idempotency entries, one script call per [`KEYS_PER_CALL`] entries, one after
-    /// the other (each under the timeout, and refused by Redis past its own deadline); returns
-    /// how many were written (a resynchronisation skips keys written live since it started).
-    /// A failed call leaves the calls before it written: Redis is then behind, as after a
-    /// single call that timed out.
+    /// Writes idempotency entries, one script call per [`KEYS_PER_CALL`] entries, all in one
+    /// pipeline (one round trip); returns how many were written (a resynchronisation skips
+    /// keys written live since it started). Call *k* carries a deadline of (*k* + 1) ×
+    /// `command_timeout` after the send, checked by Redis, and the pipeline is waited for until
+    /// the last call's deadline: a write given up on never lands later, and a big batch on a
+    /// busy server gets a few milliseconds of work per call within each share. A frozen Redis
+    /// is therefore found after (calls × `command_timeout`), 5 s for 20,000 outcomes by default.
+    /// A failed pipeline may leave some calls written: Redis is then behind, as after a single
+    /// call that timed out.
     pub async fn put(&self, conn: &Arc<Conn>, entries: &[Entry], mode: PutMode) -> Result<u64> {
-        let mut written = 0;
-        for chunk in entries.chunks(KEYS_PER_CALL) {
-            written += self.put_call(conn, chunk, mode).await?;
-        }
-        Ok(written)
-    }
-
-    async fn put_call(&self, conn: &Arc<Conn>, entries: &[Entry], mode: PutMode) -> Result<u64> {
-        let mut inv = self.put.prepare_invoke();
-        inv.arg(self.deadline(conn)).arg(match mode {
+        let t0 = match mode {
             PutMode::Live => 0,
             PutMode::Resync { t0 } => t0.max(1),
-        });
-        for (id, value, ttl) in entries {
-            inv.key(self.keys.idem(id)).arg(value).arg((*ttl).max(1));
+        };
+        let first_deadline = self.deadline(conn);
+        let share = self.timeout.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        // The script, loaded in the same round trip (a Redis restarted since has lost it).
+        pipe.load_script(&self.put).ignore();
+        let mut calls = 0u32;
+        for (k, chunk) in entries.chunks(KEYS_PER_CALL).enumerate() {
+            let mut inv = self.put.prepare_invoke();
+            inv.arg(first_deadline + k as u64 * share).arg(t0);
+            for (id, value, ttl) in chunk {
+                inv.key(self.keys.idem(id)).arg(value).arg((*ttl).max(1));
+            }
+            pipe.invoke_script(&inv);
+            calls += 1;
+        }
+        if calls == 0 {
+            return Ok(0);
         }
         let mut c = conn.con.clone();
-        let n: i64 = self
-            .run(
+        let answers: Vec<i64> = self
+            .run_within(
                 conn,
                 "writing idempotency outcomes",
-                inv.invoke_async(&mut c),
+                self.timeout * calls,
+                pipe.query_async(&mut c),
             )
             .await?;
-        if n < 0 {
+        if answers.iter().any(|n| *n < 0) {
             self.discard(conn);
             return Err(Error::Unusable(
                 "the write reached Redis after its deadline".into(),
             ));
         }
-        Ok(n as u64)
+        Ok(answers.iter().map(|n| *n as u64).sum())
     }
+}
+
+/// `call`, given up after `timeout`.
+async fn bounded<T>(
+    what: &'static str,
+    timeout: Duration,
+    call: impl Future<Output = RedisResult<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(Error::Redis { what, source }),
+        Err(_) => Err(Error::Timeout { what, timeout }),
+    }
+}
+
+/// Whether [`RedisStore::run_calls`] sends its calls one by one: only in test builds, when the
+/// fail point `redis-calls-one-by-one` is set to `return`.
+fn one_by_one() -> bool {
+    fail::fail_point!("redis-calls-one-by-one", |_| true);
+    false
 }
 
 /// A `field:value` line of an INFO section.

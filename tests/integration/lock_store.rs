@@ -836,6 +836,100 @@ async fn a_write_through_that_times_out_trips_at_once_and_never_lands_late() {
     assert_eq!(w.redis_entry("late").await, Some(late));
 }
 
+/// The same for a write-through of several calls sent together: call k carries the deadline
+/// send + (k + 1) x the timeout, and the write is given up only when every call has answered
+/// or passed its deadline, so nothing of it lands once it failed. Redis frozen past the last
+/// deadline (nothing lands), and frozen until between the second and the third deadline (the
+/// last calls land, but before the write returns).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_of_several_calls_that_times_out_never_lands_late() {
+    let _exclusive = crate::common::exclusive_stack().await;
+    let timeout = Duration::from_millis(250);
+    let mut w = World::new("ls_late_many", |c| {
+        c.redis.command_timeout = timeout;
+        c.redis.breaker_open_for = Duration::from_secs(3);
+    })
+    .await;
+    let store = w.store().await;
+    let calls = 4;
+    for freeze_ms in [2000, 600] {
+        in_sync(&store).await;
+        let failures = store.stats().redis_failures;
+        let batch = sorted(committed(
+            &format!("late-{freeze_ms}"),
+            (calls - 1) * raw::KEYS_PER_CALL as u64 + 1,
+        ));
+        w.write_committed(0, &batch).await;
+        let keys: Vec<String> = batch.iter().map(|o| w.keys().idem(&o.intent_id)).collect();
+        let freeze = freeze_redis(freeze_ms).await;
+        let t = Instant::now();
+        store.record(&batch).await.expect("record");
+        let gave_up = t.elapsed();
+        // Redis runs on this machine: its clock (the entries' stamps) is this clock.
+        let gave_up_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert_eq!(
+            store.mode(),
+            Mode::Postgres,
+            "{freeze_ms}: the write-through failed"
+        );
+        assert_eq!(store.stats().redis_failures, failures + 1);
+        drop(freeze);
+        // Past every deadline of the write.
+        tokio::time::sleep(
+            (timeout * calls as u32 + Duration::from_millis(500)).saturating_sub(t.elapsed()),
+        )
+        .await;
+        // Each entry ends with the server time at which its call ran (`|<stamp ms>`).
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut w.con().await)
+            .await
+            .unwrap();
+        let stamps: Vec<u64> = values
+            .iter()
+            .flatten()
+            .map(|v| v.rsplit('|').next().unwrap().parse().expect("stamp"))
+            .collect();
+        println!(
+            "{freeze_ms}: given up after {gave_up:?}, {} of {} entries landed",
+            stamps.len(),
+            keys.len()
+        );
+        assert!(
+            stamps.iter().all(|s| *s <= gave_up_at),
+            "{freeze_ms}: calls of a write given up on ran after it was given up ({} of {} \
+             entries, given up after {gave_up:?})",
+            stamps.iter().filter(|s| **s > gave_up_at).count(),
+            stamps.len()
+        );
+        if freeze_ms == 2000 {
+            assert!(
+                stamps.is_empty(),
+                "frozen past every deadline: nothing lands"
+            );
+            assert!(
+                gave_up >= timeout * calls as u32 - Duration::from_millis(50),
+                "given up after {gave_up:?}, before the last call's deadline"
+            );
+        }
+        // PostgreSQL answers meanwhile, and the failback copies the batch.
+        assert_eq!(sorted(store.lookup(&ids(&batch)).await.unwrap()), batch);
+        settle(&store, Duration::from_secs(15), "failback", |s| {
+            s.mode() == Mode::Redis && s.redis_in_sync()
+        })
+        .await;
+        let copied: usize = redis::cmd("EXISTS")
+            .arg(&keys)
+            .query_async(&mut w.con().await)
+            .await
+            .unwrap();
+        assert_eq!(copied, batch.len(), "{freeze_ms}: copied back");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_many_thousand_outcomes_is_written_through_and_looked_up_within_the_command_timeout(
 ) {
@@ -885,6 +979,122 @@ async fn a_batch_of_many_thousand_outcomes_is_written_through_and_looked_up_with
     assert!(w.mode_audits().await.is_empty(), "no mode change happened");
 }
 
+/// A TCP proxy to the tests' Redis that holds every chunk a client sends for `delay` before it
+/// passes it on (answers come back at once): each round trip through it costs `delay`. Returns
+/// the Redis URL that goes through it.
+async fn delaying_redis_proxy(delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = redis_url();
+    let host_port = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .and_then(|a| a.rsplit('@').next())
+        .expect("host:port in the Redis URL")
+        .to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let target = host_port.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                continue;
+            };
+            let (mut client_in, mut client_out) = client.into_split();
+            let (mut server_in, mut server_out) = server.into_split();
+            let (tx, mut rx) =
+                tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = client_in.read(&mut buf).await {
+                    let due = tokio::time::Instant::now() + delay;
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                while let Some((due, bytes)) = rx.recv().await {
+                    tokio::time::sleep_until(due).await;
+                    if server_out.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_in, &mut client_out).await;
+            });
+        }
+    });
+    url.replacen(&host_port, &format!("127.0.0.1:{port}"), 1)
+}
+
+/// CONTRACT §7: at most one Redis round trip per batch. Through a proxy that delays every
+/// request by 250 ms, the write-through of 20,000 outcomes and the lookup of their ids (20 calls
+/// of 1,000 keys each) take about one delay each, not twenty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_one_round_trip_to_redis_however_many_calls_it_takes() {
+    let _shared = crate::common::shared_stack().await;
+    let delay = Duration::from_millis(250);
+    let proxied = delaying_redis_proxy(delay).await;
+    let via_proxy = proxied.clone();
+    let mut w = World::new("ls_rtt", |c| {
+        c.redis.url = via_proxy.into();
+        c.redis.command_timeout = Duration::from_secs(2);
+    })
+    .await;
+
+    // The proxy delays each round trip: two GETs one after the other take two delays.
+    let mut c = redis::Client::open(proxied)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let t = Instant::now();
+    for _ in 0..2 {
+        let _: Option<String> = redis::cmd("GET")
+            .arg("none")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    assert!(
+        t.elapsed() >= delay * 2,
+        "the proxy delays: {:?}",
+        t.elapsed()
+    );
+
+    let store = w.store().await;
+    settle(&store, Duration::from_secs(30), "Redis in sync", |s| {
+        s.mode() == Mode::Redis && s.redis_in_sync()
+    })
+    .await;
+    let calls = 20;
+    let batch = sorted(committed("rtt", calls * raw::KEYS_PER_CALL as u64));
+    w.write_committed(0, &batch).await;
+    let s0 = store.stats();
+    let t = Instant::now();
+    store.record(&batch).await.expect("record");
+    let written = t.elapsed();
+    let t = Instant::now();
+    let found = store.lookup(&ids(&batch)).await.expect("lookup");
+    let looked_up = t.elapsed();
+    let s1 = store.stats();
+    assert_eq!(store.mode(), Mode::Redis);
+    assert_eq!(s1.redis_failures, s0.redis_failures);
+    assert_eq!(s1.lookups_redis - s0.lookups_redis, 1, "Redis answered");
+    assert_eq!(sorted(found), batch);
+    // One after the other, 20 calls would take at least 20 delays (5 s).
+    let one_by_one = delay * calls as u32;
+    for (what, took) in [("write-through", written), ("lookup", looked_up)] {
+        println!("{what} of {} keys through the proxy: {took:?}", batch.len());
+        assert!(
+            took < one_by_one / 2,
+            "the {what} of {calls} calls took {took:?}: more than one round trip of {delay:?} each"
+        );
+    }
+}
+
 /// A lookup of more than `KEYS_PER_CALL` ids is several MGETs; Redis answers it only if every
 /// one saw the same epoch key. Here the key changes between the two calls, once from the
 /// marked key to another (as a copy by another instance at a newer epoch leaves it), once from
@@ -894,7 +1104,10 @@ async fn a_batch_of_many_thousand_outcomes_is_written_through_and_looked_up_with
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_whose_calls_see_two_epoch_keys_is_answered_by_postgres() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    const BETWEEN_CALLS: &str = "redis-fetch-next-call";
+    // The calls of a lookup go out together (one round trip); the fail points send them one by
+    // one and run the test's change between two of them.
+    const ONE_BY_ONE: &str = "redis-calls-one-by-one";
+    const BETWEEN_CALLS: &str = "redis-next-call";
     // Exclusive: the failpoint is the process's, no other test's lookup may run into it.
     let _exclusive = crate::common::exclusive_stack().await;
     let mut w = World::new("ls_split", |_| {}).await;
@@ -936,6 +1149,7 @@ async fn a_lookup_whose_calls_see_two_epoch_keys_is_answered_by_postgres() {
         let fired = Arc::new(AtomicUsize::new(0));
         {
             let (fired, client, key) = (fired.clone(), w.raw.clone(), epoch_key.clone());
+            fail::cfg(ONE_BY_ONE, "return").expect("failpoint");
             fail::cfg_callback(BETWEEN_CALLS, move || {
                 if fired.fetch_add(1, Ordering::SeqCst) == 0 {
                     let mut c = client.get_connection().expect("redis connection");
@@ -951,6 +1165,7 @@ async fn a_lookup_whose_calls_see_two_epoch_keys_is_answered_by_postgres() {
         let s1 = store.stats();
         let found = store.lookup(&ids(&batch)).await;
         fail::remove(BETWEEN_CALLS);
+        fail::remove(ONE_BY_ONE);
         let s2 = store.stats();
         assert_eq!(
             fired.load(Ordering::SeqCst),
