@@ -4,8 +4,11 @@
 //! `batch.max_linger`, or, with no record yet, when the linger since polling began is over (the
 //! engine's tick). Records that trickle in are worth lingering for; records already waiting when
 //! polling began (they queued up while the previous batch was processed) are not: such a batch
-//! is *behind*, takes what is waiting and closes once the queue is drained ([`DRAIN_GAP`] with
-//! no record), which would otherwise only add to their wait.
+//! is *behind*, takes what the client holds and closes at the first poll that finds nothing
+//! ready (it polls without waiting). Lingering would only add to their wait, and under a steady
+//! flow it would make every batch wait out the whole linger: new records keep arriving, so the
+//! client's queue is never empty for long, and the cycle the next records wait for grows by the
+//! linger.
 //!
 //! Pure: every method takes the time, so the rule is tested without a clock.
 
@@ -15,9 +18,8 @@ use std::time::{Duration, Instant};
 /// is behind and does not linger. librdkafka does not expose its queue's length on a consumer,
 /// so how soon the first record comes is the sign.
 pub const WAITING_ALREADY: Duration = Duration::from_millis(2);
-/// A batch behind closes once no record came for this long.
-pub const DRAIN_GAP: Duration = Duration::from_millis(10);
-/// The shortest poll: a zero timeout would spin.
+/// The shortest poll of a batch that waits for records: a zero timeout would spin. (A batch
+/// behind polls with a zero timeout: it closes at the first poll that finds nothing.)
 const MIN_POLL: Duration = Duration::from_millis(1);
 
 /// The state of one batch being polled.
@@ -46,7 +48,7 @@ impl BatchClock {
     /// How long the next poll may wait.
     pub fn poll_timeout(&self, now: Instant) -> Duration {
         let t = match self.started {
-            Some(_) if self.behind => DRAIN_GAP,
+            Some(_) if self.behind => return Duration::ZERO,
             None => (self.polling_since + self.linger).saturating_duration_since(now),
             Some(t) => self.linger.saturating_sub(now.saturating_duration_since(t)),
         };
@@ -62,7 +64,7 @@ impl BatchClock {
     }
 
     /// Whether the batch, holding `records` after a poll that returned nothing at all
-    /// (`polled_nothing`: the poll timed out), closes at `now`.
+    /// (`polled_nothing`: the poll timed out, or found nothing ready), closes at `now`.
     pub fn closes(&self, now: Instant, records: usize, polled_nothing: bool) -> bool {
         let drained = self.behind && polled_nothing;
         let full = records >= self.max_records;
@@ -119,10 +121,33 @@ mod tests {
         let t0 = Instant::now();
         let mut c = BatchClock::new(LINGER, 10, t0);
         c.record(t0 + MS);
-        assert_eq!(c.poll_timeout(t0 + MS), DRAIN_GAP);
+        assert_eq!(
+            c.poll_timeout(t0 + MS),
+            Duration::ZERO,
+            "behind: never waits"
+        );
         c.record(t0 + 2 * MS);
         assert!(!c.closes(t0 + 2 * MS, 2, false), "records still coming");
-        assert!(c.closes(t0 + 12 * MS, 2, true), "the queue is drained");
+        assert!(
+            c.closes(t0 + 2 * MS, 2, true),
+            "the first poll that finds nothing closes it"
+        );
+    }
+
+    #[test]
+    fn a_batch_behind_under_a_steady_flow_does_not_wait_out_the_linger() {
+        // Records keep coming (a fetch every few ms): each poll finds one until the client's
+        // queue is empty for a moment, and that moment closes the batch, long before the linger.
+        let t0 = Instant::now();
+        let mut c = BatchClock::new(LINGER, 100_000, t0);
+        let mut now = t0;
+        for i in 0..500u32 {
+            now = t0 + Duration::from_micros(u64::from(i) * 20);
+            c.record(now);
+            assert!(!c.closes(now, i as usize + 1, false));
+            assert_eq!(c.poll_timeout(now), Duration::ZERO);
+        }
+        assert!(c.closes(now + MS, 500, true), "closed 11 ms in, not 100");
     }
 
     #[test]
