@@ -853,6 +853,10 @@ impl Bench<'_> {
                     "[{label}] latency at {name} speed ({rate:.0}/s, {} intents): p50 {} ms, p99 {} ms, max {} ms ({} seen)",
                     l.intents, l.p50_ms, l.p99_ms, l.max_ms, l.observed
                 );
+                println!(
+                    "[{label}] at {name} speed, p99/max ms by second of creation: {}",
+                    report::describe_seconds(&l)
+                );
                 let after: Vec<String> = metrics.iter().filter_map(|a| scrape(*a)).collect();
                 lat_steps[i] = report::batch_steps_since(&before, &after);
                 if let Some(b) = &lat_steps[i] {

@@ -263,14 +263,15 @@ pub fn observer(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
 }
 
 /// Receives committed records until `expected` of those whose intent id starts with `prefix`
-/// were seen, or `within` passed; returns their latencies (receipt - created_at_ms), in ms.
+/// were seen, or `within` passed; returns each one's `created_at_ms` and latency (receipt -
+/// created_at_ms), in ms.
 pub fn observe(
     consumer: &BaseConsumer,
     carried: Carried,
     prefix: &str,
     expected: usize,
     within: Duration,
-) -> Vec<i64> {
+) -> Vec<(i64, i64)> {
     let deadline = Instant::now() + within;
     let mut latencies = Vec::with_capacity(expected);
     while latencies.len() < expected && Instant::now() < deadline {
@@ -291,7 +292,7 @@ pub fn observe(
         };
         if let Some((id, created)) = decoded {
             if id.starts_with(prefix) {
-                latencies.push(received - created);
+                latencies.push((created, received - created));
             }
         }
     }

@@ -93,26 +93,72 @@ pub struct Latency {
     pub p99_ms: i64,
     pub max_ms: i64,
     pub produced: Produced,
+    /// The same by the second of the phase the intents were created in: whether a tail is the
+    /// phase's start (clients connecting) or spread over it.
+    pub by_second: Vec<SecondOfPhase>,
 }
 
-pub fn latency(offered: f64, produced: Produced, mut ms: Vec<i64>) -> Latency {
+/// The latencies of the intents created in one second of a latency phase (0 = its first).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SecondOfPhase {
+    pub second: i64,
+    pub intents: usize,
+    pub p99_ms: i64,
+    pub max_ms: i64,
+}
+
+/// The `q` quantile of sorted `ms` (nearest rank); 0 when empty.
+fn quantile(ms: &[i64], q: f64) -> i64 {
+    if ms.is_empty() {
+        return 0;
+    }
+    let rank = ((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len());
+    ms[rank - 1]
+}
+
+/// `seen`: each observed intent's `created_at_ms` and latency.
+pub fn latency(offered: f64, produced: Produced, seen: Vec<(i64, i64)>) -> Latency {
+    let first = seen.iter().map(|(c, _)| *c).min().unwrap_or(0);
+    let mut by_second: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+    for (created, ms) in &seen {
+        by_second
+            .entry((created - first).div_euclid(1000))
+            .or_default()
+            .push(*ms);
+    }
+    let by_second = by_second
+        .into_iter()
+        .map(|(second, mut ms)| {
+            ms.sort_unstable();
+            SecondOfPhase {
+                second,
+                intents: ms.len(),
+                p99_ms: quantile(&ms, 0.99),
+                max_ms: ms.last().copied().unwrap_or(0),
+            }
+        })
+        .collect();
+    let mut ms: Vec<i64> = seen.into_iter().map(|(_, ms)| ms).collect();
     ms.sort_unstable();
-    let pick = |q: f64| {
-        if ms.is_empty() {
-            return 0;
-        }
-        let rank = ((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len());
-        ms[rank - 1]
-    };
     Latency {
         offered_per_s: offered,
         intents: produced.records,
         observed: ms.len(),
-        p50_ms: pick(0.50),
-        p99_ms: pick(0.99),
+        p50_ms: quantile(&ms, 0.50),
+        p99_ms: quantile(&ms, 0.99),
         max_ms: ms.last().copied().unwrap_or(0),
         produced,
+        by_second,
     }
+}
+
+/// "p99/max" of each second of a phase, for the run's log.
+pub fn describe_seconds(l: &Latency) -> String {
+    l.by_second
+        .iter()
+        .map(|s| format!("{}s {}/{}", s.second, s.p99_ms, s.max_ms))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// PostgreSQL writes per intent over a whole consumer run (backlog and latency phases).

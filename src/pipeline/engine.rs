@@ -11,9 +11,11 @@
 //! 4. **translate** the decisions into a [`BatchPlan`] (pure, `translate`): output records,
 //!    audit rows, contact states, transition events;
 //! 5. **persist** the durable state in one PostgreSQL round trip, tagged with each partition's
-//!    next batch number and checked against its fencing token;
-//! 6. **commit** the outputs and the consumed offsets (whose metadata names the batch: the
-//!    recovery point) in one Kafka transaction;
+//!    next batch number and checked against its fencing token; the batch's Kafka transaction is
+//!    begun just before it and its outputs queued, so the broker takes them while PostgreSQL
+//!    writes (nothing visible before the commit; an abort discards them when the write fails);
+//! 6. **commit** that transaction with the consumed offsets (whose metadata names the batch:
+//!    the recovery point);
 //! 7. **report**, only now that the batch is real: the lanes' new recovery points; then, off
 //!    this thread while the next batch is polled, each transition's log line and metrics and
 //!    the idempotency cache's write-through (settled before the next lookup).
@@ -157,6 +159,8 @@ pub struct Engine {
     read: BTreeSet<i32>,
     /// The current batch's step timestamps, made into spans when it ends.
     batch_trace: BatchTrace,
+    /// When the open transaction began, its outputs and offsets staged ([`Engine::stage`]).
+    staged: Option<Instant>,
     /// The last committed batch's write-through and log lines, while they run (see
     /// [`Engine::report_transitions`]).
     writing_through: Cell<Option<tokio::task::JoinHandle<()>>>,
@@ -350,6 +354,7 @@ impl Engine {
             health,
             read: BTreeSet::new(),
             batch_trace: BatchTrace::default(),
+            staged: None,
             writing_through: Cell::new(None),
             logging: Cell::new(None),
         })
@@ -887,7 +892,11 @@ impl Engine {
         }
         self.batch_trace.done(Step::Decide);
         let plan = self.one_writer_per_contact(plan);
+        if let Err(e) = self.stage(&plan) {
+            return self.fail(Failure::Commit(e));
+        }
         if let Err(PartWritten { error: e, written }) = self.persist(&plan) {
+            self.abort_staged();
             // The parts already written are rolled back by their lanes' restore.
             let plan = plan.without(&written);
             if let Some(ids) = e.decided_before() {
@@ -1481,12 +1490,48 @@ impl Engine {
         write
     }
 
-    /// Step 6: outputs and offsets (with the recovery point) in one Kafka transaction.
-    fn commit(&mut self, plan: &BatchPlan) -> kafka::Result<()> {
+    /// Step 5's Kafka half: begins the batch's transaction and queues its outputs, so that
+    /// the broker takes them (AddPartitionsToTxn, the records) while PostgreSQL writes. Nothing
+    /// of it is visible before [`Engine::commit`]; [`Engine::abort_staged`] discards it. (The
+    /// offsets are added after the write: staged offsets would hold back every
+    /// `read_committed` read of the group's committed offsets, KIP-447's `require_stable`,
+    /// for as long as the transaction stays open.)
+    fn stage(&mut self, plan: &BatchPlan) -> kafka::Result<()> {
         let producer = self
             .producer
             .as_mut()
             .ok_or(kafka::Error::Fatal(rdkafka::error::KafkaError::Canceled))?;
+        self.staged = Some(Instant::now());
+        producer.begin()?;
+        for part in plan.partitions.values() {
+            for out in &part.plan.outputs {
+                producer.send(out)?;
+            }
+        }
+        producer.poll();
+        Ok(())
+    }
+
+    /// The durable write failed: the staged transaction is aborted (the producer re-created
+    /// when it cannot be).
+    fn abort_staged(&mut self) {
+        if self.staged.take().is_none() {
+            return;
+        }
+        let aborted = self.producer.as_mut().map(TxnProducer::abort);
+        if let Some(Err(e)) = aborted {
+            tracing::warn!(error = %e, "abort failed; re-creating the producer");
+            self.reset_producer();
+        }
+    }
+
+    /// Step 6: the offsets (with the recovery point) join the staged transaction, which
+    /// commits (a batch not staged yet, after a partial write, is staged first).
+    fn commit(&mut self, plan: &BatchPlan) -> kafka::Result<()> {
+        if self.staged.is_none() {
+            self.stage(plan)?;
+        }
+        let started = self.staged.take().unwrap_or_else(Instant::now);
         let mut offsets = Vec::with_capacity(plan.partitions.len());
         for (p, part) in &plan.partitions {
             if part.next_offset < 0 {
@@ -1504,14 +1549,10 @@ impl Engine {
             };
             offsets.push((*p, part.next_offset, point.to_string()));
         }
-        let started = Instant::now();
-        producer.begin()?;
-        for part in plan.partitions.values() {
-            for out in &part.plan.outputs {
-                producer.send(out)?;
-            }
-        }
-        producer.poll();
+        let producer = self
+            .producer
+            .as_mut()
+            .ok_or(kafka::Error::Fatal(rdkafka::error::KafkaError::Canceled))?;
         let tpl = kafka::offsets_list(&self.topics.intents, &offsets)?;
         producer.commit(&tpl, &self.consumer)?;
         metrics::histogram!(m::TRANSACTION_DURATION).record(started.elapsed().as_secs_f64());
@@ -1692,6 +1733,7 @@ impl Engine {
 
     /// After a transaction failed: aborts it, or re-creates the producer when it cannot.
     fn recover_producer(&mut self, e: &kafka::Error) {
+        self.staged = None;
         if e.needs_new_producer() {
             if matches!(e, kafka::Error::Stuck { .. }) {
                 tracing::error!(

@@ -308,7 +308,7 @@ pub const ALL: &[Metric] = &[
         name: TRANSACTION_DURATION,
         kind: Kind::Histogram,
         labels: &[],
-        help: "Kafka transaction commit time",
+        help: "Kafka transaction time, begin (before the durable write) to commit",
         unit: Some(Unit::Seconds),
     },
     Metric {
