@@ -786,7 +786,8 @@ impl Bench<'_> {
             }
             Preload::OnePerContact(n) => {
                 let intents = one_per_contact(n, a.strict_fraction, a.seed);
-                kafka_io::produce_at_rate(&c.kafka.brokers, &c.kafka.intents_topic, intents, 0.0)?;
+                let producer = kafka_io::producer(&c.kafka.brokers, &c.kafka.intents_topic)?;
+                kafka_io::produce_at_rate(&producer, &c.kafka.intents_topic, intents, 0.0)?;
             }
         }
         let progress = Progress::new(c)?;
@@ -1027,6 +1028,7 @@ impl Bench<'_> {
     ) -> anyhow::Result<report::Latency> {
         let a = self.args;
         let c = &world.config;
+        let producer = kafka_io::producer(&c.kafka.brokers, &c.kafka.intents_topic)?;
         wait_caught_up(procs, progress, Duration::from_secs(300))?;
         let n = ((rate * a.latency_seconds) as usize).clamp(100, a.latency_max.max(100));
         let prefix = format!("lat-{name}");
@@ -1039,7 +1041,7 @@ impl Bench<'_> {
         let (produced, seen) = std::thread::scope(|s| {
             let watcher = s.spawn(|| kafka_io::observe(&observer, carried, &id_prefix, n, within));
             let produced =
-                kafka_io::produce_at_rate(&c.kafka.brokers, &c.kafka.intents_topic, intents, rate);
+                kafka_io::produce_at_rate(&producer, &c.kafka.intents_topic, intents, rate);
             let seen = watcher.join();
             (produced, seen)
         });

@@ -182,15 +182,11 @@ pub struct Produced {
     pub took_s: f64,
 }
 
-/// Produces `intents` at `rate` per second (0 = as fast as possible), one idempotent producer
-/// (so each partition receives them in generation order), stamping `created_at_ms` at send
-/// time.
-pub fn produce_at_rate(
-    brokers: &str,
-    topic: &str,
-    intents: Vec<Intent>,
-    rate: f64,
-) -> anyhow::Result<Produced> {
+/// The bench's producer of intents: idempotent (so each partition receives them in
+/// generation order), connected and holding `topic`'s metadata when this returns, so a phase
+/// timed from its first send does not count the client's start-up (a real producer is
+/// long-lived).
+pub fn producer(brokers: &str, topic: &str) -> anyhow::Result<BaseProducer> {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -198,6 +194,21 @@ pub fn produce_at_rate(
         .set("client.id", "causal-commit-bench-live")
         .create()
         .context("creating the live producer")?;
+    producer
+        .client()
+        .fetch_metadata(Some(topic), TIMEOUT)
+        .with_context(|| format!("reading {topic}'s metadata"))?;
+    Ok(producer)
+}
+
+/// Produces `intents` with `producer` at `rate` per second (0 = as fast as possible), in
+/// their order, stamping `created_at_ms` at send time.
+pub fn produce_at_rate(
+    producer: &BaseProducer,
+    topic: &str,
+    intents: Vec<Intent>,
+    rate: f64,
+) -> anyhow::Result<Produced> {
     let records = intents.len();
     let started = Instant::now();
     for (i, mut intent) in intents.into_iter().enumerate() {
@@ -218,7 +229,7 @@ pub fn produce_at_rate(
             .key(intent.contact_id.as_bytes())
             .payload(&value)
             .headers(headers);
-        send(&producer, record).context("queueing a live intent")?;
+        send(producer, record).context("queueing a live intent")?;
     }
     producer.flush(Duration::from_secs(60))?;
     Ok(Produced {

@@ -1667,12 +1667,13 @@ impl Engine {
     }
 
     /// Tells PostgreSQL which batches are now committed, off the engine's thread (best effort:
-    /// the partitions' next batch writes record it too).
+    /// the partitions' next batch writes record it too, so a row that write holds is skipped,
+    /// see `pg::mark_committed_if_free`).
     fn mark_committed(&self, batches: Vec<(i32, u64, u64)>) {
         let pool = self.pool.clone();
         let topic = self.topics.intents.clone();
         self.rt.spawn(async move {
-            if let Err(e) = pg::mark_committed(&pool, &topic, &batches).await {
+            if let Err(e) = pg::mark_committed_if_free(&pool, &topic, &batches).await {
                 tracing::debug!(error = %e, "recording committed batches failed");
             }
         });

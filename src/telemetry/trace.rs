@@ -298,10 +298,21 @@ impl BatchTrace {
         let Some(started) = self.started else {
             return;
         };
+        let mut ms = [0u64; 5];
         for (step, from, to) in self.steps(started) {
             let took = to.duration_since(from).unwrap_or_default();
             metrics::histogram!(m::BATCH_STEP, "step" => step.name()).record(took.as_secs_f64());
+            ms[step as usize] = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
         }
+        tracing::debug!(
+            records = self.records,
+            poll_ms = ms[0],
+            lookup_ms = ms[1],
+            decide_ms = ms[2],
+            durable_write_ms = ms[3],
+            commit_ms = ms[4],
+            "batch committed"
+        );
         if !enabled() {
             self.started = None;
             return;

@@ -315,3 +315,93 @@ async fn a_producers_transaction_left_open_does_not_time_out_the_contacts_behind
         "the aborted intent is no intent; y is held for an operator"
     );
 }
+
+/// The engine's record of a committed batch, sent off its thread right after each Kafka commit,
+/// never waits for a partition's row that another transaction holds (the next batch's write,
+/// which records the commit itself): it skips that row, marks the free ones, and returns at
+/// once. (Waiting made both writes of the next batch queue behind it in the bench.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_a_committed_batch_skips_a_partition_whose_row_a_write_holds() {
+    use causal_commit::store::postgres as pg;
+    use causal_commit::store::postgres::{BatchWrite, PartitionWrite};
+
+    let env = TestEnv::new("markfree", 2).await;
+    let topic = env.config.kafka.intents_topic.clone();
+    let pool = pg::pool(&env.config.postgres).unwrap();
+    pg::migrate(&pool, &env.config.postgres.schema)
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(30);
+    let mut fences = Vec::new();
+    for p in 0..2 {
+        let fence = pg::acquire_partition(&pool, &topic, p, "w", lease)
+            .await
+            .unwrap()
+            .unwrap();
+        fences.push(fence);
+    }
+    let write = BatchWrite {
+        partitions: (0..2)
+            .map(|p| PartitionWrite {
+                partition: p,
+                fence: fences[p as usize],
+                batch_no: 1,
+                next_offset: 1,
+                clock_ms: 0,
+            })
+            .collect(),
+        ..BatchWrite::default()
+    };
+    pg::apply_batch(&pool, &topic, "w", lease, &write)
+        .await
+        .unwrap();
+    let committed = |p: i32| {
+        let pool = pool.clone();
+        let topic = topic.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT committed_batch FROM cc_partition WHERE topic = $1 AND partition = $2",
+            )
+            .bind(&topic)
+            .bind(p)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!((committed(0).await, committed(1).await), (0, 0));
+
+    // Another transaction (the next batch's write) holds partition 1's row.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM cc_partition WHERE topic = $1 AND partition = 1 FOR UPDATE")
+        .bind(&topic)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let batches = [(0, fences[0], 1), (1, fences[1], 1)];
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        pg::mark_committed_if_free(&pool, &topic, &batches),
+    )
+    .await
+    .expect("returns without waiting for the held row")
+    .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (committed(0).await, committed(1).await),
+        (1, 0),
+        "the free partition is marked, the held one skipped"
+    );
+    holder.rollback().await.unwrap();
+
+    // Free again: marked. The waiting form marks whatever it is given.
+    pg::mark_committed_if_free(&pool, &topic, &batches)
+        .await
+        .unwrap();
+    assert_eq!((committed(0).await, committed(1).await), (1, 1));
+}

@@ -26,9 +26,9 @@ pub use commands::{
 };
 pub use outcomes::{lookup_committed_outcomes, lookup_outcomes, StoredOutcome};
 pub use partition::{
-    acquire_partition, batch_outputs, batch_views, mark_committed, move_resume_point,
-    release_partition, resolve_recovery_point, restore_partition, BatchOutputs, BatchView,
-    Resolution, RestoredPartition,
+    acquire_partition, batch_outputs, batch_views, mark_committed, mark_committed_if_free,
+    move_resume_point, release_partition, resolve_recovery_point, restore_partition, BatchOutputs,
+    BatchView, Resolution, RestoredPartition,
 };
 pub use schema::{check as check_schema, check_topic, grant_runtime_role, migrate};
 
