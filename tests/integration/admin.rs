@@ -383,10 +383,7 @@ async fn skip_to_above_2_pow_63_minus_1_is_refused_by_the_cli_and_the_api_and_no
 async fn a_command_is_applied_only_once_its_batch_commits_and_an_aborted_batch_leaves_it_pending() {
     let env = TestEnv::new("admincmd", 1).await;
     let topic = env.config.kafka.intents_topic.clone();
-    let pool = pg::pool(&env.config.postgres).unwrap();
-    pg::migrate(&pool, &env.config.postgres.schema)
-        .await
-        .unwrap();
+    let pool = env.store().await;
     sqlx::query(
         "INSERT INTO cc_contact (contact_id, topic, partition, batch_no, state, on_hold)
          VALUES ('c', $1, 0, 0, '{}', true)",
@@ -799,10 +796,7 @@ async fn a_record_carrying_the_old_resubmission_header_reopens_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_audit_transition_is_accepted_by_the_databases_check_constraints() {
     let env = TestEnv::new("admintransitions", 1).await;
-    let pool = pg::pool(&env.config.postgres).unwrap();
-    pg::migrate(&pool, &env.config.postgres.schema)
-        .await
-        .unwrap();
+    let pool = env.store().await;
     let topic = &env.config.kafka.intents_topic;
     let fence = pg::acquire_partition(&pool, topic, 0, "w", Duration::from_secs(30))
         .await

@@ -327,10 +327,7 @@ async fn recording_a_committed_batch_skips_a_partition_whose_row_a_write_holds()
 
     let env = TestEnv::new("markfree", 2).await;
     let topic = env.config.kafka.intents_topic.clone();
-    let pool = pg::pool(&env.config.postgres).unwrap();
-    pg::migrate(&pool, &env.config.postgres.schema)
-        .await
-        .unwrap();
+    let pool = env.store().await;
     let lease = Duration::from_secs(30);
     let mut fences = Vec::new();
     for p in 0..2 {

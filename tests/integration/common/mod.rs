@@ -231,6 +231,16 @@ impl TestEnv {
     pub fn config(&self) -> Arc<Config> {
         Arc::new(self.config.clone())
     }
+
+    /// A pool on this world's PostgreSQL schema, migrated (for tests that call the store
+    /// directly, without a processor).
+    pub async fn store(&self) -> sqlx::PgPool {
+        let pool = causal_commit::store::postgres::pool(&self.config.postgres).expect("pool");
+        causal_commit::store::postgres::migrate(&pool, &self.config.postgres.schema)
+            .await
+            .expect("migrate");
+        pool
+    }
 }
 
 pub async fn create_topics(config: &Config, topics: &[(&String, i32)]) {
