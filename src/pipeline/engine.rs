@@ -120,6 +120,10 @@ const TOO_LARGE_RETRY: Duration = Duration::from_secs(5);
 /// transaction of that batch, doubled at each refusal in a row up to [`CLAIM_RETRY_MAX`].
 const CLAIM_RETRY: Duration = Duration::from_millis(200);
 const CLAIM_RETRY_MAX: Duration = Duration::from_secs(5);
+/// A committed batch PostgreSQL still does not record as committed this long after its commit
+/// (the record after it failed, or was skipped for a write that then failed) is recorded again;
+/// at most this often.
+const REMARK_AFTER: Duration = Duration::from_secs(1);
 
 pub struct Engine {
     pub(super) config: Arc<Config>,
@@ -154,6 +158,13 @@ pub struct Engine {
     claim_waits: u32,
     next_commands_at: Instant,
     next_gauges_at: Instant,
+    /// The next time committed batches PostgreSQL does not record yet are recorded again.
+    next_remark_at: Instant,
+    /// The last of those records, while it runs.
+    remarking: Option<tokio::task::JoinHandle<()>>,
+    /// `(partition, fence, batch)` the records sent off the engine's thread marked.
+    marked_tx: std::sync::mpsc::Sender<(i32, u64, u64)>,
+    marked_rx: std::sync::mpsc::Receiver<(i32, u64, u64)>,
     health: Arc<Health>,
     /// Partitions that had records in the batch in hand.
     read: BTreeSet<i32>,
@@ -328,6 +339,7 @@ impl Engine {
             })?;
         let writer = config.instance_id();
         let now = Instant::now();
+        let (marked_tx, marked_rx) = std::sync::mpsc::channel();
         Ok(Self {
             config,
             seq_config,
@@ -351,6 +363,10 @@ impl Engine {
             claim_waits: 0,
             next_commands_at: now,
             next_gauges_at: now,
+            next_remark_at: now,
+            remarking: None,
+            marked_tx,
+            marked_rx,
             health,
             read: BTreeSet::new(),
             batch_trace: BatchTrace::default(),
@@ -384,6 +400,7 @@ impl Engine {
             if let Some(records) = self.gather() {
                 self.process(records);
             }
+            self.remark_quiet_lanes();
             // The producer's events (statistics for its broker watch) would queue up, unserved,
             // while no batch runs.
             if let Some(p) = &self.producer {
@@ -1577,7 +1594,10 @@ impl Engine {
             }
             if let Some(lane) = self.lanes.get_mut(&p) {
                 lane.rows.committed(std::mem::take(&mut part.plan.released));
+                // This batch's write recorded the lane's previous batch as committed.
+                lane.marked = lane.marked.max(lane.batch_no);
                 lane.batch_no = part.batch_no;
+                lane.committed_at = Instant::now();
                 lane.next_offset = part.next_offset;
                 if let Some(pause) = part.plan.pause {
                     lane.backpressure = pause;
@@ -1605,7 +1625,8 @@ impl Engine {
         metrics::gauge!(m::LAST_COMMIT_TIMESTAMP).set(now_ms as f64 / 1000.0);
         self.health.committed(now_ms);
         self.report_transitions(rows, outcomes);
-        self.mark_committed(committed);
+        // Not awaited: the next batch is gathered meanwhile.
+        drop(self.mark_committed(committed));
         self.apply_backpressure();
         self.next_gauges_at = Instant::now();
     }
@@ -1668,15 +1689,59 @@ impl Engine {
 
     /// Tells PostgreSQL which batches are now committed, off the engine's thread (best effort:
     /// the partitions' next batch writes record it too, so a row that write holds is skipped,
-    /// see `pg::mark_committed_if_free`).
-    fn mark_committed(&self, batches: Vec<(i32, u64, u64)>) {
+    /// see `pg::mark_committed_if_free`). The partitions it marked come back on `marked_rx`.
+    fn mark_committed(&self, batches: Vec<(i32, u64, u64)>) -> tokio::task::JoinHandle<()> {
         let pool = self.pool.clone();
         let topic = self.topics.intents.clone();
+        let marked = self.marked_tx.clone();
         self.rt.spawn(async move {
-            if let Err(e) = pg::mark_committed_if_free(&pool, &topic, &batches).await {
-                tracing::debug!(error = %e, "recording committed batches failed");
+            // Test builds: the record is lost (as when PostgreSQL fails it).
+            fail::fail_point!("record-committed", |_| ());
+            match pg::mark_committed_if_free(&pool, &topic, &batches).await {
+                Ok(partitions) => {
+                    for b in batches.into_iter().filter(|b| partitions.contains(&b.0)) {
+                        // The engine may be gone (stopping): nothing left to tell.
+                        let _ = marked.send(b);
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "recording committed batches failed"),
             }
-        });
+        })
+    }
+
+    /// Records again the committed batches PostgreSQL still does not record as committed
+    /// [`REMARK_AFTER`] after their commit: the record sent after the commit failed, or skipped
+    /// the partition's row for its next write, which then failed. A partition with traffic gets
+    /// it from its next write; a quiet one would otherwise keep it unrecorded until the engine
+    /// stops, and meanwhile a Redis failback waits for that batch's fate (docs/redis-fallback.md)
+    /// and a restart after an offset reset needs an operator (store::recovery).
+    fn remark_quiet_lanes(&mut self) {
+        for (p, fence, batch) in self.marked_rx.try_iter() {
+            if let Some(lane) = self.lanes.get_mut(&p) {
+                if lane.fence == fence {
+                    lane.marked = lane.marked.max(batch);
+                }
+            }
+        }
+        let now = Instant::now();
+        // One at a time: while PostgreSQL does not answer, one waits for it.
+        if now < self.next_remark_at || self.remarking.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        self.next_remark_at = now + REMARK_AFTER;
+        let unmarked: Vec<_> = self
+            .lanes
+            .values()
+            .filter(|l| l.marked < l.batch_no && now >= l.committed_at + REMARK_AFTER)
+            .map(|l| (l.partition, l.fence, l.batch_no))
+            .collect();
+        if !unmarked.is_empty() {
+            tracing::debug!(
+                partitions = ?unmarked.iter().map(|b| b.0).collect::<Vec<_>>(),
+                "recording committed batches again"
+            );
+            self.remarking = Some(self.mark_committed(unmarked));
+        }
     }
 
     /// The one place a batch's failure is handled: nothing of it happened, so every lane's

@@ -13,6 +13,12 @@ pub struct Lane {
     pub fence: u64,
     /// The last batch known committed (the recovery point).
     pub batch_no: u64,
+    /// The last batch PostgreSQL is known to record as committed (`cc_partition.committed_batch`):
+    /// behind `batch_no` from a commit until the engine's record of it, or the partition's next
+    /// write, reaches PostgreSQL.
+    pub marked: u64,
+    /// When `batch_no` committed (or the lane was restored).
+    pub committed_at: Instant,
     /// One past the last record consumed and committed (-1: nothing ever committed).
     pub next_offset: i64,
     pub seq: Sequencer<Held>,

@@ -202,6 +202,9 @@ impl Engine {
             partition,
             fence,
             batch_no,
+            // The restore recorded it (`cc_partition.committed_batch`).
+            marked: batch_no,
+            committed_at: Instant::now(),
             next_offset,
             seq,
             rows,

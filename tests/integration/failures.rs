@@ -618,6 +618,78 @@ async fn redis_flushall_mid_stream_produces_no_duplicate_effect() {
     stopped_clean(proc, &cfg, 6_000).await;
 }
 
+/// The engine's record of a committed batch (sent off its thread after the Kafka commit) is
+/// lost, and the partition then goes quiet, so no next write records it either: PostgreSQL
+/// would go on calling that batch undecided while the processor runs, and a Redis that lost
+/// its data would never be trusted again (its resynchronisation waits for every such batch's
+/// fate). The engine records it again a moment later; Redis is then resynchronised and used.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_record_of_a_quiet_partitions_commit_is_sent_again_and_redis_is_trusted_again() {
+    let env = TestEnv::new("remark", 1).await;
+    let cfg = env.config.clone();
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn_with_env(
+        &cfg,
+        log.clone(),
+        &[("FAILPOINTS", "record-committed=1*return")],
+    );
+    produce_at(&cfg, &[(0, intent("q-1", "q", 1))]).await;
+    caught_up(&cfg, Duration::from_secs(60)).await;
+
+    let pool = env.store().await;
+    let marks = |pool: sqlx::PgPool, topic: String| async move {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT committed_batch, last_batch FROM cc_partition
+              WHERE topic = $1 AND partition = 0",
+        )
+        .bind(topic)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let topic = cfg.kafka.intents_topic.clone();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (committed, last) = marks(pool.clone(), topic.clone()).await;
+        if last >= 1 && committed == last {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the quiet partition's last batch {last} is still not recorded committed \
+             ({committed})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Redis loses this store's keys while the partition stays quiet: the resynchronisation
+    // finds no batch of undecided fate and Redis is trusted again.
+    let resynced = |lines: &[serde_json::Value]| {
+        lines
+            .iter()
+            .filter(|l| l["message"] == "lock store: Redis resynchronised")
+            .count()
+    };
+    let before = resynced(&read_log(&log));
+    let epoch_key = redis_keys(&cfg).await.epoch();
+    assert_eq!(redis_cli(&cfg, &["DEL", &epoch_key]), "1");
+    wait_for_log(
+        &log,
+        Duration::from_secs(30),
+        "Redis is never resynchronised while the quiet partition's batch waits",
+        |lines| (resynced(lines) > before).then_some(()),
+    )
+    .await;
+    // The same intent again: a duplicate, found in Redis.
+    produce_at(&cfg, &[(0, intent("q-1", "q", 1))]).await;
+    caught_up(&cfg, Duration::from_secs(60)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let effects = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
+    assert_eq!(effects.len(), 1, "one effect for the intent and its replay");
+    assert_clean(&verified(&cfg).await, 1);
+}
+
 /// Runs `redis-cli` against the test's Redis; its answer, trimmed.
 fn redis_cli(cfg: &Config, args: &[&str]) -> String {
     let out = std::process::Command::new("redis-cli")

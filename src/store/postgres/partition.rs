@@ -1,6 +1,6 @@
 //! Partition leases, fencing tokens, and restores against the recovery point.
 
-use sqlx::PgPool;
+use sqlx::{PgPool, Row};
 
 use super::outcomes::IDEMPOTENCY_ROWS;
 use super::{db, Error, Result};
@@ -305,13 +305,15 @@ pub async fn mark_committed(pool: &PgPool, topic: &str, batches: &[(i32, u64, u6
 /// depends on it). Waiting instead made both writes of the next batch queue behind it while it
 /// queued behind one of them: 100 to 150 ms stalls of the durable write, seen in PostgreSQL's
 /// lock-wait log under the bench.
+///
+/// Returns the partitions it marked (those skipped, or whose row moved on, are not listed).
 pub async fn mark_committed_if_free(
     pool: &PgPool,
     topic: &str,
     batches: &[(i32, u64, u64)],
-) -> Result<()> {
+) -> Result<Vec<i32>> {
     if batches.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut tx = pool
         .begin()
@@ -321,7 +323,7 @@ pub async fn mark_committed_if_free(
         .execute(&mut *tx)
         .await
         .map_err(db("recording committed batches"))?;
-    bind_batches(
+    let rows = bind_batches(
         sqlx::query(
             "WITH free AS (
                  SELECT p.partition
@@ -335,18 +337,22 @@ pub async fn mark_committed_if_free(
                 SET committed_batch = p.last_batch, committed_next_offset = p.last_next_offset,
                     committed_clock_ms = p.last_clock_ms
                FROM free
-              WHERE p.topic = $1 AND p.partition = free.partition",
+              WHERE p.topic = $1 AND p.partition = free.partition
+          RETURNING p.partition",
         ),
         topic,
         batches,
     )
-    .execute(&mut *tx)
+    .fetch_all(&mut *tx)
     .await
     .map_err(db("recording committed batches"))?;
     tx.commit()
         .await
         .map_err(db("recording committed batches"))?;
-    Ok(())
+    rows.iter()
+        .map(|r| r.try_get::<i32, _>(0))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(db("recording committed batches"))
 }
 
 /// Binds `topic` and the `(partition, fence, batch)` columns as `$1` to `$4`.
