@@ -638,20 +638,16 @@ async fn a_lost_record_of_a_quiet_partitions_commit_is_sent_again_and_redis_is_t
     caught_up(&cfg, Duration::from_secs(60)).await;
 
     let pool = env.store().await;
-    let marks = |pool: sqlx::PgPool, topic: String| async move {
-        sqlx::query_as::<_, (i64, i64)>(
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (committed, last): (i64, i64) = sqlx::query_as(
             "SELECT committed_batch, last_batch FROM cc_partition
               WHERE topic = $1 AND partition = 0",
         )
-        .bind(topic)
+        .bind(&cfg.kafka.intents_topic)
         .fetch_one(&pool)
         .await
-        .unwrap()
-    };
-    let topic = cfg.kafka.intents_topic.clone();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (committed, last) = marks(pool.clone(), topic.clone()).await;
+        .unwrap();
         if last >= 1 && committed == last {
             break;
         }
