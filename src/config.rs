@@ -402,6 +402,15 @@ impl Config {
                 "must differ from the output topics",
             ));
         }
+        // One topic for both would hand the effects' readers review records among the effects
+        // (and `verify` would read each record as both).
+        if k.side_effects_topic == k.manual_review_topic {
+            return Err(invalid(
+                "kafka.manual_review_topic",
+                &k.manual_review_topic,
+                "must differ from kafka.side_effects_topic",
+            ));
+        }
         if k.transaction_timeout < Duration::from_secs(2) {
             return Err(invalid(
                 "kafka.transaction_timeout",
@@ -426,6 +435,19 @@ impl Config {
                     "kafka.client",
                     reserved,
                     "is set by causal-commit itself and cannot be overridden",
+                ));
+            }
+        }
+        // Each contact's effects stay on one partition (R1): the partition is the one the
+        // partitioner gives the contact's id (`output::EffectPlacement`), so it must place by key.
+        if let Some(p) = k.client.get("partitioner") {
+            if crate::pipeline::output::EffectPlacement::new(Some(p), 1).is_none() {
+                return Err(invalid(
+                    "kafka.client",
+                    format!("partitioner={p}"),
+                    "must place records by key (consistent_random, consistent, murmur2, \
+                     murmur2_random, fnv1a or fnv1a_random): each contact's effects stay on one \
+                     partition",
                 ));
             }
         }
@@ -696,6 +718,36 @@ mod tests {
             let err =
                 Config::from_toml(&format!("[kafka.client]\n\"{key}\" = \"true\"\n")).unwrap_err();
             assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_three_topics_must_differ() {
+        for (a, b) in [
+            ("intents_topic", "side_effects_topic"),
+            ("intents_topic", "manual_review_topic"),
+            ("side_effects_topic", "manual_review_topic"),
+        ] {
+            let err = Config::from_toml(&format!("[kafka]\n{a} = \"t\"\n{b} = \"t\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("must differ"), "{a} = {b}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_partitioner_that_does_not_place_by_key_is_refused() {
+        for bad in ["random", "roundrobin"] {
+            let err = Config::from_toml(&format!("[kafka.client]\npartitioner = \"{bad}\"\n"))
+                .unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("partitioner={bad}")),
+                "{err}"
+            );
+        }
+        for keyed in ["consistent_random", "murmur2_random", "fnv1a"] {
+            Config::from_toml(&format!("[kafka.client]\npartitioner = \"{keyed}\"\n"))
+                .unwrap_or_else(|e| panic!("{keyed}: {e}"));
         }
     }
 

@@ -312,8 +312,9 @@ impl Engine {
         rt: tokio::runtime::Handle,
         shutdown: CancellationToken,
         health: Arc<Health>,
+        effects: output::EffectPlacement,
     ) -> Result<Self> {
-        let topics = Topics::of(&config);
+        let topics = Topics::of(&config, effects);
         let s = &config.sequencer;
         let seq_config = sequencer::Config {
             wait_timeout: s.wait_timeout,

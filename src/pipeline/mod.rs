@@ -54,21 +54,35 @@ async fn store_checked(
 ) -> anyhow::Result<Option<String>> {
     use crate::store::postgres::{check_schema, check_topic, lock_store::store_id};
     let (schema, topic) = (&config.postgres.schema, &config.kafka.intents_topic);
+    while_postgres_unavailable(shutdown, "schema", || async {
+        check_schema(pool, schema).await?;
+        check_topic(pool, schema, topic).await?;
+        store_id(pool).await
+    })
+    .await
+}
+
+/// `ask`, asked again while PostgreSQL does not answer (see [`store_checked`]), logging each
+/// attempt with the start-up `step` asking; `None` when `shutdown` fired first.
+async fn while_postgres_unavailable<T, F, Fut>(
+    shutdown: &CancellationToken,
+    step: &str,
+    mut ask: F,
+) -> anyhow::Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::store::postgres::Result<T>>,
+{
     let mut wait = Duration::from_millis(250);
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let checked = async {
-            check_schema(pool, schema).await?;
-            check_topic(pool, schema, topic).await?;
-            store_id(pool).await
-        }
-        .await;
-        match checked {
-            Ok(id) => return Ok(Some(id)),
+        match ask().await {
+            Ok(found) => return Ok(Some(found)),
             Err(e) if e.is_unavailable() => {
                 tracing::warn!(
                     error = %e,
+                    step,
                     attempt,
                     retry_in_ms = wait.as_millis() as u64,
                     "PostgreSQL does not answer at start-up; waiting for it (not ready)"
@@ -84,6 +98,70 @@ async fn store_checked(
     }
 }
 
+/// Where the effects go (`output::EffectPlacement`): over the partition count the store
+/// recorded for the side-effects topic, recorded now from the topic at its first start (asking
+/// the brokers until they answer, when they did not answer the start-up check). A topic with
+/// fewer partitions than recorded is refused; one with more is used as recorded, its added
+/// partitions left empty, with a warning. `None` when `shutdown` fired first.
+async fn effect_placement(
+    pool: &sqlx::PgPool,
+    config: &Arc<Config>,
+    topics: &preflight::Topics,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<output::EffectPlacement>> {
+    let topic = &config.kafka.side_effects_topic;
+    let mut seen = topics.side_effects_partitions();
+    loop {
+        let Some(recorded) =
+            while_postgres_unavailable(shutdown, "side-effects partitions", || {
+                crate::store::postgres::effect_partitions(pool, topic, seen)
+            })
+            .await?
+        else {
+            return Ok(None);
+        };
+        let Some(recorded) = recorded else {
+            tracing::warn!(
+                topic = %topic,
+                "the side-effects topic's partition count is not recorded yet and the brokers \
+                 have not said it: asking them again before anything is consumed"
+            );
+            let kafka = config.clone();
+            seen = tokio::task::spawn_blocking(move || {
+                preflight::check(&kafka, kafka.kafka.operation_timeout.min(PREFLIGHT_WAIT))
+            })
+            .await??
+            .side_effects_partitions();
+            if seen.is_none() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            continue;
+        };
+        match seen {
+            Some(partitions) if partitions < recorded => {
+                return Err(preflight::Error::FewerEffectPartitions {
+                    topic: topic.clone(),
+                    partitions,
+                    recorded,
+                }
+                .into())
+            }
+            Some(partitions) => preflight::effect_partitions(topic, None, partitions, recorded),
+            None => {}
+        }
+        let partitioner = config.kafka.client.get("partitioner");
+        return match output::EffectPlacement::new(partitioner, recorded) {
+            Some(placement) => Ok(Some(placement)),
+            None => anyhow::bail!(
+                "kafka.client partitioner {partitioner:?} does not place records by key"
+            ),
+        };
+    }
+}
+
 /// Runs engines, one after the other, until one ends for good. A consumer librdkafka declares
 /// unusable ends its engine and the next starts with a new one (restoring its partitions from
 /// the committed state), unless the previous replacement failed so within [`REFENCED_WITHIN`].
@@ -94,6 +172,7 @@ fn run_engines(
     rt: &tokio::runtime::Handle,
     shutdown: &CancellationToken,
     health: &Arc<health::Health>,
+    effects: output::EffectPlacement,
 ) -> engine::Result<()> {
     let mut replaced: Option<std::time::Instant> = None;
     loop {
@@ -104,6 +183,7 @@ fn run_engines(
             rt.clone(),
             shutdown.clone(),
             health.clone(),
+            effects,
         )?;
         // The consumer lag, from the positions the engine hands over (see `lag`).
         let _lag = lag::Monitor::spawn(config, engine.ctx.lag.clone(), shutdown);
@@ -180,6 +260,10 @@ pub async fn run_with(
         preflight::check(&kafka, kafka.kafka.operation_timeout.min(PREFLIGHT_WAIT))
     })
     .await??;
+    let Some(effects) = effect_placement(&pool, &config, &topics, &shutdown).await? else {
+        tracing::info!("stopped while waiting for the store; nothing was consumed");
+        return Ok(());
+    };
     let locks = Arc::new(LockStore::new(&config, pool.clone(), &store_id)?);
     let admin = match config.admin.listen.is_empty() {
         true => None,
@@ -212,6 +296,7 @@ pub async fn run_with(
     let compaction = tokio::spawn(preflight::watch_topics(
         config.clone(),
         topics,
+        effects.partitions(),
         shutdown.clone(),
     ));
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -227,6 +312,7 @@ pub async fn run_with(
                 &rt,
                 &engine_shutdown,
                 &health,
+                effects,
             ));
         })?;
     let result = rx.await;

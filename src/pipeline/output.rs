@@ -37,8 +37,75 @@ fn headers(correlation_id: &str, traceparent: Option<Vec<u8>>) -> Vec<(&'static 
     h
 }
 
-/// The effect of a committed intent, keyed by contact so one contact's effects stay in one
-/// partition of the side-effects topic, in commit order.
+/// Where a contact's effects go: the partition librdkafka's own partitioner (the one
+/// `kafka.client` `partitioner` names, `consistent_random` by default) gives the contact's id
+/// for the side-effects topic's partition count recorded in the store (migration 0016), not for
+/// the topic's count now. Partitions an operator adds to the topic would otherwise move
+/// contacts' later effects to other partitions, where a reader meets them in no order with the
+/// earlier ones (R1: one partition per contact, in commit order). For the count the store
+/// recorded from the topic, the partition is the one the producer chose before: the same
+/// function, on the same count.
+#[derive(Debug, Clone, Copy)]
+pub struct EffectPlacement {
+    partitions: i32,
+    hash: KeyHash,
+}
+
+/// librdkafka's keyed partitioners; the `_random` variants differ only for an empty key, and a
+/// contact id is never empty (validation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyHash {
+    Crc32,
+    Murmur2,
+    Fnv1a,
+}
+
+impl EffectPlacement {
+    /// For `partitioner` (a librdkafka `partitioner` name; `None`: its default) over
+    /// `partitions` (at least 1). `None` for a partitioner that does not place by key
+    /// (`random`), or an unknown name: the configuration's check refuses both.
+    pub fn new(partitioner: Option<&str>, partitions: i32) -> Option<Self> {
+        let hash = match partitioner.unwrap_or("consistent_random") {
+            "consistent" | "consistent_random" => KeyHash::Crc32,
+            "murmur2" | "murmur2_random" => KeyHash::Murmur2,
+            "fnv1a" | "fnv1a_random" => KeyHash::Fnv1a,
+            _ => return None,
+        };
+        (partitions > 0).then_some(Self { partitions, hash })
+    }
+
+    /// The partition count the effects are spread over.
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    /// The partition of `key`'s effects.
+    pub fn partition(&self, key: &[u8]) -> i32 {
+        use rdkafka::bindings as rd;
+        let f = match self.hash {
+            KeyHash::Crc32 => rd::rd_kafka_msg_partitioner_consistent,
+            KeyHash::Murmur2 => rd::rd_kafka_msg_partitioner_murmur2,
+            KeyHash::Fnv1a => rd::rd_kafka_msg_partitioner_fnv1a,
+        };
+        // SAFETY: these three partitioners read `keylen` bytes from `key` (a live slice) and
+        // use neither the topic handle nor the opaques (librdkafka's rdkafka_msg.c): each is a
+        // hash of the key modulo `partition_cnt`, which is above zero (`new`).
+        #[allow(unsafe_code)]
+        unsafe {
+            f(
+                std::ptr::null(),
+                key.as_ptr().cast(),
+                key.len(),
+                self.partitions,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        }
+    }
+}
+
+/// The effect of a committed intent, keyed by contact and placed by [`EffectPlacement`], so
+/// one contact's effects stay in one partition of the side-effects topic, in commit order.
 pub struct EffectFields {
     pub commit_sequence: u64,
     pub contact_version: u64,
@@ -49,6 +116,7 @@ pub struct EffectFields {
 
 pub fn side_effect(
     topic: &Arc<str>,
+    placement: &EffectPlacement,
     intent: &Intent,
     traceparent: Option<&Vec<u8>>,
     f: &EffectFields,
@@ -83,7 +151,7 @@ pub fn side_effect(
     );
     OutRecord {
         topic: topic.clone(),
-        partition: None,
+        partition: Some(placement.partition(intent.contact_id.as_bytes())),
         key: intent.contact_id.as_bytes().to_vec(),
         value: effect.encode_to_vec(),
         headers: headers(&intent.correlation_id, traceparent),
@@ -256,5 +324,43 @@ pub fn forwarded(source: &Source<'_>, owner: i32, correlation_id: &str) -> OutRe
         value: rec.value.clone().unwrap_or_default(),
         headers: h,
         span: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EffectPlacement;
+
+    /// A contact's partition depends on its id and the recorded count only, never on the
+    /// topic's count now; each partitioner spreads contacts over every recorded partition.
+    #[test]
+    fn a_contacts_partition_is_its_hash_over_the_recorded_count() {
+        for partitioner in [
+            None,
+            Some("consistent"),
+            Some("murmur2_random"),
+            Some("fnv1a"),
+        ] {
+            let three = EffectPlacement::new(partitioner, 3).expect("keyed");
+            let eight = EffectPlacement::new(partitioner, 8).expect("keyed");
+            let mut seen = [0usize; 3];
+            let mut moved = 0;
+            for k in 0..300 {
+                let contact = format!("contact-{k}");
+                let p = three.partition(contact.as_bytes());
+                assert!((0..3).contains(&p), "{partitioner:?}: {p}");
+                assert_eq!(p, three.partition(contact.as_bytes()), "deterministic");
+                seen[p as usize] += 1;
+                moved += usize::from(eight.partition(contact.as_bytes()) != p);
+            }
+            assert!(seen.iter().all(|&n| n > 50), "{partitioner:?}: {seen:?}");
+            // What recording the count prevents: over 8 partitions most contacts land elsewhere.
+            assert!(moved > 150, "{partitioner:?}: {moved} of 300 moved");
+        }
+        // librdkafka's CRC-32 partitioner, as documented: zlib's CRC-32 of the key modulo the count.
+        let crc = EffectPlacement::new(None, 1000).expect("keyed");
+        assert_eq!(crc.partition(b"123456789"), (0xCBF4_3926u32 % 1000) as i32);
+        assert!(EffectPlacement::new(Some("random"), 3).is_none());
+        assert!(EffectPlacement::new(None, 0).is_none());
     }
 }

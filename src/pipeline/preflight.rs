@@ -65,6 +65,19 @@ pub enum Error {
         topic: String,
         policy: String,
     },
+    #[error(
+        "kafka.side_effects_topic {topic:?} has {partitions} partitions, fewer than the \
+         {recorded} its effects are spread over (recorded in the store at its first start): \
+         each contact's effects stay on one partition (R1), which this topic does not have. \
+         Create it again with at least {recorded} partitions, or point \
+         kafka.side_effects_topic at a new topic (its own count is recorded at the next start; \
+         runbook: Transactions aborting)"
+    )]
+    FewerEffectPartitions {
+        topic: String,
+        partitions: i32,
+        recorded: i32,
+    },
 }
 
 /// The three topics of `[kafka]` with the setting that names each.
@@ -158,9 +171,19 @@ impl Described {
 }
 
 /// The three topics as the start-up check described them, for [`watch_topics`] to start from
-/// (empty when the brokers did not answer it).
+/// (empty when the brokers did not answer it), and the side-effects topic's partition count.
 #[derive(Debug, Default)]
-pub struct Topics(Vec<Described>);
+pub struct Topics {
+    described: Vec<Described>,
+    side_effects_partitions: Option<i32>,
+}
+
+impl Topics {
+    /// The side-effects topic's partition count, when the brokers answered the check.
+    pub fn side_effects_partitions(&self) -> Option<i32> {
+        self.side_effects_partitions
+    }
+}
 
 /// The three topics in one `DescribeConfigs`; an error (the reason) when the request fails.
 /// Blocking.
@@ -234,11 +257,17 @@ fn change(before: Option<&Seen>, now: &Seen) -> Option<Change> {
 ///   timed out). Nothing is lost: no transaction commits without it (an intents topic created
 ///   again is refused by the restore's checks); created again, processing goes on by itself.
 ///
+/// - the side-effects topic's partition count against the `recorded` one its effects are
+///   spread over ([`effect_partitions`]): created again with fewer, an ERROR names it (the
+///   transactions with an effect for a missing partition time out: those contacts wait,
+///   nothing is lost); given more, a WARN says the added ones stay empty.
+///
 /// It starts from what the start-up check described (`first`), so its first describe is one
 /// [`TOPIC_CHECK`] later; at once when the check had no answer.
 pub async fn watch_topics(
     config: std::sync::Arc<Config>,
     first: Topics,
+    recorded: i32,
     shutdown: CancellationToken,
 ) {
     let client = match describing_client(&config) {
@@ -249,11 +278,12 @@ pub async fn watch_topics(
         }
     };
     let mut known: BTreeMap<String, Seen> = BTreeMap::new();
-    let start = match first.0.is_empty() {
+    let mut partitions = first.side_effects_partitions;
+    let start = match first.described.is_empty() {
         true => tokio::time::Instant::now(),
         false => tokio::time::Instant::now() + TOPIC_CHECK,
     };
-    for d in first.0 {
+    for d in first.described {
         gauge(&d);
         known.insert(d.topic, d.seen);
     }
@@ -270,11 +300,19 @@ pub async fn watch_topics(
             _ = tick.tick() => {}
         }
         let within = config.kafka.operation_timeout.min(TOPIC_CHECK);
-        let (described_on, config) = (client.clone(), config.clone());
-        let described =
-            tokio::task::spawn_blocking(move || describe(described_on.client(), &config, within))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
+        let (described_on, checked) = (client.clone(), config.clone());
+        let (described, counted) = tokio::task::spawn_blocking(move || {
+            let client = described_on.client();
+            // A topic missing is the describe's to report.
+            let counted = topics_exist(client, &checked).ok().flatten();
+            (describe(client, &checked, within), counted)
+        })
+        .await
+        .unwrap_or_else(|e| (Err(e.to_string()), None));
+        if let Some(now) = counted {
+            effect_partitions(&config.kafka.side_effects_topic, partitions, now, recorded);
+            partitions = Some(now);
+        }
         let described = match described {
             Ok(d) => d,
             Err(reason) => {
@@ -293,6 +331,40 @@ pub async fn watch_topics(
             }
             known.insert(d.topic.clone(), d.seen);
         }
+    }
+}
+
+/// Reports the side-effects topic's partition count `now` against the `recorded` one its
+/// effects are spread over, when it differs from what it was `before` (`None`: unknown).
+pub fn effect_partitions(topic: &str, before: Option<i32>, now: i32, recorded: i32) {
+    if before == Some(now) {
+        return;
+    }
+    if now < recorded {
+        let refusal = Error::FewerEffectPartitions {
+            topic: topic.to_owned(),
+            partitions: now,
+            recorded,
+        };
+        tracing::error!(
+            topic = %topic,
+            partitions = now,
+            recorded,
+            "{refusal}. Until then every transaction with an effect for a missing partition \
+             times out: those contacts' effects wait, and nothing is lost"
+        );
+    } else if now > recorded {
+        tracing::warn!(
+            topic = %topic,
+            partitions = now,
+            recorded,
+            "the side-effects topic has more partitions than its effects are spread over \
+             (recorded at its first start): each contact's effects stay on the partition they \
+             were on (R1), and the added partitions stay empty. To spread effects over more \
+             partitions, point kafka.side_effects_topic at a new topic (docs/exactly-once.md)"
+        );
+    } else if before.is_some_and(|b| b < recorded) {
+        tracing::info!(topic = %topic, partitions = now, "the side-effects topic has its partitions again");
     }
 }
 
@@ -439,29 +511,36 @@ pub fn check(config: &Config, within: Duration) -> Result<Topics, Error> {
         }
         match answered {
             Ok(_) => {
-                if let Err(missing) = topics_exist(producer.client(), config) {
-                    let since = *missing_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= TOPIC_APPEARS_WITHIN {
-                        return Err(missing);
+                let side_effects_partitions = match topics_exist(producer.client(), config) {
+                    Ok(partitions) => partitions,
+                    Err(missing) => {
+                        let since = *missing_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= TOPIC_APPEARS_WITHIN {
+                            return Err(missing);
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                        continue;
                     }
-                    std::thread::sleep(Duration::from_millis(200));
-                    continue;
-                }
+                };
                 let described = describe(producer.client(), config, Duration::from_secs(5));
                 let verdict = match &described {
                     Ok(d) => checked(d),
                     Err(reason) => Checked::Unknown(reason.clone()),
                 };
+                let topics = |described: Result<Vec<Described>, String>| Topics {
+                    described: described.unwrap_or_default(),
+                    side_effects_partitions,
+                };
                 return match verdict {
                     Checked::Refused(e) => Err(e),
-                    Checked::Fine => Ok(Topics(described.unwrap_or_default())),
+                    Checked::Fine => Ok(topics(described)),
                     Checked::Unknown(reason) => {
                         tracing::warn!(
                             reason = %reason,
                             "could not read the topics' cleanup.policy (DescribeConfigs); a \
                              compacted topic would lose records unseen"
                         );
-                        Ok(Topics(described.unwrap_or_default()))
+                        Ok(topics(described))
                     }
                 };
             }
@@ -487,11 +566,13 @@ pub fn check(config: &Config, within: Duration) -> Result<Topics, Error> {
 
 /// Each of the three topics is in the brokers' metadata with partitions. A metadata request
 /// that fails is no verdict (the engine goes on trying, as for a broker that does not answer).
+/// The side-effects topic's partition count, when its metadata came.
 fn topics_exist<C: ClientContext>(
     client: &rdkafka::client::Client<C>,
     config: &Config,
-) -> Result<(), Error> {
+) -> Result<Option<i32>, Error> {
     let k = &config.kafka;
+    let mut side_effects_partitions = None;
     for (key, topic) in topics(config) {
         let Ok(metadata) = client.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
             continue;
@@ -512,8 +593,14 @@ fn topics_exist<C: ClientContext>(
                 reason,
             });
         }
+        if key == "kafka.side_effects_topic" {
+            side_effects_partitions = metadata
+                .topics()
+                .first()
+                .map(|t| t.partitions().len() as i32);
+        }
     }
-    Ok(())
+    Ok(side_effects_partitions)
 }
 
 #[cfg(test)]

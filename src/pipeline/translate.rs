@@ -29,16 +29,19 @@ pub struct Topics {
     pub intents: Arc<str>,
     pub side_effects: Arc<str>,
     pub manual_review: Arc<str>,
+    /// Which side-effects partition each contact's effects go to.
+    pub effects: output::EffectPlacement,
     /// `limits.max_output_bytes`: the largest record produced (see `output::manual_review`).
     pub max_output_bytes: usize,
 }
 
 impl Topics {
-    pub fn of(config: &crate::config::Config) -> Topics {
+    pub fn of(config: &crate::config::Config, effects: output::EffectPlacement) -> Topics {
         Topics {
             intents: config.kafka.intents_topic.as_str().into(),
             side_effects: config.kafka.side_effects_topic.as_str().into(),
             manual_review: config.kafka.manual_review_topic.as_str().into(),
+            effects,
             max_output_bytes: config.limits.max_output_bytes,
         }
     }
@@ -536,6 +539,7 @@ fn commit(
     let decoded = &v.intent;
     plan.outputs.push(output::side_effect(
         &ctx.topics.side_effects,
+        &ctx.topics.effects,
         decoded,
         intent.payload.record.traceparent.as_ref(),
         &EffectFields {
@@ -803,6 +807,7 @@ mod tests {
             intents: "in".into(),
             side_effects: "fx".into(),
             manual_review: "mr".into(),
+            effects: output::EffectPlacement::new(None, 4).expect("a keyed partitioner"),
             max_output_bytes: 1_000_000,
         }
     }

@@ -359,13 +359,19 @@ async fn postgres_stopped_right_after_the_start_up_check_is_waited_for() {
         "still running with PostgreSQL stopped after the check: {:?}",
         read_log(&log)
     );
-    let waited_at_the_check = read_log(&log).iter().any(|l| {
-        l["message"] == "PostgreSQL does not answer at start-up; waiting for it (not ready)"
-    });
+    let waited = |step: &str| {
+        read_log(&log).iter().any(|l| {
+            l["message"] == "PostgreSQL does not answer at start-up; waiting for it (not ready)"
+                && l["step"] == step
+        })
+    };
     assert!(
-        !waited_at_the_check,
+        !waited("schema"),
         "PostgreSQL was stopped after the check passed, not before"
     );
+    // The next start-up step that asks PostgreSQL (the side-effects topic's recorded
+    // partition count) waits for it too.
+    assert!(waited("side-effects partitions"), "{:?}", read_log(&log));
     drop(back);
     caught_up(&cfg, Duration::from_secs(120)).await;
     assert!(proc.terminate(Duration::from_secs(30)));

@@ -251,6 +251,7 @@ fn arbitrary_protobuf_valid_intents_end_as_decisions_and_never_fail_the_durable_
         intents: "in".into(),
         side_effects: "fx".into(),
         manual_review: "mr".into(),
+        effects: causal_commit::pipeline::output::EffectPlacement::new(None, 4).expect("keyed"),
         max_output_bytes: 1_000_000,
     };
     let limits = causal_commit::config::LimitsConfig::default();

@@ -861,7 +861,7 @@ async fn named_missing(log: &std::path::Path, key: &str, topic: &str) -> String 
         .to_string()
 }
 
-async fn delete_topic(config: &Config, topic: &str) {
+pub(crate) async fn delete_topic(config: &Config, topic: &str) {
     use rdkafka::admin::{AdminClient, AdminOptions};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &config.kafka.brokers)

@@ -30,7 +30,9 @@ pub use partition::{
     move_resume_point, release_partition, resolve_recovery_point, restore_partition, BatchOutputs,
     BatchView, Resolution, RestoredPartition,
 };
-pub use schema::{check as check_schema, check_topic, grant_runtime_role, migrate};
+pub use schema::{
+    check as check_schema, check_topic, effect_partitions, grant_runtime_role, migrate,
+};
 
 use std::str::FromStr;
 

@@ -125,6 +125,33 @@ pub async fn check_topic(pool: &PgPool, schema: &str, topic: &str) -> Result<()>
     }
 }
 
+/// The partition count the effects of side-effects topic `topic` are spread over (migration
+/// 0016): the count recorded, else `seen` (the topic's count now), recorded first. `None` when
+/// nothing is recorded and `seen` is `None` (the brokers did not say). Concurrent first starts
+/// agree: the first insert wins and every one reads it.
+pub async fn effect_partitions(
+    pool: &PgPool,
+    topic: &str,
+    seen: Option<i32>,
+) -> Result<Option<i32>> {
+    if let Some(partitions) = seen {
+        sqlx::query(
+            "INSERT INTO cc_effect_partitions (topic, partitions) VALUES ($1, $2)
+             ON CONFLICT (topic) DO NOTHING",
+        )
+        .bind(topic)
+        .bind(partitions)
+        .execute(pool)
+        .await
+        .map_err(db("recording the side-effects topic's partition count"))?;
+    }
+    sqlx::query_scalar("SELECT partitions FROM cc_effect_partitions WHERE topic = $1")
+        .bind(topic)
+        .fetch_optional(pool)
+        .await
+        .map_err(db("reading the side-effects topic's partition count"))
+}
+
 /// What the connected role finds of `schema`, once every migration of this build is known to
 /// be applied to it.
 async fn applied(pool: &PgPool, schema: &str) -> Result<Found> {
