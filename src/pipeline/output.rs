@@ -51,8 +51,9 @@ pub struct EffectPlacement {
     hash: KeyHash,
 }
 
-/// librdkafka's keyed partitioners; the `_random` variants differ only for an empty key, and a
-/// contact id is never empty (validation).
+/// librdkafka's keyed partitioners; the `_random` variants differ only for an empty
+/// (`consistent_random`) or missing (`murmur2_random`, `fnv1a_random`) key, and a contact id is
+/// never empty (validation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeyHash {
     Crc32,
