@@ -190,17 +190,18 @@ end
 return 0
 ";
 
-/// Writes idempotency entries. ARGV[1]: deadline (server ms) after which nothing is written —
-/// a call that timed out on the client never lands later; ARGV[2]: 0 for a live write (stamped
-/// with the server time), or the start T0 of a copy from PostgreSQL (stamped T0-1, and keys whose
-/// stamp is >= T0 are left alone: a live write since T0 is at least as new as anything the copy
-/// read); then per key: value, TTL in seconds. An empty value deletes the key (under the same
-/// rule: only copies send them).
+/// Writes idempotency entries. ARGV[1]: 0 for a live write (stamped with the server time), or
+/// the start T0 of a copy from PostgreSQL (stamped T0-1, and keys whose stamp is >= T0 are left
+/// alone: a live write since T0 is at least as new as anything the copy read); then per key:
+/// value, TTL in seconds; last, the deadline (server ms) after which nothing is written — a call
+/// that timed out on the client never lands later. (The deadline comes last so that the client
+/// appends it once the call is built: building is not charged to Redis's share.) An empty value
+/// deletes the key (under the same rule: only copies send them).
 const PUT_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if now > tonumber(ARGV[1]) then return -1 end
-local t0 = tonumber(ARGV[2])
+if now > tonumber(ARGV[#ARGV]) then return -1 end
+local t0 = tonumber(ARGV[1])
 local stamp = now
 if t0 > 0 then stamp = t0 - 1 end
 local suffix = '|' .. string.format('%.0f', stamp)
@@ -215,10 +216,10 @@ for i, key in ipairs(KEYS) do
     end
   end
   if write then
-    if ARGV[2 * i + 1] == '' then
+    if ARGV[2 * i] == '' then
       redis.call('DEL', key)
     else
-      redis.call('SET', key, ARGV[2 * i + 1] .. suffix, 'EX', ARGV[2 * i + 2])
+      redis.call('SET', key, ARGV[2 * i] .. suffix, 'EX', ARGV[2 * i + 1])
     end
     n = n + 1
   end
@@ -780,41 +781,54 @@ impl RedisStore {
     /// Writes idempotency entries, one script call per [`KEYS_PER_CALL`] entries, all in one
     /// pipeline (one round trip); returns how many were written (a resynchronisation skips
     /// keys written live since it started). Call *k* carries a deadline of (*k* + 1) ×
-    /// `command_timeout` after the send, checked by Redis, and the pipeline is waited for until
-    /// the last call's deadline: a write given up on never lands later, and a big batch on a
-    /// busy server gets a few milliseconds of work per call within each share. A frozen Redis
-    /// is therefore found after (calls × `command_timeout`), 5 s for 20,000 outcomes by default.
-    /// A failed pipeline may leave some calls written: Redis is then behind, as after a single
-    /// call that timed out.
+    /// `command_timeout` after the calls are built, checked by Redis, and the pipeline is waited
+    /// for until the last call's deadline: a write given up on never lands later, and a big batch
+    /// on a busy server gets a few milliseconds of work per call within each share. (The clock
+    /// starts once the calls are built, not before: building 40 calls of 1,000 keys takes more
+    /// time than Redis spends on the first of them.) A frozen Redis is therefore found after (calls × `command_timeout`), 5 s for 20,000
+    /// outcomes by default. A failed pipeline may leave some calls written: Redis is then behind,
+    /// as after a single call that timed out.
     pub async fn put(&self, conn: &Arc<Conn>, entries: &[Entry], mode: PutMode) -> Result<u64> {
         let t0 = match mode {
             PutMode::Live => 0,
             PutMode::Resync { t0 } => t0.max(1),
         };
+        let mut calls: Vec<redis::Cmd> = entries
+            .chunks(KEYS_PER_CALL)
+            .map(|chunk| {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.put.get_hash()).arg(chunk.len());
+                for (id, _, _) in chunk {
+                    cmd.arg(self.keys.idem(id));
+                }
+                cmd.arg(t0);
+                for (_, value, ttl) in chunk {
+                    cmd.arg(value).arg((*ttl).max(1));
+                }
+                cmd
+            })
+            .collect();
+        if calls.is_empty() {
+            return Ok(0);
+        }
+        // Test builds: a slow build (a busy machine) that must not be charged to Redis.
+        fail::fail_point!("redis-put-built");
         let first_deadline = self.deadline(conn);
         let share = self.timeout.as_millis() as u64;
         let mut pipe = redis::pipe();
         // The script, loaded in the same round trip (a Redis restarted since has lost it).
         pipe.load_script(&self.put).ignore();
-        let mut calls = 0u32;
-        for (k, chunk) in entries.chunks(KEYS_PER_CALL).enumerate() {
-            let mut inv = self.put.prepare_invoke();
-            inv.arg(first_deadline + k as u64 * share).arg(t0);
-            for (id, value, ttl) in chunk {
-                inv.key(self.keys.idem(id)).arg(value).arg((*ttl).max(1));
-            }
-            pipe.invoke_script(&inv);
-            calls += 1;
-        }
-        if calls == 0 {
-            return Ok(0);
+        let n = calls.len() as u32;
+        for (k, mut call) in calls.drain(..).enumerate() {
+            call.arg(first_deadline + k as u64 * share);
+            pipe.add_command(call);
         }
         let mut c = conn.con.clone();
         let answers: Vec<i64> = self
             .run_within(
                 conn,
                 "writing idempotency outcomes",
-                self.timeout * calls,
+                self.timeout * n,
                 pipe.query_async(&mut c),
             )
             .await?;

@@ -976,6 +976,23 @@ async fn a_batch_of_many_thousand_outcomes_is_written_through_and_looked_up_with
     );
     assert_eq!(after.lookups_postgres, before.lookups_postgres);
     assert_eq!(sorted(found), sorted(batch));
+
+    // Building the calls is the client's time, not Redis's: a build slower than the first
+    // call's whole share (a busy machine; 10 to 15 ms of the 40 here on an idle one) fails
+    // nothing, because each deadline is counted from the end of the build.
+    let again = committed("big-slow", 5_000);
+    w.write_committed(1, &again).await;
+    fail::cfg("redis-put-built", "sleep(120)").expect("failpoint");
+    let recorded = store.record(&again).await;
+    fail::remove("redis-put-built");
+    recorded.expect("record");
+    assert_eq!(
+        store.mode(),
+        Mode::Redis,
+        "a slow build is not Redis's time ({:?})",
+        store.stats()
+    );
+    assert_eq!(store.stats().redis_failures, before.redis_failures);
     assert!(w.mode_audits().await.is_empty(), "no mode change happened");
 }
 
