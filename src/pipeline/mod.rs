@@ -99,19 +99,26 @@ where
 }
 
 /// Where the effects go (`output::EffectPlacement`): over the partition count the store
-/// recorded for the side-effects topic, recorded now from the topic at its first start (asking
-/// the brokers until they answer, when they did not answer the start-up check). A topic with
-/// fewer partitions than recorded is refused; one with more is used as recorded, its added
-/// partitions left empty, with a warning. `None` when `shutdown` fired first.
+/// recorded for the side-effects topic, recorded now from the topic at its first start. A
+/// topic with fewer partitions than recorded is refused; one with more is used as recorded,
+/// its added partitions left empty, with a warning. `checked` is what the start-up check found
+/// (`None`: the brokers did not answer it). With nothing recorded and no count from the
+/// brokers (a first start with the brokers down), nothing can be placed: the check is asked
+/// again, quietly, until the brokers answer it (one WARN says so, an INFO when they answer);
+/// a later start has the count recorded and starts at once, as before. Returns the placement
+/// and the topics for the topic watch to start from; `None` when `shutdown` fired first.
 async fn effect_placement(
     pool: &sqlx::PgPool,
     config: &Arc<Config>,
-    topics: &preflight::Topics,
+    checked: Option<preflight::Topics>,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Option<output::EffectPlacement>> {
+) -> anyhow::Result<Option<(output::EffectPlacement, preflight::Topics)>> {
     let topic = &config.kafka.side_effects_topic;
-    let mut seen = topics.side_effects_partitions();
+    let within = config.kafka.operation_timeout.min(PREFLIGHT_WAIT);
+    let mut checked = checked;
+    let mut waited = false;
     loop {
+        let seen = checked.as_ref().and_then(|t| t.side_effects_partitions());
         let Some(recorded) =
             while_postgres_unavailable(shutdown, "side-effects partitions", || {
                 crate::store::postgres::effect_partitions(pool, topic, seen)
@@ -121,18 +128,20 @@ async fn effect_placement(
             return Ok(None);
         };
         let Some(recorded) = recorded else {
-            tracing::warn!(
-                topic = %topic,
-                "the side-effects topic's partition count is not recorded yet and the brokers \
-                 have not said it: asking them again before anything is consumed"
-            );
+            if !waited {
+                tracing::warn!(
+                    topic = %topic,
+                    brokers = %config.kafka.brokers,
+                    "the side-effects topic's partition count is not recorded yet (a first \
+                     start) and the brokers have not said it: waiting for them before anything \
+                     is consumed (not ready)"
+                );
+                waited = true;
+            }
             let kafka = config.clone();
-            seen = tokio::task::spawn_blocking(move || {
-                preflight::check(&kafka, kafka.kafka.operation_timeout.min(PREFLIGHT_WAIT))
-            })
-            .await??
-            .side_effects_partitions();
-            if seen.is_none() {
+            checked =
+                tokio::task::spawn_blocking(move || preflight::check(&kafka, within)).await??;
+            if checked.is_none() {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -140,6 +149,13 @@ async fn effect_placement(
             }
             continue;
         };
+        if waited {
+            tracing::info!(
+                topic = %topic,
+                partitions = recorded,
+                "the brokers answered: the side-effects topic's partition count is recorded"
+            );
+        }
         match seen {
             Some(partitions) if partitions < recorded => {
                 return Err(preflight::Error::FewerEffectPartitions {
@@ -153,12 +169,18 @@ async fn effect_placement(
             None => {}
         }
         let partitioner = config.kafka.client.get("partitioner");
-        return match output::EffectPlacement::new(partitioner, recorded) {
-            Some(placement) => Ok(Some(placement)),
-            None => anyhow::bail!(
-                "kafka.client partitioner {partitioner:?} does not place records by key"
-            ),
+        let Some(placement) = output::EffectPlacement::new(partitioner, recorded) else {
+            anyhow::bail!("kafka.client partitioner {partitioner:?} does not place records by key")
         };
+        let topics = checked.unwrap_or_else(|| {
+            tracing::warn!(
+                brokers = %config.kafka.brokers,
+                "Kafka did not answer the start-up check in {within:?}; starting anyway (the \
+                 consumer and producer keep trying)"
+            );
+            preflight::Topics::default()
+        });
+        return Ok(Some((placement, topics)));
     }
 }
 
@@ -256,12 +278,13 @@ pub async fn run_with(
     // (A test holds the start here while it stops PostgreSQL.)
     fail::fail_point!("start-checked");
     let kafka = config.clone();
-    let topics = tokio::task::spawn_blocking(move || {
+    let checked = tokio::task::spawn_blocking(move || {
         preflight::check(&kafka, kafka.kafka.operation_timeout.min(PREFLIGHT_WAIT))
     })
     .await??;
-    let Some(effects) = effect_placement(&pool, &config, &topics, &shutdown).await? else {
-        tracing::info!("stopped while waiting for the store; nothing was consumed");
+    let Some((effects, topics)) = effect_placement(&pool, &config, checked, &shutdown).await?
+    else {
+        tracing::info!("stopped while waiting for the store or the brokers; nothing was consumed");
         return Ok(());
     };
     let locks = Arc::new(LockStore::new(&config, pool.clone(), &store_id)?);

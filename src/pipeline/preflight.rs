@@ -304,8 +304,11 @@ pub async fn watch_topics(
         let (described, counted) = tokio::task::spawn_blocking(move || {
             let client = described_on.client();
             // A topic missing is the describe's to report.
-            let counted = topics_exist(client, &checked).ok().flatten();
-            (describe(client, &checked, within), counted)
+            let topic = &checked.kafka.side_effects_topic;
+            (
+                describe(client, &checked, within),
+                partition_count(client, topic, within),
+            )
         })
         .await
         .unwrap_or_else(|e| (Err(e.to_string()), None));
@@ -473,8 +476,9 @@ pub const TOPIC_APPEARS_WITHIN: Duration = Duration::from_secs(5);
 /// Connects to the brokers with the configuration's client settings and asks for the intents
 /// topic's metadata. Fails on an authentication or TLS failure, on a topic compacting, or
 /// missing for [`TOPIC_APPEARS_WITHIN`]; returns once the brokers answer, with the topics as
-/// described, or after `within` without an answer (then the engine goes on trying). Blocking.
-pub fn check(config: &Config, within: Duration) -> Result<Topics, Error> {
+/// described, or `None` after `within` without an answer (the caller says what it does then).
+/// Blocking.
+pub fn check(config: &Config, within: Duration) -> Result<Option<Topics>, Error> {
     let brokers = config.kafka.brokers.clone();
     let mut c = crate::pipeline::kafka::client_config(config, &[]);
     c.set(
@@ -533,14 +537,14 @@ pub fn check(config: &Config, within: Duration) -> Result<Topics, Error> {
                 };
                 return match verdict {
                     Checked::Refused(e) => Err(e),
-                    Checked::Fine => Ok(topics(described)),
+                    Checked::Fine => Ok(Some(topics(described))),
                     Checked::Unknown(reason) => {
                         tracing::warn!(
                             reason = %reason,
                             "could not read the topics' cleanup.policy (DescribeConfigs); a \
                              compacted topic would lose records unseen"
                         );
-                        Ok(topics(described))
+                        Ok(Some(topics(described)))
                     }
                 };
             }
@@ -551,14 +555,7 @@ pub fn check(config: &Config, within: Duration) -> Result<Topics, Error> {
                     _ => Error::Authentication { brokers, reason },
                 });
             }
-            Err(_) if Instant::now() >= deadline => {
-                tracing::warn!(
-                    brokers = %brokers,
-                    "Kafka did not answer the start-up check in {within:?}; starting anyway (the \
-                     consumer and producer keep trying)"
-                );
-                return Ok(Topics::default());
-            }
+            Err(_) if Instant::now() >= deadline => return Ok(None),
             Err(_) => {}
         }
     }
@@ -601,6 +598,18 @@ fn topics_exist<C: ClientContext>(
         }
     }
     Ok(side_effects_partitions)
+}
+
+/// `topic`'s partition count from one metadata request; `None` without an answer within
+/// `within`, or for a topic the brokers do not list with partitions. Blocking.
+fn partition_count<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    within: Duration,
+) -> Option<i32> {
+    let metadata = client.fetch_metadata(Some(topic), within).ok()?;
+    let t = metadata.topics().first()?;
+    (t.error().is_none() && !t.partitions().is_empty()).then(|| t.partitions().len() as i32)
 }
 
 #[cfg(test)]

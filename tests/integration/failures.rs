@@ -378,6 +378,88 @@ async fn postgres_stopped_right_after_the_start_up_check_is_waited_for() {
     assert_clean(&verified(&cfg).await, 1_000);
 }
 
+/// The flaky network meets a new deployment: its first start with the brokers down. No
+/// side-effects partition count is recorded yet and the brokers cannot say it, so no effect
+/// can be placed: the processor stays up, consumes nothing, records nothing and says once that
+/// it waits for the brokers (before, it said each round that it was "starting anyway", which
+/// it was not); when they are back it records the topic's count, says so, and processes
+/// everything once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_with_the_brokers_down_waits_for_them_before_it_consumes() {
+    use causal_commit::store::postgres::effect_partitions;
+    let env = TestEnv::exclusive("firstdown", 3).await;
+    let cfg = env.config.clone();
+    demo::produce(&cfg, &workload(600, 60, 0, "f"))
+        .await
+        .unwrap();
+    let pool = env.store().await;
+    let topic = &cfg.kafka.side_effects_topic;
+    let back = StartedAgain("kafka");
+    stack("stop", "kafka");
+    let log = log_path(&env, "run");
+    let mut proc = Processor::spawn(&cfg, log.clone());
+    // The start-up check gives up after the tests' operation timeout (8 s): three rounds.
+    tokio::time::sleep(Duration::from_secs(27)).await;
+    let lines = read_log(&log);
+    assert!(
+        proc.child.try_wait().unwrap().is_none(),
+        "still running with the brokers down at its first start: {lines:?}"
+    );
+    let said = |lines: &[serde_json::Value], text: &str| {
+        lines
+            .iter()
+            .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(text)))
+            .count()
+    };
+    assert_eq!(
+        said(
+            &lines,
+            "partition count is not recorded yet (a first start) and the brokers have not \
+             said it: waiting for them before anything is consumed"
+        ),
+        1,
+        "the wait is said once: {lines:?}"
+    );
+    assert_eq!(
+        said(&lines, "starting anyway"),
+        0,
+        "it does not start: {lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l["message"] == "transition"),
+        "nothing consumed"
+    );
+    assert_eq!(
+        effect_partitions(&pool, topic, None).await.unwrap(),
+        None,
+        "nothing recorded while the brokers are down"
+    );
+    drop(back);
+    let answered = wait_for_log(
+        &log,
+        Duration::from_secs(60),
+        "the brokers' answer is said",
+        |lines| {
+            lines
+                .iter()
+                .find(|l| {
+                    l["message"]
+                        == "the brokers answered: the side-effects topic's partition count is \
+                            recorded"
+                })
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(answered["partitions"], 3, "{answered}");
+    assert_eq!(
+        effect_partitions(&pool, topic, None).await.unwrap(),
+        Some(3)
+    );
+    caught_up(&cfg, Duration::from_secs(120)).await;
+    stopped_clean(proc, &cfg, 600).await;
+}
+
 /// A tired operator starts a second process with the instance_id of a running one (a shared
 /// config file): their consumers fence each other's static membership and their producers
 /// each other's transactions. A consumer fenced once is replaced in place (what a broker
