@@ -101,23 +101,41 @@ where
 /// Where the effects go (`output::EffectPlacement`): over the partition count the store
 /// recorded for the side-effects topic, recorded now from the topic at its first start. A
 /// topic with fewer partitions than recorded is refused; one with more is used as recorded,
-/// its added partitions left empty, with a warning. `checked` is what the start-up check found
-/// (`None`: the brokers did not answer it). With nothing recorded and no count from the
-/// brokers (a first start with the brokers down), nothing can be placed: the check is asked
-/// again, quietly, until the brokers answer it (one WARN says so, an INFO when they answer);
-/// a later start has the count recorded and starts at once, as before. Returns the placement
-/// and the topics for the topic watch to start from; `None` when `shutdown` fired first.
+/// its added partitions left empty, with a warning. It runs the Kafka start-up check
+/// ([`preflight::Checker`]) first. With nothing recorded and no count from the brokers (a
+/// first start with the brokers down), nothing can be placed: the check is asked again,
+/// quietly, on the same client, until the brokers answer it (one WARN says so, an INFO when
+/// they answer); a later start has the count recorded and starts at once, as before. Returns
+/// the placement and the topics for the topic watch to start from; `None` when `shutdown`
+/// fired first (served within a second, also during a check).
 async fn effect_placement(
     pool: &sqlx::PgPool,
     config: &Arc<Config>,
-    checked: Option<preflight::Topics>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<(output::EffectPlacement, preflight::Topics)>> {
+    let checker = Arc::new(preflight::Checker::new(config.clone())?);
+    let placed = placed_after_check(pool, config, &checker, shutdown).await;
+    // Dropping the client joins its threads: not on a runtime worker.
+    let _ = tokio::task::spawn_blocking(move || drop(checker)).await;
+    placed
+}
+
+/// [`effect_placement`] with its client.
+async fn placed_after_check(
+    pool: &sqlx::PgPool,
+    config: &Arc<Config>,
+    checker: &Arc<preflight::Checker>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<(output::EffectPlacement, preflight::Topics)>> {
     let topic = &config.kafka.side_effects_topic;
     let within = config.kafka.operation_timeout.min(PREFLIGHT_WAIT);
-    let mut checked = checked;
     let mut waited = false;
     loop {
+        let (asked, stop) = (checker.clone(), shutdown.clone());
+        let checked = tokio::task::spawn_blocking(move || asked.check(within, &stop)).await??;
+        if shutdown.is_cancelled() {
+            return Ok(None);
+        }
         let seen = checked.as_ref().and_then(|t| t.side_effects_partitions());
         let Some(recorded) =
             while_postgres_unavailable(shutdown, "side-effects partitions", || {
@@ -138,14 +156,9 @@ async fn effect_placement(
                 );
                 waited = true;
             }
-            let kafka = config.clone();
-            checked =
-                tokio::task::spawn_blocking(move || preflight::check(&kafka, within)).await??;
-            if checked.is_none() {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             continue;
         };
@@ -277,13 +290,7 @@ pub async fn run_with(
     };
     // (A test holds the start here while it stops PostgreSQL.)
     fail::fail_point!("start-checked");
-    let kafka = config.clone();
-    let checked = tokio::task::spawn_blocking(move || {
-        preflight::check(&kafka, kafka.kafka.operation_timeout.min(PREFLIGHT_WAIT))
-    })
-    .await??;
-    let Some((effects, topics)) = effect_placement(&pool, &config, checked, &shutdown).await?
-    else {
+    let Some((effects, topics)) = effect_placement(&pool, &config, &shutdown).await? else {
         tracing::info!("stopped while waiting for the store or the brokers; nothing was consumed");
         return Ok(());
     };

@@ -473,90 +473,109 @@ impl ProducerContext for Watch {
 /// How long the start-up check asks again for a topic the brokers do not have yet.
 pub const TOPIC_APPEARS_WITHIN: Duration = Duration::from_secs(5);
 
-/// Connects to the brokers with the configuration's client settings and asks for the intents
-/// topic's metadata. Fails on an authentication or TLS failure, on a topic compacting, or
-/// missing for [`TOPIC_APPEARS_WITHIN`]; returns once the brokers answer, with the topics as
-/// described, or `None` after `within` without an answer (the caller says what it does then).
-/// Blocking.
-pub fn check(config: &Config, within: Duration) -> Result<Option<Topics>, Error> {
-    let brokers = config.kafka.brokers.clone();
-    let mut c = crate::pipeline::kafka::client_config(config, &[]);
-    c.set(
-        "client.id",
-        format!("causal-commit-{}-check", config.instance_id()),
-    );
-    let producer: BaseProducer<Watch> = c
-        .create_with_context(Watch::default())
-        .map_err(Error::Create)?;
-    let deadline = Instant::now() + within;
-    let mut missing_since: Option<Instant> = None;
-    loop {
-        let answered = producer
-            .client()
-            .fetch_metadata(
-                Some(&config.kafka.intents_topic),
-                Duration::from_millis(250),
-            )
-            .map_err(|e| e.rdkafka_error_code());
-        // Serves every queued event (logs and errors share the queue, one event per poll
-        // round): the callback above sees the errors of this round.
-        producer.poll(Duration::from_millis(250));
-        let failure = producer
-            .context()
-            .failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some((code, reason)) = failure {
-            return Err(match code {
-                RDKafkaErrorCode::SSL => Error::Tls { brokers, reason },
-                _ => Error::Authentication { brokers, reason },
-            });
-        }
-        match answered {
-            Ok(_) => {
-                let side_effects_partitions = match topics_exist(producer.client(), config) {
-                    Ok(partitions) => partitions,
-                    Err(missing) => {
-                        let since = *missing_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= TOPIC_APPEARS_WITHIN {
-                            return Err(missing);
-                        }
-                        std::thread::sleep(Duration::from_millis(200));
-                        continue;
-                    }
-                };
-                let described = describe(producer.client(), config, Duration::from_secs(5));
-                let verdict = match &described {
-                    Ok(d) => checked(d),
-                    Err(reason) => Checked::Unknown(reason.clone()),
-                };
-                let topics = |described: Result<Vec<Described>, String>| Topics {
-                    described: described.unwrap_or_default(),
-                    side_effects_partitions,
-                };
-                return match verdict {
-                    Checked::Refused(e) => Err(e),
-                    Checked::Fine => Ok(Some(topics(described))),
-                    Checked::Unknown(reason) => {
-                        tracing::warn!(
-                            reason = %reason,
-                            "could not read the topics' cleanup.policy (DescribeConfigs); a \
-                             compacted topic would lose records unseen"
-                        );
-                        Ok(Some(topics(described)))
-                    }
-                };
-            }
-            Err(Some(code)) if is_final(code, "") => {
-                let reason = format!("{code}");
+/// The start-up check's client, for the whole start however many rounds of the check it
+/// takes: a first start waiting for the brokers asks again and again on the same client.
+/// Dropping it joins librdkafka's threads: not on a runtime worker.
+pub struct Checker {
+    config: std::sync::Arc<Config>,
+    producer: BaseProducer<Watch>,
+}
+
+impl Checker {
+    /// A client with the configuration's settings; it connects when first asked.
+    pub fn new(config: std::sync::Arc<Config>) -> Result<Self, Error> {
+        let mut c = crate::pipeline::kafka::client_config(&config, &[]);
+        c.set(
+            "client.id",
+            format!("causal-commit-{}-check", config.instance_id()),
+        );
+        let producer = c
+            .create_with_context(Watch::default())
+            .map_err(Error::Create)?;
+        Ok(Self { config, producer })
+    }
+
+    /// Asks for the intents topic's metadata. Fails on an authentication or TLS failure, on a
+    /// topic compacting, or missing for [`TOPIC_APPEARS_WITHIN`]; returns once the brokers
+    /// answer, with the topics as described, or `None` after `within` without an answer, or
+    /// as soon as `stop` fires while none came (the caller says what it does then). Blocking.
+    pub fn check(
+        &self,
+        within: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Option<Topics>, Error> {
+        let (config, producer) = (&*self.config, &self.producer);
+        let brokers = config.kafka.brokers.clone();
+        let deadline = Instant::now() + within;
+        let mut missing_since: Option<Instant> = None;
+        loop {
+            let answered = producer
+                .client()
+                .fetch_metadata(
+                    Some(&config.kafka.intents_topic),
+                    Duration::from_millis(250),
+                )
+                .map_err(|e| e.rdkafka_error_code());
+            // Serves every queued event (logs and errors share the queue, one event per poll
+            // round): the callback above sees the errors of this round.
+            producer.poll(Duration::from_millis(250));
+            let failure = producer
+                .context()
+                .failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some((code, reason)) = failure {
                 return Err(match code {
                     RDKafkaErrorCode::SSL => Error::Tls { brokers, reason },
                     _ => Error::Authentication { brokers, reason },
                 });
             }
-            Err(_) if Instant::now() >= deadline => return Ok(None),
-            Err(_) => {}
+            match answered {
+                Ok(_) => {
+                    let side_effects_partitions = match topics_exist(producer.client(), config) {
+                        Ok(partitions) => partitions,
+                        Err(missing) => {
+                            let since = *missing_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= TOPIC_APPEARS_WITHIN {
+                                return Err(missing);
+                            }
+                            std::thread::sleep(Duration::from_millis(200));
+                            continue;
+                        }
+                    };
+                    let described = describe(producer.client(), config, Duration::from_secs(5));
+                    let verdict = match &described {
+                        Ok(d) => checked(d),
+                        Err(reason) => Checked::Unknown(reason.clone()),
+                    };
+                    let topics = |described: Result<Vec<Described>, String>| Topics {
+                        described: described.unwrap_or_default(),
+                        side_effects_partitions,
+                    };
+                    return match verdict {
+                        Checked::Refused(e) => Err(e),
+                        Checked::Fine => Ok(Some(topics(described))),
+                        Checked::Unknown(reason) => {
+                            tracing::warn!(
+                                reason = %reason,
+                                "could not read the topics' cleanup.policy (DescribeConfigs); a \
+                                 compacted topic would lose records unseen"
+                            );
+                            Ok(Some(topics(described)))
+                        }
+                    };
+                }
+                Err(Some(code)) if is_final(code, "") => {
+                    let reason = format!("{code}");
+                    return Err(match code {
+                        RDKafkaErrorCode::SSL => Error::Tls { brokers, reason },
+                        _ => Error::Authentication { brokers, reason },
+                    });
+                }
+                Err(_) if Instant::now() >= deadline || stop.is_cancelled() => return Ok(None),
+                Err(_) => {}
+            }
         }
     }
 }

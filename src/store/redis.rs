@@ -793,7 +793,7 @@ impl RedisStore {
             PutMode::Live => 0,
             PutMode::Resync { t0 } => t0.max(1),
         };
-        let mut calls: Vec<redis::Cmd> = entries
+        let calls: Vec<redis::Cmd> = entries
             .chunks(KEYS_PER_CALL)
             .map(|chunk| {
                 let mut cmd = redis::cmd("EVALSHA");
@@ -819,7 +819,7 @@ impl RedisStore {
         // The script, loaded in the same round trip (a Redis restarted since has lost it).
         pipe.load_script(&self.put).ignore();
         let n = calls.len() as u32;
-        for (k, mut call) in calls.drain(..).enumerate() {
+        for (k, mut call) in calls.into_iter().enumerate() {
             call.arg(first_deadline + k as u64 * share);
             pipe.add_command(call);
         }

@@ -380,15 +380,17 @@ async fn postgres_stopped_right_after_the_start_up_check_is_waited_for() {
 
 /// The flaky network meets a new deployment: its first start with the brokers down. No
 /// side-effects partition count is recorded yet and the brokers cannot say it, so no effect
-/// can be placed: the processor stays up, consumes nothing, records nothing and says once that
-/// it waits for the brokers (before, it said each round that it was "starting anyway", which
-/// it was not); when they are back it records the topic's count, says so, and processes
-/// everything once.
+/// can be placed: the processor stays up (alive, not ready), consumes nothing, records nothing
+/// and says once that it waits for the brokers (before, it said each round that it was
+/// "starting anyway", which it was not); when they are back it records the topic's count, says
+/// so, and processes everything once. And the tired operator stopping it meanwhile: a SIGTERM
+/// during the wait is a clean exit within a second or two, also in the middle of a round of
+/// the check (before, the round ran out first: up to its 8-s timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_start_with_the_brokers_down_waits_for_them_before_it_consumes() {
     use causal_commit::store::postgres::effect_partitions;
     let env = TestEnv::exclusive("firstdown", 3).await;
-    let cfg = env.config.clone();
+    let mut cfg = env.config.clone();
     demo::produce(&cfg, &workload(600, 60, 0, "f"))
         .await
         .unwrap();
@@ -396,10 +398,62 @@ async fn a_first_start_with_the_brokers_down_waits_for_them_before_it_consumes()
     let topic = &cfg.kafka.side_effects_topic;
     let back = StartedAgain("kafka");
     stack("stop", "kafka");
+    let probes = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    cfg.telemetry.metrics_listen = probes.to_string();
     let log = log_path(&env, "run");
     let mut proc = Processor::spawn(&cfg, log.clone());
-    // The start-up check gives up after the tests' operation timeout (8 s): three rounds.
-    tokio::time::sleep(Duration::from_secs(27)).await;
+    let mut cfg_b = env.config.clone();
+    cfg_b.instance_id = format!("{}-b", env.name);
+    let log_b = log_path(&env, "b");
+    let stopped_early = Processor::spawn(&cfg_b, log_b.clone());
+    let waiting = "partition count is not recorded yet (a first start) and the brokers have not \
+                   said it: waiting for them before anything is consumed";
+    wait_for_log(
+        &log_b,
+        Duration::from_secs(30),
+        "the wait is said",
+        |lines| {
+            lines
+                .iter()
+                .any(|l| l["message"].as_str().is_some_and(|m| m.contains(waiting)))
+                .then_some(())
+        },
+    )
+    .await;
+    // Into the next round of the check (it starts 1 s after the wait is said, and gives up
+    // after the tests' operation timeout, 8 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let asked = Instant::now();
+    let stop = stopped_early.stop(Duration::from_secs(15));
+    let took = asked.elapsed();
+    println!("SIGTERM during the first-start wait: exited in {took:?} ({stop:?})");
+    assert!(
+        stop.is_some_and(|s| s.success()),
+        "SIGTERM while waiting: a clean exit ({stop:?}): {:?}",
+        read_log(&log_b)
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "SIGTERM in the middle of a round of the check is served within seconds, not when the \
+         round gives up: {took:?}"
+    );
+    assert!(
+        read_log(&log_b).iter().any(|l| l["message"]
+            == "stopped while waiting for the store or the brokers; nothing was consumed"),
+        "{:?}",
+        read_log(&log_b)
+    );
+    // Three rounds of the check in all.
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    assert_eq!(
+        http::http_get(probes, "/livez").await.map(|r| r.0),
+        Some(200)
+    );
+    assert_eq!(
+        http::http_get(probes, "/readyz").await.map(|r| r.0),
+        Some(503),
+        "not ready while it waits"
+    );
     let lines = read_log(&log);
     assert!(
         proc.child.try_wait().unwrap().is_none(),
@@ -411,15 +465,7 @@ async fn a_first_start_with_the_brokers_down_waits_for_them_before_it_consumes()
             .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(text)))
             .count()
     };
-    assert_eq!(
-        said(
-            &lines,
-            "partition count is not recorded yet (a first start) and the brokers have not \
-             said it: waiting for them before anything is consumed"
-        ),
-        1,
-        "the wait is said once: {lines:?}"
-    );
+    assert_eq!(said(&lines, waiting), 1, "the wait is said once: {lines:?}");
     assert_eq!(
         said(&lines, "starting anyway"),
         0,
@@ -457,6 +503,10 @@ async fn a_first_start_with_the_brokers_down_waits_for_them_before_it_consumes()
         Some(3)
     );
     caught_up(&cfg, Duration::from_secs(120)).await;
+    assert_eq!(
+        http::http_get(probes, "/readyz").await.map(|r| r.0),
+        Some(200)
+    );
     stopped_clean(proc, &cfg, 600).await;
 }
 
