@@ -38,9 +38,11 @@
 //! Otherwise PostgreSQL answers the whole lookup — Redis hits are not used either, because an
 //! outcome can change while Redis is behind (a manual-review item re-submitted and committed
 //! during a fallback). `{prefix}` is `{redis.key_prefix}:{store_id}`, the store id drawn per
-//! PostgreSQL schema (`cc_store_state.store_id`): every store starts at epoch 1, so two
-//! deployments sharing one Redis and one key prefix would otherwise each be "in sync" with the
-//! other's outcomes.
+//! PostgreSQL schema (`cc_store_state.store_id`) hashed with the schema's place (cluster,
+//! database, schema: `postgres::lock_store::store_id`): every store starts at epoch 1, and a
+//! copy of a schema made with its rows carries the original's id and epoch, so two deployments
+//! sharing one Redis and one key prefix would otherwise each be "in sync" with the other's
+//! outcomes.
 //!
 //! - Every switch to PostgreSQL **registers the fallback** in PostgreSQL before any decision of the
 //!   fallback period is written: the epoch is bumped (so every Redis is out of sync) and a row in

@@ -2,8 +2,9 @@
 //! call, Lua scripts for everything that must be atomic, one round trip per batch.
 //!
 //! Keys (all under `{redis.key_prefix}:{store_id}`, written `{prefix}` below: the store id is
-//! `cc_store_state.store_id`, so deployments that share a Redis and a key prefix never share a
-//! key):
+//! the id drawn for the schema hashed with where it is (`postgres::lock_store::store_id`), so
+//! deployments that share a Redis and a key prefix never share a key, a copy of a schema
+//! included):
 //!
 //! | key | value | written by |
 //! |---|---|---|
@@ -150,7 +151,7 @@ pub struct Keys {
 }
 
 impl Keys {
-    /// The keys of the store `store_id` (`cc_store_state.store_id`) under `key_prefix`
+    /// The keys of the store `store_id` (`postgres::lock_store::store_id`) under `key_prefix`
     /// (`redis.key_prefix`).
     pub fn new(key_prefix: &str, store_id: &str) -> Self {
         Self {

@@ -58,7 +58,7 @@ struct World {
     config: Config,
     pool: PgPool,
     raw: redis::Client,
-    /// `cc_store_state.store_id`: the store's Redis keys are under `{key_prefix}:{store_id}`.
+    /// The store id (`postgres::lock_store::store_id`): its Redis keys are under `{key_prefix}:{store_id}`.
     store_id: String,
     parts: HashMap<i32, Part>,
     /// Intents with an idempotency outcome written: deciding one again is a re-submission.

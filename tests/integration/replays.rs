@@ -156,26 +156,96 @@ async fn two_deployments_sharing_one_redis_key_prefix_each_commit_every_intent()
     produce_intents(&stg, &intents).await;
     produce_intents(&prd, &intents).await;
     for (cfg, name) in [(&stg, &staging.name), (&prd, &production.name)] {
-        let log = std::env::temp_dir().join(format!("{name}-run.log"));
-        let proc = Processor::spawn(cfg, log);
-        let fx = effects(
-            &wait_for(
-                cfg,
-                &cfg.kafka.side_effects_topic,
-                intents.len(),
-                Duration::from_secs(60),
-            )
-            .await,
-        );
-        assert!(proc.terminate(Duration::from_secs(30)));
-        let mut ids: Vec<&str> = fx.iter().map(|e| e.intent_id.as_str()).collect();
-        ids.sort_unstable();
+        let ids = effects_of_a_run(cfg, name, intents.len()).await;
         let mut want: Vec<&str> = intents.iter().map(|i| i.intent_id.as_str()).collect();
         want.sort_unstable();
         assert_eq!(ids, want, "{name}: every intent has its one effect");
         let report = verify_report(cfg, "").await;
         assert!(report.ok, "{name}: {:?}", report.violations);
     }
+}
+
+/// The same tired operator, one step further: staging's schema is a copy of production's made
+/// with its rows (`pg_dump` restored under another schema name), so it carries production's
+/// store id and epoch, and both share one Redis and key prefix. Staging, fed a copy of
+/// production's intents, decides them first. Production must still commit every one of them
+/// once: before, the copy used production's keys, found them in sync (same epoch, same Redis),
+/// and wrote its outcomes there, and production took them for its own, deciding intents it had
+/// never decided as duplicates, with no effect. (The copy is made here by giving staging's
+/// fresh schema production's store id and epoch: what a restored dump carries.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_copied_with_its_rows_for_staging_never_decides_for_production() {
+    let production = TestEnv::new("copy_prd", 1).await;
+    let staging = TestEnv::new("copy_stg", 1).await;
+    let prd = production.config.clone();
+    let mut stg = staging.config.clone();
+    stg.redis.key_prefix = prd.redis.key_prefix.clone();
+    // Production runs first: its Redis is marked in sync with its epoch.
+    let warm: Vec<_> = (0..5)
+        .map(|i| intent(&format!("w{i}"), &format!("c{i}"), 0))
+        .collect();
+    produce_intents(&prd, &warm).await;
+    effects_of_a_run(&prd, &production.name, warm.len()).await;
+    let (prd_pool, stg_pool) = (production.store().await, staging.store().await);
+    let (store_id, epoch): (String, i64) =
+        sqlx::query_as("SELECT store_id, epoch FROM cc_store_state WHERE id = 1")
+            .fetch_one(&prd_pool)
+            .await
+            .unwrap();
+    sqlx::query("UPDATE cc_store_state SET store_id = $1, epoch = $2 WHERE id = 1")
+        .bind(&store_id)
+        .bind(epoch)
+        .execute(&stg_pool)
+        .await
+        .unwrap();
+    let (prd_keys, stg_keys) = (redis_keys(&prd).await, redis_keys(&stg).await);
+    assert_ne!(
+        prd_keys.epoch(),
+        stg_keys.epoch(),
+        "a copy of a schema keys its outcomes apart from the original's"
+    );
+
+    let intents: Vec<_> = (0..20)
+        .map(|i| intent(&format!("m{i}"), &format!("c{}", i % 5), 0))
+        .collect();
+    produce_intents(&stg, &intents).await;
+    produce_intents(&prd, &intents).await;
+    effects_of_a_run(&stg, &staging.name, intents.len()).await;
+    let ids = effects_of_a_run(&prd, &production.name, warm.len() + intents.len()).await;
+    let mut want: Vec<String> = warm
+        .iter()
+        .chain(&intents)
+        .map(|i| i.intent_id.clone())
+        .collect();
+    want.sort_unstable();
+    assert_eq!(ids, want, "production: every intent has its one effect");
+    for cfg in [&prd, &stg] {
+        let report = verify_report(cfg, "").await;
+        assert!(report.ok, "{:?}", report.violations);
+    }
+}
+
+/// Runs a processor on `cfg` (its log named after `name`) until `n` effects are on its
+/// side-effects topic, then stops it cleanly; the intent ids of those effects, sorted.
+async fn effects_of_a_run(
+    cfg: &causal_commit::config::Config,
+    name: &str,
+    n: usize,
+) -> Vec<String> {
+    let proc = Processor::spawn(cfg, std::env::temp_dir().join(format!("{name}-run.log")));
+    let fx = effects(
+        &wait_for(
+            cfg,
+            &cfg.kafka.side_effects_topic,
+            n,
+            Duration::from_secs(60),
+        )
+        .await,
+    );
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let mut ids: Vec<String> = fx.into_iter().map(|e| e.intent_id).collect();
+    ids.sort_unstable();
+    ids
 }
 
 /// R5 across instances: a careless producer gives one intent id to two contacts at once (an id

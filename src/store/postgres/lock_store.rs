@@ -36,17 +36,47 @@ fn timed_columns(ttl: &str) -> String {
     )
 }
 
-/// The PostgreSQL epoch (0 when the row is missing, which the migration prevents: it then
-/// matches no Redis).
-/// This store's identity (migration 0014): its Redis keys live under
-/// `{redis.key_prefix}:{store_id}:`.
+/// This store's identity for Redis: its keys live under `{redis.key_prefix}:{store_id}:`. It is
+/// the id migration 0014 drew for the schema, hashed with where the schema is now: the
+/// cluster's `system_identifier`, the database and the schema. A copy of the schema made with
+/// its rows (`pg_dump` restored into another schema, database or cluster, for staging say)
+/// carries the drawn id and its epoch, but not the place: its keys are its own, so on a shared
+/// Redis and key prefix it neither takes the original's outcomes for its own nor writes its own
+/// into the original's (which would make the original decide intents it never decided as
+/// duplicates, without an effect). Every instance of one deployment computes the same id. A
+/// failover to a physical replica keeps all three, so the keys stay; a physical copy (a
+/// snapshot or base backup restored under the same database and schema names) keeps them too,
+/// and needs a key prefix of its own (docs/redis-fallback.md). 16 hex digits.
 pub async fn store_id(pool: &PgPool) -> Result<String> {
-    sqlx::query_scalar("SELECT store_id FROM cc_store_state WHERE id = 1")
-        .fetch_one(pool)
-        .await
-        .map_err(db("reading the store id"))
+    // Callable by every role since PostgreSQL 10; a server that refuses it (some managed
+    // services) keys the store by its database and schema.
+    let cluster: String = match sqlx::query_scalar(
+        "SELECT system_identifier::text FROM pg_control_system()",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(db("reading the cluster's system identifier"))
+    {
+        Ok(id) => id,
+        Err(e) if e.is_unavailable() => return Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "the cluster's system identifier cannot be read: the store's Redis keys are told apart by its database and schema only");
+            String::new()
+        }
+    };
+    sqlx::query_scalar(
+        "SELECT substr(md5(concat_ws('/', store_id, $1::text, current_database(),
+                                     current_schema())), 1, 16)
+           FROM cc_store_state WHERE id = 1",
+    )
+    .bind(cluster)
+    .fetch_one(pool)
+    .await
+    .map_err(db("reading the store id"))
 }
 
+/// The PostgreSQL epoch (0 when the row is missing, which the migration prevents: it then
+/// matches no Redis).
 pub async fn load_epoch(pool: &PgPool) -> Result<i64> {
     let e: Option<i64> = sqlx::query_scalar("SELECT epoch FROM cc_store_state WHERE id = 1")
         .fetch_optional(pool)
