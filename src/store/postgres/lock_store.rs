@@ -48,8 +48,8 @@ fn timed_columns(ttl: &str) -> String {
 /// snapshot or base backup restored under the same database and schema names) keeps them too,
 /// and needs a key prefix of its own (docs/redis-fallback.md). 16 hex digits.
 pub async fn store_id(pool: &PgPool) -> Result<String> {
-    // Callable by every role since PostgreSQL 10; a server that refuses it (some managed
-    // services) keys the store by its database and schema.
+    // PUBLIC may call it by default; where an operator or a managed service revoked it, the
+    // store is keyed by its database and schema alone.
     let cluster: String = match sqlx::query_scalar(
         "SELECT system_identifier::text FROM pg_control_system()",
     )
