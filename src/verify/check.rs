@@ -44,11 +44,13 @@ pub struct Report {
     pub assigned_order_violations: usize,
     pub content_mismatches: usize,
     pub version_mismatches: usize,
+    pub version_guard_violations: usize,
     pub lost: usize,
     pub effects_without_intent: usize,
     pub malformed_outputs: usize,
     pub manual_review_unjustified: usize,
     pub skips_unjustified: usize,
+    pub committed_while_held: usize,
     pub reopened_without_operator: usize,
     pub audit_mismatches: usize,
     pub unreadable_audit: usize,
@@ -67,18 +69,20 @@ pub enum Kind {
     AssignedOrder,
     ContentMismatch,
     VersionMismatch,
+    VersionGuard,
     Lost,
     EffectWithoutIntent,
     Malformed,
     ManualReviewUnjustified,
     SkipUnjustified,
+    CommittedWhileHeld,
     ReopenedWithoutOperator,
     AuditMismatch,
     UnreadableAudit,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 18] = [
         Kind::Reorder,
         Kind::Duplicate,
         Kind::DuplicateReview,
@@ -87,11 +91,13 @@ impl Kind {
         Kind::AssignedOrder,
         Kind::ContentMismatch,
         Kind::VersionMismatch,
+        Kind::VersionGuard,
         Kind::Lost,
         Kind::EffectWithoutIntent,
         Kind::Malformed,
         Kind::ManualReviewUnjustified,
         Kind::SkipUnjustified,
+        Kind::CommittedWhileHeld,
         Kind::ReopenedWithoutOperator,
         Kind::AuditMismatch,
         Kind::UnreadableAudit,
@@ -108,11 +114,13 @@ impl Kind {
             Kind::AssignedOrder => "assigned_order_violations",
             Kind::ContentMismatch => "content_mismatches",
             Kind::VersionMismatch => "version_mismatches",
+            Kind::VersionGuard => "version_guard_violations",
             Kind::Lost => "lost",
             Kind::EffectWithoutIntent => "effects_without_intent",
             Kind::Malformed => "malformed_outputs",
             Kind::ManualReviewUnjustified => "manual_review_unjustified",
             Kind::SkipUnjustified => "skips_unjustified",
+            Kind::CommittedWhileHeld => "committed_while_held",
             Kind::ReopenedWithoutOperator => "reopened_without_operator",
             Kind::AuditMismatch => "audit_mismatches",
             Kind::UnreadableAudit => "unreadable_audit",
@@ -130,11 +138,13 @@ impl Kind {
             Kind::AssignedOrder => "assigned order",
             Kind::ContentMismatch => "content mismatch",
             Kind::VersionMismatch => "version mismatch",
+            Kind::VersionGuard => "version guard",
             Kind::Lost => "lost",
             Kind::EffectWithoutIntent => "effect without intent",
             Kind::Malformed => "malformed",
             Kind::ManualReviewUnjustified => "manual review unjustified",
             Kind::SkipUnjustified => "skip unjustified",
+            Kind::CommittedWhileHeld => "committed while held",
             Kind::ReopenedWithoutOperator => "reopened without operator",
             Kind::AuditMismatch => "audit mismatch",
             Kind::UnreadableAudit => "unreadable audit",
@@ -155,11 +165,13 @@ impl Report {
             Kind::AssignedOrder => r.assigned_order_violations,
             Kind::ContentMismatch => r.content_mismatches,
             Kind::VersionMismatch => r.version_mismatches,
+            Kind::VersionGuard => r.version_guard_violations,
             Kind::Lost => r.lost,
             Kind::EffectWithoutIntent => r.effects_without_intent,
             Kind::Malformed => r.malformed_outputs,
             Kind::ManualReviewUnjustified => r.manual_review_unjustified,
             Kind::SkipUnjustified => r.skips_unjustified,
+            Kind::CommittedWhileHeld => r.committed_while_held,
             Kind::ReopenedWithoutOperator => r.reopened_without_operator,
             Kind::AuditMismatch => r.audit_mismatches,
             Kind::UnreadableAudit => r.unreadable_audit,
@@ -177,11 +189,13 @@ impl Report {
             Kind::AssignedOrder => &mut r.assigned_order_violations,
             Kind::ContentMismatch => &mut r.content_mismatches,
             Kind::VersionMismatch => &mut r.version_mismatches,
+            Kind::VersionGuard => &mut r.version_guard_violations,
             Kind::Lost => &mut r.lost,
             Kind::EffectWithoutIntent => &mut r.effects_without_intent,
             Kind::Malformed => &mut r.malformed_outputs,
             Kind::ManualReviewUnjustified => &mut r.manual_review_unjustified,
             Kind::SkipUnjustified => &mut r.skips_unjustified,
+            Kind::CommittedWhileHeld => &mut r.committed_while_held,
             Kind::ReopenedWithoutOperator => &mut r.reopened_without_operator,
             Kind::AuditMismatch => &mut r.audit_mismatches,
             Kind::UnreadableAudit => &mut r.unreadable_audit,
@@ -296,6 +310,7 @@ fn judge(w: &World<'_>, mut f: Findings) -> Report {
     w.check_reviews(&mut f);
     w.check_reopened(&mut f);
     w.check_skips(&mut f);
+    w.check_holds(&mut f);
     w.check_audit(&mut f);
     for note in &observed.unreadable {
         f.add(Kind::UnreadableAudit, 1, || note.clone());
@@ -941,6 +956,19 @@ impl<'a> World<'a> {
                         )
                     });
                 }
+                // R6: it commits only if the contact's committed version is the one it expects,
+                // so its effect is that version's successor.
+                let expected = intent.expected_version;
+                if expected > 0 && e.contact_version != expected.saturating_add(1) {
+                    f.add(Kind::VersionGuard, 1, || {
+                        format!(
+                            "intent {}: expected_version {expected}, yet committed as sequence {seq} on the contact's version {} (its effect says version {} after it)",
+                            e.intent_id,
+                            e.contact_version.saturating_sub(1),
+                            e.contact_version
+                        )
+                    });
+                }
             }
             let seqs = self
                 .sequences
@@ -1425,6 +1453,81 @@ impl<'a> World<'a> {
                     s.contact_id, s.from, s.to
                 )
             });
+        }
+    }
+
+    /// R7: a contact put on hold (by a wait timeout under the `hold` policy, or by a backlog
+    /// overflow) commits nothing until an operator releases it. Times are the audit rows' (one
+    /// PostgreSQL clock, one time per batch): an effect of the hold's own batch is not after
+    /// the hold, and one of the release's batch is not before the release.
+    fn check_holds(&self, f: &mut Findings) {
+        let mut reviewed_at: HashMap<(Position, &str), i64> = HashMap::new();
+        let mut committed_at: HashMap<(&str, u64), i64> = HashMap::new();
+        for a in &self.o.audit {
+            let at = match a.outcome {
+                AuditOutcome::Reviewed => reviewed_at
+                    .entry((a.source, a.intent_id.as_str()))
+                    .or_insert(a.at_ms),
+                AuditOutcome::Committed => committed_at
+                    .entry((a.intent_id.as_str(), a.commit_sequence))
+                    .or_insert(a.at_ms),
+            };
+            *at = (*at).min(a.at_ms);
+        }
+        // Per contact, (time, index of the review) of each hold, sorted.
+        let mut holds: HashMap<&str, Vec<(i64, usize)>> = HashMap::new();
+        for (i, r) in self.reviews.iter().enumerate() {
+            let puts_on_hold = match r.why {
+                Why::WaitTimeout => self.o.settings.on_timeout == TimeoutPolicy::Hold,
+                Why::BacklogOverflow => true,
+                _ => false,
+            };
+            let pos = self.recs[r.source].pos;
+            // A review without its audit row is an audit mismatch already.
+            if let (true, Some(at)) = (
+                puts_on_hold,
+                reviewed_at.get(&(pos, r.r.intent_id.as_str())),
+            ) {
+                holds
+                    .entry(self.review_contact(r))
+                    .or_default()
+                    .push((*at, i));
+            }
+        }
+        if holds.is_empty() {
+            return;
+        }
+        for h in holds.values_mut() {
+            h.sort_unstable();
+        }
+        for eff in &self.effects {
+            let e = &eff.e;
+            let contact = e.contact_id.as_str();
+            let (Some(holds), Some(at)) = (
+                holds.get(contact),
+                committed_at.get(&(e.intent_id.as_str(), e.commit_sequence)),
+            ) else {
+                continue;
+            };
+            let Some((held, review)) = holds[..holds.partition_point(|(h, _)| h < at)].last()
+            else {
+                continue;
+            };
+            let released = self
+                .o
+                .releases
+                .iter()
+                .any(|l| l.contact_id == contact && *held <= l.at_ms && l.at_ms <= *at);
+            if !released {
+                let r = &self.reviews[*review];
+                let source = self.recs[r.source].pos;
+                f.add(Kind::CommittedWhileHeld, 1, || {
+                    format!(
+                        "contact {contact}: intent {} committed as sequence {} in a batch after the contact's hold ({} of intents {}/{}) and before any operator release",
+                        e.intent_id, e.commit_sequence, r.name, source.0, source.1
+                    )
+                });
+            }
         }
     }
 

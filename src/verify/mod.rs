@@ -66,6 +66,9 @@
 //!   intent and contact ids.
 //! - `version_mismatches` (§3): an effect's `contact_version` is the number of its contact's
 //!   effects up to and including it.
+//! - `version_guard_violations` (R6): an effect of an intent with `expected_version` > 0 has
+//!   `contact_version` = `expected_version` + 1: the contact's committed version when it
+//!   committed was the one it expected (otherwise it must be blocked, with no effect).
 //! - `lost` (R8, §5 bad input): every valid intent id has an outcome for its original content:
 //!   an effect, a decision (a manual-review record other than `IDEMPOTENCY_CONFLICT` or
 //!   `INVALID_INTENT`) pointing at one of its records with that content, or a place in a
@@ -113,6 +116,12 @@
 //!   reopened, which only an operator may do.
 //! - `skips_unjustified` (R7): a skip by the wait timeout while the policy is `hold`, or an
 //!   operator skip without the operator release that asked to skip to the next sequence.
+//! - `committed_while_held` (R7, R9): an effect of a contact put on hold (a `WAIT_TIMEOUT`
+//!   review under the `hold` policy, or a `CONTACT_BACKLOG_OVERFLOW` review) in a batch after
+//!   the hold's, with no operator release of the contact between the two. Times here are the
+//!   audit rows' (PostgreSQL's clock, one time per batch), so an effect of the hold's own
+//!   batch (decided before the hold) and one of the release's batch are not violations; an
+//!   effect or a hold without its audit row is an `audit_mismatches` finding instead.
 //! - `audit_mismatches` (R8): every effect has exactly one `committed_causal` row, and every
 //!   reviewed record exactly one `blocked_conflict`/`manual_review` row, in committed
 //!   batches; every such row of a batch committed before the outputs were read has its

@@ -301,6 +301,7 @@ fn fact(row: TransitionRow, before_outputs: bool) -> Result<Fact, String> {
             reason: row.reason.clone(),
             commit_sequence: seq,
             before_outputs,
+            at_ms: row.at_ms,
         })
     };
     match row.to_state.as_str() {
@@ -492,6 +493,7 @@ mod tests {
                 reason: String::new(),
                 commit_sequence: 4,
                 before_outputs: true,
+                at_ms: 99,
             }))
         );
         assert!(matches!(

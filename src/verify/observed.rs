@@ -123,6 +123,9 @@ pub struct AuditRecord {
     /// Its batch had committed in Kafka before the output topics were read, so its output
     /// must be among what was read.
     pub before_outputs: bool,
+    /// When its batch was written (milliseconds, PostgreSQL's clock: the rows of one batch
+    /// share it, a later batch's are later).
+    pub at_ms: i64,
 }
 
 /// A contact's stored state as of its last committed batch, where it matters: waiting intents
@@ -169,7 +172,8 @@ pub struct Release {
     pub contact_id: String,
     /// `Some(n)`: the unresolved sequences below `n` were skipped; `None`: resumed.
     pub skip_to: Option<u64>,
-    /// When the release was applied (milliseconds).
+    /// When the release was applied (milliseconds, PostgreSQL's clock: the time of its
+    /// batch's audit rows).
     pub at_ms: i64,
 }
 

@@ -148,6 +148,7 @@ impl W {
             reason: String::new(),
             commit_sequence: e.commit_sequence,
             before_outputs: true,
+            at_ms: self.now,
         });
     }
 
@@ -219,6 +220,7 @@ impl W {
             reason: reason.as_str_name().into(),
             commit_sequence: received,
             before_outputs: true,
+            at_ms: self.now,
         });
         self.emit_review(&r);
     }
@@ -567,6 +569,7 @@ fn audit_invalid(w: &mut W, source: Position) {
         reason: "INVALID_INTENT".into(),
         commit_sequence: 0,
         before_outputs: true,
+        at_ms: w.now,
     });
 }
 
@@ -881,6 +884,81 @@ fn contact_on_hold_reviews_need_an_unreleased_hold() {
     );
 }
 
+/// c1: s2 waits for 1 and times out (the contact is held); s1 arrives later.
+fn held_world() -> (W, Position) {
+    let mut w = W::new();
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    w.later(TIMEOUT + 1);
+    w.review(s2, Timeout, 1, 2);
+    w.later(10);
+    let s1 = w.produce(&intent("s1", "c1", 1));
+    (w, s1)
+}
+
+#[test]
+fn a_held_contact_commits_nothing_until_an_operator_releases_it() {
+    // R7: its predecessor arriving while the contact is held goes to review, not out.
+    let (mut w, s1) = held_world();
+    w.commit(s1, 1);
+    let r = w.check_allowing_waiting();
+    assert_only(&r, Kind::CommittedWhileHeld, 1);
+    has(&r, "contact c1: intent s1 committed as sequence 1 in a batch after the contact's hold (WAIT_TIMEOUT of intents 0/0) and before any operator release");
+
+    // Released first (in an earlier batch, or in the effect's own): it may commit.
+    for gap in [5, 0] {
+        let (mut w, s1) = held_world();
+        w.release("c1", None);
+        w.later(gap);
+        w.commit(s1, 1);
+        assert_clean(&w.check_allowing_waiting());
+    }
+
+    // A release before the hold does not count.
+    let mut w = W::new();
+    w.release("c1", None);
+    w.later(1);
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    w.later(TIMEOUT + 1);
+    w.review(s2, Timeout, 1, 2);
+    w.later(1);
+    let s1 = w.produce(&intent("s1", "c1", 1));
+    w.commit(s1, 1);
+    assert_only(&w.check_allowing_waiting(), Kind::CommittedWhileHeld, 1);
+
+    // Under the skip policy a timeout holds nothing (its review is unjustified already).
+    let (mut w, s1) = held_world();
+    w.o.settings.on_timeout = TimeoutPolicy::Skip;
+    w.commit(s1, 1);
+    assert_only(
+        &w.check_allowing_waiting(),
+        Kind::ManualReviewUnjustified,
+        1,
+    );
+}
+
+#[test]
+fn a_backlog_overflow_holds_its_contact_from_the_next_batch_on() {
+    // max_pending_per_contact 2: s2 and s3 wait, s4 overflows with them; s0's effect in the
+    // same batch (before the overflow) is not after the hold, s1's in the next one is.
+    let mut w = W::new();
+    let s0 = w.produce(&intent("s0", "c1", 0));
+    let pending: Vec<(Position, u64)> = [2, 3, 4]
+        .into_iter()
+        .map(|seq| (w.produce(&intent(&format!("s{seq}"), "c1", seq)), seq))
+        .collect();
+    w.commit(s0, 1);
+    for (p, seq) in &pending {
+        w.review(*p, Overflow, 0, *seq);
+    }
+    assert_clean(&w.check_allowing_waiting());
+    w.later(20);
+    let s1 = w.produce(&intent("s1", "c1", 0));
+    w.commit(s1, 2);
+    let r = w.check_allowing_waiting();
+    assert_only(&r, Kind::CommittedWhileHeld, 1);
+    has(&r, "intent s1 committed as sequence 2 in a batch after the contact's hold (CONTACT_BACKLOG_OVERFLOW");
+}
+
 #[test]
 fn version_conflicts_need_a_stale_expected_version() {
     for expected in [0, 1] {
@@ -894,6 +972,38 @@ fn version_conflicts_need_a_stale_expected_version() {
         let r = w.check();
         assert_only(&r, Kind::ManualReviewUnjustified, 1);
     }
+}
+
+#[test]
+fn an_effect_commits_only_on_the_version_its_intent_expects() {
+    // a2 expects version 1 (a1's effect): committed as version 2, it passed its guard.
+    let guarded = |expected| {
+        let mut w = W::new();
+        let a1 = w.produce(&intent("a1", "c1", 1));
+        w.commit(a1, 1);
+        let mut a2 = intent("a2", "c1", 2);
+        a2.expected_version = expected;
+        let a2 = w.produce(&a2);
+        w.commit(a2, 2);
+        w
+    };
+    assert_ok(&guarded(1).check());
+    // R6: a stale guard (0 or 5 effects before it, or its own version) must block, not commit.
+    for expected in [2, 5] {
+        let r = guarded(expected).check();
+        assert_only(&r, Kind::VersionGuard, 1);
+        has(
+            &r,
+            &format!("intent a2: expected_version {expected}, yet committed as sequence 2 on the contact's version 1"),
+        );
+    }
+    // A guard on the contact's first intent expects a version it never had.
+    let mut w = W::new();
+    let mut first = intent("a1", "c1", 0);
+    first.expected_version = 1;
+    let a1 = w.produce(&first);
+    w.commit(a1, 1);
+    assert_only(&w.check(), Kind::VersionGuard, 1);
 }
 
 #[test]
@@ -1012,6 +1122,7 @@ fn a_reason_the_verifier_does_not_know_is_unjustified() {
         reason: "99".into(),
         commit_sequence: 1,
         before_outputs: true,
+        at_ms: w.now,
     });
     let r = w.check();
     assert_only(&r, Kind::ManualReviewUnjustified, 1);

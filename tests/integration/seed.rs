@@ -134,6 +134,10 @@ async fn seed_evidence_2_version_conflict_is_blocked() {
         )],
         "one audit row for the blocked intent"
     );
+    // The referee reads the same: v-3 committed on the version it expected (R6), v-2's
+    // conflict is justified, nothing else is wrong.
+    let report = verify_report(&cfg, "").await;
+    assert!(report.ok, "{}: {:?}", report.summary(), report.violations);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,8 +220,9 @@ async fn wait_timeout_holds_the_contact_until_an_operator_releases_it() {
     // The operator path goes through the admin API.
     crate::admin::with_admin(&mut env.config);
     let cfg = env.config();
-    let running = start(cfg.clone());
-    // Sequence 1 never comes: 2 waits, times out, the contact is held.
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let proc = Processor::spawn(&cfg, log.clone());
+    // Sequence 1 does not come in time: 2 waits, times out, the contact is held.
     produce_intents(&cfg, &[intent("h-2", "held", 2)]).await;
     let reviews = wait_for(
         &cfg,
@@ -248,6 +253,24 @@ async fn wait_timeout_holds_the_contact_until_an_operator_releases_it() {
     assert_eq!(r[1].reason, ReviewReason::ContactOnHold as i32);
     assert_eq!(r[1].intent_id, "h-3");
 
+    // Neither a crash nor the missing predecessor lifts the hold (R7, R9): killed with -9 and
+    // started again, the processor sends the late sequence 1 to review too, with no effect.
+    proc.kill9();
+    let proc = Processor::spawn(&cfg, log);
+    produce_intents(&cfg, &[intent("h-1", "held", 1)]).await;
+    let reviews = wait_for(
+        &cfg,
+        &cfg.kafka.manual_review_topic,
+        3,
+        Duration::from_secs(60),
+    )
+    .await;
+    let r = crate::common::reviews(&reviews);
+    assert_eq!(
+        (r[2].intent_id.as_str(), r[2].reason),
+        ("h-1", ReviewReason::ContactOnHold as i32)
+    );
+
     // The operator path: skip the missing sequences so 4 commits next.
     let (ok, stdout, stderr) = tokio::task::spawn_blocking({
         let c = env.config.clone();
@@ -277,7 +300,7 @@ async fn wait_timeout_holds_the_contact_until_an_operator_releases_it() {
         Duration::from_secs(30),
     )
     .await;
-    running.stop().await;
+    assert!(proc.terminate(Duration::from_secs(30)), "clean stop");
     let effects = effects(&got);
     assert_eq!(effects.len(), 1);
     assert_eq!(
@@ -317,4 +340,8 @@ async fn wait_timeout_holds_the_contact_until_an_operator_releases_it() {
     .await
     .unwrap();
     assert_eq!(admin, 1, "the operator action is audited");
+    // The referee: every review justified, nothing committed while held, sequences 1 to 3
+    // resolved by the operator's skip.
+    let report = verify_report(&cfg, "").await;
+    assert!(report.ok, "{}: {:?}", report.summary(), report.violations);
 }

@@ -1,7 +1,8 @@
 //! The contract verifier against the real broker and PostgreSQL, for what only they can show:
 //! a clean processor run passes with exact counts (and per prefix), the reading keeps only
-//! committed batches of the audit, and an intent not consumed yet is reported with why. Each
-//! violation kind is proved on hand-built worlds by the unit tests of `src/verify/`.
+//! committed batches of the audit, the audit's times order holds, releases and commits, and an
+//! intent not consumed yet is reported with why. Each violation kind is proved on hand-built
+//! worlds by the unit tests of `src/verify/`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -258,14 +259,17 @@ struct Row<'a> {
     reason: &'a str,
     seq: i64,
     detail: &'a str,
+    /// Its `at` (milliseconds), when not the insert's `now()`.
+    at_ms: Option<i64>,
 }
 
 async fn insert(pool: &sqlx::PgPool, config: &Config, r: Row<'_>) {
     sqlx::query(
         "INSERT INTO cc_transition (topic, partition, batch_no, source_offset, intent_id,
              contact_id, clinic_id, correlation_id, from_state, to_state, reason, commit_sequence,
-             detail, writer, fence)
-         VALUES ($1, 0, $2, $3, $4, $5, 'clinic-1', '', 'received', $6, $7, $8, $9, 'test', 1)",
+             detail, writer, fence, at)
+         VALUES ($1, 0, $2, $3, $4, $5, 'clinic-1', '', 'received', $6, $7, $8, $9, 'test', 1,
+                 coalesce(to_timestamp($10::float8 / 1000), now()))",
     )
     .bind(&config.kafka.intents_topic)
     .bind(r.batch)
@@ -276,6 +280,7 @@ async fn insert(pool: &sqlx::PgPool, config: &Config, r: Row<'_>) {
     .bind(r.reason)
     .bind(r.seq)
     .bind(r.detail)
+    .bind(r.at_ms)
     .execute(pool)
     .await
     .expect("insert a transition");
@@ -348,6 +353,7 @@ async fn the_reading_keeps_committed_batches_of_the_audit_only() {
         reason: "",
         seq,
         detail: "",
+        at_ms: None,
     };
     for (i, seq, _) in committed {
         let intent = &inputs[i];
@@ -504,5 +510,133 @@ async fn a_topic_that_does_not_exist_fails_verify_and_wait_caught_up_naming_it()
         started.elapsed() < Duration::from_secs(20),
         "at once, not at the wait's timeout: {:?}",
         started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_while_held_and_a_commit_past_its_version_guard_are_read_and_reported() {
+    // No processor: a world a broken one would leave, written by hand. c-1 is held by a wait
+    // timeout in batch 1, and its late sequence 1 commits in batch 2 with no release (R7).
+    // c-2's second intent expects version 5 and commits on version 1 (R6). c-3 is held the
+    // same way, released in batch 2, and its sequence 1 commits in that batch: no violation.
+    let env = TestEnv::new("verify_holds", 1).await;
+    let cfg = env.config();
+    let pool = causal_commit::store::postgres::pool(&cfg.postgres).expect("pool");
+    causal_commit::store::postgres::migrate(&pool, &cfg.postgres.schema)
+        .await
+        .expect("migrate");
+
+    let mut stale = intent("i-4", "c-2", 2);
+    stale.expected_version = 5;
+    let inputs = [
+        intent("i-1", "c-1", 2),
+        intent("i-2", "c-1", 1),
+        intent("i-3", "c-2", 1),
+        stale,
+        intent("i-5", "c-3", 2),
+        intent("i-6", "c-3", 1),
+    ];
+    produce_intents(&cfg, &inputs).await;
+    // The processor's clock: the timeouts come after wait_timeout, the effects after them.
+    let now = chrono::Utc::now().timestamp_millis();
+    let (timed_out, committed_at) = (now + 600_000, now + 700_000);
+    let effects: Vec<Vec<u8>> = [(1, 1, 1), (2, 1, 1), (3, 2, 2), (5, 1, 1)]
+        .iter()
+        .map(|(i, seq, version)| {
+            let mut e = SideEffect::decode(&effect(&inputs[*i], *seq, *version)[..]).unwrap();
+            e.committed_at_ms = committed_at;
+            e.encode_to_vec()
+        })
+        .collect();
+    produce_to(&cfg, &cfg.kafka.side_effects_topic, &effects).await;
+    let timeout = |i: usize| {
+        let intent = &inputs[i];
+        ManualReview {
+            original_value: intent.encode_to_vec().into(),
+            original_key: intent.contact_id.as_bytes().to_vec().into(),
+            reason: ReviewReason::WaitTimeout as i32,
+            detail: "waited past wait_timeout".into(),
+            intent_id: intent.intent_id.clone(),
+            contact_id: intent.contact_id.clone(),
+            correlation_id: intent.correlation_id.clone(),
+            expected_sequence: 1,
+            received_sequence: 2,
+            source_topic: cfg.kafka.intents_topic.clone(),
+            source_partition: 0,
+            source_offset: i as i64,
+            reviewed_at_ms: timed_out,
+            ..ManualReview::default()
+        }
+        .encode_to_vec()
+    };
+    produce_to(
+        &cfg,
+        &cfg.kafka.manual_review_topic,
+        &[timeout(0), timeout(4)],
+    )
+    .await;
+
+    // The audit, on PostgreSQL's clock: batch 1 at t1, batch 2 a second later.
+    commit_recovery_point(&cfg, 6, 2);
+    let t1 = now + 650_000;
+    let t2 = t1 + 1_000;
+    let row = |batch, at, i: usize, to_state, reason, seq| Row {
+        batch,
+        offset: i as i64,
+        intent_id: &inputs[i].intent_id,
+        contact_id: &inputs[i].contact_id,
+        to_state,
+        reason,
+        seq,
+        detail: "",
+        at_ms: Some(at),
+    };
+    for r in [
+        row(1, t1, 0, "manual_review", "WAIT_TIMEOUT", 2),
+        row(1, t1, 4, "manual_review", "WAIT_TIMEOUT", 2),
+        row(1, t1, 2, "committed_causal", "", 1),
+        row(1, t1, 3, "committed_causal", "", 2),
+        row(2, t2, 1, "committed_causal", "", 1),
+        row(2, t2, 5, "committed_causal", "", 1),
+        Row {
+            offset: -1,
+            intent_id: "",
+            detail: "Resume",
+            ..row(2, t2, 5, "released", "OPERATOR", 0)
+        },
+    ] {
+        insert(&pool, &cfg, r).await;
+    }
+
+    let (code, report, stderr) = cli_verify(&cfg, "").await;
+    assert_eq!(
+        report,
+        Report {
+            intents: 6,
+            records: 6,
+            committed: 4,
+            manual_review: reasons(&[("WAIT_TIMEOUT", 2)]),
+            unresolved_slots: 2,
+            version_guard_violations: 1,
+            committed_while_held: 1,
+            ok: false,
+            violations: report.violations.clone(),
+            ..Report::default()
+        }
+    );
+    for needle in [
+        "intent i-4: expected_version 5, yet committed as sequence 2 on the contact's version 1",
+        "contact c-1: intent i-2 committed as sequence 1 in a batch after the contact's hold (WAIT_TIMEOUT of intents 0/0) and before any operator release",
+    ] {
+        assert!(
+            report.violations.iter().any(|v| v.contains(needle)),
+            "no violation like {needle:?} in {:#?}",
+            report.violations
+        );
+    }
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("1 version_guard_violations, 1 committed_while_held"),
+        "{stderr}"
     );
 }
