@@ -40,6 +40,7 @@ pub struct Report {
     pub duplicates_emitted: usize,
     pub duplicate_reviews: usize,
     pub gaps: usize,
+    pub committed_before_predecessor: usize,
     pub sequence_mismatches: usize,
     pub assigned_order_violations: usize,
     pub content_mismatches: usize,
@@ -65,6 +66,7 @@ pub enum Kind {
     Duplicate,
     DuplicateReview,
     Gap,
+    CommittedBeforePredecessor,
     SequenceMismatch,
     AssignedOrder,
     ContentMismatch,
@@ -82,11 +84,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 18] = [
+    pub const ALL: [Kind; 19] = [
         Kind::Reorder,
         Kind::Duplicate,
         Kind::DuplicateReview,
         Kind::Gap,
+        Kind::CommittedBeforePredecessor,
         Kind::SequenceMismatch,
         Kind::AssignedOrder,
         Kind::ContentMismatch,
@@ -110,6 +113,7 @@ impl Kind {
             Kind::Duplicate => "duplicates_emitted",
             Kind::DuplicateReview => "duplicate_reviews",
             Kind::Gap => "gaps",
+            Kind::CommittedBeforePredecessor => "committed_before_predecessor",
             Kind::SequenceMismatch => "sequence_mismatches",
             Kind::AssignedOrder => "assigned_order_violations",
             Kind::ContentMismatch => "content_mismatches",
@@ -134,6 +138,7 @@ impl Kind {
             Kind::Duplicate => "duplicate",
             Kind::DuplicateReview => "duplicate review",
             Kind::Gap => "gap",
+            Kind::CommittedBeforePredecessor => "committed before predecessor",
             Kind::SequenceMismatch => "sequence mismatch",
             Kind::AssignedOrder => "assigned order",
             Kind::ContentMismatch => "content mismatch",
@@ -161,6 +166,7 @@ impl Report {
             Kind::Duplicate => r.duplicates_emitted,
             Kind::DuplicateReview => r.duplicate_reviews,
             Kind::Gap => r.gaps,
+            Kind::CommittedBeforePredecessor => r.committed_before_predecessor,
             Kind::SequenceMismatch => r.sequence_mismatches,
             Kind::AssignedOrder => r.assigned_order_violations,
             Kind::ContentMismatch => r.content_mismatches,
@@ -185,6 +191,7 @@ impl Report {
             Kind::Duplicate => &mut r.duplicates_emitted,
             Kind::DuplicateReview => &mut r.duplicate_reviews,
             Kind::Gap => &mut r.gaps,
+            Kind::CommittedBeforePredecessor => &mut r.committed_before_predecessor,
             Kind::SequenceMismatch => &mut r.sequence_mismatches,
             Kind::AssignedOrder => &mut r.assigned_order_violations,
             Kind::ContentMismatch => &mut r.content_mismatches,
@@ -310,7 +317,9 @@ fn judge(w: &World<'_>, mut f: Findings) -> Report {
     w.check_reviews(&mut f);
     w.check_reopened(&mut f);
     w.check_skips(&mut f);
-    w.check_holds(&mut f);
+    let times = AuditTimes::of(&observed.audit);
+    w.check_gate(&mut f, &times);
+    w.check_holds(&mut f, &times);
     w.check_audit(&mut f);
     for note in &observed.unreadable {
         f.add(Kind::UnreadableAudit, 1, || note.clone());
@@ -1456,24 +1465,70 @@ impl<'a> World<'a> {
         }
     }
 
+    /// R3: a sequence commits only once every sequence below it is resolved (by an effect, a
+    /// version-conflict block or an audited skip) in its own batch or an earlier one. Times are
+    /// the audit rows' (one PostgreSQL clock, one time per batch). A resolution without its
+    /// audit row counts from the start, and an effect without one is not judged: the missing
+    /// row is an `audit_mismatches` finding. A sequence never resolved is a gap, not this.
+    fn check_gate(&self, f: &mut Findings, times: &AuditTimes<'_>) {
+        let mut resolutions: BTreeMap<&str, Vec<(u64, u64, i64)>> = BTreeMap::new();
+        for eff in &self.effects {
+            let e = &eff.e;
+            resolutions.entry(e.contact_id.as_str()).or_default().push((
+                e.commit_sequence,
+                e.commit_sequence,
+                times.effect(e).unwrap_or(i64::MIN),
+            ));
+        }
+        for r in &self.reviews {
+            let slot = r.r.received_sequence;
+            if r.why == Why::VersionConflict && slot > 0 {
+                resolutions
+                    .entry(self.review_contact(r))
+                    .or_default()
+                    .push((slot, slot, times.review(self, r).unwrap_or(i64::MIN)));
+            }
+        }
+        for s in &self.o.skips {
+            if let Some(list) = resolutions.get_mut(s.contact_id.as_str()) {
+                list.push((s.from, s.to, s.at_ms));
+            }
+        }
+        for (contact, list) in resolutions {
+            let milestones = prefix_milestones(list);
+            for eff in self.effects_by_contact.get(contact).into_iter().flatten() {
+                let e = &self.effects[*eff].e;
+                let (below, Some(at)) = (e.commit_sequence.saturating_sub(1), times.effect(e))
+                else {
+                    continue;
+                };
+                let i = milestones.partition_point(|(_, prefix)| *prefix < below);
+                let Some((resolved_at, _)) = milestones.get(i) else {
+                    continue;
+                };
+                if *resolved_at > at {
+                    let then = milestones[..milestones.partition_point(|(t, _)| *t <= at)]
+                        .last()
+                        .map_or(0, |(_, prefix)| *prefix);
+                    f.add(Kind::CommittedBeforePredecessor, 1, || {
+                        format!(
+                            "contact {contact}: intent {} committed as sequence {} while sequence {} was unresolved (resolved {} ms later, in a later batch)",
+                            e.intent_id,
+                            e.commit_sequence,
+                            then + 1,
+                            resolved_at.saturating_sub(at)
+                        )
+                    });
+                }
+            }
+        }
+    }
+
     /// R7: a contact put on hold (by a wait timeout under the `hold` policy, or by a backlog
     /// overflow) commits nothing until an operator releases it. Times are the audit rows' (one
     /// PostgreSQL clock, one time per batch): an effect of the hold's own batch is not after
     /// the hold, and one of the release's batch is not before the release.
-    fn check_holds(&self, f: &mut Findings) {
-        let mut reviewed_at: HashMap<(Position, &str), i64> = HashMap::new();
-        let mut committed_at: HashMap<(&str, u64), i64> = HashMap::new();
-        for a in &self.o.audit {
-            let at = match a.outcome {
-                AuditOutcome::Reviewed => reviewed_at
-                    .entry((a.source, a.intent_id.as_str()))
-                    .or_insert(a.at_ms),
-                AuditOutcome::Committed => committed_at
-                    .entry((a.intent_id.as_str(), a.commit_sequence))
-                    .or_insert(a.at_ms),
-            };
-            *at = (*at).min(a.at_ms);
-        }
+    fn check_holds(&self, f: &mut Findings, times: &AuditTimes<'_>) {
         // Per contact, (time, index of the review) of each hold, sorted.
         let mut holds: HashMap<&str, Vec<(i64, usize)>> = HashMap::new();
         for (i, r) in self.reviews.iter().enumerate() {
@@ -1482,16 +1537,12 @@ impl<'a> World<'a> {
                 Why::BacklogOverflow => true,
                 _ => false,
             };
-            let pos = self.recs[r.source].pos;
             // A review without its audit row is an audit mismatch already.
-            if let (true, Some(at)) = (
-                puts_on_hold,
-                reviewed_at.get(&(pos, r.r.intent_id.as_str())),
-            ) {
+            if let (true, Some(at)) = (puts_on_hold, times.review(self, r)) {
                 holds
                     .entry(self.review_contact(r))
                     .or_default()
-                    .push((*at, i));
+                    .push((at, i));
             }
         }
         if holds.is_empty() {
@@ -1503,13 +1554,10 @@ impl<'a> World<'a> {
         for eff in &self.effects {
             let e = &eff.e;
             let contact = e.contact_id.as_str();
-            let (Some(holds), Some(at)) = (
-                holds.get(contact),
-                committed_at.get(&(e.intent_id.as_str(), e.commit_sequence)),
-            ) else {
+            let (Some(holds), Some(at)) = (holds.get(contact), times.effect(e)) else {
                 continue;
             };
-            let Some((held, review)) = holds[..holds.partition_point(|(h, _)| h < at)].last()
+            let Some((held, review)) = holds[..holds.partition_point(|(h, _)| *h < at)].last()
             else {
                 continue;
             };
@@ -1517,7 +1565,7 @@ impl<'a> World<'a> {
                 .o
                 .releases
                 .iter()
-                .any(|l| l.contact_id == contact && *held <= l.at_ms && l.at_ms <= *at);
+                .any(|l| l.contact_id == contact && *held <= l.at_ms && l.at_ms <= at);
             if !released {
                 let r = &self.reviews[*review];
                 let source = self.recs[r.source].pos;
@@ -1623,6 +1671,76 @@ struct Groups {
     overflows: HashMap<(String, i64), (usize, u64)>,
     /// Per contact, the sorted times it was put on hold.
     holds: HashMap<String, Vec<i64>>,
+}
+
+/// When each outcome's batch was written, from its audit row (the earliest, if several).
+struct AuditTimes<'a> {
+    /// (input record, intent id) of a review row -> its time.
+    reviewed: HashMap<(Position, &'a str), i64>,
+    /// (intent id, sequence) of a commit row -> its time.
+    committed: HashMap<(&'a str, u64), i64>,
+}
+
+impl<'a> AuditTimes<'a> {
+    fn of(audit: &'a [AuditRecord]) -> Self {
+        let mut t = AuditTimes {
+            reviewed: HashMap::new(),
+            committed: HashMap::new(),
+        };
+        for a in audit {
+            let at = match a.outcome {
+                AuditOutcome::Reviewed => t
+                    .reviewed
+                    .entry((a.source, a.intent_id.as_str()))
+                    .or_insert(a.at_ms),
+                AuditOutcome::Committed => t
+                    .committed
+                    .entry((a.intent_id.as_str(), a.commit_sequence))
+                    .or_insert(a.at_ms),
+            };
+            *at = (*at).min(a.at_ms);
+        }
+        t
+    }
+
+    fn effect(&self, e: &SideEffect) -> Option<i64> {
+        self.committed
+            .get(&(e.intent_id.as_str(), e.commit_sequence))
+            .copied()
+    }
+
+    fn review(&self, w: &World<'_>, r: &Rev) -> Option<i64> {
+        self.reviewed
+            .get(&(w.recs[r.source].pos, r.r.intent_id.as_str()))
+            .copied()
+    }
+}
+
+/// From resolutions `(from, to, time)`, each time at which the resolved prefix `1 ..= n` of a
+/// contact's sequences grew, with its new `n`: both increase along the list.
+fn prefix_milestones(mut resolutions: Vec<(u64, u64, i64)>) -> Vec<(i64, u64)> {
+    resolutions.sort_unstable_by_key(|r| r.2);
+    let mut ahead: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut prefix = 0u64;
+    let mut out: Vec<(i64, u64)> = Vec::new();
+    for (from, to, at) in resolutions {
+        let top = ahead.entry(from).or_insert(to);
+        *top = (*top).max(to);
+        let before = prefix;
+        while let Some(entry) = ahead.first_entry() {
+            if *entry.key() > prefix.saturating_add(1) {
+                break;
+            }
+            prefix = prefix.max(entry.remove());
+        }
+        if prefix > before {
+            match out.last_mut() {
+                Some(last) if last.0 == at => last.1 = prefix,
+                _ => out.push((at, prefix)),
+            }
+        }
+    }
+    out
 }
 
 /// Decodes one input record the way the processor must: [`crate::intent::decode`], and a
@@ -1844,6 +1962,17 @@ mod tests {
         assert!(prefix_resolved_before(&res, 3, 21));
         assert!(!prefix_resolved_before(&res, 3, 20));
         assert!(prefix_resolved_before(&res, 0, 0));
+    }
+
+    #[test]
+    fn the_resolved_prefix_grows_when_its_next_sequence_is_resolved() {
+        // 4..=9 and 3 are resolved first, 1 next (the prefix is 1), 2 last (it jumps to 9).
+        let res = vec![(3, 3, 5), (1, 1, 10), (2, 2, 20), (4, 9, 1), (12, 12, 30)];
+        assert_eq!(prefix_milestones(res), vec![(10, 1), (20, 9)]);
+        // Two resolutions of one batch make one milestone; overlapping ranges merge.
+        let res = vec![(1, 2, 7), (2, 5, 7), (6, 6, 8)];
+        assert_eq!(prefix_milestones(res), vec![(7, 5), (8, 6)]);
+        assert_eq!(prefix_milestones(vec![(2, 3, 1)]), vec![]);
     }
 
     #[test]

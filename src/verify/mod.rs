@@ -53,6 +53,11 @@
 //!   audited skip (an operator's `skip_to` or the `skip` timeout policy, R7). Each missing
 //!   sequence counts. A slot sent to manual review, or still waiting, below an effect is a gap:
 //!   the effect passed an unresolved predecessor.
+//! - `committed_before_predecessor` (R3): an effect whose lower sequences were all resolved,
+//!   but some only in a batch after its own (a block or a skip that came too late). Times
+//!   here are the audit rows' (PostgreSQL's clock, one time per batch), so a resolution in
+//!   the effect's own batch is in time; a resolution without its audit row counts from the
+//!   start, and an effect without one is not judged (both are `audit_mismatches` findings).
 //! - `sequence_mismatches` (R2): an effect of an intent with `causal_sequence > 0` has exactly
 //!   that `commit_sequence` and `sequence_from_producer = true`; one without, `false`.
 //! - `assigned_order_violations` (R2): among a contact's intents without `causal_sequence` read

@@ -467,6 +467,48 @@ fn a_gap_below_an_effect_is_reported_even_when_its_slot_went_to_manual_review() 
 }
 
 #[test]
+fn a_sequence_commits_only_once_every_sequence_below_it_is_resolved() {
+    // R3: 2 committed, and 1 was resolved (blocked by its version guard) in a later batch.
+    let blocked_after = |ms: u64| {
+        let mut w = W::new();
+        let a2 = w.produce(&intent("a2", "c1", 2));
+        w.commit_v(a2, 2, 1);
+        w.later(ms);
+        let mut stale = intent("a1", "c1", 1);
+        stale.expected_version = 3;
+        let a1 = w.produce(&stale);
+        w.review(a1, VerConflict, 1, 1);
+        w
+    };
+    let r = blocked_after(10).check();
+    assert_only(&r, Kind::CommittedBeforePredecessor, 1);
+    has(&r, "contact c1: intent a2 committed as sequence 2 while sequence 1 was unresolved (resolved 10 ms later, in a later batch)");
+    // Blocked in the same batch, before it: no violation.
+    assert_ok(&blocked_after(0).check());
+
+    // The same with an operator's skip of 1; 3, committed after the skip, is no violation.
+    let skipped_after = |ms: u64| {
+        let mut w = W::new();
+        let a2 = w.produce(&intent("a2", "c1", 2));
+        w.commit_v(a2, 2, 1);
+        w.later(ms);
+        w.release("c1", Some(2));
+        w.skip("c1", 1, 1, SkipCause::Operator);
+        w.later(5);
+        let a3 = w.produce(&intent("a3", "c1", 3));
+        w.commit_v(a3, 3, 2);
+        w
+    };
+    let r = skipped_after(10).check();
+    assert_only(&r, Kind::CommittedBeforePredecessor, 1);
+    has(
+        &r,
+        "intent a2 committed as sequence 2 while sequence 1 was unresolved (resolved 10 ms later",
+    );
+    assert_ok(&skipped_after(0).check());
+}
+
+#[test]
 fn strict_sequences_must_be_the_producers() {
     let mut w = W::new();
     let a1 = w.produce(&intent("a1", "c1", 1));

@@ -259,8 +259,8 @@ struct Row<'a> {
     reason: &'a str,
     seq: i64,
     detail: &'a str,
-    /// Its `at` (milliseconds), when not the insert's `now()`.
-    at_ms: Option<i64>,
+    /// Its `at` (milliseconds): one time per batch, as the rows of one transaction have.
+    at_ms: i64,
 }
 
 async fn insert(pool: &sqlx::PgPool, config: &Config, r: Row<'_>) {
@@ -269,7 +269,7 @@ async fn insert(pool: &sqlx::PgPool, config: &Config, r: Row<'_>) {
              contact_id, clinic_id, correlation_id, from_state, to_state, reason, commit_sequence,
              detail, writer, fence, at)
          VALUES ($1, 0, $2, $3, $4, $5, 'clinic-1', '', 'received', $6, $7, $8, $9, 'test', 1,
-                 coalesce(to_timestamp($10::float8 / 1000), now()))",
+                 to_timestamp($10::float8 / 1000))",
     )
     .bind(&config.kafka.intents_topic)
     .bind(r.batch)
@@ -344,7 +344,8 @@ async fn the_reading_keeps_committed_batches_of_the_audit_only() {
     .await;
 
     commit_recovery_point(&cfg, 9, 1);
-    let row = |batch, offset, intent_id, contact_id, to_state, seq| Row {
+    let now = chrono::Utc::now().timestamp_millis();
+    let row = |batch: i64, offset, intent_id, contact_id, to_state, seq| Row {
         batch,
         offset,
         intent_id,
@@ -353,7 +354,7 @@ async fn the_reading_keeps_committed_batches_of_the_audit_only() {
         reason: "",
         seq,
         detail: "",
-        at_ms: None,
+        at_ms: now + batch * 1_000,
     };
     for (i, seq, _) in committed {
         let intent = &inputs[i];
@@ -514,11 +515,13 @@ async fn a_topic_that_does_not_exist_fails_verify_and_wait_caught_up_naming_it()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_commit_while_held_and_a_commit_past_its_version_guard_are_read_and_reported() {
+async fn commits_while_held_past_a_version_guard_or_before_a_predecessor_are_read_and_reported() {
     // No processor: a world a broken one would leave, written by hand. c-1 is held by a wait
     // timeout in batch 1, and its late sequence 1 commits in batch 2 with no release (R7).
     // c-2's second intent expects version 5 and commits on version 1 (R6). c-3 is held the
     // same way, released in batch 2, and its sequence 1 commits in that batch: no violation.
+    // c-4's sequence 2 commits in batch 1, and an operator skips its sequence 1 in batch 2
+    // (R3).
     let env = TestEnv::new("verify_holds", 1).await;
     let cfg = env.config();
     let pool = causal_commit::store::postgres::pool(&cfg.postgres).expect("pool");
@@ -535,12 +538,13 @@ async fn a_commit_while_held_and_a_commit_past_its_version_guard_are_read_and_re
         stale,
         intent("i-5", "c-3", 2),
         intent("i-6", "c-3", 1),
+        intent("i-7", "c-4", 2),
     ];
     produce_intents(&cfg, &inputs).await;
     // The processor's clock: the timeouts come after wait_timeout, the effects after them.
     let now = chrono::Utc::now().timestamp_millis();
     let (timed_out, committed_at) = (now + 600_000, now + 700_000);
-    let effects: Vec<Vec<u8>> = [(1, 1, 1), (2, 1, 1), (3, 2, 2), (5, 1, 1)]
+    let effects: Vec<Vec<u8>> = [(1, 1, 1), (2, 1, 1), (3, 2, 2), (5, 1, 1), (6, 2, 1)]
         .iter()
         .map(|(i, seq, version)| {
             let mut e = SideEffect::decode(&effect(&inputs[*i], *seq, *version)[..]).unwrap();
@@ -577,7 +581,7 @@ async fn a_commit_while_held_and_a_commit_past_its_version_guard_are_read_and_re
     .await;
 
     // The audit, on PostgreSQL's clock: batch 1 at t1, batch 2 a second later.
-    commit_recovery_point(&cfg, 6, 2);
+    commit_recovery_point(&cfg, 7, 2);
     let t1 = now + 650_000;
     let t2 = t1 + 1_000;
     let row = |batch, at, i: usize, to_state, reason, seq| Row {
@@ -589,7 +593,7 @@ async fn a_commit_while_held_and_a_commit_past_its_version_guard_are_read_and_re
         reason,
         seq,
         detail: "",
-        at_ms: Some(at),
+        at_ms: at,
     };
     for r in [
         row(1, t1, 0, "manual_review", "WAIT_TIMEOUT", 2),
@@ -604,6 +608,19 @@ async fn a_commit_while_held_and_a_commit_past_its_version_guard_are_read_and_re
             detail: "Resume",
             ..row(2, t2, 5, "released", "OPERATOR", 0)
         },
+        row(1, t1, 6, "committed_causal", "", 2),
+        Row {
+            offset: -1,
+            intent_id: "",
+            detail: r#"{"from":1,"to":1}"#,
+            ..row(2, t2, 6, "skipped", "OPERATOR", 1)
+        },
+        Row {
+            offset: -1,
+            intent_id: "",
+            detail: "SkipTo(2)",
+            ..row(2, t2, 6, "released", "OPERATOR", 0)
+        },
     ] {
         insert(&pool, &cfg, r).await;
     }
@@ -612,11 +629,12 @@ async fn a_commit_while_held_and_a_commit_past_its_version_guard_are_read_and_re
     assert_eq!(
         report,
         Report {
-            intents: 6,
-            records: 6,
-            committed: 4,
+            intents: 7,
+            records: 7,
+            committed: 5,
             manual_review: reasons(&[("WAIT_TIMEOUT", 2)]),
             unresolved_slots: 2,
+            committed_before_predecessor: 1,
             version_guard_violations: 1,
             committed_while_held: 1,
             ok: false,
@@ -627,6 +645,7 @@ async fn a_commit_while_held_and_a_commit_past_its_version_guard_are_read_and_re
     for needle in [
         "intent i-4: expected_version 5, yet committed as sequence 2 on the contact's version 1",
         "contact c-1: intent i-2 committed as sequence 1 in a batch after the contact's hold (WAIT_TIMEOUT of intents 0/0) and before any operator release",
+        "contact c-4: intent i-7 committed as sequence 2 while sequence 1 was unresolved (resolved 1000 ms later, in a later batch)",
     ] {
         assert!(
             report.violations.iter().any(|v| v.contains(needle)),
@@ -636,7 +655,9 @@ async fn a_commit_while_held_and_a_commit_past_its_version_guard_are_read_and_re
     }
     assert_eq!(code, Some(1));
     assert!(
-        stderr.contains("1 version_guard_violations, 1 committed_while_held"),
+        stderr.contains(
+            "1 committed_before_predecessor, 1 version_guard_violations, 1 committed_while_held"
+        ),
         "{stderr}"
     );
 }
