@@ -526,57 +526,56 @@ impl Checker {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take();
             if let Some((code, reason)) = failure {
-                return Err(match code {
-                    RDKafkaErrorCode::SSL => Error::Tls { brokers, reason },
-                    _ => Error::Authentication { brokers, reason },
-                });
+                return Err(refused_login(code, brokers, reason));
             }
             match answered {
-                Ok(_) => {
-                    let side_effects_partitions = match topics_exist(producer.client(), config) {
-                        Ok(partitions) => partitions,
-                        Err(missing) => {
-                            let since = *missing_since.get_or_insert_with(Instant::now);
-                            if since.elapsed() >= TOPIC_APPEARS_WITHIN {
-                                return Err(missing);
-                            }
-                            std::thread::sleep(Duration::from_millis(200));
-                            continue;
+                Ok(_) => match topics_exist(producer.client(), config) {
+                    Ok(side_effects_partitions) => return self.described(side_effects_partitions),
+                    Err(missing) => {
+                        let since = *missing_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= TOPIC_APPEARS_WITHIN {
+                            return Err(missing);
                         }
-                    };
-                    let described = describe(producer.client(), config, Duration::from_secs(5));
-                    let verdict = match &described {
-                        Ok(d) => checked(d),
-                        Err(reason) => Checked::Unknown(reason.clone()),
-                    };
-                    let topics = |described: Result<Vec<Described>, String>| Topics {
-                        described: described.unwrap_or_default(),
-                        side_effects_partitions,
-                    };
-                    return match verdict {
-                        Checked::Refused(e) => Err(e),
-                        Checked::Fine => Ok(Some(topics(described))),
-                        Checked::Unknown(reason) => {
-                            tracing::warn!(
-                                reason = %reason,
-                                "could not read the topics' cleanup.policy (DescribeConfigs); a \
-                                 compacted topic would lose records unseen"
-                            );
-                            Ok(Some(topics(described)))
-                        }
-                    };
-                }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                },
                 Err(Some(code)) if is_final(code, "") => {
-                    let reason = format!("{code}");
-                    return Err(match code {
-                        RDKafkaErrorCode::SSL => Error::Tls { brokers, reason },
-                        _ => Error::Authentication { brokers, reason },
-                    });
+                    return Err(refused_login(code, brokers, code.to_string()));
                 }
                 Err(_) if Instant::now() >= deadline || stop.is_cancelled() => return Ok(None),
                 Err(_) => {}
             }
         }
+    }
+
+    /// The brokers answered and the three topics exist: their settings, checked.
+    fn described(&self, side_effects_partitions: Option<i32>) -> Result<Option<Topics>, Error> {
+        let described = describe(self.producer.client(), &self.config, Duration::from_secs(5));
+        let verdict = match &described {
+            Ok(d) => checked(d),
+            Err(reason) => Checked::Unknown(reason.clone()),
+        };
+        match verdict {
+            Checked::Refused(e) => return Err(e),
+            Checked::Fine => {}
+            Checked::Unknown(reason) => tracing::warn!(
+                reason = %reason,
+                "could not read the topics' cleanup.policy (DescribeConfigs); a compacted topic \
+                 would lose records unseen"
+            ),
+        }
+        Ok(Some(Topics {
+            described: described.unwrap_or_default(),
+            side_effects_partitions,
+        }))
+    }
+}
+
+/// A final failure to log in to the brokers, as the error that names it.
+fn refused_login(code: RDKafkaErrorCode, brokers: String, reason: String) -> Error {
+    match code {
+        RDKafkaErrorCode::SSL => Error::Tls { brokers, reason },
+        _ => Error::Authentication { brokers, reason },
     }
 }
 
