@@ -629,11 +629,14 @@ kafka_launch() {
 }
 
 # On a failed start the cause is usually an exception well above the last
-# lines, so show the errors logged since our start marker, then the tail.
+# lines, so show the errors logged since our last start marker, then the tail.
 kafka_show_start_log() {
+  local start
+  start=$(grep -n '^==== stack.sh: starting kafka' "$KAFKA_LOG" 2>/dev/null | tail -n 1 | cut -d: -f1) ||
+    true
   {
     echo "---- errors logged by this start of kafka ----"
-    sed -n '/^==== stack.sh: starting kafka/,$p' "$KAFKA_LOG" |
+    tail -n +"${start:-1}" "$KAFKA_LOG" |
       grep -E ' (ERROR|FATAL) |Exception: |^Caused by:' | tail -n 15
     echo "---- last lines of .stack/kafka/kafka.log ----"
     tail -n 15 "$KAFKA_LOG"
@@ -641,9 +644,13 @@ kafka_show_start_log() {
 }
 
 kafka_wait_ready() {
-  local deadline=$((SECONDS + KAFKA_START_TIMEOUT))
+  local deadline=$((SECONDS + KAFKA_START_TIMEOUT)) pid
+  pid=$(pid_of "$KAFKA_PID")
   until kafka_answers; do
-    if ! kafka_ours; then
+    # Whether its process runs, not whether its command line names the broker: while the
+    # launcher execs the JVM, /proc/PID/cmdline reads empty for a moment (a start that was
+    # fine was once reported as exited).
+    if ! proc_running "$pid"; then
       kafka_show_start_log
       die "kafka exited during start-up (log: .stack/kafka/kafka.log)"
     fi
