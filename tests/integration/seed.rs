@@ -213,6 +213,18 @@ async fn seed_evidence_4_log_has_contact_sequence_state() {
     }
 }
 
+/// Produces `i`, then reads the manual-review topic until it holds `n` records.
+async fn reviewed(
+    cfg: &causal_commit::config::Config,
+    i: Intent,
+    n: usize,
+    within: Duration,
+) -> Vec<causal_commit::proto::ManualReview> {
+    produce_intents(cfg, &[i]).await;
+    let got = wait_for(cfg, &cfg.kafka.manual_review_topic, n, within).await;
+    crate::common::reviews(&got)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_timeout_holds_the_contact_until_an_operator_releases_it() {
     let mut env = TestEnv::new("hold", 1).await;
@@ -223,15 +235,7 @@ async fn wait_timeout_holds_the_contact_until_an_operator_releases_it() {
     let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
     let proc = Processor::spawn(&cfg, log.clone());
     // Sequence 1 does not come in time: 2 waits, times out, the contact is held.
-    produce_intents(&cfg, &[intent("h-2", "held", 2)]).await;
-    let reviews = wait_for(
-        &cfg,
-        &cfg.kafka.manual_review_topic,
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
-    let r = crate::common::reviews(&reviews);
+    let r = reviewed(&cfg, intent("h-2", "held", 2), 1, Duration::from_secs(60)).await;
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].reason, ReviewReason::WaitTimeout as i32);
     assert_eq!(
@@ -241,15 +245,7 @@ async fn wait_timeout_holds_the_contact_until_an_operator_releases_it() {
     assert!(r[0].waited_ms >= 2000, "waited {} ms", r[0].waited_ms);
 
     // While held, a later intent goes to manual review too.
-    produce_intents(&cfg, &[intent("h-3", "held", 3)]).await;
-    let reviews = wait_for(
-        &cfg,
-        &cfg.kafka.manual_review_topic,
-        2,
-        Duration::from_secs(30),
-    )
-    .await;
-    let r = crate::common::reviews(&reviews);
+    let r = reviewed(&cfg, intent("h-3", "held", 3), 2, Duration::from_secs(30)).await;
     assert_eq!(r[1].reason, ReviewReason::ContactOnHold as i32);
     assert_eq!(r[1].intent_id, "h-3");
 
@@ -257,15 +253,7 @@ async fn wait_timeout_holds_the_contact_until_an_operator_releases_it() {
     // started again, the processor sends the late sequence 1 to review too, with no effect.
     proc.kill9();
     let proc = Processor::spawn(&cfg, log);
-    produce_intents(&cfg, &[intent("h-1", "held", 1)]).await;
-    let reviews = wait_for(
-        &cfg,
-        &cfg.kafka.manual_review_topic,
-        3,
-        Duration::from_secs(60),
-    )
-    .await;
-    let r = crate::common::reviews(&reviews);
+    let r = reviewed(&cfg, intent("h-1", "held", 1), 3, Duration::from_secs(60)).await;
     assert_eq!(
         (r[2].intent_id.as_str(), r[2].reason),
         ("h-1", ReviewReason::ContactOnHold as i32)

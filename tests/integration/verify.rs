@@ -28,6 +28,18 @@ fn reasons(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
 
+/// Every needle is part of one of the report's violation examples.
+#[track_caller]
+fn has_violations(report: &Report, needles: &[&str]) {
+    for needle in needles {
+        assert!(
+            report.violations.iter().any(|v| v.contains(needle)),
+            "no violation like {needle:?} in {:#?}",
+            report.violations
+        );
+    }
+}
+
 /// The CLI on `config`'s world: (exit code, report parsed from stdout, stderr).
 async fn cli_verify(config: &Config, prefix: &str) -> (Option<i32>, Report, String) {
     let c = config.clone();
@@ -249,6 +261,16 @@ fn commit_recovery_point(config: &Config, next_offset: i64, batch: u64) {
         .expect("commit offsets");
 }
 
+/// A test world with its schema migrated, for outputs and audit rows written by hand.
+async fn migrated(name: &str) -> (TestEnv, sqlx::PgPool) {
+    let env = TestEnv::new(name, 1).await;
+    let pool = causal_commit::store::postgres::pool(&env.config.postgres).expect("pool");
+    causal_commit::store::postgres::migrate(&pool, &env.config.postgres.schema)
+        .await
+        .expect("migrate");
+    (env, pool)
+}
+
 /// One `cc_transition` row on intents partition 0.
 struct Row<'a> {
     batch: i64,
@@ -290,12 +312,8 @@ async fn insert(pool: &sqlx::PgPool, config: &Config, r: Row<'_>) {
 async fn the_reading_keeps_committed_batches_of_the_audit_only() {
     // No processor: the outputs and the audit are written by hand. Batch 1 is committed in
     // Kafka (the recovery point), batch 2 is not.
-    let env = TestEnv::new("verify_read", 1).await;
+    let (env, pool) = migrated("verify_read").await;
     let cfg = env.config();
-    let pool = causal_commit::store::postgres::pool(&cfg.postgres).expect("pool");
-    causal_commit::store::postgres::migrate(&pool, &cfg.postgres.schema)
-        .await
-        .expect("migrate");
 
     // Intents partition 0, offsets 0 ..= 7, then a garbage record at 8.
     let inputs = [
@@ -425,17 +443,14 @@ async fn the_reading_keeps_committed_batches_of_the_audit_only() {
             ..Report::default()
         }
     );
-    for needle in [
-        "contact c-2: sequence 2 is unresolved",
-        "intent i-8 (intents 0/7): no outcome (lost)",
-        "intent i-8: audited as committed with sequence 3, but no such effect exists",
-    ] {
-        assert!(
-            report.violations.iter().any(|v| v.contains(needle)),
-            "no violation like {needle:?} in {:#?}",
-            report.violations
-        );
-    }
+    has_violations(
+        &report,
+        &[
+            "contact c-2: sequence 2 is unresolved",
+            "intent i-8 (intents 0/7): no outcome (lost)",
+            "intent i-8: audited as committed with sequence 3, but no such effect exists",
+        ],
+    );
 
     // The CLI prints the report and exits 1 with a one-line summary.
     let (code, printed, stderr) = cli_verify(&cfg, "").await;
@@ -522,12 +537,8 @@ async fn commits_while_held_past_a_version_guard_or_before_a_predecessor_are_rea
     // same way, released in batch 2, and its sequence 1 commits in that batch: no violation.
     // c-4's sequence 2 commits in batch 1, and an operator skips its sequence 1 in batch 2
     // (R3).
-    let env = TestEnv::new("verify_holds", 1).await;
+    let (env, pool) = migrated("verify_holds").await;
     let cfg = env.config();
-    let pool = causal_commit::store::postgres::pool(&cfg.postgres).expect("pool");
-    causal_commit::store::postgres::migrate(&pool, &cfg.postgres.schema)
-        .await
-        .expect("migrate");
 
     let mut stale = intent("i-4", "c-2", 2);
     stale.expected_version = 5;
@@ -642,17 +653,14 @@ async fn commits_while_held_past_a_version_guard_or_before_a_predecessor_are_rea
             ..Report::default()
         }
     );
-    for needle in [
-        "intent i-4: expected_version 5, yet committed as sequence 2 on the contact's version 1",
-        "contact c-1: intent i-2 committed as sequence 1 in a batch after the contact's hold (WAIT_TIMEOUT of intents 0/0) and before any operator release",
-        "contact c-4: intent i-7 committed as sequence 2 while sequence 1 was unresolved (resolved 1000 ms later, in a later batch)",
-    ] {
-        assert!(
-            report.violations.iter().any(|v| v.contains(needle)),
-            "no violation like {needle:?} in {:#?}",
-            report.violations
-        );
-    }
+    has_violations(
+        &report,
+        &[
+            "intent i-4: expected_version 5, yet committed as sequence 2 on the contact's version 1",
+            "contact c-1: intent i-2 committed as sequence 1 in a batch after the contact's hold (WAIT_TIMEOUT of intents 0/0) and before any operator release",
+            "contact c-4: intent i-7 committed as sequence 2 while sequence 1 was unresolved (resolved 1000 ms later, in a later batch)",
+        ],
+    );
     assert_eq!(code, Some(1));
     assert!(
         stderr.contains(
