@@ -1,10 +1,11 @@
 //! The seed story's evidence against the real Kafka and PostgreSQL: causal order whatever the
 //! arrival order and priority, version conflicts blocked and audited, one log line per
-//! transition, and the wait timeout's hold released by an operator.
+//! transition, and the wait timeout's hold, kept through a crash and a handover to another
+//! instance, released by an operator.
 
 use std::time::Duration;
 
-use crate::common::process::{cli, Processor};
+use crate::common::process::{cli, read_log, Processor};
 use crate::common::*;
 use rdkafka::producer::FutureRecord;
 
@@ -332,4 +333,45 @@ async fn wait_timeout_holds_the_contact_until_an_operator_releases_it() {
     // resolved by the operator's skip.
     let report = verify_report(&cfg, "").await;
     assert!(report.ok, "{}: {:?}", report.summary(), report.violations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_contact_stays_held_when_another_instance_takes_its_partition() {
+    let mut env = TestEnv::new("hold_moves", 2).await;
+    env.config.sequencer.wait_timeout = Duration::from_secs(2);
+    let cfg = env.config();
+    let log = |who: &str| std::env::temp_dir().join(format!("{}-{who}.log", env.name));
+    let a = Processor::spawn(&cfg, log("a"));
+    let r = reviewed(&cfg, intent("m-2", "moved", 2), 1, Duration::from_secs(60)).await;
+    assert_eq!(
+        (r[0].intent_id.as_str(), r[0].reason),
+        ("m-2", ReviewReason::WaitTimeout as i32)
+    );
+
+    // A second instance joins, then the first leaves: the group hands every partition, the
+    // held contact's too, to the second, which restores it from PostgreSQL.
+    let mut cfg_b = (*cfg).clone();
+    cfg_b.instance_id = format!("{}-b", env.name);
+    let b = Processor::spawn(&cfg_b, log("b"));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(a.terminate(Duration::from_secs(30)), "a leaves cleanly");
+
+    // The late predecessor reaches the second instance: still held, so it goes to review.
+    let r = reviewed(&cfg, intent("m-1", "moved", 1), 2, Duration::from_secs(60)).await;
+    assert_eq!(
+        (r[1].intent_id.as_str(), r[1].reason),
+        ("m-1", ReviewReason::ContactOnHold as i32)
+    );
+    let b_log = b.log.clone();
+    assert!(b.terminate(Duration::from_secs(30)), "b stops cleanly");
+    let decided_by_b = read_log(&b_log)
+        .iter()
+        .any(|l| l["message"] == "transition" && l["intent_id"] == "m-1");
+    assert!(decided_by_b, "the second instance decided m-1");
+    let effects = wait_for(&cfg, &cfg.kafka.side_effects_topic, 0, Duration::ZERO).await;
+    assert!(effects.is_empty(), "no effect while held");
+    // The referee: no violation; the contact is held, its slots 1 and 2 unresolved (pending).
+    let report = verify_report(&cfg, "").await;
+    assert_eq!(report.violation_counts(), vec![], "{:?}", report.violations);
+    assert_eq!(report.pending(), (0, 2, 1), "{}", report.summary());
 }
