@@ -647,9 +647,9 @@ kafka_wait_ready() {
   local deadline=$((SECONDS + KAFKA_START_TIMEOUT)) pid
   pid=$(pid_of "$KAFKA_PID")
   until kafka_answers; do
-    # Whether its process runs, not whether its command line names the broker: while the
-    # launcher execs the JVM, /proc/PID/cmdline reads empty for a moment (a start that was
-    # fine was once reported as exited).
+    # Whether its process runs, not whether its command line names the broker: a start that
+    # was fine was once reported as exited by the command-line test. The likely cause, not
+    # reproduced: /proc/PID/cmdline can read empty while the launcher execs the JVM.
     if ! proc_running "$pid"; then
       kafka_show_start_log
       die "kafka exited during start-up (log: .stack/kafka/kafka.log)"

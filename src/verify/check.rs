@@ -317,9 +317,8 @@ fn judge(w: &World<'_>, mut f: Findings) -> Report {
     w.check_reviews(&mut f);
     w.check_reopened(&mut f);
     w.check_skips(&mut f);
-    let times = AuditTimes::of(&observed.audit);
-    w.check_gate(&mut f, &times);
-    w.check_holds(&mut f, &times);
+    w.check_gate(&mut f);
+    w.check_holds(&mut f);
     w.check_audit(&mut f);
     for note in &observed.unreadable {
         f.add(Kind::UnreadableAudit, 1, || note.clone());
@@ -452,7 +451,11 @@ struct Rev {
 struct Resolution {
     from: u64,
     to: u64,
+    /// The processor's time of the decision (a skip has only its batch's).
     at_ms: i64,
+    /// Its batch's time in the audit; `i64::MIN` without an audit row (it counts from the
+    /// start: the missing row is an `audit_mismatches` finding).
+    batch_ms: i64,
 }
 
 /// Everything observed, decoded and indexed, restricted to the prefix.
@@ -472,6 +475,14 @@ struct World<'a> {
     /// Per contact, sorted distinct sequences of its effects.
     sequences: HashMap<String, Vec<u64>>,
     resolutions: HashMap<String, Vec<Resolution>>,
+    /// When each outcome's batch was written (the audit's clock).
+    times: AuditTimes<'a>,
+    /// Per contact, (batch time, index into `reviews`) of each review that put it on hold,
+    /// sorted: a wait timeout under the `hold` policy, or a backlog overflow. A review without
+    /// its audit row is left out (it is an audit mismatch already).
+    holds: HashMap<String, Vec<(i64, usize)>>,
+    /// Per contact, the sorted batch times of its operator releases.
+    releases: HashMap<&'a str, Vec<i64>>,
     contacts: BTreeSet<String>,
     waiting: Vec<(&'a str, &'a WaitingIntent)>,
     waiting_by_id: HashMap<&'a str, Vec<&'a WaitingIntent>>,
@@ -585,6 +596,9 @@ impl<'a> World<'a> {
             reviews_by_source: BTreeMap::new(),
             sequences: HashMap::new(),
             resolutions: HashMap::new(),
+            times: AuditTimes::of(&o.audit),
+            holds: HashMap::new(),
+            releases: HashMap::new(),
             contacts: BTreeSet::new(),
             waiting: Vec::new(),
             waiting_by_id: HashMap::new(),
@@ -671,6 +685,7 @@ impl<'a> World<'a> {
                     from: e.e.commit_sequence,
                     to: e.e.commit_sequence,
                     at_ms: e.e.committed_at_ms,
+                    batch_ms: self.times.effect(&e.e).unwrap_or(i64::MIN),
                 });
         }
         for r in &self.reviews {
@@ -683,6 +698,7 @@ impl<'a> World<'a> {
                         from: r.r.received_sequence,
                         to: r.r.received_sequence,
                         at_ms: r.r.reviewed_at_ms,
+                        batch_ms: self.review_batch(r).unwrap_or(i64::MIN),
                     });
             }
         }
@@ -695,11 +711,70 @@ impl<'a> World<'a> {
                         from: s.from,
                         to: s.to,
                         at_ms: s.at_ms,
+                        batch_ms: s.at_ms,
                     });
             }
         }
         self.resolutions = resolutions;
         self.owners = self.slot_owners();
+        self.index_holds();
+    }
+
+    /// R7's facts on the audit's clock: the reviews that put a contact on hold, and the
+    /// operator releases.
+    fn index_holds(&mut self) {
+        let mut holds: HashMap<String, Vec<(i64, usize)>> = HashMap::new();
+        for (i, r) in self.reviews.iter().enumerate() {
+            let puts_on_hold = match r.why {
+                Why::WaitTimeout => self.o.settings.on_timeout == TimeoutPolicy::Hold,
+                Why::BacklogOverflow => true,
+                _ => false,
+            };
+            if let (true, Some(at)) = (puts_on_hold, self.review_batch(r)) {
+                holds
+                    .entry(self.review_contact(r).to_string())
+                    .or_default()
+                    .push((at, i));
+            }
+        }
+        for h in holds.values_mut() {
+            h.sort_unstable();
+        }
+        let mut releases: HashMap<&'a str, Vec<i64>> = HashMap::new();
+        for l in &self.o.releases {
+            releases
+                .entry(l.contact_id.as_str())
+                .or_default()
+                .push(l.at_ms);
+        }
+        for l in releases.values_mut() {
+            l.sort_unstable();
+        }
+        self.holds = holds;
+        self.releases = releases;
+    }
+
+    /// The batch time of a review's audit row.
+    fn review_batch(&self, r: &Rev) -> Option<i64> {
+        self.times.review(self.recs[r.source].pos, &r.r.intent_id)
+    }
+
+    /// The latest hold of `contact` in a batch before `at` (or in `at`'s own, when
+    /// `same_batch`): its batch time and review.
+    fn hold_before(&self, contact: &str, at: i64, same_batch: bool) -> Option<(i64, usize)> {
+        let holds = self.holds.get(contact)?;
+        let n = holds.partition_point(|(h, _)| *h < at || same_batch && *h == at);
+        holds[..n].last().copied()
+    }
+
+    /// Whether an operator released `contact` in the batch of `held` or a later one, and
+    /// before `at` (or in `at`'s own batch, when `same_batch`).
+    fn released_between(&self, contact: &str, held: i64, at: i64, same_batch: bool) -> bool {
+        let Some(list) = self.releases.get(contact) else {
+            return false;
+        };
+        list.get(list.partition_point(|l| *l < held))
+            .is_some_and(|l| *l < at || same_batch && *l == at)
     }
 
     fn slot_owners(&self) -> HashMap<(String, u64), BTreeSet<String>> {
@@ -1230,7 +1305,6 @@ impl<'a> World<'a> {
                         .entry((contact.clone(), at, r.r.expected_sequence))
                         .or_insert(i64::MAX);
                     *e = (*e).min(produced);
-                    g.holds.entry(contact).or_default().push(at);
                 }
                 Why::BacklogOverflow => {
                     let e = g
@@ -1241,13 +1315,9 @@ impl<'a> World<'a> {
                     if r.r.received_sequence > 0 {
                         e.1 = e.1.min(r.r.received_sequence);
                     }
-                    g.holds.entry(contact).or_default().push(at);
                 }
                 _ => {}
             }
-        }
-        for h in g.holds.values_mut() {
-            h.sort_unstable();
         }
         g
     }
@@ -1307,16 +1377,15 @@ impl<'a> World<'a> {
                 Ok(())
             }
             Why::ContactOnHold => {
-                let holds = g.holds.get(contact).map_or(&[][..], Vec::as_slice);
-                let Some(held) = holds[..holds.partition_point(|h| *h <= at)].last() else {
+                // Batch times (the audit's clock, the one releases have). A review without
+                // its audit row is an audit mismatch already.
+                let Some(at) = self.review_batch(r) else {
+                    return Ok(());
+                };
+                let Some((held, _)) = self.hold_before(contact, at, true) else {
                     return Err(format!("contact {contact} was never put on hold before it"));
                 };
-                let released = self
-                    .o
-                    .releases
-                    .iter()
-                    .any(|l| l.contact_id == contact && *held <= l.at_ms && l.at_ms < at);
-                if released {
+                if self.released_between(contact, held, at, false) {
                     Err(format!(
                         "contact {contact} was released after its hold and before the review"
                     ))
@@ -1470,35 +1539,12 @@ impl<'a> World<'a> {
     /// the audit rows' (one PostgreSQL clock, one time per batch). A resolution without its
     /// audit row counts from the start, and an effect without one is not judged: the missing
     /// row is an `audit_mismatches` finding. A sequence never resolved is a gap, not this.
-    fn check_gate(&self, f: &mut Findings, times: &AuditTimes<'_>) {
-        let mut resolutions: BTreeMap<&str, Vec<(u64, u64, i64)>> = BTreeMap::new();
-        for eff in &self.effects {
-            let e = &eff.e;
-            resolutions.entry(e.contact_id.as_str()).or_default().push((
-                e.commit_sequence,
-                e.commit_sequence,
-                times.effect(e).unwrap_or(i64::MIN),
-            ));
-        }
-        for r in &self.reviews {
-            let slot = r.r.received_sequence;
-            if r.why == Why::VersionConflict && slot > 0 {
-                resolutions
-                    .entry(self.review_contact(r))
-                    .or_default()
-                    .push((slot, slot, times.review(self, r).unwrap_or(i64::MIN)));
-            }
-        }
-        for s in &self.o.skips {
-            if let Some(list) = resolutions.get_mut(s.contact_id.as_str()) {
-                list.push((s.from, s.to, s.at_ms));
-            }
-        }
-        for (contact, list) in resolutions {
-            let milestones = prefix_milestones(list);
-            for eff in self.effects_by_contact.get(contact).into_iter().flatten() {
+    fn check_gate(&self, f: &mut Findings) {
+        for (contact, list) in &self.effects_by_contact {
+            let milestones = prefix_milestones(self.resolutions_of(contact));
+            for eff in list {
                 let e = &self.effects[*eff].e;
-                let (below, Some(at)) = (e.commit_sequence.saturating_sub(1), times.effect(e))
+                let (below, Some(at)) = (e.commit_sequence.saturating_sub(1), self.times.effect(e))
                 else {
                     continue;
                 };
@@ -1528,46 +1574,18 @@ impl<'a> World<'a> {
     /// overflow) commits nothing until an operator releases it. Times are the audit rows' (one
     /// PostgreSQL clock, one time per batch): an effect of the hold's own batch is not after
     /// the hold, and one of the release's batch is not before the release.
-    fn check_holds(&self, f: &mut Findings, times: &AuditTimes<'_>) {
-        // Per contact, (time, index of the review) of each hold, sorted.
-        let mut holds: HashMap<&str, Vec<(i64, usize)>> = HashMap::new();
-        for (i, r) in self.reviews.iter().enumerate() {
-            let puts_on_hold = match r.why {
-                Why::WaitTimeout => self.o.settings.on_timeout == TimeoutPolicy::Hold,
-                Why::BacklogOverflow => true,
-                _ => false,
-            };
-            // A review without its audit row is an audit mismatch already.
-            if let (true, Some(at)) = (puts_on_hold, times.review(self, r)) {
-                holds
-                    .entry(self.review_contact(r))
-                    .or_default()
-                    .push((at, i));
-            }
-        }
-        if holds.is_empty() {
-            return;
-        }
-        for h in holds.values_mut() {
-            h.sort_unstable();
-        }
+    fn check_holds(&self, f: &mut Findings) {
         for eff in &self.effects {
             let e = &eff.e;
             let contact = e.contact_id.as_str();
-            let (Some(holds), Some(at)) = (holds.get(contact), times.effect(e)) else {
+            let Some(at) = self.times.effect(e) else {
                 continue;
             };
-            let Some((held, review)) = holds[..holds.partition_point(|(h, _)| *h < at)].last()
-            else {
+            let Some((held, review)) = self.hold_before(contact, at, false) else {
                 continue;
             };
-            let released = self
-                .o
-                .releases
-                .iter()
-                .any(|l| l.contact_id == contact && *held <= l.at_ms && l.at_ms <= at);
-            if !released {
-                let r = &self.reviews[*review];
+            if !self.released_between(contact, held, at, true) {
+                let r = &self.reviews[review];
                 let source = self.recs[r.source].pos;
                 f.add(Kind::CommittedWhileHeld, 1, || {
                     format!(
@@ -1669,8 +1687,6 @@ struct Groups {
     /// (contact, reviewed_at_ms) of an overflow -> (intents it sent to review, their lowest
     /// sequence).
     overflows: HashMap<(String, i64), (usize, u64)>,
-    /// Per contact, the sorted times it was put on hold.
-    holds: HashMap<String, Vec<i64>>,
 }
 
 /// When each outcome's batch was written, from its audit row (the earliest, if several).
@@ -1709,16 +1725,18 @@ impl<'a> AuditTimes<'a> {
             .copied()
     }
 
-    fn review(&self, w: &World<'_>, r: &Rev) -> Option<i64> {
-        self.reviewed
-            .get(&(w.recs[r.source].pos, r.r.intent_id.as_str()))
-            .copied()
+    fn review(&self, source: Position, intent_id: &str) -> Option<i64> {
+        self.reviewed.get(&(source, intent_id)).copied()
     }
 }
 
-/// From resolutions `(from, to, time)`, each time at which the resolved prefix `1 ..= n` of a
-/// contact's sequences grew, with its new `n`: both increase along the list.
-fn prefix_milestones(mut resolutions: Vec<(u64, u64, i64)>) -> Vec<(i64, u64)> {
+/// From a contact's resolutions, each batch time at which its resolved prefix `1 ..= n` of
+/// sequences grew, with its new `n`: both increase along the list.
+fn prefix_milestones(resolutions: &[Resolution]) -> Vec<(i64, u64)> {
+    let mut resolutions: Vec<(u64, u64, i64)> = resolutions
+        .iter()
+        .map(|r| (r.from, r.to, r.batch_ms))
+        .collect();
     resolutions.sort_unstable_by_key(|r| r.2);
     let mut ahead: BTreeMap<u64, u64> = BTreeMap::new();
     let mut prefix = 0u64;
@@ -1943,18 +1961,7 @@ mod tests {
 
     #[test]
     fn resolutions_count_by_time() {
-        let res = [
-            Resolution {
-                from: 1,
-                to: 2,
-                at_ms: 10,
-            },
-            Resolution {
-                from: 3,
-                to: 3,
-                at_ms: 20,
-            },
-        ];
+        let res = [resolved(1, 2, 10, 0), resolved(3, 3, 20, 0)];
         assert!(resolved_before(&res, 2, 11, false));
         assert!(!resolved_before(&res, 3, 20, false));
         assert!(resolved_before(&res, 3, 20, true));
@@ -1966,13 +1973,28 @@ mod tests {
 
     #[test]
     fn the_resolved_prefix_grows_when_its_next_sequence_is_resolved() {
-        // 4..=9 and 3 are resolved first, 1 next (the prefix is 1), 2 last (it jumps to 9).
-        let res = vec![(3, 3, 5), (1, 1, 10), (2, 2, 20), (4, 9, 1), (12, 12, 30)];
-        assert_eq!(prefix_milestones(res), vec![(10, 1), (20, 9)]);
+        // In batch time: 4..=9 and 3 are resolved first, 1 next (the prefix is 1), 2 last (it
+        // jumps to 9). The processor's times play no part.
+        let batches = |list: &[(u64, u64, i64)]| -> Vec<Resolution> {
+            list.iter()
+                .map(|(from, to, batch)| resolved(*from, *to, -batch, *batch))
+                .collect()
+        };
+        let res = batches(&[(3, 3, 5), (1, 1, 10), (2, 2, 20), (4, 9, 1), (12, 12, 30)]);
+        assert_eq!(prefix_milestones(&res), vec![(10, 1), (20, 9)]);
         // Two resolutions of one batch make one milestone; overlapping ranges merge.
-        let res = vec![(1, 2, 7), (2, 5, 7), (6, 6, 8)];
-        assert_eq!(prefix_milestones(res), vec![(7, 5), (8, 6)]);
-        assert_eq!(prefix_milestones(vec![(2, 3, 1)]), vec![]);
+        let res = batches(&[(1, 2, 7), (2, 5, 7), (6, 6, 8)]);
+        assert_eq!(prefix_milestones(&res), vec![(7, 5), (8, 6)]);
+        assert!(prefix_milestones(&batches(&[(2, 3, 1)])).is_empty());
+    }
+
+    fn resolved(from: u64, to: u64, at_ms: i64, batch_ms: i64) -> Resolution {
+        Resolution {
+            from,
+            to,
+            at_ms,
+            batch_ms,
+        }
     }
 
     #[test]

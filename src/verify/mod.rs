@@ -99,9 +99,12 @@
 //!     timeout sent to review (same contact, time and missing sequence) was produced no more
 //!     than `wait_timeout` before it (the gap cannot have lasted longer than its oldest
 //!     waiting intent, and waiting time counts at most wall time).
-//!   - `CONTACT_ON_HOLD` (R7): no earlier hold cause (a `WAIT_TIMEOUT` or
-//!     `CONTACT_BACKLOG_OVERFLOW` review) for the contact, or an operator release between the
-//!     latest one and the review.
+//!   - `CONTACT_ON_HOLD` (R7): no hold of the contact in the review's batch or an earlier one
+//!     (a `WAIT_TIMEOUT` review under the `hold` policy, or a `CONTACT_BACKLOG_OVERFLOW`
+//!     review), or an operator release in the latest hold's batch or a later one and before
+//!     the review's. This one is timed on the audit's clock alone (the one releases have), so
+//!     instances' clocks need not agree; a review without its audit row is an
+//!     `audit_mismatches` finding instead.
 //!   - `VERSION_CONFLICT` (R6): `expected_version` is 0, or equals the number of the
 //!     contact's effects below the slot (the committed version when the slot's turn came).
 //!   - `SEQUENCE_CONFLICT` (R6): the claimed sequence was neither resolved by the time of the

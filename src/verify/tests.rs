@@ -891,12 +891,14 @@ fn wait_timeout_reviews_must_be_justified() {
         1,
     );
 
-    // Under the skip policy timeouts skip, they do not review.
+    // Under the skip policy timeouts skip, they do not review, and they hold nothing: the
+    // contact's later CONTACT_ON_HOLD has no hold behind it.
     let (mut w, _) = timed_out_world();
     w.o.settings.on_timeout = TimeoutPolicy::Skip;
     let r = w.check_allowing_waiting();
-    assert_only(&r, Kind::ManualReviewUnjustified, 2);
+    assert_only(&r, Kind::ManualReviewUnjustified, 3);
     has(&r, "the timeout policy is skip");
+    has(&r, "contact c1 was never put on hold before it");
 }
 
 #[test]
@@ -924,6 +926,45 @@ fn contact_on_hold_reviews_need_an_unreleased_hold() {
         &r,
         "contact c1 was released after its hold and before the review",
     );
+}
+
+#[test]
+fn contact_on_hold_reviews_are_timed_by_their_batch_not_their_instance_clock() {
+    // Hold in one batch, operator release in a later one, CONTACT_ON_HOLD in a later one
+    // still, from an instance whose clock runs 10 s behind: its reviewed_at_ms is before the
+    // release, its batch after it. Released before the review: unjustified.
+    let mut w = W::new();
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    w.later(TIMEOUT + 1);
+    w.review(s2, Timeout, 1, 2);
+    w.later(100);
+    w.release("c1", None);
+    w.later(100);
+    let s3 = w.produce(&intent("s3", "c1", 3));
+    w.review(s3, OnHold, 0, 3);
+    let skewed = |w: &mut W| {
+        let mut r = ManualReview::decode(w.o.reviews[1].value.as_deref().unwrap()).unwrap();
+        r.reviewed_at_ms -= 10_000;
+        w.o.reviews[1].value = Some(r.encode_to_vec());
+    };
+    skewed(&mut w);
+    let r = w.check_allowing_waiting();
+    assert_only(&r, Kind::ManualReviewUnjustified, 1);
+    has(
+        &r,
+        "contact c1 was released after its hold and before the review",
+    );
+
+    // Without the release, the same skewed review is justified by the hold's batch.
+    let mut w = W::new();
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    w.later(TIMEOUT + 1);
+    w.review(s2, Timeout, 1, 2);
+    w.later(200);
+    let s3 = w.produce(&intent("s3", "c1", 3));
+    w.review(s3, OnHold, 0, 3);
+    skewed(&mut w);
+    assert_clean(&w.check_allowing_waiting());
 }
 
 /// c1: s2 waits for 1 and times out (the contact is held); s1 arrives later.
