@@ -1362,6 +1362,19 @@ impl<'a> World<'a> {
                 if resolved_before(resolutions, missing, at, false) {
                     return Err(format!("sequence {missing} was resolved before the review"));
                 }
+                // Resolved in the review's own batch: before the timeout it was not missing,
+                // after it the contact was held (its predecessor is CONTACT_ON_HOLD then),
+                // unless an operator released the contact in that batch too.
+                if let Some(batch) = self.review_batch(r) {
+                    let same_batch = resolutions
+                        .iter()
+                        .any(|x| x.from <= missing && missing <= x.to && x.batch_ms == batch);
+                    if same_batch && !self.released_between(contact, batch, batch, true) {
+                        return Err(format!(
+                            "sequence {missing} was resolved in the review's own batch, which released nothing"
+                        ));
+                    }
+                }
                 let produced = g
                     .timeouts
                     .get(&(contact.to_string(), at, missing))
@@ -1441,10 +1454,25 @@ impl<'a> World<'a> {
                         s.max_pending_per_contact
                     ));
                 }
-                if lowest != u64::MAX && prefix_resolved_before(resolutions, lowest - 1, at) {
+                if lowest == u64::MAX {
+                    return Ok(());
+                }
+                if prefix_resolved(resolutions, lowest - 1, |x| x.at_ms < at) {
                     return Err(format!(
                         "every sequence below {lowest} was resolved: the contact had no gap"
                     ));
+                }
+                // Resolved by the end of the overflow's own batch: before the overflow the
+                // contact had no gap, after it the contact was held, unless an operator
+                // released it in that batch too.
+                if let Some(batch) = self.review_batch(r) {
+                    if prefix_resolved(resolutions, lowest - 1, |x| x.batch_ms <= batch)
+                        && !self.released_between(contact, batch, batch, true)
+                    {
+                        return Err(format!(
+                            "every sequence below {lowest} was resolved by the end of the overflow's own batch, which released nothing"
+                        ));
+                    }
                 }
                 Ok(())
             }
@@ -1851,14 +1879,14 @@ fn resolved_before(res: &[Resolution], seq: u64, at: i64, inclusive: bool) -> bo
         .any(|r| r.from <= seq && seq <= r.to && (r.at_ms < at || inclusive && r.at_ms == at))
 }
 
-/// Whether every sequence in `1 ..= upto` was resolved strictly before `at`.
-fn prefix_resolved_before(res: &[Resolution], upto: u64, at: i64) -> bool {
+/// Whether every sequence in `1 ..= upto` was resolved by the resolutions that `count`.
+fn prefix_resolved(res: &[Resolution], upto: u64, count: impl Fn(&Resolution) -> bool) -> bool {
     if upto == 0 {
         return true;
     }
     let merged = merge(
         res.iter()
-            .filter(|r| r.at_ms < at)
+            .filter(|r| count(r))
             .map(|r| (r.from, r.to))
             .collect(),
     );
@@ -1966,9 +1994,10 @@ mod tests {
         assert!(!resolved_before(&res, 3, 20, false));
         assert!(resolved_before(&res, 3, 20, true));
         assert!(!resolved_before(&res, 4, 99, true));
-        assert!(prefix_resolved_before(&res, 3, 21));
-        assert!(!prefix_resolved_before(&res, 3, 20));
-        assert!(prefix_resolved_before(&res, 0, 0));
+        let before = |at: i64| move |r: &Resolution| r.at_ms < at;
+        assert!(prefix_resolved(&res, 3, before(21)));
+        assert!(!prefix_resolved(&res, 3, before(20)));
+        assert!(prefix_resolved(&res, 0, before(0)));
     }
 
     #[test]

@@ -95,10 +95,12 @@
 //!   - `INVALID_INTENT`: the record is a valid intent.
 //!   - `IDEMPOTENCY_CONFLICT`: the record has its id's original content.
 //!   - `WAIT_TIMEOUT` (R7): the policy is `skip`; the named missing sequence is not below the
-//!     intent's slot, or was resolved before the review; or the oldest intent the same
-//!     timeout sent to review (same contact, time and missing sequence) was produced no more
-//!     than `wait_timeout` before it (the gap cannot have lasted longer than its oldest
-//!     waiting intent, and waiting time counts at most wall time).
+//!     intent's slot, or was resolved before the review, or in the review's own batch with no
+//!     operator release of the contact in that batch (before the timeout it was not missing,
+//!     after it the contact was held); or the oldest intent the same timeout sent to review
+//!     (same contact, time and missing sequence) was produced no more than `wait_timeout`
+//!     before it (the gap cannot have lasted longer than its oldest waiting intent, and
+//!     waiting time counts at most wall time).
 //!   - `CONTACT_ON_HOLD` (R7): no hold of the contact in the review's batch or an earlier one
 //!     (a `WAIT_TIMEOUT` review under the `hold` policy, or a `CONTACT_BACKLOG_OVERFLOW`
 //!     review), or an operator release in the latest hold's batch or a later one and before
@@ -113,7 +115,9 @@
 //!   - `CONTACT_BACKLOG_OVERFLOW` (§5 bounded memory): fewer than
 //!     `max_pending_per_contact + 1` intents of the contact overflowed together (the waiting
 //!     ones and the newcomer), or every sequence below the lowest of them was resolved before
-//!     (no gap, so nothing could wait).
+//!     (no gap, so nothing could wait), or by the end of the overflow's own batch with no
+//!     operator release of the contact in it (before the overflow there was no gap, after it
+//!     the contact was held).
 //!   - `UNPROCESSABLE` (§5 bad input): its detail states no error. That the durable write or
 //!     the transaction really failed, and deterministically, leaves no trace the verifier can
 //!     read; it needs no audit row either (that write is what failed).

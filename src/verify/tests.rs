@@ -1020,19 +1020,33 @@ fn a_held_contact_commits_nothing_until_an_operator_releases_it() {
 }
 
 #[test]
+fn a_timed_out_sequence_resolved_in_the_timeouts_own_batch_is_caught() {
+    // The batch that times c1 out naming 1 missing also commits s1 as sequence 1: before the
+    // timeout, 1 was not missing; after it, c1 was held. Either way a violation.
+    let (mut w, s1) = held_world();
+    w.now -= 10;
+    w.commit(s1, 1);
+    let r = w.check_allowing_waiting();
+    assert_only(&r, Kind::ManualReviewUnjustified, 1);
+    has(
+        &r,
+        "sequence 1 was resolved in the review's own batch, which released nothing",
+    );
+
+    // The same, with an operator release applied in that batch: the release came between.
+    let (mut w, s1) = held_world();
+    w.now -= 10;
+    w.release("c1", None);
+    w.commit(s1, 1);
+    assert_clean(&w.check_allowing_waiting());
+}
+
+#[test]
 fn a_backlog_overflow_holds_its_contact_from_the_next_batch_on() {
-    // max_pending_per_contact 2: s2 and s3 wait, s4 overflows with them; s0's effect in the
-    // same batch (before the overflow) is not after the hold, s1's in the next one is.
-    let mut w = W::new();
-    let s0 = w.produce(&intent("s0", "c1", 0));
-    let pending: Vec<(Position, u64)> = [2, 3, 4]
-        .into_iter()
-        .map(|seq| (w.produce(&intent(&format!("s{seq}"), "c1", seq)), seq))
-        .collect();
-    w.commit(s0, 1);
-    for (p, seq) in &pending {
-        w.review(*p, Overflow, 0, *seq);
-    }
+    // max_pending_per_contact 2: s3 and s4 wait for 2, s5 overflows with them; s0's effect
+    // (sequence 1) in the same batch (before the overflow) is not after the hold, s1's in the
+    // next one is.
+    let (mut w, _) = overflowed_world();
     assert_clean(&w.check_allowing_waiting());
     w.later(20);
     let s1 = w.produce(&intent("s1", "c1", 0));
@@ -1040,6 +1054,44 @@ fn a_backlog_overflow_holds_its_contact_from_the_next_batch_on() {
     let r = w.check_allowing_waiting();
     assert_only(&r, Kind::CommittedWhileHeld, 1);
     has(&r, "intent s1 committed as sequence 2 in a batch after the contact's hold (CONTACT_BACKLOG_OVERFLOW");
+}
+
+/// c1: s0 commits as sequence 1; s3 and s4 wait for 2; s5 overflows with them (max 2 waiting),
+/// all in one batch. Returns the world and the overflow's batch time.
+fn overflowed_world() -> (W, i64) {
+    let mut w = W::new();
+    let s0 = w.produce(&intent("s0", "c1", 0));
+    let pending: Vec<(Position, u64)> = [3, 4, 5]
+        .into_iter()
+        .map(|seq| (w.produce(&intent(&format!("s{seq}"), "c1", seq)), seq))
+        .collect();
+    w.commit(s0, 1);
+    for (p, seq) in &pending {
+        w.review(*p, Overflow, 0, *seq);
+    }
+    let at = w.now;
+    (w, at)
+}
+
+#[test]
+fn a_gap_below_an_overflow_resolved_in_the_overflows_own_batch_is_caught() {
+    // Sequence 2 commits in the overflow's batch: before the overflow, 3 and 4 had no gap to
+    // wait for; after it, c1 was held. Each of the three reviews is unjustified.
+    let (mut w, at) = overflowed_world();
+    let s1 = w.produce(&intent("s1", "c1", 0));
+    w.now = at;
+    w.commit(s1, 2);
+    let r = w.check_allowing_waiting();
+    assert_only(&r, Kind::ManualReviewUnjustified, 3);
+    has(&r, "every sequence below 3 was resolved by the end of the overflow's own batch, which released nothing");
+
+    // An operator release in that batch came between: nothing to report.
+    let (mut w, at) = overflowed_world();
+    let s1 = w.produce(&intent("s1", "c1", 0));
+    w.now = at;
+    w.release("c1", None);
+    w.commit(s1, 2);
+    assert_clean(&w.check_allowing_waiting());
 }
 
 #[test]
