@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::observed::*;
 use crate::proto::{Intent, ManualReview, ReviewReason, SideEffect};
-use crate::sequencer::{TimeoutPolicy, MAX_SEQUENCE};
+use crate::sequencer::TimeoutPolicy;
 
 /// How many violation examples the report carries.
 pub const MAX_EXAMPLES: usize = 20;
@@ -1792,18 +1792,8 @@ fn prefix_milestones(resolutions: &[Resolution]) -> Vec<(i64, u64)> {
 /// Decodes one input record the way the processor must: [`crate::intent::decode`], and a
 /// sequence the stores can hold.
 fn decode_input(r: &InputRecord, s: &Settings, prefix: &str) -> Rec {
-    let decoded = crate::intent::decode(r.key.as_deref(), r.value.as_deref(), &s.limits)
-        .map_err(|e| e.to_string())
-        .and_then(|v| {
-            if v.intent.causal_sequence > MAX_SEQUENCE {
-                Err(format!(
-                    "causal_sequence {} is above 2^63-1",
-                    v.intent.causal_sequence
-                ))
-            } else {
-                Ok((v.intent, v.fingerprint))
-            }
-        });
+    let decoded = super::input::read(r.key.as_deref(), r.value.as_deref(), &s.limits)
+        .map(|v| (v.intent, v.content));
     let in_scope = match &decoded {
         Ok((intent, _)) => intent.intent_id.starts_with(prefix),
         // An invalid record belongs to the prefix by its key, or by whatever intent_id can
@@ -1868,6 +1858,11 @@ fn differing_field(e: &SideEffect, i: &Intent) -> Option<&'static str> {
         Some("created_at_ms")
     } else if e.dispatch_priority != i.dispatch_priority {
         Some("dispatch_priority")
+    } else if e.correlation_id.is_empty()
+        || !i.correlation_id.is_empty() && e.correlation_id != i.correlation_id
+    {
+        // The producer's, or one generated when it gave none (§3).
+        Some("correlation_id")
     } else {
         None
     }

@@ -36,12 +36,20 @@
 //!
 //! # What is checked ([`check`])
 //!
-//! An input record is a *valid intent* when [`crate::intent::decode`] accepts it with the
-//! configured limits and its `causal_sequence` fits the stores (at most 2^63-1); anything else
-//! is an *invalid record*. An intent id's *original content* is the fingerprint of its first
-//! record; when its records span input partitions whose first records differ (either may
-//! have been consumed first), the one of those contents that got an outcome, else the earliest
-//! produced. Each check is one counter of the report:
+//! The verifier reads input records itself (`input.rs`), not with the processor's
+//! `intent::decode`, so that it does not share that reading's mistakes (a unit test holds the
+//! two to the same answers on arbitrary records). An input record is a *valid intent* when it
+//! has a value that decodes as an `Intent` and, with the configured limits, is at most
+//! `max_record_bytes` with its key, has a non-blank `intent_id` and `contact_id`, ids of at
+//! most `max_id_bytes` without control characters (what the stores cannot hold), a payload
+//! of at most `max_payload_bytes`, a known action other than `ACTION_UNSPECIFIED`, a key equal
+//! to its `contact_id` and a `causal_sequence` the stores can hold (at most 2^63-1); anything
+//! else is an *invalid record* (§5 bad input). An intent's *content* (R5) is every field but
+//! `correlation_id` and `created_at_ms`, which a producer's retry may regenerate. An intent
+//! id's *original content* is the content of its first record; when its records span input
+//! partitions whose first records differ (either may have been consumed first), the one of
+//! those contents that got an outcome, else the earliest produced. Each check is one counter
+//! of the report:
 //!
 //! - `reorders` (the contract, R1): per contact, all effects on one side-effects partition
 //!   (each effect elsewhere counts), and there in strictly increasing `commit_sequence` (each
@@ -66,7 +74,8 @@
 //!   Intents of one contact from different partitions (the topic grew, or any partitioner)
 //!   have no order between them.
 //! - `content_mismatches` (§3): an effect carries its intent's original content (intent,
-//!   contact and clinic ids, action, payload, `created_at_ms`, `dispatch_priority`); a
+//!   contact and clinic ids, action, payload, `created_at_ms`, `dispatch_priority`) and a
+//!   `correlation_id`: the producer's, or a generated one when the producer gave none; a
 //!   manual-review record carries its source record's raw key and value, and a valid record's
 //!   intent and contact ids.
 //! - `version_mismatches` (§3): an effect's `contact_version` is the number of its contact's
@@ -170,6 +179,7 @@
 //!   tables, `cc_command` and `cc_admin_audit`, are not read).
 
 mod check;
+mod input;
 mod observe;
 mod observed;
 

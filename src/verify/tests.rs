@@ -590,6 +590,30 @@ fn effects_and_reviews_carry_their_intents_content() {
     assert_only(&r, Kind::ContentMismatch, 1);
     has(&r, "differs from the intent in action");
 
+    // The producer's correlation_id is carried on; one is generated when it gave none (§3).
+    for (given, carried, ok) in [
+        ("corr-1", "corr-1", true),
+        ("corr-1", "corr-2", false),
+        ("", "generated", true),
+        ("", "", false),
+    ] {
+        let mut w = W::new();
+        let mut i = intent("a1", "c1", 1);
+        i.correlation_id = given.into();
+        let a1 = w.produce(&i);
+        let mut e = w.effect(a1, 1, 1);
+        e.correlation_id = carried.into();
+        w.audit_effect(a1, &e);
+        w.emit(0, &e);
+        let r = w.check();
+        if ok {
+            assert_ok(&r);
+        } else {
+            assert_only(&r, Kind::ContentMismatch, 1);
+            has(&r, "differs from the intent in correlation_id");
+        }
+    }
+
     let mut w = W::new();
     let g = w.produce_raw(0, Some(b"g1"), Some(GARBAGE.to_vec()));
     let mut r = w.review_of(g, Invalid, 0, 0);
@@ -713,7 +737,7 @@ fn every_intent_and_record_needs_an_outcome() {
     w.produce_raw(0, Some(b"g2"), None);
     let r = w.check();
     assert_only(&r, Kind::Lost, 2);
-    has(&r, "invalid record intents 0/1 (key \"g2\", record has no value (tombstone)): no INVALID_INTENT review");
+    has(&r, "invalid record intents 0/1 (key \"g2\", the record has no value): no INVALID_INTENT review");
 
     // A record reusing an id with other content needs its own review.
     let mut w = W::new();
