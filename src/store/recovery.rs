@@ -177,7 +177,8 @@ pub enum Refusal {
     #[error(
         "Kafka's recovery point says batch {kafka_batch} committed, but PostgreSQL's last batch \
          is {store_last_batch}: the two stores do not belong together (a restored backup, or \
-         another deployment's group or schema)"
+         another deployment's group or schema). Nothing is decided until they do; see the \
+         runbook, \"Partitions paused\""
     )]
     Mismatch {
         kafka_batch: u64,

@@ -53,7 +53,7 @@ pub struct Settings {
     pub on_timeout: TimeoutPolicy,
     /// `sequencer.max_pending_per_contact` (bounded memory, §5).
     pub max_pending_per_contact: usize,
-    /// Input validation limits (`crate::intent::decode`).
+    /// Input validation limits (`limits.*`), as the verifier reads input records (§5).
     pub limits: LimitsConfig,
 }
 

@@ -1,7 +1,9 @@
 //! Operator changes to the group's offsets (contract §5 "Operator changes"): resetting them with
 //! the standard Kafka tool to the earliest or the latest offset never rolls committed history
 //! back and never emits an effect twice; a partition whose last batch PostgreSQL cannot confirm
-//! refuses to start, with a clear error, until `causal-commit recovery-point resolve`.
+//! refuses to start, with a clear error, until `causal-commit recovery-point resolve`; and the
+//! store restored from a backup older than the group's last commit refuses, deciding nothing,
+//! until its latest state is back.
 
 use std::time::{Duration, Instant};
 
@@ -1008,4 +1010,97 @@ async fn an_instance_of_the_group_on_another_schema_decides_nothing_again() {
     caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     verified(&cfg, 600).await;
+}
+
+/// `pg_dump` of the test's schema in the custom format, with the owner's role.
+fn dump_schema(config: &Config, file: &std::path::Path) {
+    let out = std::process::Command::new("pg_dump")
+        .arg(format!("--dbname={}", database_url()))
+        .args(["--format=custom", "--schema", &config.postgres.schema])
+        .arg(format!("--file={}", file.display()))
+        .output()
+        .expect("run pg_dump");
+    assert!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `pg_restore --clean` of a dump made by [`dump_schema`]: the schema's tables are dropped and
+/// created again with the dump's rows, as an operator restores a backup.
+fn restore_schema(config: &Config, file: &std::path::Path) {
+    let out = std::process::Command::new("pg_restore")
+        .arg(format!("--dbname={}", database_url()))
+        .args([
+            "--clean",
+            "--if-exists",
+            "--exit-on-error",
+            "--schema",
+            &config.postgres.schema,
+        ])
+        .arg(file)
+        .output()
+        .expect("run pg_restore");
+    assert!(
+        out.status.success(),
+        "pg_restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A tired operator restores PostgreSQL from last night's backup after the group has committed
+/// batches since: the store is behind Kafka's committed offsets, and the batches it lost have
+/// their effects out already. Deciding from the old state would emit those intents' effects
+/// again, and give their contacts sequences already used. Every partition the store is behind
+/// on refuses instead, naming a restored backup; nothing is decided or emitted meanwhile, new
+/// intents included. The way out (the runbook's): restore the store's latest state; the
+/// partitions then go on where they were, every intent committed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_restored_from_an_older_backup_refuses_until_its_latest_state_is_back() {
+    let env = TestEnv::new("oldbackup", 2).await;
+    let cfg = env.config.clone();
+    let (old, latest) = (
+        std::env::temp_dir().join(format!("{}-old.dump", env.name)),
+        std::env::temp_dir().join(format!("{}-latest.dump", env.name)),
+    );
+    let proc = Processor::spawn(&cfg, log_of(&env, "run1"));
+    demo::produce(&cfg, &workload(100, 40, "a", 1))
+        .await
+        .unwrap();
+    caught_up(&cfg, CATCH_UP).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    dump_schema(&cfg, &old);
+
+    let proc = Processor::spawn(&cfg, log_of(&env, "run2"));
+    demo::produce(&cfg, &workload(100, 40, "b", 2))
+        .await
+        .unwrap();
+    caught_up(&cfg, CATCH_UP).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    dump_schema(&cfg, &latest);
+    assert_eq!(effects_of(&cfg, ""), 200);
+
+    restore_schema(&cfg, &old);
+    let history = transitions(&cfg).await;
+    let log = log_of(&env, "run3");
+    let proc = Processor::spawn(&cfg, log.clone());
+    let errors = refused(&log, "do not belong together", &[0, 1]).await;
+    assert!(
+        errors.iter().all(|e| e.contains("a restored backup")),
+        "names a restored backup: {errors:?}"
+    );
+    demo::produce(&cfg, &workload(50, 20, "c", 3))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(effects_of(&cfg, ""), 200, "nothing emitted again");
+    assert_eq!(transitions(&cfg).await, history, "nothing decided");
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    restore_schema(&cfg, &latest);
+    let proc = Processor::spawn(&cfg, log_of(&env, "run4"));
+    caught_up(&cfg, CATCH_UP).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    verified(&cfg, 250).await;
 }
