@@ -952,27 +952,31 @@ fn contact_on_hold_reviews_need_an_unreleased_hold() {
     );
 }
 
-#[test]
-fn contact_on_hold_reviews_are_timed_by_their_batch_not_their_instance_clock() {
-    // Hold in one batch, operator release in a later one, CONTACT_ON_HOLD in a later one
-    // still, from an instance whose clock runs 10 s behind: its reviewed_at_ms is before the
-    // release, its batch after it. Released before the review: unjustified.
+/// c1: s2 times out (the contact is held), the operator releases c1 (or not) 100 ms later, and
+/// s3 goes to review as CONTACT_ON_HOLD 100 ms after that, from an instance whose clock runs
+/// 10 s behind: its reviewed_at_ms is before the release and the hold, its batch after them.
+fn skewed_hold_world(released: bool) -> W {
     let mut w = W::new();
     let s2 = w.produce(&intent("s2", "c1", 2));
     w.later(TIMEOUT + 1);
     w.review(s2, Timeout, 1, 2);
     w.later(100);
-    w.release("c1", None);
+    if released {
+        w.release("c1", None);
+    }
     w.later(100);
     let s3 = w.produce(&intent("s3", "c1", 3));
     w.review(s3, OnHold, 0, 3);
-    let skewed = |w: &mut W| {
-        let mut r = ManualReview::decode(w.o.reviews[1].value.as_deref().unwrap()).unwrap();
-        r.reviewed_at_ms -= 10_000;
-        w.o.reviews[1].value = Some(r.encode_to_vec());
-    };
-    skewed(&mut w);
-    let r = w.check_allowing_waiting();
+    let mut r = ManualReview::decode(w.o.reviews[1].value.as_deref().unwrap()).unwrap();
+    r.reviewed_at_ms -= 10_000;
+    w.o.reviews[1].value = Some(r.encode_to_vec());
+    w
+}
+
+#[test]
+fn contact_on_hold_reviews_are_timed_by_their_batch_not_their_instance_clock() {
+    // Released before the review's batch: unjustified.
+    let r = skewed_hold_world(true).check_allowing_waiting();
     assert_only(&r, Kind::ManualReviewUnjustified, 1);
     has(
         &r,
@@ -980,15 +984,7 @@ fn contact_on_hold_reviews_are_timed_by_their_batch_not_their_instance_clock() {
     );
 
     // Without the release, the same skewed review is justified by the hold's batch.
-    let mut w = W::new();
-    let s2 = w.produce(&intent("s2", "c1", 2));
-    w.later(TIMEOUT + 1);
-    w.review(s2, Timeout, 1, 2);
-    w.later(200);
-    let s3 = w.produce(&intent("s3", "c1", 3));
-    w.review(s3, OnHold, 0, 3);
-    skewed(&mut w);
-    assert_clean(&w.check_allowing_waiting());
+    assert_clean(&skewed_hold_world(false).check_allowing_waiting());
 }
 
 /// c1: s2 waits for 1 and times out (the contact is held); s1 arrives later.
