@@ -151,7 +151,8 @@ pub struct Engine {
     /// Partitions replayed one record per batch to find a record the stores refuse.
     isolation: Isolation,
     /// Per partition, contacts another partition owns (learnt from refused writes), with the
-    /// owner: their records are forwarded there.
+    /// owner: their records are forwarded there, and each batch's write checks that the owner
+    /// still owns them (migration 0017). Forgotten when the partition is revoked.
     owners: HashMap<i32, HashMap<String, i32>>,
     pub(super) next_restore_at: Instant,
     /// Replays in a row for another batch's claims (see [`Engine::wait_for_claims`]).
@@ -529,6 +530,10 @@ impl Engine {
         {
             tracing::warn!(error = %e, "recording the last committed batches failed");
         }
+        // What a partition learnt of other partitions' contacts holds while it stays assigned
+        // here: another instance may have decided otherwise meanwhile.
+        let assignment = &self.assignment;
+        self.owners.retain(|p, _| assignment.is_assigned(*p));
         for lane in dropped {
             self.isolation.forget(lane.partition);
             // Give the lease up so the next owner starts at once.
@@ -1048,23 +1053,33 @@ impl Engine {
             .collect()
     }
 
-    /// Records who owns which contact, and voids the lanes that decided them wrongly (they
-    /// are restored and replay their records, now forwarding those contacts'). Returns those
-    /// partitions.
+    /// Records who owns which contact, and voids the lanes that decided or forwarded them
+    /// wrongly (they are restored and replay their records, now forwarding those contacts' to
+    /// their owners, or deciding them). Returns those partitions.
     fn learn_owners(&mut self, owned: Vec<pg::OwnedElsewhere>) -> BTreeSet<i32> {
         let mut refused = BTreeSet::new();
         for o in owned {
-            tracing::info!(
-                partition = o.partition,
-                contact_id = %o.contact,
-                owner = o.owner,
-                "contact owned by another partition: its records are forwarded there"
-            );
             refused.insert(o.partition);
-            self.owners
-                .entry(o.partition)
-                .or_default()
-                .insert(o.contact, o.owner);
+            let owners = self.owners.entry(o.partition).or_default();
+            if o.owner == o.partition {
+                // A forward found no other owner (migration 0017): the owner learnt before
+                // lost the contact (its batch was rolled back).
+                tracing::info!(
+                    partition = o.partition,
+                    contact_id = %o.contact,
+                    was_forwarded_to = owners.get(&o.contact),
+                    "contact no longer owned by another partition: it is decided here"
+                );
+                owners.remove(&o.contact);
+            } else {
+                tracing::info!(
+                    partition = o.partition,
+                    contact_id = %o.contact,
+                    owner = o.owner,
+                    "contact owned by another partition: its records are forwarded there"
+                );
+                owners.insert(o.contact, o.owner);
+            }
         }
         for p in &refused {
             self.void_lane(*p, PauseCause::Restoring);
@@ -1504,6 +1519,7 @@ impl Engine {
             write.contacts.extend(&part.plan.contacts);
             write.waiting.extend(&part.plan.waiting);
             write.deleted.extend(&part.plan.deleted);
+            write.forwards.extend(&part.plan.forwards);
         }
         write
     }

@@ -20,7 +20,7 @@ use crate::proto::{Intent as ProtoIntent, ReviewReason};
 use crate::sequencer::{
     BlockReason, Decision, Intent, IntentMeta, Reason, ReviewReason as SeqReview, SkipCause, State,
 };
-use crate::store::postgres::{ContactRow, Transition, TransitionRow};
+use crate::store::postgres::{ContactRow, Forward, Transition, TransitionRow};
 use crate::store::snapshot::{self, Held, RowKey, StoredContact, WaitingRow, WaitingRows};
 
 /// Output topic names, shared cheaply by every output record.
@@ -93,6 +93,8 @@ pub struct PartitionPlan {
     pub pause: Option<bool>,
     /// Effects among `outputs`.
     pub effects: usize,
+    /// Records forwarded to their contacts' owners (the write checks the owners).
+    pub forwards: Vec<Forward>,
 }
 
 impl PartitionPlan {
@@ -469,6 +471,11 @@ pub fn forwarded(
     let detail = format!("forwarded to partition {owner}, which owns the contact");
     let row = row(ctx, &facts, Transition::Forwarded, 0, 0, detail);
     plan.push(row, Note::default());
+    plan.forwards.push(Forward {
+        partition: record.partition,
+        contact_id: v.intent.contact_id.clone(),
+        owner,
+    });
 }
 
 /// The contact states the sequencer changed, for one batched upsert, with the rows of their

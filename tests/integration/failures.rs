@@ -1352,20 +1352,6 @@ async fn a_new_groups_first_batch_that_aborts_rolls_back_and_replays_without_an_
     assert_clean(&verified(&cfg).await, 300);
 }
 
-/// Produces each intent to the given partition of the intents topic, keyed by its contact.
-async fn produce_at(config: &Config, records: &[(i32, causal_commit::proto::Intent)]) {
-    use prost::Message as _;
-    let p = producer(config);
-    for (partition, i) in records {
-        let value = i.encode_to_vec();
-        let r = rdkafka::producer::FutureRecord::to(&config.kafka.intents_topic)
-            .partition(*partition)
-            .key(i.contact_id.as_bytes())
-            .payload(&value);
-        p.send(r, Duration::from_secs(10)).await.expect("delivered");
-    }
-}
-
 /// The log lines of durable writes that failed after some of their groups committed.
 fn partly_written(lines: &[serde_json::Value]) -> Vec<&serde_json::Value> {
     lines

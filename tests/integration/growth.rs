@@ -1,5 +1,6 @@
 //! Partitions added to the intents topic (contract R1): one sequence per contact whatever the
-//! partition count, new partitions consumed without a restart, and two instances sharing them.
+//! partition count, new partitions consumed without a restart, and two instances sharing them;
+//! a producer that scatters each contact's intents over every partition (its own partitioner).
 //! Partitions added to the side-effects topic: each contact's effects stay on their partition.
 
 use std::collections::HashMap;
@@ -93,6 +94,140 @@ async fn adding_partitions_keeps_one_sequence_per_contact_across_two_instances()
     assert_eq!(fx.len(), 360 * 6, "each intent committed once");
     let report = verify_report(&cfg, "").await;
     assert!(report.ok, "{:?}", report.violations);
+}
+
+/// A producer with a partitioner of its own (contract R1: "producers may use any
+/// partitioner") sends every intent to a random partition of four, so each contact's intents
+/// arrive on several partitions at once, consumed by two instances; one of them is killed
+/// with SIGKILL mid-stream and started again. Strict contacts arrive out of order and some of
+/// their intents are sent twice, to another partition (a retry through another route);
+/// assigned contacts' intents are sent in order (their order across partitions is undefined,
+/// R2 numbers them in partition order) and some twice to the same partition. Every contact
+/// keeps one sequence: strict ones exactly as the producer numbered them, assigned ones 1..=8
+/// with each partition's intents in that partition's order; every intent has one effect, the
+/// copies are duplicates, nothing goes to manual review, and `verify` is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_scattering_each_contacts_intents_over_every_partition_keeps_one_sequence() {
+    use rand::seq::SliceRandom as _;
+    use rand::{Rng as _, SeedableRng as _};
+    const PARTITIONS: i32 = 4;
+    const CONTACTS: usize = 40;
+    const PER_CONTACT: u64 = 8;
+    let env = TestEnv::new("scatter", PARTITIONS).await;
+    let cfg = env.config.clone();
+    let log = |name: &str| std::env::temp_dir().join(format!("{}-{name}.log", env.name));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
+
+    let mut strict: Vec<Intent> = Vec::new();
+    for k in 0..CONTACTS {
+        let c = format!("st{k}");
+        let mut seqs: Vec<u64> = (1..=PER_CONTACT).collect();
+        seqs.shuffle(&mut rng);
+        strict.extend(seqs.into_iter().map(|s| intent(&format!("{c}-{s}"), &c, s)));
+    }
+    strict.shuffle(&mut rng);
+    let mut records: Vec<(i32, Intent)> = Vec::new();
+    // Interleaves the strict intents with the assigned ones, each contact's assigned intents
+    // in their order.
+    let mut strict = strict.into_iter();
+    for seq in 1..=PER_CONTACT {
+        for k in 0..CONTACTS {
+            let c = format!("as{k}");
+            let i = intent(&format!("{c}-{seq}"), &c, 0);
+            let p = rng.random_range(0..PARTITIONS);
+            records.push((p, i.clone()));
+            if rng.random_bool(0.1) {
+                records.push((p, i));
+            }
+            let s = strict.next().expect("as many strict intents");
+            let p = rng.random_range(0..PARTITIONS);
+            records.push((p, s.clone()));
+            if rng.random_bool(0.1) {
+                let other = (p + rng.random_range(1..PARTITIONS)) % PARTITIONS;
+                records.push((other, s));
+            }
+        }
+    }
+    let intents = 2 * CONTACTS * PER_CONTACT as usize;
+    println!("{} records for {intents} intents", records.len());
+    // Where each assigned intent was sent, for the order check.
+    let sent_to: HashMap<String, (i32, usize)> = records
+        .iter()
+        .enumerate()
+        .rev()
+        .map(|(n, (p, i))| (i.intent_id.clone(), (*p, n)))
+        .collect();
+
+    let mut cfg_b = cfg.clone();
+    cfg_b.instance_id = format!("{}-b", env.name);
+    let a = Processor::spawn(&cfg, log("a1"));
+    let b = Processor::spawn(&cfg_b, log("b"));
+    let (first, second) = records.split_at(records.len() / 2);
+    produce_at(&cfg, first).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    a.kill9();
+    produce_at(&cfg, second).await;
+    let a = Processor::spawn(&cfg, log("a2"));
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert!(a.terminate(Duration::from_secs(30)));
+    assert!(b.terminate(Duration::from_secs(30)));
+
+    let fx = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
+    assert_eq!(fx.len(), intents, "each intent committed once");
+    let per_contact = by_contact(&fx);
+    assert_eq!(per_contact.len(), 2 * CONTACTS);
+    for (contact, effects) in &per_contact {
+        let seqs: Vec<u64> = effects.iter().map(|e| e.commit_sequence).collect();
+        let expected: Vec<u64> = (1..=PER_CONTACT).collect();
+        assert_eq!(seqs, expected, "contact {contact}: one sequence, in order");
+        if contact.starts_with("st") {
+            for e in effects {
+                assert_eq!(
+                    e.intent_id,
+                    format!("{contact}-{}", e.commit_sequence),
+                    "strict: the producer's sequence"
+                );
+            }
+        } else {
+            // R2: within one partition, assigned intents are numbered in partition order.
+            let mut last: HashMap<i32, usize> = HashMap::new();
+            for e in effects {
+                let (p, n) = sent_to[&e.intent_id];
+                if let Some(before) = last.insert(p, n) {
+                    assert!(
+                        before < n,
+                        "contact {contact}: {} numbered before an intent sent earlier to \
+                         partition {p}",
+                        e.intent_id
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        reviews(&read_all(&cfg, &cfg.kafka.manual_review_topic)).is_empty(),
+        "nothing to review"
+    );
+    let report = verify_report(&cfg, "").await;
+    assert!(report.ok, "{:?}", report.violations);
+    assert_eq!(report.intents, intents);
+    assert_eq!(report.committed, intents);
+    let on_topic = read_all(&cfg, &cfg.kafka.intents_topic).len();
+    assert!(
+        on_topic > records.len(),
+        "records were forwarded to their contacts' owner partitions"
+    );
+    // A record goes to its contact's owner, and on only if the owner changed meanwhile (a
+    // batch rolled back): never back and forth.
+    assert!(
+        on_topic < 2 * records.len(),
+        "{on_topic} records on the topic for {} produced: records forwarded back and forth",
+        records.len()
+    );
+    assert_eq!(
+        report.records, on_topic,
+        "every record, copies included, was read"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,4 +430,118 @@ fn placed_effects(
         idle_since = Instant::now();
     }
     out
+}
+
+/// The batch write checks every forward against the contact's owner (migration 0017), in the
+/// same statement: a forward to the owner is written; a forward to a partition that does not
+/// own the contact (what the forwarding partition learnt went stale: the owner's batch was
+/// rolled back and another partition created the contact since) is refused with the real
+/// owner, or with the forwarding partition itself when nobody owns the contact; nothing of a
+/// refused batch is written; and a contact created by the same batch counts as owned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_to_a_partition_that_does_not_own_the_contact_is_refused_naming_the_owner() {
+    use causal_commit::store::postgres::{self as pg, BatchWrite, ContactRow, Forward};
+    use causal_commit::store::postgres::{OwnedElsewhere, PartitionWrite};
+    let env = TestEnv::new("fwdcheck", 3).await;
+    let pool = env.store().await;
+    let topic = &env.config.kafka.intents_topic;
+    let lease = Duration::from_secs(30);
+    let mut fences = Vec::new();
+    for p in 0..3 {
+        let fence = pg::acquire_partition(&pool, topic, p, "w", lease)
+            .await
+            .unwrap()
+            .expect("free");
+        fences.push(fence);
+    }
+    let part = |p: i32, batch_no: u64| PartitionWrite {
+        partition: p,
+        fence: fences[p as usize],
+        batch_no,
+        next_offset: batch_no as i64,
+        clock_ms: 0,
+    };
+    let contact = |id: &str, p: i32, batch_no: u64| ContactRow {
+        contact_id: id.into(),
+        partition: p,
+        batch_no,
+        state: serde_json::value::to_raw_value(&serde_json::json!({})).unwrap(),
+        on_hold: false,
+        waiting: 0,
+    };
+    let forward = |p: i32, id: &str, owner: i32| Forward {
+        partition: p,
+        contact_id: id.into(),
+        owner,
+    };
+    let last_batch = |p: i32| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT last_batch FROM cc_partition WHERE topic = $1 AND partition = $2",
+            )
+            .bind(topic)
+            .bind(p)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    // Partition 0 creates c; partition 1 forwards c's records there: written.
+    let w = BatchWrite {
+        partitions: vec![part(0, 1)],
+        contacts: vec![contact("c", 0, 1)],
+        ..BatchWrite::default()
+    };
+    pg::apply_batch(&pool, topic, "w", lease, &w).await.unwrap();
+    let w = BatchWrite {
+        partitions: vec![part(1, 1)],
+        forwards: vec![forward(1, "c", 0)],
+        ..BatchWrite::default()
+    };
+    pg::apply_batch(&pool, topic, "w", lease, &w).await.unwrap();
+
+    // A forward of c to partition 2, and of d (no partition owns it) to partition 0.
+    let w = BatchWrite {
+        partitions: vec![part(1, 2)],
+        forwards: vec![forward(1, "c", 2), forward(1, "d", 0), forward(1, "c", 2)],
+        ..BatchWrite::default()
+    };
+    let e = pg::apply_batch(&pool, topic, "w", lease, &w)
+        .await
+        .expect_err("stale owners are refused");
+    let owned = e.owned_elsewhere().expect("a CC004 refusal");
+    assert_eq!(
+        owned,
+        vec![
+            OwnedElsewhere {
+                partition: 1,
+                contact: "c".into(),
+                owner: 0,
+            },
+            OwnedElsewhere {
+                partition: 1,
+                contact: "d".into(),
+                owner: 1,
+            },
+        ],
+        "the real owner, or the forwarding partition itself when nobody owns the contact"
+    );
+    assert_eq!(
+        last_batch(1).await,
+        1,
+        "nothing of the refused batch is written"
+    );
+
+    // One batch in which partition 2 creates e and partition 1 forwards e's records to it.
+    let w = BatchWrite {
+        partitions: vec![part(1, 2), part(2, 1)],
+        contacts: vec![contact("e", 2, 1)],
+        forwards: vec![forward(1, "e", 2)],
+        ..BatchWrite::default()
+    };
+    pg::apply_batch(&pool, topic, "w", lease, &w).await.unwrap();
+    assert_eq!(last_batch(1).await, 2);
+    assert_eq!(last_batch(2).await, 1);
 }

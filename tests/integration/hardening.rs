@@ -320,6 +320,7 @@ fn arbitrary_protobuf_valid_intents_end_as_decisions_and_never_fail_the_durable_
                 commands: Vec::new(),
                 waiting: plan.waiting,
                 deleted: Vec::new(),
+                forwards: plan.forwards,
             };
             let written = rt.block_on(pg::try_batch(
                 &pool,

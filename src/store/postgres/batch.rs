@@ -209,11 +209,21 @@ pub const DECIDED_BEFORE_SQLSTATE: &str = "CC005";
 /// partition that has not committed yet (migration 0015); the detail lists their ids.
 pub const DECIDED_IN_FLIGHT_SQLSTATE: &str = "CC006";
 
-/// A contact a batch wrote from `partition` that `owner` owns.
+/// A contact a batch wrote (or forwarded a record of) from `partition` that `owner` owns;
+/// `owner == partition` when a forward found that no other partition owns it (migration 0017).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct OwnedElsewhere {
     pub partition: i32,
     pub contact: String,
+    pub owner: i32,
+}
+
+/// A record of `partition` forwarded to `owner`, the partition its contact's owner was learnt
+/// to be: the write checks that `owner` still owns the contact (migration 0017).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub partition: i32,
+    pub contact_id: String,
     pub owner: i32,
 }
 
@@ -229,6 +239,8 @@ pub struct BatchWrite {
     pub waiting: Vec<WaitingRow>,
     /// `cc_waiting` rows released by the partitions' previous (now committed) batch.
     pub deleted: Vec<RowKey>,
+    /// Records forwarded to their contacts' owners.
+    pub forwards: Vec<Forward>,
 }
 
 /// The rows of one write, borrowed: what [`apply_batch`] binds. The engine gathers each
@@ -243,6 +255,7 @@ pub struct BatchRows<'a> {
     pub commands: Vec<&'a AppliedCommand>,
     pub waiting: Vec<&'a WaitingRow>,
     pub deleted: Vec<&'a RowKey>,
+    pub forwards: Vec<&'a Forward>,
 }
 
 impl<'a> From<&'a BatchWrite> for BatchRows<'a> {
@@ -254,6 +267,7 @@ impl<'a> From<&'a BatchWrite> for BatchRows<'a> {
             commands: w.commands.iter().collect(),
             waiting: w.waiting.iter().collect(),
             deleted: w.deleted.iter().collect(),
+            forwards: w.forwards.iter().collect(),
         }
     }
 }
@@ -295,7 +309,8 @@ pub async fn try_batch<'a>(
     result.map(|_| ())
 }
 
-// Long because `cc_apply_batch` takes one array per column (39 binds): one line per bind.
+// Long because `cc_apply_batch` takes one array per column (39 binds, and 3 for the forwards'
+// check): one line per bind.
 fn batch_query<'q>(
     topic: &'q str,
     writer: &'q str,
@@ -311,11 +326,13 @@ fn batch_query<'q>(
     let g = &w.deleted;
     sqlx::query(
         // R5 against PostgreSQL's record, in the same statement: each new outcome claims its
-        // intent id (migration 0015), before the batch's rows are written.
+        // intent id (migration 0015), before the batch's rows are written. The forwards are
+        // checked after them, so a contact this batch creates counts (migration 0017).
         "SELECT cc_claim_decisions($1, $4, $9, $10, $12, $17, $18),
                 cc_apply_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
                                $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
-                               $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39)",
+                               $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39),
+                cc_check_forwards($40, $41, $42)",
     )
     .bind(topic)
     .bind(writer)
@@ -419,6 +436,14 @@ fn batch_query<'q>(
             .collect::<Vec<_>>(),
     )
     .bind(g.iter().map(|k| k.batch_no as i64).collect::<Vec<_>>())
+    .bind(w.forwards.iter().map(|f| f.partition).collect::<Vec<_>>())
+    .bind(
+        w.forwards
+            .iter()
+            .map(|f| f.contact_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(w.forwards.iter().map(|f| f.owner).collect::<Vec<_>>())
 }
 
 #[cfg(test)]

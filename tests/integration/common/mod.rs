@@ -299,14 +299,26 @@ pub fn producer(config: &Config) -> FutureProducer {
 
 /// Produces `intents` in order to one partition of the intents topic, keyed by contact id.
 pub async fn produce_to_partition(config: &Config, partition: i32, intents: &[Intent]) {
+    let records: Vec<(i32, Intent)> = intents.iter().map(|i| (partition, i.clone())).collect();
+    produce_at(config, &records).await;
+}
+
+/// Produces each intent to the partition it names, keyed by contact id (a producer whose
+/// partitioner is its own), and waits for every delivery. Records of one partition keep their
+/// order (an idempotent producer).
+pub async fn produce_at(config: &Config, records: &[(i32, Intent)]) {
     let p = producer(config);
-    for i in intents {
+    let mut deliveries = Vec::with_capacity(records.len());
+    for (partition, i) in records {
         let value = i.encode_to_vec();
         let r = FutureRecord::to(&config.kafka.intents_topic)
-            .partition(partition)
+            .partition(*partition)
             .key(i.contact_id.as_bytes())
             .payload(&value);
-        p.send(r, Duration::from_secs(10)).await.expect("delivered");
+        deliveries.push(p.send_result(r).map_err(|(e, _)| e).expect("queued"));
+    }
+    for d in deliveries {
+        d.await.expect("not cancelled").expect("delivered");
     }
 }
 
