@@ -1062,13 +1062,15 @@ impl Engine {
             refused.insert(o.partition);
             let owners = self.owners.entry(o.partition).or_default();
             if o.owner == o.partition {
-                // A forward found no other owner (migration 0017): the owner learnt before
-                // lost the contact (its batch was rolled back).
+                // A forward's check found no other owner (migration 0017): the owner learnt
+                // before lost the contact (its batch was rolled back), and no partition or
+                // this one has created it since.
                 tracing::info!(
                     partition = o.partition,
                     contact_id = %o.contact,
                     was_forwarded_to = owners.get(&o.contact),
-                    "contact no longer owned by another partition: it is decided here"
+                    "contact no longer owned by the partition its records were forwarded to: \
+                     it is decided here"
                 );
                 owners.remove(&o.contact);
             } else {

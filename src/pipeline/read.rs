@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers as _, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Config;
@@ -39,6 +39,8 @@ pub struct TopicRecord<'a> {
     pub value: Option<&'a [u8]>,
     /// The record's timestamp (create or log-append time), when it has one.
     pub timestamp_ms: Option<i64>,
+    /// The value of its `cc-forwarded-from` header, when it has one.
+    pub forwarded_from: Option<&'a [u8]>,
 }
 
 /// Calls `f` on every committed record of `topic` (tombstones included), from the beginning to
@@ -278,6 +280,11 @@ fn read_topic_since(
                     key: msg.key(),
                     value: msg.payload(),
                     timestamp_ms: msg.timestamp().to_millis(),
+                    forwarded_from: msg.headers().and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == super::output::FORWARDED_FROM_HEADER)
+                            .and_then(|h| h.value)
+                    }),
                 })?;
             }
             Some(Err(e)) => anyhow::bail!("reading {topic} failed: {e}"),

@@ -404,6 +404,12 @@ struct Rec {
     /// Why it is not, otherwise.
     invalid: String,
     in_scope: bool,
+    /// The record its `cc-forwarded-from` header names.
+    forwarded_from: Option<Position>,
+    /// Whether it is a forwarded copy: the record its header names exists and has the same
+    /// key and value. A copy is the processor's transport, not a place where the producer
+    /// sent the intent (a forged header, naming another record, makes no copy).
+    copy: bool,
 }
 
 impl Rec {
@@ -505,6 +511,12 @@ impl<'a> World<'a> {
         recs.sort_by_key(|r| r.pos);
         let by_pos: HashMap<Position, usize> =
             recs.iter().enumerate().map(|(i, r)| (r.pos, i)).collect();
+        for i in 0..recs.len() {
+            let source = recs[i].forwarded_from.and_then(|p| by_pos.get(&p));
+            recs[i].copy = source.is_some_and(|&s| {
+                s != i && recs[s].key == recs[i].key && recs[s].value == recs[i].value
+            });
+        }
 
         let mut effects = Vec::new();
         let mut sorted: Vec<&OutputRecord> = o.effects.iter().collect();
@@ -1070,12 +1082,16 @@ impl<'a> World<'a> {
         }
     }
 
-    /// R2: a contact's assigned-mode intents read from one input partition commit in that
-    /// partition's order. (Re-submitted ones reclaim their old slot and are left out.)
+    /// R2: an assigned intent is numbered when the processor first sees it, in partition
+    /// order. Where the producer sent an intent to several partitions, it was first seen on
+    /// one of them, so its number must keep the order of at least one; a forwarded copy is
+    /// the processor's transport, not a place it was sent to. (Re-submitted intents reclaim
+    /// their old slot and are left out.)
     fn check_assigned_order(&self, f: &mut Findings) {
-        // (input offset, commit sequence, intent id) of an assigned intent.
+        // (input offset, commit sequence, intent id) of an assigned intent where it was sent.
         type Assigned<'s> = (i64, u64, &'s str);
         let mut lanes: BTreeMap<(&str, i32), Vec<Assigned<'_>>> = BTreeMap::new();
+        let mut sent_to: HashMap<&str, usize> = HashMap::new();
         for (id, info) in &self.ids {
             let rec = &self.recs[info.first];
             let (Some(intent), Some(effects)) = (rec.intent(), self.effects_by_id.get(id)) else {
@@ -1085,24 +1101,42 @@ impl<'a> World<'a> {
                 continue;
             }
             let seq = self.effects[effects[0]].e.commit_sequence;
-            lanes
-                .entry((intent.contact_id.as_str(), rec.pos.0))
-                .or_default()
-                .push((rec.pos.1, seq, id.as_str()));
+            let mut partitions = BTreeSet::new();
+            for &i in &info.records {
+                let r = &self.recs[i];
+                // In (partition, offset) order: the first record on each partition.
+                if !r.copy && r.fingerprint() == Some(info.original) && partitions.insert(r.pos.0) {
+                    lanes
+                        .entry((intent.contact_id.as_str(), r.pos.0))
+                        .or_default()
+                        .push((r.pos.1, seq, id.as_str()));
+                }
+            }
+            sent_to.insert(id.as_str(), partitions.len());
         }
+        // Per intent, the partitions whose order its number breaks, and the first one's text.
+        let mut broken: BTreeMap<&str, (usize, String)> = BTreeMap::new();
         for ((contact, partition), mut list) in lanes {
             list.sort_unstable();
             let mut before: Option<Assigned<'_>> = None;
             for (offset, seq, id) in list {
                 if let Some((o, s, other)) = before.filter(|b| b.1 > seq) {
-                    f.add(Kind::AssignedOrder, 1, || {
-                        format!(
-                            "contact {contact}: intent {id} (intents {partition}/{offset}) committed as sequence {seq}, below sequence {s} of intent {other} read before it at {partition}/{o}"
-                        )
-                    });
+                    broken
+                        .entry(id)
+                        .or_insert_with(|| {
+                            (0, format!(
+                                "contact {contact}: intent {id} (intents {partition}/{offset}) committed as sequence {seq}, below sequence {s} of intent {other} read before it at {partition}/{o}"
+                            ))
+                        })
+                        .0 += 1;
                 } else {
                     before = Some((offset, seq, id));
                 }
+            }
+        }
+        for (id, (partitions, text)) in broken {
+            if partitions == sent_to[id] {
+                f.add(Kind::AssignedOrder, 1, || text);
             }
         }
     }
@@ -1821,6 +1855,8 @@ fn decode_input(r: &InputRecord, s: &Settings, prefix: &str) -> Rec {
         valid,
         invalid,
         in_scope,
+        forwarded_from: r.forwarded_from,
+        copy: false,
     }
 }
 
@@ -2043,6 +2079,7 @@ mod tests {
                 timestamp_ms: Some(1),
                 key: Some(key.to_vec()),
                 value: Some(value.clone()),
+                forwarded_from: None,
             }],
             reviews: vec![OutputRecord {
                 partition: 0,

@@ -72,7 +72,11 @@
 //!   from one input partition, commit order is that partition's order (each effect below an
 //!   earlier-read one counts). Re-submitted intents reclaim their old slot and are left out.
 //!   Intents of one contact from different partitions (the topic grew, or any partitioner)
-//!   have no order between them.
+//!   have no order between them. An intent the producer sent to several partitions was first
+//!   seen on one of them: it must keep the order of at least one. The processor's forwarded
+//!   copies (a `cc-forwarded-from` header naming a record with the same key and value) are
+//!   not places an intent was sent to, so copies forwarded out of order excuse nothing; a
+//!   header naming any other record makes no copy.
 //! - `content_mismatches` (§3): an effect carries its intent's original content (intent,
 //!   contact and clinic ids, action, payload, `created_at_ms`, `dispatch_priority`) and a
 //!   `correlation_id`: the producer's, or a generated one when the producer gave none; a

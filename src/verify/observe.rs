@@ -78,11 +78,22 @@ fn read_intents(config: &Config) -> anyhow::Result<Vec<InputRecord>> {
             timestamp_ms: m.timestamp_ms,
             key: m.key.map(<[u8]>::to_vec),
             value: m.value.map(<[u8]>::to_vec),
+            forwarded_from: m.forwarded_from.and_then(|v| forwarded_from(topic, v)),
         });
         Ok(())
     })
     .with_context(|| format!("reading {topic}"))?;
     Ok(out)
+}
+
+/// The record a `cc-forwarded-from` header names (`<topic>/<partition>/<offset>`), when it is
+/// one of `topic` (Kafka's topic names have no `/`).
+fn forwarded_from(topic: &str, header: &[u8]) -> Option<(i32, i64)> {
+    let text = std::str::from_utf8(header).ok()?;
+    let mut parts = text.rsplitn(3, '/');
+    let offset = parts.next()?.parse().ok()?;
+    let partition = parts.next()?.parse().ok()?;
+    (parts.next()? == topic).then_some((partition, offset))
 }
 
 /// An output topic (side effects or manual review).
@@ -566,5 +577,22 @@ mod tests {
             !is_committed(&points, 1, 1),
             "no recovery point: nothing committed"
         );
+    }
+
+    #[test]
+    fn a_forwarded_from_header_names_a_record_of_the_intents_topic_or_nothing() {
+        let read = |h: &str| forwarded_from("cc.intents-v2", h.as_bytes());
+        assert_eq!(read("cc.intents-v2/3/42"), Some((3, 42)));
+        assert_eq!(read("other/3/42"), None, "another topic");
+        for junk in [
+            "",
+            "3/42",
+            "cc.intents-v2/x/42",
+            "cc.intents-v2/3/",
+            "a/cc.intents-v2/3/4",
+        ] {
+            assert_eq!(read(junk), None, "{junk:?}");
+        }
+        assert_eq!(forwarded_from("t", &[0xff, b'/', b'1', b'/', b'2']), None);
     }
 }

@@ -80,6 +80,9 @@ pub struct InputRecord {
     pub key: Option<Vec<u8>>,
     /// `None` for a tombstone.
     pub value: Option<Vec<u8>>,
+    /// The record the processor says this one is a forwarded copy of (its
+    /// `cc-forwarded-from` header, naming a record of the same topic).
+    pub forwarded_from: Option<Position>,
 }
 
 /// A record of an output topic.

@@ -80,6 +80,7 @@ impl W {
             timestamp_ms: Some(self.now),
             key: key.map(<[u8]>::to_vec),
             value,
+            forwarded_from: None,
         });
         (partition, offset)
     }
@@ -94,6 +95,20 @@ impl W {
             Some(i.contact_id.as_bytes()),
             Some(i.encode_to_vec()),
         )
+    }
+
+    /// A record of partition `to` carrying a `cc-forwarded-from` header that names `from`.
+    fn with_header(&mut self, to: i32, i: &Intent, from: Position) -> Position {
+        let pos = self.produce_on(to, i);
+        self.o.intents.last_mut().expect("produced").forwarded_from = Some(from);
+        pos
+    }
+
+    /// The processor's forwarded copy of the record at `from`, on partition `to`.
+    fn forward(&mut self, from: Position, to: i32) -> Position {
+        let value = self.record(from).value.clone().expect("a value");
+        let i = Intent::decode(value.as_slice()).expect("an intent");
+        self.with_header(to, &i, from)
     }
 
     fn record(&self, pos: Position) -> &InputRecord {
@@ -557,6 +572,67 @@ fn assigned_sequences_follow_the_input_partitions_order() {
     let b1 = w.produce_on(0, &intent("b1", "c2", 0));
     let b2 = w.produce_on(1, &intent("b2", "c2", 0));
     w.commit(b2, 1);
+    w.commit(b1, 2);
+    assert_ok(&w.check());
+}
+
+/// A producer sends an assigned intent twice, through two partitions (a retry by another
+/// route). The copy on partition 1 is seen first and numbered 1; the one on partition 0,
+/// behind another intent of the contact, is a duplicate. R2 holds: each intent got its number
+/// where it was first seen, in that partition's order.
+#[test]
+fn an_assigned_intent_sent_through_two_partitions_is_ordered_where_it_was_first_seen() {
+    let mut w = W::new();
+    let b1 = w.produce_on(0, &intent("b1", "c2", 0));
+    let b2 = intent("b2", "c2", 0);
+    w.produce_on(0, &b2);
+    let b2_on_1 = w.produce_on(1, &b2);
+    w.commit(b2_on_1, 1);
+    w.commit(b1, 2);
+    assert_ok(&w.check());
+
+    // Numbered before b1 on neither partition's order: b2 is behind b1 on both.
+    let mut w = W::new();
+    let b1 = w.produce_on(0, &intent("b1", "c2", 0));
+    w.produce_on(1, &intent("b1", "c2", 0));
+    let b2 = intent("b2", "c2", 0);
+    let b2_on_0 = w.produce_on(0, &b2);
+    w.produce_on(1, &b2);
+    w.commit(b2_on_0, 1);
+    w.commit(b1, 2);
+    assert_only(&w.check(), Kind::AssignedOrder, 1);
+}
+
+/// The processor's forwarded copies are not places the producer sent an intent to: copies
+/// forwarded out of order do not excuse numbers out of the producer's partition order. A
+/// header that names a record of other content is no copy (a producer may set any header).
+#[test]
+fn forwarded_copies_do_not_count_as_partitions_an_intent_was_sent_to() {
+    // b1 then b2 on partition 0, forwarded to partition 1 (in order or not), numbered in the
+    // copies' order.
+    let forwarded = |in_order: bool| {
+        let mut w = W::new();
+        let b1 = w.produce_on(0, &intent("b1", "c2", 0));
+        let b2 = w.produce_on(0, &intent("b2", "c2", 0));
+        let (first, second) = if in_order { (b1, b2) } else { (b2, b1) };
+        let first = w.forward(first, 1);
+        let second = w.forward(second, 1);
+        w.commit(first, 1);
+        w.commit(second, 2);
+        w.check()
+    };
+    let r = forwarded(false);
+    assert_only(&r, Kind::AssignedOrder, 1);
+    has(&r, "intent b2 (intents 0/1) committed as sequence 1");
+    assert_ok(&forwarded(true));
+
+    // b2 sent to partition 1 too, with a header naming b1's record: seen there first.
+    let mut w = W::new();
+    let b1 = w.produce_on(0, &intent("b1", "c2", 0));
+    let b2 = intent("b2", "c2", 0);
+    w.produce_on(0, &b2);
+    let forged = w.with_header(1, &b2, b1);
+    w.commit(forged, 1);
     w.commit(b1, 2);
     assert_ok(&w.check());
 }

@@ -99,13 +99,13 @@ async fn adding_partitions_keeps_one_sequence_per_contact_across_two_instances()
 /// A producer with a partitioner of its own (contract R1: "producers may use any
 /// partitioner") sends every intent to a random partition of four, so each contact's intents
 /// arrive on several partitions at once, consumed by two instances; one of them is killed
-/// with SIGKILL mid-stream and started again. Strict contacts arrive out of order and some of
-/// their intents are sent twice, to another partition (a retry through another route);
-/// assigned contacts' intents are sent in order (their order across partitions is undefined,
-/// R2 numbers them in partition order) and some twice to the same partition. Every contact
-/// keeps one sequence: strict ones exactly as the producer numbered them, assigned ones 1..=8
-/// with each partition's intents in that partition's order; every intent has one effect, the
-/// copies are duplicates, nothing goes to manual review, and `verify` is clean.
+/// with SIGKILL mid-stream and started again. Strict contacts arrive out of order; assigned
+/// contacts' intents are sent in order (their order across partitions is undefined, R2
+/// numbers them in partition order); some intents of both are sent twice, to any partition (a
+/// retry through another route). Every contact keeps one sequence: strict ones exactly as the
+/// producer numbered them, assigned ones 1..=8, each numbered after the intents sent before it
+/// to a partition it was sent to; every intent has one effect, the copies are duplicates,
+/// nothing goes to manual review, and `verify` is clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_scattering_each_contacts_intents_over_every_partition_keeps_one_sequence() {
     use rand::seq::SliceRandom as _;
@@ -136,8 +136,8 @@ async fn a_producer_scattering_each_contacts_intents_over_every_partition_keeps_
             let i = intent(&format!("{c}-{seq}"), &c, 0);
             let p = rng.random_range(0..PARTITIONS);
             records.push((p, i.clone()));
-            if rng.random_bool(0.1) {
-                records.push((p, i));
+            if rng.random_bool(0.2) {
+                records.push((rng.random_range(0..PARTITIONS), i));
             }
             let s = strict.next().expect("as many strict intents");
             let p = rng.random_range(0..PARTITIONS);
@@ -150,13 +150,11 @@ async fn a_producer_scattering_each_contacts_intents_over_every_partition_keeps_
     }
     let intents = 2 * CONTACTS * PER_CONTACT as usize;
     println!("{} records for {intents} intents", records.len());
-    // Where each assigned intent was sent, for the order check.
-    let sent_to: HashMap<String, (i32, usize)> = records
-        .iter()
-        .enumerate()
-        .rev()
-        .map(|(n, (p, i))| (i.intent_id.clone(), (*p, n)))
-        .collect();
+    // Where each intent was sent (partition, index in `records`), for the order check.
+    let mut sent_to: HashMap<&str, Vec<(i32, usize)>> = HashMap::new();
+    for (n, (p, i)) in records.iter().enumerate() {
+        sent_to.entry(&i.intent_id).or_default().push((*p, n));
+    }
 
     let mut cfg_b = cfg.clone();
     cfg_b.instance_id = format!("{}-b", env.name);
@@ -189,18 +187,29 @@ async fn a_producer_scattering_each_contacts_intents_over_every_partition_keeps_
                 );
             }
         } else {
-            // R2: within one partition, assigned intents are numbered in partition order.
-            let mut last: HashMap<i32, usize> = HashMap::new();
+            // R2: an assigned intent is numbered where it is first seen, in that partition's
+            // order: after every intent of its contact sent earlier to one of the partitions
+            // it was sent to.
+            let seq: HashMap<&str, u64> = effects
+                .iter()
+                .map(|e| (e.intent_id.as_str(), e.commit_sequence))
+                .collect();
             for e in effects {
-                let (p, n) = sent_to[&e.intent_id];
-                if let Some(before) = last.insert(p, n) {
-                    assert!(
-                        before < n,
-                        "contact {contact}: {} numbered before an intent sent earlier to \
-                         partition {p}",
-                        e.intent_id
-                    );
-                }
+                let in_order = sent_to[e.intent_id.as_str()].iter().any(|&(q, n)| {
+                    records[..n]
+                        .iter()
+                        .filter(|(p, i)| *p == q && i.contact_id == *contact)
+                        .all(|(_, i)| {
+                            i.intent_id == e.intent_id
+                                || seq[i.intent_id.as_str()] < e.commit_sequence
+                        })
+                });
+                assert!(
+                    in_order,
+                    "contact {contact}: {} (sequence {}) numbered before an intent sent earlier \
+                     to each partition it was sent to",
+                    e.intent_id, e.commit_sequence
+                );
             }
         }
     }
@@ -435,9 +444,9 @@ fn placed_effects(
 /// The batch write checks every forward against the contact's owner (migration 0017), in the
 /// same statement: a forward to the owner is written; a forward to a partition that does not
 /// own the contact (what the forwarding partition learnt went stale: the owner's batch was
-/// rolled back and another partition created the contact since) is refused with the real
-/// owner, or with the forwarding partition itself when nobody owns the contact; nothing of a
-/// refused batch is written; and a contact created by the same batch counts as owned.
+/// rolled back, and another partition created the contact since, or none yet) is refused
+/// naming the owner, or the forwarding partition itself when it owns the contact or none
+/// does; nothing of a refused batch is written; a contact created by the same batch counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forward_to_a_partition_that_does_not_own_the_contact_is_refused_naming_the_owner() {
     use causal_commit::store::postgres::{self as pg, BatchWrite, ContactRow, Forward};
@@ -488,7 +497,8 @@ async fn a_forward_to_a_partition_that_does_not_own_the_contact_is_refused_namin
         }
     };
 
-    // Partition 0 creates c; partition 1 forwards c's records there: written.
+    // Partition 0 creates c, partition 1 creates e; partition 1 forwards c's records to 0:
+    // written.
     let w = BatchWrite {
         partitions: vec![part(0, 1)],
         contacts: vec![contact("c", 0, 1)],
@@ -497,15 +507,22 @@ async fn a_forward_to_a_partition_that_does_not_own_the_contact_is_refused_namin
     pg::apply_batch(&pool, topic, "w", lease, &w).await.unwrap();
     let w = BatchWrite {
         partitions: vec![part(1, 1)],
+        contacts: vec![contact("e", 1, 1)],
         forwards: vec![forward(1, "c", 0)],
         ..BatchWrite::default()
     };
     pg::apply_batch(&pool, topic, "w", lease, &w).await.unwrap();
 
-    // A forward of c to partition 2, and of d (no partition owns it) to partition 0.
+    // Partition 1 forwards c to partition 2 (twice), e, which it owns, to partition 0, and f,
+    // which has no row, to partition 0.
     let w = BatchWrite {
         partitions: vec![part(1, 2)],
-        forwards: vec![forward(1, "c", 2), forward(1, "d", 0), forward(1, "c", 2)],
+        forwards: vec![
+            forward(1, "c", 2),
+            forward(1, "e", 0),
+            forward(1, "c", 2),
+            forward(1, "f", 0),
+        ],
         ..BatchWrite::default()
     };
     let e = pg::apply_batch(&pool, topic, "w", lease, &w)
@@ -522,11 +539,16 @@ async fn a_forward_to_a_partition_that_does_not_own_the_contact_is_refused_namin
             },
             OwnedElsewhere {
                 partition: 1,
-                contact: "d".into(),
+                contact: "e".into(),
+                owner: 1,
+            },
+            OwnedElsewhere {
+                partition: 1,
+                contact: "f".into(),
                 owner: 1,
             },
         ],
-        "the real owner, or the forwarding partition itself when nobody owns the contact"
+        "the owner, else the forwarding partition itself, once per contact"
     );
     assert_eq!(
         last_batch(1).await,
@@ -534,11 +556,11 @@ async fn a_forward_to_a_partition_that_does_not_own_the_contact_is_refused_namin
         "nothing of the refused batch is written"
     );
 
-    // One batch in which partition 2 creates e and partition 1 forwards e's records to it.
+    // One batch in which partition 2 creates g and partition 1 forwards g's records to it.
     let w = BatchWrite {
         partitions: vec![part(1, 2), part(2, 1)],
-        contacts: vec![contact("e", 2, 1)],
-        forwards: vec![forward(1, "e", 2)],
+        contacts: vec![contact("g", 2, 1)],
+        forwards: vec![forward(1, "g", 2)],
         ..BatchWrite::default()
     };
     pg::apply_batch(&pool, topic, "w", lease, &w).await.unwrap();
