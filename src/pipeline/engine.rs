@@ -941,27 +941,42 @@ impl Engine {
     }
 
     /// Two partitions of one batch wrote the same contact (its records arrive on both: the
-    /// topic grew, or a producer's partitioner changed): the lowest partition keeps it, the
-    /// others forward its records from now on.
+    /// topic grew, or a producer's partitioner changed). One statement cannot upsert a row
+    /// twice, so one of them writes it: the partition that owns it already (PostgreSQL's
+    /// answer, one round trip taken only here), else the lowest; the others forward its
+    /// records from now on. (Taking the lowest whatever PostgreSQL said made a partition learn
+    /// a wrong owner while the real owner learnt it back: the two forwarded to each other.)
     fn one_writer_per_contact(&mut self, plan: BatchPlan) -> BatchPlan {
-        let mut writer: HashMap<&str, i32> = HashMap::new();
-        let mut owned = Vec::new();
+        let mut writers: HashMap<&str, Vec<i32>> = HashMap::new();
         for (p, part) in &plan.partitions {
             for c in &part.plan.contacts {
-                match writer.get(c.contact_id.as_str()) {
-                    Some(owner) => owned.push(pg::OwnedElsewhere {
-                        partition: *p,
-                        contact: c.contact_id.clone(),
-                        owner: *owner,
-                    }),
-                    None => {
-                        writer.insert(&c.contact_id, *p);
-                    }
-                }
+                writers.entry(c.contact_id.as_str()).or_default().push(*p);
             }
         }
-        if owned.is_empty() {
+        writers.retain(|_, ps| ps.len() > 1);
+        if writers.is_empty() {
             return plan;
+        }
+        let contested: Vec<&str> = writers.keys().copied().collect();
+        let known = self
+            .rt
+            .block_on(pg::contact_owners(&self.pool, &contested))
+            .unwrap_or_else(|e| {
+                // The write decides then: a wrong guess is refused with the owner (CC004).
+                tracing::warn!(error = %e, "reading the owners of contacts failed");
+                HashMap::new()
+            });
+        let mut owned = Vec::new();
+        for (contact, partitions) in writers {
+            let lowest = partitions.iter().copied().min().unwrap_or_default();
+            let owner = known.get(contact).copied().unwrap_or(lowest);
+            for p in partitions.into_iter().filter(|p| *p != owner) {
+                owned.push(pg::OwnedElsewhere {
+                    partition: p,
+                    contact: contact.to_owned(),
+                    owner,
+                });
+            }
         }
         let refused = self.learn_owners(owned);
         plan.without(&refused)

@@ -567,3 +567,64 @@ async fn a_forward_to_a_partition_that_does_not_own_the_contact_is_refused_namin
     assert_eq!(last_batch(1).await, 2);
     assert_eq!(last_batch(2).await, 1);
 }
+
+/// One batch holds records of a contact from the partition that owns it and from a lower one
+/// (a producer's partitioner changed while the processor was stopped). The owner keeps the
+/// contact and the lower partition forwards to it: no partition learns a wrong owner (taking
+/// the lowest partition whatever PostgreSQL said made partition 1 forward to 0 while 0,
+/// refused, forwarded back to 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_on_its_owner_and_a_lower_partition_in_one_batch_stays_with_its_owner() {
+    use crate::common::process::read_log;
+    let env = TestEnv::new("own_batch", 2).await;
+    let mut cfg = env.config.clone();
+    // The restarted processor's first batch holds what both partitions have waiting.
+    cfg.batch.max_linger = Duration::from_millis(1_000);
+    let log = |name: &str| std::env::temp_dir().join(format!("{}-{name}.log", env.name));
+    let proc = Processor::spawn(&cfg, log("run1"));
+    produce_at(&cfg, &[(1, intent("x-1", "x", 1))]).await;
+    caught_up(&cfg, Duration::from_secs(60)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    let mut records = vec![
+        (0, intent("x-2", "x", 2)),
+        (1, intent("x-3", "x", 3)),
+        (0, intent("x-4", "x", 4)),
+    ];
+    for c in 0..10 {
+        let contact = format!("y{c}");
+        records.push((c % 2, intent(&format!("{contact}-1"), &contact, 1)));
+    }
+    produce_at(&cfg, &records).await;
+    let proc = Processor::spawn(&cfg, log("run2"));
+    caught_up(&cfg, Duration::from_secs(90)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    let learnt: Vec<(i64, i64)> = read_log(&log("run2"))
+        .iter()
+        .filter(|l| {
+            l["message"] == "contact owned by another partition: its records are forwarded there"
+        })
+        .map(|l| {
+            (
+                l["partition"].as_i64().unwrap(),
+                l["owner"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        learnt,
+        vec![(0, 1)],
+        "partition 0 learns that 1 owns x, once"
+    );
+    let fx = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
+    let x: Vec<(&str, u64)> = fx
+        .iter()
+        .filter(|e| e.contact_id == "x")
+        .map(|e| (e.intent_id.as_str(), e.commit_sequence))
+        .collect();
+    assert_eq!(x, vec![("x-1", 1), ("x-2", 2), ("x-3", 3), ("x-4", 4)]);
+    assert_eq!(fx.len(), 14);
+    let report = verify_report(&cfg, "").await;
+    assert!(report.ok, "{:?}", report.violations);
+}

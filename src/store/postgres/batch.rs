@@ -1,6 +1,8 @@
 //! The write of one batch, in one round trip (`cc_apply_batch`, after
 //! `cc_claim_decisions`).
 
+use std::collections::HashMap;
+
 use sqlx::types::Json;
 use sqlx::PgPool;
 
@@ -270,6 +272,17 @@ impl<'a> From<&'a BatchWrite> for BatchRows<'a> {
             forwards: w.forwards.iter().collect(),
         }
     }
+}
+
+/// The partitions that own `contacts` (`cc_contact.partition`), for those that have a row.
+pub async fn contact_owners(pool: &PgPool, contacts: &[&str]) -> Result<HashMap<String, i32>> {
+    let rows: Vec<(String, i32)> =
+        sqlx::query_as("SELECT contact_id, partition FROM cc_contact WHERE contact_id = ANY($1)")
+            .bind(contacts)
+            .fetch_all(pool)
+            .await
+            .map_err(db("reading the owners of contacts"))?;
+    Ok(rows.into_iter().collect())
 }
 
 /// Writes a batch in one round trip (`cc_apply_batch`); fails fenced when any partition's

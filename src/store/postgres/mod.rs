@@ -16,8 +16,8 @@ pub mod partition;
 pub mod schema;
 
 pub use batch::{
-    apply_batch, try_batch, AppliedCommand, BatchRows, BatchWrite, ContactRow, Forward,
-    OwnedElsewhere, PartitionWrite, Transition, TransitionRow,
+    apply_batch, contact_owners, try_batch, AppliedCommand, BatchRows, BatchWrite, ContactRow,
+    Forward, OwnedElsewhere, PartitionWrite, Transition, TransitionRow,
 };
 pub use commands::{
     audit_admin, cancel_command, command, list_commands, pending_commands, queue_command, Command,
