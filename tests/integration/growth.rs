@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use serde_json::json;
 
 use crate::common::process::Processor;
 use crate::common::*;
@@ -441,6 +442,73 @@ fn placed_effects(
     out
 }
 
+/// Every partition of a test's intents topic acquired on the store by writer "w", for tests of
+/// the batch write and the restore themselves.
+struct Fenced {
+    pool: sqlx::PgPool,
+    topic: String,
+    fences: Vec<u64>,
+}
+
+impl Fenced {
+    const LEASE: Duration = Duration::from_secs(30);
+
+    async fn new(env: &TestEnv, partitions: i32) -> Self {
+        use causal_commit::store::postgres as pg;
+        let pool = env.store().await;
+        let topic = env.config.kafka.intents_topic.clone();
+        let mut fences = Vec::new();
+        for p in 0..partitions {
+            let fence = pg::acquire_partition(&pool, &topic, p, "w", Self::LEASE)
+                .await
+                .unwrap()
+                .expect("free");
+            fences.push(fence);
+        }
+        Self {
+            pool,
+            topic,
+            fences,
+        }
+    }
+
+    /// Partition `p`'s row in batch `batch_no`.
+    fn part(&self, p: i32, batch_no: u64) -> causal_commit::store::postgres::PartitionWrite {
+        causal_commit::store::postgres::PartitionWrite {
+            partition: p,
+            fence: self.fences[p as usize],
+            batch_no,
+            next_offset: batch_no as i64,
+            clock_ms: 0,
+        }
+    }
+
+    async fn apply(
+        &self,
+        w: &causal_commit::store::postgres::BatchWrite,
+    ) -> causal_commit::store::postgres::Result<()> {
+        causal_commit::store::postgres::apply_batch(&self.pool, &self.topic, "w", Self::LEASE, w)
+            .await
+    }
+}
+
+/// Contact `id` written by partition `p` in batch `batch_no`, with `state`.
+fn contact_row(
+    id: &str,
+    p: i32,
+    batch_no: u64,
+    state: serde_json::Value,
+) -> causal_commit::store::postgres::ContactRow {
+    causal_commit::store::postgres::ContactRow {
+        contact_id: id.into(),
+        partition: p,
+        batch_no,
+        state: serde_json::value::to_raw_value(&state).unwrap(),
+        on_hold: false,
+        waiting: 0,
+    }
+}
+
 /// The batch write checks every forward against the contact's owner (migration 0017), in the
 /// same statement: a forward to the owner is written; a forward to a partition that does not
 /// own the contact (what the forwarding partition learnt went stale: the owner's batch was
@@ -449,35 +517,12 @@ fn placed_effects(
 /// does; nothing of a refused batch is written; a contact created by the same batch counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forward_to_a_partition_that_does_not_own_the_contact_is_refused_naming_the_owner() {
-    use causal_commit::store::postgres::{self as pg, BatchWrite, ContactRow, Forward};
-    use causal_commit::store::postgres::{OwnedElsewhere, PartitionWrite};
+    use causal_commit::store::postgres::{BatchWrite, Forward, OwnedElsewhere};
     let env = TestEnv::new("fwdcheck", 3).await;
-    let pool = env.store().await;
-    let topic = &env.config.kafka.intents_topic;
-    let lease = Duration::from_secs(30);
-    let mut fences = Vec::new();
-    for p in 0..3 {
-        let fence = pg::acquire_partition(&pool, topic, p, "w", lease)
-            .await
-            .unwrap()
-            .expect("free");
-        fences.push(fence);
-    }
-    let part = |p: i32, batch_no: u64| PartitionWrite {
-        partition: p,
-        fence: fences[p as usize],
-        batch_no,
-        next_offset: batch_no as i64,
-        clock_ms: 0,
-    };
-    let contact = |id: &str, p: i32, batch_no: u64| ContactRow {
-        contact_id: id.into(),
-        partition: p,
-        batch_no,
-        state: serde_json::value::to_raw_value(&serde_json::json!({})).unwrap(),
-        on_hold: false,
-        waiting: 0,
-    };
+    let store = Fenced::new(&env, 3).await;
+    let (pool, topic) = (&store.pool, &store.topic);
+    let part = |p: i32, batch_no: u64| store.part(p, batch_no);
+    let contact = |id: &str, p: i32, batch_no: u64| contact_row(id, p, batch_no, json!({}));
     let forward = |p: i32, id: &str, owner: i32| Forward {
         partition: p,
         contact_id: id.into(),
@@ -504,14 +549,14 @@ async fn a_forward_to_a_partition_that_does_not_own_the_contact_is_refused_namin
         contacts: vec![contact("c", 0, 1)],
         ..BatchWrite::default()
     };
-    pg::apply_batch(&pool, topic, "w", lease, &w).await.unwrap();
+    store.apply(&w).await.unwrap();
     let w = BatchWrite {
         partitions: vec![part(1, 1)],
         contacts: vec![contact("e", 1, 1)],
         forwards: vec![forward(1, "c", 0)],
         ..BatchWrite::default()
     };
-    pg::apply_batch(&pool, topic, "w", lease, &w).await.unwrap();
+    store.apply(&w).await.unwrap();
 
     // Partition 1 forwards c to partition 2 (twice), e, which it owns, to partition 0, and f,
     // which has no row, to partition 0.
@@ -525,9 +570,7 @@ async fn a_forward_to_a_partition_that_does_not_own_the_contact_is_refused_namin
         ],
         ..BatchWrite::default()
     };
-    let e = pg::apply_batch(&pool, topic, "w", lease, &w)
-        .await
-        .expect_err("stale owners are refused");
+    let e = store.apply(&w).await.expect_err("stale owners are refused");
     let owned = e.owned_elsewhere().expect("a CC004 refusal");
     assert_eq!(
         owned,
@@ -563,9 +606,120 @@ async fn a_forward_to_a_partition_that_does_not_own_the_contact_is_refused_namin
         forwards: vec![forward(1, "g", 2)],
         ..BatchWrite::default()
     };
-    pg::apply_batch(&pool, topic, "w", lease, &w).await.unwrap();
+    store.apply(&w).await.unwrap();
     assert_eq!(last_batch(1).await, 2);
     assert_eq!(last_batch(2).await, 1);
+}
+
+/// A restore that rolls back the batch which created a contact keeps the contact with its
+/// partition, without state (migration 0018): another partition's write of it is still refused
+/// naming that owner, its forwards there are still accepted, the restore loads no state for it,
+/// and the owner creates it again, also over a second rollback (reverting to no state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_keeps_a_contact_whose_creation_it_rolls_back_with_its_owner() {
+    use causal_commit::store::postgres::{self as pg, BatchWrite, Forward, OwnedElsewhere};
+    use causal_commit::store::recovery::{KafkaCommitted, RecoveryPoint};
+    let env = TestEnv::new("own_restore", 2).await;
+    let store = Fenced::new(&env, 2).await;
+    let (pool, topic, fences) = (&store.pool, &store.topic, &store.fences);
+    let write = |p: i32, batch_no: u64, contacts: &[&str], forwards: &[(&str, i32)]| BatchWrite {
+        partitions: vec![store.part(p, batch_no)],
+        contacts: contacts
+            .iter()
+            .map(|id| contact_row(id, p, batch_no, json!({ "of": id, "hold": null })))
+            .collect(),
+        forwards: forwards
+            .iter()
+            .map(|(id, owner)| Forward {
+                partition: p,
+                contact_id: (*id).into(),
+                owner: *owner,
+            })
+            .collect(),
+        ..BatchWrite::default()
+    };
+    // What a restore of partition 1 to `batch` loads, and leaves of each contact.
+    let restore = |batch: u64| {
+        let pool = pool.clone();
+        let fence = fences[1];
+        async move {
+            let kafka = KafkaCommitted::Point {
+                offset: batch as i64,
+                point: RecoveryPoint {
+                    batch,
+                    fence,
+                    clock_ms: 0,
+                },
+            };
+            let restored = pg::restore_partition(&pool, topic, 1, fence, "g", &kafka, None)
+                .await
+                .unwrap();
+            let rows: Vec<(String, i32, i64, Option<serde_json::Value>)> = sqlx::query_as(
+                "SELECT contact_id, partition, batch_no, state FROM cc_contact
+                  WHERE topic = $1 ORDER BY 1",
+            )
+            .bind(topic)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            (restored.states, rows)
+        }
+    };
+
+    // Partition 1's batch 1 creates k and commits; its batch 2 creates c and changes k, and
+    // never commits.
+    store.apply(&write(1, 1, &["k"], &[])).await.unwrap();
+    pg::mark_committed(pool, topic, &[(1, fences[1], 1)])
+        .await
+        .unwrap();
+    store.apply(&write(1, 2, &["c", "k"], &[])).await.unwrap();
+    let (states, rows) = restore(1).await;
+    let k = json!({ "of": "k", "hold": null });
+    assert_eq!(states, vec![k.clone()], "only k has a state to load");
+    assert_eq!(
+        rows,
+        vec![
+            ("c".into(), 1, 1, None),
+            ("k".into(), 1, 1, Some(k.clone()))
+        ],
+        "c stays partition 1's, without state; k is back to batch 1"
+    );
+
+    // Partition 0 may not take c, and may forward its records to partition 1.
+    let e = store
+        .apply(&write(0, 1, &["c"], &[]))
+        .await
+        .expect_err("c is still owned");
+    assert_eq!(
+        e.owned_elsewhere().expect("a CC004 refusal"),
+        vec![OwnedElsewhere {
+            partition: 0,
+            contact: "c".into(),
+            owner: 1,
+        }]
+    );
+    store
+        .apply(&write(0, 1, &[], &[("c", 1)]))
+        .await
+        .expect("a forward to c's owner is accepted");
+
+    // The owner creates c again; rolled back once more, c is back to no state.
+    store.apply(&write(1, 2, &["c"], &[])).await.unwrap();
+    let (states, rows) = restore(1).await;
+    assert_eq!(states, vec![k.clone()]);
+    assert_eq!(
+        rows,
+        vec![
+            ("c".into(), 1, 1, None),
+            ("k".into(), 1, 1, Some(k.clone()))
+        ]
+    );
+    store.apply(&write(1, 2, &["c"], &[])).await.unwrap();
+    pg::mark_committed(pool, topic, &[(1, fences[1], 2)])
+        .await
+        .unwrap();
+    let (states, _) = restore(2).await;
+    assert_eq!(states, vec![json!({ "of": "c", "hold": null }), k]);
 }
 
 /// One batch holds records of a contact from the partition that owns it and from a lower one
@@ -627,4 +781,125 @@ async fn a_contact_on_its_owner_and_a_lower_partition_in_one_batch_stays_with_it
     assert_eq!(fx.len(), 14);
     let report = verify_report(&cfg, "").await;
     assert!(report.ok, "{:?}", report.violations);
+}
+
+/// The owner's creation of a contact is rolled back (its Kafka commit never returns, the
+/// producer is given up and the partition restored) after another partition learnt that owner
+/// and forwarded records to it. A later record on that partition must still go to the owner,
+/// after the ones forwarded before it: were the rolled-back creation to free the contact, the
+/// forwarding partition would take it with that later record, numbered before the earlier
+/// ones still waiting in the owner's log (R2: an assigned intent is numbered after those sent
+/// before it to the same partition).
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_creation_keeps_the_contact_with_its_owner() {
+    use crate::common::process::{rolled_back_transitions, split_two_partitions, wait_for_log};
+    let env = TestEnv::new("own_rollback", 2).await;
+    let mut cfg = env.config.clone();
+    cfg.kafka.operation_timeout = Duration::from_secs(2);
+    let log = |name: &str| std::env::temp_dir().join(format!("{}-{name}.log", env.name));
+    // b takes both partitions and gives each its first recovery point; then a joins, takes
+    // one, and its first transaction (r-1's batch) holds in send_offsets_to_transaction until
+    // it is given up; its next batch (the replay after the restore) is held 15 s, long enough
+    // for b to see r-4 first.
+    let mut cfg_b = cfg.clone();
+    cfg_b.instance_id = format!("{}-b", env.name);
+    let b = Processor::spawn(&cfg_b, log("b"));
+    wait_for_log(
+        &log("b"),
+        Duration::from_secs(60),
+        "b's recovery points",
+        |lines| {
+            let first = |l: &&serde_json::Value| {
+                l["message"] == "recovery point committed to Kafka (it had none for this partition)"
+            };
+            (lines.iter().filter(first).count() == 2).then_some(())
+        },
+    )
+    .await;
+    let a = Processor::spawn_with_env(
+        &cfg,
+        log("a"),
+        &[(
+            "FAILPOINTS",
+            "kafka-send-offsets=1*pause;engine-process=1*off->1*sleep(15000)",
+        )],
+    );
+    let (owner, other) = split_two_partitions(&a, &b).await;
+    let pool = env.store().await;
+    let owner_of_r = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i32>("SELECT partition FROM cc_contact WHERE contact_id = 'r'")
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    produce_at(&cfg, &[(owner, intent("r-1", "r", 0))]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while owner_of_r().await != Some(owner) {
+        assert!(Instant::now() < deadline, "a never wrote r");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // a's batch is written to PostgreSQL, its Kafka commit held: b learns that a owns r and
+    // forwards r's next records there, in committed transactions.
+    produce_at(
+        &cfg,
+        &[
+            (other, intent("r-2", "r", 0)),
+            (other, intent("r-3", "r", 0)),
+        ],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let forwarded: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM cc_transition t
+               JOIN cc_partition p ON p.topic = t.topic AND p.partition = t.partition
+              WHERE t.contact_id = 'r' AND t.to_state = 'forwarded'
+                AND t.batch_no <= p.committed_batch",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if forwarded == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never forwarded r-2 and r-3");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // a gives its held transaction up and restores its partition: r's creation is rolled back.
+    wait_for_log(
+        &log("a"),
+        Duration::from_secs(60),
+        "a rolls back",
+        |lines| (rolled_back_transitions(lines, |l| l["partition"] == owner) > 0).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        owner_of_r().await,
+        Some(owner),
+        "the rolled-back creation leaves r with its owner"
+    );
+
+    produce_at(&cfg, &[(other, intent("r-4", "r", 0))]).await;
+    caught_up(&cfg, Duration::from_secs(90)).await;
+    let fx = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
+    let r: Vec<(&str, u64)> = fx
+        .iter()
+        .map(|e| (e.intent_id.as_str(), e.commit_sequence))
+        .collect();
+    assert_eq!(
+        r,
+        vec![("r-1", 1), ("r-2", 2), ("r-3", 3), ("r-4", 4)],
+        "r-4 is numbered after r-2 and r-3, sent before it to the same partition"
+    );
+    let report = verify_report(&cfg, "").await;
+    assert!(report.ok, "{:?}", report.violations);
+    for p in [a, b] {
+        let log = p.log.clone();
+        assert!(p.terminate(Duration::from_secs(30)), "{}", log.display());
+    }
 }

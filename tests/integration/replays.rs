@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use prost::Message;
 
-use crate::common::process::Processor;
+use crate::common::process::{split_two_partitions, Processor};
 use crate::common::*;
 use causal_commit::proto::ReviewReason;
 
@@ -262,28 +262,7 @@ async fn one_intent_id_reused_for_two_contacts_on_two_instances_has_one_effect()
     let mut cfg_b = cfg.clone();
     cfg_b.instance_id = format!("{}-b", env.name);
     let b = Processor::spawn(&cfg_b, log("b"));
-    // Until each instance holds one of the two partitions.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let last_assignment = |l: &Processor| {
-        l.log_lines()
-            .into_iter()
-            .rfind(|l| l["message"] == "partitions assigned")
-            .map(|l| l["partitions"].as_str().unwrap_or_default().to_owned())
-    };
-    loop {
-        let (x, y) = (last_assignment(&a), last_assignment(&b));
-        if matches!(
-            (x.as_deref(), y.as_deref()),
-            (Some("[0]"), Some("[1]")) | (Some("[1]"), Some("[0]"))
-        ) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the two instances never split the partitions: {x:?} {y:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    split_two_partitions(&a, &b).await;
 
     let p = producer(&cfg);
     let (waves, per_wave) = (8, 50);

@@ -397,7 +397,8 @@ pub async fn queue_command(
         .await
         .map_err(db("starting to queue a command"))?;
     let at: Option<(i32, bool)> = sqlx::query_as(
-        "SELECT partition, on_hold FROM cc_contact WHERE topic = $1 AND contact_id = $2",
+        "SELECT partition, on_hold FROM cc_contact
+          WHERE topic = $1 AND contact_id = $2 AND state IS NOT NULL",
     )
     .bind(c.topic)
     .bind(c.contact_id)

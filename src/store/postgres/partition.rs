@@ -168,7 +168,7 @@ pub async fn restore_partition(
     let reverted = sqlx::query(
         "UPDATE cc_contact
             SET state = prev_state, batch_no = prev_batch_no,
-                on_hold = jsonb_typeof(prev_state -> 'hold') = 'object',
+                on_hold = coalesce(jsonb_typeof(prev_state -> 'hold') = 'object', false),
                 waiting = coalesce(jsonb_array_length(prev_state -> 'waiting'), 0),
                 prev_state = NULL, prev_batch_no = NULL, updated_at = now()
           WHERE topic = $1 AND partition = $2 AND batch_no > $3
@@ -200,15 +200,22 @@ pub async fn restore_partition(
     .execute(&mut *tx)
     .await
     .map_err(db("dropping waiting rows no committed state names"))?;
-    let dropped_contacts =
-        sqlx::query("DELETE FROM cc_contact WHERE topic = $1 AND partition = $2 AND batch_no > $3")
-            .bind(topic)
-            .bind(partition)
-            .bind(b)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("dropping uncommitted contacts"))?
-            .rows_affected();
+    // Contacts first written after the restored batch stay the partition's, without state
+    // (migration 0018): another partition may have learnt this owner and forwarded their
+    // records here; the owner creates them again from its own log.
+    let dropped_contacts = sqlx::query(
+        "UPDATE cc_contact
+            SET state = NULL, batch_no = $3, on_hold = false, waiting = 0,
+                prev_state = NULL, prev_batch_no = NULL, updated_at = now()
+          WHERE topic = $1 AND partition = $2 AND batch_no > $3",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(b)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("emptying uncommitted contacts"))?
+    .rows_affected();
     sqlx::query(
         "UPDATE cc_command SET applied_batch = NULL, result = NULL
           WHERE topic = $1 AND partition = $2 AND applied_batch > $3",
@@ -238,7 +245,7 @@ pub async fn restore_partition(
     .map_err(db("recording the restored batch"))?;
     let states: Vec<serde_json::Value> = sqlx::query_scalar(
         "SELECT cc_resolved_state(contact_id, state) FROM cc_contact
-          WHERE topic = $1 AND partition = $2 ORDER BY contact_id",
+          WHERE topic = $1 AND partition = $2 AND state IS NOT NULL ORDER BY contact_id",
     )
     .bind(topic)
     .bind(partition)

@@ -210,6 +210,31 @@ impl Processor {
     }
 }
 
+/// Waits until `a` and `b` each hold one partition of a two-partition topic (their last
+/// "partitions assigned" lines), and returns `a`'s and `b`'s partition.
+pub async fn split_two_partitions(a: &Processor, b: &Processor) -> (i32, i32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let last_assignment = |p: &Processor| {
+        p.log_lines()
+            .into_iter()
+            .rfind(|l| l["message"] == "partitions assigned")
+            .map(|l| l["partitions"].as_str().unwrap_or_default().to_owned())
+    };
+    loop {
+        let (x, y) = (last_assignment(a), last_assignment(b));
+        match (x.as_deref(), y.as_deref()) {
+            (Some("[0]"), Some("[1]")) => return (0, 1),
+            (Some("[1]"), Some("[0]")) => return (1, 0),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the two instances never split the partitions: {x:?} {y:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 pub fn read_log(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
