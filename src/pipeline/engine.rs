@@ -1538,6 +1538,12 @@ impl Engine {
             write.deleted.extend(&part.plan.deleted);
             write.forwards.extend(&part.plan.forwards);
         }
+        // One check per (partition, contact, owner), however many of its records were
+        // forwarded.
+        write.forwards.sort_unstable_by(|a, b| {
+            (a.partition, &a.contact_id, a.owner).cmp(&(b.partition, &b.contact_id, b.owner))
+        });
+        write.forwards.dedup();
         write
     }
 

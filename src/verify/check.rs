@@ -316,6 +316,7 @@ fn judge(w: &World<'_>, mut f: Findings) -> Report {
     w.check_lost(&mut f);
     w.check_reviews(&mut f);
     w.check_reopened(&mut f);
+    w.check_requested(&mut f);
     w.check_skips(&mut f);
     w.check_gate(&mut f);
     w.check_holds(&mut f);
@@ -404,10 +405,8 @@ struct Rec {
     /// Why it is not, otherwise.
     invalid: String,
     in_scope: bool,
-    /// The record its `cc-forwarded-from` header names.
-    forwarded_from: Option<Position>,
-    /// Whether it is a forwarded copy: the record its header names exists and has the same
-    /// key and value. A copy is the processor's transport, not a place where the producer
+    /// Whether it is a forwarded copy: the record its `cc-forwarded-from` header names exists
+    /// (and is another record) and has the same key and value. A copy is the processor's transport, not a place where the producer
     /// sent the intent (a forged header, naming another record, makes no copy).
     copy: bool,
 }
@@ -503,20 +502,26 @@ impl<'a> World<'a> {
     // they share the findings being built.
     fn build(o: &'a Observed, options: &'a Options, f: &mut Findings) -> World<'a> {
         let prefix = options.prefix.as_str();
+        let at: HashMap<Position, &InputRecord> = o
+            .intents
+            .iter()
+            .map(|r| ((r.partition, r.offset), r))
+            .collect();
         let mut recs: Vec<Rec> = o
             .intents
             .iter()
-            .map(|r| decode_input(r, &o.settings, prefix))
+            .map(|r| {
+                let mut rec = decode_input(r, &o.settings, prefix);
+                let source = r.forwarded_from.filter(|p| *p != rec.pos);
+                rec.copy = source
+                    .and_then(|p| at.get(&p))
+                    .is_some_and(|s| s.key == r.key && s.value == r.value);
+                rec
+            })
             .collect();
         recs.sort_by_key(|r| r.pos);
         let by_pos: HashMap<Position, usize> =
             recs.iter().enumerate().map(|(i, r)| (r.pos, i)).collect();
-        for i in 0..recs.len() {
-            let source = recs[i].forwarded_from.and_then(|p| by_pos.get(&p));
-            recs[i].copy = source.is_some_and(|&s| {
-                s != i && recs[s].key == recs[i].key && recs[s].value == recs[i].value
-            });
-        }
 
         let mut effects = Vec::new();
         let mut sorted: Vec<&OutputRecord> = o.effects.iter().collect();
@@ -1567,6 +1572,47 @@ impl<'a> World<'a> {
         }
     }
 
+    /// R9: every release and re-submission the processor applied answers its own operator's
+    /// request, recorded by the admin audit and applied in the same batch (one request, one
+    /// reopening).
+    fn check_requested(&self, f: &mut Findings) {
+        let mut open: HashMap<(String, RequestedAction, BatchRef), usize> = HashMap::new();
+        for q in &self.o.requests {
+            if let (Some(batch), true) = (q.applied, q.audited) {
+                *open
+                    .entry((q.contact_id.clone(), q.action.clone(), batch))
+                    .or_default() += 1;
+            }
+        }
+        let mut answer = |contact: &str, action: RequestedAction, batch: BatchRef| {
+            let key = (contact.to_string(), action, batch);
+            match open.get_mut(&key) {
+                Some(n) if *n > 0 => *n -= 1,
+                _ => f.add(Kind::ReopenedWithoutOperator, 1, || {
+                    let (contact, action, batch) = &key;
+                    format!(
+                        "contact {contact}: {action} applied in batch {} of partition {} with no operator request for it (admin API or CLI, audited) applied there",
+                        batch.1, batch.0
+                    )
+                }),
+            }
+        };
+        for l in &self.o.releases {
+            if self.contacts.contains(&l.contact_id) {
+                let action = l
+                    .skip_to
+                    .map_or(RequestedAction::Resume, RequestedAction::SkipTo);
+                answer(&l.contact_id, action, l.batch);
+            }
+        }
+        for r in &self.o.resubmissions {
+            if r.intent_id.starts_with(self.options.prefix.as_str()) {
+                let action = RequestedAction::Resubmit(r.intent_id.clone());
+                answer(&r.contact_id, action, r.batch);
+            }
+        }
+    }
+
     /// R7: a timeout skip only under the `skip` policy, an operator skip only with the
     /// operator's release that asked for it.
     fn check_skips(&self, f: &mut Findings) {
@@ -1855,7 +1901,6 @@ fn decode_input(r: &InputRecord, s: &Settings, prefix: &str) -> Rec {
         valid,
         invalid,
         in_scope,
-        forwarded_from: r.forwarded_from,
         copy: false,
     }
 }

@@ -15,8 +15,9 @@
 //! 3. the side-effects and manual-review topics, the same way;
 //! 4. the recovery points again, with the committed offsets;
 //! 5. PostgreSQL, in one read-only repeatable-read snapshot: the outcome, skip, release and
-//!    re-submission rows of `cc_transition`, and the `cc_contact` states with waiting intents or
-//!    a hold. Rows of a batch past its partition's recovery point (4) belong to a Kafka
+//!    re-submission rows of `cc_transition`, the `cc_contact` states with waiting intents or
+//!    a hold, and the operators' requests (`cc_command`, each with whether `cc_admin_audit`
+//!    recorded it). Rows of a batch past its partition's recovery point (4) belong to a Kafka
 //!    transaction that has not committed (in flight, or aborted and not yet rolled back by a
 //!    restore) and are ignored, as a restore would drop them; a contact whose latest state is
 //!    such a row is taken at its previous state. Rows of a batch committed by (2) must have
@@ -138,7 +139,11 @@
 //! - `reopened_without_operator` (R5, R9): an intent id has at most one outcome (an effect, a
 //!   decision, a place in a waiting list), plus one per operator re-submission recorded for it:
 //!   a manual-reviewed or blocked intent that later commits, waits or is decided again was
-//!   reopened, which only an operator may do.
+//!   reopened, which only an operator may do. And each release and re-submission row answers
+//!   an operator's request for that contact and action (resume, skip to n, re-submit that
+//!   intent) that the admin audit recorded and a batch applied, on the row's own partition and
+//!   batch: one request per row. A release or re-submission on any other ground (a record, a
+//!   bug) counts, whatever it then allowed.
 //! - `skips_unjustified` (R7): a skip by the wait timeout while the policy is `hold`, or an
 //!   operator skip without the operator release that asked to skip to the next sequence.
 //! - `committed_while_held` (R7, R9): an effect of a contact put on hold (a `WAIT_TIMEOUT`
@@ -178,9 +183,8 @@
 //! - Whether a skip by the `skip` policy waited `wait_timeout`: the stored state does not say
 //!   when the skipped gap began.
 //! - Outcomes of producer retries (`duplicate`): they leave no output to check.
-//! - That a release or a re-submission was asked for by an operator: the processor's
-//!   `released` / `resubmitted` audit rows are taken as the operator's word (the request
-//!   tables, `cc_command` and `cc_admin_audit`, are not read).
+//! - Who the operator was: a request in `cc_command` with its `cc_admin_audit` row is taken as
+//!   an operator's (the admin path checks the token and writes both in one transaction).
 
 mod check;
 mod input;

@@ -63,6 +63,7 @@ pub fn observe(config: &Config) -> anyhow::Result<Observed> {
         skips: store.skips,
         releases: store.releases,
         resubmissions: store.resubmissions,
+        requests: store.requests,
         unreadable,
     })
 }
@@ -191,6 +192,7 @@ struct Store {
     skips: Vec<Skip>,
     releases: Vec<Release>,
     resubmissions: Vec<Resubmission>,
+    requests: Vec<OperatorRequest>,
     unreadable: Vec<String>,
 }
 
@@ -228,6 +230,11 @@ async fn read_store(
         .await
         .with_context(|| {
             format!("reading {schema}.cc_contact (has `causal-commit migrate` run?)")
+        })?;
+    read_requests(&mut tx, topic, &mut store)
+        .await
+        .with_context(|| {
+            format!("reading {schema}.cc_command (has `causal-commit migrate` run?)")
         })?;
     tx.commit().await.context("ending the read-only snapshot")?;
     Ok(store)
@@ -365,14 +372,82 @@ fn fact(row: TransitionRow, before_outputs: bool) -> Result<Fact, String> {
                 contact_id: row.contact_id,
                 skip_to,
                 at_ms: row.at_ms,
+                batch: (row.partition, row.batch_no),
             }))
         }
         "resubmitted" => Ok(Fact::Resubmission(Resubmission {
             intent_id: row.intent_id,
+            contact_id: row.contact_id,
             at_ms: row.at_ms,
+            batch: (row.partition, row.batch_no),
         })),
         other => Err(format!("audit row with unexpected state {other:?}")),
     }
+}
+
+/// A `cc_command` row as selected by [`read_requests`].
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct RequestRow {
+    id: i64,
+    contact_id: String,
+    action: String,
+    skip_to: i64,
+    intent_id: String,
+    partition: i32,
+    applied_batch: Option<i64>,
+    audited: bool,
+}
+
+/// The operators' requests (R9): every `cc_command` row of the topic, whether a batch applied
+/// it, and whether the admin audit recorded it.
+async fn read_requests(
+    tx: &mut sqlx::PgConnection,
+    topic: &str,
+    store: &mut Store,
+) -> anyhow::Result<()> {
+    let rows = sqlx::query_as::<_, RequestRow>(
+        "SELECT m.id, m.contact_id, m.action, m.skip_to, m.intent_id, m.partition,
+                CASE WHEN m.result = 'applied' AND m.cancelled_at IS NULL
+                     THEN m.applied_batch END AS applied_batch,
+                EXISTS (SELECT 1 FROM cc_admin_audit a
+                         WHERE a.action = m.action AND a.contact_id = m.contact_id
+                           AND a.detail ->> 'command' = m.id::text) AS audited
+           FROM cc_command m
+          WHERE m.topic = $1
+          ORDER BY m.id",
+    )
+    .bind(topic)
+    .fetch_all(&mut *tx)
+    .await?;
+    for row in rows {
+        match request(row) {
+            Ok(r) => store.requests.push(r),
+            Err(why) => store.unreadable.push(why),
+        }
+    }
+    Ok(())
+}
+
+/// Maps one `cc_command` row to an operator's request.
+fn request(row: RequestRow) -> Result<OperatorRequest, String> {
+    let action = match (row.action.as_str(), u64::try_from(row.skip_to)) {
+        ("resume", _) => RequestedAction::Resume,
+        ("skip_to", Ok(n)) if n > 0 => RequestedAction::SkipTo(n),
+        ("resubmit", _) if !row.intent_id.is_empty() => RequestedAction::Resubmit(row.intent_id),
+        (action, _) => {
+            return Err(format!(
+                "operator command {} for contact {}: unreadable action {action:?} (skip_to {})",
+                row.id, row.contact_id, row.skip_to
+            ))
+        }
+    };
+    Ok(OperatorRequest {
+        command: row.id,
+        contact_id: row.contact_id,
+        action,
+        applied: row.applied_batch.map(|b| (row.partition, b)),
+        audited: row.audited,
+    })
 }
 
 /// A `cc_contact` row as selected by [`read_contacts`].
@@ -530,7 +605,8 @@ mod tests {
             Ok(Fact::Release(Release {
                 contact_id: "c".into(),
                 skip_to: Some(6),
-                at_ms: 99
+                at_ms: 99,
+                batch: (1, 3),
             }))
         );
         assert_eq!(
@@ -538,16 +614,63 @@ mod tests {
             Ok(Fact::Release(Release {
                 contact_id: "c".into(),
                 skip_to: None,
-                at_ms: 99
+                at_ms: 99,
+                batch: (1, 3),
             }))
         );
         assert_eq!(
             fact(row("resubmitted", "OPERATOR", ""), true),
             Ok(Fact::Resubmission(Resubmission {
                 intent_id: "i".into(),
-                at_ms: 99
+                contact_id: "c".into(),
+                at_ms: 99,
+                batch: (1, 3),
             }))
         );
+    }
+
+    #[test]
+    fn operator_commands_map_to_requests() {
+        let row = |action: &str, skip_to: i64, intent_id: &str| RequestRow {
+            id: 5,
+            contact_id: "c".into(),
+            action: action.into(),
+            skip_to,
+            intent_id: intent_id.into(),
+            partition: 2,
+            applied_batch: Some(9),
+            audited: true,
+        };
+        let of = |r: RequestRow| request(r).map(|q| (q.action, q.applied, q.audited));
+        assert_eq!(
+            of(row("resume", 0, "")),
+            Ok((RequestedAction::Resume, Some((2, 9)), true))
+        );
+        assert_eq!(
+            of(row("skip_to", 4, "")),
+            Ok((RequestedAction::SkipTo(4), Some((2, 9)), true))
+        );
+        assert_eq!(
+            of(row("resubmit", 0, "i")),
+            Ok((RequestedAction::Resubmit("i".into()), Some((2, 9)), true))
+        );
+        let pending = RequestRow {
+            applied_batch: None,
+            audited: false,
+            ..row("resume", 0, "")
+        };
+        assert_eq!(of(pending), Ok((RequestedAction::Resume, None, false)));
+        for bad in [
+            row("skip_to", 0, ""),
+            row("resubmit", 0, ""),
+            row("reset", 0, ""),
+        ] {
+            let why = request(bad).expect_err("not guessed");
+            assert!(
+                why.starts_with("operator command 5 for contact c: unreadable action"),
+                "{why}"
+            );
+        }
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct Observed {
     pub releases: Vec<Release>,
     /// Operator re-submissions of manual-review or blocked intents (contract R9).
     pub resubmissions: Vec<Resubmission>,
+    /// What operators asked for through the admin API or the CLI (R9): the only requests a
+    /// release or a re-submission may answer.
+    pub requests: Vec<OperatorRequest>,
     /// What the reading found but could not interpret (an unreadable stored state, offset
     /// metadata that is not a recovery point): the check cannot vouch for what it hides.
     pub unreadable: Vec<String>,
@@ -169,6 +172,9 @@ pub struct Skip {
     pub at_ms: i64,
 }
 
+/// A batch of the processor: its input partition and number (`cc_transition.batch_no`).
+pub type BatchRef = (i32, i64);
+
 /// An operator released a held contact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Release {
@@ -178,12 +184,52 @@ pub struct Release {
     /// When the release was applied (milliseconds, PostgreSQL's clock: the time of its
     /// batch's audit rows).
     pub at_ms: i64,
+    /// The batch that applied it.
+    pub batch: BatchRef,
 }
 
 /// An operator re-submitted a manual-review or blocked intent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resubmission {
     pub intent_id: String,
+    pub contact_id: String,
     /// When it was recorded (milliseconds).
     pub at_ms: i64,
+    /// The batch that applied it.
+    pub batch: BatchRef,
+}
+
+/// An operator's request through the admin API or the CLI (a `cc_command` row).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorRequest {
+    /// The command's id.
+    pub command: i64,
+    pub contact_id: String,
+    pub action: RequestedAction,
+    /// The batch that applied it, when one did (not refused, not cancelled).
+    pub applied: Option<BatchRef>,
+    /// Whether the admin audit (`cc_admin_audit`) recorded the request: the operator path
+    /// writes both in one transaction.
+    pub audited: bool,
+}
+
+/// What an operator asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RequestedAction {
+    /// Release a held contact where it stands.
+    Resume,
+    /// Release a held contact, skipping its unresolved sequences below this one.
+    SkipTo(u64),
+    /// Re-submit this manual-review or blocked intent.
+    Resubmit(String),
+}
+
+impl std::fmt::Display for RequestedAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Resume => write!(f, "release, resume"),
+            Self::SkipTo(n) => write!(f, "release, skip to {n}"),
+            Self::Resubmit(id) => write!(f, "re-submission of {id}"),
+        }
+    }
 }

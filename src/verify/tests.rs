@@ -36,6 +36,7 @@ fn intent(id: &str, contact: &str, seq: u64) -> Intent {
 }
 
 /// A world under construction: records are produced and decided at `now`.
+#[derive(Clone)]
 struct W {
     o: Observed,
     now: i64,
@@ -250,12 +251,44 @@ impl W {
         });
     }
 
+    /// An operator's release, as the admin path and the processor record it: the request
+    /// (audited) and the release row, in a batch of its own.
     fn release(&mut self, contact: &str, skip_to: Option<u64>) {
+        let batch = self.operator_batch(
+            contact,
+            skip_to.map_or(RequestedAction::Resume, RequestedAction::SkipTo),
+        );
         self.o.releases.push(Release {
             contact_id: contact.into(),
             skip_to,
             at_ms: self.now,
+            batch,
         });
+    }
+
+    /// An operator's re-submission of `id`, as [`Self::release`].
+    fn resubmit(&mut self, id: &str, contact: &str) {
+        let batch = self.operator_batch(contact, RequestedAction::Resubmit(id.into()));
+        self.o.resubmissions.push(Resubmission {
+            intent_id: id.into(),
+            contact_id: contact.into(),
+            at_ms: self.now,
+            batch,
+        });
+    }
+
+    /// An audited operator request applied by a batch of its own: that batch.
+    fn operator_batch(&mut self, contact: &str, action: RequestedAction) -> BatchRef {
+        let command = self.o.requests.len() as i64 + 1;
+        let batch = (0, 1_000 + command);
+        self.o.requests.push(OperatorRequest {
+            command,
+            contact_id: contact.into(),
+            action,
+            applied: Some(batch),
+            audited: true,
+        });
+        batch
     }
 
     fn contact(&mut self, contact: &str) -> &mut ContactState {
@@ -1382,11 +1415,87 @@ fn a_decided_intent_is_reopened_only_by_an_operator() {
     assert_only(&r, Kind::ReopenedWithoutOperator, 1);
     has(&r, "intent s2: 2 outcomes (1 effect, 1 manual-review decisions, 0 waiting) with 0 operator re-submissions");
 
-    w.o.resubmissions.push(Resubmission {
-        intent_id: "s2".into(),
-        at_ms: w.now,
-    });
+    w.resubmit("s2", "c1");
     assert_ok(&w.check());
+}
+
+/// R9: each release and re-submission answers an operator's request, recorded by the admin
+/// audit and applied in the same batch, one request each. One the processor applied on any
+/// other ground (a producer's record, a bug) is a reopening without operator.
+#[test]
+fn a_reopening_answers_an_audited_operator_request_applied_in_its_batch() {
+    let mut w = reopened_world();
+    w.resubmit("s2", "c1");
+    assert_ok(&w.check());
+    let release = "contact c1: release, skip to 2 applied in batch 1001 of partition 0 with no operator request for it (admin API or CLI, audited) applied there";
+    let resubmission = "contact c1: re-submission of s2 applied in batch 1002 of partition 0 with no operator request for it (admin API or CLI, audited) applied there";
+    // What is changed, how, and the finding.
+    type Case = (&'static str, fn(&mut W), &'static str);
+    let cases: [Case; 7] = [
+        (
+            "no request",
+            |w| {
+                w.o.requests.remove(0);
+            },
+            release,
+        ),
+        (
+            "a request the admin audit does not know",
+            |w| {
+                w.o.requests[1].audited = false;
+            },
+            resubmission,
+        ),
+        (
+            "applied by another batch",
+            |w| {
+                w.o.requests[0].applied = Some((0, 7));
+            },
+            release,
+        ),
+        (
+            "applied on another partition",
+            |w| {
+                w.o.requests[1].applied = Some((1, 1002));
+            },
+            resubmission,
+        ),
+        (
+            "refused or cancelled, so never applied",
+            |w| {
+                w.o.requests[0].applied = None;
+            },
+            release,
+        ),
+        (
+            "asking for something else",
+            |w| {
+                w.o.requests[0].action = RequestedAction::SkipTo(3);
+            },
+            release,
+        ),
+        (
+            "for another contact",
+            |w| {
+                w.o.requests[1].contact_id = "c2".into();
+            },
+            resubmission,
+        ),
+    ];
+    for (what, change, finding) in cases {
+        let mut v = w.clone();
+        change(&mut v);
+        let r = v.check();
+        assert_eq!(r.reopened_without_operator, 1, "{what}: {:?}", r.violations);
+        has(&r, finding);
+    }
+    // One request, two releases.
+    let mut twice = w.clone();
+    let again = twice.o.releases[0].clone();
+    twice.o.releases.push(again);
+    let r = twice.check();
+    assert_eq!(r.reopened_without_operator, 1, "{:?}", r.violations);
+    has(&r, release);
 }
 
 #[test]
@@ -1406,12 +1515,10 @@ fn skips_need_their_policy_or_their_operator() {
     assert_ok(&w.check());
 
     let mut w = reopened_world();
-    w.o.resubmissions.push(Resubmission {
-        intent_id: "s2".into(),
-        at_ms: w.now,
-    });
+    w.resubmit("s2", "c1");
     // The operator resumed the contact: no release asked to skip anything.
     w.o.releases[0].skip_to = None;
+    w.o.requests[0].action = RequestedAction::Resume;
     let r = w.check();
     assert_only(&r, Kind::SkipUnjustified, 1);
     has(

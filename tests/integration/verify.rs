@@ -308,6 +308,40 @@ async fn insert(pool: &sqlx::PgPool, config: &Config, r: Row<'_>) {
     .expect("insert a transition");
 }
 
+/// An operator's release of `contact` on intents partition 0 (resume, or skip to `skip_to`),
+/// applied in `batch`, as the admin path records it: the command and its admin audit row.
+async fn operator_request(
+    pool: &sqlx::PgPool,
+    config: &Config,
+    contact: &str,
+    skip_to: i64,
+    batch: i64,
+) {
+    let action = if skip_to > 0 { "skip_to" } else { "resume" };
+    let command: i64 = sqlx::query_scalar(
+        "INSERT INTO cc_command (topic, partition, contact_id, action, skip_to, actor,
+                                 applied_batch, result)
+         VALUES ($1, 0, $2, $3, $4, 'op', $5, 'applied') RETURNING id",
+    )
+    .bind(&config.kafka.intents_topic)
+    .bind(contact)
+    .bind(action)
+    .bind(skip_to)
+    .bind(batch)
+    .fetch_one(pool)
+    .await
+    .expect("insert a command");
+    causal_commit::store::postgres::audit_admin(
+        pool,
+        "op",
+        action,
+        contact,
+        serde_json::json!({ "command": command, "result": "queued" }),
+    )
+    .await
+    .expect("audit a command");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reading_keeps_committed_batches_of_the_audit_only() {
     // No processor: the outputs and the audit are written by hand. Batch 1 is committed in
@@ -393,10 +427,11 @@ async fn the_reading_keeps_committed_batches_of_the_audit_only() {
     insert(&pool, &cfg, invalid_row).await;
     let skip = |from: u64, to: u64| serde_json::json!({ "from": from, "to": to }).to_string();
     let (skip_c3, skip_c2) = (skip(2, 3), skip(2, 2));
-    for (batch, contact, detail, to) in [
-        (1, "c-3", skip_c3.as_str(), "SkipTo(4)"),
-        (2, "c-2", skip_c2.as_str(), "SkipTo(3)"),
+    for (batch, contact, detail, to, skip_to) in [
+        (1, "c-3", skip_c3.as_str(), "SkipTo(4)", 4),
+        (2, "c-2", skip_c2.as_str(), "SkipTo(3)", 3),
     ] {
+        operator_request(&pool, &cfg, contact, skip_to, batch).await;
         let skipped = Row {
             reason: "OPERATOR",
             detail,
@@ -530,13 +565,14 @@ async fn a_topic_that_does_not_exist_fails_verify_and_wait_caught_up_naming_it()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commits_while_held_past_a_version_guard_or_before_a_predecessor_are_read_and_reported() {
+async fn commits_while_held_past_a_version_guard_or_before_a_predecessor_and_releases_nobody_asked_for_are_read_and_reported(
+) {
     // No processor: a world a broken one would leave, written by hand. c-1 is held by a wait
     // timeout in batch 1, and its late sequence 1 commits in batch 2 with no release (R7).
     // c-2's second intent expects version 5 and commits on version 1 (R6). c-3 is held the
-    // same way, released in batch 2, and its sequence 1 commits in that batch: no violation.
-    // c-4's sequence 2 commits in batch 1, and an operator skips its sequence 1 in batch 2
-    // (R3).
+    // same way, released in batch 2 at an operator's request, and its sequence 1 commits in
+    // that batch: no violation. c-4's sequence 2 commits in batch 1, and its sequence 1 is
+    // skipped in batch 2 (R3) by a release no operator asked for (R9).
     let (env, pool) = migrated("verify_holds").await;
     let cfg = env.config();
 
@@ -635,6 +671,8 @@ async fn commits_while_held_past_a_version_guard_or_before_a_predecessor_are_rea
     ] {
         insert(&pool, &cfg, r).await;
     }
+    // The operator's request for c-3's release, applied in batch 2.
+    operator_request(&pool, &cfg, "c-3", 0, 2).await;
 
     let (code, report, stderr) = cli_verify(&cfg, "").await;
     assert_eq!(
@@ -648,6 +686,7 @@ async fn commits_while_held_past_a_version_guard_or_before_a_predecessor_are_rea
             committed_before_predecessor: 1,
             version_guard_violations: 1,
             committed_while_held: 1,
+            reopened_without_operator: 1,
             ok: false,
             violations: report.violations.clone(),
             ..Report::default()
@@ -659,12 +698,13 @@ async fn commits_while_held_past_a_version_guard_or_before_a_predecessor_are_rea
             "intent i-4: expected_version 5, yet committed as sequence 2 on the contact's version 1",
             "contact c-1: intent i-2 committed as sequence 1 in a batch after the contact's hold (WAIT_TIMEOUT of intents 0/0) and before any operator release",
             "contact c-4: intent i-7 committed as sequence 2 while sequence 1 was unresolved (resolved 1000 ms later, in a later batch)",
+            "contact c-4: release, skip to 2 applied in batch 2 of partition 0 with no operator request for it (admin API or CLI, audited) applied there",
         ],
     );
     assert_eq!(code, Some(1));
     assert!(
         stderr.contains(
-            "1 committed_before_predecessor, 1 version_guard_violations, 1 committed_while_held"
+            "1 committed_before_predecessor, 1 version_guard_violations, 1 committed_while_held, 1 reopened_without_operator"
         ),
         "{stderr}"
     );
