@@ -1374,6 +1374,14 @@ impl<'a> World<'a> {
         let contact = intent.contact_id.as_str();
         let resolutions = self.resolutions_of(contact);
         let s = &self.o.settings;
+        // Whether a resolution came before the review (or by its batch's end): on batch times,
+        // the audit's one clock (a contact's batches follow one another at its owner, whatever
+        // the instances' clocks); on the processor's times only for a review without its
+        // audit row (an `audit_mismatches` finding already).
+        let batch = self.review_batch(r);
+        let before = |x: &Resolution| batch.map_or(x.at_ms < at, |b| x.batch_ms < b);
+        let by = |x: &Resolution| batch.map_or(x.at_ms <= at, |b| x.batch_ms <= b);
+        let covers = |x: &Resolution, seq: u64| x.from <= seq && seq <= x.to;
         match r.why {
             Why::InvalidIntent => Err(format!("intent {} is valid", intent.intent_id)),
             Why::IdempotencyConflict => {
@@ -1398,16 +1406,16 @@ impl<'a> World<'a> {
                         "missing sequence {missing} is not below its slot {slot}"
                     ));
                 }
-                if resolved_before(resolutions, missing, at, false) {
+                if resolutions.iter().any(|x| covers(x, missing) && before(x)) {
                     return Err(format!("sequence {missing} was resolved before the review"));
                 }
                 // Resolved in the review's own batch: before the timeout it was not missing,
                 // after it the contact was held (its predecessor is CONTACT_ON_HOLD then),
                 // unless an operator released the contact in that batch too.
-                if let Some(batch) = self.review_batch(r) {
+                if let Some(batch) = batch {
                     let same_batch = resolutions
                         .iter()
-                        .any(|x| x.from <= missing && missing <= x.to && x.batch_ms == batch);
+                        .any(|x| covers(x, missing) && x.batch_ms == batch);
                     if same_batch && !self.released_between(contact, batch, batch, true) {
                         return Err(format!(
                             "sequence {missing} was resolved in the review's own batch, which released nothing"
@@ -1473,7 +1481,7 @@ impl<'a> World<'a> {
                 let owned = || self.slot_owned_by_other(contact, claimed, &intent.intent_id);
                 if claimed == 0 {
                     Err("the intent claims no sequence".into())
-                } else if resolved_before(resolutions, claimed, at, true) || owned() {
+                } else if resolutions.iter().any(|x| covers(x, claimed) && by(x)) || owned() {
                     Ok(())
                 } else {
                     Err(format!(
@@ -1496,7 +1504,7 @@ impl<'a> World<'a> {
                 if lowest == u64::MAX {
                     return Ok(());
                 }
-                if prefix_resolved(resolutions, lowest - 1, |x| x.at_ms < at) {
+                if prefix_resolved(resolutions, lowest - 1, before) {
                     return Err(format!(
                         "every sequence below {lowest} was resolved: the contact had no gap"
                     ));
@@ -1504,7 +1512,7 @@ impl<'a> World<'a> {
                 // Resolved by the end of the overflow's own batch: before the overflow the
                 // contact had no gap, after it the contact was held, unless an operator
                 // released it in that batch too.
-                if let Some(batch) = self.review_batch(r) {
+                if let Some(batch) = batch {
                     if prefix_resolved(resolutions, lowest - 1, |x| x.batch_ms <= batch)
                         && !self.released_between(contact, batch, batch, true)
                     {
@@ -1949,12 +1957,6 @@ fn differing_field(e: &SideEffect, i: &Intent) -> Option<&'static str> {
     }
 }
 
-/// Whether `seq` was resolved before `at` (or at `at` too, when `inclusive`).
-fn resolved_before(res: &[Resolution], seq: u64, at: i64, inclusive: bool) -> bool {
-    res.iter()
-        .any(|r| r.from <= seq && seq <= r.to && (r.at_ms < at || inclusive && r.at_ms == at))
-}
-
 /// Whether every sequence in `1 ..= upto` was resolved by the resolutions that `count`.
 fn prefix_resolved(res: &[Resolution], upto: u64, count: impl Fn(&Resolution) -> bool) -> bool {
     if upto == 0 {
@@ -2066,10 +2068,6 @@ mod tests {
     #[test]
     fn resolutions_count_by_time() {
         let res = [resolved(1, 2, 10, 0), resolved(3, 3, 20, 0)];
-        assert!(resolved_before(&res, 2, 11, false));
-        assert!(!resolved_before(&res, 3, 20, false));
-        assert!(resolved_before(&res, 3, 20, true));
-        assert!(!resolved_before(&res, 4, 99, true));
         let before = |at: i64| move |r: &Resolution| r.at_ms < at;
         assert!(prefix_resolved(&res, 3, before(21)));
         assert!(!prefix_resolved(&res, 3, before(20)));

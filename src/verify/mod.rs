@@ -103,13 +103,18 @@
 //!   undecodable, no reason, or a source that is no record of the intents topic).
 //! - `duplicate_reviews` (R8): an input record with more than one manual-review record.
 //! - `manual_review_unjustified` (R5-R8, §5): a review whose stated reason does not hold in
-//!   what was observed. Times are the processor's `reviewed_at_ms` / `committed_at_ms`, the
-//!   audit's row times and the input records' timestamps, so the check assumes clocks in
-//!   step; a same-millisecond tie is read in the processor's favour.
+//!   what was observed. Whether something was resolved before a review (or by its batch's
+//!   end) is judged on batch times: the audit rows' (PostgreSQL's clock, one time per batch;
+//!   a contact's batches follow one another at its owner), so instances' clocks need not
+//!   agree; on the processor's `reviewed_at_ms` / `committed_at_ms` only for a review without
+//!   its audit row (an `audit_mismatches` finding). The `WAIT_TIMEOUT` lower bound alone
+//!   compares the processor's `reviewed_at_ms` with the input records' timestamps, so it
+//!   assumes the processor's and the producers' clocks in step; a same-millisecond tie is
+//!   read in the processor's favour.
 //!   - `INVALID_INTENT`: the record is a valid intent.
 //!   - `IDEMPOTENCY_CONFLICT`: the record has its id's original content.
 //!   - `WAIT_TIMEOUT` (R7): the policy is `skip`; the named missing sequence is not below the
-//!     intent's slot, or was resolved before the review, or in the review's own batch with no
+//!     intent's slot, or was resolved in a batch before the review's, or in its own batch with no
 //!     operator release of the contact in that batch (before the timeout it was not missing,
 //!     after it the contact was held); or the oldest intent the same timeout sent to review
 //!     (same contact, time and missing sequence) was produced no more than `wait_timeout`
@@ -123,13 +128,13 @@
 //!     `audit_mismatches` finding instead.
 //!   - `VERSION_CONFLICT` (R6): `expected_version` is 0, or equals the number of the
 //!     contact's effects below the slot (the committed version when the slot's turn came).
-//!   - `SEQUENCE_CONFLICT` (R6): the claimed sequence was neither resolved by the time of the
-//!     review nor held by another intent of the contact (committed, claimed, waiting or kept
-//!     in manual review).
+//!   - `SEQUENCE_CONFLICT` (R6): the claimed sequence was neither resolved by the end of the
+//!     review's batch nor held by another intent of the contact (committed, claimed, waiting
+//!     or kept in manual review).
 //!   - `CONTACT_BACKLOG_OVERFLOW` (§5 bounded memory): fewer than
 //!     `max_pending_per_contact + 1` intents of the contact overflowed together (the waiting
-//!     ones and the newcomer), or every sequence below the lowest of them was resolved before
-//!     (no gap, so nothing could wait), or by the end of the overflow's own batch with no
+//!     ones and the newcomer), or every sequence below the lowest of them was resolved in a
+//!     batch before the overflow's (no gap, so nothing could wait), or by the end of the overflow's own batch with no
 //!     operator release of the contact in it (before the overflow there was no gap, after it
 //!     the contact was held).
 //!   - `UNPROCESSABLE` (§5 bad input): its detail states no error. That the durable write or

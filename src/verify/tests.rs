@@ -39,7 +39,11 @@ fn intent(id: &str, contact: &str, seq: u64) -> Intent {
 #[derive(Clone)]
 struct W {
     o: Observed,
+    /// The audit's clock (PostgreSQL's: the time of each batch's rows).
     now: i64,
+    /// How far the deciding instance's clock (`committed_at_ms`, `reviewed_at_ms`) is ahead
+    /// of the audit's.
+    skew: i64,
 }
 
 impl W {
@@ -56,6 +60,7 @@ impl W {
                 ..Observed::default()
             },
             now: T0,
+            skew: 0,
         }
     }
 
@@ -134,7 +139,7 @@ impl W {
             created_at_ms: i.created_at_ms,
             commit_sequence: seq,
             contact_version: version,
-            committed_at_ms: self.now,
+            committed_at_ms: self.now + self.skew,
             fencing_token: 1,
             sequence_from_producer: i.causal_sequence > 0,
         }
@@ -209,7 +214,7 @@ impl W {
             source_topic: "intents".into(),
             source_partition: pos.0,
             source_offset: pos.1,
-            reviewed_at_ms: self.now,
+            reviewed_at_ms: self.now + self.skew,
             fencing_token: 1,
             ..ManualReview::default()
         }
@@ -988,6 +993,35 @@ fn a_justified_wait_timeout_and_hold_are_pending_work_not_violations() {
     assert!(w.check_allowing_waiting().ok);
 }
 
+/// Whether the missing sequence was resolved before a timeout, or every sequence below an
+/// overflow, is judged on batch times (the audit's one clock), not on the deciding instances'
+/// clocks: an instance a minute ahead does not condemn a timeout or an overflow whose gap was
+/// closed in a later batch.
+#[test]
+fn reviews_are_justified_on_batch_times_whatever_the_instances_clocks() {
+    const MINUTE: i64 = 60_000;
+    // (A timeout of a sequence committed a batch before, on a clock behind: in
+    // wait_timeout_reviews_must_be_justified.)
+    // An operator skips c1's missing sequences below `to` a batch after the review.
+    let closed_later = |mut w: W, to: u64| {
+        w.skew = 0;
+        w.later(10);
+        w.release("c1", Some(to));
+        w.skip("c1", to - 1, to - 1, SkipCause::Operator);
+        let r = w.check_allowing_waiting();
+        assert_clean(&r);
+    };
+    // s2 times out (missing 1) on an instance a minute ahead.
+    let mut w = W::new();
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    w.later(TIMEOUT + 1);
+    w.skew = MINUTE;
+    w.review(s2, Timeout, 1, 2);
+    closed_later(w, 2);
+    // c1 overflows (missing 2) on an instance a minute ahead.
+    closed_later(overflowed_world_skewed(MINUTE).0, 3);
+}
+
 #[test]
 fn wait_timeout_reviews_must_be_justified() {
     // Not more than wait_timeout after the oldest intent it sent to review was produced.
@@ -1002,16 +1036,21 @@ fn wait_timeout_reviews_must_be_justified() {
         "produced 300000 ms before it, not more than wait_timeout",
     );
 
-    // The missing sequence had committed before.
-    let mut w = W::new();
-    let s2 = w.produce(&intent("s2", "c1", 2));
-    let s1 = w.produce(&intent("s1", "c1", 1));
-    w.commit(s1, 1);
-    w.later(TIMEOUT + 1);
-    w.review(s2, Timeout, 1, 2);
-    let r = w.check_allowing_waiting();
-    assert_only(&r, Kind::ManualReviewUnjustified, 1);
-    has(&r, "sequence 1 was resolved before the review");
+    // The missing sequence had committed a batch before, whatever the clock of the instance
+    // that timed it out (a minute behind: on its own clock the review came first).
+    for skew in [0, -60_000] {
+        let mut w = W::new();
+        let s2 = w.produce(&intent("s2", "c1", 2));
+        let s1 = w.produce(&intent("s1", "c1", 1));
+        w.later(TIMEOUT + 1);
+        w.commit(s1, 1);
+        w.later(10);
+        w.skew = skew;
+        w.review(s2, Timeout, 1, 2);
+        let r = w.check_allowing_waiting();
+        assert_only(&r, Kind::ManualReviewUnjustified, 1);
+        has(&r, "sequence 1 was resolved before the review");
+    }
 
     // A missing sequence that is not below the intent's own slot.
     let mut w = W::new();
@@ -1188,7 +1227,13 @@ fn a_backlog_overflow_holds_its_contact_from_the_next_batch_on() {
 /// c1: s0 commits as sequence 1; s3 and s4 wait for 2; s5 overflows with them (max 2 waiting),
 /// all in one batch. Returns the world and the overflow's batch time.
 fn overflowed_world() -> (W, i64) {
+    overflowed_world_skewed(0)
+}
+
+/// [`overflowed_world`] decided by an instance whose clock is `skew` ahead of the audit's.
+fn overflowed_world_skewed(skew: i64) -> (W, i64) {
     let mut w = W::new();
+    w.skew = skew;
     let s0 = w.produce(&intent("s0", "c1", 0));
     let pending: Vec<(Position, u64)> = [3, 4, 5]
         .into_iter()
