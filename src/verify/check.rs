@@ -13,6 +13,10 @@ use crate::sequencer::TimeoutPolicy;
 /// How many violation examples the report carries.
 pub const MAX_EXAMPLES: usize = 20;
 
+/// What a batch may take from its clock reading (when its intents start waiting) to its
+/// write (its audit rows' time): the slack of the `WAIT_TIMEOUT` lower bound on batch times.
+const WAIT_START_SLACK_MS: i64 = 1_000;
+
 /// What to check.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options {
@@ -488,6 +492,8 @@ struct World<'a> {
     holds: HashMap<String, Vec<(i64, usize)>>,
     /// Per contact, the sorted batch times of its operator releases.
     releases: HashMap<&'a str, Vec<i64>>,
+    /// Per (input record, intent id), the batch times at which it started waiting.
+    wait_starts: HashMap<(Position, &'a str), Vec<i64>>,
     contacts: BTreeSet<String>,
     waiting: Vec<(&'a str, &'a WaitingIntent)>,
     waiting_by_id: HashMap<&'a str, Vec<&'a WaitingIntent>>,
@@ -616,6 +622,7 @@ impl<'a> World<'a> {
             times: AuditTimes::of(&o.audit),
             holds: HashMap::new(),
             releases: HashMap::new(),
+            wait_starts: HashMap::new(),
             contacts: BTreeSet::new(),
             waiting: Vec::new(),
             waiting_by_id: HashMap::new(),
@@ -671,6 +678,12 @@ impl<'a> World<'a> {
                         .push(wi);
                 }
             }
+        }
+        for w in &self.o.wait_starts {
+            self.wait_starts
+                .entry((w.source, w.intent_id.as_str()))
+                .or_default()
+                .push(w.at_ms);
         }
         for r in &self.o.resubmissions {
             if r.intent_id.starts_with(prefix) {
@@ -774,6 +787,20 @@ impl<'a> World<'a> {
     /// The batch time of a review's audit row.
     fn review_batch(&self, r: &Rev) -> Option<i64> {
         self.times.review(self.recs[r.source].pos, &r.r.intent_id)
+    }
+
+    /// When a reviewed record last started waiting before its review, on batch times: its
+    /// latest audited wait start at or before the review's batch (a re-submitted intent waits
+    /// afresh).
+    fn wait_started(&self, r: &Rev) -> Option<i64> {
+        let batch = self.review_batch(r)?;
+        let pos = self.recs[r.source].pos;
+        self.wait_starts
+            .get(&(pos, r.r.intent_id.as_str()))?
+            .iter()
+            .copied()
+            .filter(|at| *at <= batch)
+            .max()
     }
 
     /// The latest hold of `contact` in a batch before `at` (or in `at`'s own, when
@@ -1339,11 +1366,12 @@ impl<'a> World<'a> {
             match r.why {
                 Why::WaitTimeout => {
                     let produced = self.recs[r.source].timestamp_ms.unwrap_or(i64::MAX);
+                    let started = self.wait_started(r).unwrap_or(i64::MAX);
                     let e = g
                         .timeouts
                         .entry((contact.clone(), at, r.r.expected_sequence))
-                        .or_insert(i64::MAX);
-                    *e = (*e).min(produced);
+                        .or_insert((i64::MAX, i64::MAX));
+                    *e = (e.0.min(started), e.1.min(produced));
                 }
                 Why::BacklogOverflow => {
                     let e = g
@@ -1422,15 +1450,38 @@ impl<'a> World<'a> {
                         ));
                     }
                 }
-                let produced = g
+                let (started, produced) = g
                     .timeouts
                     .get(&(contact.to_string(), at, missing))
                     .copied()
-                    .unwrap_or(i64::MAX);
-                let waited = at.saturating_sub(produced);
-                if produced != i64::MAX && waited <= s.wait_timeout_ms.min(i64::MAX as u64) as i64 {
+                    .unwrap_or((i64::MAX, i64::MAX));
+                let timeout = s.wait_timeout_ms.min(i64::MAX as u64) as i64;
+                // How long the oldest intent of this timeout had waited, by each clock the
+                // verifier can read: batch times (the audit's clock) from its audited wait
+                // start, less what a batch takes from its clock reading to its write; and its
+                // record's timestamp (the producer's clock) to the processor's review time.
+                // One clock that shows more than wait_timeout is enough: neither producers'
+                // nor instances' clocks are trusted to condemn alone.
+                let by_batches = batch
+                    .filter(|_| started != i64::MAX)
+                    .map(|b| b.saturating_sub(started));
+                let by_timestamp = (produced != i64::MAX).then(|| at.saturating_sub(produced));
+                let long_enough = by_batches
+                    .is_some_and(|w| w.saturating_add(WAIT_START_SLACK_MS) > timeout)
+                    || by_timestamp.is_some_and(|w| w > timeout);
+                if !long_enough && (by_batches.is_some() || by_timestamp.is_some()) {
+                    let mut clocks = Vec::new();
+                    if let Some(w) = by_batches {
+                        clocks.push(format!(
+                            "started waiting {w} ms before it (batch times, {WAIT_START_SLACK_MS} ms allowed for its batch's write)"
+                        ));
+                    }
+                    if let Some(w) = by_timestamp {
+                        clocks.push(format!("was produced {w} ms before it"));
+                    }
                     return Err(format!(
-                        "the contact's oldest intent in this timeout was produced {waited} ms before it, not more than wait_timeout ({} ms)",
+                        "the contact's oldest intent in this timeout {}: not more than wait_timeout ({} ms)",
+                        clocks.join(" and "),
                         s.wait_timeout_ms
                     ));
                 }
@@ -1797,9 +1848,10 @@ impl<'a> World<'a> {
 /// Reviews grouped by the decision that made them.
 #[derive(Default)]
 struct Groups {
-    /// (contact, reviewed_at_ms, missing sequence) of a wait timeout -> the earliest
-    /// timestamp of the intents it sent to review.
-    timeouts: HashMap<(String, i64, u64), i64>,
+    /// (contact, reviewed_at_ms, missing sequence) of a wait timeout -> when the intents it
+    /// sent to review started waiting: the earliest batch time of their audited wait starts
+    /// (`i64::MAX` when none has one), and the earliest of their records' timestamps.
+    timeouts: HashMap<(String, i64, u64), (i64, i64)>,
     /// (contact, reviewed_at_ms) of an overflow -> (intents it sent to review, their lowest
     /// sequence).
     overflows: HashMap<(String, i64), (usize, u64)>,

@@ -14,8 +14,8 @@
 //!    partition, from the committed offsets' metadata);
 //! 3. the side-effects and manual-review topics, the same way;
 //! 4. the recovery points again, with the committed offsets;
-//! 5. PostgreSQL, in one read-only repeatable-read snapshot: the outcome, skip, release and
-//!    re-submission rows of `cc_transition`, the `cc_contact` states with waiting intents or
+//! 5. PostgreSQL, in one read-only repeatable-read snapshot: the outcome, wait-start
+//!    (`waiting_previous_commit`), skip, release and re-submission rows of `cc_transition`, the `cc_contact` states with waiting intents or
 //!    a hold, and the operators' requests (`cc_command`, each with whether `cc_admin_audit`
 //!    recorded it). Rows of a batch past its partition's recovery point (4) belong to a Kafka
 //!    transaction that has not committed (in flight, or aborted and not yet rolled back by a
@@ -107,19 +107,23 @@
 //!   end) is judged on batch times: the audit rows' (PostgreSQL's clock, one time per batch;
 //!   a contact's batches follow one another at its owner), so instances' clocks need not
 //!   agree; on the processor's `reviewed_at_ms` / `committed_at_ms` only for a review without
-//!   its audit row (an `audit_mismatches` finding). The `WAIT_TIMEOUT` lower bound alone
-//!   compares the processor's `reviewed_at_ms` with the input records' timestamps, so it
-//!   assumes the processor's and the producers' clocks in step; a same-millisecond tie is
-//!   read in the processor's favour.
+//!   its audit row (an `audit_mismatches` finding). The `WAIT_TIMEOUT` lower bound reads
+//!   two clocks and condemns only when neither shows a long enough wait (below).
 //!   - `INVALID_INTENT`: the record is a valid intent.
 //!   - `IDEMPOTENCY_CONFLICT`: the record has its id's original content.
 //!   - `WAIT_TIMEOUT` (R7): the policy is `skip`; the named missing sequence is not below the
 //!     intent's slot, or was resolved in a batch before the review's, or in its own batch with no
 //!     operator release of the contact in that batch (before the timeout it was not missing,
 //!     after it the contact was held); or the oldest intent the same timeout sent to review
-//!     (same contact, time and missing sequence) was produced no more than `wait_timeout`
-//!     before it (the gap cannot have lasted longer than its oldest waiting intent, and
-//!     waiting time counts at most wall time).
+//!     (same contact, time and missing sequence) had waited no more than `wait_timeout` by
+//!     both clocks the verifier can read: from its latest audited wait start to the review,
+//!     in batch times, plus 1 s for what a batch takes from its clock reading to its write;
+//!     and from its record's timestamp to the review's `reviewed_at_ms` (the gap cannot have
+//!     lasted longer than its oldest waiting intent, and waiting time counts at most wall
+//!     time). One clock is enough to justify: a producer's clock running ahead does not
+//!     condemn a timeout, nor does a batch slow to write its wait start; the price is that a
+//!     producer's clock running far enough behind excuses an early timeout. A
+//!     same-millisecond tie is read in the processor's favour.
 //!   - `CONTACT_ON_HOLD` (R7): no hold of the contact in the review's batch or an earlier one
 //!     (a `WAIT_TIMEOUT` review under the `hold` policy, or a `CONTACT_BACKLOG_OVERFLOW`
 //!     review), or an operator release in the latest hold's batch or a later one and before

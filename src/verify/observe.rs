@@ -60,6 +60,7 @@ pub fn observe(config: &Config) -> anyhow::Result<Observed> {
         committed,
         audit: store.audit,
         contacts: store.contacts,
+        wait_starts: store.wait_starts,
         skips: store.skips,
         releases: store.releases,
         resubmissions: store.resubmissions,
@@ -189,6 +190,7 @@ fn read_committed(
 struct Store {
     audit: Vec<AuditRecord>,
     contacts: Vec<ContactState>,
+    wait_starts: Vec<WaitStart>,
     skips: Vec<Skip>,
     releases: Vec<Release>,
     resubmissions: Vec<Resubmission>,
@@ -259,13 +261,14 @@ struct TransitionRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Fact {
     Outcome(AuditRecord),
+    WaitStart(WaitStart),
     Skip(Skip),
     Release(Release),
     Resubmission(Resubmission),
 }
 
-/// The transitions of committed batches that the check uses: outcomes, skips, releases and
-/// re-submissions.
+/// The transitions of committed batches that the check uses: outcomes, wait starts, skips,
+/// releases and re-submissions.
 async fn read_transitions(
     tx: &mut sqlx::PgConnection,
     topic: &str,
@@ -279,7 +282,7 @@ async fn read_transitions(
            FROM cc_transition
           WHERE topic = $1
             AND to_state IN ('committed_causal', 'blocked_conflict', 'manual_review', 'skipped',
-                             'released', 'resubmitted')
+                             'released', 'resubmitted', 'waiting_previous_commit')
           ORDER BY id",
     )
     .bind(topic)
@@ -291,6 +294,7 @@ async fn read_transitions(
         let before = is_committed(before_outputs, row.partition, row.batch_no);
         match fact(row, before) {
             Ok(Fact::Outcome(a)) => store.audit.push(a),
+            Ok(Fact::WaitStart(w)) => store.wait_starts.push(w),
             Ok(Fact::Skip(s)) => store.skips.push(s),
             Ok(Fact::Release(r)) => store.releases.push(r),
             Ok(Fact::Resubmission(r)) => store.resubmissions.push(r),
@@ -325,6 +329,11 @@ fn fact(row: TransitionRow, before_outputs: bool) -> Result<Fact, String> {
     match row.to_state.as_str() {
         "committed_causal" => Ok(outcome(AuditOutcome::Committed)),
         "blocked_conflict" | "manual_review" => Ok(outcome(AuditOutcome::Reviewed)),
+        "waiting_previous_commit" => Ok(Fact::WaitStart(WaitStart {
+            source: (row.partition, row.source_offset),
+            intent_id: row.intent_id,
+            at_ms: row.at_ms,
+        })),
         "skipped" => {
             let cause = match row.reason.as_str() {
                 "OPERATOR" => SkipCause::Operator,
@@ -598,6 +607,14 @@ mod tests {
                 to: 5,
                 cause: SkipCause::Operator,
                 at_ms: 99
+            }))
+        );
+        assert_eq!(
+            fact(row("waiting_previous_commit", "", ""), true),
+            Ok(Fact::WaitStart(WaitStart {
+                source: (1, 7),
+                intent_id: "i".into(),
+                at_ms: 99,
             }))
         );
         assert_eq!(

@@ -33,6 +33,9 @@ pub struct Observed {
     pub audit: Vec<AuditRecord>,
     /// Contacts with waiting intents or on hold, as of their last committed batch.
     pub contacts: Vec<ContactState>,
+    /// When records started waiting for their predecessor (`waiting_previous_commit` rows),
+    /// committed batches only.
+    pub wait_starts: Vec<WaitStart>,
     /// Audited skips of unresolved sequences.
     pub skips: Vec<Skip>,
     /// Operator releases of held contacts, as applied by the processor.
@@ -150,6 +153,16 @@ pub struct WaitingIntent {
     pub commit_sequence: u64,
     /// The input record it came from.
     pub source: Position,
+}
+
+/// A record that started waiting for its predecessor (R3), from its audit row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitStart {
+    /// The input record.
+    pub source: Position,
+    pub intent_id: String,
+    /// Its batch's time (milliseconds, PostgreSQL's clock).
+    pub at_ms: i64,
 }
 
 /// Who skipped a contact's unresolved sequences.

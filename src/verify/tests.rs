@@ -246,6 +246,17 @@ impl W {
         self.emit_review(&r);
     }
 
+    /// The record at `pos` starts waiting for its predecessor, audited in the batch of `now`.
+    fn start_waiting(&mut self, pos: Position) {
+        let value = self.record(pos).value.clone().expect("a value");
+        let i = Intent::decode(value.as_slice()).expect("an intent");
+        self.o.wait_starts.push(WaitStart {
+            source: pos,
+            intent_id: i.intent_id,
+            at_ms: self.now,
+        });
+    }
+
     fn skip(&mut self, contact: &str, from: u64, to: u64, cause: SkipCause) {
         self.o.skips.push(Skip {
             contact_id: contact.into(),
@@ -1022,6 +1033,34 @@ fn reviews_are_justified_on_batch_times_whatever_the_instances_clocks() {
     closed_later(overflowed_world_skewed(MINUTE).0, 3);
 }
 
+/// The `WAIT_TIMEOUT` lower bound reads two clocks: batch times from the oldest reviewed
+/// intent's audited wait start, and its record's timestamp. One that shows a wait longer than
+/// `wait_timeout` is enough: a producer whose clock runs half an hour ahead does not condemn a
+/// timeout, nor does a batch that took 2 s to write its wait start; a timeout both clocks put
+/// a minute after the wait began is caught.
+#[test]
+fn a_timeout_is_judged_on_the_audited_wait_start_and_the_records_timestamp() {
+    const HALF_AN_HOUR: i64 = 30 * 60_000;
+    // `produced`: the record's timestamp relative to the batch that starts its wait; the
+    // review comes `after` ms after that batch.
+    let world = |produced: i64, after: u64| {
+        let mut w = W::new();
+        let s2 = w.produce(&intent("s2", "c1", 2));
+        w.o.intents[0].timestamp_ms = Some(w.now + produced);
+        w.start_waiting(s2);
+        w.later(after);
+        w.review(s2, Timeout, 1, 2);
+        w.check_allowing_waiting()
+    };
+    assert_clean(&world(HALF_AN_HOUR, TIMEOUT + 1));
+    assert_clean(&world(-2_000, TIMEOUT - 1_500));
+    // Within what a batch takes from its clock reading to its write.
+    assert_clean(&world(HALF_AN_HOUR, TIMEOUT - 900));
+    let r = world(0, 60_000);
+    assert_only(&r, Kind::ManualReviewUnjustified, 1);
+    has(&r, "the contact's oldest intent in this timeout started waiting 60000 ms before it (batch times, 1000 ms allowed for its batch's write) and was produced 60000 ms before it: not more than wait_timeout (300000 ms)");
+}
+
 #[test]
 fn wait_timeout_reviews_must_be_justified() {
     // Not more than wait_timeout after the oldest intent it sent to review was produced.
@@ -1033,7 +1072,7 @@ fn wait_timeout_reviews_must_be_justified() {
     assert_only(&r, Kind::ManualReviewUnjustified, 1);
     has(
         &r,
-        "produced 300000 ms before it, not more than wait_timeout",
+        "was produced 300000 ms before it: not more than wait_timeout",
     );
 
     // The missing sequence had committed a batch before, whatever the clock of the instance

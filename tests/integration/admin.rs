@@ -159,19 +159,11 @@ async fn audit(config: &Config, contact: &str) -> Vec<(String, String, String)> 
 }
 
 async fn verify_ok(config: &Config, allow_waiting: bool) {
-    let c = config.clone();
-    let report = tokio::task::spawn_blocking(move || {
-        causal_commit::verify::run(
-            &c,
-            &causal_commit::verify::Options {
-                prefix: String::new(),
-                allow_waiting,
-            },
-        )
-    })
-    .await
-    .expect("verifier thread")
-    .expect("verify runs");
+    let report = if allow_waiting {
+        verify_allowing_waiting(config).await
+    } else {
+        verify_report(config, "").await
+    };
     assert!(
         report.ok,
         "verify: {}",

@@ -281,19 +281,7 @@ async fn every_runbook_command_runs_against_a_live_instance() {
     running.stop().await;
     // What the runbook's commands did is sound: no reopened decision without its audit row,
     // no skip without its release (slots left in manual review are pending work).
-    let c = env.config.clone();
-    let report = tokio::task::spawn_blocking(move || {
-        causal_commit::verify::run(
-            &c,
-            &causal_commit::verify::Options {
-                prefix: String::new(),
-                allow_waiting: true,
-            },
-        )
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let report = verify_allowing_waiting(&env.config).await;
     assert!(
         report.ok,
         "{}",

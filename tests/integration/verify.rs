@@ -709,3 +709,42 @@ async fn commits_while_held_past_a_version_guard_or_before_a_predecessor_and_rel
         "{stderr}"
     );
 }
+
+/// A careless producer whose clock runs half an hour ahead: its records' timestamps say they
+/// were produced after the processor timed them out. The timeout is judged from the audited
+/// start of the wait (batch times), so `verify` does not call it unjustified (it did, when it
+/// timed waits from the records' timestamps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_clock_half_an_hour_ahead_does_not_make_a_timeout_unjustified() {
+    use crate::common::process::Processor;
+    let mut env = TestEnv::new("verify_skew", 1).await;
+    env.config.sequencer.wait_timeout = Duration::from_secs(2);
+    let cfg = env.config();
+    let proc = Processor::spawn(
+        &cfg,
+        std::env::temp_dir().join(format!("{}-run.log", env.name)),
+    );
+    let ahead = chrono::Utc::now().timestamp_millis() + 30 * 60_000;
+    let value = intent("k-2", "k", 2).encode_to_vec();
+    let record = FutureRecord::to(&cfg.kafka.intents_topic)
+        .key("k")
+        .payload(&value)
+        .timestamp(ahead);
+    producer(&cfg)
+        .send(record, Duration::from_secs(10))
+        .await
+        .expect("delivered");
+    let got = wait_for(
+        &cfg,
+        &cfg.kafka.manual_review_topic,
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(reviews(&got)[0].reason, ReviewReason::WaitTimeout as i32);
+    assert!(proc.terminate(Duration::from_secs(30)), "clean stop");
+
+    let report = verify_allowing_waiting(&cfg).await;
+    assert_eq!(report.manual_review.get("WAIT_TIMEOUT"), Some(&1));
+    assert!(report.ok, "{:?}", report.violations);
+}
