@@ -410,8 +410,9 @@ struct Rec {
     invalid: String,
     in_scope: bool,
     /// Whether it is a forwarded copy: the record its `cc-forwarded-from` header names exists
-    /// (and is another record) and has the same key and value. A copy is the processor's transport, not a place where the producer
-    /// sent the intent (a forged header, naming another record, makes no copy).
+    /// (and is another record) and has the same key and value. A copy is the processor's
+    /// transport, not a place where the producer sent the intent (a forged header, naming
+    /// another record, makes no copy).
     copy: bool,
 }
 
