@@ -58,7 +58,7 @@ fn wave(assigned: usize, strict: usize, from: u64, to: u64) -> Vec<Intent> {
 async fn adding_partitions_keeps_one_sequence_per_contact_across_two_instances() {
     let env = TestEnv::exclusive("growth", 12).await;
     let cfg = env.config.clone();
-    let log = |name: &str| std::env::temp_dir().join(format!("{}-{name}.log", env.name));
+    let log = |name: &str| crate::failures::log_path(&env, name);
     let a = Processor::spawn(&cfg, log("a1"));
     // Strict contacts straddle the change: sequences 1..=3 before, 4..=6 after.
     produce_intents(&cfg, &wave(300, 60, 1, 3)).await;
@@ -116,7 +116,7 @@ async fn a_producer_scattering_each_contacts_intents_over_every_partition_keeps_
     const PER_CONTACT: u64 = 8;
     let env = TestEnv::new("scatter", PARTITIONS).await;
     let cfg = env.config.clone();
-    let log = |name: &str| std::env::temp_dir().join(format!("{}-{name}.log", env.name));
+    let log = |name: &str| crate::failures::log_path(&env, name);
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
 
     let mut strict: Vec<Intent> = Vec::new();
@@ -279,7 +279,7 @@ async fn partitions_added_to_the_side_effects_topic_move_no_contacts_effects() {
     let env = TestEnv::new("grow_effects", 3).await;
     let cfg = env.config.clone();
     let fx_topic = cfg.kafka.side_effects_topic.clone();
-    let log = |name: &str| std::env::temp_dir().join(format!("{}-{name}.log", env.name));
+    let log = |name: &str| crate::failures::log_path(&env, name);
     let a = Processor::spawn(&cfg, log("a1"));
     produce_intents(&cfg, &wave(40, 40, 1, 2)).await;
     caught_up(&cfg, Duration::from_secs(60)).await;
@@ -734,7 +734,7 @@ async fn a_contact_on_its_owner_and_a_lower_partition_in_one_batch_stays_with_it
     let mut cfg = env.config.clone();
     // The restarted processor's first batch holds what both partitions have waiting.
     cfg.batch.max_linger = Duration::from_millis(1_000);
-    let log = |name: &str| std::env::temp_dir().join(format!("{}-{name}.log", env.name));
+    let log = |name: &str| crate::failures::log_path(&env, name);
     let proc = Processor::spawn(&cfg, log("run1"));
     produce_at(&cfg, &[(1, intent("x-1", "x", 1))]).await;
     caught_up(&cfg, Duration::from_secs(60)).await;
@@ -772,11 +772,7 @@ async fn a_contact_on_its_owner_and_a_lower_partition_in_one_batch_stays_with_it
         "partition 0 learns that 1 owns x, once"
     );
     let fx = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
-    let x: Vec<(&str, u64)> = fx
-        .iter()
-        .filter(|e| e.contact_id == "x")
-        .map(|e| (e.intent_id.as_str(), e.commit_sequence))
-        .collect();
+    let x = sequences_of(&fx, "x");
     assert_eq!(x, vec![("x-1", 1), ("x-2", 2), ("x-3", 3), ("x-4", 4)]);
     assert_eq!(fx.len(), 14);
     let report = verify_report(&cfg, "").await;
@@ -797,7 +793,7 @@ async fn a_rolled_back_creation_keeps_the_contact_with_its_owner() {
     let env = TestEnv::new("own_rollback", 2).await;
     let mut cfg = env.config.clone();
     cfg.kafka.operation_timeout = Duration::from_secs(2);
-    let log = |name: &str| std::env::temp_dir().join(format!("{}-{name}.log", env.name));
+    let log = |name: &str| crate::failures::log_path(&env, name);
     // b takes both partitions and gives each its first recovery point; then a joins, takes
     // one, and its first transaction (r-1's batch) holds in send_offsets_to_transaction until
     // it is given up; its next batch (the replay after the restore) is held 15 s, long enough
@@ -887,12 +883,9 @@ async fn a_rolled_back_creation_keeps_the_contact_with_its_owner() {
     produce_at(&cfg, &[(other, intent("r-4", "r", 0))]).await;
     caught_up(&cfg, Duration::from_secs(90)).await;
     let fx = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
-    let r: Vec<(&str, u64)> = fx
-        .iter()
-        .map(|e| (e.intent_id.as_str(), e.commit_sequence))
-        .collect();
+    assert_eq!(fx.len(), 4, "r's four effects, nothing else");
     assert_eq!(
-        r,
+        sequences_of(&fx, "r"),
         vec![("r-1", 1), ("r-2", 2), ("r-3", 3), ("r-4", 4)],
         "r-4 is numbered after r-2 and r-3, sent before it to the same partition"
     );

@@ -124,11 +124,7 @@ async fn an_intent_sent_again_after_its_outcome_left_redis_is_a_duplicate() {
     .await;
     assert!(proc.terminate(Duration::from_secs(30)));
     let fx = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
-    let seqs: Vec<(&str, u64)> = fx
-        .iter()
-        .filter(|e| e.contact_id == "c")
-        .map(|e| (e.intent_id.as_str(), e.commit_sequence))
-        .collect();
+    let seqs = sequences_of(&fx, "c");
     assert_eq!(seqs, [("again", 1), ("next", 2)], "no second effect");
     let duplicate = crate::common::process::read_log(&log).into_iter().any(|l| {
         l["message"] == "transition" && l["intent_id"] == "again" && l["state"] == "duplicate"
@@ -257,7 +253,7 @@ async fn effects_of_a_run(
 async fn one_intent_id_reused_for_two_contacts_on_two_instances_has_one_effect() {
     let env = TestEnv::new("reuse_2i", 2).await;
     let cfg = env.config.clone();
-    let log = |name: &str| std::env::temp_dir().join(format!("{}-{name}.log", env.name));
+    let log = |name: &str| crate::failures::log_path(&env, name);
     let a = Processor::spawn(&cfg, log("a"));
     let mut cfg_b = cfg.clone();
     cfg_b.instance_id = format!("{}-b", env.name);

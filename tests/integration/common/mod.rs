@@ -554,6 +554,15 @@ pub fn reviews(values: &[Vec<u8>]) -> Vec<ManualReview> {
         .collect()
 }
 
+/// `contact`'s effects among `effects`, as (intent id, commit sequence), in topic order.
+pub fn sequences_of<'a>(effects: &'a [SideEffect], contact: &str) -> Vec<(&'a str, u64)> {
+    effects
+        .iter()
+        .filter(|e| e.contact_id == contact)
+        .map(|e| (e.intent_id.as_str(), e.commit_sequence))
+        .collect()
+}
+
 /// Effects grouped per contact, in topic order.
 pub fn by_contact(effects: &[SideEffect]) -> HashMap<String, Vec<&SideEffect>> {
     let mut m: HashMap<String, Vec<&SideEffect>> = HashMap::new();
