@@ -89,6 +89,18 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Operator: one contact's items on the manual-review topic, where each one is (partition,
+    /// offset: what `resubmit` takes), its reason and sequences, its intent's outcome now, and
+    /// whether it can be re-submitted (admin API).
+    Reviews {
+        /// The contact.
+        contact: String,
+        /// Items to list (the first ones, by partition and offset).
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Operator: release a held contact, resuming it or skipping its missing sequences below
     /// --skip-to. The owning instance applies it in a batch; audited. Waits until the command
     /// is applied (its batch committed), refused, or --wait passes.
@@ -328,6 +340,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "/v1/contacts/{}?after={after}&limit={limit}",
                 segment(&contact)
             );
+            print_reply(client(&config, &admin)?.get(&path).await?)
+        }
+        Command::Reviews {
+            contact,
+            limit,
+            admin,
+        } => {
+            let path = format!("/v1/contacts/{}/reviews?limit={limit}", segment(&contact));
             print_reply(client(&config, &admin)?.get(&path).await?)
         }
         Command::Ready(admin) => print_reply(client(&config, &admin)?.get("/v1/ready").await?),

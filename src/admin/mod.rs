@@ -1,12 +1,13 @@
 //! The admin HTTP API (`[admin] listen`), and the client the CLI's operator commands use.
 //!
 //! Every call needs `Authorization: Bearer <admin.token>` (compared in constant time); with no
-//! token configured every call is refused. Reads come from PostgreSQL, so any instance answers
-//! for every partition. State-changing calls (release, re-submit, cancel) queue or cancel an
-//! operator command (`store::postgres::commands`) and write a `cc_admin_audit` row: the actor
-//! the caller names, that the bearer token was valid, what was asked, when, and the result.
-//! The partition's owner applies a command inside a batch (`pipeline::operator`); it reads as
-//! `applied` once that batch is committed in Kafka.
+//! token configured every call is refused. Reads come from PostgreSQL (a contact's review items
+//! from the manual-review topic too), so any instance answers for every partition.
+//! State-changing calls (release, re-submit, cancel) queue or cancel an operator command
+//! (`store::postgres::commands`) and write a `cc_admin_audit` row: the actor the caller names,
+//! that the bearer token was valid, what was asked, when, and the result. The partition's owner
+//! applies a command inside a batch (`pipeline::operator`); it reads as `applied` once that
+//! batch is committed in Kafka.
 //!
 //! The routes and their responses are documented in [`OPENAPI`] (`src/admin/openapi.json`),
 //! served at `GET /v1/openapi.json`.
@@ -103,6 +104,7 @@ fn router(api: Arc<Api>) -> Router {
         .route("/v1/backlog", get(backlog))
         .route("/v1/held", get(held))
         .route("/v1/contacts/{contact_id}", get(contact))
+        .route("/v1/contacts/{contact_id}/reviews", get(reviews))
         .route("/v1/contacts/{contact_id}/release", post(release))
         .route("/v1/resubmissions", post(resubmit))
         .route("/v1/commands", get(commands))
@@ -287,6 +289,95 @@ async fn contact(
     .ok_or_else(|| ApiError::not_found(format!("contact {contact_id:?} is unknown")))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReviewsQuery {
+    limit: Option<i64>,
+}
+
+/// The contact's items on the manual-review topic (read_committed, keyed by the contact), read
+/// from [`review::LIST_SLACK_MS`] before its first audited review: where each one is, what it
+/// says, its intent's outcome now, and whether `resubmit` would take it (why not, if not). What
+/// an operator needs to re-submit a held contact's intents, through the API alone.
+async fn reviews(
+    State(api): Shared,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ReviewsQuery>, QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let contact_id = contact_id(&api, path)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = limit(q.limit, 100)?;
+    let topic = api.config.kafka.manual_review_topic.clone();
+    let first = pg::commands::first_review_ms(&api.pool, &contact_id)
+        .await
+        .map_err(ApiError::store)?;
+    let Some(first) = first else {
+        return Ok(Json(serde_json::json!({
+            "contact_id": contact_id, "topic": topic, "read_from_ms": null,
+            "items": [], "more": false,
+        })));
+    };
+    let since = first - review::LIST_SLACK_MS;
+    let (config, contact) = (api.config.clone(), contact_id.clone());
+    let (listed, more) = tokio::task::spawn_blocking(move || {
+        review::list(
+            &config,
+            &contact,
+            since,
+            usize::try_from(limit).unwrap_or(1),
+        )
+    })
+    .await
+    .map_err(ApiError::store)?
+    .map_err(ApiError::store)?;
+    let ids: Vec<String> = listed
+        .iter()
+        .filter_map(|l| l.review.as_ref().ok())
+        .map(|r| r.intent_id.clone())
+        .collect();
+    let outcomes = pg::commands::latest_outcomes(&api.pool, &ids)
+        .await
+        .map_err(ApiError::store)?;
+    let items: Vec<serde_json::Value> = listed
+        .iter()
+        .map(|l| {
+            let (p, o) = (l.partition, l.offset);
+            let r = match &l.review {
+                Ok(r) => r,
+                Err(why) => {
+                    return serde_json::json!({
+                        "partition": p, "offset": o, "resubmittable": false, "why_not": why,
+                    })
+                }
+            };
+            let outcome = outcomes.get(&r.intent_id).map(String::as_str);
+            let why_not = not_resubmittable(&api.config, p, o, r, outcome).map(|e| e.message);
+            let reason = crate::proto::ReviewReason::try_from(r.reason).map_or_else(
+                |_| format!("unknown ({})", r.reason),
+                |x| x.as_str_name().into(),
+            );
+            serde_json::json!({
+                "partition": p,
+                "offset": o,
+                "intent_id": r.intent_id,
+                "reason": reason,
+                "expected_sequence": r.expected_sequence,
+                "received_sequence": r.received_sequence,
+                "waited_ms": r.waited_ms,
+                "reviewed_at_ms": r.reviewed_at_ms,
+                "detail": r.detail,
+                "outcome": outcome,
+                "resubmittable": why_not.is_none(),
+                "why_not": why_not,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "contact_id": contact_id, "topic": topic, "read_from_ms": since,
+        "items": items, "more": more,
+    })))
+}
+
 /// A contact id from the path, checked like an intent's (printable, bounded).
 fn contact_id(api: &Api, path: Result<Path<String>, PathRejection>) -> ApiResult<String> {
     let Path(id) = path.map_err(|e| ApiError::bad_request(e.body_text()))?;
@@ -465,6 +556,50 @@ const REOPENABLE: [crate::proto::ReviewReason; 3] = [
     crate::proto::ReviewReason::ContactBacklogOverflow,
 ];
 
+/// Why the review at `partition`/`offset` is not re-submitted, given its intent's latest
+/// outcome (`None`: no outcome recorded), or `None` when it is: what `resubmit` refuses with
+/// (422 for the item itself, 409 for its intent's outcome), and what a listing of a contact's
+/// items says of each.
+fn not_resubmittable(
+    config: &Config,
+    partition: i32,
+    offset: i64,
+    review: &crate::proto::ManualReview,
+    outcome: Option<&str>,
+) -> Option<ApiError> {
+    let unprocessable =
+        |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_resubmittable", m);
+    let reason = crate::proto::ReviewReason::try_from(review.reason)
+        .unwrap_or(crate::proto::ReviewReason::Unspecified);
+    if !REOPENABLE.contains(&reason) || review.intent_id.is_empty() {
+        return Some(unprocessable(format!(
+            "review {partition}/{offset} ({}) is not re-submittable: only WAIT_TIMEOUT, CONTACT_ON_HOLD and CONTACT_BACKLOG_OVERFLOW items are reopened; a conflict's decision stands and invalid input stays invalid",
+            reason.as_str_name()
+        )));
+    }
+    if review.original_truncated {
+        // Never for the reasons above (valid records always fit whole), but a cut record must
+        // not come back as a shorter one.
+        return Some(unprocessable(format!(
+            "review {partition}/{offset} holds only the first part of the original {} value bytes",
+            review.original_value_size
+        )));
+    }
+    if review.source_topic != config.kafka.intents_topic.as_str() {
+        return Some(unprocessable(format!(
+            "review {partition}/{offset} is of topic {:?}, not {:?}",
+            review.source_topic, config.kafka.intents_topic
+        )));
+    }
+    match outcome {
+        Some(state) if state != "manual_review" => Some(ApiError::conflict(format!(
+            "intent {:?} is {state} now; only a manual_review decision is reopened",
+            review.intent_id
+        ))),
+        _ => None,
+    }
+}
+
 async fn resubmit(State(api): Shared, bytes: Bytes) -> ApiResult<Response> {
     let parsed = body::<ResubmitBody>(&bytes).and_then(|b| {
         actor(&b.actor)?;
@@ -527,45 +662,12 @@ async fn resubmit(State(api): Shared, bytes: Bytes) -> ApiResult<Response> {
             .await
         }
     };
-    let reason = crate::proto::ReviewReason::try_from(review.reason)
-        .unwrap_or(crate::proto::ReviewReason::Unspecified);
     let contact_id = review.contact_id.clone();
-    if !REOPENABLE.contains(&reason) || review.intent_id.is_empty() {
-        let e = unprocessable(format!(
-            "review {partition}/{offset} ({}) is not re-submittable: only WAIT_TIMEOUT, CONTACT_ON_HOLD and CONTACT_BACKLOG_OVERFLOW items are reopened; a conflict's decision stands and invalid input stays invalid",
-            reason.as_str_name()
-        ));
-        return refuse(&api, actor, "resubmit", &contact_id, request, e).await;
-    }
-    if review.original_truncated {
-        // Never for the reasons above (valid records always fit whole), but a cut record must
-        // not come back as a shorter one.
-        let e = unprocessable(format!(
-            "review {partition}/{offset} holds only the first {} of the original {} value bytes",
-            review.original_value.len(),
-            review.original_value_size
-        ));
-        return refuse(&api, actor, "resubmit", &contact_id, request, e).await;
-    }
-    if review.source_topic != api.config.kafka.intents_topic.as_str() {
-        let e = unprocessable(format!(
-            "review {partition}/{offset} is of topic {:?}, not {:?}",
-            review.source_topic, api.config.kafka.intents_topic
-        ));
-        return refuse(&api, actor, "resubmit", &contact_id, request, e).await;
-    }
     let outcome = pg::commands::latest_outcome(&api.pool, &review.intent_id)
         .await
         .map_err(ApiError::store)?;
-    if outcome
-        .as_ref()
-        .is_some_and(|(state, _)| state != "manual_review")
-    {
-        let (state, _) = outcome.unwrap_or_default();
-        let e = ApiError::conflict(format!(
-            "intent {:?} is {state} now; only a manual_review decision is reopened",
-            review.intent_id
-        ));
+    let outcome = outcome.as_ref().map(|(state, _)| state.as_str());
+    if let Some(e) = not_resubmittable(&api.config, partition, offset, &review, outcome) {
         return refuse(&api, actor, "resubmit", &contact_id, request, e).await;
     }
     let action = CommandAction::Resubmit(Box::new(pg::Resubmission {
@@ -677,4 +779,68 @@ async fn cancel(
     }
     tracing::info!(command = id, actor, "operator command cancelled");
     Ok(Json(view).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{ManualReview, ReviewReason};
+
+    fn review(reason: ReviewReason) -> ManualReview {
+        ManualReview {
+            reason: reason as i32,
+            intent_id: "i-1".into(),
+            source_topic: Config::default().kafka.intents_topic.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// What `resubmit` refuses and the listing reports, case by case: the item's reason, an
+    /// item without an intent id, a cut record, another intents topic, the intent decided since.
+    #[test]
+    fn an_item_is_resubmittable_only_while_reopenable_whole_ours_and_still_in_review() {
+        let config = Config::default();
+        let why = |r: &ManualReview, outcome: Option<&str>| {
+            not_resubmittable(&config, 0, 7, r, outcome).map(|e| (e.status, e.message))
+        };
+        for reason in [
+            ReviewReason::WaitTimeout,
+            ReviewReason::ContactOnHold,
+            ReviewReason::ContactBacklogOverflow,
+        ] {
+            assert_eq!(why(&review(reason), None), None, "{reason:?}");
+            assert_eq!(why(&review(reason), Some("manual_review")), None);
+        }
+        for reason in [
+            ReviewReason::VersionConflict,
+            ReviewReason::SequenceConflict,
+            ReviewReason::IdempotencyConflict,
+            ReviewReason::InvalidIntent,
+            ReviewReason::Unprocessable,
+            ReviewReason::Unspecified,
+        ] {
+            let (status, message) = why(&review(reason), None).expect("refused");
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+            assert!(message.contains(reason.as_str_name()), "{message}");
+        }
+        let mut unnamed = review(ReviewReason::WaitTimeout);
+        unnamed.intent_id.clear();
+        assert_eq!(
+            why(&unnamed, None).map(|(s, _)| s),
+            Some(StatusCode::UNPROCESSABLE_ENTITY)
+        );
+        let mut cut = review(ReviewReason::WaitTimeout);
+        cut.original_truncated = true;
+        cut.original_value_size = 2_000_000;
+        let (_, message) = why(&cut, None).expect("refused");
+        assert!(message.contains("2000000"), "{message}");
+        let mut elsewhere = review(ReviewReason::WaitTimeout);
+        elsewhere.source_topic = "other-intents".into();
+        let (_, message) = why(&elsewhere, None).expect("refused");
+        assert!(message.contains("other-intents"), "{message}");
+        let (status, message) =
+            why(&review(ReviewReason::WaitTimeout), Some("committed_causal")).expect("refused");
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert!(message.contains("committed_causal"), "{message}");
+    }
 }

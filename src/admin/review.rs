@@ -111,3 +111,62 @@ pub fn read(config: &Config, partition: i32, offset: i64) -> Result<ManualReview
         humantime::format_duration(READ_TIMEOUT)
     )))
 }
+
+/// One manual-review record keyed by a contact, where it is: its review without the original
+/// record's bytes (an original may be as large as the intents topic takes; the listing names
+/// the item, `read` fetches it whole), or why it could not be read as one.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub partition: i32,
+    pub offset: i64,
+    pub review: Result<ManualReview, String>,
+}
+
+/// How long before the contact's first audited review a listing starts reading: a review
+/// record's timestamp is the deciding instance's clock when it queued the record, before the
+/// audit row took PostgreSQL's clock, and the two clocks may differ.
+pub const LIST_SLACK_MS: i64 = 15 * 60 * 1000;
+
+/// The records of the manual-review topic keyed by `contact_id` with a timestamp at or after
+/// `since_ms`, in (partition, offset) order: the first `limit` of them, and whether there were
+/// more. Holds at most `limit + 1` per partition, without their original bytes. Blocking.
+pub fn list(
+    config: &Config,
+    contact_id: &str,
+    since_ms: i64,
+    limit: usize,
+) -> anyhow::Result<(Vec<Listed>, bool)> {
+    let key = contact_id.as_bytes();
+    let mut per_partition: std::collections::BTreeMap<i32, Vec<Listed>> = Default::default();
+    crate::pipeline::read::read_topic_since(
+        config,
+        &config.kafka.manual_review_topic,
+        Some(since_ms),
+        |r| {
+            if r.key != Some(key) {
+                return Ok(());
+            }
+            let kept = per_partition.entry(r.partition).or_default();
+            if kept.len() > limit {
+                return Ok(());
+            }
+            let review = ManualReview::decode(r.value.unwrap_or_default())
+                .map(|mut m| {
+                    m.original_value = Default::default();
+                    m.original_key = Default::default();
+                    m
+                })
+                .map_err(|e| format!("not a ManualReview: {e}"));
+            kept.push(Listed {
+                partition: r.partition,
+                offset: r.offset,
+                review,
+            });
+            Ok(())
+        },
+    )?;
+    let mut all: Vec<Listed> = per_partition.into_values().flatten().collect();
+    let more = all.len() > limit;
+    all.truncate(limit);
+    Ok((all, more))
+}

@@ -217,7 +217,7 @@ pub struct TopicMissing(pub String);
 /// partition, or from the beginning.
 // One loop of one consumer (seek by time, poll to the high watermarks, classify each record);
 // splitting it would thread the consumer's state through helpers for no clarity.
-fn read_topic_since(
+pub fn read_topic_since(
     config: &Config,
     topic: &str,
     since_ms: Option<i64>,

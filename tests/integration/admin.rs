@@ -87,6 +87,18 @@ where
     }
 }
 
+/// One instance with the admin API and a 2-s `wait_timeout` (a missing sequence holds its
+/// contact quickly), ready: the world of the tests that hold a contact and work it.
+async fn held_world(name: &str) -> (TestEnv, Running, Client) {
+    let mut env = TestEnv::new(name, 1).await;
+    env.config.sequencer.wait_timeout = Duration::from_secs(2);
+    with_admin(&mut env.config);
+    let mut running = start(env.config());
+    let api = api(&env.config);
+    wait_ready(&api, &mut running).await;
+    (env, running, api)
+}
+
 /// Waits until `contact` is on hold, and returns its entry of `GET /v1/held`.
 pub async fn wait_held(api: &Client, contact: &str) -> serde_json::Value {
     eventually(Duration::from_secs(60), "the contact's hold", || async {
@@ -231,6 +243,7 @@ async fn every_call_needs_the_configured_bearer_token_and_without_one_every_call
         ("GET", "/v1/ready"),
         ("GET", "/v1/backlog"),
         ("GET", "/v1/held"),
+        ("GET", "/v1/contacts/c/reviews"),
         ("GET", "/v1/commands"),
         ("GET", "/v1/openapi.json"),
         ("POST", "/v1/contacts/c/release"),
@@ -506,12 +519,7 @@ async fn a_command_is_applied_only_once_its_batch_commits_and_an_aborted_batch_l
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_cli_release_cancels_its_pending_command_or_reports_it_pending_and_is_never_applied_after_cancelling(
 ) {
-    let mut env = TestEnv::new("admintimeout", 1).await;
-    env.config.sequencer.wait_timeout = Duration::from_secs(2);
-    with_admin(&mut env.config);
-    let mut running = start(env.config());
-    let api = api(&env.config);
-    wait_ready(&api, &mut running).await;
+    let (env, running, api) = held_world("admintimeout").await;
     produce_intents(&env.config, &[intent("t-2", "late", 2)]).await;
     wait_held(&api, "late").await;
     running.stop().await;
@@ -656,12 +664,7 @@ async fn resume_clears_the_hold_but_not_the_gap_so_a_new_intent_waits_with_a_fre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_resubmission_releases_the_intents_effect_in_order_and_is_audited() {
-    let mut env = TestEnv::new("adminresub", 1).await;
-    env.config.sequencer.wait_timeout = Duration::from_secs(2);
-    with_admin(&mut env.config);
-    let mut running = start(env.config());
-    let api = api(&env.config);
-    wait_ready(&api, &mut running).await;
+    let (env, running, api) = held_world("adminresub").await;
     produce_intents(&env.config, &[intent("s-2", "late", 2)]).await;
     let (p, offset, _) = wait_review(&env.config, "s-2", ReviewReason::WaitTimeout).await;
     wait_held(&api, "late").await;
@@ -738,14 +741,151 @@ async fn an_operator_resubmission_releases_the_intents_effect_in_order_and_is_au
     verify_ok(&env.config, false).await;
 }
 
+/// The listing's items as (partition, offset, reason, resubmittable).
+fn listed(body: &serde_json::Value) -> Vec<(i64, i64, String, bool)> {
+    body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| {
+            (
+                i["partition"].as_i64().unwrap(),
+                i["offset"].as_i64().unwrap(),
+                i["reason"].as_str().unwrap_or_default().to_string(),
+                i["resubmittable"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Re-submits a listed item through the CLI, where the listing says it is; waits until applied.
+async fn resubmit_listed(config: &Config, item: &(i64, i64, String, bool)) {
+    let (p, o) = (item.0.to_string(), item.1.to_string());
+    let (ok, out, err) = run_cli(config, &["resubmit", "--partition", &p, "--offset", &o]).await;
+    assert!(ok, "{out} {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contacts_review_items_are_listed_with_where_they_are_and_whether_a_resubmission_takes_them(
+) {
+    let (env, running, api) = held_world("adminreviews").await;
+    // Nothing reviewed for the contact yet: nothing listed, the topic not read.
+    let none = get(&api, "/v1/contacts/late/reviews").await;
+    assert_eq!(none["items"], serde_json::json!([]), "{none}");
+    assert!(none["read_from_ms"].is_null(), "{none}");
+
+    // late: s-2 times out and holds it, s-3 then goes to review behind the hold, and a record
+    // keyed late that is no intent at all is invalid. Another held contact's item sits on the
+    // same partition of the review topic.
+    produce_intents(
+        &env.config,
+        &[intent("s-2", "late", 2), intent("o-2", "other", 2)],
+    )
+    .await;
+    wait_review(&env.config, "s-2", ReviewReason::WaitTimeout).await;
+    wait_review(&env.config, "o-2", ReviewReason::WaitTimeout).await;
+    wait_held(&api, "late").await;
+    produce_intents(&env.config, &[intent("s-3", "late", 3)]).await;
+    produce_raw(
+        &env.config,
+        &[(Some(b"late".to_vec()), b"\xff\xfe not an intent".to_vec())],
+    )
+    .await;
+    wait_review(&env.config, "s-3", ReviewReason::ContactOnHold).await;
+    let truth = eventually(
+        Duration::from_secs(60),
+        "the invalid record's review",
+        || async {
+            let of_late: Vec<(i64, i64, String, bool)> = reviews_at(&env.config)
+                .await
+                .into_iter()
+                .filter(|(_, _, r)| r.original_key.as_ref() == b"late")
+                .map(|(p, o, r)| {
+                    let reason = ReviewReason::try_from(r.reason).unwrap();
+                    let reopenable = matches!(
+                        reason,
+                        ReviewReason::WaitTimeout | ReviewReason::ContactOnHold
+                    );
+                    (
+                        i64::from(p),
+                        o,
+                        reason.as_str_name().to_string(),
+                        reopenable,
+                    )
+                })
+                .collect();
+            (of_late.len() == 3).then_some(of_late)
+        },
+    )
+    .await;
+    assert_eq!(
+        truth.iter().map(|t| t.2.as_str()).collect::<Vec<_>>(),
+        ["WAIT_TIMEOUT", "CONTACT_ON_HOLD", "INVALID_INTENT"]
+    );
+
+    // Exactly the contact's items (not the other contact's), by offset, each with where it is
+    // and whether a re-submission would be taken.
+    let body = get(&api, "/v1/contacts/late/reviews").await;
+    assert_eq!(listed(&body), truth, "{body}");
+    assert_eq!(body["more"], false);
+    let items = body["items"].as_array().unwrap();
+    assert_eq!(items[0]["intent_id"], "s-2");
+    assert_eq!(items[0]["received_sequence"], 2);
+    assert_eq!(items[0]["outcome"], "manual_review");
+    assert!(items[0]["why_not"].is_null());
+    assert_eq!(items[1]["intent_id"], "s-3");
+    assert!(
+        items[2]["why_not"]
+            .as_str()
+            .is_some_and(|w| w.contains("INVALID_INTENT")),
+        "{body}"
+    );
+    let first = get(&api, "/v1/contacts/late/reviews?limit=1").await;
+    assert_eq!(listed(&first), truth[..1].to_vec(), "{first}");
+    assert_eq!(first["more"], true);
+    // The CLI prints the same listing.
+    let (ok, out, err) = run_cli(&env.config, &["reviews", "late"]).await;
+    assert!(ok, "{out} {err}");
+    let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(printed, body);
+
+    // The operator works the list: skip past the lost sequence 1, re-submit s-2 where the
+    // listing says it is. Its item is then no longer re-submittable; s-3's still is.
+    let (ok, out, err) = run_cli(
+        &env.config,
+        &["release", "--contact", "late", "--skip-to", "2"],
+    )
+    .await;
+    assert!(ok, "{out} {err}");
+    resubmit_listed(&env.config, &truth[0]).await;
+    assert_eq!(
+        effects_of(&env.config, 1).await,
+        vec![("s-2".to_string(), 2)]
+    );
+    let after = get(&api, "/v1/contacts/late/reviews").await;
+    let items = after["items"].as_array().unwrap();
+    assert_eq!(items[0]["outcome"], "committed_causal", "{after}");
+    assert_eq!(items[0]["resubmittable"], false);
+    assert!(
+        items[0]["why_not"]
+            .as_str()
+            .is_some_and(|w| w.contains("committed_causal")),
+        "{after}"
+    );
+    assert_eq!(items[1]["resubmittable"], true, "{after}");
+    resubmit_listed(&env.config, &truth[1]).await;
+    assert_eq!(
+        effects_of(&env.config, 2).await,
+        vec![("s-2".to_string(), 2), ("s-3".to_string(), 3)]
+    );
+    running.stop().await;
+    // `other` is still held with its item in review.
+    verify_ok(&env.config, true).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_carrying_the_old_resubmission_header_reopens_nothing() {
-    let mut env = TestEnv::new("adminheader", 1).await;
-    env.config.sequencer.wait_timeout = Duration::from_secs(2);
-    with_admin(&mut env.config);
-    let mut running = start(env.config());
-    let api = api(&env.config);
-    wait_ready(&api, &mut running).await;
+    let (env, running, api) = held_world("adminheader").await;
     let two = intent("h-2", "c", 2);
     produce_intents(&env.config, std::slice::from_ref(&two)).await;
     wait_review(&env.config, "h-2", ReviewReason::WaitTimeout).await;
@@ -855,12 +995,7 @@ fn schemathesis() -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
-    let mut env = TestEnv::new("adminfuzz", 1).await;
-    env.config.sequencer.wait_timeout = Duration::from_secs(2);
-    with_admin(&mut env.config);
-    let mut running = start(env.config());
-    let api = api(&env.config);
-    wait_ready(&api, &mut running).await;
+    let (env, running, api) = held_world("adminfuzz").await;
     // Something to read: a held contact, a review, a command.
     produce_intents(
         &env.config,

@@ -873,6 +873,38 @@ pub async fn latest_outcome(pool: &PgPool, intent_id: &str) -> Result<Option<(St
     .map_err(db("reading an intent's outcome"))
 }
 
+/// The latest idempotency outcome (`to_state`) of each of `intent_ids` that has one, as
+/// [`latest_outcome`] reads it for one: what a listing of review items says of each.
+pub async fn latest_outcomes(
+    pool: &PgPool,
+    intent_ids: &[String],
+) -> Result<std::collections::HashMap<String, String>> {
+    let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT DISTINCT ON (intent_id) intent_id, to_state FROM cc_transition
+          WHERE intent_id = ANY($1) AND {}
+          ORDER BY intent_id, id DESC",
+        super::outcomes::IDEMPOTENCY_ROWS
+    ))
+    .bind(intent_ids)
+    .fetch_all(pool)
+    .await
+    .map_err(db("reading intents' outcomes"))?;
+    Ok(rows.into_iter().collect())
+}
+
+/// When the contact's first `manual_review` audit row was written (PostgreSQL's clock, ms), or
+/// `None` when it has none: where a listing of its review items starts.
+pub async fn first_review_ms(pool: &PgPool, contact_id: &str) -> Result<Option<i64>> {
+    sqlx::query_scalar(
+        "SELECT floor(extract(epoch FROM min(at)) * 1000)::bigint FROM cc_transition
+          WHERE contact_id = $1 AND to_state = 'manual_review'",
+    )
+    .bind(contact_id)
+    .fetch_one(pool)
+    .await
+    .map_err(db("reading the contact's first review"))
+}
+
 /// Appends one row to the operator audit.
 pub async fn audit_admin<'e, E: sqlx::PgExecutor<'e>>(
     executor: E,
