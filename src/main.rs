@@ -115,17 +115,22 @@ enum Command {
         op: OperatorArgs,
     },
     /// Operator: re-submit a manual-review item, named by its review record's partition and
-    /// offset on the manual-review topic. Audited; waits like `release`.
+    /// offset on the manual-review topic; or, with --contact, every item of a released contact
+    /// that a re-submission takes (as `reviews` lists them), one after the other in the order
+    /// they were reviewed. Audited; each waits like `release`.
     Resubmit {
         /// The manual-review topic (default: the instance's).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "contact")]
         topic: Option<String>,
         /// The review record's partition.
-        #[arg(long)]
-        partition: i32,
+        #[arg(long, required_unless_present = "contact", conflicts_with = "contact")]
+        partition: Option<i32>,
         /// The review record's offset.
+        #[arg(long, required_unless_present = "contact", conflicts_with = "contact")]
+        offset: Option<i64>,
+        /// Every re-submittable item of this contact (it must not be on hold: release it first).
         #[arg(long)]
-        offset: i64,
+        contact: Option<String>,
         #[command(flatten)]
         op: OperatorArgs,
     },
@@ -367,15 +372,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             topic,
             partition,
             offset,
+            contact,
             op,
-        } => {
-            let mut body =
-                serde_json::json!({ "actor": op.actor, "partition": partition, "offset": offset });
-            if let Some(t) = topic {
-                body["topic"] = t.into();
+        } => match (contact, partition, offset) {
+            (Some(contact), _, _) => resubmit_contact(&config, &op, &contact).await,
+            (None, Some(partition), Some(offset)) => {
+                let mut body = serde_json::json!({ "actor": op.actor, "partition": partition, "offset": offset });
+                if let Some(t) = topic {
+                    body["topic"] = t.into();
+                }
+                operator_command(&config, &op, "/v1/resubmissions", &body).await
             }
-            operator_command(&config, &op, "/v1/resubmissions", &body).await
-        }
+            _ => anyhow::bail!("resubmit needs --partition and --offset, or --contact"),
+        },
         Command::Commands { command } => match command {
             CommandsCommand::List { all, admin } => {
                 let state = if all { "all" } else { "unfinished" };
@@ -483,6 +492,88 @@ async fn check_drained_now(api: &Client, backlog: Reply) -> anyhow::Result<()> {
 fn print_reply(reply: Reply) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&reply.body)?);
     anyhow::ensure!(reply.ok(), "the admin API refused: {}", reply.error());
+    Ok(())
+}
+
+/// The most items `resubmit --contact` lists at once (the API's largest page).
+const RESUBMIT_PAGE: usize = 10_000;
+
+/// `resubmit --contact`: every item of the contact's listing that a re-submission takes, the
+/// latest of each intent, in the order they were reviewed (an assigned-mode intent takes its
+/// sequence in the order it is re-submitted), one after the other, each waited for like a single
+/// `resubmit`. Refuses a contact on hold (its items would go straight back to review). Stops at
+/// the first item that is not applied, naming it; prints each command, then what it did.
+async fn resubmit_contact(config: &Config, op: &OperatorArgs, contact: &str) -> anyhow::Result<()> {
+    let api = client(config, &op.admin)?;
+    let held = api.get("/v1/held").await?;
+    anyhow::ensure!(held.ok(), "the admin API refused: {}", held.error());
+    let is_held = held.body["contacts"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["contact_id"] == contact));
+    anyhow::ensure!(
+        !is_held,
+        "contact {contact:?} is on hold: release it first (`causal-commit release --contact ...`), or its items go straight back to manual review as CONTACT_ON_HOLD"
+    );
+    let path = format!(
+        "/v1/contacts/{}/reviews?limit={RESUBMIT_PAGE}",
+        segment(contact)
+    );
+    let listing = api.get(&path).await?;
+    anyhow::ensure!(listing.ok(), "the admin API refused: {}", listing.error());
+    let items = listing.body["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    // The latest re-submittable item of each intent (an intent reviewed again after an earlier
+    // re-submission has two), in listing order.
+    let mut latest: std::collections::HashMap<String, usize> = Default::default();
+    for (i, item) in items.iter().enumerate() {
+        if item["resubmittable"] == true {
+            if let Some(id) = item["intent_id"].as_str() {
+                latest.insert(id.to_string(), i);
+            }
+        }
+    }
+    let mut chosen: Vec<usize> = latest.into_values().collect();
+    chosen.sort_unstable();
+    let mut done = Vec::new();
+    for (n, &i) in chosen.iter().enumerate() {
+        let item = &items[i];
+        let body = serde_json::json!({
+            "actor": op.actor, "partition": item["partition"], "offset": item["offset"],
+        });
+        operator_command(config, op, "/v1/resubmissions", &body)
+            .await
+            .with_context(|| {
+                format!(
+                    "re-submitting item {}/{} (intent {}); {n} of {} re-submitted before it",
+                    item["partition"],
+                    item["offset"],
+                    item["intent_id"],
+                    chosen.len()
+                )
+            })?;
+        done.push(serde_json::json!({
+            "partition": item["partition"], "offset": item["offset"], "intent_id": item["intent_id"],
+        }));
+    }
+    let chosen: std::collections::HashSet<usize> = chosen.into_iter().collect();
+    let left: Vec<&serde_json::Value> = items
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !chosen.contains(i))
+        .map(|(_, item)| item)
+        .collect();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "contact_id": contact, "resubmitted": done, "not_resubmitted": left,
+        }))?
+    );
+    anyhow::ensure!(
+        listing.body["more"] != true,
+        "the contact has more than {RESUBMIT_PAGE} review items: run it again for the next ones"
+    );
     Ok(())
 }
 

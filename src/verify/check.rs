@@ -1305,11 +1305,13 @@ impl<'a> World<'a> {
         }
     }
 
-    /// Manual-review records: at most one per input record (R8), carrying the original record
-    /// (§3), and each for a reason that holds in what was observed.
+    /// Manual-review records: at most one per input record (R8), plus one for each operator
+    /// re-submission of its intent (R9: a re-submitted intent may wait again and time out
+    /// again), carrying the original record (§3), and each for a reason that holds in what was
+    /// observed.
     fn check_reviews(&self, f: &mut Findings) {
         for (source, list) in &self.reviews_by_source {
-            if list.len() > 1 {
+            if list.len() > 1 + self.resubmissions_of(*source) {
                 let pos = self.recs[*source].pos;
                 let names: Vec<&str> = list
                     .iter()
@@ -1607,6 +1609,17 @@ impl<'a> World<'a> {
         })
     }
 
+    /// How many operator re-submissions the intent of the record at index `source` had (0 for
+    /// a record that is not a valid intent).
+    fn resubmissions_of(&self, source: usize) -> usize {
+        self.recs[source].intent().map_or(0, |i| {
+            self.resubmissions
+                .get(i.intent_id.as_str())
+                .copied()
+                .unwrap_or(0)
+        })
+    }
+
     /// R5/R9: an intent id has one outcome (an effect, a decision, a place in a waiting list),
     /// plus one more for each operator re-submission.
     fn check_reopened(&self, f: &mut Findings) {
@@ -1823,12 +1836,17 @@ impl<'a> World<'a> {
             let unprocessable = list
                 .iter()
                 .all(|r| self.reviews[*r].why == Why::Unprocessable);
+            // One row per review a record may have (a re-submitted intent reviewed again has
+            // two); reviews beyond those are duplicates, found with the reviews.
+            let expected = list.len().min(1 + self.resubmissions_of(*source));
             let rows = reviewed.get(&pos).map_or(0, |c| c.0);
-            if !(rows == 1 || rows == 0 && unprocessable) {
+            if !(rows == expected || rows == 0 && unprocessable) {
                 f.add(Kind::AuditMismatch, 1, || {
                     format!(
-                        "intents {}/{}: manual-review record with {rows} blocked_conflict/manual_review audit rows, not one",
-                        pos.0, pos.1
+                        "intents {}/{}: {} manual-review records with {rows} blocked_conflict/manual_review audit rows, not {expected}",
+                        pos.0,
+                        pos.1,
+                        list.len()
                     )
                 });
             }

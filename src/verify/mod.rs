@@ -101,7 +101,9 @@
 //! - `malformed_outputs` (§3): output records that are not a usable `SideEffect` (no value,
 //!   undecodable, no intent id, contact id or `commit_sequence`) or `ManualReview` (no value,
 //!   undecodable, no reason, or a source that is no record of the intents topic).
-//! - `duplicate_reviews` (R8): an input record with more than one manual-review record.
+//! - `duplicate_reviews` (R8): an input record with more than one manual-review record, plus
+//!   one for each operator re-submission of its intent (R9: a re-submitted intent that waits
+//!   again may time out again).
 //! - `manual_review_unjustified` (R5-R8, §5): a review whose stated reason does not hold in
 //!   what was observed. Whether something was resolved before a review (or by its batch's
 //!   end) is judged on batch times: the audit rows' (PostgreSQL's clock, one time per batch;
@@ -162,8 +164,8 @@
 //!   batch (decided before the hold) and one of the release's batch are not violations; an
 //!   effect or a hold without its audit row is an `audit_mismatches` finding instead.
 //! - `audit_mismatches` (R8): every effect has exactly one `committed_causal` row, and every
-//!   reviewed record exactly one `blocked_conflict`/`manual_review` row, in committed
-//!   batches; every such row of a batch committed before the outputs were read has its
+//!   reviewed record exactly one `blocked_conflict`/`manual_review` row per review it may have
+//!   (one, plus one per re-submission of its intent), in committed batches; every such row of a batch committed before the outputs were read has its
 //!   output (the audit never counts what did not happen).
 //! - `unreadable_audit`: each note of the reading.
 //!

@@ -1503,6 +1503,66 @@ fn a_decided_intent_is_reopened_only_by_an_operator() {
     assert_ok(&w.check());
 }
 
+/// s2 timed out waiting for 1; an operator resumed c1 and re-submitted s2, which waited again
+/// and timed out again; resumed and re-submitted once more, s2 committed after s1. With
+/// `resubmitted` false the second review and the commit had no re-submission before them.
+fn reviewed_again_world(resubmitted: bool) -> W {
+    let mut w = W::new();
+    let s2 = w.produce(&intent("s2", "c1", 2));
+    w.start_waiting(s2);
+    w.later(TIMEOUT + 1);
+    w.review(s2, Timeout, 1, 2);
+    for _ in 0..2 {
+        w.later(10);
+        w.release("c1", None);
+        if resubmitted {
+            w.resubmit("s2", "c1");
+        }
+        w.start_waiting(s2);
+        w.later(TIMEOUT + 1);
+        if w.o.reviews.len() < 2 {
+            w.review(s2, Timeout, 1, 2);
+        }
+    }
+    let s1 = w.produce(&intent("s1", "c1", 1));
+    w.commit(s1, 1);
+    w.commit(s2, 2);
+    w
+}
+
+/// R8 with R9: an intent an operator re-submits may be reviewed again (it waited again and
+/// timed out again): each review of one record beyond the first answers a re-submission of
+/// its intent, and each has its own audit row.
+#[test]
+fn a_record_reviewed_again_after_a_resubmission_is_not_a_duplicate() {
+    let w = reviewed_again_world(true);
+    assert_ok(&w.check());
+
+    let w = reviewed_again_world(false);
+    let r = w.check();
+    has(
+        &r,
+        "intents 0/0: 2 manual-review records (WAIT_TIMEOUT, WAIT_TIMEOUT)",
+    );
+    assert_eq!(r.duplicate_reviews, 1, "{r:?}");
+    assert_eq!(r.reopened_without_operator, 1, "{r:?}");
+
+    // The second review without its audit row.
+    let mut w = reviewed_again_world(true);
+    let second =
+        w.o.audit
+            .iter()
+            .rposition(|a| a.outcome == AuditOutcome::Reviewed)
+            .unwrap();
+    w.o.audit.remove(second);
+    let r = w.check();
+    assert_only(&r, Kind::AuditMismatch, 1);
+    has(
+        &r,
+        "intents 0/0: 2 manual-review records with 1 blocked_conflict/manual_review audit rows",
+    );
+}
+
 /// R9: each release and re-submission answers an operator's request, recorded by the admin
 /// audit and applied in the same batch, one request each. One the processor applied on any
 /// other ground (a producer's record, a bug) is a reopening without operator.
@@ -1655,7 +1715,7 @@ fn outputs_and_the_audit_agree() {
     assert_only(&r, Kind::AuditMismatch, 1);
     has(
         &r,
-        "intents 0/0: manual-review record with 0 blocked_conflict/manual_review audit rows",
+        "intents 0/0: 1 manual-review records with 0 blocked_conflict/manual_review audit rows",
     );
 }
 

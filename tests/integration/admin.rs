@@ -87,11 +87,11 @@ where
     }
 }
 
-/// One instance with the admin API and a 2-s `wait_timeout` (a missing sequence holds its
+/// One instance with the admin API and a short `wait_timeout` (a missing sequence holds its
 /// contact quickly), ready: the world of the tests that hold a contact and work it.
-async fn held_world(name: &str) -> (TestEnv, Running, Client) {
+async fn held_world(name: &str, wait_timeout: Duration) -> (TestEnv, Running, Client) {
     let mut env = TestEnv::new(name, 1).await;
-    env.config.sequencer.wait_timeout = Duration::from_secs(2);
+    env.config.sequencer.wait_timeout = wait_timeout;
     with_admin(&mut env.config);
     let mut running = start(env.config());
     let api = api(&env.config);
@@ -519,7 +519,7 @@ async fn a_command_is_applied_only_once_its_batch_commits_and_an_aborted_batch_l
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_cli_release_cancels_its_pending_command_or_reports_it_pending_and_is_never_applied_after_cancelling(
 ) {
-    let (env, running, api) = held_world("admintimeout").await;
+    let (env, running, api) = held_world("admintimeout", Duration::from_secs(2)).await;
     produce_intents(&env.config, &[intent("t-2", "late", 2)]).await;
     wait_held(&api, "late").await;
     running.stop().await;
@@ -664,7 +664,7 @@ async fn resume_clears_the_hold_but_not_the_gap_so_a_new_intent_waits_with_a_fre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_resubmission_releases_the_intents_effect_in_order_and_is_audited() {
-    let (env, running, api) = held_world("adminresub").await;
+    let (env, running, api) = held_world("adminresub", Duration::from_secs(2)).await;
     produce_intents(&env.config, &[intent("s-2", "late", 2)]).await;
     let (p, offset, _) = wait_review(&env.config, "s-2", ReviewReason::WaitTimeout).await;
     wait_held(&api, "late").await;
@@ -758,17 +758,19 @@ fn listed(body: &serde_json::Value) -> Vec<(i64, i64, String, bool)> {
         .collect()
 }
 
-/// Re-submits a listed item through the CLI, where the listing says it is; waits until applied.
-async fn resubmit_listed(config: &Config, item: &(i64, i64, String, bool)) {
-    let (p, o) = (item.0.to_string(), item.1.to_string());
-    let (ok, out, err) = run_cli(config, &["resubmit", "--partition", &p, "--offset", &o]).await;
-    assert!(ok, "{out} {err}");
+/// The last JSON document a CLI command printed (operator commands print one per command).
+fn last_json(out: &str) -> serde_json::Value {
+    serde_json::Deserializer::from_str(out)
+        .into_iter::<serde_json::Value>()
+        .filter_map(Result::ok)
+        .last()
+        .unwrap_or_else(|| panic!("no JSON printed: {out}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_contacts_review_items_are_listed_with_where_they_are_and_whether_a_resubmission_takes_them(
 ) {
-    let (env, running, api) = held_world("adminreviews").await;
+    let (env, running, api) = held_world("adminreviews", Duration::from_secs(2)).await;
     // Nothing reviewed for the contact yet: nothing listed, the topic not read.
     let none = get(&api, "/v1/contacts/late/reviews").await;
     assert_eq!(none["items"], serde_json::json!([]), "{none}");
@@ -849,43 +851,142 @@ async fn a_contacts_review_items_are_listed_with_where_they_are_and_whether_a_re
     let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(printed, body);
 
-    // The operator works the list: skip past the lost sequence 1, re-submit s-2 where the
-    // listing says it is. Its item is then no longer re-submittable; s-3's still is.
+    // The operator works the list. A contact still on hold is refused (its items would go
+    // straight back to review), nothing queued.
+    let (ok, out, err) = run_cli(&env.config, &["resubmit", "--contact", "other"]).await;
+    assert!(!ok && err.contains("on hold"), "{out} {err}");
+    // Skip past the lost sequence 1, then re-submit every item a re-submission takes, in the
+    // order they were reviewed: s-2, then s-3; the invalid record is left, with why.
     let (ok, out, err) = run_cli(
         &env.config,
         &["release", "--contact", "late", "--skip-to", "2"],
     )
     .await;
     assert!(ok, "{out} {err}");
-    resubmit_listed(&env.config, &truth[0]).await;
+    let (ok, out, err) = run_cli(&env.config, &["resubmit", "--contact", "late"]).await;
+    assert!(ok, "{out} {err}");
+    let summary = last_json(&out);
+    let resubmitted: Vec<(i64, i64)> = summary["resubmitted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["partition"].as_i64().unwrap(),
+                i["offset"].as_i64().unwrap(),
+            )
+        })
+        .collect();
     assert_eq!(
-        effects_of(&env.config, 1).await,
-        vec![("s-2".to_string(), 2)]
+        resubmitted,
+        vec![(truth[0].0, truth[0].1), (truth[1].0, truth[1].1)],
+        "{out}"
     );
-    let after = get(&api, "/v1/contacts/late/reviews").await;
-    let items = after["items"].as_array().unwrap();
-    assert_eq!(items[0]["outcome"], "committed_causal", "{after}");
-    assert_eq!(items[0]["resubmittable"], false);
-    assert!(
-        items[0]["why_not"]
-            .as_str()
-            .is_some_and(|w| w.contains("committed_causal")),
-        "{after}"
-    );
-    assert_eq!(items[1]["resubmittable"], true, "{after}");
-    resubmit_listed(&env.config, &truth[1]).await;
+    assert_eq!(summary["not_resubmitted"][0]["offset"], truth[2].1, "{out}");
     assert_eq!(
         effects_of(&env.config, 2).await,
         vec![("s-2".to_string(), 2), ("s-3".to_string(), 3)]
+    );
+    // The items are decided now: listed as committed, not re-submittable, and a second run
+    // re-submits nothing.
+    let after = get(&api, "/v1/contacts/late/reviews").await;
+    for item in &after["items"].as_array().unwrap()[..2] {
+        assert_eq!(item["outcome"], "committed_causal", "{after}");
+        assert_eq!(item["resubmittable"], false, "{after}");
+        assert!(
+            item["why_not"]
+                .as_str()
+                .is_some_and(|w| w.contains("committed_causal")),
+            "{after}"
+        );
+    }
+    let (ok, out, err) = run_cli(&env.config, &["resubmit", "--contact", "late"]).await;
+    assert!(ok, "{out} {err}");
+    assert_eq!(
+        last_json(&out)["resubmitted"],
+        serde_json::json!([]),
+        "{out}"
     );
     running.stop().await;
     // `other` is still held with its item in review.
     verify_ok(&env.config, true).await;
 }
 
+/// The review item of `intent_id` with `reason`, the `nth` such record (0: the first).
+async fn nth_review(
+    config: &Config,
+    intent_id: &str,
+    reason: ReviewReason,
+    nth: usize,
+) -> (i32, i64) {
+    eventually(Duration::from_secs(60), "a review record", || async {
+        reviews_at(config)
+            .await
+            .into_iter()
+            .filter(|(_, _, r)| r.intent_id == intent_id && r.reason == reason as i32)
+            .nth(nth)
+            .map(|(p, o, _)| (p, o))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubmitted_intent_that_waits_again_times_out_again_and_commits_once_its_predecessor_comes(
+) {
+    let (env, running, api) = held_world("adminrewait", Duration::from_secs(5)).await;
+    let resubmit = |(p, o): (i32, i64)| {
+        let config = env.config.clone();
+        async move {
+            let (ok, out, err) = run_cli(
+                &config,
+                &[
+                    "resubmit",
+                    "--partition",
+                    &p.to_string(),
+                    "--offset",
+                    &o.to_string(),
+                ],
+            )
+            .await;
+            assert!(ok, "{out} {err}");
+        }
+    };
+    let resume = || {
+        let config = env.config.clone();
+        async move {
+            let (ok, out, err) = run_cli(&config, &["release", "--contact", "w"]).await;
+            assert!(ok, "{out} {err}");
+        }
+    };
+    produce_intents(&env.config, &[intent("w-2", "w", 2)]).await;
+    let first = nth_review(&env.config, "w-2", ReviewReason::WaitTimeout, 0).await;
+    wait_held(&api, "w").await;
+    // Re-submitted while sequence 1 is still missing, w-2 waits again, with a fresh wait
+    // timeout, and times out again: a second review, the contact held again.
+    resume().await;
+    resubmit(first).await;
+    let second = nth_review(&env.config, "w-2", ReviewReason::WaitTimeout, 1).await;
+    wait_held(&api, "w").await;
+    // Re-submitted again, it waits; sequence 1 comes: both commit, in order, and the partition
+    // goes on (another contact's intent after them commits too).
+    resume().await;
+    resubmit(second).await;
+    produce_intents(&env.config, &[intent("w-1", "w", 1), intent("x-1", "x", 1)]).await;
+    assert_eq!(
+        effects_of(&env.config, 3).await,
+        vec![
+            ("w-1".to_string(), 1),
+            ("w-2".to_string(), 2),
+            ("x-1".to_string(), 1)
+        ]
+    );
+    running.stop().await;
+    verify_ok(&env.config, false).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_carrying_the_old_resubmission_header_reopens_nothing() {
-    let (env, running, api) = held_world("adminheader").await;
+    let (env, running, api) = held_world("adminheader", Duration::from_secs(2)).await;
     let two = intent("h-2", "c", 2);
     produce_intents(&env.config, std::slice::from_ref(&two)).await;
     wait_review(&env.config, "h-2", ReviewReason::WaitTimeout).await;
@@ -995,7 +1096,7 @@ fn schemathesis() -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
-    let (env, running, api) = held_world("adminfuzz").await;
+    let (env, running, api) = held_world("adminfuzz", Duration::from_secs(2)).await;
     // Something to read: a held contact, a review, a command.
     produce_intents(
         &env.config,
