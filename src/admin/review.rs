@@ -127,6 +127,10 @@ pub struct Listed {
 /// audit row took PostgreSQL's clock, and the two clocks may differ.
 pub const LIST_SLACK_MS: i64 = 15 * 60 * 1000;
 
+/// How long a listing may read: it answers (or fails, naming the topic) before the CLI's own
+/// 30-s wait for the API gives up.
+pub const LIST_WITHIN: Duration = Duration::from_secs(20);
+
 /// The records of the manual-review topic keyed by `contact_id` with a timestamp at or after
 /// `since_ms`, in (partition, offset) order: the first `limit` of them, and whether there were
 /// more. Holds at most `limit + 1` per partition, without their original bytes. Blocking.
@@ -138,10 +142,11 @@ pub fn list(
 ) -> anyhow::Result<(Vec<Listed>, bool)> {
     let key = contact_id.as_bytes();
     let mut per_partition: std::collections::BTreeMap<i32, Vec<Listed>> = Default::default();
-    crate::pipeline::read::read_topic_since(
+    crate::pipeline::read::read_topic_within(
         config,
         &config.kafka.manual_review_topic,
         Some(since_ms),
+        LIST_WITHIN,
         |r| {
             if r.key != Some(key) {
                 return Ok(());

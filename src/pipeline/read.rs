@@ -215,12 +215,27 @@ pub struct TopicMissing(pub String);
 
 /// [`read_topic`] from the first offset at or after `since_ms` (record timestamps) in each
 /// partition, or from the beginning.
-// One loop of one consumer (seek by time, poll to the high watermarks, classify each record);
-// splitting it would thread the consumer's state through helpers for no clarity.
-pub fn read_topic_since(
+fn read_topic_since(
     config: &Config,
     topic: &str,
     since_ms: Option<i64>,
+    f: impl FnMut(TopicRecord<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    read_topic_within(config, topic, since_ms, READ_WITHIN, f)
+}
+
+/// How long [`read_topic`] and [`read_topic_since`] may take to reach the end of a topic.
+const READ_WITHIN: Duration = Duration::from_secs(120);
+
+/// [`read_topic_since`], failing when the end is not reached `within` (an answer owed to
+/// someone waiting: the admin API's).
+// One loop of one consumer (seek by time, poll to the high watermarks, classify each record);
+// splitting it would thread the consumer's state through helpers for no clarity.
+pub fn read_topic_within(
+    config: &Config,
+    topic: &str,
+    since_ms: Option<i64>,
+    within: Duration,
     mut f: impl FnMut(TopicRecord<'_>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let consumer = reader(config, "reader")?;
@@ -261,7 +276,7 @@ pub fn read_topic_since(
         return Ok(());
     }
     consumer.assign(&tpl)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + within;
     let mut positions: HashMap<i32, i64> = HashMap::new();
     while ends
         .iter()
@@ -269,7 +284,8 @@ pub fn read_topic_since(
     {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "reading {topic} did not reach its end in time"
+            "reading {topic} did not reach its end within {}",
+            humantime::format_duration(within)
         );
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(msg)) => {

@@ -967,10 +967,14 @@ async fn a_resubmitted_intent_that_waits_again_times_out_again_and_commits_once_
     resubmit(first).await;
     let second = nth_review(&env.config, "w-2", ReviewReason::WaitTimeout, 1).await;
     wait_held(&api, "w").await;
-    // Re-submitted again, it waits; sequence 1 comes: both commit, in order, and the partition
-    // goes on (another contact's intent after them commits too).
+    // Re-submitted again, it waits, across a restart of the instance (its reopening is read
+    // back from PostgreSQL); sequence 1 comes: both commit, in order, and the partition goes on
+    // (another contact's intent after them commits too).
     resume().await;
     resubmit(second).await;
+    running.stop().await;
+    let mut running = start(env.config());
+    wait_ready(&api, &mut running).await;
     produce_intents(&env.config, &[intent("w-1", "w", 1), intent("x-1", "x", 1)]).await;
     assert_eq!(
         effects_of(&env.config, 3).await,
