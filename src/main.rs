@@ -530,18 +530,7 @@ async fn resubmit_contact(config: &Config, op: &OperatorArgs, contact: &str) -> 
         .as_array()
         .cloned()
         .unwrap_or_default();
-    // The latest re-submittable item of each intent (an intent reviewed again after an earlier
-    // re-submission has two), in listing order.
-    let mut latest: std::collections::HashMap<String, usize> = Default::default();
-    for (i, item) in items.iter().enumerate() {
-        if item["resubmittable"] == true {
-            if let Some(id) = item["intent_id"].as_str() {
-                latest.insert(id.to_string(), i);
-            }
-        }
-    }
-    let mut chosen: Vec<usize> = latest.into_values().collect();
-    chosen.sort_unstable();
+    let chosen = to_resubmit(&items);
     let mut done = Vec::new();
     for (n, &i) in chosen.iter().enumerate() {
         let item = &items[i];
@@ -581,6 +570,21 @@ async fn resubmit_contact(config: &Config, op: &OperatorArgs, contact: &str) -> 
         "the contact has more than {RESUBMIT_PAGE} review items: run it again for the next ones"
     );
     Ok(())
+}
+
+/// Which items of a contact's review listing `resubmit --contact` re-submits, as indexes in
+/// listing order (the order they were reviewed): the re-submittable ones, the latest of each
+/// intent (an intent reviewed again after an earlier re-submission has two items).
+fn to_resubmit(items: &[serde_json::Value]) -> Vec<usize> {
+    let mut latest: std::collections::HashMap<&str, usize> = Default::default();
+    for (i, item) in items.iter().enumerate() {
+        if let (true, Some(id)) = (item["resubmittable"] == true, item["intent_id"].as_str()) {
+            latest.insert(id, i);
+        }
+    }
+    let mut chosen: Vec<usize> = latest.into_values().collect();
+    chosen.sort_unstable();
+    chosen
 }
 
 /// Queues an operator command, then waits until it is final (applied in a batch committed in
@@ -788,5 +792,27 @@ async fn recovery_point(config: Config, command: RecoveryPointCommand) -> anyhow
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::to_resubmit;
+
+    /// In review order, the re-submittable items only, and of an intent with two such items
+    /// the later one.
+    #[test]
+    fn resubmit_contact_takes_the_latest_resubmittable_item_of_each_intent_in_review_order() {
+        let item = |id: &str, resubmittable: bool| serde_json::json!({ "intent_id": id, "resubmittable": resubmittable });
+        let items = [
+            item("a", true),
+            item("b", false),
+            item("c", true),
+            item("a", true),
+            serde_json::json!({ "partition": 0, "offset": 9, "resubmittable": false }),
+            item("d", true),
+        ];
+        assert_eq!(to_resubmit(&items), vec![2, 3, 5]);
+        assert!(to_resubmit(&[]).is_empty());
     }
 }
