@@ -663,10 +663,11 @@ async fn resubmit(State(api): Shared, bytes: Bytes) -> ApiResult<Response> {
         }
     };
     let contact_id = review.contact_id.clone();
-    let outcome = pg::commands::latest_outcome(&api.pool, &review.intent_id)
-        .await
-        .map_err(ApiError::store)?;
-    let outcome = outcome.as_ref().map(|(state, _)| state.as_str());
+    let outcomes =
+        pg::commands::latest_outcomes(&api.pool, std::slice::from_ref(&review.intent_id))
+            .await
+            .map_err(ApiError::store)?;
+    let outcome = outcomes.get(&review.intent_id).map(String::as_str);
     if let Some(e) = not_resubmittable(&api.config, partition, offset, &review, outcome) {
         return refuse(&api, actor, "resubmit", &contact_id, request, e).await;
     }

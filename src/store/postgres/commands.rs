@@ -858,23 +858,8 @@ async fn contact_state(
     })
 }
 
-/// The latest decision of an intent id that the idempotency record holds (state, reason), if
-/// any: what a re-submission would reopen.
-pub async fn latest_outcome(pool: &PgPool, intent_id: &str) -> Result<Option<(String, String)>> {
-    sqlx::query_as(&format!(
-        "SELECT to_state, reason FROM cc_transition
-          WHERE intent_id = $1 AND {}
-          ORDER BY id DESC LIMIT 1",
-        super::outcomes::IDEMPOTENCY_ROWS
-    ))
-    .bind(intent_id)
-    .fetch_optional(pool)
-    .await
-    .map_err(db("reading an intent's outcome"))
-}
-
-/// The latest idempotency outcome (`to_state`) of each of `intent_ids` that has one, as
-/// [`latest_outcome`] reads it for one: what a listing of review items says of each.
+/// The latest decision the idempotency record holds (`to_state`) of each of `intent_ids` that
+/// has one: what a re-submission would reopen, and what a listing of review items says of each.
 pub async fn latest_outcomes(
     pool: &PgPool,
     intent_ids: &[String],
