@@ -12,7 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::process::cli;
+use crate::common::process::{cli, read_log, rolled_back_transitions, Processor};
 use crate::common::*;
 use causal_commit::admin::client::{Client, Reply};
 use causal_commit::config::Config;
@@ -986,6 +986,94 @@ async fn a_resubmitted_intent_that_waits_again_times_out_again_and_commits_once_
     );
     running.stop().await;
     verify_ok(&env.config, false).await;
+}
+
+/// The batch that finally decides a re-submitted intent that waited is written to PostgreSQL
+/// and aborts in Kafka (the instance's producer is fenced while it sits idle). Its restore must
+/// roll back what that batch wrote of the intent (its idempotency row above all: the claim
+/// reopens an id only while no decision follows its re-submission), so that the replay finds
+/// the intent still reopened and commits it once, in order, instead of refusing the batch as
+/// deciding it a second time and stalling the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubmitted_waiting_intent_whose_deciding_batch_aborts_commits_once_on_the_replay() {
+    let mut env = TestEnv::new("adminreabort", 1).await;
+    // Long enough for the fence and the predecessor to come before the re-submitted intent
+    // times out again.
+    env.config.sequencer.wait_timeout = Duration::from_secs(15);
+    with_admin(&mut env.config);
+    let cfg = env.config.clone();
+    let log = crate::failures::log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    let api = api(&cfg);
+    eventually(Duration::from_secs(90), "the instance ready", || async {
+        matches!(api.get("/v1/ready").await, Ok(r) if r.status == 200).then_some(())
+    })
+    .await;
+
+    produce_intents(&cfg, &[intent("w-2", "w", 2)]).await;
+    let (p, o, _) = wait_review(&cfg, "w-2", ReviewReason::WaitTimeout).await;
+    wait_held(&api, "w").await;
+    for args in [
+        vec!["release", "--contact", "w"],
+        vec![
+            "resubmit",
+            "--partition",
+            &p.to_string(),
+            "--offset",
+            &o.to_string(),
+        ],
+    ] {
+        let (ok, out, err) = run_cli(&cfg, &args).await;
+        assert!(ok, "{args:?}: {out} {err}");
+    }
+    // The re-submission's batch committed: w-2 waits again, reopened.
+    eventually(Duration::from_secs(30), "w-2's resubmitted row", || async {
+        audit(&cfg, "w")
+            .await
+            .iter()
+            .any(|(i, s, _)| i == "w-2" && s == "resubmitted")
+            .then_some(())
+    })
+    .await;
+    caught_up(&cfg, Duration::from_secs(30)).await;
+
+    let c = cfg.clone();
+    tokio::task::spawn_blocking(move || fence_processor(&c))
+        .await
+        .unwrap();
+    produce_together(&cfg, 0, &[intent("w-1", "w", 1), intent("x-1", "x", 1)]).await;
+    caught_up(&cfg, Duration::from_secs(90)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let lines = read_log(&log);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "transaction failed; restoring"),
+        "the deciding batch aborted"
+    );
+    assert_eq!(
+        rolled_back_transitions(&lines, |_| true),
+        3,
+        "w-1 and x-1 committed, w-2 released: rolled back, then replayed"
+    );
+    assert_eq!(
+        effects_of(&cfg, 3).await,
+        vec![
+            ("w-1".to_string(), 1),
+            ("w-2".to_string(), 2),
+            ("x-1".to_string(), 1)
+        ],
+        "each effect once, in order"
+    );
+    let w = audit(&cfg, "w").await;
+    assert_eq!(
+        w.iter()
+            .filter(|(i, s, _)| i == "w-2" && s.starts_with("committed"))
+            .count(),
+        1,
+        "one committed decision of w-2 stays in the audit: {w:?}"
+    );
+    verify_ok(&cfg, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

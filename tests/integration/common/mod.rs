@@ -349,6 +349,40 @@ pub fn send_in_transaction(p: &BaseProducer, config: &Config, partition: i32, in
     p.flush(Duration::from_secs(30)).expect("delivered");
 }
 
+/// Takes the processor's transactional id: its producer is fenced, so the transaction of its
+/// next batch (written to PostgreSQL first) aborts in Kafka. Blocking: use it off the async
+/// runtime.
+pub fn fence_processor(config: &Config) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set(
+            "transactional.id",
+            causal_commit::pipeline::kafka::transactional_id(config),
+        )
+        .create()
+        .expect("fencing producer");
+    producer
+        .init_transactions(Duration::from_secs(30))
+        .expect("init_transactions fences the processor");
+}
+
+/// Produces `intents` to `partition` in one Kafka transaction, so that a `read_committed`
+/// consumer sees them all at once: a processor polling them takes them into one batch, where
+/// records sent one by one could be cut into two.
+pub async fn produce_together(config: &Config, partition: i32, intents: &[Intent]) {
+    let (c, intents) = (config.clone(), intents.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let id = format!("together-{}", uuid::Uuid::new_v4());
+        let p = transactional_producer(&c, &id);
+        p.begin_transaction().expect("begin");
+        send_in_transaction(&p, &c, partition, &intents);
+        p.commit_transaction(Duration::from_secs(30))
+            .expect("commit");
+    })
+    .await
+    .unwrap();
+}
+
 /// Produces `(partition, key, value, traceparent)` records in order and waits for every
 /// delivery.
 pub async fn produce_traced<K: AsRef<[u8]>>(
