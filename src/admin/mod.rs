@@ -592,6 +592,12 @@ fn not_resubmittable(
         )));
     }
     match outcome {
+        Some("resubmitted") => Some(ApiError::conflict(format!(
+            "intent {:?} is re-submitted already and not decided again yet (it waits for its \
+             predecessor, or the batch deciding it is in flight); only a manual_review decision \
+             is reopened",
+            review.intent_id
+        ))),
         Some(state) if state != "manual_review" => Some(ApiError::conflict(format!(
             "intent {:?} is {state} now; only a manual_review decision is reopened",
             review.intent_id
@@ -797,7 +803,8 @@ mod tests {
     }
 
     /// What `resubmit` refuses and the listing reports, case by case: the item's reason, an
-    /// item without an intent id, a cut record, another intents topic, the intent decided since.
+    /// item without an intent id, a cut record, another intents topic, the intent decided since,
+    /// the intent re-submitted already and not decided again yet.
     #[test]
     fn an_item_is_resubmittable_only_while_reopenable_whole_ours_and_still_in_review() {
         let config = Config::default();
@@ -843,5 +850,9 @@ mod tests {
             why(&review(ReviewReason::WaitTimeout), Some("committed_causal")).expect("refused");
         assert_eq!(status, StatusCode::CONFLICT);
         assert!(message.contains("committed_causal"), "{message}");
+        let (status, message) =
+            why(&review(ReviewReason::WaitTimeout), Some("resubmitted")).expect("refused");
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert!(message.contains("re-submitted already"), "{message}");
     }
 }

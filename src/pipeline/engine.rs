@@ -247,6 +247,13 @@ struct PartWritten {
     written: BTreeSet<i32>,
 }
 
+/// Fail point `durable-write-reply-lost`: a write PostgreSQL committed whose reply never came
+/// back (the connection dropped after the commit), which the engine can only take as failed.
+fn reply_lost() -> bool {
+    fail::fail_point!("durable-write-reply-lost", |_| true);
+    false
+}
+
 /// The partitions of a plan in at most `n` groups, one per transaction of its durable write
 /// (see [`balance`]). A command whose partition has no part goes with the first group.
 fn write_groups(plan: &BatchPlan, n: u32) -> Vec<BTreeSet<i32>> {
@@ -1475,11 +1482,22 @@ impl Engine {
             .collect();
         let (pool, topic, writer) = (&self.pool, &self.topics.intents, &self.writer);
         let lease = self.config.locks.lease;
-        let results = self.rt.block_on(futures::future::join_all(
+        let mut results = self.rt.block_on(futures::future::join_all(
             writes
                 .into_iter()
                 .map(|w| pg::apply_batch(pool, topic, writer, lease, w)),
         ));
+        if let Some(committed) = results.iter_mut().find(|r| r.is_ok()) {
+            if reply_lost() {
+                *committed = Err(pg::Error::Db {
+                    what: "writing a batch",
+                    source: sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "fail point durable-write-reply-lost",
+                    )),
+                });
+            }
+        }
         let mut written = BTreeSet::new();
         let mut errors = Vec::new();
         for (partitions, result) in groups.into_iter().zip(results) {

@@ -741,6 +741,150 @@ async fn an_operator_resubmission_releases_the_intents_effect_in_order_and_is_au
     verify_ok(&env.config, false).await;
 }
 
+/// Posts `bodies` to `path` within a second, as operators who click together: the k-th after
+/// k × 450 ms, so that they fall in one command poll (1 s) or in two, and waits for each queued
+/// command's final state. Returns how many were applied, and the answers of the rest (refused
+/// commands' reasons, or the API's refusals).
+async fn post_at_once(
+    api: &Client,
+    path: &str,
+    bodies: Vec<serde_json::Value>,
+) -> (usize, Vec<String>) {
+    let posts = bodies.into_iter().enumerate().map(|(k, b)| async move {
+        tokio::time::sleep(Duration::from_millis(450) * k as u32).await;
+        post(api, path, b).await
+    });
+    let mut applied = 0;
+    let mut others = Vec::new();
+    for r in futures::future::join_all(posts).await {
+        if r.status != 202 {
+            assert_eq!(r.status, 409, "queued, or refused as done already: {r:?}");
+            others.push(r.body.to_string());
+            continue;
+        }
+        let id = r.body["id"].as_i64().expect("the command's id");
+        let done = eventually(Duration::from_secs(30), "the command's result", || async {
+            let c = get(api, &format!("/v1/commands/{id}")).await;
+            matches!(c["state"].as_str(), Some("applied" | "refused")).then_some(c)
+        })
+        .await;
+        if done["state"] == "applied" {
+            applied += 1;
+        } else {
+            others.push(done["reason"].to_string());
+        }
+    }
+    (applied, others)
+}
+
+/// Three operators' re-submissions of the review at `partition`/`offset`, within a second.
+async fn resubmit_at_once(api: &Client, partition: i32, offset: i64) -> (usize, Vec<String>) {
+    let bodies = (0..3)
+        .map(|k| {
+            serde_json::json!({ "actor": format!("op{k}"), "partition": partition, "offset": offset })
+        })
+        .collect();
+    post_at_once(api, "/v1/resubmissions", bodies).await
+}
+
+/// Three operators release one held contact within a second, then three re-submit one review
+/// item within a second, twice: once for an intent whose predecessor has committed (it
+/// commits at once), once for one whose predecessor is still missing (it waits). Each time
+/// exactly one command is applied, the others are refused (by the API, or as commands), and
+/// the intent's effect comes out once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_releasing_or_resubmitting_together_apply_it_once() {
+    // Long enough for b-2, re-submitted while b-1 is missing, to wait for b-1 without timing
+    // out again.
+    let (env, running, api) = held_world("admindouble", Duration::from_secs(15)).await;
+    produce_intents(&env.config, &[intent("a-2", "a", 2), intent("b-2", "b", 2)]).await;
+    let (pa, oa, _) = wait_review(&env.config, "a-2", ReviewReason::WaitTimeout).await;
+    let (pb, ob, _) = wait_review(&env.config, "b-2", ReviewReason::WaitTimeout).await;
+    for contact in ["a", "b"] {
+        wait_held(&api, contact).await;
+        let bodies = (0..3)
+            .map(|k| serde_json::json!({ "actor": format!("op{k}") }))
+            .collect();
+        let (applied, others) =
+            post_at_once(&api, &format!("/v1/contacts/{contact}/release"), bodies).await;
+        println!("{contact} released; the others: {others:?}");
+        assert_eq!(
+            applied, 1,
+            "{contact} released once; the others: {others:?}"
+        );
+        assert_eq!(others.len(), 2);
+    }
+    produce_intents(&env.config, &[intent("a-1", "a", 1)]).await;
+    assert_eq!(
+        effects_of(&env.config, 1).await,
+        vec![("a-1".to_string(), 1)]
+    );
+
+    let (applied, others) = resubmit_at_once(&api, pa, oa).await;
+    println!("a-2 re-submitted; the others: {others:?}");
+    assert_eq!(applied, 1, "a-2 reopened once; the others: {others:?}");
+    assert_eq!(others.len(), 2);
+    assert_eq!(
+        effects_of(&env.config, 2).await,
+        vec![("a-1".to_string(), 1), ("a-2".to_string(), 2)]
+    );
+
+    let (applied, others) = resubmit_at_once(&api, pb, ob).await;
+    println!("b-2 re-submitted; the others: {others:?}");
+    assert_eq!(applied, 1, "b-2 reopened once; the others: {others:?}");
+    assert_eq!(others.len(), 2);
+    // While b-2 waits, its item reads re-submitted, not re-submittable, and a fourth operator
+    // is told why.
+    let items = get(&api, "/v1/contacts/b/reviews").await;
+    let item = items["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|i| i["intent_id"] == "b-2")
+        .unwrap_or_else(|| panic!("b-2's item listed: {items}"));
+    assert_eq!(item["outcome"], "resubmitted", "{item}");
+    assert_eq!(item["resubmittable"], false, "{item}");
+    let r = post(
+        &api,
+        "/v1/resubmissions",
+        serde_json::json!({ "actor": "op3", "partition": pb, "offset": ob }),
+    )
+    .await;
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(
+        r.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("re-submitted already")),
+        "{r:?}"
+    );
+    produce_intents(&env.config, &[intent("b-1", "b", 1)]).await;
+    let got = effects_of(&env.config, 4).await;
+    assert_eq!(
+        got[2..],
+        [("b-1".to_string(), 1), ("b-2".to_string(), 2)],
+        "b's effects once each, in order: {got:?}"
+    );
+    running.stop().await;
+    let rows = audit(&env.config, "b").await;
+    assert_eq!(
+        rows.iter()
+            .filter(|(i, s, _)| i == "b-2" && s == "resubmitted")
+            .count(),
+        1,
+        "one re-submission of b-2 audited: {rows:?}"
+    );
+    // Each of the thirteen requests, taken or refused, has its row in the admin audit.
+    let pool = pg::pool(&env.config.postgres).unwrap();
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM cc_admin_audit WHERE actor IN ('op0', 'op1', 'op2', 'op3')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, 13);
+    verify_ok(&env.config, false).await;
+}
+
 /// The listing's items as (partition, offset, reason, resubmittable).
 fn listed(body: &serde_json::Value) -> Vec<(i64, i64, String, bool)> {
     body["items"]

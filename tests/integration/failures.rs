@@ -679,6 +679,46 @@ async fn a_kafka_call_that_never_returns_is_given_up_and_nothing_is_lost() {
     assert_clean(&verified(&cfg).await, 3_000);
 }
 
+/// CONTRACT §5, the dual-write hazard's ambiguous case: PostgreSQL commits a batch's durable
+/// write and the reply is lost (fail point `durable-write-reply-lost`, once, on the third
+/// write, while intents arrive out of order). The processor can only take the write as failed:
+/// it aborts the staged transaction and restores, which rolls back the rows PostgreSQL did
+/// commit (their batch never committed in Kafka), and the replay decides them again: every
+/// intent committed once, in order, no claim of the lost batch refusing the replay.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_durable_write_whose_reply_is_lost_is_rolled_back_and_replayed_once() {
+    let env = TestEnv::new("replylost", 4).await;
+    let cfg = env.config.clone();
+    let producing = produce_in_background(&cfg, workload(3_000, 300, 600, "l"));
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn_with_env(
+        &cfg,
+        log.clone(),
+        &[("FAILPOINTS", "durable-write-reply-lost=2*off->1*return")],
+    );
+    producing.await.unwrap();
+    caught_up(&cfg, Duration::from_secs(120)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let lines = read_log(&log);
+    let lost = lines
+        .iter()
+        .position(|l| {
+            l["message"] == "durable write failed; nothing is emitted"
+                && l["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("durable-write-reply-lost"))
+        })
+        .expect("the lost reply is taken as a failed write");
+    let rolled_back = rolled_back_transitions(&lines[lost..], |_| true);
+    assert!(
+        rolled_back > 0,
+        "the restore rolled back what PostgreSQL committed of the lost batch"
+    );
+    println!("rolled back after the lost reply: {rolled_back} transitions");
+    assert_clean(&verified(&cfg).await, 3_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_evidence_3_redis_failure_falls_back_to_db() {
     let env = TestEnv::exclusive("seed3", 4).await;

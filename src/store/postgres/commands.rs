@@ -859,14 +859,16 @@ async fn contact_state(
 }
 
 /// The latest decision the idempotency record holds (`to_state`) of each of `intent_ids` that
-/// has one: what a re-submission would reopen, and what a listing of review items says of each.
+/// has one, or `resubmitted` when an operator re-submitted it since and it is not decided again
+/// yet (it waits for its predecessor, or the batch deciding it is in flight): what a
+/// re-submission would reopen, and what a listing of review items says of each.
 pub async fn latest_outcomes(
     pool: &PgPool,
     intent_ids: &[String],
 ) -> Result<std::collections::HashMap<String, String>> {
     let rows: Vec<(String, String)> = sqlx::query_as(&format!(
         "SELECT DISTINCT ON (intent_id) intent_id, to_state FROM cc_transition
-          WHERE intent_id = ANY($1) AND {}
+          WHERE intent_id = ANY($1) AND ({} OR to_state = 'resubmitted')
           ORDER BY intent_id, id DESC",
         super::outcomes::IDEMPOTENCY_ROWS
     ))
