@@ -12,7 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::process::{cli, read_log, rolled_back_transitions, Processor};
+use crate::common::process::{cli, Processor};
 use crate::common::*;
 use causal_commit::admin::client::{Client, Reply};
 use causal_commit::config::Config;
@@ -1181,25 +1181,15 @@ async fn a_resubmitted_waiting_intent_whose_deciding_batch_aborts_commits_once_o
     .await;
     caught_up(&cfg, Duration::from_secs(30)).await;
 
-    let c = cfg.clone();
-    tokio::task::spawn_blocking(move || fence_processor(&c))
-        .await
-        .unwrap();
-    produce_together(&cfg, 0, &[intent("w-1", "w", 1), intent("x-1", "x", 1)]).await;
-    caught_up(&cfg, Duration::from_secs(90)).await;
-    assert!(proc.terminate(Duration::from_secs(30)));
-    let lines = read_log(&log);
-    assert!(
-        lines
-            .iter()
-            .any(|l| l["message"] == "transaction failed; restoring"),
-        "the deciding batch aborted"
-    );
-    assert_eq!(
-        rolled_back_transitions(&lines, |_| true),
+    crate::failures::aborted_release_replays(
+        &cfg,
+        &log,
+        &[intent("w-1", "w", 1), intent("x-1", "x", 1)],
         3,
-        "w-1 and x-1 committed, w-2 released: rolled back, then replayed"
-    );
+        "w-1 and x-1 committed, w-2 released: rolled back, then replayed",
+    )
+    .await;
+    assert!(proc.terminate(Duration::from_secs(30)));
     assert_eq!(
         effects_of(&cfg, 3).await,
         vec![

@@ -1540,7 +1540,7 @@ async fn a_recovery_point_commit_that_fails_is_retried_and_the_new_partitions_fl
 /// the batch that releases them is written to PostgreSQL and aborts in Kafka. Asserts that it
 /// aborted, that its restore rolled back `rolled_back` transitions, and that every partition's
 /// restore read its states (none stayed paused); the replay has caught up.
-async fn aborted_release_replays(
+pub(crate) async fn aborted_release_replays(
     cfg: &Config,
     log: &std::path::Path,
     records: &[Intent],
