@@ -1156,17 +1156,27 @@ impl Engine {
                 Err(e) => return self.fail(Failure::Persist(e)),
             }
         }
-        // Commands of refused partitions are voided with their lanes and applied again later.
-        good.commands = commands
-            .into_iter()
+        // Commands of refused partitions are voided with their lanes and applied again later
+        // (alone, see `isolation`).
+        good.commands = (commands.iter())
             .filter(|c| good.partitions.contains_key(&c.partition))
+            .cloned()
             .collect();
         let now = Instant::now();
         for (p, part, e) in refused {
-            let verdict =
-                self.isolation
-                    .failed(p, &part.offsets, part.next_offset, &e.to_string(), now);
-            tracing::warn!(partition = p, verdict = ?verdict, error = %e, "isolating a record the durable store refuses");
+            let ids: Vec<i64> = (commands.iter())
+                .filter(|c| c.partition == p)
+                .map(|c| c.id)
+                .collect();
+            let verdict = (self.isolation).failed(
+                p,
+                &part.offsets,
+                part.next_offset,
+                &ids,
+                &e.to_string(),
+                now,
+            );
+            tracing::warn!(partition = p, verdict = ?verdict, error = %e, "isolating a record or command the durable store refuses");
             self.void_lane(p, PauseCause::Store);
             if let Verdict::BackOff { retry_at, .. } = verdict {
                 self.assignment.delay(p, retry_at);
@@ -1225,6 +1235,11 @@ impl Engine {
             if cut.contains_key(&p) {
                 continue;
             }
+            if self.isolation.commands_first(p) {
+                // Its suspect commands are tried alone first: none of its records.
+                cut.insert(p, record.offset);
+                continue;
+            }
             let input = decoded.partitions.entry(p).or_default();
             if self.isolation.one_at_a_time(p, record.offset) && !input.offsets.is_empty() {
                 cut.insert(p, record.offset);
@@ -1256,6 +1271,11 @@ impl Engine {
             }
         }
         for (p, offset) in cut {
+            // Records are left past the cut: the lane is not at its end (its batch must not
+            // commit the end offset read with them).
+            if let Some(lane) = self.lanes.get_mut(&p) {
+                lane.at_end = false;
+            }
             let timeout = self.config.kafka.operation_timeout;
             let to = rdkafka::Offset::Offset(offset);
             if let Err(e) = self.consumer.seek(&self.topics.intents, p, to, timeout) {
@@ -1349,16 +1369,38 @@ impl Engine {
         };
         let priors: HashMap<String, PriorOutcome> =
             priors.into_iter().map(|o| (o.intent_id, o.prior)).collect();
+        let id_of = |c: &std::result::Result<pg::Command, pg::UnreadableCommand>| match c {
+            Ok(c) => (c.id, c.partition),
+            Err(u) => (u.id, u.partition),
+        };
+        // A partition isolating suspect commands applies one of them alone (see `isolation`).
+        let mut to_apply = BTreeSet::new();
+        for p in &partitions {
+            let mut pending: Vec<i64> = (commands.iter())
+                .map(id_of)
+                .filter(|(_, partition)| partition == p)
+                .map(|(id, _)| id)
+                .collect();
+            pending.sort_unstable();
+            self.isolation.pending_commands(*p, &pending);
+            to_apply.extend(self.isolation.commands_to_apply(*p, &pending));
+        }
         for c in commands {
-            let (id, partition) = match &c {
-                Ok(c) => (c.id, c.partition),
-                Err(u) => (u.id, u.partition),
-            };
+            let (id, partition) = id_of(&c);
+            if !to_apply.contains(&id) {
+                continue;
+            }
             let Some(lane) = self.lanes.get_mut(&partition) else {
                 continue;
             };
+            let refused = self.isolation.refused_command(partition, id);
             let result = match &c {
                 Err(u) => pg::CommandResult::Refused(u.why.clone()),
+                Ok(_) if refused.is_some() => pg::CommandResult::Refused(format!(
+                    "the durable store refuses what this command writes ({}); nothing was \
+                     applied: fix the cause and issue it again",
+                    refused.unwrap_or_default()
+                )),
                 Ok(c) => operator::apply(
                     &mut lane.seq,
                     lane.clock.now(),
@@ -1644,7 +1686,11 @@ impl Engine {
         let mut rows = Vec::with_capacity(plan.partitions.len());
         for (p, mut part) in plan.partitions {
             committed.push((p, part.fence, part.batch_no));
-            if self.isolation.committed(p, part.next_offset) {
+            let commands: Vec<i64> = (plan.commands.iter())
+                .filter(|c| c.partition == p)
+                .map(|c| c.id)
+                .collect();
+            if self.isolation.committed(p, part.next_offset, &commands) {
                 tracing::info!(
                     partition = p,
                     "isolation ended: the partition flows in full batches again"

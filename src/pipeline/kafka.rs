@@ -514,8 +514,13 @@ impl TxnProducer {
         self.commit(offsets, consumer)
     }
 
+    /// Aborts the open transaction. Its records' delivery reports are served first: librdkafka's
+    /// abort waits for every outstanding record, and without this poll it waited out its
+    /// timeout and failed ("the event queue must be polled for delivery report events"), so
+    /// every failed durable write re-created the producer.
     pub fn abort(&mut self) -> Result<()> {
         if self.open {
+            self.deliver_outstanding();
             self.bounded("abort_transaction", |p, timeout| {
                 p.abort_transaction(timeout)
             })?;

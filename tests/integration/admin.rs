@@ -12,7 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::process::{cli, Processor};
+use crate::common::process::{cli, read_log, Processor};
 use crate::common::*;
 use causal_commit::admin::client::{Client, Reply};
 use causal_commit::config::Config;
@@ -1368,4 +1368,134 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
         stdout.contains(&format!("Tested: {operations}")),
         "schemathesis did not test all {operations} operations:\n{stdout}"
     );
+}
+
+/// A re-submission the store refuses: w-2 timed out, and since then a DBA added a limit its
+/// waiting row breaks, so once re-submitted (sequence 1 still missing) its batch cannot be
+/// written. The command is refused with the store's error, the partition flows on, and no
+/// record is blamed: not when the command's batch holds it alone, not when it holds records of
+/// the partition too. w-2's item stays in manual review, re-submittable; once the limit is gone
+/// the operator re-submits it, w-1 comes, and both commit once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubmission_the_store_refuses_is_refused_and_never_stalls_or_blames_a_record() {
+    let (env, running, api) = held_world("adminunproc", Duration::from_secs(3)).await;
+    let cfg = env.config.clone();
+    let resubmit_args = |(p, o): (i32, i64)| {
+        vec![
+            "resubmit".to_string(),
+            "--partition".into(),
+            p.to_string(),
+            "--offset".into(),
+            o.to_string(),
+        ]
+    };
+    let cli_run = |args: Vec<String>| {
+        let config = cfg.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_cli(&config, &args).await
+        }
+    };
+    let mut w2 = intent("w-2", "w", 2);
+    w2.payload = vec![b'x'; 3_000].into();
+    produce_intents(&cfg, &[w2]).await;
+    let first = nth_review(&cfg, "w-2", ReviewReason::WaitTimeout, 0).await;
+    wait_held(&api, "w").await;
+
+    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    let limit = |sql: &str| {
+        let pool = pool.clone();
+        let sql = format!("ALTER TABLE {}.cc_waiting {sql}", cfg.postgres.schema);
+        async move { sqlx::query(&sql).execute(&pool).await.unwrap() }
+    };
+    limit("ADD CONSTRAINT test_small_entry CHECK (octet_length(entry::text) < 2000) NOT VALID")
+        .await;
+    let (ok, out, err) = cli_run(vec!["release".into(), "--contact".into(), "w".into()]).await;
+    assert!(ok, "release: {out} {err}");
+
+    // The command alone in its batch.
+    let (ok, out, err) = cli_run(resubmit_args(first)).await;
+    assert!(!ok, "refused: {out} {err}");
+    assert!(
+        format!("{out} {err}").contains("the durable store refuses what this command writes"),
+        "the refusal names its cause: {out} {err}"
+    );
+    produce_intents(&cfg, &[intent("x-1", "x", 1)]).await;
+    assert_eq!(
+        effects_of(&cfg, 1).await,
+        vec![("x-1".to_string(), 1)],
+        "the partition flows on"
+    );
+    let items = get(&api, "/v1/contacts/w/reviews").await;
+    let listed = items["items"].as_array().expect("items");
+    assert_eq!(listed.len(), 1, "no other review of w: {items}");
+    assert_eq!(listed[0]["outcome"], "manual_review", "{items}");
+    assert_eq!(listed[0]["resubmittable"], true, "{items}");
+
+    // The command with records of its partition in one batch: the instance stopped, the
+    // command queued through an admin API of its own, records produced, the instance started.
+    running.stop().await;
+    let mut alone = cfg.clone();
+    alone.admin.listen = "127.0.0.1:0".into();
+    let (server, stop) = serve_alone(&alone).await;
+    let side_api = Client::new(&format!("http://{}", server.addr), TOKEN.to_string().into())
+        .expect("an admin client");
+    let r = post(
+        &side_api,
+        "/v1/resubmissions",
+        serde_json::json!({ "actor": "op", "partition": first.0, "offset": first.1 }),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{r:?}");
+    let id = r.body["id"].as_i64().expect("the command's id");
+    stop.cancel();
+    let others: Vec<_> = (1..=5)
+        .map(|k| intent(&format!("y{k}-1"), &format!("y{k}"), 1))
+        .collect();
+    produce_intents(&cfg, &others).await;
+    let log = crate::failures::log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    eventually(Duration::from_secs(90), "the instance ready", || async {
+        matches!(api.get("/v1/ready").await, Ok(r) if r.status == 200).then_some(())
+    })
+    .await;
+    let done = eventually(Duration::from_secs(60), "the command's result", || async {
+        let c = get(&api, &format!("/v1/commands/{id}")).await;
+        matches!(c["state"].as_str(), Some("applied" | "refused")).then_some(c)
+    })
+    .await;
+    assert_eq!(done["state"], "refused", "{done}");
+    assert_eq!(effects_of(&cfg, 6).await.len(), 6, "the records commit");
+    let unprocessable = reviews_at(&cfg)
+        .await
+        .into_iter()
+        .filter(|(_, _, r)| r.reason == ReviewReason::Unprocessable as i32)
+        .count();
+    assert_eq!(unprocessable, 0, "no record blamed for the command");
+    let verdicts: Vec<String> = read_log(&log)
+        .iter()
+        .filter(|l| l["message"] == "isolating a record or command the durable store refuses")
+        .map(|l| l["verdict"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            format!("CommandsFirst {{ commands: [{id}] }}"),
+            format!("RefuseCommand {{ id: {id} }}")
+        ],
+        "the command met the records in one batch, then failed alone"
+    );
+
+    limit("DROP CONSTRAINT test_small_entry").await;
+    let (ok, out, err) = cli_run(resubmit_args(first)).await;
+    assert!(ok, "applied once the cause is gone: {out} {err}");
+    produce_intents(&cfg, &[intent("w-1", "w", 1)]).await;
+    let got = effects_of(&cfg, 8).await;
+    assert_eq!(
+        got[6..],
+        [("w-1".to_string(), 1), ("w-2".to_string(), 2)],
+        "each effect once, in order: {got:?}"
+    );
+    assert!(proc.terminate(Duration::from_secs(30)));
+    verify_ok(&cfg, false).await;
 }

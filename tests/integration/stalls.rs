@@ -402,3 +402,57 @@ async fn recording_a_committed_batch_skips_a_partition_whose_row_a_write_holds()
         .unwrap();
     assert_eq!((committed(0).await, committed(1).await), (1, 1));
 }
+
+/// A tired operator runs `VACUUM FULL` (or a `LOCK TABLE`) on the audit during traffic:
+/// PostgreSQL is up and answers, but every durable write waits for the lock, longer than the
+/// statement timeout, the Kafka transaction timeout and the wait timeout together. The write's
+/// stall times nobody out (R7), nothing is emitted without its record, and once the lock goes
+/// every intent commits once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_locked_longer_than_every_timeout_stalls_without_timing_out_or_losing() {
+    let env = TestEnv::new("stall_lock", 2).await;
+    let cfg = config_with_short_wait(&env);
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let proc = Processor::spawn(&cfg, log.clone());
+    produce_to_partition(&cfg, 0, &[intent("x-2", "x", 2)]).await;
+    waiting(&cfg, "x", 1).await;
+
+    let pool = env.store().await;
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {}.cc_transition IN ACCESS EXCLUSIVE MODE",
+        cfg.postgres.schema
+    ))
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    let locked = Instant::now();
+    let others: Vec<Intent> = (1..=20)
+        .map(|n| intent(&format!("y-{n}"), "y", n))
+        .collect();
+    produce_to_partition(&cfg, 1, &others).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    produce_to_partition(&cfg, 0, &[intent("x-1", "x", 1)]).await;
+    tokio::time::sleep(Duration::from_secs(40).saturating_sub(locked.elapsed())).await;
+    let emitted_while_locked = read_all(&cfg, &cfg.kafka.side_effects_topic).len();
+    lock.commit().await.unwrap();
+
+    let (seqs, reviews) = outcome(&cfg, "x", 22).await;
+    assert!(proc.terminate(Duration::from_secs(30)), "clean stop");
+    let lines = read_log(&log);
+    let logged = |message: &str| lines.iter().filter(|l| l["message"] == message).count();
+    assert!(
+        logged("durable write failed; nothing is emitted") >= 1,
+        "the lock made the write fail"
+    );
+    assert_eq!(
+        logged("abort failed; re-creating the producer"),
+        0,
+        "the staged transaction is aborted by the producer that began it"
+    );
+    assert_eq!(emitted_while_locked, 0, "no effect without its record");
+    assert_eq!(seqs, vec![1, 2], "both committed, in order");
+    assert_eq!(reviews, 0, "no WAIT_TIMEOUT, no hold");
+    let report = crate::failures::verified(&cfg).await;
+    crate::failures::assert_clean(&report, 22);
+}
