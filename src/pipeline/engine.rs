@@ -227,6 +227,14 @@ struct PartitionPart {
     clock_ms: u64,
 }
 
+/// The ids of the commands of `partition` among `commands`.
+fn command_ids(commands: &[AppliedCommand], partition: i32) -> Vec<i64> {
+    (commands.iter())
+        .filter(|c| c.partition == partition)
+        .map(|c| c.id)
+        .collect()
+}
+
 /// The operator commands a batch applies (or refuses), and the re-submissions among them.
 #[derive(Default)]
 pub(super) struct Commands {
@@ -1164,15 +1172,11 @@ impl Engine {
             .collect();
         let now = Instant::now();
         for (p, part, e) in refused {
-            let ids: Vec<i64> = (commands.iter())
-                .filter(|c| c.partition == p)
-                .map(|c| c.id)
-                .collect();
             let verdict = (self.isolation).failed(
                 p,
                 &part.offsets,
                 part.next_offset,
-                &ids,
+                &command_ids(&commands, p),
                 &e.to_string(),
                 now,
             );
@@ -1686,10 +1690,7 @@ impl Engine {
         let mut rows = Vec::with_capacity(plan.partitions.len());
         for (p, mut part) in plan.partitions {
             committed.push((p, part.fence, part.batch_no));
-            let commands: Vec<i64> = (plan.commands.iter())
-                .filter(|c| c.partition == p)
-                .map(|c| c.id)
-                .collect();
+            let commands = command_ids(&plan.commands, p);
             if self.isolation.committed(p, part.next_offset, &commands) {
                 tracing::info!(
                     partition = p,

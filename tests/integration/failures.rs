@@ -249,6 +249,51 @@ impl Drop for StartedAgain {
 /// learns of a topic a moment after its creation returned (the project's CI met that: a test's
 /// processor stopped on a topic created just before it): a missing topic is asked for again
 /// for a few seconds before the start stops on it.
+/// A DBA's session killer (or a pooler restarting) terminates every connection of the
+/// processor, again and again, under traffic: writes, lookups, restores and command polls die
+/// mid-call at any point. No effect without its record, none twice, none lost, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_terminated_again_and_again_under_traffic_lose_and_duplicate_nothing() {
+    let env = TestEnv::exclusive("pgkill", 4).await;
+    let cfg = env.config.clone();
+    let producing = produce_in_background(&cfg, workload(10_000, 1_000, 800, "t"));
+    let proc = Processor::spawn(&cfg, log_path(&env, "run"));
+    // As the runtime role, whose backends it may terminate.
+    let pool = sqlx::PgPool::connect(&runtime_database_url())
+        .await
+        .unwrap();
+    let mut terminated = 0i64;
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE application_name = 'causal-commit' AND usename = current_user
+                AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        terminated += n;
+    }
+    println!("connections terminated: {terminated}");
+    assert!(
+        terminated >= 10,
+        "the processor's connections were terminated: {terminated}"
+    );
+    producing.await.unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    let log = proc.log.clone();
+    let report = stopped_clean(proc, &cfg, 10_000).await;
+    assert_eq!(report.invalid_records, 5);
+    let writes_cut = read_log(&log)
+        .iter()
+        .filter(|l| l["message"] == "durable write failed; nothing is emitted")
+        .count();
+    println!("durable writes cut: {writes_cut}");
+    assert!(writes_cut >= 1, "durable writes were cut mid-call");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_intents_topic_created_just_after_the_processor_starts_is_waited_for() {
     let env = TestEnv::new("latetopic", 2).await;
