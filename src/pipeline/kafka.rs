@@ -62,9 +62,21 @@ pub enum Error {
         call: &'static str,
         waited: Duration,
     },
+    /// Records of the transaction to abort were still unacknowledged after the operation
+    /// timeout: librdkafka's abort would wait for them and fail too, so the producer is
+    /// re-created (the new one fences the transaction).
+    #[error(
+        "{left} records of the transaction to abort unacknowledged after {}; the producer is re-created",
+        humantime::format_duration(*.waited)
+    )]
+    Undelivered { left: i32, waited: Duration },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How long an abort waits for its transaction's records to be acknowledged (a healthy broker
+/// takes milliseconds) before the producer is re-created instead.
+pub const ABORT_DRAIN: Duration = Duration::from_secs(2);
 
 impl Error {
     /// A record larger than librdkafka's `message.max.bytes` or a topic's `max.message.bytes`:
@@ -73,7 +85,7 @@ impl Error {
         let e = match self {
             Error::Abortable(e) | Error::Fatal(e) | Error::Other(e) => e,
             Error::Create { source, .. } => source,
-            Error::NotInGroup | Error::Stuck { .. } => return false,
+            Error::NotInGroup | Error::Stuck { .. } | Error::Undelivered { .. } => return false,
         };
         e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
             || e.to_string().contains("Message size too large")
@@ -83,7 +95,10 @@ impl Error {
     pub fn needs_new_producer(&self) -> bool {
         matches!(
             self,
-            Error::Fatal(_) | Error::Create { .. } | Error::Stuck { .. }
+            Error::Fatal(_)
+                | Error::Create { .. }
+                | Error::Stuck { .. }
+                | Error::Undelivered { .. }
         )
     }
 }
@@ -474,7 +489,7 @@ impl TxnProducer {
         consumer: &EngineConsumer,
     ) -> Result<()> {
         let cgm = consumer.group_metadata().ok_or(Error::NotInGroup)?;
-        self.deliver_outstanding();
+        self.deliver_outstanding(self.timeout);
         if offsets.count() > 0 {
             let offsets = offsets.clone();
             self.bounded("send_offsets_to_transaction", move |p, timeout| {
@@ -496,10 +511,15 @@ impl TxnProducer {
     /// that always last their full 100 ms (`BaseProducer::poll` serves events until its
     /// deadline), so every commit took at least 100 ms whatever its size. Polled here in 1 ms
     /// slices, the flush inside the commit finds nothing left and returns at once.
-    fn deliver_outstanding(&self) {
-        let deadline = std::time::Instant::now() + self.timeout;
+    /// Returns how many were still outstanding at the end (0: all served).
+    fn deliver_outstanding(&self, within: Duration) -> i32 {
+        let deadline = std::time::Instant::now() + within;
         let producer = self.producer.get();
-        while producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+        loop {
+            let left = producer.in_flight_count();
+            if left == 0 || std::time::Instant::now() >= deadline {
+                return left;
+            }
             producer.poll(Duration::from_millis(1));
         }
     }
@@ -517,10 +537,17 @@ impl TxnProducer {
     /// Aborts the open transaction. Its records' delivery reports are served first: librdkafka's
     /// abort waits for every outstanding record, and without this poll it waited out its
     /// timeout and failed ("the event queue must be polled for delivery report events"), so
-    /// every failed durable write re-created the producer.
+    /// every failed durable write re-created the producer. Records still unacknowledged after
+    /// [`ABORT_DRAIN`] (the brokers gone or struggling) would make the abort wait out its
+    /// timeout and most likely fail: it is not tried, and the caller re-creates the producer,
+    /// whose initialisation aborts the transaction (as before for every failed write).
     pub fn abort(&mut self) -> Result<()> {
         if self.open {
-            self.deliver_outstanding();
+            let waited = ABORT_DRAIN.min(self.timeout);
+            let left = self.deliver_outstanding(waited);
+            if left > 0 {
+                return Err(Error::Undelivered { left, waited });
+            }
             self.bounded("abort_transaction", |p, timeout| {
                 p.abort_transaction(timeout)
             })?;

@@ -245,10 +245,6 @@ impl Drop for StartedAgain {
     }
 }
 
-/// An operator's deploy that creates the topics while the processor starts, or a broker that
-/// learns of a topic a moment after its creation returned (the project's CI met that: a test's
-/// processor stopped on a topic created just before it): a missing topic is asked for again
-/// for a few seconds before the start stops on it.
 /// A DBA's session killer (or a pooler restarting) terminates every connection of the
 /// processor, again and again, under traffic: writes, lookups, restores and command polls die
 /// mid-call at any point. No effect without its record, none twice, none lost, in order.
@@ -294,6 +290,10 @@ async fn connections_terminated_again_and_again_under_traffic_lose_and_duplicate
     assert!(writes_cut >= 1, "durable writes were cut mid-call");
 }
 
+/// An operator's deploy that creates the topics while the processor starts, or a broker that
+/// learns of a topic a moment after its creation returned (the project's CI met that: a test's
+/// processor stopped on a topic created just before it): a missing topic is asked for again
+/// for a few seconds before the start stops on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_intents_topic_created_just_after_the_processor_starts_is_waited_for() {
     let env = TestEnv::new("latetopic", 2).await;
@@ -762,6 +762,57 @@ async fn a_committed_durable_write_whose_reply_is_lost_is_rolled_back_and_replay
     );
     println!("rolled back after the lost reply: {rolled_back} transitions");
     assert_clean(&verified(&cfg).await, 3_000);
+}
+
+/// The durable write fails while the broker is down too: the batch's records, queued in its
+/// Kafka transaction, are never acknowledged. The abort is not tried (it would wait out its
+/// timeout and fail): after `ABORT_DRAIN` the producer is re-created, and once both services
+/// are back every intent commits once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_fails_while_the_broker_is_down_recreates_the_producer_without_aborting() {
+    let env = TestEnv::exclusive("abortdown", 1).await;
+    let cfg = env.config.clone();
+    let log = log_path(&env, "run");
+    // The second batch with records is held 15 s: meanwhile both services stop.
+    let proc = Processor::spawn_with_env(
+        &cfg,
+        log.clone(),
+        &[("FAILPOINTS", "engine-process=1*off->1*sleep(15000)")],
+    );
+    produce_to_partition(&cfg, 0, &[intent("a-1", "a", 1)]).await;
+    caught_up(&cfg, Duration::from_secs(60)).await;
+    produce_to_partition(&cfg, 0, &[intent("a-2", "a", 2), intent("b-1", "b", 1)]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = Instant::now();
+    stack("stop", "kafka");
+    let kafka_back = StartedAgain("kafka");
+    stack("stop", "postgres");
+    let postgres_back = StartedAgain("postgres");
+    assert!(
+        held.elapsed() < Duration::from_secs(12),
+        "both stopped while the batch was held"
+    );
+    let aborted = wait_for_log(
+        &log,
+        Duration::from_secs(60),
+        "the abort given up",
+        |lines| {
+            (lines.iter())
+                .find(|l| l["message"] == "abort failed; re-creating the producer")
+                .cloned()
+        },
+    )
+    .await;
+    assert!(
+        aborted["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unacknowledged")),
+        "given up on the unacknowledged records, not on a failed abort: {aborted}"
+    );
+    drop(postgres_back);
+    drop(kafka_back);
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    stopped_clean(proc, &cfg, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
