@@ -62,8 +62,8 @@ pub enum Error {
         call: &'static str,
         waited: Duration,
     },
-    /// Records of the transaction to abort were still unacknowledged after the operation
-    /// timeout: librdkafka's abort would wait for them and fail too, so the producer is
+    /// Records of the transaction to abort were still unacknowledged after [`ABORT_DRAIN`]:
+    /// librdkafka's abort would wait for them and most likely fail too, so the producer is
     /// re-created (the new one fences the transaction).
     #[error(
         "{left} records of the transaction to abort unacknowledged after {}; the producer is re-created",
@@ -504,14 +504,15 @@ impl TxnProducer {
         Ok(())
     }
 
-    /// Serves delivery reports until every record of the transaction is acknowledged (or the
-    /// operation timeout passes: `commit_transaction` then waits for the rest itself).
+    /// Serves delivery reports until every record of the transaction is acknowledged or
+    /// `within` passes (a commit gives the operation timeout, and `commit_transaction` then
+    /// waits for the rest itself; an abort gives [`ABORT_DRAIN`]). Returns how many were still
+    /// outstanding at the end (0: all served).
     ///
     /// rdkafka's `commit_transaction` flushes first, and its flush polls in slices of 100 ms
     /// that always last their full 100 ms (`BaseProducer::poll` serves events until its
     /// deadline), so every commit took at least 100 ms whatever its size. Polled here in 1 ms
     /// slices, the flush inside the commit finds nothing left and returns at once.
-    /// Returns how many were still outstanding at the end (0: all served).
     fn deliver_outstanding(&self, within: Duration) -> i32 {
         let deadline = std::time::Instant::now() + within;
         let producer = self.producer.get();
