@@ -209,6 +209,8 @@ enum RecoveryPointCommand {
     /// Tells a partition that refuses to start (its committed offset has no recovery point and
     /// PostgreSQL cannot tell whether its last batch committed) what happened to that batch.
     /// Without --committed or --aborted, looks for the batch's outputs on the output topics.
+    /// Refused, changing nothing, for a partition whose owner does not refuse it (a running
+    /// owner settles its last batch itself).
     Resolve {
         #[arg(long)]
         partition: i32,
@@ -703,7 +705,8 @@ async fn recovery_point(config: Config, command: RecoveryPointCommand) -> anyhow
                     "store_last_batch": v.last_batch,
                     "store_committed_batch": v.committed_batch,
                     "store_next_offset": v.last_next_offset,
-                    "writer_group": v.writer_group,
+                    "refused_by_owner": v.refused,
+                "writer_group": v.writer_group,
                     "consumed_topic_id": v.topic_id,
                     "topic_id": logs.get(&v.partition).and_then(|l| l.topic_id)
                         .map(|t| t.to_string()),
@@ -731,6 +734,10 @@ async fn recovery_point(config: Config, command: RecoveryPointCommand) -> anyhow
                     view.last_batch
                 );
                 return Ok(());
+            }
+            // Checked again under the partition's lock; here before reading the topics.
+            if !view.refused {
+                return Err(pg::not_refusing(view).into());
             }
             let resolution = if committed {
                 Resolution::Committed

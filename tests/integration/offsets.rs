@@ -208,6 +208,10 @@ async fn a_partition_whose_last_batch_is_unconfirmed_refuses_to_start_until_reso
     );
 
     // The way out: the batch's outputs are on the topics, so it committed.
+    let (ok, out, err) = cli(&cfg, &["recovery-point", "show"]);
+    assert!(ok, "show: {err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown[0]["refused_by_owner"], true, "{shown}");
     let (ok, out, err) = cli(&cfg, &["recovery-point", "resolve", "--partition", "0"]);
     assert!(ok, "resolve: {out} {err}");
     assert!(out.contains("Committed"), "{out}");
@@ -217,6 +221,79 @@ async fn a_partition_whose_last_batch_is_unconfirmed_refuses_to_start_until_reso
     caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
     verified(&cfg, 90).await;
+}
+
+/// A tired operator runs `recovery-point resolve` on a partition that does not refuse: its
+/// owner is running, and its last batch is written to PostgreSQL while its Kafka transaction
+/// has not committed yet (held 8 s here by a fail point, as a slow broker does). Nothing of
+/// that batch is visible on the output topics, so a resolve judging from them alone would
+/// call it aborted and roll PostgreSQL's record of it back under a transaction that then
+/// commits. The command is refused instead, naming the running owner, and changes nothing:
+/// every intent commits once, in order, before and after a restart (a restore).
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolve_of_a_partition_its_owner_is_running_is_refused_and_changes_nothing() {
+    let env = TestEnv::new("liveresolve", 1).await;
+    let cfg = env.config.clone();
+    let proc = Processor::spawn_with_env(
+        &cfg,
+        log_of(&env, "run1"),
+        &[("FAILPOINTS", "kafka-send-offsets=sleep(8000)")],
+    );
+    demo::produce(&cfg, &workload(40, 10, "h", 6))
+        .await
+        .unwrap();
+    // The partition's last batch is written to PostgreSQL, its transaction still open.
+    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let unconfirmed: Option<bool> = sqlx::query_scalar(&format!(
+            "SELECT last_batch > committed_batch FROM {}.cc_partition WHERE partition = 0",
+            cfg.postgres.schema
+        ))
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        if unconfirmed == Some(true) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no batch was ever written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, out, err) = cli(&cfg, &["recovery-point", "resolve", "--partition", "0"]);
+    assert!(!ok, "the resolve is refused: {out}");
+    assert!(
+        err.contains("no owner refuses the partition") && err.contains("nothing was changed"),
+        "names why: {err}"
+    );
+    caught_up(&cfg, CATCH_UP).await;
+    demo::produce(&cfg, &workload(20, 10, "i", 7))
+        .await
+        .unwrap();
+    caught_up(&cfg, CATCH_UP).await;
+    let (ok, out, err) = cli(&cfg, &["recovery-point", "show"]);
+    assert!(ok, "show: {err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown[0]["refused_by_owner"], false, "{shown}");
+    assert!(proc.terminate(Duration::from_secs(30)));
+    assert!(
+        !read_log(&log_of(&env, "run1"))
+            .iter()
+            .any(|l| l["message"] == "partition not restored yet; paused"),
+        "the partition never refused"
+    );
+    verified(&cfg, 60).await;
+
+    // A restart restores the partition from what PostgreSQL records: nothing to roll back.
+    let log = log_of(&env, "run2");
+    let proc = Processor::spawn(&cfg, log.clone());
+    demo::produce(&cfg, &workload(20, 10, "j", 8))
+        .await
+        .unwrap();
+    caught_up(&cfg, CATCH_UP).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    assert_eq!(rolled_back_transitions(&read_log(&log), |_| true), 0);
+    verified(&cfg, 80).await;
 }
 
 /// Deletes the intents topic and creates it again with `partitions` (a tired operator

@@ -27,8 +27,8 @@ pub use commands::{
 pub use outcomes::{lookup_committed_outcomes, lookup_outcomes, StoredOutcome};
 pub use partition::{
     acquire_partition, batch_outputs, batch_views, mark_committed, mark_committed_if_free,
-    move_resume_point, release_partition, resolve_recovery_point, restore_partition, BatchOutputs,
-    BatchView, Resolution, RestoredPartition,
+    move_resume_point, not_refusing, release_partition, resolve_recovery_point, restore_partition,
+    BatchOutputs, BatchView, Resolution, RestoredPartition,
 };
 pub use schema::{
     check as check_schema, check_topic, effect_partitions, grant_runtime_role, migrate,
@@ -57,7 +57,7 @@ pub enum Error {
         partition: i32,
         refusal: crate::store::recovery::Refusal,
     },
-    /// `recovery-point resume-at` refused: the reason, for the operator.
+    /// `recovery-point resume-at` or `resolve` refused: the reason, for the operator.
     #[error("{0}")]
     NotMoved(String),
     #[error("PostgreSQL holds an outcome this version cannot read: {0}")]

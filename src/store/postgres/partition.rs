@@ -59,9 +59,10 @@ pub async fn release_partition(
 /// batches were written before a Kafka transaction that never committed, so they are removed
 /// (contacts get their previous version back, commands become pending again). Returns the
 /// partition's contact states and where it resumes. Fails with a fenced error when `fence` is
-/// no longer the partition's token, and with [`Error::Refused`] (nothing changed) when the two
-/// stores cannot be reconciled without guessing, or the resume point is outside `log` (the
-/// partition's offsets now; `None` skips that check).
+/// no longer the partition's token, and with [`Error::Refused`] when the two stores cannot be
+/// reconciled without guessing, or the resume point is outside `log` (the partition's offsets
+/// now; `None` skips that check): nothing changed then but the record that this owner refuses
+/// (`cc_partition.refused_fence`, which `resolve` requires).
 pub async fn restore_partition(
     pool: &PgPool,
     topic: &str,
@@ -126,12 +127,31 @@ pub async fn restore_partition(
         // NULL (or not an id): not recorded, nothing to compare.
         topic_id: topic_id.as_deref().and_then(|t| t.parse().ok()),
     };
-    let resume = recovery::decide(kafka, &store)
-        .and_then(|r| match log {
-            Some(log) => recovery::within_log(r, &store, log),
-            None => Ok(r),
-        })
-        .map_err(|refusal| Error::Refused { partition, refusal })?;
+    let decided = recovery::decide(kafka, &store).and_then(|r| match log {
+        Some(log) => recovery::within_log(r, &store, log),
+        None => Ok(r),
+    });
+    let resume = match decided {
+        Ok(resume) => resume,
+        Err(refusal) => {
+            // Nothing of the restore is written but who refuses: `resolve` acts only for a
+            // refusing owner (migration 0020).
+            sqlx::query(
+                "UPDATE cc_partition SET refused_fence = $3
+                  WHERE topic = $1 AND partition = $2 AND refused_fence IS DISTINCT FROM $3",
+            )
+            .bind(topic)
+            .bind(partition)
+            .bind(fence as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("recording a refused restore"))?;
+            tx.commit()
+                .await
+                .map_err(db("recording a refused restore"))?;
+            return Err(Error::Refused { partition, refusal });
+        }
+    };
     let b = resume.batch as i64;
     let dropped: Vec<(String, bool)> = sqlx::query_as(&format!(
         "DELETE FROM cc_transition WHERE topic = $1 AND partition = $2 AND batch_no > $3
@@ -230,7 +250,7 @@ pub async fn restore_partition(
         "UPDATE cc_partition
             SET last_batch = $3, last_next_offset = $4, last_clock_ms = $5,
                 committed_batch = $3, committed_next_offset = $4, committed_clock_ms = $5,
-                writer_group = $6, topic_id = coalesce($7, topic_id)
+                writer_group = $6, topic_id = coalesce($7, topic_id), refused_fence = NULL
           WHERE topic = $1 AND partition = $2",
     )
     .bind(topic)
@@ -401,12 +421,16 @@ pub struct BatchView {
     /// The id of the topic its batches were consumed from, as recorded at its last restore
     /// (NULL: not recorded).
     pub topic_id: Option<String>,
+    /// Its current owner refuses to restore it (`store::recovery`'s refusals): it writes no
+    /// batch until an operator resolves or moves it, or its next restore succeeds.
+    pub refused: bool,
 }
 
 /// The columns of a [`BatchView`], from `cc_partition`.
 const BATCH_VIEW: &str = "SELECT partition, greatest(last_batch, 0) AS last_batch,
         greatest(committed_batch, 0) AS committed_batch, last_next_offset,
-        committed_next_offset, writer_group, topic_id
+        committed_next_offset, writer_group, topic_id,
+        coalesce(refused_fence = fence, false) AS refused
    FROM cc_partition";
 
 /// What PostgreSQL knows of every partition of `topic`.
@@ -549,8 +573,27 @@ pub async fn move_resume_point(
     Ok(from)
 }
 
-/// Records an operator's [`Resolution`] of a partition's last batch, audited. Nothing changes
-/// when PostgreSQL already knows the last batch committed. Returns the view before.
+/// Why `recovery-point resolve` leaves a partition alone whose last batch is not known
+/// committed while no owner refuses it: that batch is its owner's to settle. Its running owner
+/// may be committing it in Kafka right now (PostgreSQL is written first, and the record that
+/// it committed follows the commit), and a restore settles it from Kafka's recovery point.
+/// Deciding it from the output topics could call a batch aborted whose transaction commits a
+/// moment later.
+pub fn not_refusing(view: &BatchView) -> Error {
+    Error::NotMoved(format!(
+        "partition {}'s last batch {} is not known committed yet, but no owner refuses the \
+         partition: the batch is its owner's to settle (a running owner records it committed \
+         once its Kafka transaction commits; a restore settles it from Kafka's recovery \
+         point). `resolve` is only for a partition whose owner refuses to start it (its log \
+         says `partition not restored yet; paused` with the refusal, and `recovery-point \
+         show` reads refused_by_owner true); nothing was changed",
+        view.partition, view.last_batch
+    ))
+}
+
+/// Records an operator's [`Resolution`] of a partition's last batch, audited, for a partition
+/// whose owner refuses to restore it ([`not_refusing`] otherwise). Nothing changes when
+/// PostgreSQL already knows the last batch committed. Returns the view before.
 pub async fn resolve_recovery_point(
     pool: &PgPool,
     topic: &str,
@@ -563,6 +606,9 @@ pub async fn resolve_recovery_point(
         return Ok(None);
     };
     if view.last_batch != view.committed_batch {
+        if !view.refused {
+            return Err(not_refusing(&view));
+        }
         let sql = match resolution {
             Resolution::Committed => {
                 "UPDATE cc_partition SET committed_batch = last_batch,

@@ -1,0 +1,12 @@
+-- `recovery-point resolve` settles a partition's last batch for an owner that refuses to
+-- restore it (store::recovery's refusals: the restore cannot tell, or the log no longer holds
+-- where the partition resumes). Run on a partition that does not refuse, it judged a batch
+-- its running owner had written to PostgreSQL and not yet committed in Kafka: nothing of it
+-- visible on the output topics, it was called aborted and PostgreSQL's record of it rolled
+-- back; the transaction then committed, and the partition refused every restore after that
+-- ("the two stores do not belong together"). So a refusing restore records the refusing
+-- owner's fence here (nothing else of the refused restore is written), a restore that succeeds
+-- clears it, and a new owner's fence leaves it stale; `resolve` acts only on a partition
+-- whose current owner refuses (test
+-- offsets::a_resolve_of_a_partition_its_owner_is_running_is_refused_and_changes_nothing).
+ALTER TABLE cc_partition ADD COLUMN refused_fence bigint;
