@@ -403,6 +403,17 @@ async fn recording_a_committed_batch_skips_a_partition_whose_row_a_write_holds()
     assert_eq!((committed(0).await, committed(1).await), (1, 1));
 }
 
+/// What arrives while the store stalls: 20 intents of `y` on partition 1, then, 2 s later, the
+/// predecessor `x-1` of the waiting `x-2` on partition 0.
+async fn arrive_during_the_stall(cfg: &Config) {
+    let others: Vec<Intent> = (1..=20)
+        .map(|n| intent(&format!("y-{n}"), "y", n))
+        .collect();
+    produce_to_partition(cfg, 1, &others).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    produce_to_partition(cfg, 0, &[intent("x-1", "x", 1)]).await;
+}
+
 /// A tired operator runs `VACUUM FULL` (or a `LOCK TABLE`) on the audit during traffic:
 /// PostgreSQL is up and answers, but every durable write waits for the lock, longer than the
 /// statement timeout, the Kafka transaction timeout and the wait timeout together. The write's
@@ -427,12 +438,7 @@ async fn an_audit_locked_longer_than_every_timeout_stalls_without_timing_out_or_
     .await
     .unwrap();
     let locked = Instant::now();
-    let others: Vec<Intent> = (1..=20)
-        .map(|n| intent(&format!("y-{n}"), "y", n))
-        .collect();
-    produce_to_partition(&cfg, 1, &others).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    produce_to_partition(&cfg, 0, &[intent("x-1", "x", 1)]).await;
+    arrive_during_the_stall(&cfg).await;
     tokio::time::sleep(Duration::from_secs(40).saturating_sub(locked.elapsed())).await;
     let emitted_while_locked = read_all(&cfg, &cfg.kafka.side_effects_topic).len();
     lock.commit().await.unwrap();
@@ -453,6 +459,141 @@ async fn an_audit_locked_longer_than_every_timeout_stalls_without_timing_out_or_
     assert_eq!(emitted_while_locked, 0, "no effect without its record");
     assert_eq!(seqs, vec![1, 2], "both committed, in order");
     assert_eq!(reviews, 0, "no WAIT_TIMEOUT, no hold");
+    let report = crate::failures::verified(&cfg).await;
+    crate::failures::assert_clean(&report, 22);
+}
+
+/// The database made read-only by `ALTER DATABASE ... SET default_transaction_read_only`, as a
+/// DBA freezing writes for maintenance does; reset at the end whatever the test's fate.
+struct ReadOnlyDatabase {
+    name: String,
+}
+
+impl ReadOnlyDatabase {
+    async fn set() -> Self {
+        let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+        let name: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        sqlx::query(&format!(
+            "ALTER DATABASE \"{name}\" SET default_transaction_read_only = on"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+        Self { name }
+    }
+
+    /// Writes allowed again, for sessions that start from now on.
+    async fn reset(&self) {
+        allow_writes(&self.name).await;
+    }
+}
+
+impl Drop for ReadOnlyDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(allow_writes(&name));
+        })
+        .join();
+    }
+}
+
+async fn allow_writes(database: &str) {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(&database_url()).await.unwrap();
+    // This session starts read-only too, and ALTER DATABASE is a write.
+    sqlx::query("SET default_transaction_read_only = off")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{database}\" RESET default_transaction_read_only"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+}
+
+/// Terminates the processor's PostgreSQL sessions (a failover does), as the runtime role.
+async fn drop_processor_sessions() -> i64 {
+    let pool = sqlx::PgPool::connect(&runtime_database_url())
+        .await
+        .unwrap();
+    sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+          WHERE application_name = 'causal-commit' AND usename = current_user
+            AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+}
+
+/// A failover to a read-only server, or a DBA freezing writes for maintenance: PostgreSQL is
+/// up, answers reads and refuses every write (SQLSTATE 25006, "cannot execute ... in a
+/// read-only transaction") for longer than the wait timeout, then allows them again. It is
+/// an outage of the durable store, not a poison record: nothing is emitted without its record,
+/// nothing is quarantined as `UNPROCESSABLE`, nobody times out (R7), an instance started
+/// meanwhile waits instead of exiting, and once writes are allowed every intent commits once,
+/// in order, within a minute, through sessions that started read-only and were never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_turns_read_only_under_traffic_stalls_without_timing_out_or_losing() {
+    let env = TestEnv::exclusive("stall_readonly", 2).await;
+    let cfg = config_with_short_wait(&env);
+    let log = |run: &str| std::env::temp_dir().join(format!("{}-{run}.log", env.name));
+    let proc = Processor::spawn(&cfg, log("run1"));
+    produce_to_partition(&cfg, 0, &[intent("x-2", "x", 2)]).await;
+    waiting(&cfg, "x", 1).await;
+
+    let read_only = ReadOnlyDatabase::set().await;
+    // Its sessions open now start read-only, as on a server that fails over to a standby.
+    let dropped = drop_processor_sessions().await;
+    let frozen = Instant::now();
+    arrive_during_the_stall(&cfg).await;
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(frozen.elapsed())).await;
+    // A second instance starts meanwhile (a rolling deployment's new one, a scale-out).
+    let mut cfg_b = cfg.clone();
+    cfg_b.instance_id = format!("{}-b", env.name);
+    let mut second = Processor::spawn(&cfg_b, log("run2"));
+    tokio::time::sleep(Duration::from_secs(25).saturating_sub(frozen.elapsed())).await;
+    assert!(
+        second.exit_within(Duration::from_millis(300)).is_none(),
+        "the instance started meanwhile waits for the store: {:?}",
+        read_log(&log("run2")).last()
+    );
+    let emitted_while_frozen = read_all(&cfg, &cfg.kafka.side_effects_topic).len();
+    // Writes allowed again; the sessions that started read-only are left as they are.
+    read_only.reset().await;
+
+    let (seqs, reviews) = outcome(&cfg, "x", 22).await;
+    assert!(proc.terminate(Duration::from_secs(30)), "clean stop");
+    assert!(second.terminate(Duration::from_secs(30)), "clean stop");
+    println!("sessions dropped at the freeze: {dropped}");
+    let refused_write = |l: &serde_json::Value| {
+        l["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("read-only transaction"))
+    };
+    let first = read_log(&log("run1"));
+    assert!(
+        first.iter().any(
+            |l| l["message"] == "durable write failed; nothing is emitted" && refused_write(l)
+        ),
+        "the frozen store refused a write"
+    );
+    let second = read_log(&log("run2"));
+    assert!(
+        second.iter().any(refused_write),
+        "the instance started meanwhile met the frozen store"
+    );
+    assert_eq!(emitted_while_frozen, 0, "no effect without its record");
+    assert_eq!(seqs, vec![1, 2], "both committed, in order");
+    assert_eq!(reviews, 0, "no WAIT_TIMEOUT, no UNPROCESSABLE, no hold");
     let report = crate::failures::verified(&cfg).await;
     crate::failures::assert_clean(&report, 22);
 }

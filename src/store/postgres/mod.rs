@@ -107,7 +107,56 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub(crate) fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
-    move |source| Error::Db { what, source }
+    move |source| {
+        read_only::note(&source);
+        Error::Db { what, source }
+    }
+}
+
+/// Sessions that can no longer write. A server that refuses writes (a standby after a
+/// failover, or writes frozen with `default_transaction_read_only` for maintenance) answers
+/// every write with SQLSTATE 25006. Frozen with `ALTER DATABASE ... SET`, the setting is taken
+/// when a session starts and kept: the pool's sessions opened during the freeze would go on
+/// refusing writes after it, until they expire (30 minutes), and the partitions would stay
+/// paused that long. So once a statement was refused for that, for [`RECHECK_FOR`] after it
+/// each session the pool hands out is asked first whether it can write (one short round
+/// trip), and one that cannot, opened over a second ago, is closed: the pool opens a new one,
+/// which starts with the server's setting now. Not checked otherwise: the steady path pays
+/// nothing.
+mod read_only {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    /// How long after the last refusal sessions are checked before use.
+    pub const RECHECK_FOR: Duration = Duration::from_secs(600);
+    /// A session younger than this is used as it is (it started with the server's setting
+    /// now): a server still refusing writes is not reconnected to in a loop.
+    pub const FRESH: Duration = Duration::from_secs(1);
+    const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+
+    /// When a statement was last refused because its session could not write (ms since the
+    /// epoch; 0: never).
+    static REFUSED_AT_MS: AtomicU64 = AtomicU64::new(0);
+
+    fn now_ms() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    pub fn note(e: &sqlx::Error) {
+        if let sqlx::Error::Database(d) = e {
+            if d.code().as_deref() == Some(READ_ONLY_SQL_TRANSACTION) {
+                REFUSED_AT_MS.store(now_ms(), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sessions are to be checked before use.
+    pub fn rechecking() -> bool {
+        let at = REFUSED_AT_MS.load(Ordering::Relaxed);
+        at != 0 && now_ms().saturating_sub(at) < RECHECK_FOR.as_millis() as u64
+    }
 }
 
 /// A lazily connecting pool whose sessions use `config.schema` and a statement timeout.
@@ -128,6 +177,18 @@ pub fn pool(config: &PostgresConfig) -> Result<PgPool> {
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.connect_timeout)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if !read_only::rechecking() || meta.age < read_only::FRESH {
+                    return Ok(true);
+                }
+                let read_only: bool =
+                    sqlx::query_scalar("SELECT current_setting('transaction_read_only') = 'on'")
+                        .fetch_one(conn)
+                        .await?;
+                Ok(!read_only)
+            })
+        })
         .connect_lazy_with(options))
 }
 
@@ -194,7 +255,8 @@ impl Error {
     }
 
     /// PostgreSQL did not answer, or answered that it cannot serve now: stopped, starting up
-    /// or shutting down, out of connections, the connection lost, or a handshake cut short (a
+    /// or shutting down, out of connections, refusing writes for now (read-only), the
+    /// connection lost, or a handshake cut short (a
     /// server shutting down answered a connection's SSLRequest with a byte no PostgreSQL sends:
     /// the chaos test's instance started 0.2 s before PostgreSQL stopped exited on it). Waiting
     /// may heal it; a refused login, a missing schema or a failed statement does not.
@@ -212,9 +274,10 @@ impl Error {
 }
 
 /// See [`Error::is_unavailable`]: connection exceptions (class 08), the server shutting down
-/// or starting up (57P01, 57P02, 57P03), too many connections (53300).
+/// or starting up (57P01, 57P02, 57P03), too many connections (53300), writes refused by a
+/// server that is read-only now (25006: a standby, or writes frozen for maintenance).
 pub fn is_unavailable_sqlstate(code: &str) -> bool {
-    code.starts_with("08") || ["57P01", "57P02", "57P03", "53300"].contains(&code)
+    code.starts_with("08") || ["57P01", "57P02", "57P03", "53300", "25006"].contains(&code)
 }
 
 /// See [`Error::is_data_error`].
@@ -228,7 +291,9 @@ pub fn is_data_sqlstate(code: &str) -> bool {
 mod tests {
     #[test]
     fn unavailable_is_an_outage_never_a_refusal() {
-        for code in ["08006", "08001", "57P01", "57P02", "57P03", "53300"] {
+        for code in [
+            "08006", "08001", "57P01", "57P02", "57P03", "53300", "25006",
+        ] {
             assert!(super::is_unavailable_sqlstate(code), "{code}");
         }
         // A refused login, a missing relation or privilege, a cancelled statement, our own
