@@ -706,7 +706,7 @@ async fn recovery_point(config: Config, command: RecoveryPointCommand) -> anyhow
                     "store_committed_batch": v.committed_batch,
                     "store_next_offset": v.last_next_offset,
                     "refused_by_owner": v.refused,
-                "writer_group": v.writer_group,
+                    "writer_group": v.writer_group,
                     "consumed_topic_id": v.topic_id,
                     "topic_id": logs.get(&v.partition).and_then(|l| l.topic_id)
                         .map(|t| t.to_string()),

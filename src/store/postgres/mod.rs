@@ -256,10 +256,10 @@ impl Error {
 
     /// PostgreSQL did not answer, or answered that it cannot serve now: stopped, starting up
     /// or shutting down, out of connections, refusing writes for now (read-only), the
-    /// connection lost, or a handshake cut short (a
-    /// server shutting down answered a connection's SSLRequest with a byte no PostgreSQL sends:
-    /// the chaos test's instance started 0.2 s before PostgreSQL stopped exited on it). Waiting
-    /// may heal it; a refused login, a missing schema or a failed statement does not.
+    /// connection lost, or a handshake cut short (a server shutting down answered a
+    /// connection's SSLRequest with a byte no PostgreSQL sends: the chaos test's instance
+    /// started 0.2 s before PostgreSQL stopped exited on it). Waiting may heal it; a refused
+    /// login, a missing schema or a failed statement does not.
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
