@@ -79,6 +79,17 @@ pub enum Error {
     /// new one, with a new consumer, from the committed recovery points.
     #[error("the Kafka consumer failed fatally ({0})")]
     ConsumerFatal(rdkafka::error::KafkaError),
+    /// The brokers refuse `kafka.transaction_timeout`: no transactional producer can start, and
+    /// retrying never mends it. The process stops, naming the setting.
+    #[error(
+        "kafka.transaction_timeout ({}) is above the brokers' transaction.max.timeout.ms \
+         (15 minutes unless set otherwise): lower it, or raise the brokers' limit ({source})",
+        humantime::format_duration(*.configured)
+    )]
+    TransactionTimeoutRefused {
+        configured: Duration,
+        source: kafka::Error,
+    },
     /// The replacement consumer failed fatally too, soon after: another process is using this
     /// instance's `group.instance.id` (and transactional id). The process stops.
     #[error(
@@ -134,6 +145,8 @@ pub struct Engine {
     pub(super) ctx: EngineContext,
     pub(super) consumer: EngineConsumer,
     pub(super) producer: Option<TxnProducer>,
+    /// Why no producer can ever be created with this configuration (the engine stops).
+    producer_refused: Option<kafka::Error>,
     /// A fatal consumer error seen by [`Engine::gather`]: the engine stops (see
     /// [`Error::ConsumerFatal`]).
     consumer_failed: Option<rdkafka::error::KafkaError>,
@@ -365,6 +378,7 @@ impl Engine {
             ctx,
             consumer,
             producer: None,
+            producer_refused: None,
             consumer_failed: None,
             stale_assignment: None,
             shutdown,
@@ -405,7 +419,7 @@ impl Engine {
         loop {
             let stopping = self.shutdown.is_cancelled();
             if !self.ensure_producer() {
-                if stopping {
+                if stopping || self.producer_refused.is_some() {
                     break;
                 }
                 self.idle(Duration::from_secs(1));
@@ -453,6 +467,12 @@ impl Engine {
         if let Some(topics) = self.stale_assignment.take() {
             return Err(Error::StaleAssignment { topics });
         }
+        if let Some(source) = self.producer_refused.take() {
+            return Err(Error::TransactionTimeoutRefused {
+                configured: self.config.kafka.transaction_timeout,
+                source,
+            });
+        }
         match self.consumer_failed.take() {
             Some(e) => Err(Error::ConsumerFatal(e)),
             None => Ok(()),
@@ -497,6 +517,10 @@ impl Engine {
             Ok(p) => {
                 self.producer = Some(p);
                 true
+            }
+            Err(e) if e.is_transaction_timeout_refused() => {
+                self.producer_refused = Some(e);
+                false
             }
             Err(e) => {
                 tracing::error!(error = %e, "transactional producer unavailable; retrying");

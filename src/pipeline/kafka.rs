@@ -79,16 +79,31 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub const ABORT_DRAIN: Duration = Duration::from_secs(2);
 
 impl Error {
+    fn kafka_error(&self) -> Option<&KafkaError> {
+        match self {
+            Error::Abortable(e) | Error::Fatal(e) | Error::Other(e) => Some(e),
+            Error::Create { source, .. } => Some(source),
+            Error::NotInGroup | Error::Stuck { .. } | Error::Undelivered { .. } => None,
+        }
+    }
+
     /// A record larger than librdkafka's `message.max.bytes` or a topic's `max.message.bytes`:
     /// a configuration below `limits.max_output_bytes`, which no retry mends.
     pub fn is_record_too_large(&self) -> bool {
-        let e = match self {
-            Error::Abortable(e) | Error::Fatal(e) | Error::Other(e) => e,
-            Error::Create { source, .. } => source,
-            Error::NotInGroup | Error::Stuck { .. } | Error::Undelivered { .. } => return false,
-        };
-        e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
-            || e.to_string().contains("Message size too large")
+        self.kafka_error().is_some_and(|e| {
+            e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
+                || e.to_string().contains("Message size too large")
+        })
+    }
+
+    /// The brokers refused the producer's `transaction.timeout.ms` (`kafka.transaction_timeout`)
+    /// as above their `transaction.max.timeout.ms`: a configuration no retry mends.
+    pub fn is_transaction_timeout_refused(&self) -> bool {
+        self.kafka_error().is_some_and(|e| {
+            e.rdkafka_error_code() == Some(RDKafkaErrorCode::InvalidTransactionTimeout)
+                || e.to_string()
+                    .contains("Transaction timeout is larger than the maximum")
+        })
     }
 
     /// The producer cannot go on: re-create it (never abort through it).

@@ -260,6 +260,32 @@ async fn a_mistyped_topic_name_stops_run_within_seconds_naming_it() {
     }
 }
 
+/// A tired operator's `kafka.transaction_timeout` above the brokers' `transaction.max.timeout.ms`
+/// (15 minutes by default): no transactional producer can start. Found by hand: `run` stayed
+/// up, not ready, consuming nothing, logging "transactional producer unavailable; retrying"
+/// every 1.5 s (99 ERROR lines in two minutes), as if the brokers would come round. It now
+/// stops within seconds naming the setting and the brokers' limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_timeout_above_the_brokers_limit_stops_run_within_seconds_naming_it() {
+    let env = TestEnv::new("secure_txn_timeout", 1).await;
+    migrate_as_owner(&env.config).await;
+    let mut cfg = env.config.clone();
+    cfg.kafka.transaction_timeout = Duration::from_secs(20 * 60);
+    let log = std::env::temp_dir().join(format!("{}.log", env.name));
+    let error = refused_at_start(
+        &cfg,
+        &log,
+        "kafka.transaction_timeout (20m) is above the brokers' transaction.max.timeout.ms",
+        "no-secret-in-this-case-8c4e",
+    );
+    assert!(error.contains("Transaction timeout is larger"), "{error}");
+    assert!(
+        messages(&log, "transactional producer unavailable; retrying").is_empty(),
+        "not retried: {}",
+        log_text(&log)
+    );
+}
+
 /// A tired operator's topic setting: `cleanup.policy=compact` keeps the last record of each key
 /// and deletes the others (the intents topic is keyed by contact: every intent of a contact
 /// but its last, before the processor reads them), and `verify`, reading the same topics,
