@@ -262,15 +262,7 @@ async fn connections_terminated_again_and_again_under_traffic_lose_and_duplicate
     let until = Instant::now() + Duration::from_secs(15);
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
-              WHERE application_name = 'causal-commit' AND usename = current_user
-                AND pid <> pg_backend_pid()",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        terminated += n;
+        terminated += terminate_processor_sessions(&pool).await;
     }
     println!("connections terminated: {terminated}");
     assert!(

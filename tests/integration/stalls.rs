@@ -519,21 +519,6 @@ async fn allow_writes(database: &str) {
     .unwrap();
 }
 
-/// Terminates the processor's PostgreSQL sessions (a failover does), as the runtime role.
-async fn drop_processor_sessions() -> i64 {
-    let pool = sqlx::PgPool::connect(&runtime_database_url())
-        .await
-        .unwrap();
-    sqlx::query_scalar(
-        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
-          WHERE application_name = 'causal-commit' AND usename = current_user
-            AND pid <> pg_backend_pid()",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap()
-}
-
 /// A failover to a read-only server, or a DBA freezing writes for maintenance: PostgreSQL is
 /// up, answers reads and refuses every write (SQLSTATE 25006, "cannot execute ... in a
 /// read-only transaction") for longer than the wait timeout, then allows them again. It is
@@ -552,7 +537,10 @@ async fn a_store_that_turns_read_only_under_traffic_stalls_without_timing_out_or
 
     let read_only = ReadOnlyDatabase::set().await;
     // Its sessions open now start read-only, as on a server that fails over to a standby.
-    let dropped = drop_processor_sessions().await;
+    let runtime = sqlx::PgPool::connect(&runtime_database_url())
+        .await
+        .unwrap();
+    let dropped = terminate_processor_sessions(&runtime).await;
     let frozen = Instant::now();
     arrive_during_the_stall(&cfg).await;
     tokio::time::sleep(Duration::from_secs(8).saturating_sub(frozen.elapsed())).await;

@@ -44,6 +44,20 @@ pub fn runtime_database_url() -> String {
     })
 }
 
+/// Terminates every PostgreSQL session of the processors (`pg_terminate_backend`, as a DBA's
+/// idle-session killer or a failover does), but `pool`'s own: how many. `pool` must connect as
+/// the runtime role, whose sessions it may terminate.
+pub async fn terminate_processor_sessions(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+          WHERE application_name = 'causal-commit' AND usename = current_user
+            AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 /// The runtime role's name (the user of [`runtime_database_url`]).
 pub fn runtime_role() -> String {
     let url = runtime_database_url();
