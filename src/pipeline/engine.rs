@@ -37,7 +37,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::assignment::{Assignment, PauseCause};
-use super::gather::BatchClock;
+use super::gather::{BatchClock, BatchLimit};
 use super::health::Health;
 use super::isolation::{Isolation, Verdict};
 use super::kafka::{self, EngineConsumer, EngineContext, TxnProducer};
@@ -170,6 +170,9 @@ pub struct Engine {
     pub(super) next_restore_at: Instant,
     /// Replays in a row for another batch's claims (see [`Engine::wait_for_claims`]).
     claim_waits: u32,
+    /// How many records a batch may hold now (fewer while PostgreSQL is too slow for a full
+    /// one).
+    batch_limit: BatchLimit,
     next_commands_at: Instant,
     next_gauges_at: Instant,
     /// The next time committed batches PostgreSQL does not record yet are recorded again.
@@ -370,6 +373,8 @@ impl Engine {
         let writer = config.instance_id();
         let now = Instant::now();
         let (marked_tx, marked_rx) = std::sync::mpsc::channel();
+        let batch_limit = BatchLimit::new(config.batch.max_records);
+        metrics::gauge!(m::BATCH_LIMIT).set(batch_limit.records() as f64);
         Ok(Self {
             config,
             seq_config,
@@ -392,6 +397,7 @@ impl Engine {
             owners: HashMap::new(),
             next_restore_at: now,
             claim_waits: 0,
+            batch_limit,
             next_commands_at: now,
             next_gauges_at: now,
             next_remark_at: now,
@@ -768,7 +774,7 @@ impl Engine {
         let mut ends = BTreeSet::new();
         let mut clock = BatchClock::new(
             self.config.batch.max_linger,
-            self.config.batch.max_records,
+            self.batch_limit.records(),
             Instant::now(),
         );
         loop {
@@ -932,7 +938,8 @@ impl Engine {
         if !records.is_empty() {
             fail::fail_point!("engine-process");
         }
-        self.batch_trace.polled(records.len());
+        let polled = records.len();
+        self.batch_trace.polled(polled);
         self.sync_assignment();
         if self.moved_back(&records) || self.skipped_deleted(&records) {
             return;
@@ -942,7 +949,12 @@ impl Engine {
         let input = self.decode(records);
         let priors = match self.look_up(&input) {
             Ok(priors) => priors,
-            Err(e) => return self.fail(Failure::Lookup(e)),
+            Err(e) => {
+                if let lock_store::Error::Postgres(pg) = &e {
+                    self.cut_batches_if_cancelled(pg, Step::Lookup, polled);
+                }
+                return self.fail(Failure::Lookup(e));
+            }
         };
         self.batch_trace.done(Step::Lookup);
         let mut fresh = self.sequence(&input, &priors);
@@ -957,8 +969,10 @@ impl Engine {
         if let Err(e) = self.stage(&plan) {
             return self.fail(Failure::Commit(e));
         }
+        let writing = Instant::now();
         if let Err(PartWritten { error: e, written }) = self.persist(&plan) {
             self.abort_staged();
+            self.cut_batches_if_cancelled(&e, Step::DurableWrite, polled);
             // The parts already written are rolled back by their lanes' restore.
             let plan = plan.without(&written);
             if let Some(ids) = e.decided_before() {
@@ -976,7 +990,43 @@ impl Engine {
             return self.fail(Failure::Persist(e));
         }
         self.batch_trace.done(Step::DurableWrite);
+        self.grow_batches(polled, writing.elapsed());
         self.commit_and_report(plan);
+    }
+
+    /// A statement of this batch (of `records`) was cancelled by `postgres.statement_timeout`:
+    /// the next batches are smaller (see [`BatchLimit`]), or the same batch, replayed, would
+    /// be cancelled again for as long as PostgreSQL stays this slow.
+    fn cut_batches_if_cancelled(&mut self, error: &pg::Error, step: Step, records: usize) {
+        if !error.is_cancelled() {
+            return;
+        }
+        let limit = self.batch_limit.cancelled(records);
+        metrics::gauge!(m::BATCH_LIMIT).set(limit as f64);
+        tracing::warn!(
+            step = step.name(),
+            records,
+            batch_limit = limit,
+            statement_timeout = %humantime::format_duration(self.config.postgres.statement_timeout),
+            "a batch's PostgreSQL statement outlasted postgres.statement_timeout; batches are cut \
+             until a full one is written well within it (runbook: Processor stalled)"
+        );
+    }
+
+    /// A batch of `records` was written in `took`: batches cut by
+    /// [`Engine::cut_batches_if_cancelled`] grow back while writes are fast.
+    fn grow_batches(&mut self, records: usize, took: Duration) {
+        let timeout = self.config.postgres.statement_timeout;
+        if let Some(limit) = self.batch_limit.written(records, took, timeout) {
+            metrics::gauge!(m::BATCH_LIMIT).set(limit as f64);
+            tracing::info!(
+                records,
+                took_ms = took.as_millis() as u64,
+                batch_limit = limit,
+                batch_max_records = self.config.batch.max_records,
+                "PostgreSQL writes are fast again; batches grow back"
+            );
+        }
     }
 
     /// Two partitions of one batch wrote the same contact (its records arrive on both: the

@@ -76,6 +76,58 @@ impl BatchClock {
     }
 }
 
+/// How many records a batch may hold now: `batch.max_records`, or fewer while PostgreSQL is
+/// too slow for a full batch.
+///
+/// A durable write (or a fallback lookup) that `postgres.statement_timeout` cancelled would be
+/// cancelled again on the same batch replayed: a store slowed down (a throttled disk, a busy
+/// neighbour) would stall the partitions until it recovers, although smaller batches pass.
+/// So each cancellation halves the batch that was cancelled, down to one record, and a write
+/// of a full batch at the limit that took at most a quarter of the timeout doubles the limit
+/// again (the doubled batch is expected to take half the timeout at most), up to
+/// `batch.max_records`. Pure: the engine says what happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimit {
+    max: usize,
+    now: usize,
+}
+
+impl BatchLimit {
+    pub fn new(max_records: usize) -> Self {
+        BatchLimit {
+            max: max_records,
+            now: max_records,
+        }
+    }
+
+    /// The records a batch may hold now.
+    pub fn records(&self) -> usize {
+        self.now
+    }
+
+    /// Whether batches are cut below `batch.max_records`.
+    pub fn is_cut(&self) -> bool {
+        self.now < self.max
+    }
+
+    /// The statement timeout cancelled a step of a batch of `records`: the limit becomes half
+    /// of that batch (or of the limit, if smaller). Returns the new limit.
+    pub fn cancelled(&mut self, records: usize) -> usize {
+        self.now = (records.min(self.now) / 2).max(1);
+        self.now
+    }
+
+    /// A batch of `records` was written in `took`; `timeout` is the statement timeout. Returns
+    /// the new limit when it grew.
+    pub fn written(&mut self, records: usize, took: Duration, timeout: Duration) -> Option<usize> {
+        if !self.is_cut() || records < self.now || took.saturating_mul(4) > timeout {
+            return None;
+        }
+        self.now = self.now.saturating_mul(2).min(self.max);
+        Some(self.now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,5 +218,52 @@ mod tests {
         c.record(t0 + 50 * MS);
         assert!(!c.closes(t0 + 50 * MS, 2, false));
         assert!(c.closes(t0 + 50 * MS, 3, false));
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_cancelled_batch_is_halved_down_to_one_record() {
+        let mut l = BatchLimit::new(20_000);
+        assert!(!l.is_cut());
+        assert_eq!(l.cancelled(20_000), 10_000);
+        // A smaller batch than the limit (it closed on its linger) halves from its own size.
+        assert_eq!(l.cancelled(3_000), 1_500);
+        assert!(l.is_cut());
+        for _ in 0..20 {
+            l.cancelled(l.records());
+        }
+        assert_eq!(l.records(), 1, "never below one record");
+    }
+
+    #[test]
+    fn only_a_full_batch_written_well_within_the_timeout_grows_the_limit_back() {
+        let mut l = BatchLimit::new(20_000);
+        assert_eq!(
+            l.written(20_000, MS, TIMEOUT),
+            None,
+            "not cut: nothing to grow"
+        );
+        l.cancelled(20_000);
+        l.cancelled(10_000);
+        assert_eq!(l.records(), 5_000);
+        assert_eq!(
+            l.written(4_999, MS, TIMEOUT),
+            None,
+            "a batch below the limit says nothing about a full one"
+        );
+        assert_eq!(
+            l.written(5_000, TIMEOUT / 4 + MS, TIMEOUT),
+            None,
+            "doubled, it would take over half the timeout"
+        );
+        assert_eq!(l.written(5_000, TIMEOUT / 4, TIMEOUT), Some(10_000));
+        assert_eq!(l.written(10_000, MS, TIMEOUT), Some(20_000));
+        assert!(!l.is_cut());
+        // An odd maximum is reached, not overshot.
+        let mut odd = BatchLimit::new(3);
+        odd.cancelled(3);
+        assert_eq!(odd.written(1, MS, TIMEOUT), Some(2));
+        assert_eq!(odd.written(2, MS, TIMEOUT), Some(3));
     }
 }

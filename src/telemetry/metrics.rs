@@ -43,6 +43,9 @@ pub const TRANSACTION_DURATION: &str = "causal_commit_transaction_duration_secon
 pub const BATCH_STEP: &str = "causal_commit_batch_step_seconds";
 /// Input records per committed transaction.
 pub const BATCH_RECORDS: &str = "causal_commit_batch_records";
+/// Records a batch may hold now: `batch.max_records`, less while PostgreSQL is too slow for a
+/// full batch (`pipeline::gather::BatchLimit`).
+pub const BATCH_LIMIT: &str = "causal_commit_batch_limit_records";
 /// Transactional producers re-created after a fatal or indefinite error.
 pub const PRODUCER_RESETS: &str = "causal_commit_producer_resets_total";
 /// Kafka clients bootstrapped again after librdkafka left them without any broker
@@ -326,6 +329,13 @@ pub const ALL: &[Metric] = &[
         kind: Kind::Histogram,
         labels: &[],
         help: "Input records per committed transaction",
+        unit: None,
+    },
+    Metric {
+        name: BATCH_LIMIT,
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "Records a batch may hold now (batch.max_records, less while PostgreSQL is too slow for a full batch)",
         unit: None,
     },
     Metric {
@@ -674,8 +684,14 @@ mod tests {
         for m in ALL {
             let per_partition = m.labels.iter().any(|l| l.name == "partition");
             // The lock store sets its mode when it is created; the first commit sets its time;
-            // the first read of the topics' cleanup.policy sets theirs.
-            let set_later = [LAST_COMMIT_TIMESTAMP, LOCK_STORE_MODE, TOPIC_COMPACTS];
+            // the first read of the topics' cleanup.policy sets theirs; the engine sets its
+            // batch limit (batch.max_records) when it starts.
+            let set_later = [
+                LAST_COMMIT_TIMESTAMP,
+                LOCK_STORE_MODE,
+                TOPIC_COMPACTS,
+                BATCH_LIMIT,
+            ];
             if per_partition || set_later.contains(&m.name) {
                 continue;
             }

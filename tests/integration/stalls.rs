@@ -585,3 +585,77 @@ async fn a_store_that_turns_read_only_under_traffic_stalls_without_timing_out_or
     let report = crate::failures::verified(&cfg).await;
     crate::failures::assert_clean(&report, 22);
 }
+
+/// A PostgreSQL too slow for a full batch (a throttled disk, a busy neighbour; here
+/// `postgres.statement_timeout` set far below what a 20,000-record write takes) cancels every
+/// full-size durable write. Retrying the same full-size batch stalls the partitions for as
+/// long as the store stays slow, although smaller batches would pass: the processor cuts its
+/// batches after a write cancelled by the statement timeout and the backlog drains, every
+/// intent once, in order, nothing timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_too_slow_for_a_full_batch_gets_smaller_batches_and_the_backlog_drains() {
+    let env = TestEnv::new("stall_slow_write", 4).await;
+    let mut cfg = env.config.clone();
+    // A 20,000-record write takes about 400 ms on an idle two-core machine; 1,000 records
+    // about 20 ms.
+    cfg.postgres.statement_timeout = Duration::from_millis(150);
+    let contacts = 2_500;
+    let per_contact = 10;
+    let intents: Vec<Intent> = (1..=per_contact)
+        .flat_map(|seq| {
+            (0..contacts)
+                .map(move |c| intent(&format!("slow-{c}-{seq}"), &format!("slow-{c}"), seq))
+        })
+        .collect();
+    produce_backlog(&cfg, &intents).await;
+    let log = std::env::temp_dir().join(format!("{}.log", env.name));
+    let proc = Processor::spawn(&cfg, log.clone());
+    let total = intents.len();
+    let fx = effects(
+        &wait_for(
+            &cfg,
+            &cfg.kafka.side_effects_topic,
+            total,
+            Duration::from_secs(150),
+        )
+        .await,
+    );
+    assert!(proc.terminate(Duration::from_secs(30)), "clean stop");
+    let lines = read_log(&log);
+    let cancelled = lines
+        .iter()
+        .filter(|l| {
+            l["message"] == "durable write failed; nothing is emitted"
+                && l["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("statement timeout"))
+        })
+        .count();
+    let cut = lines
+        .iter()
+        .filter_map(|l| {
+            (l["message"].as_str().is_some_and(|m| {
+                m.starts_with("a batch's PostgreSQL statement outlasted postgres.statement_timeout")
+            }))
+            .then(|| l["batch_limit"].as_u64())
+            .flatten()
+        })
+        .collect::<Vec<_>>();
+    println!("cancelled writes: {cancelled}, batch limits: {cut:?}");
+    assert_eq!(
+        fx.len(),
+        total,
+        "every intent has its effect ({cancelled} writes cancelled)"
+    );
+    assert!(cancelled >= 1, "a full batch's write was cancelled");
+    assert!(
+        !cut.is_empty() && cut.iter().all(|&n| n < cfg.batch.max_records as u64),
+        "each cancelled write cut the batches: {cut:?}"
+    );
+    assert!(
+        read_all(&cfg, &cfg.kafka.manual_review_topic).is_empty(),
+        "nothing timed out or was isolated"
+    );
+    let report = crate::failures::verified(&cfg).await;
+    crate::failures::assert_clean(&report, total);
+}

@@ -201,6 +201,13 @@ impl Error {
         self.sqlstate().as_deref() == Some(FENCED_SQLSTATE)
     }
 
+    /// PostgreSQL cancelled the statement (57014): `postgres.statement_timeout` ran out (or an
+    /// operator's `pg_cancel_backend`). The same statement on the same rows may well run out
+    /// again; a smaller one may not.
+    pub fn is_cancelled(&self) -> bool {
+        self.sqlstate().as_deref() == Some("57014")
+    }
+
     /// The SQLSTATE PostgreSQL answered with, if it answered.
     pub fn sqlstate(&self) -> Option<String> {
         match self {

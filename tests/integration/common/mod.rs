@@ -437,20 +437,46 @@ pub async fn produce_raw(config: &Config, records: &[(Option<Vec<u8>>, Vec<u8>)]
     }
 }
 
+/// An intent's record value and its `correlation_id` header.
+fn encoded(i: &Intent) -> (Vec<u8>, OwnedHeaders) {
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "correlation_id",
+        value: Some(i.correlation_id.as_bytes()),
+    });
+    (i.encode_to_vec(), headers)
+}
+
 /// Produces intents keyed by their contact, with a correlation_id header.
 pub async fn produce_intents(config: &Config, intents: &[Intent]) {
     let p = producer(config);
     for i in intents {
-        let value = i.encode_to_vec();
-        let headers = OwnedHeaders::new().insert(Header {
-            key: "correlation_id",
-            value: Some(i.correlation_id.as_bytes()),
-        });
+        let (value, headers) = encoded(i);
         let r = FutureRecord::to(&config.kafka.intents_topic)
             .key(i.contact_id.as_bytes())
             .payload(&value)
             .headers(headers);
         p.send(r, Duration::from_secs(10)).await.expect("delivered");
+    }
+}
+
+/// [`produce_intents`] for a backlog: queued a chunk at a time (well below the client's queue
+/// bound), then awaited, so thousands of intents take seconds rather than a round trip each.
+/// An idempotent producer keeps each partition's order.
+pub async fn produce_backlog(config: &Config, intents: &[Intent]) {
+    let p = producer(config);
+    for chunk in intents.chunks(10_000) {
+        let mut deliveries = Vec::with_capacity(chunk.len());
+        for i in chunk {
+            let (value, headers) = encoded(i);
+            let r = FutureRecord::to(&config.kafka.intents_topic)
+                .key(i.contact_id.as_bytes())
+                .payload(&value)
+                .headers(headers);
+            deliveries.push(p.send_result(r).map_err(|(e, _)| e).expect("queued"));
+        }
+        for d in deliveries {
+            d.await.expect("not cancelled").expect("delivered");
+        }
     }
 }
 
