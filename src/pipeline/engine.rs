@@ -173,6 +173,9 @@ pub struct Engine {
     /// How many records a batch may hold now (fewer while PostgreSQL is too slow for a full
     /// one).
     batch_limit: BatchLimit,
+    /// Each statement's limit in a restore: `postgres.statement_timeout`, longer once a
+    /// restore outlasted it (see [`Engine::lengthen_restores`]).
+    pub(super) restore_timeout: Duration,
     next_commands_at: Instant,
     next_gauges_at: Instant,
     /// The next time committed batches PostgreSQL does not record yet are recorded again.
@@ -374,6 +377,7 @@ impl Engine {
         let now = Instant::now();
         let (marked_tx, marked_rx) = std::sync::mpsc::channel();
         let batch_limit = BatchLimit::new(config.batch.max_records);
+        let restore_timeout = config.postgres.statement_timeout;
         metrics::gauge!(m::BATCH_LIMIT).set(batch_limit.records() as f64);
         Ok(Self {
             config,
@@ -398,6 +402,7 @@ impl Engine {
             next_restore_at: now,
             claim_waits: 0,
             batch_limit,
+            restore_timeout,
             next_commands_at: now,
             next_gauges_at: now,
             next_remark_at: now,

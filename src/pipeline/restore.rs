@@ -17,6 +17,12 @@ use crate::store::recovery::{KafkaCommitted, LogRange, RecoveryPoint, TopicId};
 use crate::store::snapshot::{self, Held, WaitingRows};
 use crate::telemetry::metrics as m;
 
+/// The longest a restore's statement may take, however often restores outlasted their limit
+/// (unless `postgres.statement_timeout` is longer): the engine's thread does not poll the
+/// consumer during a restore, and librdkafka removes a consumer from its group when it has
+/// not polled for `max.poll.interval.ms` (5 minutes by default).
+pub const RESTORE_TIMEOUT_MAX: Duration = Duration::from_secs(120);
+
 /// Why a partition could not be restored (it stays paused and is retried).
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -103,19 +109,31 @@ impl Engine {
             .map_err(RestoreError::Watermarks)?;
         // Asked once the brokers answered (while they do not, the id would only add a wait).
         let topic_id = *topic_id.get_or_insert_with(|| self.topic_id());
-        let restored = self.rt.block_on(pg::restore_partition(
-            &self.pool,
-            &topic,
-            partition,
-            fence,
-            &self.config.kafka.group_id,
-            &kafka,
-            Some(LogRange {
-                low,
-                high,
-                topic_id,
-            }),
-        ))?;
+        let timeout = self.restore_timeout;
+        let restored = self
+            .rt
+            .block_on(pg::restore_partition(
+                &self.pool,
+                &topic,
+                partition,
+                fence,
+                &self.config.kafka.group_id,
+                &kafka,
+                pg::RestoreBounds {
+                    log: Some(LogRange {
+                        low,
+                        high,
+                        topic_id,
+                    }),
+                    statement_timeout: (timeout > self.config.postgres.statement_timeout)
+                        .then_some(timeout),
+                },
+            ))
+            .inspect_err(|e| {
+                if e.is_cancelled() {
+                    self.lengthen_restores(partition, timeout);
+                }
+            })?;
         let resume = restored.resume;
         if let Some(previous) = &restored.previous_group {
             tracing::warn!(
@@ -223,6 +241,29 @@ impl Engine {
             clock_ms: resume.clock_ms,
         });
         Ok(Restored { lane, anchor })
+    }
+
+    /// A restore of `partition` outlasted `timeout`, its statements' limit: the partition's
+    /// state is large (its restore reads and reverts every contact of the partition, so it
+    /// grows with the partition, unlike a batch) or PostgreSQL is slow. Restores get twice as
+    /// long from now on, up to [`RESTORE_TIMEOUT_MAX`], or the same restore, retried, would be
+    /// cancelled again for ever.
+    fn lengthen_restores(&mut self, partition: i32, timeout: Duration) {
+        let longer =
+            (timeout * 2).min(RESTORE_TIMEOUT_MAX.max(self.config.postgres.statement_timeout));
+        if longer <= self.restore_timeout {
+            // Already as long as it gets (or made longer by another partition meanwhile).
+            return;
+        }
+        self.restore_timeout = longer;
+        tracing::warn!(
+            partition,
+            outlasted = %humantime::format_duration(timeout),
+            restore_timeout = %humantime::format_duration(longer),
+            "a partition's restore outlasted its statement timeout (a partition of many \
+             contacts, or a slow PostgreSQL); restores may take longer from now on (runbook: \
+             Partitions paused)"
+        );
     }
 
     /// Commits the recovery points Kafka lacks (a new group, offsets reset or expired: see

@@ -479,7 +479,7 @@ async fn a_command_is_applied_only_once_its_batch_commits_and_an_aborted_batch_l
             clock_ms: 0,
         },
     };
-    pg::restore_partition(&pool, &topic, 0, fence, "g", &committed, None)
+    pg::restore_partition(&pool, &topic, 0, fence, "g", &committed, Default::default())
         .await
         .unwrap();
     assert_eq!(state(second).await, CommandState::Pending);

@@ -651,9 +651,10 @@ async fn a_restore_keeps_a_contact_whose_creation_it_rolls_back_with_its_owner()
                     clock_ms: 0,
                 },
             };
-            let restored = pg::restore_partition(&pool, topic, 1, fence, "g", &kafka, None)
-                .await
-                .unwrap();
+            let restored =
+                pg::restore_partition(&pool, topic, 1, fence, "g", &kafka, Default::default())
+                    .await
+                    .unwrap();
             let rows: Vec<(String, i32, i64, Option<serde_json::Value>)> = sqlx::query_as(
                 "SELECT contact_id, partition, batch_no, state FROM cc_contact
                   WHERE topic = $1 ORDER BY 1",

@@ -13,7 +13,7 @@
 //! Each test is one scenario read top to bottom (some are long because the scenario is).
 
 use crate::common::process::{self as process, freeze_redis};
-use crate::common::redis_url;
+use crate::common::{redis_url, scan_keys};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -142,11 +142,7 @@ impl World {
     /// does, limited to this test's keys).
     async fn lose_redis_data(&self) {
         let mut con = self.con().await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.config.redis.key_prefix))
-            .query_async(&mut con)
-            .await
-            .expect("KEYS");
+        let keys = scan_keys(&mut con, &format!("{}:*", self.config.redis.key_prefix)).await;
         if !keys.is_empty() {
             let _: () = redis::cmd("DEL")
                 .arg(keys)
@@ -251,10 +247,17 @@ impl World {
                 clock_ms: 0,
             },
         };
-        let restored =
-            pg::restore_partition(&self.pool, TOPIC, partition, part.fence, "g", &kafka, None)
-                .await
-                .expect("restore");
+        let restored = pg::restore_partition(
+            &self.pool,
+            TOPIC,
+            partition,
+            part.fence,
+            "g",
+            &kafka,
+            Default::default(),
+        )
+        .await
+        .expect("restore");
         let p = self.parts.get_mut(&partition).expect("partition");
         p.last_batch = restored.resume.batch;
         p.next_offset = restored.resume.next_offset;
@@ -1220,7 +1223,10 @@ async fn flushall_makes_redis_out_of_sync_until_resynchronised() {
     assert_eq!(sorted(store.lookup(&ids(&batch)).await.unwrap()), batch);
     assert_eq!(store.stats().lookups_redis - s0.lookups_redis, 1);
 
+    // ASYNC: the keys are gone at once and freed off Redis's main thread (a synchronous flush
+    // of a large keyspace outlasts the client's 500 ms).
     let _: () = redis::cmd("FLUSHALL")
+        .arg("ASYNC")
         .query_async(&mut w.con().await)
         .await
         .unwrap();

@@ -658,4 +658,92 @@ async fn a_store_too_slow_for_a_full_batch_gets_smaller_batches_and_the_backlog_
     );
     let report = crate::failures::verified(&cfg).await;
     crate::failures::assert_clean(&report, total);
+    forget_redis_keys(&cfg).await;
 }
+
+/// A partition of many contacts, restarted: its restore reads and reverts the state of every
+/// contact of the partition, so its statements grow with the partition while a batch's do not.
+/// Under a `postgres.statement_timeout` that every batch keeps within but the whole partition's
+/// read does not (as a partition grows over months under the default 10 s), each restore was
+/// cancelled and retried the same way: the partition never started again. A cancelled restore
+/// now makes restores longer, and the partition starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_whose_restore_outlasts_the_statement_timeout_still_starts() {
+    let env = TestEnv::new("restore_many", 1).await;
+    let contacts = RESTORE_MANY_CONTACTS;
+    let intents: Vec<Intent> = (0..contacts)
+        .map(|c| intent(&format!("many-{c}-1"), &format!("many-{c}"), 1))
+        .collect();
+    produce_backlog(&env.config, &intents).await;
+    let log = |run: &str| std::env::temp_dir().join(format!("{}-{run}.log", env.name));
+    let first = Processor::spawn(&env.config, log("run1"));
+    let committed = wait_for(
+        &env.config,
+        &env.config.kafka.side_effects_topic,
+        contacts,
+        Duration::from_secs(120),
+    )
+    .await
+    .len();
+    assert!(first.terminate(Duration::from_secs(30)), "clean stop");
+    assert_eq!(committed, contacts, "the first run commits every contact");
+
+    // Restarted with a statement timeout each batch keeps within, and the restore does not.
+    let mut cfg = env.config.clone();
+    cfg.postgres.statement_timeout = RESTORE_MANY_TIMEOUT;
+    produce_intents(&cfg, &[intent("many-7-2", "many-7", 2)]).await;
+    let second = Processor::spawn(&cfg, log("run2"));
+    let fx = effects(
+        &wait_for(
+            &cfg,
+            &cfg.kafka.side_effects_topic,
+            contacts + 1,
+            Duration::from_secs(60),
+        )
+        .await,
+    );
+    assert!(second.terminate(Duration::from_secs(30)), "clean stop");
+    let lines = read_log(&log("run2"));
+    let cancelled = lines
+        .iter()
+        .filter(|l| {
+            l["message"] == "partition not restored yet; paused"
+                && l["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("statement timeout"))
+        })
+        .count();
+    let restored: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "partition restored")
+        .map(|l| (l["contacts"].as_u64(), l["elapsed_ms"].as_u64()))
+        .collect();
+    println!("restores cancelled: {cancelled}; restored (contacts, ms): {restored:?}");
+    assert!(
+        cancelled >= 1,
+        "the restore outlasted the statement timeout at first (else this test shows nothing)"
+    );
+    assert_eq!(
+        fx.len(),
+        contacts + 1,
+        "the partition started again and committed the new intent"
+    );
+    assert_eq!(
+        sequences_of(&fx, "many-7"),
+        vec![("many-7-1", 1), ("many-7-2", 2)]
+    );
+    assert!(
+        lines.iter().any(|l| l["message"].as_str().is_some_and(
+            |m| m.starts_with("a partition's restore outlasted its statement timeout")
+        )),
+        "the longer restores are logged"
+    );
+    let report = crate::failures::verified(&cfg).await;
+    crate::failures::assert_clean(&report, contacts + 1);
+    forget_redis_keys(&cfg).await;
+}
+
+/// Contacts in the one partition of the restore test: enough that reading all their states
+/// takes several times [`RESTORE_MANY_TIMEOUT`].
+const RESTORE_MANY_CONTACTS: usize = 400_000;
+const RESTORE_MANY_TIMEOUT: Duration = Duration::from_millis(100);

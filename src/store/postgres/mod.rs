@@ -28,7 +28,7 @@ pub use outcomes::{lookup_committed_outcomes, lookup_outcomes, StoredOutcome};
 pub use partition::{
     acquire_partition, batch_outputs, batch_views, mark_committed, mark_committed_if_free,
     move_resume_point, not_refusing, release_partition, resolve_recovery_point, restore_partition,
-    BatchOutputs, BatchView, Resolution, RestoredPartition,
+    BatchOutputs, BatchView, Resolution, RestoreBounds, RestoredPartition,
 };
 pub use schema::{
     check as check_schema, check_topic, effect_partitions, grant_runtime_role, migrate,

@@ -127,6 +127,49 @@ pub async fn redis_keys(config: &Config) -> causal_commit::store::redis::Keys {
     causal_commit::store::redis::Keys::new(&config.redis.key_prefix, &store_id)
 }
 
+/// The keys matching `pattern`, read with `SCAN` a page at a time: one `KEYS` over a large
+/// keyspace (a backlog test's outcomes) holds Redis for everyone, and times out (the client's
+/// 500 ms) for the test that sent it.
+pub async fn scan_keys(con: &mut impl redis::aio::ConnectionLike, pattern: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(con)
+            .await
+            .expect("SCAN");
+        keys.extend(page);
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes every Redis key of `config`'s deployment (its `key_prefix`), a page at a time with
+/// `UNLINK` (freed off Redis's main thread): a test that leaves hundreds of thousands of
+/// outcomes behind would slow down every later test's scans.
+pub async fn forget_redis_keys(config: &Config) {
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let keys = scan_keys(&mut con, &format!("{}:*", config.redis.key_prefix)).await;
+    for page in keys.chunks(10_000) {
+        let _: () = redis::cmd("UNLINK")
+            .arg(page)
+            .query_async(&mut con)
+            .await
+            .expect("UNLINK");
+    }
+}
+
 pub fn redis_url() -> String {
     std::env::var("CC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
 }
