@@ -15,6 +15,11 @@
 #   status           one line per service: running / stopped / external
 #   start SERVICE    start one service and wait until it answers
 #   stop SERVICE     stop one service (tests use it to simulate outages)
+#   freeze SERVICE   SIGSTOP one service's processes (kafka, redis, redis-tls or
+#                    postgres): up, connections open, answering nothing, like a
+#                    hung disk or a paused VM (tests use it); start, stop, up,
+#                    down and reset thaw a frozen service first
+#   thaw SERVICE     SIGCONT a frozen service
 #   reset            down, wipe Kafka, Redis and PostgreSQL data
 #   env              print the environment the project reads (eval-able)
 #   kafka-consumer-groups ARGS  the Kafka tool of that name, on the local broker
@@ -1279,6 +1284,52 @@ take_lock() {
 
 SERVICES="kafka redis redis-tls postgres prometheus alertmanager"
 
+# freeze / thaw: the pid file of a service's main process, if it is ours.
+frozen_marker() { echo "$STACK_DIR/frozen-$1"; }
+freezable_pidfile() {
+  case $1 in
+    kafka) kafka_ours && echo "$KAFKA_PID" ;;
+    redis | redis-tls) redis_ours "$1" && redis_pidfile "$1" ;;
+    postgres) pg_ours && echo "$PG_DATA/postmaster.pid" ;;
+    *) return 1 ;;
+  esac
+}
+
+# Sends SIGSTOP or SIGCONT ($2) to a service's main process and its children
+# (PostgreSQL's backends): the kernel still accepts connections and
+# acknowledges what clients send, and nothing answers.
+signal_service() {
+  local pidfile pid children
+  pidfile=$(freezable_pidfile "$1") || die "$1: not running (or not started by stack.sh)"
+  pid=$(pid_of "$pidfile")
+  children=$(pgrep -P "$pid" || true)
+  # shellcheck disable=SC2086 # one pid per word
+  kill -"$2" "$pid" $children
+}
+
+cmd_freeze() {
+  signal_service "$1" STOP
+  touch "$(frozen_marker "$1")"
+  log "$1: frozen (SIGSTOP); 'stack.sh thaw $1' resumes it"
+}
+
+cmd_thaw() {
+  rm -f "$(frozen_marker "$1")"
+  signal_service "$1" CONT
+  log "$1: thawed (SIGCONT)"
+}
+
+# Start, stop, up, down and reset never meet a frozen service.
+thaw_frozen() {
+  local marker service
+  for marker in "$STACK_DIR"/frozen-*; do
+    [[ -e $marker ]] || continue
+    service=${marker##*/frozen-}
+    rm -f "$marker"
+    signal_service "$service" CONT 2>/dev/null && log "$service: thawed (was frozen)" || true
+  done
+}
+
 check_service() {
   [[ " $SERVICES " == *" ${1:-} "* && -n ${1:-} ]] ||
     die "unknown service '${1:-}' (expected one of: $SERVICES)"
@@ -1316,6 +1367,11 @@ cmd_status() {
   pg_status
   mon_status prometheus
   mon_status alertmanager
+  local marker
+  for marker in "$STACK_DIR"/frozen-*; do
+    [[ -e $marker ]] && log "${marker##*/frozen-} is frozen: 'scripts/stack.sh thaw ${marker##*/frozen-}' resumes it"
+  done
+  return 0
 }
 
 cmd_start() {
@@ -1444,10 +1500,18 @@ main() {
   case $cmd in
     install | up | down | reset)
       take_lock
+      thaw_frozen
       "cmd_$cmd"
       ;;
     start | stop)
       [[ $# -eq 2 ]] || die "usage: stack.sh $cmd SERVICE (one of: $SERVICES)"
+      take_lock
+      thaw_frozen
+      "cmd_$cmd" "$2"
+      ;;
+    freeze | thaw)
+      [[ $# -eq 2 && $2 =~ ^(kafka|redis|redis-tls|postgres)$ ]] ||
+        die "usage: stack.sh $cmd SERVICE (kafka, redis, redis-tls or postgres)"
       take_lock
       "cmd_$cmd" "$2"
       ;;

@@ -465,10 +465,10 @@ impl Engine {
         // The last batches are known committed: a restart after an offset reset resumes
         // without an operator (see store::recovery).
         let last = self.committed_batches();
-        if let Err(e) =
-            self.rt
-                .block_on(pg::mark_committed(&self.pool, &self.topics.intents, &last))
-        {
+        if let Err(e) = self.call(
+            "recording the last committed batches",
+            pg::mark_committed(&self.pool, &self.topics.intents, &last),
+        ) {
             tracing::warn!(error = %e, "recording the last committed batches failed");
         }
         for (p, lane) in std::mem::take(&mut self.lanes) {
@@ -574,10 +574,10 @@ impl Engine {
             .filter(|l| l.batch_no > 0)
             .map(|l| (l.partition, l.fence, l.batch_no))
             .collect();
-        if let Err(e) =
-            self.rt
-                .block_on(pg::mark_committed(&self.pool, &self.topics.intents, &last))
-        {
+        if let Err(e) = self.call(
+            "recording the last committed batches",
+            pg::mark_committed(&self.pool, &self.topics.intents, &last),
+        ) {
             tracing::warn!(error = %e, "recording the last committed batches failed");
         }
         // What a partition learnt of other partitions' contacts holds while it stays assigned
@@ -605,14 +605,25 @@ impl Engine {
         // One question for the round, asked by the first restore that reads its log: which
         // topic the partitions are read from now.
         let mut topic_id = None;
+        // Once PostgreSQL is out, the round stops: each restore would wait for it in turn
+        // (up to `pg::answer_within` each, without polling Kafka); the partitions not tried
+        // wait as long as the one that was.
+        let mut outage: Option<RestoreError> = None;
         for (p, rewind) in to_restore {
+            if let Some(e) = &outage {
+                self.not_restored(p, e);
+                continue;
+            }
             match self.restore(p, rewind, &mut topic_id) {
                 Ok(Restored {
                     lane,
                     anchor: Some(point),
                 }) => anchors.push((lane, point)),
                 Ok(Restored { lane, anchor: None }) => self.admit(lane),
-                Err(e) => self.not_restored(p, &e),
+                Err(e) => {
+                    self.not_restored(p, &e);
+                    outage = e.is_unavailable().then_some(e);
+                }
             }
         }
         match self.anchor(&anchors) {
@@ -662,12 +673,14 @@ impl Engine {
         let topic = &self.topics.intents;
         // Outside the future: settling the write-through blocks on the runtime.
         let locks = self.locks();
-        let (lock, lease) = self.rt.block_on(async {
-            (
-                locks.release_lock(topic, partition, &self.writer).await,
-                pg::release_partition(&self.pool, topic, partition, fence).await,
-            )
-        });
+        let lock = self.call(
+            "releasing a lock",
+            locks.release_lock(topic, partition, &self.writer),
+        );
+        let lease = self.call(
+            "releasing a lease",
+            pg::release_partition(&self.pool, topic, partition, fence),
+        );
         if let Err(e) = lock {
             tracing::warn!(partition, error = %e, "releasing a lock failed");
         }
@@ -1053,8 +1066,10 @@ impl Engine {
         }
         let contested: Vec<&str> = writers.keys().copied().collect();
         let known = self
-            .rt
-            .block_on(pg::contact_owners(&self.pool, &contested))
+            .call(
+                "reading the owners of contacts",
+                pg::contact_owners(&self.pool, &contested),
+            )
             .unwrap_or_else(|e| {
                 // The write decides then: a wrong guess is refused with the owner (CC004).
                 tracing::warn!(error = %e, "reading the owners of contacts failed");
@@ -1106,7 +1121,7 @@ impl Engine {
         );
         // This engine's lanes' last batches committed in Kafka: marked so, their rows count.
         let committed = self.committed_batches();
-        let outcomes = match self.rt.block_on(async {
+        let outcomes = match self.call("reading the outcomes decided before", async {
             pg::mark_committed(&self.pool, &self.topics.intents, &committed).await?;
             pg::lookup_committed_outcomes(&self.pool, ids).await
         }) {
@@ -1123,7 +1138,7 @@ impl Engine {
                  outcome in PostgreSQL"
             );
         }
-        if let Err(e) = self.rt.block_on(self.locks().record(&outcomes)) {
+        if let Err(e) = self.call("recording outcomes", self.locks().record(&outcomes)) {
             // The breaker is open then: the replay's lookup asks PostgreSQL.
             tracing::warn!(error = %e, "putting outcomes back into Redis failed");
         }
@@ -1226,13 +1241,16 @@ impl Engine {
         let mut refused = Vec::new();
         for (p, part) in partitions {
             good.partitions.insert(p, part);
-            let trial = self.rt.block_on(pg::try_batch(
-                &self.pool,
-                &self.topics.intents,
-                &self.writer,
-                self.config.locks.lease,
-                self.batch_write(&good, None),
-            ));
+            let trial = self.call(
+                "writing a trial batch",
+                pg::try_batch(
+                    &self.pool,
+                    &self.topics.intents,
+                    &self.writer,
+                    self.config.locks.lease,
+                    self.batch_write(&good, None),
+                ),
+            );
             match trial {
                 Ok(()) => {}
                 Err(e) if e.is_data_error() => {
@@ -1378,7 +1396,7 @@ impl Engine {
             .values()
             .flat_map(|p| p.valid.iter().map(|(_, v)| v.intent.intent_id.clone()))
             .collect();
-        let known = self.rt.block_on(self.locks().lookup(&ids))?;
+        let known = self.call("looking intents up", self.locks().lookup(&ids))?;
         Ok(known.into_iter().map(|o| (o.intent_id, o.prior)).collect())
     }
 
@@ -1428,7 +1446,7 @@ impl Engine {
         self.next_commands_at = Instant::now() + COMMAND_POLL;
         let partitions: Vec<i32> = self.lanes.keys().copied().collect();
         let topic = &self.topics.intents;
-        let commands = self.rt.block_on(async {
+        let commands = self.call("reading operator commands", async {
             let commands = pg::pending_commands(&self.pool, topic, &partitions).await?;
             let ids: Vec<String> = commands
                 .iter()
@@ -1607,11 +1625,25 @@ impl Engine {
             .collect();
         let (pool, topic, writer) = (&self.pool, &self.topics.intents, &self.writer);
         let lease = self.config.locks.lease;
-        let mut results = self.rt.block_on(futures::future::join_all(
-            writes
-                .into_iter()
-                .map(|w| pg::apply_batch(pool, topic, writer, lease, w)),
-        ));
+        let joined = self.call("writing a batch", async {
+            Ok(futures::future::join_all(
+                writes
+                    .into_iter()
+                    .map(|w| pg::apply_batch(pool, topic, writer, lease, w)),
+            )
+            .await)
+        });
+        let mut results = match joined {
+            Ok(results) => results,
+            // Given up: what PostgreSQL may still write of it is rolled back by the restore
+            // that follows (or refused by its newer fencing token).
+            Err(error) => {
+                return Err(PartWritten {
+                    error,
+                    written: BTreeSet::new(),
+                })
+            }
+        };
         if let Some(committed) = results.iter_mut().find(|r| r.is_ok()) {
             if reply_lost() {
                 *committed = Err(pg::Error::Db {
@@ -1851,12 +1883,59 @@ impl Engine {
         &self.lock_store
     }
 
+    /// Runs a call to the stores on the engine's runtime, given up ([`pg::Error::NoAnswer`])
+    /// when it has not returned within [`pg::answer_within`] `postgres.statement_timeout`:
+    /// PostgreSQL would have ended a slow statement itself by then (Redis calls end on their own
+    /// timeouts), so the server runs nothing or its reply is lost. The engine's thread then goes
+    /// on polling Kafka and pauses the partitions, as for any outage of the store.
+    pub(super) fn call<T, E: From<pg::Error>>(
+        &self,
+        what: &'static str,
+        call: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        self.call_within(what, self.config.postgres.statement_timeout, call)
+    }
+
+    /// [`Engine::call`] for statements that run under `statement_timeout` (a restore's).
+    pub(super) fn call_within<T, E: From<pg::Error>>(
+        &self,
+        what: &'static str,
+        statement_timeout: Duration,
+        call: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let after = pg::answer_within(&self.config.postgres, statement_timeout);
+        self.rt
+            .block_on(async { tokio::time::timeout(after, call).await })
+            .unwrap_or_else(|_| Err(pg::Error::NoAnswer { what, after }.into()))
+    }
+
     /// Waits for the last committed batch's write-through (see
     /// [`Engine::report_transitions`]).
     fn settle_write_through(&self) {
-        if let Some(task) = self.writing_through.take() {
-            if let Err(e) = self.rt.block_on(task) {
-                tracing::error!(error = %e, "writing a committed batch's outcomes through failed");
+        if let Some(mut task) = self.writing_through.take() {
+            let within = pg::answer_within(
+                &self.config.postgres,
+                self.config.postgres.statement_timeout,
+            );
+            match self
+                .rt
+                .block_on(async { tokio::time::timeout(within, &mut task).await })
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "writing a committed batch's outcomes through failed");
+                }
+                Err(_) => {
+                    // Only its PostgreSQL part can hang (registering the fallback after a
+                    // failed Redis write, which already stopped trusting Redis), and it is
+                    // asked again.
+                    task.abort();
+                    tracing::error!(
+                        within = %humantime::format_duration(within),
+                        "writing a committed batch's outcomes through did not end: PostgreSQL \
+                         did not answer; given up"
+                    );
+                }
             }
         }
     }

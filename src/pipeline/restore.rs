@@ -20,8 +20,9 @@ use crate::telemetry::metrics as m;
 /// The longest a restore's statement may take, however often restores outlasted their limit
 /// (unless `postgres.statement_timeout` is longer): the engine's thread does not poll the
 /// consumer during a restore, and librdkafka removes a consumer from its group when it has
-/// not polled for `max.poll.interval.ms` (5 minutes by default).
-pub const RESTORE_TIMEOUT_MAX: Duration = Duration::from_secs(120);
+/// not polled for `max.poll.interval.ms` (5 minutes by default). A restore unanswered for
+/// [`pg::answer_within`] this (4 minutes and 6 s by default) is given up.
+const RESTORE_TIMEOUT_MAX: Duration = Duration::from_secs(120);
 
 /// Why a partition could not be restored (it stays paused and is retried).
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,17 @@ impl RestoreError {
             _ => PauseCause::Store,
         }
     }
+
+    /// PostgreSQL did not answer (or answered that it cannot serve now): the other partitions'
+    /// restores would meet the same outage.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            RestoreError::Store(e) | RestoreError::Lock(lock_store::Error::Postgres(e)) => {
+                e.is_unavailable()
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A restored lane, with the recovery point Kafka lacks for it (if it does): that point is
@@ -83,23 +95,19 @@ impl Engine {
         // The lock (Redis, or the PostgreSQL lease on fallback) first, then a fencing token
         // from the durable store, which every write of this owner is checked against.
         let lease = self.config.locks.lease;
-        let lock =
-            self.rt.block_on(
-                self.locks()
-                    .acquire_lock(&topic, partition, &self.writer, lease),
-            )?;
+        let lock = self.call(
+            "taking a partition's lock",
+            self.locks()
+                .acquire_lock(&topic, partition, &self.writer, lease),
+        )?;
         if let LockResult::Held { owner, ttl } = lock {
             return Err(RestoreError::LockHeld { owner, ttl });
         }
         let fence = self
-            .rt
-            .block_on(pg::acquire_partition(
-                &self.pool,
-                &topic,
-                partition,
-                &self.writer,
-                lease,
-            ))?
+            .call(
+                "acquiring a partition lease",
+                pg::acquire_partition(&self.pool, &topic, partition, &self.writer, lease),
+            )?
             .ok_or(RestoreError::LeaseHeld)?;
         let kafka = self.committed_point(&topic, partition)?;
         // The log as it is now: the resume point must lie in it (`recovery::within_log`).
@@ -111,24 +119,27 @@ impl Engine {
         let topic_id = *topic_id.get_or_insert_with(|| self.topic_id());
         let timeout = self.restore_timeout;
         let restored = self
-            .rt
-            .block_on(pg::restore_partition(
-                &self.pool,
-                &topic,
-                partition,
-                fence,
-                &self.config.kafka.group_id,
-                &kafka,
-                pg::RestoreBounds {
-                    log: Some(LogRange {
-                        low,
-                        high,
-                        topic_id,
-                    }),
-                    statement_timeout: (timeout > self.config.postgres.statement_timeout)
-                        .then_some(timeout),
-                },
-            ))
+            .call_within(
+                "restoring a partition",
+                timeout,
+                pg::restore_partition(
+                    &self.pool,
+                    &topic,
+                    partition,
+                    fence,
+                    &self.config.kafka.group_id,
+                    &kafka,
+                    pg::RestoreBounds {
+                        log: Some(LogRange {
+                            low,
+                            high,
+                            topic_id,
+                        }),
+                        statement_timeout: (timeout > self.config.postgres.statement_timeout)
+                            .then_some(timeout),
+                    },
+                ),
+            )
             .inspect_err(|e| {
                 if e.is_cancelled() {
                     self.lengthen_restores(partition, timeout);
@@ -162,13 +173,15 @@ impl Engine {
         }
         // The idempotency cache catches up with the last committed batch (a crash may have
         // come between that batch's commit and its write-through).
-        self.rt
-            .block_on(self.locks().partition_restored(&topic, partition, batch_no))?;
-        self.rt.block_on(self.locks().outcomes_rolled_back(
-            &topic,
-            partition,
-            &restored.rolled_back_outcomes,
-        ))?;
+        self.call(
+            "refreshing the lock store",
+            self.locks().partition_restored(&topic, partition, batch_no),
+        )?;
+        self.call(
+            "forgetting rolled-back outcomes",
+            self.locks()
+                .outcomes_rolled_back(&topic, partition, &restored.rolled_back_outcomes),
+        )?;
         let mut seq: Sequencer<Held> = Sequencer::new(self.seq_config.clone())?;
         let mut rows = WaitingRows::default();
         let snapshots = restored

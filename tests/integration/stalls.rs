@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::process::{read_log, stack, Processor};
+use crate::common::process::{read_log, stack, Frozen, Processor};
 use crate::common::*;
 use causal_commit::config::Config;
 use causal_commit::proto::Intent;
@@ -414,6 +414,22 @@ async fn arrive_during_the_stall(cfg: &Config) {
     produce_to_partition(cfg, 0, &[intent("x-1", "x", 1)]).await;
 }
 
+/// Takes the lock `VACUUM FULL` takes on the audit table, until the transaction ends.
+async fn lock_audit(
+    pool: &sqlx::PgPool,
+    cfg: &Config,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {}.cc_transition IN ACCESS EXCLUSIVE MODE",
+        cfg.postgres.schema
+    ))
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    lock
+}
+
 /// A tired operator runs `VACUUM FULL` (or a `LOCK TABLE`) on the audit during traffic:
 /// PostgreSQL is up and answers, but every durable write waits for the lock, longer than the
 /// statement timeout, the Kafka transaction timeout and the wait timeout together. The write's
@@ -428,15 +444,7 @@ async fn an_audit_locked_longer_than_every_timeout_stalls_without_timing_out_or_
     produce_to_partition(&cfg, 0, &[intent("x-2", "x", 2)]).await;
     waiting(&cfg, "x", 1).await;
 
-    let pool = env.store().await;
-    let mut lock = pool.begin().await.unwrap();
-    sqlx::query(&format!(
-        "LOCK TABLE {}.cc_transition IN ACCESS EXCLUSIVE MODE",
-        cfg.postgres.schema
-    ))
-    .execute(&mut *lock)
-    .await
-    .unwrap();
+    let lock = lock_audit(&env.store().await, &cfg).await;
     let locked = Instant::now();
     arrive_during_the_stall(&cfg).await;
     tokio::time::sleep(Duration::from_secs(40).saturating_sub(locked.elapsed())).await;
@@ -578,6 +586,116 @@ async fn a_store_that_turns_read_only_under_traffic_stalls_without_timing_out_or
     assert!(
         second.iter().any(refused_write),
         "the instance started meanwhile met the frozen store"
+    );
+    assert_eq!(emitted_while_frozen, 0, "no effect without its record");
+    assert_eq!(seqs, vec![1, 2], "both committed, in order");
+    assert_eq!(reviews, 0, "no WAIT_TIMEOUT, no UNPROCESSABLE, no hold");
+    let report = crate::failures::verified(&cfg).await;
+    crate::failures::assert_clean(&report, 22);
+}
+
+/// A statement of the processor's runtime role waits for a lock.
+async fn write_waits_for_lock(pool: &sqlx::PgPool) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE usename = $1 \
+         AND wait_event_type = 'Lock' AND state = 'active')",
+    )
+    .bind(runtime_role())
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// A PostgreSQL that stops answering without closing anything: a hung disk, a paused VM, a
+/// network that drops packets (here its processes stopped with SIGSTOP). Its connections stay
+/// open and its statement timeout never fires, since it runs nothing. The processor gives
+/// each call up when the server's own timeouts would have answered long before, says so
+/// (not ready, a log line naming PostgreSQL), keeps polling Kafka so that it stays in its
+/// group however long the freeze lasts, emits nothing without its record, times nobody out,
+/// and once the server answers again every intent commits once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_that_stops_answering_is_given_up_on_and_waited_out_in_the_group() {
+    let env = TestEnv::exclusive("stall_frozen_pg", 2).await;
+    let mut cfg = config_with_short_wait(&env);
+    // A call is given up after 1 + 2 × 3 + 1 = 8 s (pg::answer_within).
+    cfg.postgres.statement_timeout = Duration::from_secs(3);
+    cfg.postgres.connect_timeout = Duration::from_secs(1);
+    // librdkafka takes a consumer out of its group when it has not polled for
+    // max.poll.interval.ms (at least session.timeout.ms; the broker's floor is 6 s): the
+    // freeze lasts twice that.
+    cfg.kafka.client.insert("session.timeout.ms", "6000");
+    cfg.kafka.client.insert("max.poll.interval.ms", "16000");
+    let probes = format!("127.0.0.1:{}", free_port());
+    cfg.telemetry.metrics_listen = probes.clone();
+    let probes: std::net::SocketAddr = probes.parse().unwrap();
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let proc = Processor::spawn(&cfg, log.clone());
+    produce_to_partition(&cfg, 0, &[intent("x-2", "x", 2)]).await;
+    waiting(&cfg, "x", 1).await;
+    let ready = || async { crate::common::http::http_get(probes, "/readyz").await };
+    assert_eq!(
+        ready().await.map(|r| r.0),
+        Some(200),
+        "ready before the freeze"
+    );
+
+    // A statement in flight when the server stops (an idle session is pinged before use, and
+    // that ping gives up on its own): a durable write held on a lock until the freeze (or,
+    // if the lock outlasts the write's statement timeout first, the restore that follows).
+    let pool = env.store().await;
+    let lock = lock_audit(&pool, &cfg).await;
+    arrive_during_the_stall(&cfg).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !write_waits_for_lock(&pool).await {
+        assert!(
+            Instant::now() < deadline,
+            "no durable write waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let frozen = Frozen::service("postgres");
+    let at = Instant::now();
+    let mut not_ready_after = None;
+    while at.elapsed() < Duration::from_secs(35) {
+        if not_ready_after.is_none() && ready().await.map(|r| r.0) == Some(503) {
+            not_ready_after = Some(at.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let members = group_members(&cfg);
+    let emitted_while_frozen = read_all(&cfg, &cfg.kafka.side_effects_topic).len();
+    drop(frozen);
+    lock.rollback().await.unwrap();
+
+    let (seqs, reviews) = outcome(&cfg, "x", 22).await;
+    assert!(proc.terminate(Duration::from_secs(30)), "clean stop");
+    let lines = read_log(&log);
+    let given_up = lines.iter().find(|l| {
+        l["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("PostgreSQL did not answer"))
+    });
+    println!(
+        "given up: {given_up:?}; not ready after {not_ready_after:?}; members {members}; \
+         emitted {emitted_while_frozen}"
+    );
+    assert!(
+        given_up.is_some(),
+        "a call to the frozen store was given up and logged"
+    );
+    assert!(
+        not_ready_after.is_some_and(|t| t < Duration::from_secs(12)),
+        "not ready while the store does not answer (after {not_ready_after:?})"
+    );
+    assert_eq!(
+        members, 1,
+        "the processor stayed in its group through the freeze"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.to_string().contains("maximum poll interval")),
+        "never out of the group for not polling"
     );
     assert_eq!(emitted_while_frozen, 0, "no effect without its record");
     assert_eq!(seqs, vec![1, 2], "both committed, in order");

@@ -52,6 +52,17 @@ pub enum Error {
         what: &'static str,
         source: sqlx::Error,
     },
+    /// The call was given up: PostgreSQL had answered nothing when its own timeouts would have
+    /// answered long before (see [`answer_within`]).
+    #[error(
+        "PostgreSQL did not answer within {} while {what} (a hung server or disk, a paused \
+         machine, a network dropping packets); the call is given up",
+        humantime::format_duration(*.after)
+    )]
+    NoAnswer {
+        what: &'static str,
+        after: std::time::Duration,
+    },
     #[error("partition {partition} refuses to start: {refusal}")]
     Refused {
         partition: i32,
@@ -192,6 +203,22 @@ pub fn pool(config: &PostgresConfig) -> Result<PgPool> {
         .connect_lazy_with(options))
 }
 
+/// How long a call to PostgreSQL whose statements run under `statement_timeout` may go
+/// unanswered before it is given up ([`Error::NoAnswer`]): the pool's wait for a session
+/// (`connect_timeout`), twice the statement timeout (calls of several statements: a restore,
+/// a trial write), and a second for the network. PostgreSQL ends a slow statement itself
+/// (SQLSTATE 57014); a call unanswered past this means a server that runs nothing at all
+/// (stopped, its disk hung, its machine paused) or a network that drops the reply, and its
+/// TCP connection may wait for hours. Giving it up keeps the engine's thread polling Kafka
+/// (a consumer that has not polled for `max.poll.interval.ms`, 5 minutes by default, leaves
+/// its group) and tells the operator (not ready, a log line).
+pub fn answer_within(
+    config: &PostgresConfig,
+    statement_timeout: std::time::Duration,
+) -> std::time::Duration {
+    config.connect_timeout + statement_timeout * 2 + std::time::Duration::from_secs(1)
+}
+
 /// Why a durable write was refused.
 pub const FENCED_SQLSTATE: &str = "CC001";
 
@@ -261,8 +288,8 @@ impl Error {
         self.sqlstate().is_some_and(|code| is_data_sqlstate(&code))
     }
 
-    /// PostgreSQL did not answer, or answered that it cannot serve now: stopped, starting up
-    /// or shutting down, out of connections, refusing writes for now (read-only), the
+    /// PostgreSQL did not answer (in time: [`Error::NoAnswer`]), or answered that it cannot
+    /// serve now: stopped, starting up or shutting down, out of connections, refusing writes for now (read-only), the
     /// connection lost, or a handshake cut short (a server shutting down answered a
     /// connection's SSLRequest with a byte no PostgreSQL sends: the chaos test's instance
     /// started 0.2 s before PostgreSQL stopped exited on it). Waiting may heal it; a refused
@@ -273,7 +300,7 @@ impl Error {
             Error::Db {
                 source: sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_),
                 ..
-            }
+            } | Error::NoAnswer { .. }
         ) || self
             .sqlstate()
             .is_some_and(|code| is_unavailable_sqlstate(&code))
@@ -324,7 +351,29 @@ mod tests {
         ))
         .is_unavailable());
         assert!(!db(sqlx::Error::RowNotFound).is_unavailable());
+        let no_answer = super::Error::NoAnswer {
+            what: "writing a batch",
+            after: std::time::Duration::from_secs(26),
+        };
+        assert!(no_answer.is_unavailable() && !no_answer.is_cancelled());
+        assert!(no_answer
+            .to_string()
+            .starts_with("PostgreSQL did not answer within 26s while writing a batch"));
         assert!(!super::Error::SchemaMissing { schema: "s".into() }.is_unavailable());
+    }
+
+    #[test]
+    fn a_call_is_given_up_only_after_the_servers_own_timeouts() {
+        let config = crate::config::PostgresConfig::default();
+        let s = std::time::Duration::from_secs;
+        // The defaults: a 5 s connect timeout and a 10 s statement timeout.
+        assert_eq!(
+            super::answer_within(&config, config.statement_timeout),
+            s(26)
+        );
+        // A restore's longest statement timeout (pipeline::restore's RESTORE_TIMEOUT_MAX) stays
+        // within librdkafka's default max.poll.interval.ms of 5 minutes.
+        assert!(super::answer_within(&config, s(120)) < s(300));
     }
 
     #[test]

@@ -691,6 +691,18 @@ pub fn by_contact(effects: &[SideEffect]) -> HashMap<String, Vec<&SideEffect>> {
 
 /// Sets one configuration key of a topic with the admin API, as an operator would with
 /// `kafka-configs --alter`.
+/// The members of the consumer group `config.kafka.group_id` as the broker sees them.
+pub fn group_members(config: &Config) -> usize {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("consumer");
+    let groups = consumer
+        .fetch_group_list(Some(&config.kafka.group_id), Duration::from_secs(10))
+        .expect("group list");
+    groups.groups().iter().map(|g| g.members().len()).sum()
+}
+
 pub async fn alter_topic_config(config: &Config, topic: &str, key: &str, value: &str) {
     use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()

@@ -292,6 +292,28 @@ pub fn stack(action: &str, service: &str) {
     );
 }
 
+/// A service whose processes are stopped (SIGSTOP, `scripts/stack.sh freeze`): up, its
+/// connections open, answering nothing, as on a hung disk or a paused VM. Thawed when the
+/// guard drops, even when the test failed.
+pub struct Frozen(&'static str);
+
+impl Frozen {
+    pub fn service(service: &'static str) -> Self {
+        stack("freeze", service);
+        Frozen(service)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
+        let _ = Command::new("bash")
+            .arg(script)
+            .args(["thaw", self.0])
+            .status();
+    }
+}
+
 /// A Redis that stops answering: a busy script keeps the server frozen (the way `DEBUG SLEEP`
 /// would; that command is disabled in this Redis's configuration). The guard waits for the
 /// freeze to end, even when the test failed.
