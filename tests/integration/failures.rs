@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::http;
-use crate::common::process::{read_log, rolled_back_transitions, stack, wait_for_log, Processor};
+use crate::common::process::{
+    read_log, rolled_back_transitions, stack, wait_for_log, Frozen, Processor,
+};
 use crate::common::*;
 
 use causal_commit::config::Config;
@@ -607,6 +609,25 @@ async fn a_second_process_with_the_same_instance_id_stops_one_of_them_naming_it(
     assert_clean(&verified(&cfg).await, 6_000);
 }
 
+/// Neither instance exited by itself, and each stops cleanly on SIGTERM.
+async fn still_running_then_stopped(mut instances: [Processor; 2]) {
+    for p in &mut instances {
+        assert!(
+            matches!(p.child.try_wait(), Ok(None)),
+            "{} exited: {:?}",
+            p.log.display(),
+            p.child.try_wait()
+        );
+    }
+    for p in instances {
+        let log = p.log.clone();
+        let clean = tokio::task::spawn_blocking(move || p.terminate(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert!(clean, "{} exits cleanly", log.display());
+    }
+}
+
 /// CONTRACT §3: a broker restart at any instant produces no duplicate, gap or loss, and
 /// processing resumes by itself. The only broker stops twice while two instances consume and
 /// four producers send, and once more while `wait-caught-up` reads the group's progress;
@@ -619,7 +640,7 @@ async fn broker_restarts_mid_stream_lose_and_duplicate_nothing() {
     let mut cfg_b = cfg.clone();
     cfg_b.instance_id = format!("{}-b", env.name);
     let producing = produce_in_background(&cfg, workload(12_000, 1_200, 400, "k"));
-    let mut instances = [
+    let instances = [
         Processor::spawn(&cfg, log_path(&env, "a")),
         Processor::spawn(&cfg_b, log_path(&env, "b")),
     ];
@@ -641,14 +662,6 @@ async fn broker_restarts_mid_stream_lose_and_duplicate_nothing() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     drop(back);
     waiting.await.unwrap();
-    for p in &mut instances {
-        assert!(
-            matches!(p.child.try_wait(), Ok(None)),
-            "{} exited: {:?}",
-            p.log.display(),
-            p.child.try_wait()
-        );
-    }
     let replaced: usize = instances
         .iter()
         .map(|p| {
@@ -663,13 +676,7 @@ async fn broker_restarts_mid_stream_lose_and_duplicate_nothing() {
         })
         .sum();
     println!("consumers replaced in place: {replaced}");
-    for p in instances {
-        let log = p.log.clone();
-        let clean = tokio::task::spawn_blocking(move || p.terminate(Duration::from_secs(60)))
-            .await
-            .unwrap();
-        assert!(clean, "{} exits cleanly", log.display());
-    }
+    still_running_then_stopped(instances).await;
     assert_clean(&verified(&cfg).await, 12_000);
 }
 
@@ -1262,6 +1269,53 @@ async fn redis_slow_opens_the_breaker_and_processing_goes_on() {
     );
     producing.await.unwrap();
     caught_up(&cfg, Duration::from_secs(180)).await;
+    stopped_clean(proc, &cfg, 6_000).await;
+}
+
+/// Redis stops answering altogether (SIGSTOP: connections open, nothing answered, unlike a
+/// busy script, after which Redis answers BUSY) for 30 s under traffic: the lock store leaves
+/// it for PostgreSQL, processing goes on, and once Redis answers again the lock store fails
+/// back to it, then serves a replay of everything from it, all duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_that_stops_answering_is_left_and_failed_back_to() {
+    let env = TestEnv::exclusive("redisfrozen", 4).await;
+    let cfg = env.config.clone();
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    let producing = produce_in_background(&cfg, workload(6_000, 600, 300, "f"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let frozen = Frozen::service("redis");
+    wait_for_modes(
+        &log,
+        &["postgres"],
+        Duration::from_secs(10),
+        "Redis left for PostgreSQL",
+    )
+    .await;
+    let left = effects_now(&cfg).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let during = effects_now(&cfg).await;
+    drop(frozen);
+    assert!(during > left, "processing went on while Redis was frozen");
+    producing.await.unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    wait_for_modes(
+        &log,
+        &["postgres", "redis"],
+        Duration::from_secs(60),
+        "failback once Redis answers again",
+    )
+    .await;
+    // Served by Redis again: the same intents once more, all duplicates.
+    demo::produce(&cfg, &workload(6_000, 600, 0, "f"))
+        .await
+        .unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    assert_eq!(
+        mode_changes(&log),
+        ["postgres", "redis"],
+        "Redis kept after the failback"
+    );
     stopped_clean(proc, &cfg, 6_000).await;
 }
 
