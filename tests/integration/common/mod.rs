@@ -689,8 +689,6 @@ pub fn by_contact(effects: &[SideEffect]) -> HashMap<String, Vec<&SideEffect>> {
     m
 }
 
-/// Sets one configuration key of a topic with the admin API, as an operator would with
-/// `kafka-configs --alter`.
 /// The members of the consumer group `config.kafka.group_id` as the broker sees them.
 pub fn group_members(config: &Config) -> usize {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -703,6 +701,8 @@ pub fn group_members(config: &Config) -> usize {
     groups.groups().iter().map(|g| g.members().len()).sum()
 }
 
+/// Sets one configuration key of a topic with the admin API, as an operator would with
+/// `kafka-configs --alter`.
 pub async fn alter_topic_config(config: &Config, topic: &str, key: &str, value: &str) {
     use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()

@@ -280,16 +280,22 @@ pub fn rolled_back_transitions(
 
 /// Stops or starts a local service through the project's stack script.
 pub fn stack(action: &str, service: &str) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
-    let status = Command::new("bash")
-        .arg(script)
-        .args([action, service])
+    let status = stack_command(action, service)
         .status()
         .expect("run scripts/stack.sh");
     assert!(
         status.success(),
         "scripts/stack.sh {action} {service} failed"
     );
+}
+
+/// `scripts/stack.sh ACTION SERVICE`, to run.
+fn stack_command(action: &str, service: &str) -> Command {
+    let mut command = Command::new("bash");
+    command
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh"))
+        .args([action, service]);
+    command
 }
 
 /// A service whose processes are stopped (SIGSTOP, `scripts/stack.sh freeze`): up, its
@@ -306,11 +312,8 @@ impl Frozen {
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
-        let _ = Command::new("bash")
-            .arg(script)
-            .args(["thaw", self.0])
-            .status();
+        // Not `stack`: a failed thaw must not panic while a failed test unwinds.
+        let _ = stack_command("thaw", self.0).status();
     }
 }
 
