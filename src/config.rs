@@ -72,6 +72,10 @@ pub struct KafkaConfig {
     /// an indefinite outcome and the producer is re-created.
     #[serde(with = "humantime_serde")]
     pub operation_timeout: Duration,
+    /// A partition the consumer fetches nothing of this long, with records to read and the
+    /// broker answering, has the consumer replaced (`pipeline::stall`); 0 turns that off.
+    #[serde(with = "humantime_serde")]
+    pub fetch_stall_timeout: Duration,
     /// Passed through to librdkafka for every Kafka client (SASL, TLS, tuning).
     pub client: ClientProperties,
 }
@@ -245,6 +249,7 @@ impl Default for KafkaConfig {
             manual_review_topic: "intents.manual-review".into(),
             transaction_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(20),
+            fetch_stall_timeout: Duration::from_secs(60),
             client: ClientProperties::default(),
         }
     }
@@ -416,6 +421,15 @@ impl Config {
                 "kafka.transaction_timeout",
                 humantime::format_duration(k.transaction_timeout),
                 "must be at least 2s",
+            ));
+        }
+        // The lag monitor reads the last stable offsets every 5 s: a shorter wait sees one or two.
+        let stall = k.fetch_stall_timeout;
+        if !stall.is_zero() && stall < Duration::from_secs(10) {
+            return Err(invalid(
+                "kafka.fetch_stall_timeout",
+                humantime::format_duration(stall),
+                "must be 0 (off) or at least 10s",
             ));
         }
         for reserved in [
@@ -678,6 +692,19 @@ mod tests {
         assert_eq!(c.sequencer.wait_timeout, Duration::from_secs(90));
         let err = Config::from_toml("[sequencer]\nwait_timeout = 90\n").unwrap_err();
         assert!(err.to_string().contains("wait_timeout"), "{err}");
+    }
+
+    #[test]
+    fn a_fetch_stall_timeout_is_off_or_at_least_ten_seconds() {
+        for ok in ["0s", "10s", "5m"] {
+            Config::from_toml(&format!("[kafka]\nfetch_stall_timeout = \"{ok}\"\n")).unwrap();
+        }
+        let err = Config::from_toml("[kafka]\nfetch_stall_timeout = \"9s\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("kafka.fetch_stall_timeout") && msg.contains("9s"),
+            "{msg}"
+        );
     }
 
     #[test]

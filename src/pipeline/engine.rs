@@ -46,6 +46,7 @@ use super::operator;
 use super::output;
 use super::report;
 use super::restore::{RestoreError, Restored};
+use super::stall::{self, FetchWatch, Reading, Stalled};
 use super::translate::{self, Fresh, PartitionPlan, Topics};
 use crate::config::Config;
 use crate::intent::{InRecord, InvalidIntent, ValidIntent};
@@ -113,6 +114,20 @@ pub enum Error {
          kafka.intents_topic changed)"
     )]
     StaleAssignment { topics: Vec<String> },
+    /// The consumer fetched nothing of a partition with records to read, the broker answering,
+    /// for `kafka.fetch_stall_timeout` (see `super::stall`): `pipeline::run_with` starts a new
+    /// engine, with a new consumer, from the committed recovery points.
+    #[error(
+        "the Kafka consumer fetched nothing of partition {partition} for {}s, at offset \
+         {position} with records up to {last_stable} to read",
+        .for_.as_secs()
+    )]
+    ConsumerStalled {
+        partition: i32,
+        position: i64,
+        last_stable: i64,
+        for_: Duration,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -152,6 +167,10 @@ pub struct Engine {
     consumer_failed: Option<rdkafka::error::KafkaError>,
     /// The topics of a stale assignment, once seen (see [`Error::StaleAssignment`]).
     stale_assignment: Option<Vec<String>>,
+    /// Whether the consumer still fetches the partitions it is told to read.
+    fetches: FetchWatch,
+    /// A partition it stopped fetching: the engine stops (see [`Error::ConsumerStalled`]).
+    consumer_stalled: Option<Stalled>,
     shutdown: CancellationToken,
     pub(super) rt: tokio::runtime::Handle,
     pub(super) pool: PgPool,
@@ -378,6 +397,7 @@ impl Engine {
         let (marked_tx, marked_rx) = std::sync::mpsc::channel();
         let batch_limit = BatchLimit::new(config.batch.max_records);
         let restore_timeout = config.postgres.statement_timeout;
+        let fetches = FetchWatch::new(config.kafka.fetch_stall_timeout);
         metrics::gauge!(m::BATCH_LIMIT).set(batch_limit.records() as f64);
         Ok(Self {
             config,
@@ -390,6 +410,8 @@ impl Engine {
             producer_refused: None,
             consumer_failed: None,
             stale_assignment: None,
+            fetches,
+            consumer_stalled: None,
             shutdown,
             rt,
             pool,
@@ -449,12 +471,19 @@ impl Engine {
                 p.poll();
             }
             self.refresh_gauges();
-            if stopping || self.consumer_is_dead() || self.assigned_elsewhere() {
+            if stopping
+                || self.consumer_is_dead()
+                || self.assigned_elsewhere()
+                || self.consumer_stalled.is_some()
+            {
                 break;
             }
         }
         self.settle_report();
-        if self.consumer_failed.is_some() || self.stale_assignment.is_some() {
+        let replaced = self.consumer_failed.is_some()
+            || self.stale_assignment.is_some()
+            || self.consumer_stalled.is_some();
+        if replaced {
             // Another engine takes over in this process (`pipeline::run_with`): not ready
             // until it has restored its partitions, but not stopping either.
             self.health.set_partitions(0, 0);
@@ -477,6 +506,14 @@ impl Engine {
         self.consumer.unsubscribe();
         if let Some(topics) = self.stale_assignment.take() {
             return Err(Error::StaleAssignment { topics });
+        }
+        if let Some(s) = self.consumer_stalled.take() {
+            return Err(Error::ConsumerStalled {
+                partition: s.partition,
+                position: s.position,
+                last_stable: s.last_stable,
+                for_: s.for_,
+            });
         }
         if let Some(source) = self.producer_refused.take() {
             return Err(Error::TransactionTimeoutRefused {
@@ -649,6 +686,13 @@ impl Engine {
         // Always re-issued: librdkafka keeps a partition's pause state across a revoke and
         // re-assign, and the restore re-evaluates backpressure.
         self.set_paused(p, paused);
+        // Test builds: librdkafka fetches nothing more of this partition, the engine unaware
+        // (what its stuck fetch states look like from here; see `stall`).
+        fail::fail_point!("fetch-stuck", |_| {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.topics.intents, p);
+            let _ = self.consumer.pause(&tpl);
+        });
     }
 
     /// A partition that could not be restored stays paused and is retried.
@@ -2095,11 +2139,44 @@ impl Engine {
         self.next_gauges_at = Instant::now() + GAUGE_REFRESH;
         report::gauges(&self.lanes, &self.assignment, output::now_ms());
         report::positions(&self.ctx.lag, &self.consumer, &self.lanes, &self.assignment);
+        self.watch_fetches();
         let assigned = self.assignment.assigned().len();
         self.health
             .set_partitions(assigned, self.lanes.len().min(assigned));
         let ready = self.health.view().ready;
         metrics::gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
+    }
+
+    /// Whether the consumer still fetches the partitions the engine reads (see
+    /// `super::stall`); the first it stopped fetching stops the engine.
+    fn watch_fetches(&mut self) {
+        let now = Instant::now();
+        let readings: Vec<Reading> = (self.lanes.iter())
+            .map(|(p, lane)| Reading {
+                partition: *p,
+                offsets: self.ctx.lag.reading(*p, now, stall::FRESH),
+                paused: lane.paused,
+            })
+            .collect();
+        let stalled = self.fetches.look(now, &readings);
+        let Some(first) = stalled.first().copied() else {
+            return;
+        };
+        let statistics = self.ctx.last_statistics();
+        for s in stalled {
+            let librdkafka = stall::librdkafka_view(&statistics, &self.topics.intents, s.partition);
+            tracing::error!(
+                partition = s.partition,
+                position = s.position,
+                last_stable_offset = s.last_stable,
+                stalled_s = s.for_.as_secs(),
+                librdkafka = librdkafka.as_deref().unwrap_or("not in its statistics"),
+                "the Kafka consumer fetched nothing of a partition with records to read while \
+                 the broker answered; the consumer is replaced and its partitions restored"
+            );
+            metrics::counter!(m::CONSUMER_STALLS).increment(1);
+        }
+        self.consumer_stalled = Some(first);
     }
 }
 

@@ -141,9 +141,21 @@ pub struct EngineContext {
     pub lag: Arc<super::lag::Positions>,
     /// Set by [`consumer`]: bootstraps the consumer again if librdkafka forgets every broker.
     pub brokers: Arc<BrokerWatch>,
+    /// The consumer's last statistics report, for the log of a stalled partition (see
+    /// `super::stall`).
+    pub statistics: Arc<Mutex<Vec<u8>>>,
 }
 
 impl EngineContext {
+    /// The consumer's last statistics report (empty before the first, or with statistics off).
+    pub fn last_statistics(&self) -> Vec<u8> {
+        (self
+            .statistics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))
+        .clone()
+    }
+
     pub fn take_events(&self) -> (bool, bool, BTreeSet<i32>) {
         let mut ev = self.events.lock().unwrap_or_else(PoisonError::into_inner);
         let out = (ev.revoked, ev.changed, ev.assigned.clone());
@@ -166,8 +178,9 @@ impl EngineContext {
     }
 }
 
-// Statistics go to the broker watch only: librdkafka's consumer lag is measured from a committed
-// offset this consumer never moves; `super::lag` measures it from the consumer's position.
+// Statistics go to the broker watch, and are kept for the fetch watch's log (`super::stall`):
+// librdkafka's consumer lag is measured from a committed offset this consumer never moves;
+// `super::lag` measures it from the consumer's position.
 impl ClientContext for EngineContext {
     fn error(&self, error: KafkaError, reason: &str) {
         if is_partition_end(&error) {
@@ -178,6 +191,12 @@ impl ClientContext for EngineContext {
 
     fn stats_raw(&self, statistics: &[u8]) {
         self.brokers.observe(statistics);
+        let mut kept = self
+            .statistics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        kept.clear();
+        kept.extend_from_slice(statistics);
     }
 }
 

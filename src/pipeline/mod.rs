@@ -16,6 +16,7 @@ pub mod preflight;
 pub mod read;
 pub mod report;
 pub mod restore;
+pub mod stall;
 pub mod translate;
 
 use std::sync::Arc;
@@ -240,6 +241,15 @@ fn run_engines(
                         _ = tokio::time::sleep(wait) => {}
                     }
                 });
+                continue;
+            }
+            Err(e @ engine::Error::ConsumerStalled { .. }) if !shutdown.is_cancelled() => {
+                // Not a sign of another process on this instance id: no `REFENCED_WITHIN`.
+                tracing::warn!(
+                    error = %e,
+                    "the engine starts again with a new consumer and restores its partitions \
+                     from the committed state"
+                );
                 continue;
             }
             other => return other,

@@ -9,7 +9,7 @@ use rdkafka::Offset;
 
 use super::assignment::{Assignment, PauseCause};
 use super::kafka::EngineConsumer;
-use super::lag::Positions;
+use super::lag::{Position, Positions};
 use super::lane::Lane;
 use super::translate::Note;
 use crate::sequencer::{Outcome, PriorOutcome, State};
@@ -140,8 +140,8 @@ pub fn clear_partition(p: i32) {
 /// The lag hand-off (see `super::lag`): each assigned partition's next offset to consume.
 /// librdkafka's application position when it has one (it moves past transaction markers,
 /// which a committed offset never does); right after a seek (a restore rewinds) it has none,
-/// and the lane's committed offset is where consumption resumes. A partition without a lane
-/// (restoring) has no position yet.
+/// and the lane's committed offset is where consumption resumes, or the log's start for a lane
+/// that never committed. A partition without a lane (restoring) has no position yet.
 pub fn positions(
     board: &Positions,
     consumer: &EngineConsumer,
@@ -162,12 +162,15 @@ pub fn positions(
             HashMap::new()
         }
     };
-    board.publish(assignment.assigned().iter().map(|p| {
-        let position = lanes.get(p).and_then(|lane| {
-            app.get(p)
-                .copied()
-                .or((lane.next_offset >= 0).then_some(lane.next_offset))
-        });
-        (*p, position)
-    }));
+    let now: BTreeMap<i32, Option<Position>> = (assignment.assigned().iter())
+        .map(|p| {
+            let position = lanes.get(p).map(|lane| match app.get(p) {
+                Some(o) => Position::At(*o),
+                None if lane.next_offset >= 0 => Position::At(lane.next_offset),
+                None => Position::LogStart,
+            });
+            (*p, position)
+        })
+        .collect();
+    board.publish(now);
 }

@@ -118,6 +118,7 @@ impl Engine {
         // Asked once the brokers answered (while they do not, the id would only add a wait).
         let topic_id = *topic_id.get_or_insert_with(|| self.topic_id());
         let timeout = self.restore_timeout;
+        let reading = Instant::now();
         let restored = self
             .call_within(
                 "restoring a partition",
@@ -145,6 +146,7 @@ impl Engine {
                     self.lengthen_restores(partition, timeout);
                 }
             })?;
+        let read_ms = reading.elapsed().as_millis() as u64;
         let resume = restored.resume;
         if let Some(previous) = &restored.previous_group {
             tracing::warn!(
@@ -182,6 +184,7 @@ impl Engine {
             self.locks()
                 .outcomes_rolled_back(&topic, partition, &restored.rolled_back_outcomes),
         )?;
+        let rebuilding = Instant::now();
         let mut seq: Sequencer<Held> = Sequencer::new(self.seq_config.clone())?;
         let mut rows = WaitingRows::default();
         let snapshots = restored
@@ -191,6 +194,7 @@ impl Engine {
             .collect::<Result<Vec<_>, _>>()?;
         let contacts = snapshots.len();
         seq.restore(snapshots)?;
+        let rebuild_ms = rebuilding.elapsed().as_millis() as u64;
         let mut pause = Vec::new();
         seq.drain_decisions(&mut pause);
         let backpressure = pause
@@ -222,6 +226,8 @@ impl Engine {
             rolled_back_transitions = restored.dropped_transitions,
             reverted_contacts = restored.reverted_contacts,
             elapsed_ms = started.elapsed().as_millis() as u64,
+            read_ms,
+            rebuild_ms,
             "partition restored"
         );
         // A partition that never committed a clock starts at the wall clock (see LaneClock).

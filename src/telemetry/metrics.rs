@@ -55,6 +55,9 @@ pub const KAFKA_REBOOTSTRAPS: &str = "causal_commit_kafka_rebootstraps_total";
 /// `kafka::STUCK_GRACE`: the producer was given up (`pipeline::kafka::call_thread`). Label:
 /// `call`.
 pub const KAFKA_CALLS_STUCK: &str = "causal_commit_kafka_calls_stuck_total";
+/// Consumers replaced because they fetched nothing of a partition with records to read, the
+/// broker answering, for `kafka.fetch_stall_timeout` (`pipeline::stall`).
+pub const CONSUMER_STALLS: &str = "causal_commit_consumer_stalls_total";
 /// 1 for the active lock/idempotency store. Label: `mode` = redis | postgres.
 pub const LOCK_STORE_MODE: &str = "causal_commit_lock_store_mode";
 /// Records of an assigned partition not consumed yet: its last stable offset (what a
@@ -363,6 +366,13 @@ pub const ALL: &[Metric] = &[
             values: KAFKA_TXN_CALLS,
         }],
         help: "Transactional producer calls that did not return in time; the producer was given up and re-created",
+        unit: None,
+    },
+    Metric {
+        name: CONSUMER_STALLS,
+        kind: Kind::Counter,
+        labels: &[],
+        help: "Kafka consumers replaced because they fetched nothing of a partition with records to read while the broker answered",
         unit: None,
     },
     Metric {

@@ -680,6 +680,49 @@ async fn broker_restarts_mid_stream_lose_and_duplicate_nothing() {
     assert_clean(&verified(&cfg).await, 12_000);
 }
 
+/// CONTRACT §3: the only broker stops answering without closing anything (a paused VM, a
+/// JVM in a long pause, a network dropping packets; here SIGSTOP, controller included) for
+/// longer than the transaction timeout (10 s here), the operation timeout (8 s) and the
+/// consumers' session timeout (45 s), while two instances consume and four producers send.
+/// Neither instance exits, nothing is emitted twice or lost, and processing resumes by itself
+/// once the broker answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_answering_loses_and_duplicates_nothing() {
+    let env = TestEnv::exclusive("brokerfrozen", 4).await;
+    let cfg = env.config.clone();
+    let mut cfg_b = cfg.clone();
+    cfg_b.instance_id = format!("{}-b", env.name);
+    let producing = produce_in_background(&cfg, workload(8_000, 800, 400, "k"));
+    let instances = [
+        Processor::spawn(&cfg, log_path(&env, "a")),
+        Processor::spawn(&cfg_b, log_path(&env, "b")),
+    ];
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let frozen = Frozen::service("kafka");
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    drop(frozen);
+    producing.await.unwrap();
+    // A consumer that fetches nothing after the broker came back is replaced within
+    // kafka.fetch_stall_timeout (60 s; see stalls.rs): seen once in about twenty runs.
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    let logs = instances.each_ref().map(|i| read_log(&i.log));
+    still_running_then_stopped(instances).await;
+    let replaced: Vec<usize> = logs
+        .iter()
+        .map(|l| {
+            l.iter()
+                .filter(|l| {
+                    l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("fetched nothing"))
+                })
+                .count()
+        })
+        .collect();
+    println!("consumers replaced for fetching nothing: {replaced:?}");
+    assert_clean(&verified(&cfg).await, 8_000);
+}
+
 /// CONTRACT §3 and §6: the processor's own stall. librdkafka's `send_offsets_to_transaction`
 /// can wait for good, past its timeout (librdkafka issues 5456 and 5511); the CI saw an
 /// instance sit in it after a broker restart, deciding nothing and deaf to SIGTERM. Here a fail

@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::process::{read_log, stack, Frozen, Processor};
+use crate::common::http;
+use crate::common::process::{read_log, stack, wait_for_log, Frozen, Processor};
 use crate::common::*;
 use causal_commit::config::Config;
 use causal_commit::proto::Intent;
@@ -55,9 +56,12 @@ async fn outcome(config: &Config, contact: &str, effects_expected: usize) -> (Ve
     (seqs, reviews)
 }
 
+/// Also watches the consumer's fetches closely: none of these stalls is a consumer that stopped
+/// fetching, and a test that asserts so fails if one is taken for it.
 fn config_with_short_wait(env: &TestEnv) -> Config {
     let mut cfg = env.config.clone();
     cfg.sequencer.wait_timeout = WAIT;
+    cfg.kafka.fetch_stall_timeout = Duration::from_secs(10);
     cfg
 }
 
@@ -275,6 +279,10 @@ async fn a_producers_transaction_left_open_does_not_time_out_the_contacts_behind
                 .is_some_and(|m| m.contains("open transaction"))
     });
     assert!(said, "an INFO line names the partition held back");
+    assert_eq!(
+        fetch_stalls(&read_log(&log)),
+        Vec::<serde_json::Value>::new()
+    );
     tokio::task::spawn_blocking(move || txn.abort_transaction(Duration::from_secs(30)))
         .await
         .unwrap()
@@ -465,6 +473,7 @@ async fn an_audit_locked_longer_than_every_timeout_stalls_without_timing_out_or_
         "the staged transaction is aborted by the producer that began it"
     );
     assert_eq!(emitted_while_locked, 0, "no effect without its record");
+    assert_eq!(fetch_stalls(&lines), Vec::<serde_json::Value>::new());
     assert_eq!(seqs, vec![1, 2], "both committed, in order");
     assert_eq!(reviews, 0, "no WAIT_TIMEOUT, no hold");
     let report = crate::failures::verified(&cfg).await;
@@ -588,6 +597,8 @@ async fn a_store_that_turns_read_only_under_traffic_stalls_without_timing_out_or
         "the instance started meanwhile met the frozen store"
     );
     assert_eq!(emitted_while_frozen, 0, "no effect without its record");
+    assert_eq!(fetch_stalls(&first), Vec::<serde_json::Value>::new());
+    assert_eq!(fetch_stalls(&second), Vec::<serde_json::Value>::new());
     assert_eq!(seqs, vec![1, 2], "both committed, in order");
     assert_eq!(reviews, 0, "no WAIT_TIMEOUT, no UNPROCESSABLE, no hold");
     let report = crate::failures::verified(&cfg).await;
@@ -698,10 +709,119 @@ async fn a_postgres_that_stops_answering_is_given_up_on_and_waited_out_in_the_gr
         "never out of the group for not polling"
     );
     assert_eq!(emitted_while_frozen, 0, "no effect without its record");
+    assert_eq!(fetch_stalls(&lines), Vec::<serde_json::Value>::new());
     assert_eq!(seqs, vec![1, 2], "both committed, in order");
     assert_eq!(reviews, 0, "no WAIT_TIMEOUT, no UNPROCESSABLE, no hold");
     let report = crate::failures::verified(&cfg).await;
     crate::failures::assert_clean(&report, 22);
+}
+
+/// The log lines of a consumer replaced for fetching nothing of a partition (`pipeline::stall`).
+fn fetch_stalls(lines: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    (lines.iter())
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("the Kafka consumer fetched nothing"))
+        })
+        .cloned()
+        .collect()
+}
+
+/// A consumer that stops fetching a partition it was told to read, the broker answering: what
+/// librdkafka's fetcher can do after a leader change (its issues 4492 and 3396; here two
+/// instances sat idle for three minutes with records to read after their broker came back from
+/// a freeze). Nothing failed, so nothing was logged and nothing was decided. A fail point
+/// pauses one partition inside librdkafka right after its restore, behind the engine's back:
+/// once it has fetched nothing of that partition for `kafka.fetch_stall_timeout` while its
+/// last stable offset was ahead, the engine says so with librdkafka's view of the partition,
+/// counts it, and a new consumer restores and reads it; every intent commits once, in order.
+/// Meanwhile the other partition flowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_the_consumer_stops_fetching_has_the_consumer_replaced() {
+    let env = TestEnv::new("stall_fetch", 2).await;
+    let mut cfg = env.config.clone();
+    cfg.kafka.fetch_stall_timeout = Duration::from_secs(15);
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    cfg.telemetry.metrics_listen = metrics.to_string();
+    let intents: Vec<Intent> = (1..=5u64)
+        .flat_map(|seq| {
+            (0..200).map(move |c| intent(&format!("c{c}-{seq}"), &format!("c{c}"), seq))
+        })
+        .collect();
+    produce_backlog(&cfg, &intents).await;
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let proc =
+        Processor::spawn_with_env(&cfg, log.clone(), &[("FAILPOINTS", "fetch-stuck=1*return")]);
+    let stall = wait_for_log(&log, Duration::from_secs(90), "a stall logged", |lines| {
+        fetch_stalls(lines).into_iter().next()
+    })
+    .await;
+    let effects_at_stall = effects(&read_all(&cfg, &cfg.kafka.side_effects_topic));
+    let replaced = wait_for_log(
+        &log,
+        Duration::from_secs(10),
+        "the consumer replaced",
+        |lines| {
+            lines
+                .iter()
+                .any(|l| {
+                    l["message"].as_str().is_some_and(|m| {
+                        m.starts_with("the engine starts again with a new consumer")
+                    })
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    caught_up(&cfg, Duration::from_secs(120)).await;
+    let samples = http::parse_samples(&http::scrape(metrics).await);
+    assert!(proc.terminate(Duration::from_secs(30)), "clean stop");
+    println!("stall: {stall}; replaced: {replaced:?}");
+
+    let lines = read_log(&log);
+    let p = stall["partition"].as_i64().expect("the partition named");
+    let (position, last_stable) = (
+        stall["position"].as_i64().unwrap(),
+        stall["last_stable_offset"].as_i64().unwrap(),
+    );
+    assert!(position < last_stable, "records to read: {stall}");
+    let at = |l: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(l["timestamp"].as_str().unwrap()).unwrap()
+    };
+    let restored = (lines.iter())
+        .find(|l| l["message"] == "partition restored" && l["partition"] == p)
+        .expect("the partition was restored first");
+    let waited = (at(&stall) - at(restored)).num_milliseconds();
+    assert!(
+        (15_000..40_000).contains(&waited),
+        "said once the timeout had passed, not before and not much after: {waited} ms"
+    );
+    assert!(
+        stall["stalled_s"].as_u64().is_some_and(|s| s >= 15),
+        "{stall}"
+    );
+    assert!(
+        stall["librdkafka"]
+            .as_str()
+            .is_some_and(|v| v.contains("fetch_state=")),
+        "librdkafka's view of the partition: {stall}"
+    );
+    assert_eq!(fetch_stalls(&lines).len(), 1, "one stall, one replacement");
+    // The other partition flowed meanwhile, all of it; nothing of the stuck one, which was
+    // never fetched (a fresh group: it was read from its log's start, offset 0).
+    assert_eq!(position, 0, "{stall}");
+    assert_eq!(
+        effects_at_stall.len() as i64,
+        1_000 - last_stable,
+        "every intent of the other partition committed, none of the stuck one"
+    );
+    assert_eq!(
+        http::value(&samples, "causal_commit_consumer_stalls_total", &[]),
+        Some(1.0)
+    );
+    let report = crate::failures::verified(&cfg).await;
+    crate::failures::assert_clean(&report, 1_000);
 }
 
 /// A PostgreSQL too slow for a full batch (a throttled disk, a busy neighbour; here
