@@ -126,7 +126,8 @@ KCAT_SASL=$STACK_DIR/bin/kcat
 
 APT_PACKAGES=(redis-server postgresql protobuf-compiler kcat libcurl4-openssl-dev
   libssl-dev libsasl2-dev zlib1g-dev libzstd-dev pkg-config cmake build-essential
-  openssl curl acl python3-venv prometheus prometheus-alertmanager)
+  openssl curl acl python3-venv prometheus prometheus-alertmanager gdb)
+# gdb: the tests dump the threads of a processor that did not stop in time.
 # Packages whose postinst would start a daemon on its default port (Prometheus
 # 9090, Alertmanager 9093 = Kafka's controller port); stack.sh runs its own.
 APT_NO_DAEMON=(prometheus prometheus-alertmanager)

@@ -134,6 +134,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// How often operator commands are looked for.
 const COMMAND_POLL: Duration = Duration::from_secs(1);
+/// How long a stopping engine serves its consumer's last group events before closing it.
+const LEAVE_WITHIN: Duration = Duration::from_secs(5);
+/// How long a stopped engine's close (its consumer leaving the group, its producers ending)
+/// may take before it is abandoned (see [`close_within`]).
+const CLOSE_WITHIN: Duration = Duration::from_secs(10);
 /// How often the backlog gauges are refreshed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 /// How often a partition paused at its bound is read for one batch (its missing predecessors
@@ -441,7 +446,15 @@ impl Engine {
     }
 
     /// Runs until the shutdown token fires; the batch in hand is committed before returning.
+    /// Then the engine is dropped (its consumer closes, its producers end) within
+    /// [`CLOSE_WITHIN`], or abandoned: see [`close_within`].
     pub fn run(mut self) -> Result<()> {
+        let result = self.run_to_stop();
+        close_within(self, CLOSE_WITHIN);
+        result
+    }
+
+    fn run_to_stop(&mut self) -> Result<()> {
         tracing::info!(
             group = %self.config.kafka.group_id,
             topic = %self.topics.intents,
@@ -491,6 +504,8 @@ impl Engine {
             self.health.set_stopping();
         }
         tracing::info!("engine stopping: releasing leases and leaving the group");
+        // Test builds: the group's assignment arrives, unserved, while the engine stops.
+        fail::fail_point!("engine-stopping");
         // The last batches are known committed: a restart after an offset reset resumes
         // without an operator (see store::recovery).
         let last = self.committed_batches();
@@ -504,6 +519,7 @@ impl Engine {
             self.release(p, lane.fence);
         }
         self.consumer.unsubscribe();
+        self.leave_assignment();
         if let Some(topics) = self.stale_assignment.take() {
             return Err(Error::StaleAssignment { topics });
         }
@@ -524,6 +540,33 @@ impl Engine {
         match self.consumer_failed.take() {
             Some(e) => Err(Error::ConsumerFatal(e)),
             None => Ok(()),
+        }
+    }
+
+    /// After `unsubscribe`: serves the group's last events (an assignment handed over just
+    /// before, the revocation that follows) until the consumer holds no partition, for at
+    /// most [`LEAVE_WITHIN`], so that its close has no rebalance left to hand over. librdkafka
+    /// can hang for good in the rebalance callback's `assign()` when an assignment is handed
+    /// over while the consumer closes (its issue 4884; seen in CI as a process that never
+    /// exited after a fatal error at start). A record polled here is not processed: nothing of
+    /// it was committed, and whoever is assigned its partition reads it again.
+    fn leave_assignment(&mut self) {
+        let deadline = Instant::now() + LEAVE_WITHIN;
+        loop {
+            let _ = self.consumer.poll(Duration::from_millis(50));
+            let held = (self.consumer.assignment()).map_or(0, |tpl| tpl.count());
+            if held == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    partitions = held,
+                    within_ms = LEAVE_WITHIN.as_millis() as u64,
+                    "the Kafka consumer still holds partitions after unsubscribing; closing it \
+                     all the same"
+                );
+                return;
+            }
         }
     }
 
@@ -2177,6 +2220,37 @@ impl Engine {
             metrics::counter!(m::CONSUMER_STALLS).increment(1);
         }
         self.consumer_stalled = Some(first);
+    }
+}
+
+/// Drops a stopped `engine` on a thread of its own and waits for it at most `within`. Its
+/// consumer's close can hang for good inside librdkafka (an assignment handed over while it
+/// closes: librdkafka issue 4884), and a process that cannot end, or an engine that is never
+/// replaced, is worse than a close left unfinished: past `within` the close is abandoned,
+/// logged, and the process goes on (it exits, or the next engine starts; a consumer with the
+/// same `group.instance.id` and a producer with the same `transactional.id` fence the old
+/// ones). Nothing uncommitted is lost either way: the recovery points are in PostgreSQL.
+fn close_within(engine: Engine, within: Duration) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("causal-commit-close".into())
+        .spawn(move || {
+            // Test builds: a close that does not end.
+            fail::fail_point!("engine-close");
+            drop(engine);
+            let _ = done_tx.send(());
+        });
+    if let Err(e) = spawned {
+        // The engine went with the closure: it was dropped here, on this thread.
+        tracing::warn!(error = %e, "starting the close thread failed; the engine was closed in place");
+        return;
+    }
+    if done_rx.recv_timeout(within).is_err() {
+        tracing::warn!(
+            within_ms = within.as_millis() as u64,
+            "closing the Kafka clients did not end in time (librdkafka can hang in a consumer's \
+             close); abandoned: the process goes on without waiting for it"
+        );
     }
 }
 

@@ -628,6 +628,110 @@ async fn still_running_then_stopped(mut instances: [Processor; 2]) {
     }
 }
 
+/// A stop must end the process, whatever the group does meanwhile. librdkafka never returns
+/// from the rebalance callback's `assign()` when the group's assignment is handed over while
+/// its consumer closes (librdkafka issue 4884), and the consumer closes when it is dropped.
+/// Seen in CI: a processor stopping 40 ms after it subscribed (its producer refused: a fatal
+/// error at start) had the assignment arrive in between, and never exited. The fail point
+/// holds the engine 6 s where it stops, so the assignment is always waiting by then: the
+/// process ends all the same, with its error, the assignment served while it stopped. And
+/// since the close can still hang inside librdkafka, a close that never ends (the second fail
+/// point) is abandoned after 10 s: SIGTERM still ends the process cleanly, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_the_groups_assignment_waiting_to_be_served_still_ends_the_process() {
+    let env = TestEnv::new("stop_while_assigned", 1).await;
+    let held = [("FAILPOINTS", "engine-stopping=sleep(6000)")];
+    let assigned_while_stopping = |log: &std::path::Path| {
+        let lines = read_log(log);
+        let message = |l: &serde_json::Value| l["message"].as_str().unwrap_or_default().to_owned();
+        let stopping = lines
+            .iter()
+            .position(|l| message(l).starts_with("engine stopping"))
+            .unwrap_or_else(|| panic!("{}: no stop", log.display()));
+        assert!(
+            lines[..stopping]
+                .iter()
+                .all(|l| message(l) != "partitions assigned"),
+            "{}: assigned before the stop; the case is not the one named",
+            log.display()
+        );
+        assert!(
+            lines[stopping..]
+                .iter()
+                .any(|l| message(l) == "partitions assigned"),
+            "{}: the assignment was not waiting",
+            log.display()
+        );
+    };
+
+    // No transactional producer can start: the brokers refuse its timeout.
+    let mut cfg = env.config.clone();
+    cfg.kafka.transaction_timeout = Duration::from_secs(20 * 60);
+    let log = std::env::temp_dir().join(format!("{}-fatal.log", env.name));
+    let mut proc = Processor::spawn_with_env(&cfg, log.clone(), &held);
+    let status = tokio::task::spawn_blocking(move || proc.exit_within(Duration::from_secs(40)))
+        .await
+        .unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "{}: the refused producer ends the process: {status:?}",
+        log.display()
+    );
+    let failed: Vec<_> = (read_log(&log).into_iter())
+        .filter(|l| l["message"] == "causal-commit failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{}", log.display());
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("transaction.max.timeout.ms")),
+        "{}",
+        failed[0]
+    );
+    assigned_while_stopping(&log);
+
+    // A close that never ends, on SIGTERM once the partition is restored.
+    let log = std::env::temp_dir().join(format!("{}-close.log", env.name));
+    let hung = [("FAILPOINTS", "engine-close=sleep(600000)")];
+    let proc = Processor::spawn_with_env(&env.config, log.clone(), &hung);
+    wait_for_log(
+        &log,
+        Duration::from_secs(60),
+        "partition restored",
+        |lines| {
+            (lines.iter())
+                .find(|l| l["message"] == "partition restored")
+                .map(|_| ())
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || proc.stop(Duration::from_secs(40)))
+        .await
+        .unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{}: SIGTERM ends the process cleanly: {status:?}",
+        log.display()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(10),
+        "{}: the close was waited for 10 s",
+        log.display()
+    );
+    let abandoned = (read_log(&log).into_iter())
+        .filter(|l| {
+            (l["message"].as_str()).is_some_and(|m| m.starts_with("closing the Kafka clients"))
+        })
+        .count();
+    assert_eq!(
+        abandoned,
+        1,
+        "{}: the abandoned close is logged",
+        log.display()
+    );
+}
+
 /// CONTRACT §3: a broker restart at any instant produces no duplicate, gap or loss, and
 /// processing resumes by itself. The only broker stops twice while two instances consume and
 /// four producers send, and once more while `wait-caught-up` reads the group's progress;

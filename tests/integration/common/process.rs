@@ -149,7 +149,8 @@ impl Processor {
         self.stop(within).is_some_and(|status| status.success())
     }
 
-    /// Waits for the child to exit by itself; its exit status, or `None` after `within`.
+    /// Waits for the child to exit by itself; its exit status, or `None` after `within` (its
+    /// threads' stacks dumped, see [`Self::dump_stacks`]).
     pub fn exit_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + within;
         while std::time::Instant::now() < deadline {
@@ -158,6 +159,7 @@ impl Processor {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        self.dump_stacks();
         None
     }
 
