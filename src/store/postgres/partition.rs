@@ -368,21 +368,21 @@ pub async fn mark_committed_if_free(
     if batches.is_empty() {
         return Ok(Vec::new());
     }
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(db("recording committed batches"))?;
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await
-        .map_err(db("recording committed batches"))?;
+    // One statement, so its own transaction: a process frozen mid-call (a paused VM, SIGSTOP)
+    // never holds these rows between two statements, where no other instance could take its
+    // leases over until it woke. `synchronous_commit` is set for this transaction only, inside
+    // the statement (a CTE the locking read joins, so that it runs).
     let rows = bind_batches(
         sqlx::query(
-            "WITH free AS (
+            "WITH settings AS MATERIALIZED (
+                 SELECT set_config('synchronous_commit', 'off', true)
+             ),
+             free AS (
                  SELECT p.partition
                    FROM cc_partition p
                    JOIN unnest($2::integer[], $3::bigint[], $4::bigint[]) AS x(part, fence, b)
                      ON p.partition = x.part AND p.fence = x.fence AND p.last_batch = x.b
+                  CROSS JOIN settings
                   WHERE p.topic = $1
                     FOR UPDATE OF p SKIP LOCKED
              )
@@ -396,12 +396,9 @@ pub async fn mark_committed_if_free(
         topic,
         batches,
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(pool)
     .await
     .map_err(db("recording committed batches"))?;
-    tx.commit()
-        .await
-        .map_err(db("recording committed batches"))?;
     rows.iter()
         .map(|r| r.try_get::<i32, _>(0))
         .collect::<std::result::Result<_, _>>()
