@@ -134,11 +134,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// How often operator commands are looked for.
 const COMMAND_POLL: Duration = Duration::from_secs(1);
-/// How long a stopping engine serves its consumer's last group events before closing it.
-const LEAVE_WITHIN: Duration = Duration::from_secs(5);
 /// How long a stopped engine's close (its consumer leaving the group, its producers ending)
 /// may take before it is abandoned (see [`close_within`]).
-const CLOSE_WITHIN: Duration = Duration::from_secs(10);
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 /// How often the backlog gauges are refreshed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 /// How often a partition paused at its bound is read for one batch (its missing predecessors
@@ -518,8 +516,10 @@ impl Engine {
         for (p, lane) in std::mem::take(&mut self.lanes) {
             self.release(p, lane.fence);
         }
+        // Revoked inside the close that follows, not served here: a static member (KIP-345)
+        // sends no LeaveGroup only when it revokes while closing, so that a restart within
+        // the session gets its partitions back without a rebalance of the group.
         self.consumer.unsubscribe();
-        self.leave_assignment();
         if let Some(topics) = self.stale_assignment.take() {
             return Err(Error::StaleAssignment { topics });
         }
@@ -540,33 +540,6 @@ impl Engine {
         match self.consumer_failed.take() {
             Some(e) => Err(Error::ConsumerFatal(e)),
             None => Ok(()),
-        }
-    }
-
-    /// After `unsubscribe`: serves the group's last events (an assignment handed over just
-    /// before, the revocation that follows) until the consumer holds no partition, for at
-    /// most [`LEAVE_WITHIN`], so that its close has no rebalance left to hand over. librdkafka
-    /// can hang for good in the rebalance callback's `assign()` when an assignment is handed
-    /// over while the consumer closes (its issue 4884; seen in CI as a process that never
-    /// exited after a fatal error at start). A record polled here is not processed: nothing of
-    /// it was committed, and whoever is assigned its partition reads it again.
-    fn leave_assignment(&mut self) {
-        let deadline = Instant::now() + LEAVE_WITHIN;
-        loop {
-            let _ = self.consumer.poll(Duration::from_millis(50));
-            let held = (self.consumer.assignment()).map_or(0, |tpl| tpl.count());
-            if held == 0 {
-                return;
-            }
-            if Instant::now() >= deadline {
-                tracing::warn!(
-                    partitions = held,
-                    within_ms = LEAVE_WITHIN.as_millis() as u64,
-                    "the Kafka consumer still holds partitions after unsubscribing; closing it \
-                     all the same"
-                );
-                return;
-            }
         }
     }
 
@@ -2230,6 +2203,10 @@ impl Engine {
 /// logged, and the process goes on (it exits, or the next engine starts; a consumer with the
 /// same `group.instance.id` and a producer with the same `transactional.id` fence the old
 /// ones). Nothing uncommitted is lost either way: the recovery points are in PostgreSQL.
+/// Seen in CI: a processor stopping on a fatal error at start had the group's assignment
+/// handed over in its close (`partitions assigned` its last line) and never exited. A close
+/// otherwise takes milliseconds, the brokers down included (a static member sends no
+/// LeaveGroup).
 fn close_within(engine: Engine, within: Duration) {
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()

@@ -628,47 +628,76 @@ async fn still_running_then_stopped(mut instances: [Processor; 2]) {
     }
 }
 
-/// A stop must end the process, whatever the group does meanwhile. librdkafka never returns
-/// from the rebalance callback's `assign()` when the group's assignment is handed over while
-/// its consumer closes (librdkafka issue 4884), and the consumer closes when it is dropped.
-/// Seen in CI: a processor stopping 40 ms after it subscribed (its producer refused: a fatal
-/// error at start) had the assignment arrive in between, and never exited. The fail point
-/// holds the engine 6 s where it stops, so the assignment is always waiting by then: the
-/// process ends all the same, with its error, the assignment served while it stopped. And
-/// since the close can still hang inside librdkafka, a close that never ends (the second fail
-/// point) is abandoned after 10 s: SIGTERM still ends the process cleanly, saying so.
+/// Whether the group is stable with a member assigned at least one topic's partitions, as the
+/// coordinator sees it. The member's assignment is Kafka's consumer protocol: an i16 version,
+/// then an i32 count of topics.
+fn member_assigned(config: &Config) -> bool {
+    use rdkafka::consumer::Consumer as _;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .create()
+        .expect("consumer");
+    let Ok(groups) =
+        consumer.fetch_group_list(Some(&config.kafka.group_id), Duration::from_secs(5))
+    else {
+        return false;
+    };
+    groups.groups().iter().any(|g| {
+        g.state() == "Stable"
+            && g.members().iter().any(|m| {
+                m.assignment()
+                    .and_then(|a| a.get(2..6))
+                    .is_some_and(|n| i32::from_be_bytes([n[0], n[1], n[2], n[3]]) > 0)
+            })
+    })
+}
+
+/// A stop must end the process, whatever the group does meanwhile. librdkafka can hang for
+/// good in the rebalance callback's `assign()` when the group's assignment is handed over
+/// while its consumer closes (librdkafka issue 4884), and the consumer closes when the engine
+/// is dropped. Seen in CI: a processor stopping 40 ms after it subscribed (its producer
+/// refused: a fatal error at start) had the assignment arrive in its close, and never exited.
+/// First case: the fail point holds the engine 6 s where it stops, and the test sees the
+/// coordinator hand this member its partition meanwhile (the group stable, the member's
+/// assignment not empty) with none served before the stop: the assignment waits for the close.
+/// The process ends with its error. The hang is a race inside librdkafka this set-up does not
+/// force (the case passes without the cure too); what ends the process when it happens is the
+/// bound on the close, the second case: a close that never ends (a fail point) is abandoned
+/// after 5 s, and SIGTERM still ends the process cleanly, saying so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_with_the_groups_assignment_waiting_to_be_served_still_ends_the_process() {
     let env = TestEnv::new("stop_while_assigned", 1).await;
     let held = [("FAILPOINTS", "engine-stopping=sleep(6000)")];
-    let assigned_while_stopping = |log: &std::path::Path| {
-        let lines = read_log(log);
-        let message = |l: &serde_json::Value| l["message"].as_str().unwrap_or_default().to_owned();
-        let stopping = lines
-            .iter()
-            .position(|l| message(l).starts_with("engine stopping"))
-            .unwrap_or_else(|| panic!("{}: no stop", log.display()));
-        assert!(
-            lines[..stopping]
-                .iter()
-                .all(|l| message(l) != "partitions assigned"),
-            "{}: assigned before the stop; the case is not the one named",
-            log.display()
-        );
-        assert!(
-            lines[stopping..]
-                .iter()
-                .any(|l| message(l) == "partitions assigned"),
-            "{}: the assignment was not waiting",
-            log.display()
-        );
-    };
 
     // No transactional producer can start: the brokers refuse its timeout.
     let mut cfg = env.config.clone();
     cfg.kafka.transaction_timeout = Duration::from_secs(20 * 60);
     let log = std::env::temp_dir().join(format!("{}-fatal.log", env.name));
     let mut proc = Processor::spawn_with_env(&cfg, log.clone(), &held);
+    let message = |l: &serde_json::Value| l["message"].as_str().unwrap_or_default().to_owned();
+    let before_stop = wait_for_log(&log, Duration::from_secs(30), "engine stopping", |lines| {
+        let at = lines
+            .iter()
+            .position(|l| message(l).starts_with("engine stopping"))?;
+        Some(lines[..at].to_vec())
+    })
+    .await;
+    assert!(
+        before_stop
+            .iter()
+            .all(|l| message(l) != "partitions assigned"),
+        "{}: assigned before the stop; not the case named",
+        log.display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !member_assigned(&cfg) {
+        assert!(
+            Instant::now() < deadline,
+            "{}: the coordinator assigned nothing while the engine stopped",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let status = tokio::task::spawn_blocking(move || proc.exit_within(Duration::from_secs(40)))
         .await
         .unwrap();
@@ -688,7 +717,6 @@ async fn a_stop_with_the_groups_assignment_waiting_to_be_served_still_ends_the_p
         "{}",
         failed[0]
     );
-    assigned_while_stopping(&log);
 
     // A close that never ends, on SIGTERM once the partition is restored.
     let log = std::env::temp_dir().join(format!("{}-close.log", env.name));
@@ -715,8 +743,8 @@ async fn a_stop_with_the_groups_assignment_waiting_to_be_served_still_ends_the_p
         log.display()
     );
     assert!(
-        started.elapsed() >= Duration::from_secs(10),
-        "{}: the close was waited for 10 s",
+        started.elapsed() >= Duration::from_secs(5),
+        "{}: the close was waited for 5 s",
         log.display()
     );
     let abandoned = (read_log(&log).into_iter())
