@@ -628,30 +628,6 @@ async fn still_running_then_stopped(mut instances: [Processor; 2]) {
     }
 }
 
-/// Whether the group is stable with a member assigned at least one topic's partitions, as the
-/// coordinator sees it. The member's assignment is Kafka's consumer protocol: an i16 version,
-/// then an i32 count of topics.
-fn member_assigned(config: &Config) -> bool {
-    use rdkafka::consumer::Consumer as _;
-    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .create()
-        .expect("consumer");
-    let Ok(groups) =
-        consumer.fetch_group_list(Some(&config.kafka.group_id), Duration::from_secs(5))
-    else {
-        return false;
-    };
-    groups.groups().iter().any(|g| {
-        g.state() == "Stable"
-            && g.members().iter().any(|m| {
-                m.assignment()
-                    .and_then(|a| a.get(2..6))
-                    .is_some_and(|n| i32::from_be_bytes([n[0], n[1], n[2], n[3]]) > 0)
-            })
-    })
-}
-
 /// A stop must end the process, whatever the group does meanwhile. librdkafka can hang for
 /// good in the rebalance callback's `assign()` when the group's assignment is handed over
 /// while its consumer closes (librdkafka issue 4884), and the consumer closes when the engine
@@ -690,7 +666,7 @@ async fn a_stop_with_the_groups_assignment_waiting_to_be_served_still_ends_the_p
         log.display()
     );
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !member_assigned(&cfg) {
+    while !group_member_assigned(&cfg) {
         assert!(
             Instant::now() < deadline,
             "{}: the coordinator assigned nothing while the engine stopped",

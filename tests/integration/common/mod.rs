@@ -689,16 +689,35 @@ pub fn by_contact(effects: &[SideEffect]) -> HashMap<String, Vec<&SideEffect>> {
     m
 }
 
-/// The members of the consumer group `config.kafka.group_id` as the broker sees them.
-pub fn group_members(config: &Config) -> usize {
+/// The consumer group `config.kafka.group_id` as the broker describes it.
+fn described_group(config: &Config) -> rdkafka::error::KafkaResult<rdkafka::groups::GroupList> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
         .expect("consumer");
-    let groups = consumer
-        .fetch_group_list(Some(&config.kafka.group_id), Duration::from_secs(10))
-        .expect("group list");
+    consumer.fetch_group_list(Some(&config.kafka.group_id), Duration::from_secs(10))
+}
+
+/// The members of the consumer group `config.kafka.group_id` as the broker sees them.
+pub fn group_members(config: &Config) -> usize {
+    let groups = described_group(config).expect("group list");
     groups.groups().iter().map(|g| g.members().len()).sum()
+}
+
+/// Whether the consumer group `config.kafka.group_id` is stable with a member assigned some
+/// topic's partitions, as the coordinator sees it. A member's assignment is Kafka's consumer
+/// protocol: an i16 version, then an i32 count of topics.
+pub fn group_member_assigned(config: &Config) -> bool {
+    let Ok(groups) = described_group(config) else {
+        return false;
+    };
+    groups.groups().iter().any(|g| {
+        g.state() == "Stable"
+            && g.members().iter().any(|m| {
+                (m.assignment().and_then(|a| a.get(2..6)))
+                    .is_some_and(|n| i32::from_be_bytes([n[0], n[1], n[2], n[3]]) > 0)
+            })
+    })
 }
 
 /// Sets one configuration key of a topic with the admin API, as an operator would with
