@@ -294,6 +294,15 @@ pub async fn run_with(
         return passthrough::run(config, shutdown).await;
     }
     let pool = crate::store::postgres::pool(&config.postgres)?;
+    // Says why, when a call gets no session from the pool; stops when `run_with` returns.
+    let explaining = shutdown.child_token();
+    tokio::spawn(crate::store::postgres::sessions::explain_timeouts(
+        crate::store::postgres::connect_options(&config.postgres)?,
+        config.postgres.connect_timeout,
+        config.postgres.max_connections,
+        explaining.clone(),
+    ));
+    let _explaining = explaining.drop_guard();
     let Some(store_id) = store_checked(&pool, &config, &shutdown).await? else {
         tracing::info!("stopped while waiting for PostgreSQL; nothing was consumed");
         return Ok(());

@@ -346,6 +346,16 @@ async fn a_processor_started_while_postgres_is_down_waits_and_processes_when_it_
         })
         .count();
     assert!(waits >= 2, "the wait is logged at each attempt: {waits}");
+    // sqlx's pool says only "pool timed out"; the log says why.
+    assert!(
+        got_no_session(&log).iter().any(|(cause, sqlstate)| {
+            cause.starts_with("no PostgreSQL session could be opened at postgres.url")
+                && cause.contains("a stopped server")
+                && sqlstate.is_empty()
+        }),
+        "the cause named: {:?}",
+        got_no_session(&log)
+    );
     assert_eq!(
         http::http_get(probes, "/livez").await.map(|r| r.0),
         Some(200)
@@ -367,6 +377,121 @@ async fn a_processor_started_while_postgres_is_down_waits_and_processes_when_it_
         Some(200)
     );
     stopped_clean(proc, &cfg, 2_000).await;
+}
+
+/// The `(cause, sqlstate)` of each line saying why a call got no PostgreSQL session.
+fn got_no_session(log: &std::path::Path) -> Vec<(String, String)> {
+    read_log(log)
+        .iter()
+        .filter(|l| l["message"] == causal_commit::store::postgres::sessions::GOT_NO_SESSION)
+        .map(|l| {
+            let field = |f: &str| l[f].as_str().unwrap_or_default().to_string();
+            (field("cause"), field("sqlstate"))
+        })
+        .collect()
+}
+
+/// Sets the `CONNECTION LIMIT` of the tests' database over `owner` (a session of the database's
+/// owner, opened before: a limit of 0 refuses every new session but a superuser's).
+async fn limit_connections(owner: &mut sqlx::PgConnection, limit: i32) {
+    sqlx::query(&format!(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I CONNECTION LIMIT {limit}', \
+         current_database()); END $$"
+    ))
+    .execute(owner)
+    .await
+    .expect("ALTER DATABASE ... CONNECTION LIMIT");
+}
+
+/// Lifts the database's connection limit when dropped (also when the test failed: later tests
+/// need sessions).
+struct ConnectionsLimited(Option<sqlx::PgConnection>);
+impl ConnectionsLimited {
+    async fn lift(&mut self) {
+        if let Some(mut owner) = self.0.take() {
+            limit_connections(&mut owner, -1).await;
+        }
+    }
+}
+impl Drop for ConnectionsLimited {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(self.lift());
+            });
+        }
+    }
+}
+
+/// PostgreSQL refusing new sessions for too many connections (SQLSTATE 53300: a server at its
+/// `max_connections`, or, here, a database whose `CONNECTION LIMIT` a DBA set to 0). sqlx's
+/// pool retries such a refusal until its acquire timeout and then says only "pool timed out
+/// while waiting for an open connection", as for a stopped server or a pool too small. The
+/// log names the refusal, its SQLSTATE and what to change; nothing is emitted meanwhile; once
+/// sessions open again every intent commits once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_refusing_new_sessions_is_named_in_the_log_and_waited_out() {
+    use causal_commit::store::postgres::{connect_options, sessions};
+    use sqlx::Connection as _;
+    let env = TestEnv::exclusive("nosessions", 2).await;
+    let mut cfg = env.config.clone();
+    cfg.postgres.connect_timeout = Duration::from_secs(1);
+    let mut owner = sqlx::PgConnection::connect(&database_url())
+        .await
+        .expect("owner session");
+    limit_connections(&mut owner, 0).await;
+    let mut limited = ConnectionsLimited(Some(owner));
+    // What the processor's own probe meets.
+    let options = connect_options(&cfg.postgres).unwrap();
+    let probed = sessions::probe(&options, Duration::from_secs(5)).await;
+    assert!(
+        matches!(&probed, sessions::Probe::Refused { sqlstate: Some(code), message }
+            if code == "53300" && message.contains("too many connections")),
+        "{probed:?}"
+    );
+
+    let log = log_path(&env, "run");
+    let proc = Processor::spawn(&cfg, log.clone());
+    produce_in_background(&cfg, workload(500, 50, 1_000, "n"))
+        .await
+        .unwrap();
+    let (cause, _) = wait_for_log(
+        &log,
+        Duration::from_secs(30),
+        "the refusal named in the log",
+        |_| {
+            got_no_session(&log)
+                .into_iter()
+                .find(|(_, sqlstate)| sqlstate == "53300")
+        },
+    )
+    .await;
+    assert!(
+        cause.starts_with("PostgreSQL refuses new sessions, too many connections")
+            && cause.contains("CONNECTION LIMIT"),
+        "{cause}"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let explained = got_no_session(&log).len();
+    assert!(
+        (1..=2).contains(&explained),
+        "at most one explanation every {:?} ({explained} in about 6 s)",
+        sessions::EXPLAIN_EVERY
+    );
+    assert_eq!(
+        effects_now(&cfg).await,
+        0,
+        "nothing emitted without its record"
+    );
+
+    limited.lift().await;
+    // Sessions open again (the probe of the library says so too), and everything commits.
+    assert_eq!(
+        sessions::probe(&options, Duration::from_secs(5)).await,
+        sessions::Probe::Opened
+    );
+    caught_up(&cfg, Duration::from_secs(120)).await;
+    stopped_clean(proc, &cfg, 500).await;
 }
 
 /// PostgreSQL stopped just after the start-up check passed, before the engine starts (the

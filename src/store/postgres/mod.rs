@@ -14,6 +14,7 @@ pub mod lock_store;
 pub mod outcomes;
 pub mod partition;
 pub mod schema;
+pub mod sessions;
 
 pub use batch::{
     apply_batch, contact_owners, try_batch, AppliedCommand, BatchRows, BatchWrite, ContactRow,
@@ -120,6 +121,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub(crate) fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
     move |source| {
         read_only::note(&source);
+        sessions::note(&source);
         Error::Db { what, source }
     }
 }
@@ -170,12 +172,13 @@ mod read_only {
     }
 }
 
-/// A lazily connecting pool whose sessions use `config.schema` and a statement timeout.
-pub fn pool(config: &PostgresConfig) -> Result<PgPool> {
+/// How the pool's sessions connect: `config.url`, `config.schema` as the search path, and a
+/// statement timeout.
+pub fn connect_options(config: &PostgresConfig) -> Result<PgConnectOptions> {
     if !is_identifier(&config.schema) {
         return Err(Error::Schema(config.schema.clone()));
     }
-    let options = PgConnectOptions::from_str(config.url.expose_secret())
+    Ok(PgConnectOptions::from_str(config.url.expose_secret())
         .map_err(Error::Url)?
         .application_name("causal-commit")
         .options([
@@ -184,7 +187,12 @@ pub fn pool(config: &PostgresConfig) -> Result<PgPool> {
                 "statement_timeout",
                 &config.statement_timeout.as_millis().to_string(),
             ),
-        ]);
+        ]))
+}
+
+/// A lazily connecting pool whose sessions connect with [`connect_options`].
+pub fn pool(config: &PostgresConfig) -> Result<PgPool> {
+    let options = connect_options(config)?;
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.connect_timeout)
