@@ -269,10 +269,26 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-// Long only because the CLI is wide: one short arm per subcommand, a flat dispatch.
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref()).context("loading the configuration")?;
-    match cli.command {
+    let postgres = config.postgres.clone();
+    let result = dispatch(cli.command, config).await;
+    // sqlx's "pool timed out" alone does not say why: ask PostgreSQL (see `sessions`).
+    match result {
+        Err(e) if store::postgres::sessions::got_no_session(&e) => {
+            let cause = store::postgres::sessions::cause(&postgres).await;
+            Err(e.context(format!(
+                "no PostgreSQL session within postgres.connect_timeout; a connection opened to \
+                 ask why found: {cause}"
+            )))
+        }
+        result => result,
+    }
+}
+
+// Long only because the CLI is wide: one short arm per subcommand, a flat dispatch.
+async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
         Command::Run => {
             let _telemetry = telemetry::init(&config.telemetry)?;
             let health = Arc::new(pipeline::health::Health::default());

@@ -483,6 +483,12 @@ async fn a_postgres_refusing_new_sessions_is_named_in_the_log_and_waited_out() {
         0,
         "nothing emitted without its record"
     );
+    // An operator's command meets the same refusal, and says so.
+    let (ok, _, err) = crate::common::process::cli(&cfg, &["recovery-point", "show"]);
+    assert!(
+        !ok && err.contains("pool timed out") && err.contains("too many connections for database"),
+        "{err}"
+    );
 
     limited.lift().await;
     // Sessions open again (the probe of the library says so too), and everything commits.

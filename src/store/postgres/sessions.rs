@@ -98,6 +98,32 @@ pub async fn probe(options: &PgConnectOptions, within: Duration) -> Probe {
     }
 }
 
+/// Whether `error` (or an error it wraps) is a call that got no session from the pool.
+pub fn got_no_session(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| {
+        matches!(
+            e.downcast_ref::<super::Error>(),
+            Some(super::Error::Db {
+                source: sqlx::Error::PoolTimedOut,
+                ..
+            })
+        ) || matches!(
+            e.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::PoolTimedOut)
+        )
+    })
+}
+
+/// What one [`probe`] with `config`'s options finds, for the operator.
+pub async fn cause(config: &crate::config::PostgresConfig) -> String {
+    match super::connect_options(config) {
+        Ok(options) => probe(&options, config.connect_timeout)
+            .await
+            .meaning(config.max_connections),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// Until `shutdown`: after each call that timed out waiting for a session, one [`probe`] and
 /// one WARN line saying what it found (at most once every [`EXPLAIN_EVERY`]).
 pub async fn explain_timeouts(
