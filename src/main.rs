@@ -262,11 +262,29 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "causal-commit failed");
-            eprintln!("causal-commit: {e:#}");
+            let error = described(&e);
+            tracing::error!(error, "causal-commit failed");
+            eprintln!("causal-commit: {error}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `error` and its causes, outermost first, as `{:#}` writes them, but a cause its wrapper's
+/// text already ends with (this crate's errors include their source) is written once.
+fn described(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -820,7 +838,23 @@ async fn recovery_point(config: Config, command: RecoveryPointCommand) -> anyhow
 
 #[cfg(test)]
 mod tests {
-    use super::to_resubmit;
+    use super::{described, to_resubmit};
+
+    #[test]
+    fn a_cause_its_wrapper_already_states_is_written_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("call failed: {source}")]
+        struct Wrapper {
+            source: std::io::Error,
+        }
+        let e = anyhow::Error::new(Wrapper {
+            source: std::io::Error::other("refused"),
+        })
+        .context("reading partitions");
+        assert_eq!(described(&e), "reading partitions: call failed: refused");
+        let plain = anyhow::anyhow!("refused").context("reading partitions");
+        assert_eq!(described(&plain), format!("{plain:#}"));
+    }
 
     /// In review order, the re-submittable items only, and of an intent with two such items
     /// the later one.

@@ -391,31 +391,44 @@ fn got_no_session(log: &std::path::Path) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Sets the `CONNECTION LIMIT` of the tests' database over `owner` (a session of the database's
-/// owner, opened before: a limit of 0 refuses every new session but a superuser's).
-async fn limit_connections(owner: &mut sqlx::PgConnection, limit: i32) {
-    sqlx::query(&format!(
-        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I CONNECTION LIMIT {limit}', \
-         current_database()); END $$"
-    ))
-    .execute(owner)
-    .await
-    .expect("ALTER DATABASE ... CONNECTION LIMIT");
+/// The tests' database refusing every new session but a superuser's (`CONNECTION LIMIT 0`,
+/// set over a session of the database's owner opened before), and accepting them again when
+/// lifted or dropped (also when the test failed: later tests need sessions).
+struct ConnectionsLimited {
+    owner: sqlx::PgConnection,
+    limited: bool,
 }
-
-/// Lifts the database's connection limit when dropped (also when the test failed: later tests
-/// need sessions).
-struct ConnectionsLimited(Option<sqlx::PgConnection>);
 impl ConnectionsLimited {
-    async fn lift(&mut self) {
-        if let Some(mut owner) = self.0.take() {
-            limit_connections(&mut owner, -1).await;
+    async fn new() -> Self {
+        use sqlx::Connection as _;
+        let owner = sqlx::PgConnection::connect(&database_url())
+            .await
+            .expect("owner session");
+        ConnectionsLimited {
+            owner,
+            limited: false,
         }
+    }
+    async fn set(&mut self, limit: i32) {
+        sqlx::query(&format!(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I CONNECTION LIMIT {limit}', \
+             current_database()); END $$"
+        ))
+        .execute(&mut self.owner)
+        .await
+        .expect("ALTER DATABASE ... CONNECTION LIMIT");
+        self.limited = limit >= 0;
+    }
+    async fn limit(&mut self) {
+        self.set(0).await;
+    }
+    async fn lift(&mut self) {
+        self.set(-1).await;
     }
 }
 impl Drop for ConnectionsLimited {
     fn drop(&mut self) {
-        if self.0.is_some() {
+        if self.limited {
             tokio::task::block_in_place(|| {
                 tokio::runtime::Handle::current().block_on(self.lift());
             });
@@ -423,24 +436,41 @@ impl Drop for ConnectionsLimited {
     }
 }
 
+/// Waits for a line saying why a call got no session with SQLSTATE 53300, past the first
+/// `seen` such lines; its cause.
+async fn refusal_named(log: &std::path::Path, seen: usize, what: &str) -> String {
+    wait_for_log(log, Duration::from_secs(40), what, |_| {
+        got_no_session(log)
+            .into_iter()
+            .filter(|(_, sqlstate)| sqlstate == "53300")
+            .nth(seen)
+            .map(|(cause, _)| cause)
+    })
+    .await
+}
+
 /// PostgreSQL refusing new sessions for too many connections (SQLSTATE 53300: a server at its
 /// `max_connections`, or, here, a database whose `CONNECTION LIMIT` a DBA set to 0). sqlx's
 /// pool retries such a refusal until its acquire timeout and then says only "pool timed out
 /// while waiting for an open connection", as for a stopped server or a pool too small. The
-/// log names the refusal, its SQLSTATE and what to change; nothing is emitted meanwhile; once
-/// sessions open again every intent commits once, in order.
+/// log names the refusal, its SQLSTATE and what to change, at a start and under a running
+/// processor whose sessions were terminated; an operator's command says so too; nothing is
+/// emitted meanwhile; once sessions open again every intent commits once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_refusing_new_sessions_is_named_in_the_log_and_waited_out() {
     use causal_commit::store::postgres::{connect_options, sessions};
-    use sqlx::Connection as _;
     let env = TestEnv::exclusive("nosessions", 2).await;
     let mut cfg = env.config.clone();
     cfg.postgres.connect_timeout = Duration::from_secs(1);
-    let mut owner = sqlx::PgConnection::connect(&database_url())
+    // As the runtime role, whose backends it may terminate; opened before the limit.
+    let runtime = sqlx::postgres::PgPoolOptions::new()
+        .min_connections(1)
+        .max_connections(1)
+        .connect(&runtime_database_url())
         .await
-        .expect("owner session");
-    limit_connections(&mut owner, 0).await;
-    let mut limited = ConnectionsLimited(Some(owner));
+        .unwrap();
+    let mut database = ConnectionsLimited::new().await;
+    database.limit().await;
     // What the processor's own probe meets.
     let options = connect_options(&cfg.postgres).unwrap();
     let probed = sessions::probe(&options, Duration::from_secs(5)).await;
@@ -450,22 +480,13 @@ async fn a_postgres_refusing_new_sessions_is_named_in_the_log_and_waited_out() {
         "{probed:?}"
     );
 
+    // 1. A start.
     let log = log_path(&env, "run");
     let proc = Processor::spawn(&cfg, log.clone());
     produce_in_background(&cfg, workload(500, 50, 1_000, "n"))
         .await
         .unwrap();
-    let (cause, _) = wait_for_log(
-        &log,
-        Duration::from_secs(30),
-        "the refusal named in the log",
-        |_| {
-            got_no_session(&log)
-                .into_iter()
-                .find(|(_, sqlstate)| sqlstate == "53300")
-        },
-    )
-    .await;
+    let cause = refusal_named(&log, 0, "the refusal named at the start").await;
     assert!(
         cause.starts_with("PostgreSQL refuses new sessions, too many connections")
             && cause.contains("CONNECTION LIMIT"),
@@ -489,15 +510,36 @@ async fn a_postgres_refusing_new_sessions_is_named_in_the_log_and_waited_out() {
         !ok && err.contains("pool timed out") && err.contains("too many connections for database"),
         "{err}"
     );
-
-    limited.lift().await;
+    database.lift().await;
     // Sessions open again (the probe of the library says so too), and everything commits.
     assert_eq!(
         sessions::probe(&options, Duration::from_secs(5)).await,
         sessions::Probe::Opened
     );
     caught_up(&cfg, Duration::from_secs(120)).await;
-    stopped_clean(proc, &cfg, 500).await;
+    let effects = effects_now(&cfg).await;
+
+    // 2. Under the running processor: its sessions terminated while none may open.
+    let seen = got_no_session(&log)
+        .iter()
+        .filter(|(_, sqlstate)| sqlstate == "53300")
+        .count();
+    database.limit().await;
+    let terminated = terminate_processor_sessions(&runtime).await;
+    assert!(terminated >= 1, "the processor's sessions terminated");
+    produce_in_background(&cfg, workload(300, 30, 1_000, "m"))
+        .await
+        .unwrap();
+    let cause = refusal_named(&log, seen, "the refusal named under the running processor").await;
+    assert!(cause.contains("too many connections"), "{cause}");
+    assert_eq!(
+        effects_now(&cfg).await,
+        effects,
+        "nothing emitted without its record"
+    );
+    database.lift().await;
+    caught_up(&cfg, Duration::from_secs(120)).await;
+    stopped_clean(proc, &cfg, 800).await;
 }
 
 /// PostgreSQL stopped just after the start-up check passed, before the engine starts (the
