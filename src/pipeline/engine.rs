@@ -1892,7 +1892,7 @@ impl Engine {
                     }
                 }
             }
-            records += part.plan.transitions.len();
+            records += part.offsets.len();
             outcomes.extend(report::idempotency_outcomes(&part.plan.transitions));
             rows.push((part.plan.transitions, part.plan.notes));
         }

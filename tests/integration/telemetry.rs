@@ -412,6 +412,13 @@ async fn metrics_and_probes_tell_a_known_scenario() {
             "{step} took no time"
         );
     }
+    // The batches' input records, each once (not their transitions: 9 of them waited).
+    assert_eq!(
+        get(&format!("{}_sum", m::BATCH_RECORDS), &[]),
+        get(m::RECORDS_CONSUMED, &[]),
+        "input records per committed batch"
+    );
+    assert_eq!(get(&format!("{}_count", m::BATCH_RECORDS), &[]), commits);
     assert_eq!(get(m::READY, &[]), 1.0);
     assert_eq!(get(m::PARTITIONS_ASSIGNED, &[]), 3.0);
     assert_eq!(get(m::LOCK_STORE_MODE, &[("mode", "redis")]), 1.0);
