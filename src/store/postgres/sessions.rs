@@ -7,7 +7,8 @@
 //! and logs what PostgreSQL answered it, and what that means, at most once every
 //! [`EXPLAIN_EVERY`]. The steady path pays nothing.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
@@ -21,12 +22,30 @@ pub const GOT_NO_SESSION: &str = "a PostgreSQL call got no session from the pool
 /// At most one explanation this often, however many calls time out.
 pub const EXPLAIN_EVERY: Duration = Duration::from_secs(10);
 
-/// A call timed out waiting for a session since the last explanation.
+/// A call timed out waiting for a session.
 static TIMED_OUT: Notify = Notify::const_new();
+/// When a call last timed out waiting for a session (ms since the epoch).
+static TIMED_OUT_AT_MS: AtomicU64 = AtomicU64::new(0);
+/// A timeout older than this when [`explain_timeouts`] is free to look at it is not looked
+/// into: it was noted while the last explanation's pause ran, and what a connection finds now
+/// (an outage over) would be a wrong cause for it. A timeout that goes on recurs.
+const STALE_AFTER: Duration = Duration::from_secs(2);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether a timeout noted at `at_ms` is still worth a look at `now_ms`.
+fn fresh(at_ms: u64, now_ms: u64) -> bool {
+    now_ms.saturating_sub(at_ms) <= STALE_AFTER.as_millis() as u64
+}
 
 /// Notes a call that timed out waiting for a session (from [`super::db`]).
 pub(super) fn note(e: &sqlx::Error) {
     if matches!(e, sqlx::Error::PoolTimedOut) {
+        TIMED_OUT_AT_MS.store(now_ms(), Ordering::Relaxed);
         TIMED_OUT.notify_one();
     }
 }
@@ -51,9 +70,10 @@ impl Probe {
     pub fn meaning(&self, max_connections: u32) -> String {
         match self {
             Probe::Opened => format!(
-                "PostgreSQL opens sessions, but the pool's {max_connections} \
-                 (postgres.max_connections) were all busy for postgres.connect_timeout: \
-                 statements slower than usual (locks, a loaded server), or a pool too small"
+                "PostgreSQL opens sessions now: the pool's {max_connections} \
+                 (postgres.max_connections) were all busy for postgres.connect_timeout \
+                 (statements slower than usual: locks, a loaded server; or a pool too small), \
+                 or PostgreSQL has just come back"
             ),
             Probe::NoAnswer => "PostgreSQL did not answer a new connection within \
                  postgres.connect_timeout: a hung server or host, or a network dropping packets"
@@ -137,6 +157,9 @@ pub async fn explain_timeouts(
             _ = shutdown.cancelled() => return,
             _ = TIMED_OUT.notified() => {}
         }
+        if !fresh(TIMED_OUT_AT_MS.load(Ordering::Relaxed), now_ms()) {
+            continue;
+        }
         let found = probe(&options, connect_timeout).await;
         let sqlstate = match &found {
             Probe::Refused { sqlstate, .. } => sqlstate.clone(),
@@ -180,6 +203,14 @@ mod tests {
             .contains("28000: no pg_hba.conf entry"));
         assert!(Probe::Opened.meaning(7).contains("pool's 7"));
         assert!(Probe::NoAnswer.meaning(4).contains("did not answer"));
+    }
+
+    #[test]
+    fn a_timeout_noted_during_the_pause_is_not_explained_once_stale() {
+        assert!(fresh(10_000, 10_000));
+        assert!(fresh(10_000, 12_000));
+        assert!(!fresh(10_000, 12_001));
+        assert!(fresh(10_000, 9_000), "a clock step back is not stale");
     }
 
     #[tokio::test]
