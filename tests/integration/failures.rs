@@ -542,6 +542,73 @@ async fn a_postgres_refusing_new_sessions_is_named_in_the_log_and_waited_out() {
     stopped_clean(proc, &cfg, 800).await;
 }
 
+/// A pool whose sessions are all busy: a DBA's lock on `cc_partition` (maintenance, an
+/// `ALTER TABLE` waiting) holds the statements of two admin requests, the whole pool of an
+/// instance with `postgres.max_connections` 2, and a third request gets no session. sqlx says
+/// `pool timed out` as when PostgreSQL refuses; the log says PostgreSQL opens sessions and the
+/// pool's 2 were all busy. Once the lock is gone every request has answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_sessions_are_all_busy_is_named_as_such() {
+    let env = TestEnv::new("busypool", 1).await;
+    let mut cfg = env.config.clone();
+    cfg.postgres.max_connections = 2;
+    cfg.postgres.parallel_writes = 1;
+    cfg.postgres.connect_timeout = Duration::from_secs(1);
+    crate::admin::with_admin(&mut cfg);
+    let log = log_path(&env, "run");
+    let _proc = Processor::spawn(&cfg, log.clone());
+    let api = crate::admin::api(&cfg);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !api.get("/v1/ready").await.is_ok_and(|r| r.status == 200) {
+        assert!(
+            Instant::now() < deadline,
+            "never ready: {:?}",
+            read_log(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let owner = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    let mut lock = owner.begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {}.cc_partition IN ACCESS EXCLUSIVE MODE",
+        cfg.postgres.schema
+    ))
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    let asks: Vec<_> = (0..3)
+        .map(|_| {
+            let api = crate::admin::api(&cfg);
+            tokio::spawn(async move { api.get("/v1/backlog").await.map(|r| r.status) })
+        })
+        .collect();
+    let (cause, sqlstate) =
+        wait_for_log(&log, Duration::from_secs(20), "busy sessions named", |_| {
+            got_no_session(&log).into_iter().next()
+        })
+        .await;
+    lock.rollback().await.unwrap();
+    assert!(
+        cause.starts_with(
+            "PostgreSQL opens sessions now: the pool's 2 (postgres.max_connections) were all busy"
+        ),
+        "{cause}"
+    );
+    assert_eq!(sqlstate, "");
+    let mut statuses = Vec::new();
+    for ask in asks {
+        statuses.push(ask.await.unwrap().expect("answered"));
+    }
+    assert!(
+        statuses.contains(&200),
+        "the requests held by the lock answer: {statuses:?}"
+    );
+    assert_eq!(
+        api.get("/v1/backlog").await.map(|r| r.status).ok(),
+        Some(200)
+    );
+}
+
 /// PostgreSQL stopped just after the start-up check passed, before the engine starts (the
 /// window of the Kafka check): the process stays up and processes once it is back. Found by
 /// the chaos test: the store id (its Redis keys' part) was read after the check, outside its
