@@ -568,14 +568,7 @@ async fn a_pool_whose_sessions_are_all_busy_is_named_as_such() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let owner = sqlx::PgPool::connect(&database_url()).await.unwrap();
-    let mut lock = owner.begin().await.unwrap();
-    sqlx::query(&format!(
-        "LOCK TABLE {}.cc_partition IN ACCESS EXCLUSIVE MODE",
-        cfg.postgres.schema
-    ))
-    .execute(&mut *lock)
-    .await
-    .unwrap();
+    let lock = locked_exclusively(&owner, &cfg, "cc_partition").await;
     let asks: Vec<_> = (0..3)
         .map(|_| {
             let api = crate::admin::api(&cfg);

@@ -422,22 +422,6 @@ async fn arrive_during_the_stall(cfg: &Config) {
     produce_to_partition(cfg, 0, &[intent("x-1", "x", 1)]).await;
 }
 
-/// Takes the lock `VACUUM FULL` takes on the audit table, until the transaction ends.
-async fn lock_audit(
-    pool: &sqlx::PgPool,
-    cfg: &Config,
-) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut lock = pool.begin().await.unwrap();
-    sqlx::query(&format!(
-        "LOCK TABLE {}.cc_transition IN ACCESS EXCLUSIVE MODE",
-        cfg.postgres.schema
-    ))
-    .execute(&mut *lock)
-    .await
-    .unwrap();
-    lock
-}
-
 /// A tired operator runs `VACUUM FULL` (or a `LOCK TABLE`) on the audit during traffic:
 /// PostgreSQL is up and answers, but every durable write waits for the lock, longer than the
 /// statement timeout, the Kafka transaction timeout and the wait timeout together. The write's
@@ -452,7 +436,7 @@ async fn an_audit_locked_longer_than_every_timeout_stalls_without_timing_out_or_
     produce_to_partition(&cfg, 0, &[intent("x-2", "x", 2)]).await;
     waiting(&cfg, "x", 1).await;
 
-    let lock = lock_audit(&env.store().await, &cfg).await;
+    let lock = locked_exclusively(&env.store().await, &cfg, "cc_transition").await;
     let locked = Instant::now();
     arrive_during_the_stall(&cfg).await;
     tokio::time::sleep(Duration::from_secs(40).saturating_sub(locked.elapsed())).await;
@@ -654,7 +638,7 @@ async fn a_postgres_that_stops_answering_is_given_up_on_and_waited_out_in_the_gr
     // that ping gives up on its own): a durable write held on a lock until the freeze (or,
     // if the lock outlasts the write's statement timeout first, the restore that follows).
     let pool = env.store().await;
-    let lock = lock_audit(&pool, &cfg).await;
+    let lock = locked_exclusively(&pool, &cfg, "cc_transition").await;
     arrive_during_the_stall(&cfg).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !write_waits_for_lock(&pool).await {

@@ -741,3 +741,21 @@ pub async fn alter_topic_config(config: &Config, topic: &str, key: &str, value: 
         "{topic} {key}={value}: {done:?}"
     );
 }
+
+/// Takes the lock `VACUUM FULL` or `ALTER TABLE` takes on `table` of `cfg`'s schema (a DBA's
+/// maintenance), over `pool` (the owner's), until the returned transaction ends.
+pub async fn locked_exclusively(
+    pool: &sqlx::PgPool,
+    cfg: &Config,
+    table: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {}.{table} IN ACCESS EXCLUSIVE MODE",
+        cfg.postgres.schema
+    ))
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    lock
+}
