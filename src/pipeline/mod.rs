@@ -297,9 +297,7 @@ pub async fn run_with(
     // Says why, when a call gets no session from the pool; stops when `run_with` returns.
     let explaining = shutdown.child_token();
     tokio::spawn(crate::store::postgres::sessions::explain_timeouts(
-        crate::store::postgres::connect_options(&config.postgres)?,
-        config.postgres.connect_timeout,
-        config.postgres.max_connections,
+        config.postgres.clone(),
         explaining.clone(),
     ));
     let _explaining = explaining.drop_guard();

@@ -348,13 +348,13 @@ async fn a_processor_started_while_postgres_is_down_waits_and_processes_when_it_
     assert!(waits >= 2, "the wait is logged at each attempt: {waits}");
     // sqlx's pool says only "pool timed out"; the log says why.
     assert!(
-        got_no_session(&log).iter().any(|(cause, sqlstate)| {
+        no_session_causes(&log).iter().any(|(cause, sqlstate)| {
             cause.starts_with("no PostgreSQL session could be opened at postgres.url")
                 && cause.contains("a stopped server")
                 && sqlstate.is_empty()
         }),
         "the cause named: {:?}",
-        got_no_session(&log)
+        no_session_causes(&log)
     );
     assert_eq!(
         http::http_get(probes, "/livez").await.map(|r| r.0),
@@ -380,7 +380,7 @@ async fn a_processor_started_while_postgres_is_down_waits_and_processes_when_it_
 }
 
 /// The `(cause, sqlstate)` of each line saying why a call got no PostgreSQL session.
-fn got_no_session(log: &std::path::Path) -> Vec<(String, String)> {
+fn no_session_causes(log: &std::path::Path) -> Vec<(String, String)> {
     read_log(log)
         .iter()
         .filter(|l| l["message"] == causal_commit::store::postgres::sessions::GOT_NO_SESSION)
@@ -440,7 +440,7 @@ impl Drop for ConnectionsLimited {
 /// `seen` such lines; its cause.
 async fn refusal_named(log: &std::path::Path, seen: usize, what: &str) -> String {
     wait_for_log(log, Duration::from_secs(40), what, |_| {
-        got_no_session(log)
+        no_session_causes(log)
             .into_iter()
             .filter(|(_, sqlstate)| sqlstate == "53300")
             .nth(seen)
@@ -493,7 +493,7 @@ async fn a_postgres_refusing_new_sessions_is_named_in_the_log_and_waited_out() {
         "{cause}"
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let explained = got_no_session(&log).len();
+    let explained = no_session_causes(&log).len();
     assert!(
         (1..=2).contains(&explained),
         "at most one explanation every {:?} ({explained} in about 6 s)",
@@ -520,7 +520,7 @@ async fn a_postgres_refusing_new_sessions_is_named_in_the_log_and_waited_out() {
     let effects = effects_now(&cfg).await;
 
     // 2. Under the running processor: its sessions terminated while none may open.
-    let seen = got_no_session(&log)
+    let seen = no_session_causes(&log)
         .iter()
         .filter(|(_, sqlstate)| sqlstate == "53300")
         .count();
@@ -577,7 +577,7 @@ async fn a_pool_whose_sessions_are_all_busy_is_named_as_such() {
         .collect();
     let (cause, sqlstate) =
         wait_for_log(&log, Duration::from_secs(20), "busy sessions named", |_| {
-            got_no_session(&log).into_iter().next()
+            no_session_causes(&log).into_iter().next()
         })
         .await;
     lock.rollback().await.unwrap();

@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::Notify;
+
+use crate::config::PostgresConfig;
 use tokio_util::sync::CancellationToken;
 
 /// The message of the line [`explain_timeouts`] logs (its `cause` field says why).
@@ -135,7 +137,7 @@ pub fn got_no_session(error: &anyhow::Error) -> bool {
 }
 
 /// What one [`probe`] with `config`'s options finds, for the operator.
-pub async fn cause(config: &crate::config::PostgresConfig) -> String {
+pub async fn cause(config: &PostgresConfig) -> String {
     match super::connect_options(config) {
         Ok(options) => probe(&options, config.connect_timeout)
             .await
@@ -144,34 +146,34 @@ pub async fn cause(config: &crate::config::PostgresConfig) -> String {
     }
 }
 
-/// Until `shutdown`: after each call that timed out waiting for a session, one [`probe`] and
-/// one WARN line saying what it found (at most once every [`EXPLAIN_EVERY`]).
+/// Until `shutdown`: after each call that timed out waiting for a session, one [`probe`] with
+/// the pool's options (`config`'s) and one WARN line saying what it found (at most once every
+/// [`EXPLAIN_EVERY`]).
 pub async fn explain_timeouts(
-    options: PgConnectOptions,
-    connect_timeout: Duration,
-    max_connections: u32,
+    config: PostgresConfig,
     shutdown: CancellationToken,
-) {
+) -> super::Result<()> {
+    let options = super::connect_options(&config)?;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = TIMED_OUT.notified() => {}
         }
         if !fresh(TIMED_OUT_AT_MS.load(Ordering::Relaxed), now_ms()) {
             continue;
         }
-        let found = probe(&options, connect_timeout).await;
+        let found = probe(&options, config.connect_timeout).await;
         let sqlstate = match &found {
             Probe::Refused { sqlstate, .. } => sqlstate.clone(),
             _ => None,
         };
         tracing::warn!(
-            cause = %found.meaning(max_connections),
+            cause = %found.meaning(config.max_connections),
             sqlstate = sqlstate.as_deref().unwrap_or(""),
             "{GOT_NO_SESSION}"
         );
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(EXPLAIN_EVERY) => {}
         }
     }
