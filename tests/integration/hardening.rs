@@ -9,7 +9,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use prost::Message as _;
 
-use crate::common::process::{cli, read_log, Processor};
+use crate::common::process::{cli, read_log, wait_for_log, Processor};
 use crate::common::*;
 use causal_commit::intent::{self, InRecord};
 use causal_commit::pipeline::translate::{self, Context, Fresh, PartitionPlan, Topics};
@@ -66,14 +66,10 @@ async fn a_nul_byte_intent_on_every_partition_is_invalid_and_every_valid_intent_
     assert!(report.ok, "{:?}", report.violations);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_the_durable_write_refuses_is_unprocessable_and_its_partition_keeps_flowing() {
-    let env = TestEnv::new("poison", 2).await;
-    let cfg = env.config.clone();
-    // A limit set low, which validation knows nothing of: a waiting intent over 2,000 bytes
-    // is refused by the durable write (SQLSTATE 23514). The big record's 3,000-byte payload
-    // makes its waiting row about 4,300 bytes (its bytes stored as base64).
-    let (ok, _, err) = cli(&cfg, &["migrate"]);
+/// A limit set low, which validation knows nothing of: a waiting intent over 2,000 bytes is
+/// refused by the durable write (SQLSTATE 23514). Migrates the schema first.
+async fn refuse_big_waiting_rows(cfg: &causal_commit::config::Config) {
+    let (ok, _, err) = cli(cfg, &["migrate"]);
     assert!(ok, "migrate: {err}");
     let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
     sqlx::query(&format!(
@@ -84,18 +80,29 @@ async fn a_record_the_durable_write_refuses_is_unprocessable_and_its_partition_k
     .execute(&pool)
     .await
     .unwrap();
-    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
-    let proc = Processor::spawn(&cfg, log.clone());
+}
 
-    // Partition 0: five contacts, and a contact whose sequence 2 arrives first, with a payload
-    // too large for the limit once it waits (its row is written).
+/// Five contacts' first intents, then a contact's sequence 2 before its 1, with a payload too
+/// large for [`refuse_big_waiting_rows`] once it waits: its 3,000 bytes make a waiting row of
+/// about 4,300 (stored as base64), so the batch that writes it is refused.
+fn five_and_a_refused_wait() -> Vec<Intent> {
     let mut big2 = intent("big-i2", "big", 2);
     big2.payload = vec![b'x'; 3_000].into();
-    let mut p0: Vec<Intent> = (0..5)
+    let mut intents: Vec<Intent> = (0..5)
         .map(|k| intent(&format!("a{k}-i1"), &format!("a{k}"), 1))
         .collect();
-    p0.push(big2);
-    produce_to_partition(&cfg, 0, &p0).await;
+    intents.push(big2);
+    intents
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_durable_write_refuses_is_unprocessable_and_its_partition_keeps_flowing() {
+    let env = TestEnv::new("poison", 2).await;
+    let cfg = env.config.clone();
+    refuse_big_waiting_rows(&cfg).await;
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let proc = Processor::spawn(&cfg, log.clone());
+    produce_to_partition(&cfg, 0, &five_and_a_refused_wait()).await;
     let first = wait_for(
         &cfg,
         &cfg.kafka.side_effects_topic,
@@ -153,6 +160,78 @@ async fn a_record_the_durable_write_refuses_is_unprocessable_and_its_partition_k
         restored(0) > 1,
         "partition 0 was replayed to isolate the record"
     );
+}
+
+/// A partition isolating a record the durable write refuses takes one record a batch and reads
+/// the rest again. Intents that keep arriving on it meanwhile move its end, so an isolating
+/// batch can read to that end: it must still commit the offset after the one record it took,
+/// never the end it read to (that would skip every record read again after the cut).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intents_arriving_while_a_refused_record_is_isolated_each_commit_once_in_order() {
+    let env = TestEnv::new("poison_flow", 1).await;
+    let mut cfg = env.config.clone();
+    // A linger longer than librdkafka's fetch wait (`fetch.wait.max.ms`, 500 ms): the end of
+    // the partition is reported (the fetch after the one that brought its last records comes
+    // back empty) while the batch that read those records is still open.
+    cfg.batch.max_linger = Duration::from_millis(1_500);
+    refuse_big_waiting_rows(&cfg).await;
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let proc = Processor::spawn(&cfg, log.clone());
+    produce_to_partition(&cfg, 0, &five_and_a_refused_wait()).await;
+    let isolating = |lines: &[serde_json::Value]| {
+        lines
+            .iter()
+            .any(|l| l["message"] == "isolating a record or command the durable store refuses")
+            .then_some(())
+    };
+    wait_for_log(
+        &log,
+        Duration::from_secs(60),
+        "the isolation begins",
+        isolating,
+    )
+    .await;
+
+    // One intent of contact `f` every 100 ms or so, while the partition isolates.
+    let flow_began = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    const FLOW: u64 = 40;
+    for seq in 1..=FLOW {
+        produce_to_partition(&cfg, 0, &[intent(&format!("f-i{seq}"), "f", seq)]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (fx, rv) = wait_for_outputs(&cfg, 5 + FLOW as usize, 1, Duration::from_secs(90)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    // The flow reached the partition before its isolation ended (the scenario took place).
+    let ended: Vec<String> = read_log(&log)
+        .iter()
+        .filter(|l| l["message"] == "isolation ended: the partition flows in full batches again")
+        .filter_map(|l| l["timestamp"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(ended.len(), 1, "one isolation, ended once: {ended:?}");
+    assert!(
+        ended[0] > flow_began,
+        "the isolation ended at {} before the flow began at {flow_began}",
+        ended[0]
+    );
+    let mut expected: Vec<(String, Vec<u64>)> =
+        (0..5).map(|k| (format!("a{k}"), vec![1])).collect();
+    expected.push(("f".to_owned(), (1..=FLOW).collect()));
+    assert_eq!(
+        sequences(&fx),
+        expected,
+        "every intent but the refused one committed once, in order"
+    );
+    assert_eq!(rv.len(), 1, "{rv:?}");
+    assert_eq!(
+        rv[0].reason,
+        ReviewReason::Unprocessable as i32,
+        "{}",
+        rv[0].detail
+    );
+    assert_eq!(rv[0].intent_id, "big-i2");
+    let report = verify_report(&cfg, "").await;
+    assert!(report.ok, "{:?}", report.violations);
 }
 
 /// Mostly plausible text, often anything at all (control characters, NUL, any script).
