@@ -380,7 +380,7 @@ async fn a_processor_started_while_postgres_is_down_waits_and_processes_when_it_
 }
 
 /// The `(cause, sqlstate)` of each line saying why a call got no PostgreSQL session.
-fn no_session_causes(log: &std::path::Path) -> Vec<(String, String)> {
+pub(crate) fn no_session_causes(log: &std::path::Path) -> Vec<(String, String)> {
     read_log(log)
         .iter()
         .filter(|l| l["message"] == causal_commit::store::postgres::sessions::GOT_NO_SESSION)

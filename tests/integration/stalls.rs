@@ -693,6 +693,15 @@ async fn a_postgres_that_stops_answering_is_given_up_on_and_waited_out_in_the_gr
         "never out of the group for not polling"
     );
     assert_eq!(emitted_while_frozen, 0, "no effect without its record");
+    // Calls that found every session stuck in the frozen server were explained as a server
+    // that does not answer, not as one that refuses or a pool that is too small.
+    let hung = causal_commit::store::postgres::sessions::Probe::NoAnswer
+        .meaning(cfg.postgres.max_connections);
+    let causes = crate::failures::no_session_causes(&log);
+    assert!(
+        causes.iter().any(|(cause, _)| *cause == hung),
+        "the pool's timeouts during the freeze name a hung server: {causes:?}"
+    );
     assert_eq!(fetch_stalls(&lines), Vec::<serde_json::Value>::new());
     assert_eq!(seqs, vec![1, 2], "both committed, in order");
     assert_eq!(reviews, 0, "no WAIT_TIMEOUT, no UNPROCESSABLE, no hold");
