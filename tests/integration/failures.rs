@@ -436,17 +436,49 @@ impl Drop for ConnectionsLimited {
     }
 }
 
-/// Waits for a line saying why a call got no session with SQLSTATE 53300, past the first
+/// Waits for a line saying why a call got no session with SQLSTATE `code`, past the first
 /// `seen` such lines; its cause.
-async fn refusal_named(log: &std::path::Path, seen: usize, what: &str) -> String {
+async fn refusal_named(log: &std::path::Path, code: &str, seen: usize, what: &str) -> String {
     wait_for_log(log, Duration::from_secs(40), what, |_| {
         no_session_causes(log)
             .into_iter()
-            .filter(|(_, sqlstate)| sqlstate == "53300")
+            .filter(|(_, sqlstate)| sqlstate == code)
             .nth(seen)
             .map(|(cause, _)| cause)
     })
     .await
+}
+
+/// Asks the PostgreSQL server `pool` is connected to for a smart shutdown, as `pg_ctl stop -m
+/// smart` does (SIGTERM to the postmaster, the parent of `pool`'s backend): it refuses every
+/// new session with 57P03 and stops once the sessions open have ended.
+async fn smart_shutdown(pool: &sqlx::PgPool) {
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{backend}/status")).unwrap();
+    let postmaster = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .expect("the backend's parent")
+        .trim()
+        .to_owned();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &postmaster])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -TERM {postmaster}");
+}
+
+/// Stops PostgreSQL (fast: this ends a smart shutdown still waiting for sessions) and starts
+/// it again when dropped, also when the test failed: later tests need it.
+struct RestartedAfterShutdown;
+impl Drop for RestartedAfterShutdown {
+    fn drop(&mut self) {
+        stack("stop", "postgres");
+        stack("start", "postgres");
+    }
 }
 
 /// PostgreSQL refusing new sessions for too many connections (SQLSTATE 53300: a server at its
@@ -455,7 +487,8 @@ async fn refusal_named(log: &std::path::Path, seen: usize, what: &str) -> String
 /// while waiting for an open connection", as for a stopped server or a pool too small. The
 /// log names the refusal, its SQLSTATE and what to change, at a start and under a running
 /// processor whose sessions were terminated; an operator's command says so too; nothing is
-/// emitted meanwhile; once sessions open again every intent commits once, in order.
+/// emitted meanwhile; once sessions open again every intent commits once, in order. The same
+/// for a server in a smart shutdown (57P03), restarted after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_refusing_new_sessions_is_named_in_the_log_and_waited_out() {
     use causal_commit::store::postgres::{connect_options, sessions};
@@ -486,7 +519,7 @@ async fn a_postgres_refusing_new_sessions_is_named_in_the_log_and_waited_out() {
     produce_in_background(&cfg, workload(500, 50, 1_000, "n"))
         .await
         .unwrap();
-    let cause = refusal_named(&log, 0, "the refusal named at the start").await;
+    let cause = refusal_named(&log, "53300", 0, "the refusal named at the start").await;
     assert!(
         cause.starts_with("PostgreSQL refuses new sessions, too many connections")
             && cause.contains("CONNECTION LIMIT"),
@@ -530,7 +563,13 @@ async fn a_postgres_refusing_new_sessions_is_named_in_the_log_and_waited_out() {
     produce_in_background(&cfg, workload(300, 30, 1_000, "m"))
         .await
         .unwrap();
-    let cause = refusal_named(&log, seen, "the refusal named under the running processor").await;
+    let cause = refusal_named(
+        &log,
+        "53300",
+        seen,
+        "the refusal named under the running processor",
+    )
+    .await;
     assert!(cause.contains("too many connections"), "{cause}");
     assert_eq!(
         effects_now(&cfg).await,
@@ -539,7 +578,32 @@ async fn a_postgres_refusing_new_sessions_is_named_in_the_log_and_waited_out() {
     );
     database.lift().await;
     caught_up(&cfg, Duration::from_secs(120)).await;
-    stopped_clean(proc, &cfg, 800).await;
+    let effects = effects_now(&cfg).await;
+
+    // 3. A DBA's smart shutdown under the running processor (maintenance that lets the sessions
+    // open finish): PostgreSQL refuses new sessions with 57P03; the processor's sessions are
+    // terminated meanwhile, so its calls get none. Then PostgreSQL is stopped and started.
+    let restarted = RestartedAfterShutdown;
+    smart_shutdown(&runtime).await;
+    let terminated = terminate_processor_sessions(&runtime).await;
+    assert!(terminated >= 1, "the processor's sessions terminated");
+    produce_in_background(&cfg, workload(300, 30, 1_000, "k"))
+        .await
+        .unwrap();
+    let cause = refusal_named(&log, "57P03", 0, "the shutdown named").await;
+    assert!(
+        cause.starts_with("PostgreSQL is starting up or shutting down")
+            && cause.contains("the database system is shutting down"),
+        "{cause}"
+    );
+    assert_eq!(
+        effects_now(&cfg).await,
+        effects,
+        "nothing emitted without its record"
+    );
+    drop(restarted);
+    caught_up(&cfg, Duration::from_secs(120)).await;
+    stopped_clean(proc, &cfg, 1_100).await;
 }
 
 /// A pool whose sessions are all busy: a DBA's lock on `cc_partition` (maintenance, an
