@@ -449,6 +449,36 @@ async fn refusal_named(log: &std::path::Path, code: &str, seen: usize, what: &st
     .await
 }
 
+/// Under a running processor whose new sessions PostgreSQL refuses with SQLSTATE `code`: its
+/// sessions are terminated (over `runtime`, opened before) and 300 intents produced; waits
+/// for the log to name the refusal and checks that nothing was emitted meanwhile. The cause.
+async fn refused_while_running(
+    cfg: &Config,
+    log: &std::path::Path,
+    runtime: &sqlx::PgPool,
+    code: &str,
+    prefix: &str,
+) -> String {
+    let effects = effects_now(cfg).await;
+    let seen = no_session_causes(log)
+        .iter()
+        .filter(|(_, sqlstate)| sqlstate == code)
+        .count();
+    let terminated = terminate_processor_sessions(runtime).await;
+    assert!(terminated >= 1, "the processor's sessions terminated");
+    produce_in_background(cfg, workload(300, 30, 1_000, prefix))
+        .await
+        .unwrap();
+    let what = format!("{code} named under the running processor");
+    let cause = refusal_named(log, code, seen, &what).await;
+    assert_eq!(
+        effects_now(cfg).await,
+        effects,
+        "nothing emitted without its record"
+    );
+    cause
+}
+
 /// Asks the PostgreSQL server `pool` is connected to for a smart shutdown, as `pg_ctl stop -m
 /// smart` does (SIGTERM to the postmaster, the parent of `pool`'s backend): it refuses every
 /// new session with 57P03 and stops once the sessions open have ended.
@@ -550,56 +580,24 @@ async fn a_postgres_refusing_new_sessions_is_named_in_the_log_and_waited_out() {
         sessions::Probe::Opened
     );
     caught_up(&cfg, Duration::from_secs(120)).await;
-    let effects = effects_now(&cfg).await;
 
     // 2. Under the running processor: its sessions terminated while none may open.
-    let seen = no_session_causes(&log)
-        .iter()
-        .filter(|(_, sqlstate)| sqlstate == "53300")
-        .count();
     database.limit().await;
-    let terminated = terminate_processor_sessions(&runtime).await;
-    assert!(terminated >= 1, "the processor's sessions terminated");
-    produce_in_background(&cfg, workload(300, 30, 1_000, "m"))
-        .await
-        .unwrap();
-    let cause = refusal_named(
-        &log,
-        "53300",
-        seen,
-        "the refusal named under the running processor",
-    )
-    .await;
+    let cause = refused_while_running(&cfg, &log, &runtime, "53300", "m").await;
     assert!(cause.contains("too many connections"), "{cause}");
-    assert_eq!(
-        effects_now(&cfg).await,
-        effects,
-        "nothing emitted without its record"
-    );
     database.lift().await;
     caught_up(&cfg, Duration::from_secs(120)).await;
-    let effects = effects_now(&cfg).await;
 
     // 3. A DBA's smart shutdown under the running processor (maintenance that lets the sessions
     // open finish): PostgreSQL refuses new sessions with 57P03; the processor's sessions are
     // terminated meanwhile, so its calls get none. Then PostgreSQL is stopped and started.
     let restarted = RestartedAfterShutdown;
     smart_shutdown(&runtime).await;
-    let terminated = terminate_processor_sessions(&runtime).await;
-    assert!(terminated >= 1, "the processor's sessions terminated");
-    produce_in_background(&cfg, workload(300, 30, 1_000, "k"))
-        .await
-        .unwrap();
-    let cause = refusal_named(&log, "57P03", 0, "the shutdown named").await;
+    let cause = refused_while_running(&cfg, &log, &runtime, "57P03", "k").await;
     assert!(
         cause.starts_with("PostgreSQL is starting up or shutting down")
             && cause.contains("the database system is shutting down"),
         "{cause}"
-    );
-    assert_eq!(
-        effects_now(&cfg).await,
-        effects,
-        "nothing emitted without its record"
     );
     drop(restarted);
     caught_up(&cfg, Duration::from_secs(120)).await;
