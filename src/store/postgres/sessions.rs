@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::PostgresConfig;
-use tokio_util::sync::CancellationToken;
 
 /// The message of the line [`explain_timeouts`] logs (its `cause` field says why).
 pub const GOT_NO_SESSION: &str = "a PostgreSQL call got no session from the pool within \
@@ -149,14 +149,19 @@ pub async fn cause(config: &PostgresConfig) -> String {
 /// Until `shutdown`: after each call that timed out waiting for a session, one [`probe`] with
 /// the pool's options (`config`'s) and one WARN line saying what it found (at most once every
 /// [`EXPLAIN_EVERY`]).
-pub async fn explain_timeouts(
-    config: PostgresConfig,
-    shutdown: CancellationToken,
-) -> super::Result<()> {
-    let options = super::connect_options(&config)?;
+pub async fn explain_timeouts(config: PostgresConfig, shutdown: CancellationToken) {
+    // The pool was built from the same options, so this fails only if they changed since;
+    // the task is spawned and nobody reads its result, so the failure is said here.
+    let options = match super::connect_options(&config) {
+        Ok(options) => options,
+        Err(e) => {
+            tracing::warn!(error = %e, "pool timeouts will not be explained: postgres.url does not parse");
+            return;
+        }
+    };
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return,
             _ = TIMED_OUT.notified() => {}
         }
         if !fresh(TIMED_OUT_AT_MS.load(Ordering::Relaxed), now_ms()) {
@@ -173,7 +178,7 @@ pub async fn explain_timeouts(
             "{GOT_NO_SESSION}"
         );
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(EXPLAIN_EVERY) => {}
         }
     }
