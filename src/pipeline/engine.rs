@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::assignment::{Assignment, PauseCause};
 use super::gather::{BatchClock, BatchLimit};
 use super::health::Health;
-use super::isolation::{Isolation, Verdict};
+use super::isolation::{self, Isolation, Verdict};
 use super::kafka::{self, EngineConsumer, EngineContext, TxnProducer};
 use super::lane::Lane;
 use super::operator;
@@ -185,6 +185,8 @@ pub struct Engine {
     pub(super) assignment: Assignment,
     /// Partitions replayed one record per batch to find a record the stores refuse.
     isolation: Isolation,
+    /// Partitions whose wait timeouts fired in the batch in hand.
+    timeouts_fired: BTreeSet<i32>,
     /// Per partition, contacts another partition owns (learnt from refused writes), with the
     /// owner: their records are forwarded there, and each batch's write checks that the owner
     /// still owns them (migration 0017). Forgotten when the partition is revoked.
@@ -423,6 +425,7 @@ impl Engine {
             lanes: BTreeMap::new(),
             assignment: Assignment::default(),
             isolation: Isolation::default(),
+            timeouts_fired: BTreeSet::new(),
             owners: HashMap::new(),
             next_restore_at: now,
             claim_waits: 0,
@@ -1329,15 +1332,24 @@ impl Engine {
             .collect();
         let now = Instant::now();
         for (p, part, e) in refused {
-            let verdict = (self.isolation).failed(
-                p,
-                &part.offsets,
-                part.next_offset,
-                &command_ids(&commands, p),
-                &e.to_string(),
-                now,
+            let applied = command_ids(&commands, p);
+            let timeouts = self.timeouts_fired.contains(&p);
+            let failed = isolation::Part {
+                offsets: &part.offsets,
+                next_offset: part.next_offset,
+                commands: &applied,
+                timeouts,
+            };
+            let verdict = (self.isolation).failed(p, failed, &e.to_string(), now);
+            tracing::warn!(
+                partition = p,
+                records = part.offsets.len(),
+                commands = applied.len(),
+                timeouts,
+                verdict = ?verdict,
+                error = %e,
+                "isolating a record or command the durable store refuses"
             );
-            tracing::warn!(partition = p, verdict = ?verdict, error = %e, "isolating a record or command the durable store refuses");
             self.void_lane(p, PauseCause::Store);
             if let Verdict::BackOff { retry_at, .. } = verdict {
                 self.assignment.delay(p, retry_at);
@@ -1376,7 +1388,12 @@ impl Engine {
                      transaction; its waits do not count until the transaction ends"
                 );
             }
-            let counted = !lane.paused && lane.at_end && !lane.held_back.is_held();
+            // A partition whose wait timeouts the store refuses counts no time either (see
+            // `isolation`): its timeouts are held.
+            let counted = !lane.paused
+                && lane.at_end
+                && !lane.held_back.is_held()
+                && !self.isolation.timeouts_held(lane.partition, Instant::now());
             lane.clock.tick(wall, counted);
         }
     }
@@ -1468,6 +1485,13 @@ impl Engine {
         priors: &HashMap<String, PriorOutcome>,
     ) -> HashMap<i32, Fresh> {
         let mut fresh: HashMap<i32, Fresh> = HashMap::new();
+        // Which partitions fire wait timeouts (on their first intent, or on the tick below):
+        // within a batch the clock stands still, and a new wait is due after it.
+        let due = |lane: &Lane| (lane.seq.next_timeout_at()).is_some_and(|t| t <= lane.clock.now());
+        self.timeouts_fired = (self.lanes.iter())
+            .filter(|(_, lane)| due(lane))
+            .map(|(p, _)| *p)
+            .collect();
         for (p, part) in &input.partitions {
             let Some(lane) = self.lanes.get_mut(p) else {
                 continue;
@@ -1862,6 +1886,12 @@ impl Engine {
         for (p, mut part) in plan.partitions {
             committed.push((p, part.fence, part.batch_no));
             let commands = command_ids(&plan.commands, p);
+            if self.timeouts_fired.contains(&p) && self.isolation.timeouts_committed(p) {
+                tracing::info!(
+                    partition = p,
+                    "the store takes this partition's wait timeouts again: its clock counts"
+                );
+            }
             if self.isolation.committed(p, part.next_offset, &commands) {
                 tracing::info!(
                     partition = p,

@@ -12,7 +12,15 @@
 //! takes none of its records, and applies one suspect per batch, alone; a command whose batch
 //! fails alone is *refused* (with the store's error) the next time it is applied, never retried
 //! with records, so it can neither stall its partition nor get an innocent record quarantined.
-//! A failure with nothing to blame (wait timeouts alone) backs off, with a bound.
+//!
+//! Wait timeouts have no offset to blame, and the store may refuse what they write (their audit
+//! rows, the contact's hold). A failed part that fired wait timeouts blames nothing else first:
+//! its partition's timeouts are *held* (its clock stops, as in a store's outage: R7 counts no
+//! time then) and the part is written again without them; the hold ends after a backoff from
+//! 1 s, doubling to [`MAX_BACKOFF`] while the timeouts keep failing, and a batch that commits
+//! fired timeouts ends it. So a refused timeout never gets the record or command beside it
+//! quarantined or refused, and the partition's records keep flowing meanwhile.
+//! A failure with nothing at all to blame backs off, with a bound.
 //! Pure bookkeeping: the engine feeds it failures and positions, time passed in.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,6 +45,21 @@ struct Partition {
     blameless: u32,
 }
 
+/// A partition whose wait timeouts the store refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TimeoutHold {
+    /// Consecutive failures of parts that fired timeouts.
+    refused: u32,
+    /// No timeout fires (the partition's clock stops) before this.
+    until: Instant,
+}
+
+/// The pause after `attempt` consecutive failures: 1 s, doubling to [`MAX_BACKOFF`].
+fn backoff(attempt: u32) -> Duration {
+    let factor = 1u32 << attempt.saturating_sub(1).min(16);
+    FIRST_BACKOFF.saturating_mul(factor).min(MAX_BACKOFF)
+}
+
 /// What the engine does with a failed partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -48,29 +71,56 @@ pub enum Verdict {
     CommandsFirst { commands: Vec<i64> },
     /// The command `id` failed alone: it is refused next time.
     RefuseCommand { id: i64 },
+    /// The part fired wait timeouts: it is written again without them, and the partition's
+    /// clock stops (no timeout fires) until `retry_at`.
+    HoldTimeouts { retry_at: Instant, attempt: u32 },
     /// Nothing to blame: retry the partition no earlier than `retry_at`.
     BackOff { retry_at: Instant, attempt: u32 },
+}
+
+/// A failed partition's part of a batch, as [`Isolation::failed`] weighs it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Part<'a> {
+    /// The input records of the part, in order.
+    pub offsets: &'a [i64],
+    /// One past the last of them.
+    pub next_offset: i64,
+    /// The ids of the operator commands it applied.
+    pub commands: &'a [i64],
+    /// Whether it fired wait timeouts.
+    pub timeouts: bool,
 }
 
 /// See the module documentation.
 #[derive(Debug, Default)]
 pub struct Isolation {
     partitions: BTreeMap<i32, Partition>,
+    timeouts: BTreeMap<i32, TimeoutHold>,
 }
 
 impl Isolation {
     /// A partition's part of a batch failed for its data. `offsets` are the input records of
     /// that part (in order), `next_offset` one past the last of them, `commands` the ids of the
-    /// operator commands it applied.
-    pub fn failed(
-        &mut self,
-        partition: i32,
-        offsets: &[i64],
-        next_offset: i64,
-        commands: &[i64],
-        error: &str,
-        now: Instant,
-    ) -> Verdict {
+    /// operator commands it applied, `timeouts` whether it fired wait timeouts.
+    pub fn failed(&mut self, partition: i32, part: Part<'_>, error: &str, now: Instant) -> Verdict {
+        let Part {
+            offsets,
+            next_offset,
+            commands,
+            timeouts,
+        } = part;
+        if timeouts {
+            let hold = self.timeouts.entry(partition).or_insert(TimeoutHold {
+                refused: 0,
+                until: now,
+            });
+            hold.refused = hold.refused.saturating_add(1);
+            hold.until = now + backoff(hold.refused);
+            return Verdict::HoldTimeouts {
+                retry_at: hold.until,
+                attempt: hold.refused,
+            };
+        }
         let p = self.partitions.entry(partition).or_default();
         match (commands, offsets) {
             ([], _) => {}
@@ -96,10 +146,8 @@ impl Isolation {
             }
             [] => {
                 p.blameless = p.blameless.saturating_add(1);
-                let factor = 1u32 << (p.blameless - 1).min(16);
-                let wait = FIRST_BACKOFF.saturating_mul(factor).min(MAX_BACKOFF);
                 Verdict::BackOff {
-                    retry_at: now + wait,
+                    retry_at: now + backoff(p.blameless),
                     attempt: p.blameless,
                 }
             }
@@ -109,6 +157,17 @@ impl Isolation {
                 Verdict::Isolate { until: p.until }
             }
         }
+    }
+
+    /// Whether the partition's wait timeouts are held at `now`: its clock does not count.
+    pub fn timeouts_held(&self, partition: i32, now: Instant) -> bool {
+        self.timeouts.get(&partition).is_some_and(|h| now < h.until)
+    }
+
+    /// A batch that fired the partition's wait timeouts committed: the store takes them again.
+    /// Returns true when that ends a hold of its timeouts.
+    pub fn timeouts_committed(&mut self, partition: i32) -> bool {
+        self.timeouts.remove(&partition).is_some()
     }
 
     /// Whether the partition's record at `offset` must be the only one of its partition in a
@@ -189,6 +248,7 @@ impl Isolation {
     /// The partition was revoked: another owner starts afresh.
     pub fn forget(&mut self, partition: i32) {
         self.partitions.remove(&partition);
+        self.timeouts.remove(&partition);
     }
 
     pub fn is_isolating(&self, partition: i32) -> bool {
@@ -200,10 +260,27 @@ impl Isolation {
 mod tests {
     use super::*;
 
+    fn part<'a>(offsets: &'a [i64], next_offset: i64, commands: &'a [i64]) -> Part<'a> {
+        Part {
+            offsets,
+            next_offset,
+            commands,
+            timeouts: false,
+        }
+    }
+
+    /// `part`, having fired wait timeouts too.
+    fn firing(part: Part<'_>) -> Part<'_> {
+        Part {
+            timeouts: true,
+            ..part
+        }
+    }
+
     #[test]
     fn a_failed_batch_of_many_records_is_replayed_one_at_a_time_up_to_its_end() {
         let mut iso = Isolation::default();
-        let v = iso.failed(2, &[10, 11, 12], 13, &[], "boom", Instant::now());
+        let v = iso.failed(2, part(&[10, 11, 12], 13, &[]), "boom", Instant::now());
         assert_eq!(v, Verdict::Isolate { until: 13 });
         assert!(iso.one_at_a_time(2, 10) && iso.one_at_a_time(2, 12));
         assert!(!iso.one_at_a_time(2, 13));
@@ -213,8 +290,8 @@ mod tests {
     #[test]
     fn a_record_that_fails_alone_is_quarantined_with_its_error() {
         let mut iso = Isolation::default();
-        iso.failed(2, &[10, 11, 12], 13, &[], "boom", Instant::now());
-        let v = iso.failed(2, &[11], 12, &[], "value too long", Instant::now());
+        iso.failed(2, part(&[10, 11, 12], 13, &[]), "boom", Instant::now());
+        let v = iso.failed(2, part(&[11], 12, &[]), "value too long", Instant::now());
         assert_eq!(v, Verdict::Quarantine { offset: 11 });
         assert_eq!(iso.quarantined(2, 11), Some("value too long"));
         assert_eq!(iso.quarantined(2, 10), None);
@@ -223,8 +300,8 @@ mod tests {
     #[test]
     fn isolation_ends_once_the_failed_batch_and_its_quarantined_records_are_committed() {
         let mut iso = Isolation::default();
-        iso.failed(2, &[10, 11, 12], 13, &[], "boom", Instant::now());
-        iso.failed(2, &[11], 12, &[], "bad", Instant::now());
+        iso.failed(2, part(&[10, 11, 12], 13, &[]), "boom", Instant::now());
+        iso.failed(2, part(&[11], 12, &[]), "bad", Instant::now());
         assert!(!iso.committed(2, 11, &[]));
         assert!(iso.quarantined(2, 11).is_some());
         assert!(
@@ -246,7 +323,7 @@ mod tests {
         let now = Instant::now();
         let mut waits = Vec::new();
         for _ in 0..10 {
-            match iso.failed(4, &[], 0, &[], "timeouts only", now) {
+            match iso.failed(4, part(&[], 0, &[]), "nothing to blame", now) {
                 Verdict::BackOff { retry_at, .. } => waits.push(retry_at - now),
                 other => panic!("{other:?}"),
             }
@@ -258,7 +335,7 @@ mod tests {
         assert!(waits.windows(2).all(|w| w[0] <= w[1]));
         // A commit resets the backoff.
         iso.committed(4, 0, &[]);
-        match iso.failed(4, &[], 0, &[], "again", now) {
+        match iso.failed(4, part(&[], 0, &[]), "again", now) {
             Verdict::BackOff { attempt, .. } => assert_eq!(attempt, 1),
             other => panic!("{other:?}"),
         }
@@ -267,7 +344,7 @@ mod tests {
     #[test]
     fn a_revoked_partition_forgets_its_isolation() {
         let mut iso = Isolation::default();
-        iso.failed(1, &[5], 6, &[], "bad", Instant::now());
+        iso.failed(1, part(&[5], 6, &[]), "bad", Instant::now());
         iso.forget(1);
         assert!(iso.quarantined(1, 5).is_none());
     }
@@ -275,7 +352,12 @@ mod tests {
     #[test]
     fn a_failed_part_with_commands_tries_each_command_alone_before_any_record() {
         let mut iso = Isolation::default();
-        let v = iso.failed(3, &[20, 21], 22, &[7, 9], "check violated", Instant::now());
+        let v = iso.failed(
+            3,
+            part(&[20, 21], 22, &[7, 9]),
+            "check violated",
+            Instant::now(),
+        );
         assert_eq!(
             v,
             Verdict::CommandsFirst {
@@ -300,7 +382,7 @@ mod tests {
         // 7 alone commits: it was innocent. 9 alone fails: refused next time, with the error.
         assert!(!iso.committed(3, 20, &[7]));
         assert_eq!(iso.commands_to_apply(3, &[8, 9]), vec![9]);
-        let v = iso.failed(3, &[], 20, &[9], "check violated", Instant::now());
+        let v = iso.failed(3, part(&[], 20, &[9]), "check violated", Instant::now());
         assert_eq!(v, Verdict::RefuseCommand { id: 9 });
         assert!(!iso.commands_first(3), "the records flow again");
         assert_eq!(iso.commands_to_apply(3, &[8, 9]), vec![8, 9]);
@@ -314,8 +396,8 @@ mod tests {
     #[test]
     fn a_suspect_command_no_longer_pending_is_forgotten() {
         let mut iso = Isolation::default();
-        iso.failed(1, &[], 4, &[3, 4], "boom", Instant::now());
-        iso.failed(1, &[], 4, &[3], "boom", Instant::now());
+        iso.failed(1, part(&[], 4, &[3, 4]), "boom", Instant::now());
+        iso.failed(1, part(&[], 4, &[3]), "boom", Instant::now());
         assert!(iso.commands_first(1) && iso.refused_command(1, 3).is_some());
         // Both cancelled by the operator while pending.
         iso.pending_commands(1, &[]);
@@ -325,5 +407,59 @@ mod tests {
         );
         assert!(iso.refused_command(1, 3).is_none());
         assert!(iso.committed(1, 4, &[]));
+    }
+
+    #[test]
+    fn a_failed_part_that_fired_wait_timeouts_holds_them_and_blames_no_record_or_command() {
+        let mut iso = Isolation::default();
+        let now = Instant::now();
+        let v = iso.failed(2, firing(part(&[10], 11, &[7])), "check violated", now);
+        assert_eq!(
+            v,
+            Verdict::HoldTimeouts {
+                retry_at: now + Duration::from_secs(1),
+                attempt: 1
+            }
+        );
+        assert!(iso.quarantined(2, 10).is_none() && !iso.one_at_a_time(2, 10));
+        assert!(!iso.commands_first(2) && iso.refused_command(2, 7).is_none());
+        assert!(iso.timeouts_held(2, now), "its clock stops");
+        assert!(!iso.timeouts_held(2, now + Duration::from_secs(1)));
+        assert!(!iso.timeouts_held(3, now), "other partitions are untouched");
+        // Written again without its timeouts, the record fails alone: it is to blame after all.
+        let v = iso.failed(2, part(&[10], 11, &[]), "value too long", now);
+        assert_eq!(v, Verdict::Quarantine { offset: 10 });
+        assert!(iso.timeouts_held(2, now), "the hold stays");
+    }
+
+    #[test]
+    fn refused_wait_timeouts_are_tried_again_after_a_backoff_that_doubles_until_they_commit() {
+        let mut iso = Isolation::default();
+        let now = Instant::now();
+        let timeouts = firing(Part::default());
+        let mut waits = Vec::new();
+        for k in 0..9 {
+            // Records commit between attempts: that does not start the backoff over.
+            assert!(!iso.committed(5, 100 + k, &[]));
+            match iso.failed(5, timeouts, "check violated", now) {
+                Verdict::HoldTimeouts { retry_at, .. } => waits.push(retry_at - now),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(waits[..3], [1, 2, 4].map(Duration::from_secs));
+        assert_eq!(*waits.last().unwrap(), MAX_BACKOFF);
+        // A batch that fires them commits: the hold is over, and the next failure starts at 1 s.
+        assert!(iso.timeouts_committed(5));
+        assert!(!iso.timeouts_held(5, now));
+        assert!(!iso.timeouts_committed(5), "nothing left to end");
+        match iso.failed(5, timeouts, "again", now) {
+            Verdict::HoldTimeouts { attempt, .. } => assert_eq!(attempt, 1),
+            other => panic!("{other:?}"),
+        }
+        iso.forget(5);
+        assert!(
+            !iso.timeouts_held(5, now),
+            "a revoked partition forgets its hold"
+        );
     }
 }

@@ -233,6 +233,97 @@ async fn intents_arriving_while_a_refused_record_is_isolated_each_commit_once_in
     assert!(report.ok, "{:?}", report.violations);
 }
 
+/// A DBA's constraint that refuses every `WAIT_TIMEOUT` audit row, while a contact waits and
+/// another contact's intents arrive one at a time on the same partition.
+async fn refuse_wait_timeouts(cfg: &causal_commit::config::Config, refuse: bool) {
+    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    let schema = &cfg.postgres.schema;
+    let sql = if refuse {
+        format!(
+            "ALTER TABLE {schema}.cc_transition ADD CONSTRAINT test_no_timeouts
+               CHECK (reason <> 'WAIT_TIMEOUT')"
+        )
+    } else {
+        format!("ALTER TABLE {schema}.cc_transition DROP CONSTRAINT test_no_timeouts")
+    };
+    sqlx::query(&sql).execute(&pool).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_timeout_the_store_refuses_never_gets_the_intent_beside_it_quarantined() {
+    let env = TestEnv::new("refused_timeout", 1).await;
+    let mut cfg = env.config.clone();
+    // Each batch holds the one intent that arrives every 2 s, and lingers past the fetch that
+    // reports the partition's end: the partition is caught up at every batch, so its clock
+    // counts, and the wait timeout comes due in a batch that also holds an intent.
+    cfg.batch.max_linger = Duration::from_millis(1_500);
+    cfg.sequencer.wait_timeout = Duration::from_secs(2);
+    let (ok, _, err) = cli(&cfg, &["migrate"]);
+    assert!(ok, "migrate: {err}");
+    refuse_wait_timeouts(&cfg, true).await;
+    let log = std::env::temp_dir().join(format!("{}-run.log", env.name));
+    let proc = Processor::spawn(&cfg, log.clone());
+    // `w` waits for its sequence 1, which never comes.
+    produce_to_partition(&cfg, 0, &[intent("w-i2", "w", 2)]).await;
+    const FLOW: u64 = 12;
+    for seq in 1..=FLOW {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        produce_to_partition(&cfg, 0, &[intent(&format!("f-i{seq}"), "f", seq)]).await;
+    }
+    let (fx, rv) = wait_for_outputs(&cfg, FLOW as usize, 0, Duration::from_secs(60)).await;
+    assert_eq!(
+        sequences(&fx),
+        vec![("f".to_owned(), (1..=FLOW).collect())],
+        "every intent of `f` committed once, in order, none blamed for the refused timeout: \
+         reviews {:?}",
+        rv.iter()
+            .map(|r| (&r.intent_id, r.reason, &r.detail))
+            .collect::<Vec<_>>()
+    );
+    assert!(rv.is_empty(), "nothing went to review: {rv:?}");
+    // The scenario took place: the timeout failed a part that held an intent.
+    let beside: Vec<serde_json::Value> = read_log(&log)
+        .into_iter()
+        .filter(|l| l["message"] == "isolating a record or command the durable store refuses")
+        .filter(|l| l["timeouts"] == true && l["records"].as_u64().is_some_and(|n| n > 0))
+        .collect();
+    assert!(
+        !beside.is_empty(),
+        "no failed part held both a wait timeout and an intent"
+    );
+    // Each failure holds the timeouts longer, although intents commit in between.
+    let attempts: Vec<u64> = (beside.iter())
+        .filter_map(|l| l["verdict"].as_str())
+        .filter_map(|v| v.strip_prefix("HoldTimeouts {")?.split("attempt: ").nth(1))
+        .filter_map(|a| a.trim_end_matches([' ', '}']).parse().ok())
+        .collect();
+    assert!(
+        attempts.len() >= 2 && attempts == (1..=attempts.len() as u64).collect::<Vec<_>>(),
+        "{beside:?}"
+    );
+
+    // The DBA drops the constraint: the timeout is tried again and `w` goes to review.
+    refuse_wait_timeouts(&cfg, false).await;
+    let (fx, rv) = wait_for_outputs(&cfg, FLOW as usize, 1, Duration::from_secs(120)).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    assert_eq!(fx.len(), FLOW as usize);
+    assert_eq!(rv.len(), 1, "{rv:?}");
+    assert_eq!(rv[0].intent_id, "w-i2");
+    assert_eq!(
+        rv[0].reason,
+        ReviewReason::WaitTimeout as i32,
+        "{}",
+        rv[0].detail
+    );
+    // `w` is on hold now, as R7 says, and waits for an operator: nothing else is pending.
+    let report = verify_allowing_waiting(&cfg).await;
+    assert!(report.ok, "{:?}", report.violations);
+    assert_eq!(
+        (report.held_contacts, report.waiting, report.committed),
+        (1, 0, FLOW as usize)
+    );
+}
+
 /// Mostly plausible text, often anything at all (control characters, NUL, any script).
 fn text(plausible: &'static str) -> impl Strategy<Value = String> {
     prop_oneof![3 => plausible, 2 => any::<String>()]
