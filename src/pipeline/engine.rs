@@ -1371,11 +1371,12 @@ impl Engine {
     /// transaction.
     fn tick_clocks(&mut self, now_ms: i64) {
         let wall = now_ms.max(0) as u64;
+        let now = Instant::now();
         for lane in self.lanes.values_mut() {
             // (Only at the end: once records are read again, the next end says whether the
             // hold is over.)
             let due = if lane.at_end {
-                lane.held_back.due(Instant::now())
+                lane.held_back.due(now)
             } else {
                 None
             };
@@ -1393,7 +1394,7 @@ impl Engine {
             let counted = !lane.paused
                 && lane.at_end
                 && !lane.held_back.is_held()
-                && !self.isolation.timeouts_held(lane.partition, Instant::now());
+                && !self.isolation.timeouts_held(lane.partition, now);
             lane.clock.tick(wall, counted);
         }
     }

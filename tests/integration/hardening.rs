@@ -71,15 +71,15 @@ async fn a_nul_byte_intent_on_every_partition_is_invalid_and_every_valid_intent_
 async fn refuse_big_waiting_rows(cfg: &causal_commit::config::Config) {
     let (ok, _, err) = cli(cfg, &["migrate"]);
     assert!(ok, "migrate: {err}");
+    let check = "ADD CONSTRAINT test_small_state CHECK (octet_length(entry::text) < 2000)";
+    alter_table(cfg, "cc_waiting", check).await;
+}
+
+/// A DBA's `ALTER TABLE` of the world's `table`: `change` applied as is.
+async fn alter_table(cfg: &causal_commit::config::Config, table: &str, change: &str) {
     let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
-    sqlx::query(&format!(
-        "ALTER TABLE {}.cc_waiting ADD CONSTRAINT test_small_state
-           CHECK (octet_length(entry::text) < 2000)",
-        cfg.postgres.schema
-    ))
-    .execute(&pool)
-    .await
-    .unwrap();
+    let sql = format!("ALTER TABLE {}.{table} {change}", cfg.postgres.schema);
+    sqlx::query(&sql).execute(&pool).await.unwrap();
 }
 
 /// Five contacts' first intents, then a contact's sequence 2 before its 1, with a payload too
@@ -236,17 +236,12 @@ async fn intents_arriving_while_a_refused_record_is_isolated_each_commit_once_in
 /// A DBA's constraint that refuses every `WAIT_TIMEOUT` audit row, while a contact waits and
 /// another contact's intents arrive one at a time on the same partition.
 async fn refuse_wait_timeouts(cfg: &causal_commit::config::Config, refuse: bool) {
-    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
-    let schema = &cfg.postgres.schema;
-    let sql = if refuse {
-        format!(
-            "ALTER TABLE {schema}.cc_transition ADD CONSTRAINT test_no_timeouts
-               CHECK (reason <> 'WAIT_TIMEOUT')"
-        )
+    let change = if refuse {
+        "ADD CONSTRAINT test_no_timeouts CHECK (reason <> 'WAIT_TIMEOUT')"
     } else {
-        format!("ALTER TABLE {schema}.cc_transition DROP CONSTRAINT test_no_timeouts")
+        "DROP CONSTRAINT test_no_timeouts"
     };
-    sqlx::query(&sql).execute(&pool).await.unwrap();
+    alter_table(cfg, "cc_transition", change).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
