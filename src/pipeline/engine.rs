@@ -247,6 +247,9 @@ struct PartitionInput {
 pub(super) struct BatchPlan {
     partitions: BTreeMap<i32, PartitionPart>,
     commands: Vec<AppliedCommand>,
+    /// The wall clock when the batch was decided, before its outputs were queued (their
+    /// records' timestamps are at or after it): see `pg::BatchWrite::decided_at_ms`.
+    decided_at_ms: i64,
 }
 
 impl BatchPlan {
@@ -1299,8 +1302,12 @@ impl Engine {
         let BatchPlan {
             partitions,
             commands,
+            decided_at_ms,
         } = plan;
-        let mut good = BatchPlan::default();
+        let mut good = BatchPlan {
+            decided_at_ms,
+            ..BatchPlan::default()
+        };
         let mut refused = Vec::new();
         for (p, part) in partitions {
             good.partitions.insert(p, part);
@@ -1633,6 +1640,7 @@ impl Engine {
         let mut plan = BatchPlan {
             partitions: BTreeMap::new(),
             commands: commands.applied,
+            decided_at_ms: now_ms,
         };
         let commanded: BTreeSet<i32> = plan.commands.iter().map(|c| c.partition).collect();
         for (p, lane) in &mut self.lanes {
@@ -1782,6 +1790,7 @@ impl Engine {
                 .iter()
                 .filter(|c| wanted(&c.partition))
                 .collect(),
+            decided_at_ms: Some(plan.decided_at_ms),
             ..Default::default()
         };
         for (p, part) in plan.partitions.iter().filter(|(p, _)| wanted(p)) {

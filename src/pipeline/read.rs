@@ -144,7 +144,10 @@ pub fn any_output_committed(
         .map(|(id, seq)| (id.as_str(), *seq))
         .collect();
     let reviews: HashSet<i64> = outputs.reviews.iter().copied().collect();
-    // Clocks of the processor and the broker may differ a little.
+    // The records carry the writer's clock from when it queued them, at or after
+    // `written_at_ms` (which is no later than the writer's clock when it decided the batch);
+    // on a topic with `message.timestamp.type=LogAppendTime` they carry the broker's clock,
+    // which may differ a little from the writer's: a minute's slack.
     let since = outputs.written_at_ms - 60_000;
     let mut found = false;
     read_topic_since(config, &config.kafka.side_effects_topic, Some(since), |r| {

@@ -485,6 +485,7 @@ fn arbitrary_protobuf_valid_intents_end_as_decisions_and_never_fail_the_durable_
                 waiting: plan.waiting,
                 deleted: Vec::new(),
                 forwards: plan.forwards,
+                decided_at_ms: Some(1_700_000_000_000),
             };
             let written = rt.block_on(pg::try_batch(
                 &pool,

@@ -168,7 +168,26 @@ async fn offsets_reset_to_earliest_or_latest_lose_no_history_and_emit_nothing_tw
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_whose_last_batch_is_unconfirmed_refuses_to_start_until_resolved() {
-    let env = TestEnv::new("refuse", 1).await;
+    unconfirmed_then_resolved("refuse", 0).await;
+}
+
+/// The same, with PostgreSQL's clock five minutes ahead of the processor's (NTP gone wrong on
+/// one of the two hosts): the audit rows carry PostgreSQL's time, the output records the
+/// processor's. Before, `resolve` looked for the last batch's outputs from a minute before
+/// PostgreSQL's time of its write, after every record of it: it found none, called the
+/// committed batch aborted and rolled it back, and the restart emitted its effects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolve_finds_the_last_batchs_outputs_whatever_postgresqls_clock_said() {
+    unconfirmed_then_resolved("skewresolve", 5).await;
+}
+
+/// A one-partition run whose last batch is made unconfirmed and the group's offsets reset to
+/// the earliest; the restart refuses, naming the way out, `recovery-point resolve` finds the
+/// batch's outputs on the topics (so it committed), and the partition goes on: every intent
+/// commits once, in order. `db_clock_ahead_min` moves every audit row's time that far ahead,
+/// as PostgreSQL's clock running ahead of the processor's would have written it.
+async fn unconfirmed_then_resolved(name: &str, db_clock_ahead_min: i32) {
+    let env = TestEnv::new(name, 1).await;
     let cfg = env.config.clone();
     let proc = Processor::spawn(&cfg, log_of(&env, "run1"));
     demo::produce(&cfg, &workload(60, 20, "u", 4))
@@ -181,10 +200,17 @@ async fn a_partition_whose_last_batch_is_unconfirmed_refuses_to_start_until_reso
     // As after a crash between a Kafka commit and PostgreSQL learning of it, followed by an
     // offset reset: the last batch's fate is unknown to both stores.
     let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    let schema = &cfg.postgres.schema;
     sqlx::query(&format!(
-        "UPDATE {}.cc_partition SET committed_batch = last_batch - 1",
-        cfg.postgres.schema
+        "UPDATE {schema}.cc_partition SET committed_batch = last_batch - 1"
     ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "UPDATE {schema}.cc_transition SET at = at + make_interval(mins => $1)"
+    ))
+    .bind(db_clock_ahead_min)
     .execute(&pool)
     .await
     .unwrap();
@@ -220,6 +246,7 @@ async fn a_partition_whose_last_batch_is_unconfirmed_refuses_to_start_until_reso
         .unwrap();
     caught_up(&cfg, CATCH_UP).await;
     assert!(proc.terminate(Duration::from_secs(30)));
+    assert_eq!(rolled_back_transitions(&read_log(&log), |_| true), 0);
     verified(&cfg, 90).await;
 }
 

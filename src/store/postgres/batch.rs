@@ -243,6 +243,11 @@ pub struct BatchWrite {
     pub deleted: Vec<RowKey>,
     /// Records forwarded to their contacts' owners.
     pub forwards: Vec<Forward>,
+    /// The writer's wall clock (ms since the Unix epoch) when it decided the batch, before it
+    /// queued the batch's outputs: their records' timestamps are at or after it. Recorded per
+    /// partition (`cc_partition.last_decided_ms`, migration 0021) for `recovery-point
+    /// resolve`, which looks for the outputs from there ([`batch_outputs`]).
+    pub decided_at_ms: Option<i64>,
 }
 
 /// The rows of one write, borrowed: what [`apply_batch`] binds. The engine gathers each
@@ -258,6 +263,8 @@ pub struct BatchRows<'a> {
     pub waiting: Vec<&'a WaitingRow>,
     pub deleted: Vec<&'a RowKey>,
     pub forwards: Vec<&'a Forward>,
+    /// As [`BatchWrite::decided_at_ms`].
+    pub decided_at_ms: Option<i64>,
 }
 
 impl<'a> From<&'a BatchWrite> for BatchRows<'a> {
@@ -270,6 +277,7 @@ impl<'a> From<&'a BatchWrite> for BatchRows<'a> {
             waiting: w.waiting.iter().collect(),
             deleted: w.deleted.iter().collect(),
             forwards: w.forwards.iter().collect(),
+            decided_at_ms: w.decided_at_ms,
         }
     }
 }
@@ -322,8 +330,8 @@ pub async fn try_batch<'a>(
     result.map(|_| ())
 }
 
-// Long because `cc_apply_batch` takes one array per column (39 binds, and 3 for the forwards'
-// check): one line per bind.
+// Long because `cc_apply_batch` takes one array per column (39 binds, 3 for the forwards'
+// check, 1 for the writer's clock): one line per bind.
 fn batch_query<'q>(
     topic: &'q str,
     writer: &'q str,
@@ -339,12 +347,14 @@ fn batch_query<'q>(
     let g = &w.deleted;
     sqlx::query(
         // R5 against PostgreSQL's record, in the same statement: each new outcome claims its
-        // intent id (migration 0015), before the batch's rows are written. The forwards are
-        // checked after them, so a contact this batch creates counts (migration 0017).
+        // intent id (migration 0015), before the batch's rows are written. The writer's clock
+        // is noted on the partitions' rows cc_apply_batch holds (migration 0021). The forwards
+        // are checked after them, so a contact this batch creates counts (migration 0017).
         "SELECT cc_claim_decisions($1, $4, $9, $10, $12, $17, $18),
                 cc_apply_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
                                $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
                                $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39),
+                cc_note_decided_at($1, $4, $43),
                 cc_check_forwards($40, $41, $42)",
     )
     .bind(topic)
@@ -457,6 +467,7 @@ fn batch_query<'q>(
             .collect::<Vec<_>>(),
     )
     .bind(w.forwards.iter().map(|f| f.owner).collect::<Vec<_>>())
+    .bind(w.decided_at_ms)
 }
 
 #[cfg(test)]

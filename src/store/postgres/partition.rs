@@ -471,7 +471,10 @@ pub async fn batch_views(pool: &PgPool, topic: &str) -> Result<Vec<BatchView>> {
 pub struct BatchOutputs {
     pub effects: Vec<(String, u64)>,
     pub reviews: Vec<i64>,
-    /// When the batch was written (ms since the Unix epoch), 0 when it wrote nothing.
+    /// When the batch was written (ms since the Unix epoch), 0 when it wrote nothing: the
+    /// earlier of PostgreSQL's time of its audit rows and the writer's own clock when it
+    /// decided the batch (`cc_partition.last_decided_ms`, migration 0021). The output records
+    /// carry the writer's clock, which may be behind PostgreSQL's.
     pub written_at_ms: i64,
 }
 
@@ -495,8 +498,21 @@ pub async fn batch_outputs(
     .fetch_all(pool)
     .await
     .map_err(db("reading a batch's outputs"))?;
+    // The writer's clock, when the partition's last batch is this one.
+    let decided_ms: Option<i64> = sqlx::query_scalar(
+        "SELECT last_decided_ms FROM cc_partition
+          WHERE topic = $1 AND partition = $2 AND last_batch = $3",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(batch as i64)
+    .fetch_optional(pool)
+    .await
+    .map_err(db("reading when a batch was decided"))?
+    .flatten();
     let mut out = BatchOutputs::default();
     for (state, intent_id, seq, offset, at) in rows {
+        let at = decided_ms.map_or(at, |d| d.min(at));
         if out.written_at_ms == 0 || at < out.written_at_ms {
             out.written_at_ms = at;
         }
