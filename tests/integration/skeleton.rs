@@ -80,3 +80,55 @@ async fn invalid_records_go_to_manual_review_and_later_records_still_flow() {
     assert_eq!(effects.len(), 1);
     assert_eq!(effects[0].intent_id, "intent-after");
 }
+
+/// Producers choose their own compression: a careless one turns on whichever codec its team
+/// likes. Intents compressed with each codec Kafka has (gzip, snappy, lz4, zstd; batched by a
+/// linger so they are compressed together) are consumed like any other, in order, with no
+/// review: a consumer built without a codec would fail every fetch of the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intents_compressed_with_every_codec_kafka_has_are_consumed_in_order() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let env = TestEnv::new("skel_codecs", 1).await;
+    let cfg = env.config();
+    let running = start(cfg.clone());
+    const CODECS: [&str; 4] = ["gzip", "snappy", "lz4", "zstd"];
+    for codec in CODECS {
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &cfg.kafka.brokers)
+            .set("enable.idempotence", "true")
+            .set("compression.type", codec)
+            .set("linger.ms", "50")
+            .create()
+            .expect("producer");
+        let contact = format!("z-{codec}");
+        let deliveries: Vec<_> = (1..=3)
+            .map(|seq| {
+                let i = intent(&format!("{contact}-i{seq}"), &contact, seq);
+                let value = i.encode_to_vec();
+                let record = FutureRecord::to(&cfg.kafka.intents_topic)
+                    .key(contact.as_bytes())
+                    .payload(&value);
+                producer
+                    .send_result(record)
+                    .map_err(|(e, _)| e)
+                    .expect("queued")
+            })
+            .collect();
+        for d in deliveries {
+            d.await.expect("not cancelled").expect("delivered");
+        }
+    }
+    let (fx, rv) = wait_for_outputs(&cfg, 3 * CODECS.len(), 0, Duration::from_secs(60)).await;
+    running.stop().await;
+    for codec in CODECS {
+        let contact = format!("z-{codec}");
+        let want: Vec<(String, u64)> = (1..=3).map(|s| (format!("{contact}-i{s}"), s)).collect();
+        let got: Vec<(String, u64)> = sequences_of(&fx, &contact)
+            .into_iter()
+            .map(|(id, s)| (id.to_owned(), s))
+            .collect();
+        assert_eq!(got, want, "{codec}");
+    }
+    assert_eq!(fx.len(), 3 * CODECS.len(), "nothing twice");
+    assert!(rv.is_empty(), "nothing reviewed: {rv:?}");
+}
