@@ -531,6 +531,11 @@ fn print_reply(reply: Reply) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `recovery-point resolve` may read each output topic: it stops at the batch's
+/// first output, but a batch that never committed is only known so at the topics' end, which
+/// a busy deployment may have moved far past it.
+const RESOLVE_READ_WITHIN: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The most items `resubmit --contact` lists at once (the API's largest page).
 const RESUBMIT_PAGE: usize = 10_000;
 
@@ -784,14 +789,44 @@ async fn recovery_point(config: Config, command: RecoveryPointCommand) -> anyhow
                     Resolution::Aborted
                 } else {
                     let c = config.clone();
+                    let batch = view.last_batch;
+                    eprintln!(
+                        "looking for batch {batch}'s {} effects and {} reviews on {} and {} \
+                         (read_committed, for up to {} each)",
+                        outputs.effects.len(),
+                        outputs.reviews.len(),
+                        config.kafka.side_effects_topic,
+                        config.kafka.manual_review_topic,
+                        humantime::format_duration(RESOLVE_READ_WITHIN)
+                    );
                     let found = tokio::task::spawn_blocking(move || {
-                        pipeline::read::any_output_committed(&c, &outputs)
+                        pipeline::read::first_output_committed(&c, &outputs, RESOLVE_READ_WITHIN)
                     })
-                    .await??;
-                    if found {
-                        Resolution::Committed
-                    } else {
-                        Resolution::Aborted
+                    .await?
+                    .with_context(|| {
+                        format!(
+                            "the output topics could not tell whether batch {batch} of \
+                             partition {partition} committed; nothing was changed: once you \
+                             know, give --committed or --aborted (docs/exactly-once.md, \
+                             \"When a partition refuses to start\")"
+                        )
+                    })?;
+                    match found {
+                        Some(f) => {
+                            println!(
+                                "partition {partition}: batch {batch} committed: {} is at {} \
+                                 partition {} offset {} (found after reading {} records)",
+                                f.what, f.topic, f.partition, f.offset, f.read
+                            );
+                            Resolution::Committed
+                        }
+                        None => {
+                            println!(
+                                "partition {partition}: batch {batch} never committed: none of \
+                                 its outputs is on the output topics"
+                            );
+                            Resolution::Aborted
+                        }
                     }
                 }
             };

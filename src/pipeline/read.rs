@@ -125,13 +125,26 @@ pub fn committed_points(config: &Config) -> anyhow::Result<HashMap<i32, Committe
         .collect())
 }
 
-/// Whether any of a batch's outputs is on the output topics (read_committed): the batch's Kafka
-/// transaction committed. Reads each output partition from shortly before the batch was
-/// written to its end.
-pub fn any_output_committed(
+/// Where [`first_output_committed`] found an output of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundOutput {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// What it is: the effect of an intent at a sequence, or the review of an input offset.
+    pub what: String,
+    /// How many records were read to find it.
+    pub read: u64,
+}
+
+/// The first committed output of a batch on the output topics (`read_committed`), read from a
+/// minute before the batch was decided: reading stops there, however much the topics hold
+/// after it. `None` after reading both topics to their end.
+pub fn first_output_committed(
     config: &Config,
     outputs: &crate::store::postgres::BatchOutputs,
-) -> anyhow::Result<bool> {
+    within: Duration,
+) -> anyhow::Result<Option<FoundOutput>> {
     use std::collections::HashSet;
 
     use prost::Message as _;
@@ -149,27 +162,67 @@ pub fn any_output_committed(
     // on a topic with `message.timestamp.type=LogAppendTime` they carry the broker's clock,
     // which may differ a little from the writer's: a minute's slack.
     let since = outputs.written_at_ms - 60_000;
-    let mut found = false;
-    read_topic_since(config, &config.kafka.side_effects_topic, Some(since), |r| {
-        if let Some(e) = r.value.and_then(|v| SideEffect::decode(v).ok()) {
-            found |= effects.contains(&(e.intent_id.as_str(), e.commit_sequence));
+    let is_effect = |v: &[u8]| {
+        let e = SideEffect::decode(v).ok()?;
+        effects
+            .contains(&(e.intent_id.as_str(), e.commit_sequence))
+            .then(|| {
+                format!(
+                    "the effect of intent {:?} at sequence {}",
+                    e.intent_id, e.commit_sequence
+                )
+            })
+    };
+    let is_review = |v: &[u8]| {
+        let m = ManualReview::decode(v).ok()?;
+        // Every partition has an offset 57: a review of another partition's record at the
+        // same offset is not this batch's (it made a batch that never committed read as
+        // committed).
+        let ours = m.source_topic == config.kafka.intents_topic
+            && m.source_partition == outputs.partition
+            && reviews.contains(&m.source_offset);
+        ours.then(|| {
+            format!(
+                "the review of input offset {} (intent {:?})",
+                m.source_offset, m.intent_id
+            )
+        })
+    };
+    /// What an output record is of the batch, if it is.
+    type Matches<'m> = &'m dyn Fn(&[u8]) -> Option<String>;
+    let searches: [(&String, Matches); 2] = [
+        (&config.kafka.side_effects_topic, &is_effect),
+        (&config.kafka.manual_review_topic, &is_review),
+    ];
+    let mut read = 0u64;
+    for (topic, matches) in searches {
+        let mut found = None;
+        read_topic_within(config, topic, Some(since), within, |r| {
+            read += 1;
+            let Some(what) = r.value.and_then(matches) else {
+                return Ok(());
+            };
+            found = Some(FoundOutput {
+                topic: topic.clone(),
+                partition: r.partition,
+                offset: r.offset,
+                what,
+                read,
+            });
+            Err(StopReading.into())
+        })?;
+        if found.is_some() {
+            return Ok(found);
         }
-        Ok(())
-    })?;
-    read_topic_since(
-        config,
-        &config.kafka.manual_review_topic,
-        Some(since),
-        |r| {
-            if let Some(m) = r.value.and_then(|v| ManualReview::decode(v).ok()) {
-                found |= m.source_topic == config.kafka.intents_topic
-                    && reviews.contains(&m.source_offset);
-            }
-            Ok(())
-        },
-    )?;
-    Ok(found)
+    }
+    Ok(None)
 }
+
+/// Returned by a [`read_topic_within`] callback to stop reading there: the read ends with
+/// `Ok`.
+#[derive(Debug, thiserror::Error)]
+#[error("reading stopped by its caller")]
+pub struct StopReading;
 
 /// A read_committed consumer of its own throw-away group (`causal-commit-<purpose>-<uuid>`),
 /// with `[kafka.client]` applied, that commits nothing: for reading topics end to end.
@@ -293,7 +346,7 @@ pub fn read_topic_within(
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(msg)) => {
                 positions.insert(msg.partition(), msg.offset());
-                f(TopicRecord {
+                let handled = f(TopicRecord {
                     partition: msg.partition(),
                     offset: msg.offset(),
                     key: msg.key(),
@@ -304,7 +357,11 @@ pub fn read_topic_within(
                             .find(|h| h.key == super::output::FORWARDED_FROM_HEADER)
                             .and_then(|h| h.value)
                     }),
-                })?;
+                });
+                match handled {
+                    Err(e) if e.is::<StopReading>() => return Ok(()),
+                    handled => handled?,
+                }
             }
             Some(Err(e)) => anyhow::bail!("reading {topic} failed: {e}"),
             None => {

@@ -41,9 +41,34 @@ async fn transitions(config: &Config) -> i64 {
     .unwrap()
 }
 
+/// Waits until `partition`'s last batch is written to PostgreSQL and not known committed (a
+/// fail point holds its Kafka transaction open).
+#[cfg(feature = "failpoints")]
+async fn written_not_committed(config: &Config, partition: i32) {
+    wait_for_value(
+        &format!(
+            "SELECT last_batch > committed_batch FROM {}.cc_partition WHERE partition = $1",
+            config.postgres.schema
+        ),
+        partition,
+        Duration::from_secs(60),
+        &format!("partition {partition}: no batch was ever written"),
+        |unconfirmed| unconfirmed == Some(&true),
+    )
+    .await;
+}
+
+/// [`reset_offsets_blocking`] off the async runtime.
+async fn reset_offsets(config: &Config, to: &'static str) {
+    let c = config.clone();
+    tokio::task::spawn_blocking(move || reset_offsets_blocking(&c, to))
+        .await
+        .unwrap();
+}
+
 /// `kafka-consumer-groups --reset-offsets ... --execute` with the Kafka tool, retried while the
 /// group still has its (static) member.
-fn reset_offsets(config: &Config, to: &str) {
+fn reset_offsets_blocking(config: &Config, to: &str) {
     let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -114,7 +139,7 @@ async fn offsets_reset_to_earliest_or_latest_lose_no_history_and_emit_nothing_tw
     // nothing again and rolls nothing back.
     let c = cfg.clone();
     tokio::task::spawn_blocking(move || {
-        reset_offsets(&c, "--to-earliest");
+        reset_offsets_blocking(&c, "--to-earliest");
         assert_no_recovery_points(&c);
     })
     .await
@@ -141,10 +166,7 @@ async fn offsets_reset_to_earliest_or_latest_lose_no_history_and_emit_nothing_tw
     demo::produce(&cfg, &workload(300, 100, "t", 3))
         .await
         .unwrap();
-    let c = cfg.clone();
-    tokio::task::spawn_blocking(move || reset_offsets(&c, "--to-latest"))
-        .await
-        .unwrap();
+    reset_offsets(&cfg, "--to-latest").await;
     let log = log_of(&env, "run3");
     let proc = Processor::spawn(&cfg, log.clone());
     // The reset put the committed offsets at the end: "caught up" means something only once
@@ -181,6 +203,63 @@ async fn a_resolve_finds_the_last_batchs_outputs_whatever_postgresqls_clock_said
     unconfirmed_then_resolved("skewresolve", 5).await;
 }
 
+/// Every partition has an offset 0. Partition 1's first record, invalid, is reviewed and
+/// committed; then partition 0's first batch, an invalid record and an intent, is written to
+/// PostgreSQL and the processor is killed before its Kafka transaction commits, and the
+/// group's offsets are reset. `resolve` finds neither output of that batch (its transaction
+/// never committed): it is aborted, and the replay emits both. Before, `resolve` matched a
+/// review by its source offset alone: partition 1's review of offset 0 read as this batch's,
+/// the batch was called committed, and its review and effect were never emitted.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolve_never_takes_another_partitions_review_for_the_batchs_own() {
+    let env = TestEnv::new("resolveother", 2).await;
+    let cfg = env.config.clone();
+    let invalid = |contact: &str| causal_commit::proto::Intent {
+        intent_id: String::new(),
+        ..intent("none", contact, 0)
+    };
+    let proc = Processor::spawn(&cfg, log_of(&env, "run1"));
+    produce_at(&cfg, &[(1, invalid("b1")), (1, intent("p1-i1", "c1", 0))]).await;
+    let (_, rv) = wait_for_outputs(&cfg, 1, 1, CATCH_UP).await;
+    assert_eq!((rv[0].source_partition, rv[0].source_offset), (1, 0));
+    assert!(proc.terminate(Duration::from_secs(30)));
+
+    // Partition 0's batch is written to PostgreSQL, its transaction held open, and the
+    // processor killed.
+    let proc = Processor::spawn_with_env(
+        &cfg,
+        log_of(&env, "run2"),
+        &[("FAILPOINTS", "kafka-send-offsets=sleep(30000)")],
+    );
+    produce_at(&cfg, &[(0, invalid("b0")), (0, intent("p0-i1", "c0", 0))]).await;
+    written_not_committed(&cfg, 0).await;
+    proc.kill9();
+    reset_offsets(&cfg, "--to-earliest").await;
+
+    let log = log_of(&env, "run3");
+    let proc = Processor::spawn(&cfg, log.clone());
+    refused(&log, "refuses to start", &[0]).await;
+    let (ok, out, err) = cli(&cfg, &["recovery-point", "resolve", "--partition", "0"]);
+    assert!(ok, "resolve: {out} {err}");
+    assert!(out.contains("Aborted"), "{out}");
+    let (fx, rv) = wait_for_outputs(&cfg, 2, 2, CATCH_UP).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let mut reviewed: Vec<(i32, i64)> = (rv.iter())
+        .map(|r| (r.source_partition, r.source_offset))
+        .collect();
+    reviewed.sort_unstable();
+    assert_eq!(
+        reviewed,
+        [(0, 0), (1, 0)],
+        "each invalid record reviewed once"
+    );
+    let mut ids: Vec<&str> = fx.iter().map(|e| e.intent_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["p0-i1", "p1-i1"]);
+    verified(&cfg, 2).await;
+}
+
 /// A one-partition run whose last batch is made unconfirmed and the group's offsets reset to
 /// the earliest; the restart refuses, naming the way out, `recovery-point resolve` finds the
 /// batch's outputs on the topics (so it committed), and the partition goes on: every intent
@@ -214,10 +293,7 @@ async fn unconfirmed_then_resolved(name: &str, db_clock_ahead_min: i32) {
     .execute(&pool)
     .await
     .unwrap();
-    let c = cfg.clone();
-    tokio::task::spawn_blocking(move || reset_offsets(&c, "--to-earliest"))
-        .await
-        .unwrap();
+    reset_offsets(&cfg, "--to-earliest").await;
 
     let log = log_of(&env, "run2");
     let proc = Processor::spawn(&cfg, log.clone());
@@ -241,6 +317,10 @@ async fn unconfirmed_then_resolved(name: &str, db_clock_ahead_min: i32) {
     let (ok, out, err) = cli(&cfg, &["recovery-point", "resolve", "--partition", "0"]);
     assert!(ok, "resolve: {out} {err}");
     assert!(out.contains("Committed"), "{out}");
+    assert!(
+        out.contains("committed: the effect of intent") && out.contains(" offset "),
+        "names the output it found: {out}"
+    );
     demo::produce(&cfg, &workload(30, 10, "v", 5))
         .await
         .unwrap();
@@ -271,22 +351,7 @@ async fn a_resolve_of_a_partition_its_owner_is_running_is_refused_and_changes_no
         .await
         .unwrap();
     // The partition's last batch is written to PostgreSQL, its transaction still open.
-    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let unconfirmed: Option<bool> = sqlx::query_scalar(&format!(
-            "SELECT last_batch > committed_batch FROM {}.cc_partition WHERE partition = 0",
-            cfg.postgres.schema
-        ))
-        .fetch_optional(&pool)
-        .await
-        .unwrap();
-        if unconfirmed == Some(true) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no batch was ever written");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    written_not_committed(&cfg, 0).await;
     let (ok, out, err) = cli(&cfg, &["recovery-point", "resolve", "--partition", "0"]);
     assert!(!ok, "the resolve is refused: {out}");
     assert!(

@@ -14,26 +14,17 @@ const WAIT: Duration = Duration::from_secs(5);
 
 /// Waits until PostgreSQL shows `contact` with `n` waiting intents.
 async fn waiting(config: &Config, contact: &str, n: i32) {
-    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let w: Option<i32> = sqlx::query_scalar(&format!(
+    wait_for_value(
+        &format!(
             "SELECT waiting FROM {}.cc_contact WHERE contact_id = $1",
             config.postgres.schema
-        ))
-        .bind(contact)
-        .fetch_optional(&pool)
-        .await
-        .unwrap_or(None);
-        if w == Some(n) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{contact} never had {n} waiting (has {w:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        ),
+        contact.to_string(),
+        Duration::from_secs(30),
+        &format!("{contact} never had {n} waiting"),
+        |w| w == Some(&n),
+    )
+    .await;
 }
 
 /// The contact's effects in order, and every review of the run.

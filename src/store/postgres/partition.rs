@@ -466,9 +466,11 @@ pub async fn batch_views(pool: &PgPool, topic: &str) -> Result<Vec<BatchView>> {
 }
 
 /// What a batch produced, to look for on the output topics: effects by (intent id, commit
-/// sequence), review records by their source offset.
+/// sequence), review records by their source partition and offset.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchOutputs {
+    /// The input partition the batch was consumed from (its reviews name it).
+    pub partition: i32,
     pub effects: Vec<(String, u64)>,
     pub reviews: Vec<i64>,
     /// When the batch was written (ms since the Unix epoch), 0 when it wrote nothing: the
@@ -510,7 +512,10 @@ pub async fn batch_outputs(
     .await
     .map_err(db("reading when a batch was decided"))?
     .flatten();
-    let mut out = BatchOutputs::default();
+    let mut out = BatchOutputs {
+        partition,
+        ..BatchOutputs::default()
+    };
     for (state, intent_id, seq, offset, at) in rows {
         let at = decided_ms.map_or(at, |d| d.min(at));
         if out.written_at_ms == 0 || at < out.written_at_ms {

@@ -588,6 +588,39 @@ pub fn read_with_traceparent(
     out
 }
 
+/// Polls `sql` (one value, one `$1` bind) every 100 ms until `done` holds for its answer
+/// (`None`: no row, or an error such as a table not there yet); panics naming `what` and the
+/// last answer after `within`.
+pub async fn wait_for_value<T, B>(
+    sql: &str,
+    bind: B,
+    within: Duration,
+    what: &str,
+    done: impl Fn(Option<&T>) -> bool,
+) where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres>
+        + sqlx::Type<sqlx::Postgres>
+        + Send
+        + Unpin
+        + std::fmt::Debug,
+    B: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Clone + Send,
+{
+    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        let value: Option<T> = sqlx::query_scalar(sql)
+            .bind(bind.clone())
+            .fetch_optional(&pool)
+            .await
+            .unwrap_or(None);
+        if done(value.as_ref()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} (last: {value:?})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `causal-commit verify` on the world's topics and audit (records of `prefix` only), off the
 /// async runtime.
 pub async fn verify_report(config: &Config, prefix: &str) -> causal_commit::verify::Report {
