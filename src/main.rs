@@ -536,6 +536,59 @@ fn print_reply(reply: Reply) -> anyhow::Result<()> {
 /// a busy deployment may have moved far past it.
 const RESOLVE_READ_WITHIN: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// How a refused partition's last batch `batch` ended, judged from its outputs on the output
+/// topics: committed when one of them is there, aborted when none is.
+async fn resolution_from_outputs(
+    config: &Config,
+    outputs: store::postgres::BatchOutputs,
+    batch: u64,
+) -> anyhow::Result<store::postgres::Resolution> {
+    use store::postgres::Resolution;
+    let partition = outputs.partition;
+    if outputs.effects.is_empty() && outputs.reviews.is_empty() {
+        // Nothing of it is visible: replaying its records decides them again.
+        return Ok(Resolution::Aborted);
+    }
+    eprintln!(
+        "looking for batch {batch}'s {} effects and {} reviews on {} and {} (read_committed, \
+         for up to {} each)",
+        outputs.effects.len(),
+        outputs.reviews.len(),
+        config.kafka.side_effects_topic,
+        config.kafka.manual_review_topic,
+        humantime::format_duration(RESOLVE_READ_WITHIN)
+    );
+    let c = config.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        pipeline::read::first_output_committed(&c, &outputs, RESOLVE_READ_WITHIN)
+    })
+    .await?
+    .with_context(|| {
+        format!(
+            "the output topics could not tell whether batch {batch} of partition {partition} \
+             committed; nothing was changed: once you know, give --committed or --aborted \
+             (docs/exactly-once.md, \"When a partition refuses to start\")"
+        )
+    })?;
+    Ok(match found {
+        Some(f) => {
+            println!(
+                "partition {partition}: batch {batch} committed: {} is at {} partition {} offset \
+                 {} (found after reading {} records)",
+                f.what, f.topic, f.partition, f.offset, f.read
+            );
+            Resolution::Committed
+        }
+        None => {
+            println!(
+                "partition {partition}: batch {batch} never committed: none of its outputs is on \
+                 the output topics"
+            );
+            Resolution::Aborted
+        }
+    })
+}
+
 /// The most items `resubmit --contact` lists at once (the API's largest page).
 const RESUBMIT_PAGE: usize = 10_000;
 
@@ -784,51 +837,7 @@ async fn recovery_point(config: Config, command: RecoveryPointCommand) -> anyhow
                 Resolution::Aborted
             } else {
                 let outputs = pg::batch_outputs(&pool, &topic, partition, view.last_batch).await?;
-                if outputs.effects.is_empty() && outputs.reviews.is_empty() {
-                    // Nothing of it is visible: replaying its records decides them again.
-                    Resolution::Aborted
-                } else {
-                    let c = config.clone();
-                    let batch = view.last_batch;
-                    eprintln!(
-                        "looking for batch {batch}'s {} effects and {} reviews on {} and {} \
-                         (read_committed, for up to {} each)",
-                        outputs.effects.len(),
-                        outputs.reviews.len(),
-                        config.kafka.side_effects_topic,
-                        config.kafka.manual_review_topic,
-                        humantime::format_duration(RESOLVE_READ_WITHIN)
-                    );
-                    let found = tokio::task::spawn_blocking(move || {
-                        pipeline::read::first_output_committed(&c, &outputs, RESOLVE_READ_WITHIN)
-                    })
-                    .await?
-                    .with_context(|| {
-                        format!(
-                            "the output topics could not tell whether batch {batch} of \
-                             partition {partition} committed; nothing was changed: once you \
-                             know, give --committed or --aborted (docs/exactly-once.md, \
-                             \"When a partition refuses to start\")"
-                        )
-                    })?;
-                    match found {
-                        Some(f) => {
-                            println!(
-                                "partition {partition}: batch {batch} committed: {} is at {} \
-                                 partition {} offset {} (found after reading {} records)",
-                                f.what, f.topic, f.partition, f.offset, f.read
-                            );
-                            Resolution::Committed
-                        }
-                        None => {
-                            println!(
-                                "partition {partition}: batch {batch} never committed: none of \
-                                 its outputs is on the output topics"
-                            );
-                            Resolution::Aborted
-                        }
-                    }
-                }
+                resolution_from_outputs(&config, outputs, view.last_batch).await?
             };
             pg::resolve_recovery_point(&pool, &topic, partition, resolution, &actor).await?;
             println!(

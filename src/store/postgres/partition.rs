@@ -487,12 +487,16 @@ pub async fn batch_outputs(
     partition: i32,
     batch: u64,
 ) -> Result<BatchOutputs> {
+    // Each row's time is the earlier of PostgreSQL's and the writer's clock (`least` skips a
+    // NULL: a batch written before migration 0021, or not the partition's last).
     let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
-        "SELECT to_state, intent_id, commit_sequence, source_offset,
-                (extract(epoch FROM at) * 1000)::bigint
-           FROM cc_transition
-          WHERE topic = $1 AND partition = $2 AND batch_no = $3
-            AND to_state IN ('committed_causal', 'blocked_conflict', 'manual_review')",
+        "SELECT t.to_state, t.intent_id, t.commit_sequence, t.source_offset,
+                least((extract(epoch FROM t.at) * 1000)::bigint, p.last_decided_ms)
+           FROM cc_transition t
+           LEFT JOIN cc_partition p
+             ON p.topic = t.topic AND p.partition = t.partition AND p.last_batch = t.batch_no
+          WHERE t.topic = $1 AND t.partition = $2 AND t.batch_no = $3
+            AND t.to_state IN ('committed_causal', 'blocked_conflict', 'manual_review')",
     )
     .bind(topic)
     .bind(partition)
@@ -500,24 +504,11 @@ pub async fn batch_outputs(
     .fetch_all(pool)
     .await
     .map_err(db("reading a batch's outputs"))?;
-    // The writer's clock, when the partition's last batch is this one.
-    let decided_ms: Option<i64> = sqlx::query_scalar(
-        "SELECT last_decided_ms FROM cc_partition
-          WHERE topic = $1 AND partition = $2 AND last_batch = $3",
-    )
-    .bind(topic)
-    .bind(partition)
-    .bind(batch as i64)
-    .fetch_optional(pool)
-    .await
-    .map_err(db("reading when a batch was decided"))?
-    .flatten();
     let mut out = BatchOutputs {
         partition,
         ..BatchOutputs::default()
     };
     for (state, intent_id, seq, offset, at) in rows {
-        let at = decided_ms.map_or(at, |d| d.min(at));
         if out.written_at_ms == 0 || at < out.written_at_ms {
             out.written_at_ms = at;
         }
