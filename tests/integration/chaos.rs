@@ -2,7 +2,8 @@
 //! send a mixed workload (strict and assigned intents, out-of-order arrivals, duplicates,
 //! invalid records), two instances of the group are killed with SIGKILL, stopped with SIGTERM,
 //! paused with SIGSTOP (sometimes past their lease: zombies), and Redis and PostgreSQL are
-//! stopped (Redis also frozen), the faults overlapping; with `CC_CHAOS_BROKER=1` the broker is
+//! stopped (Redis also frozen, PostgreSQL also crashed: a backend killed with SIGKILL), the
+//! faults overlapping; with `CC_CHAOS_BROKER=1` the broker is
 //! stopped and started too. Those runs found three defects of the processor, all mended: every
 //! client waited five minutes for a broker after a restart (librdkafka drops a broker missing
 //! from a metadata response and re-bootstraps only after
@@ -25,7 +26,7 @@ use rand::{Rng as _, SeedableRng as _};
 
 use crate::common::process::{freeze_redis, stack, Processor};
 use crate::common::*;
-use crate::failures::{assert_clean, produce_in_background, verified, workload};
+use crate::failures::{assert_clean, crash_postgres, produce_in_background, verified, workload};
 
 use causal_commit::config::Config;
 
@@ -161,7 +162,7 @@ impl Chaos {
     async fn strike(&mut self) {
         let now = Instant::now();
         let i = self.rng.random_range(0..2usize);
-        match self.rng.random_range(0..7u32) {
+        match self.rng.random_range(0..8u32) {
             0..=2 => {
                 let Instance::Running(_) = &self.instances[i] else {
                     return;
@@ -210,6 +211,19 @@ impl Chaos {
                     until: now + down,
                 });
                 self.note(format!("{service}: stopped for {down:?}"));
+            }
+            6 => {
+                if self.outages.iter().any(|o| o.service == "postgres") {
+                    return;
+                }
+                match crash_postgres(None).await {
+                    Some(c) => self.note(format!(
+                        "postgres: a processor's backend killed -9 (in a durable write: {}), \
+                         crash recovery; reconnecting met {:?}",
+                        c.killed_write, c.refusals
+                    )),
+                    None => self.note("postgres: no processor session to kill".to_string()),
+                }
             }
             _ => {
                 if self.outages.iter().any(|o| o.service == "redis") {

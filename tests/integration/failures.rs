@@ -284,6 +284,168 @@ async fn connections_terminated_again_and_again_under_traffic_lose_and_duplicate
     assert!(writes_cut >= 1, "durable writes were cut mid-call");
 }
 
+/// PostgreSQL crashing under traffic: one of the processor's backends killed with SIGKILL (an
+/// OOM killer, a segfault) makes the postmaster end every session of the server, replay its
+/// WAL and open again; connections opened meanwhile are refused (`57P03`, "in recovery
+/// mode"), those open are cut (`57P02`). Six crashes, every second one of a backend in the
+/// middle of a batch's durable write: no effect without its record, none twice, none lost, in
+/// order, and the processor never exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crashing_under_traffic_loses_and_duplicates_nothing() {
+    let env = TestEnv::exclusive("pgcrash", 4).await;
+    let cfg = env.config.clone();
+    let producing = produce_in_background(&cfg, workload(10_000, 1_000, 500, "c"));
+    let mut proc = Processor::spawn(&cfg, log_path(&env, "run"));
+    let mut writes_killed = 0;
+    let mut flowing_after = chrono::Utc::now();
+    for crash in 1..=6 {
+        // Each crash once a batch committed after the last one's recovery (its transitions
+        // logged a second after it: a batch committed before the crash logs within ms).
+        wait_for_log(&proc.log, Duration::from_secs(60), "a commit", |lines| {
+            lines
+                .iter()
+                .any(|l| {
+                    l["message"] == "transition"
+                        && l["state"] == "committed_causal"
+                        && l["timestamp"]
+                            .as_str()
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                            .is_some_and(|t| t > flowing_after)
+                })
+                .then_some(())
+        })
+        .await;
+        let hold = (crash % 2 == 0).then_some(cfg.postgres.schema.as_str());
+        let c = crash_postgres(hold)
+            .await
+            .expect("a session of the processor");
+        println!(
+            "crash {crash}: killed {}, reconnecting met {:?}",
+            if c.killed_write {
+                "a durable write"
+            } else {
+                "a session"
+            },
+            c.refusals
+        );
+        writes_killed += usize::from(c.killed_write);
+        flowing_after = chrono::Utc::now() + chrono::Duration::seconds(1);
+        assert!(
+            proc.child.try_wait().unwrap().is_none(),
+            "the processor exited after PostgreSQL's crash {crash}"
+        );
+    }
+    producing.await.unwrap();
+    caught_up(&cfg, Duration::from_secs(180)).await;
+    let log = proc.log.clone();
+    stopped_clean(proc, &cfg, 10_000).await;
+    let writes_cut = read_log(&log)
+        .iter()
+        .filter(|l| l["message"] == "durable write failed; nothing is emitted")
+        .count();
+    println!("durable writes killed: {writes_killed}, failed in the log: {writes_cut}");
+    // The three held there could not have finished; one killed at random may just have.
+    assert!(
+        writes_cut >= 3,
+        "each durable write a crash cut failed, and emitted nothing"
+    );
+}
+
+/// What [`crash_postgres`] did.
+pub(crate) struct Crash {
+    /// The backend killed was running a batch's durable write (`cc_apply_batch`).
+    pub killed_write: bool,
+    /// The SQLSTATEs (or errors) that new connections met until the server opened again.
+    pub refusals: Vec<String>,
+}
+
+/// Kills one of the processor's PostgreSQL backends with SIGKILL, checks that the server went
+/// through crash recovery (a session of its own, open before, is ended too: only the
+/// postmaster's reset does that), and waits until it opens sessions again. With `hold_write`
+/// (the processor's schema), the backend killed is one in the middle of a batch's durable
+/// write, held there by a lock on the schema's `cc_partition` (a write takes a few ms, so a
+/// crash at a random instant rarely falls in one); without it, a session running a write at
+/// that instant if there is one, else the oldest. `None` when no processor had a session.
+pub(crate) async fn crash_postgres(hold_write: Option<&str>) -> Option<Crash> {
+    use sqlx::Connection as _;
+    let mut witness = sqlx::PgConnection::connect(&database_url()).await.unwrap();
+    // As the processor's role: only it (or a superuser) sees what its sessions run.
+    let mut observer = sqlx::PgConnection::connect(&runtime_database_url())
+        .await
+        .unwrap();
+    if let Some(schema) = hold_write {
+        sqlx::query("BEGIN").execute(&mut witness).await.unwrap();
+        sqlx::query(&format!(
+            "LOCK TABLE \"{schema}\".cc_partition IN EXCLUSIVE MODE"
+        ))
+        .execute(&mut witness)
+        .await
+        .unwrap();
+    }
+    let look_until = Instant::now() + Duration::from_secs(10);
+    let (pid, killed_write) = loop {
+        // Its own transaction: one that holds the lock would see one snapshot of the activity.
+        let found: Option<(i32, bool)> = sqlx::query_as(
+            "SELECT pid, state = 'active' AND query LIKE '%cc_apply_batch(%'
+               FROM pg_stat_activity WHERE application_name = 'causal-commit'
+              ORDER BY 2 DESC, backend_start LIMIT 1",
+        )
+        .fetch_optional(&mut observer)
+        .await
+        .unwrap();
+        match found {
+            Some((pid, true)) => break (pid, true),
+            Some((pid, false)) if hold_write.is_none() => break (pid, false),
+            _ if Instant::now() < look_until => tokio::time::sleep(Duration::from_millis(20)).await,
+            None if hold_write.is_none() => return None,
+            _ => {
+                let seen: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT coalesce(state, ''), left(query, 300)
+                       FROM pg_stat_activity WHERE application_name = 'causal-commit'",
+                )
+                .fetch_all(&mut observer)
+                .await
+                .unwrap();
+                panic!("no durable write held by the lock within 10 s: {seen:?}")
+            }
+        }
+    };
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill -KILL {pid}");
+    let reset_by = Instant::now() + Duration::from_secs(10);
+    while sqlx::query("SELECT 1").execute(&mut witness).await.is_ok() {
+        assert!(
+            Instant::now() < reset_by,
+            "a session open before the backend was killed is ended by the crash's reset"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut refusals = Vec::new();
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < until, "PostgreSQL back within 60 s");
+        match sqlx::PgConnection::connect(&database_url()).await {
+            Ok(mut conn) => {
+                if sqlx::query("SELECT 1").execute(&mut conn).await.is_ok() {
+                    break;
+                }
+            }
+            Err(sqlx::Error::Database(e)) => {
+                refusals.push(e.code().map_or_else(|| e.to_string(), |c| c.into_owned()))
+            }
+            Err(e) => refusals.push(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Some(Crash {
+        killed_write,
+        refusals,
+    })
+}
+
 /// An operator's deploy that creates the topics while the processor starts, or a broker that
 /// learns of a topic a moment after its creation returned (the project's CI met that: a test's
 /// processor stopped on a topic created just before it): a missing topic is asked for again

@@ -87,7 +87,10 @@ impl Probe {
                      reached; raise it, or lower postgres.max_connections across the instances"
                 ),
                 Some("57P03") => {
-                    format!("PostgreSQL is starting up or shutting down ({message})")
+                    format!(
+                        "PostgreSQL is starting up or shutting down, or recovering from a \
+                         crash ({message}): it opens sessions again by itself once it is ready"
+                    )
                 }
                 Some(code) => format!("PostgreSQL refused a new session ({code}: {message})"),
                 None => format!(
@@ -202,6 +205,11 @@ mod tests {
         assert!(refused(Some("57P03"), "the database system is starting up")
             .meaning(4)
             .contains("starting up"));
+        assert!(
+            refused(Some("57P03"), "the database system is in recovery mode")
+                .meaning(4)
+                .contains("recovering from a crash")
+        );
         assert!(refused(None, "Connection refused (os error 111)")
             .meaning(4)
             .contains("a stopped server"));
