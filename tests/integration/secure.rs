@@ -753,3 +753,49 @@ async fn the_runtime_role_reads_and_writes_rows_but_cannot_change_the_schema() {
         assert_eq!(code.as_deref(), Some("42501"), "{statement}: {err}");
     }
 }
+
+/// A tired operator's `migrate` run twice at once (a second terminal, a retried pipeline, a
+/// migrate Job's pod replaced while the first still runs), on a new schema and on one a
+/// migration behind: every run succeeds, and the runtime role finds the schema up to date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_run_several_times_at_once_succeeds_every_time() {
+    let env = TestEnv::new("secure_migrate_race", 1).await;
+    for round in 0..3 {
+        let mut fresh = env.config.clone();
+        fresh.postgres.schema = unique("secure_race_new").to_lowercase();
+        let mut behind = env.config.clone();
+        behind.postgres.schema = unique("secure_race_behind").to_lowercase();
+        migrate_all_but_the_last(&behind).await;
+        for cfg in [fresh, behind] {
+            let mut migrating = cfg.clone();
+            migrating.postgres.url = database_url().into();
+            migrating.postgres.runtime_role = runtime_role();
+            let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let runs: Vec<_> = (0..4)
+                .map(|_| {
+                    let (cfg, start) = (migrating.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        let mut migrate = command(&cfg);
+                        migrate.arg("migrate").env("RUST_LOG", "warn");
+                        start.wait();
+                        migrate.output().expect("run the causal-commit binary")
+                    })
+                })
+                .collect();
+            for run in runs {
+                let out = run.join().unwrap();
+                assert!(
+                    out.status.success(),
+                    "round {round}, schema {}: a concurrent migrate failed: {}",
+                    cfg.postgres.schema,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let pool = causal_commit::store::postgres::pool(&cfg.postgres).unwrap();
+            causal_commit::store::postgres::check_schema(&pool, &cfg.postgres.schema)
+                .await
+                .expect("the runtime role finds the schema up to date");
+            pool.close().await;
+        }
+    }
+}

@@ -18,7 +18,14 @@ const HISTORY: &str = "_sqlx_migrations";
 
 /// Creates the schema when missing and applies every migration in `migrations/`. Needs the
 /// owner role (DDL), unless the schema is up to date already: then there is nothing to do.
-/// Concurrent runs are safe: sqlx serialises them with an advisory lock.
+///
+/// Concurrent runs are safe (an operator's second terminal, a retried pipeline, a migrate
+/// Job's pod replaced while the first still runs): the schema's creation and the grants
+/// ([`grant_runtime_role`]) each take [`lock_schema_changes`], and sqlx serialises the
+/// migrations with an advisory lock of its own. Without the first two, PostgreSQL refused
+/// runs at once: `tuple concurrently updated` from the grants, and a unique violation on
+/// `pg_namespace` from `CREATE SCHEMA IF NOT EXISTS` (the test
+/// `secure::migrate_run_several_times_at_once_succeeds_every_time`).
 pub async fn migrate(pool: &PgPool, schema: &str) -> Result<()> {
     if !is_identifier(schema) {
         return Err(Error::Schema(schema.to_string()));
@@ -26,12 +33,33 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<()> {
     if applied(pool, schema).await.is_ok() {
         return Ok(());
     }
+    let mut tx = pool.begin().await.map_err(db("creating the schema"))?;
+    lock_schema_changes(&mut tx, schema, "creating the schema").await?;
     // The identifier was checked above, so splicing it is safe.
     sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-        .execute(pool)
+        .execute(&mut *tx)
         .await
         .map_err(db("creating the schema"))?;
+    tx.commit().await.map_err(db("creating the schema"))?;
     MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Waits for, and holds until `tx` ends, the lock that serialises the schema changes of
+/// concurrent `migrate` runs on `schema` (a transaction-level advisory lock keyed by the
+/// schema's name, so runs on other schemas do not wait). Concurrent `GRANT`s on one object
+/// fail in PostgreSQL (`tuple concurrently updated`), and so may two `CREATE SCHEMA IF NOT
+/// EXISTS` of one name.
+async fn lock_schema_changes(
+    tx: &mut sqlx::PgConnection,
+    schema: &str,
+    what: &'static str,
+) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("causal-commit migrate {schema}"))
+        .execute(tx)
+        .await
+        .map_err(db(what))?;
     Ok(())
 }
 
@@ -57,6 +85,7 @@ pub async fn grant_runtime_role(pool: &PgPool, schema: &str, role: &str) -> Resu
         .begin()
         .await
         .map_err(db("granting the runtime role its rights"))?;
+    lock_schema_changes(&mut tx, schema, "granting the runtime role its rights").await?;
     for statement in &statements {
         sqlx::query(statement)
             .execute(&mut *tx)
