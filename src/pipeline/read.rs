@@ -139,7 +139,8 @@ pub struct FoundOutput {
 
 /// The first committed output of a batch on the output topics (`read_committed`), read from a
 /// minute before the batch was decided: reading stops there, however much the topics hold
-/// after it. `None` after reading both topics to their end.
+/// after it. `None` after reading both topics to their end, unless a topic may have lost
+/// records written since then ([`trimmed_since`]): that fails, as nothing can tell.
 pub fn first_output_committed(
     config: &Config,
     outputs: &crate::store::postgres::BatchOutputs,
@@ -213,6 +214,66 @@ pub fn first_output_committed(
         })?;
         if found.is_some() {
             return Ok(found);
+        }
+    }
+    // Finding no output proves the batch aborted only if the topics still hold every record
+    // since it was decided (looked at after reading, so a deletion meanwhile counts): an
+    // output deleted since (a retention shorter than the time the partition stood refused,
+    // or records deleted by hand) made a committed batch read as aborted, and its replay
+    // emitted its effects again.
+    for (topic, _) in searches {
+        if let Some((partition, start)) = trimmed_since(config, topic, since)? {
+            anyhow::bail!(
+                "none of the batch's outputs was found, but {topic} partition {partition} \
+                 starts at offset {start} now: the records before it were deleted (retention, \
+                 or deleted records), and the batch's outputs may have been among them"
+            );
+        }
+    }
+    Ok(None)
+}
+
+/// Per partition of `topic`, the offset of its first record at or after `since_ms`; a
+/// partition with none is left out.
+fn first_offsets_since(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partitions: &[i32],
+    since_ms: i64,
+    timeout: Duration,
+) -> anyhow::Result<HashMap<i32, i64>> {
+    let mut wanted = TopicPartitionList::new();
+    for p in partitions {
+        wanted.add_partition_offset(topic, *p, Offset::Offset(since_ms.max(0)))?;
+    }
+    let mut starts = HashMap::new();
+    for e in consumer.offsets_for_times(wanted, timeout)?.elements() {
+        if let Offset::Offset(o) = e.offset() {
+            starts.insert(e.partition(), o);
+        } // else: nothing written since
+    }
+    Ok(starts)
+}
+
+/// The first partition of `topic` that may have lost records written at or after `since_ms`,
+/// with the offset its log starts at now: records before it were deleted (retention, or
+/// `kafka-delete-records`), and nothing retained shows that they were all older. A partition
+/// whose first record at or after `since_ms` has a retained predecessor (older, then) lost
+/// none of them; nor did one whose log still starts at offset 0.
+fn trimmed_since(
+    config: &Config,
+    topic: &str,
+    since_ms: i64,
+) -> anyhow::Result<Option<(i32, i64)>> {
+    let consumer = reader(config, "retention")?;
+    let timeout = Duration::from_secs(10);
+    let partitions = partitions_of(&consumer, topic, timeout)?;
+    let starts = first_offsets_since(&consumer, topic, &partitions, since_ms, timeout)?;
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        let start = starts.get(&p).copied().unwrap_or(high);
+        if low > 0 && start <= low {
+            return Ok(Some((p, low)));
         }
     }
     Ok(None)
@@ -298,18 +359,10 @@ pub fn read_topic_within(
     let timeout = Duration::from_secs(10);
     let partitions = partitions_of(&consumer, topic, timeout)?;
     // Where each partition starts: its beginning, or the first record at or after `since_ms`.
-    let mut starts: HashMap<i32, i64> = HashMap::new();
-    if let Some(since) = since_ms {
-        let mut wanted = TopicPartitionList::new();
-        for p in &partitions {
-            wanted.add_partition_offset(topic, *p, Offset::Offset(since.max(0)))?;
-        }
-        for e in consumer.offsets_for_times(wanted, timeout)?.elements() {
-            if let Offset::Offset(o) = e.offset() {
-                starts.insert(e.partition(), o);
-            } // else: nothing written since
-        }
-    }
+    let starts = match since_ms {
+        Some(since) => first_offsets_since(&consumer, topic, &partitions, since, timeout)?,
+        None => HashMap::new(),
+    };
     let mut ends = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {

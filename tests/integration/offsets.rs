@@ -268,32 +268,16 @@ async fn a_resolve_never_takes_another_partitions_review_for_the_batchs_own() {
 async fn unconfirmed_then_resolved(name: &str, db_clock_ahead_min: i32) {
     let env = TestEnv::new(name, 1).await;
     let cfg = env.config.clone();
-    let proc = Processor::spawn(&cfg, log_of(&env, "run1"));
-    demo::produce(&cfg, &workload(60, 20, "u", 4))
-        .await
-        .unwrap();
-    caught_up(&cfg, CATCH_UP).await;
-    assert!(proc.terminate(Duration::from_secs(30)));
-    let history = transitions(&cfg).await;
-
-    // As after a crash between a Kafka commit and PostgreSQL learning of it, followed by an
-    // offset reset: the last batch's fate is unknown to both stores.
+    let history = ran_then_unconfirmed(&env, "u", 4).await;
     let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
-    let schema = &cfg.postgres.schema;
     sqlx::query(&format!(
-        "UPDATE {schema}.cc_partition SET committed_batch = last_batch - 1"
-    ))
-    .execute(&pool)
-    .await
-    .unwrap();
-    sqlx::query(&format!(
-        "UPDATE {schema}.cc_transition SET at = at + make_interval(mins => $1)"
+        "UPDATE {}.cc_transition SET at = at + make_interval(mins => $1)",
+        cfg.postgres.schema
     ))
     .bind(db_clock_ahead_min)
     .execute(&pool)
     .await
     .unwrap();
-    reset_offsets(&cfg, "--to-earliest").await;
 
     let log = log_of(&env, "run2");
     let proc = Processor::spawn(&cfg, log.clone());
@@ -303,17 +287,9 @@ async fn unconfirmed_then_resolved(name: &str, db_clock_ahead_min: i32) {
         error.contains("recovery-point resolve"),
         "names the way out: {error}"
     );
-    assert_eq!(
-        transitions(&cfg).await,
-        history,
-        "nothing rolled back or decided again"
-    );
+    unchanged_and_refused(&cfg, history).await;
 
     // The way out: the batch's outputs are on the topics, so it committed.
-    let (ok, out, err) = cli(&cfg, &["recovery-point", "show"]);
-    assert!(ok, "show: {err}");
-    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(shown[0]["refused_by_owner"], true, "{shown}");
     let (ok, out, err) = cli(&cfg, &["recovery-point", "resolve", "--partition", "0"]);
     assert!(ok, "resolve: {out} {err}");
     assert!(out.contains("Committed"), "{out}");
@@ -328,6 +304,154 @@ async fn unconfirmed_then_resolved(name: &str, db_clock_ahead_min: i32) {
     assert!(proc.terminate(Duration::from_secs(30)));
     assert_eq!(rolled_back_transitions(&read_log(&log), |_| true), 0);
     verified(&cfg, 90).await;
+}
+
+/// The output topics' retention (shorter than the time a partition stood refused), or an
+/// operator's `kafka-delete-records`, took the last batch's outputs before `resolve` looked
+/// for them. Before, finding none, `resolve` called the committed batch aborted, and the
+/// restart rolled it back and replayed it: its effects emitted twice. Now it refuses, naming
+/// the deleted records, and changes nothing; told `--committed`, the partition goes on with
+/// nothing rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolve_never_calls_a_batch_aborted_when_its_outputs_may_have_been_deleted() {
+    let env = TestEnv::new("trimresolve", 1).await;
+    let cfg = env.config.clone();
+    let history = ran_then_unconfirmed(&env, "t", 9).await;
+    for topic in [
+        &cfg.kafka.side_effects_topic,
+        &cfg.kafka.manual_review_topic,
+    ] {
+        delete_records(&cfg, topic, 0, rdkafka::Offset::End).await;
+    }
+
+    let log = log_of(&env, "run2");
+    let proc = Processor::spawn(&cfg, log.clone());
+    refused(&log, "refuses to start", &[0]).await;
+    let (ok, out, err) = cli(&cfg, &["recovery-point", "resolve", "--partition", "0"]);
+    assert!(!ok, "resolve cannot tell, and says so: {out}");
+    assert!(
+        err.contains(&format!(
+            "{} partition 0 starts at offset",
+            cfg.kafka.side_effects_topic
+        )) && err.contains("were deleted")
+            && err.contains("nothing was changed")
+            && err.contains("--committed or --aborted"),
+        "names the deleted records and the way out: {err}"
+    );
+    unchanged_and_refused(&cfg, history).await;
+
+    // The operator knows (the processor's log said the batch committed): told so, the
+    // partition goes on from there, nothing rolled back.
+    let (ok, out, err) = cli(
+        &cfg,
+        &[
+            "recovery-point",
+            "resolve",
+            "--partition",
+            "0",
+            "--committed",
+        ],
+    );
+    assert!(ok, "resolve --committed: {out} {err}");
+    demo::produce(&cfg, &workload(30, 10, "w", 10))
+        .await
+        .unwrap();
+    caught_up(&cfg, CATCH_UP).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    assert_eq!(rolled_back_transitions(&read_log(&log), |_| true), 0);
+    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    let committed: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {}.cc_transition
+          WHERE to_state = 'committed_causal' AND intent_id LIKE 'w-%'",
+        cfg.postgres.schema
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(committed, 30, "the new intents commit once each");
+}
+
+/// 60 intents on `env`'s one partition committed (run `run1`, stopped), then, as after a crash
+/// between a Kafka commit and PostgreSQL learning of it followed by an offset reset to the
+/// earliest, the last batch's fate made unknown to both stores. Returns the audit's row count.
+async fn ran_then_unconfirmed(env: &TestEnv, prefix: &str, seed: u64) -> i64 {
+    let cfg = &env.config;
+    let proc = Processor::spawn(cfg, log_of(env, "run1"));
+    demo::produce(cfg, &workload(60, 20, prefix, seed))
+        .await
+        .unwrap();
+    caught_up(cfg, CATCH_UP).await;
+    assert!(proc.terminate(Duration::from_secs(30)));
+    let history = transitions(cfg).await;
+    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    sqlx::query(&format!(
+        "UPDATE {}.cc_partition SET committed_batch = last_batch - 1",
+        cfg.postgres.schema
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    reset_offsets(cfg, "--to-earliest").await;
+    history
+}
+
+/// A refusing owner's restores are retried, each under a new fencing token taken half a second
+/// before it asks Kafka and refuses again. Its refusal holds across its own new tokens (a
+/// `resolve` in between is not told that no owner refuses), and not across another owner's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_holds_across_its_owners_retries_and_not_across_another_owners() {
+    use causal_commit::store::postgres as pg;
+    let env = TestEnv::new("refusalkept", 1).await;
+    let cfg = &env.config;
+    let pool = pg::pool(&cfg.postgres).unwrap();
+    let topic = &cfg.kafka.intents_topic;
+    let lease = Duration::from_secs(30);
+    let refused = || async { pg::batch_views(&pool, topic).await.unwrap()[0].refused };
+    let fence = pg::acquire_partition(&pool, topic, 0, "a", lease)
+        .await
+        .unwrap()
+        .expect("a new lease");
+    // What a refused restore records (`restore_partition`).
+    sqlx::query("UPDATE cc_partition SET refused_fence = $2 WHERE topic = $1")
+        .bind(topic)
+        .bind(fence as i64)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(refused().await);
+    let retry = pg::acquire_partition(&pool, topic, 0, "a", lease)
+        .await
+        .unwrap()
+        .expect("its own lease back");
+    assert!(retry > fence);
+    assert!(refused().await, "the owner's retry still refuses");
+    assert!(
+        pg::acquire_partition(&pool, topic, 0, "b", lease)
+            .await
+            .unwrap()
+            .is_none(),
+        "another owner waits for the live lease"
+    );
+    pg::release_partition(&pool, topic, 0, retry).await.unwrap();
+    pg::acquire_partition(&pool, topic, 0, "b", lease)
+        .await
+        .unwrap()
+        .expect("the released lease");
+    assert!(!refused().await, "another owner has not refused (yet)");
+}
+
+/// The audit still holds `history` rows (nothing rolled back or decided again), and partition
+/// 0 is still refused by its owner (`recovery-point show`).
+async fn unchanged_and_refused(cfg: &Config, history: i64) {
+    assert_eq!(
+        transitions(cfg).await,
+        history,
+        "nothing rolled back or decided again"
+    );
+    let (ok, out, err) = cli(cfg, &["recovery-point", "show"]);
+    assert!(ok, "show: {err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown[0]["refused_by_owner"], true, "refused: {shown}");
 }
 
 /// A tired operator runs `recovery-point resolve` on a partition that does not refuse: its
@@ -440,8 +564,15 @@ async fn refused(log: &std::path::Path, cause: &str, partitions: &[i64]) -> Vec<
     }
 }
 
-/// `kafka-delete-records` with the admin API: the partition's records before `offset` go.
+/// `kafka-delete-records` with the admin API: the intents partition's records before `offset`
+/// go.
 async fn delete_records_before(config: &Config, partition: i32, offset: i64) {
+    let topic = &config.kafka.intents_topic;
+    delete_records(config, topic, partition, rdkafka::Offset::Offset(offset)).await;
+}
+
+/// The records of `topic`'s `partition` before `offset` (`Offset::End`: every record) go.
+async fn delete_records(config: &Config, topic: &str, partition: i32, offset: rdkafka::Offset) {
     use rdkafka::admin::{AdminClient, AdminOptions};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &config.kafka.brokers)
@@ -449,11 +580,7 @@ async fn delete_records_before(config: &Config, partition: i32, offset: i64) {
         .expect("admin client");
     let mut before = rdkafka::TopicPartitionList::new();
     before
-        .add_partition_offset(
-            &config.kafka.intents_topic,
-            partition,
-            rdkafka::Offset::Offset(offset),
-        )
+        .add_partition_offset(topic, partition, offset)
         .unwrap();
     let deleted = admin
         .delete_records(

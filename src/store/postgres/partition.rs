@@ -9,6 +9,14 @@ use crate::store::recovery::{self, KafkaCommitted, Resume, StoreView};
 /// Takes the lease of one input partition for `owner` and returns a new fencing token, or
 /// `None` while another owner holds a live lease. The same owner (a restarted instance) takes
 /// its own lease back at once.
+///
+/// An owner that refused to restore the partition (`refused_fence`, see [`restore_partition`])
+/// keeps refusing under its new token until its next restore decides again: the refusal is
+/// carried over. Before, each retry's new token made the refusal stale for the half second
+/// the retry spent asking Kafka before it refused again, and a `recovery-point resolve`
+/// applied in that moment was refused as if no owner refused (the test
+/// `offsets::a_resolve_never_takes_another_partitions_review_for_the_batchs_own` met it once
+/// `resolve` read a little longer). A new owner's token still makes it stale.
 pub async fn acquire_partition(
     pool: &PgPool,
     topic: &str,
@@ -20,8 +28,12 @@ pub async fn acquire_partition(
         "INSERT INTO cc_partition (topic, partition, fence, owner, lease_until)
          VALUES ($1, $2, nextval('cc_fence_seq'), $3, now() + make_interval(secs => $4))
          ON CONFLICT (topic, partition) DO UPDATE
-            SET fence = nextval('cc_fence_seq'), owner = EXCLUDED.owner,
-                lease_until = EXCLUDED.lease_until, updated_at = now()
+            SET fence = EXCLUDED.fence, owner = EXCLUDED.owner,
+                lease_until = EXCLUDED.lease_until, updated_at = now(),
+                refused_fence = CASE
+                    WHEN cc_partition.refused_fence = cc_partition.fence
+                     AND cc_partition.owner = EXCLUDED.owner THEN EXCLUDED.fence
+                    ELSE cc_partition.refused_fence END
           WHERE cc_partition.owner = EXCLUDED.owner OR cc_partition.lease_until < now()
          RETURNING fence",
     )
